@@ -871,14 +871,15 @@ class Progress:
         self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
         self.val = None
         self.tty = stream.isatty()
-        self.last = 0.0
+        self.last = time.time()
 
     def __call__(self, step, end, loss, val, tok_s, elapsed):
         if val is not None:
             self.val = val
         now = time.time()
-        if step < end and val is None and now - self.last < 0.5:
-            return                                   # redraw at most twice a second
+        pause = 0.5 if self.tty else 15.0            # a log file gets a line every 15 s
+        if step < end and val is None and now - self.last < pause:
+            return
         self.last = now
         eta = elapsed / max(step, 1) * (end - step) if step else 0.0
         line = f"{self.stage} step {step}/{end} loss {loss:.4f}"
@@ -889,7 +890,7 @@ class Progress:
         line += f" | {tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if step >= end else ""))
-        elif val is not None or step >= end:
+        else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
