@@ -658,19 +658,25 @@ def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int
 # the prompt is processed once ("prefill"), and each new token costs one
 # position's work.
 
-def _attention_cached(q, k, v, past):
-    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D)."""
+def _attention_cached(q, k, v, past, record=None):
+    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D).
+    The attention probabilities (B, H, Tn, Tk) are appended to `record`
+    when it is a list (attention_maps() below reads them)."""
     Tn, Tk = q.shape[2], k.shape[2]
     att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])          # (B, H, Tn, Tk)
     visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tn))[:, None]
     att = xp.where(visible, att, -xp.inf)
     att = xp.exp(att - att.max(-1, keepdims=True))
-    return (att / att.sum(-1, keepdims=True)) @ v
+    att /= att.sum(-1, keepdims=True)
+    if record is not None:
+        record.append(att)
+    return att @ v
 
 
-def forward_cached(model: GPT, idx, kv: list):
+def forward_cached(model: GPT, idx, kv: list, record=None):
     """Logits for new ids (B, Tn) given the keys and values of earlier
-    positions in kv (one (k, v) pair per layer, extended in place)."""
+    positions in kv (one (k, v) pair per layer, extended in place).
+    `record`, a list, receives each layer's attention probabilities."""
     cfg, p = model.config, model.params
     B, Tn = idx.shape
     past = 0 if not kv else kv[0][0].shape[2]
@@ -685,13 +691,30 @@ def forward_cached(model: GPT, idx, kv: list):
             kv.append((k, v))
         else:
             kv[i] = (xp.concatenate([kv[i][0], k], 2), xp.concatenate([kv[i][1], v], 2))
-        y = _attention_cached(q, *kv[i], past).transpose(0, 2, 1, 3).reshape(B * Tn, C)
+        y = _attention_cached(q, *kv[i], past, record).transpose(0, 2, 1, 3).reshape(B * Tn, C)
         x = x + model._linear(h + "attn.c_proj", y, []).reshape(B, Tn, C)
         m, _ = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
         f, _ = gelu_forward(model._linear(h + "mlp.c_fc", m.reshape(B * Tn, C), []))
         x = x + model._linear(h + "mlp.c_proj", f, []).reshape(B, Tn, C)
     out, _ = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
     return out @ p["wte.weight"].T                                     # (B, Tn, V)
+
+
+def attention_maps(model: GPT, ids):
+    """Where each token looks: ids (T,) -> the attention probabilities of
+    every layer and head, an array (n_layer, n_head, T, T). Row t of
+    maps[l, h] is how head h of layer l splits position t's attention over
+    positions 0..t; each row sums to 1 and everything right of the diagonal
+    (the future) is 0."""
+    idx = check_ids(ids, model.config.vocab_size, "ids")
+    if idx.shape[0] != 1:
+        raise ValueError(f"ids: expected one sequence, got a batch of {idx.shape[0]}")
+    if idx.shape[1] > model.config.block_size:
+        raise ValueError(f"ids: sequence length {idx.shape[1]} exceeds the context window"
+                         f" block_size={model.config.block_size}")
+    record = []
+    forward_cached(model, idx, [], record)
+    return xp.stack([att[0] for att in record])                       # (L, H, T, T)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
