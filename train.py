@@ -134,7 +134,8 @@ def find_checkpoint(a, prefer, why):
     found = [p for p in found if os.path.isfile(p)]
     if not found:
         return None, f"no stage checkpoint ({', '.join(s + '.safetensors' for s in STAGES)}) in {out}"
-    return max(found, key=os.path.getmtime), f"the newest stage checkpoint in {out} ({why} absent)"
+    return max(found, key=os.path.getmtime), (f"the newest stage checkpoint in {out}, which has no "
+                                              + " or ".join(s + ".safetensors" for s in prefer))
 
 
 def load_model(a, prefer, why):
@@ -428,6 +429,10 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
 
 
 def cmd_chat(a):
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
     model, tok = load_model(a, ("sft", "dpo", "ppo"), "chat takes the instruction-tuned model")
     try:
         chat_loop(model, tok, input, sys.stdout, a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed)

@@ -345,3 +345,10 @@ def test_svg_heatmap_escapes_labels(tmp_path):
     assert len([e for e in root.iter() if e.tag.endswith("title")]) == 16
     with pytest.raises(ValueError, match="shape"):
         train.svg_heatmap(np.eye(3), labels, labels, str(tmp_path / "bad.svg"), "x")
+
+
+def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=TOK.vocab_size))
+    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
+    loaded, _ = llm.load_gpt2(str(tmp_path))
+    assert loaded.config == model.config                  # 128 wide: 2 heads of 64
