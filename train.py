@@ -725,14 +725,10 @@ def _chat_ids(tok, history):
     """The chat template for a whole conversation: history is [(user,
     answer), ..., (message, None)] -> ids of <|user|> user <|assistant|>
     answer <|end|> ... <|user|> message <|assistant|>, where the model's
-    answer starts. Uses llm.chat_prompt for each turn when llm has it."""
-    chat_prompt = getattr(llm, "chat_prompt", None)
+    answer starts (llm.chat_prompt for each turn)."""
     ids = []
     for user, answer in history:
-        if chat_prompt is not None:
-            ids += [int(i) for i in chat_prompt(tok, user)]
-        else:
-            ids += [tok.special[llm.USER]] + tok.encode(user) + [tok.special[llm.ASSISTANT]]
+        ids += llm.chat_prompt(tok, user)
         if answer is not None:
             ids += tok.encode(answer) + [tok.special[llm.END]]
     return ids

@@ -267,8 +267,6 @@ def scripted(lines):
 
 
 def prompt_ids(tok, user):
-    if hasattr(llm, "chat_prompt"):
-        return [int(i) for i in llm.chat_prompt(tok, user)]
     return [tok.special[llm.USER]] + tok.encode(user) + [tok.special[llm.ASSISTANT]]
 
 
