@@ -666,19 +666,25 @@ def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int
 # the prompt is processed once ("prefill"), and each new token costs one
 # position's work.
 
-def _attention_cached(q, k, v, past):
-    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D)."""
+def _attention_cached(q, k, v, past, record=None):
+    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D).
+    The attention probabilities (B, H, Tn, Tk) are appended to `record`
+    when it is a list (attention_maps() below reads them)."""
     Tn, Tk = q.shape[2], k.shape[2]
     att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])          # (B, H, Tn, Tk)
     visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tn))[:, None]
     att = xp.where(visible, att, -xp.inf)
     att = xp.exp(att - att.max(-1, keepdims=True))
-    return (att / att.sum(-1, keepdims=True)) @ v
+    att /= att.sum(-1, keepdims=True)
+    if record is not None:
+        record.append(att)
+    return att @ v
 
 
-def forward_cached(model: GPT, idx, kv: list):
+def forward_cached(model: GPT, idx, kv: list, record=None):
     """Logits for new ids (B, Tn) given the keys and values of earlier
-    positions in kv (one (k, v) pair per layer, extended in place)."""
+    positions in kv (one (k, v) pair per layer, extended in place).
+    `record`, a list, receives each layer's attention probabilities."""
     cfg, p = model.config, model.params
     B, Tn = idx.shape
     past = 0 if not kv else kv[0][0].shape[2]
@@ -693,13 +699,30 @@ def forward_cached(model: GPT, idx, kv: list):
             kv.append((k, v))
         else:
             kv[i] = (xp.concatenate([kv[i][0], k], 2), xp.concatenate([kv[i][1], v], 2))
-        y = _attention_cached(q, *kv[i], past).transpose(0, 2, 1, 3).reshape(B * Tn, C)
+        y = _attention_cached(q, *kv[i], past, record).transpose(0, 2, 1, 3).reshape(B * Tn, C)
         x = x + model._linear(h + "attn.c_proj", y, []).reshape(B, Tn, C)
         m, _ = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
         f, _ = gelu_forward(model._linear(h + "mlp.c_fc", m.reshape(B * Tn, C), []))
         x = x + model._linear(h + "mlp.c_proj", f, []).reshape(B, Tn, C)
     out, _ = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
     return out @ p["wte.weight"].T                                     # (B, Tn, V)
+
+
+def attention_maps(model: GPT, ids):
+    """Where each token looks: ids (T,) -> the attention probabilities of
+    every layer and head, an array (n_layer, n_head, T, T). Row t of
+    maps[l, h] is how head h of layer l splits position t's attention over
+    positions 0..t; each row sums to 1 and everything right of the diagonal
+    (the future) is 0."""
+    idx = check_ids(ids, model.config.vocab_size, "ids")
+    if idx.shape[0] != 1:
+        raise ValueError(f"ids: expected one sequence, got a batch of {idx.shape[0]}")
+    if idx.shape[1] > model.config.block_size:
+        raise ValueError(f"ids: sequence length {idx.shape[1]} exceeds the context window"
+                         f" block_size={model.config.block_size}")
+    record = []
+    forward_cached(model, idx, [], record)
+    return xp.stack([att[0] for att in record])                       # (L, H, T, T)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -1472,15 +1495,22 @@ def load_safetensors(path: str):
             shape = tuple(int(s) for s in t["shape"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {t!r}") from None
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, which llm does not read")
+        bf16 = dtype is None                        # NumPy has no bfloat16: read the 16-bit words
+        dtype = numpy.uint16 if bf16 else dtype
         count = math.prod(shape)
         if not 0 <= begin <= end <= len(data) or end - begin != count * numpy.dtype(dtype).itemsize:
             raise ValueError(f"{path}: truncated or corrupt (tensor {name!r} wants bytes"
                              f" {begin}..{end} of {len(data)})")
-        tensors[name] = xp.asarray(numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
-                                                    count=count, offset=begin).reshape(shape).astype(dtype))
+        arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
+                               count=count, offset=begin).reshape(shape).astype(dtype)
+        tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
     return tensors, meta
+
+
+def bf16_to_float32(words):
+    """bfloat16 is the top 16 bits of a float32 (same sign and exponent, a
+    shorter mantissa): shifting the words back up gives the float32 exactly."""
+    return (numpy.asarray(words, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
 
 
 def xp_to_numpy(a):
@@ -1539,3 +1569,98 @@ def load_checkpoint(path: str):
                     opt.v[k[12:]] = v
         state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
     return model, tokenizer, state, info
+
+
+# ---- real GPT-2: Hugging Face's checkpoint layout ----------------------------
+# OpenAI's GPT-2 weights are published in Hugging Face's safetensors layout:
+# the same parameter names as ours, under a `transformer.` prefix, with
+# Conv1D weights stored (in, out) as ours are, plus an `lm_head.weight` that
+# is the token embedding again (tied) and per-layer `attn.bias` buffers (the
+# causal mask, not a parameter). So loading GPT-2 is renaming, nothing more.
+
+_HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def find_tiktoken(folder: str):
+    """The .tiktoken vocabulary in a folder (gpt2.tiktoken first), or None."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".tiktoken"))
+    except OSError:
+        return None
+    if not names:
+        return None
+    return os.path.join(folder, "gpt2.tiktoken" if "gpt2.tiktoken" in names else names[0])
+
+
+def load_gpt2(path_or_dir: str, n_head: int = None):
+    """A GPT-2 checkpoint in Hugging Face's layout (a model.safetensors file,
+    or the folder holding it) -> (model, tokenizer). The config comes from
+    the shapes (n_layer: the number of h.N blocks; n_embd and vocab_size:
+    wte; block_size: wpe); n_head from the argument, else config.json beside
+    the file, else n_embd / 64 (GPT-2's head width: 12 heads for 768 wide).
+    F16 and BF16 weights become float32. The tokenizer is the folder's
+    .tiktoken file, or None when there is none."""
+    path = os.path.join(path_or_dir, "model.safetensors") if os.path.isdir(path_or_dir) else path_or_dir
+    folder = os.path.dirname(os.path.abspath(path))
+    tensors, _ = load_safetensors(path)
+    params = {}
+    for name, value in tensors.items():
+        name = name[len("transformer."):] if name.startswith("transformer.") else name
+        if not _HF_BUFFER.search(name):
+            params[name] = value
+    if "wte.weight" not in params or "wpe.weight" not in params:
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight tensors)")
+    head = params.pop("lm_head.weight", None)
+    if head is not None and not (head.shape == params["wte.weight"].shape
+                                 and xp.array_equal(head, params["wte.weight"])):
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight; llm ties them")
+    if n_head is None and os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            n_head = json.load(f).get("n_head")
+    (V, C), T = params["wte.weight"].shape, params["wpe.weight"].shape[0]
+    if n_head is None:
+        if C % 64:
+            raise ValueError(f"{path}: cannot infer n_head for n_embd={C}; pass n_head"
+                             " or put a config.json with n_head beside the file")
+        n_head = C // 64
+    n_layer = len({name.split(".")[1] for name in params if name.startswith("h.")})
+    cfg = GPTConfig(n_layer=n_layer, n_head=int(n_head), n_embd=C, block_size=T, vocab_size=V)
+    shapes = param_shapes(cfg)
+    missing, extra = set(shapes) - set(params), set(params) - set(shapes)
+    if missing or extra:
+        raise ValueError(f"{path}: not the GPT-2 layout (missing {sorted(missing)[:5]},"
+                         f" unexpected {sorted(extra)[:5]})")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(params[name].shape)},"
+                             f" expected {shape}")
+        params[name] = params[name].astype(xp.float32)
+    vocab = find_tiktoken(folder)
+    return GPT(cfg, params), Tokenizer.from_tiktoken(vocab) if vocab else None
+
+
+def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
+    """Write the model in Hugging Face's GPT-2 layout: `path` (a .safetensors
+    file, or a folder that gets model.safetensors) with `transformer.`-named
+    float32 weights and the tied lm_head.weight, and config.json beside it.
+    With a tokenizer, also its vocabulary as tokenizer.tiktoken (ranks only;
+    the special tokens follow the ranks, which is how llm numbers them)."""
+    if model.lora:
+        raise ValueError("model: has unmerged LoRA adapters; call merge_lora(model) first")
+    cfg = model.config
+    if not path.endswith(".safetensors"):
+        path = os.path.join(path, "model.safetensors")
+    folder = os.path.dirname(os.path.abspath(path))
+    tensors = {"transformer." + name: model.params[name].astype(xp.float32)
+               for name in param_shapes(cfg)}
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
+    save_safetensors(path, tensors, {"format": "pt"})
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+              "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+              "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
+    _atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=2).encode())
+    if tokenizer is not None:
+        lines = [base64.b64encode(b).decode() + f" {i}\n" for b, i in sorted(tokenizer.ranks.items(),
+                                                                          key=lambda kv: kv[1])]
+        _atomic_write(os.path.join(folder, "tokenizer.tiktoken"), "".join(lines).encode())

@@ -7,13 +7,26 @@
                                   from the run folder --out and writes its own)
 
 `python train.py STAGE --help` lists a stage's flags.
+
+Looking inside a trained model (the run folder's checkpoints, or --gpt2 DIR):
+
+    python train.py tokens --text "playing"      how text becomes token ids
+    python train.py sample --prompt "The" --top 5 next-token probabilities, then sampling
+    python train.py attention --text "..."        where each token looks (+ an SVG heatmap)
+    python train.py chat                          talk to the instruction-tuned model
 """
 import argparse
+import codecs
 import copy
+import html
 import json
+import math
 import os
+import re
 import sys
 import time
+
+import numpy
 
 import llm
 
@@ -410,6 +423,7 @@ def parse(argv):
     sub = p.add_subparsers(dest="cmd")
     for name in ("all",) + STAGES:
         add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage"), sizes)
+    add_explain_commands(sub)
     if not argv or argv[0].startswith("-"):
         argv = ["all"] + argv
     return p.parse_args(argv)
@@ -417,6 +431,8 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
+    if hasattr(a, "explain"):            # tokens, sample, attention, chat
+        return a.explain(a)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     for s in STAGES if a.cmd == "all" else (a.cmd,):
@@ -435,6 +451,513 @@ def main(argv=None):
                 report[s] = json.load(f)
     wall = time.time() - t0 if a.cmd == "all" else sum(m["seconds"] for m in report.values())
     write_report_card(a, report, wall)
+
+
+# =============================================================================
+# Explanations: look inside a model (tokens, sample, attention, chat) and
+# draw pictures of it (hand-written SVG, no plotting library).
+# =============================================================================
+
+DEFAULT_OUT = os.path.join("runs", "default")
+MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
+
+
+def add_source_flags(p, what):
+    g = p.add_argument_group("which model (" + what + ")")
+    g.add_argument("--out", help=f"the run folder (default: {DEFAULT_OUT})")
+    g.add_argument("--ckpt", help="a checkpoint file (overrides --out and --stage)")
+    g.add_argument("--stage", choices=MODEL_STAGES, help="the run folder's checkpoint of this stage")
+    g.add_argument("--gpt2", metavar="DIR",
+                   help="GPT-2 in Hugging Face's layout: DIR/model.safetensors and a .tiktoken file")
+
+
+def add_sampling_flags(p, temperature=1.0, max_tokens=100):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"<1 sharpens, >1 flattens, 0 always takes the likeliest token (default {temperature})")
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
+    g.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose probabilities reach p")
+    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"at most this many new tokens"
+                   f" (default {max_tokens})")
+
+
+def find_checkpoint(a, prefer, why):
+    """The checkpoint to load -> (path, the reason it was chosen). --ckpt,
+    else --stage in the run folder, else the first of `prefer` there, else
+    the run folder's newest stage checkpoint."""
+    if a.ckpt:
+        return a.ckpt, "--ckpt"
+    out = a.out or DEFAULT_OUT
+    if a.stage:
+        return os.path.join(out, a.stage + ".safetensors"), f"--stage {a.stage}"
+    for stage in prefer:
+        path = os.path.join(out, stage + ".safetensors")
+        if os.path.isfile(path):
+            return path, why + "; --stage or --ckpt picks another"
+    found = [os.path.join(out, s + ".safetensors") for s in MODEL_STAGES]
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+        return None, f"no stage checkpoint ({', '.join(s + '.safetensors' for s in MODEL_STAGES)}) in {out}"
+    return max(found, key=os.path.getmtime), (f"the newest stage checkpoint in {out}, which has no "
+                                              + " or ".join(s + ".safetensors" for s in prefer))
+
+
+def load_model(a, prefer, why):
+    """(model, tokenizer) from --gpt2 or a checkpoint, saying which."""
+    try:
+        if a.gpt2:
+            model, tok = llm.load_gpt2(a.gpt2)
+            if tok is None:
+                sys.exit(f"--gpt2: no .tiktoken vocabulary beside the weights in {a.gpt2}"
+                         " (copy gpt2.tiktoken there)")
+            c = model.config
+            print(f"model: GPT-2 from {a.gpt2} ({c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads,"
+                  f" context {c.block_size}, {model.num_params():,} parameters)")
+            return model, tok
+        path, reason = find_checkpoint(a, prefer, why)
+        if path is None:
+            sys.exit(f"{reason}: train one first (python train.py pretrain), or pass --ckpt or --gpt2")
+        model, tok, state, info = llm.load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"cannot load the model: {e}")
+    c = model.config
+    step = f", step {state.step}" if state is not None else ""
+    print(f"model: {path} (stage {info.get('stage', '?')}{step}; chosen: {reason})")
+    print(f"       {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads, context {c.block_size},"
+          f" vocabulary {c.vocab_size}, {model.num_params():,} parameters")
+    return model, tok
+
+
+def piece(tok, i) -> str:
+    """One token shown as Python would write it: its text, or its bytes when
+    they are not whole UTF-8 characters (a piece of a multi-byte character)."""
+    b = tok.decode_bytes([i])
+    try:
+        return repr(b.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(b)
+
+
+# ---- tokens: how the tokenizer cuts text -------------------------------------
+
+def load_tokenizer(a):
+    """-> (tokenizer, where it came from): --ckpt, --gpt2, the run folder's
+    checkpoint, or the byte tokenizer."""
+    out = a.out or DEFAULT_OUT
+    if not a.ckpt and a.gpt2:
+        vocab = a.gpt2 if a.gpt2.endswith(".tiktoken") else llm.find_tiktoken(a.gpt2)
+        if vocab is None:
+            sys.exit(f"--gpt2: no .tiktoken file in {a.gpt2}")
+        return llm.Tokenizer.from_tiktoken(vocab), f"GPT-2's vocabulary from {vocab}"
+    path, reason = find_checkpoint(a, ("pretrain",), "the stages share one tokenizer")
+    if path is None:
+        return llm.byte_tokenizer(), (f"the byte tokenizer (no merges: one token per byte), as there is no"
+                                      f" checkpoint in {out} and no --gpt2")
+    try:
+        _, meta = llm.load_safetensors(path)
+        return llm.Tokenizer.from_json(meta["tokenizer"], path), f"the tokenizer of {path} ({reason})"
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"cannot read the tokenizer of {path}: {e}")
+
+
+def cmd_tokens(a):
+    tok, source = load_tokenizer(a)
+    merges = len(tok.ranks) - 256
+    print(f"tokenizer: {source}")
+    print(f"           {tok.vocab_size:,} tokens: 256 bytes + {merges:,} merges + {len(tok.special)} special")
+    text = a.text
+    nbytes = len(text.encode("utf-8", errors="replace"))
+    print(f"text: {text!r} ({len(text)} characters, {nbytes} bytes)\n")
+    # Cut the text the way encode() does: special tokens (with --special),
+    # then GPT-2's pre-tokenisation chunks, then BPE inside each chunk.
+    if a.special and tok.special:
+        parts = re.split("(" + "|".join(map(re.escape, tok.special)) + ")", text)
+    else:
+        parts = [text]
+    chunks = []
+    for part in parts:
+        if a.special and part in tok.special:
+            chunks.append((part, [tok.special[part]]))
+        else:
+            chunks += [(c, tok.encode(c)) for c in re.findall(tok.pattern, part)]
+    print("1. pre-tokenisation cuts the text into chunks (BPE merges never cross a chunk boundary):")
+    print("   " + " | ".join(repr(c) for c, _ in chunks) + "\n")
+    print("2. byte-pair encoding turns each chunk into tokens:")
+    rows = [(str(n) if j == 0 else "", repr(c) if j == 0 else "", piece(tok, i), str(i))
+            for n, (c, ids) in enumerate(chunks) for j, i in enumerate(ids)]
+    header = ("chunk", "text", "token", "id")
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(4)]
+    for r in [header] + rows:
+        print("   " + "  ".join(f"{v:<{w}}" if k < 3 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(r, widths))))
+    ids = [i for _, c in chunks for i in c]
+    assert ids == tok.encode(text, allow_special=a.special)
+    print(f"\nids: {ids}")
+    if ids:
+        print(f"{nbytes} bytes -> {len(ids)} tokens ({nbytes / len(ids):.2f} bytes per token)")
+
+
+# ---- sample: the next-token distribution, then a streamed continuation -------
+
+def stream_tokens(tok, ids, write):
+    """Write each token's text as it arrives (a character split across two
+    tokens is written once complete). Returns the ids seen."""
+    dec, seen = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    for i in ids:
+        seen.append(i)
+        write(dec.decode(tok.decode_bytes([i])))
+    write(dec.decode(b"", final=True))
+    return seen
+
+
+def cmd_sample(a):
+    model, tok = load_model(a, ("pretrain",), "sample continues text, so it takes the pretrained model")
+    ids = tok.encode(a.prompt)
+    if not ids:
+        sys.exit("--prompt: expected some text")
+    block = model.config.block_size
+    if len(ids) > block:
+        print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
+    for name, v, ok in (("--temperature", a.temperature, a.temperature >= 0),
+                        ("--top-k", a.top_k, a.top_k is None or a.top_k >= 1),
+                        ("--top-p", a.top_p, a.top_p is None or 0 < a.top_p <= 1),
+                        ("--max-tokens", a.max_tokens, a.max_tokens >= 0), ("--top", a.top, a.top >= 1)):
+        if not ok:
+            sys.exit(f"{name}: out of range ({v})")
+    logits = llm.xp_to_numpy(llm.forward_cached(model, numpy.asarray([ids[-block:]]), [])[0, -1])
+    p_model = numpy.asarray(llm.next_token_probs(logits))
+    changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
+    if a.temperature == 0:
+        p_used = numpy.zeros_like(p_model)
+        p_used[int(numpy.argmax(logits))] = 1.0
+    else:
+        p_used = numpy.asarray(llm.next_token_probs(logits, a.temperature, a.top_k, a.top_p))
+    print(f"\nprompt: {a.prompt!r} = {len(ids)} tokens {ids[-12:]}{' ...' if len(ids) > 12 else ''}")
+    print(f"the model's probabilities for the next token (top {a.top} of {p_model.size:,}):")
+    rows = [(str(r + 1), piece(tok, int(i)), str(int(i)), f"{p_model[i]:.4f}", f"{p_used[i]:.4f}")
+            for r, i in enumerate(numpy.argsort(-p_model, kind="stable")[:a.top])]
+    header = ("#", "token", "id", "p", "p sampled")
+    n = 5 if changed else 4
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(n)]
+    for r in [header] + rows:
+        print("  " + "  ".join(f"{v:<{w}}" if k == 1 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(r[:n], widths))))
+    if changed:
+        print("  (p sampled: after --temperature/--top-k/--top-p)")
+    seed = a.seed if a.seed is not None else int(numpy.random.SeedSequence().entropy % 2**31)
+    settings = [f"temperature {a.temperature:g}"] + [f"{k} {v:g}" for k, v in
+                                                     (("top-k", a.top_k), ("top-p", a.top_p)) if v is not None]
+    print(f"\ncontinuation ({', '.join(settings)}, seed {seed}; --seed {seed} repeats it):")
+    eot = tok.special.get(llm.ENDOFTEXT)
+    stop = (eot,) if eot is not None and eot < model.config.vocab_size else ()
+    sys.stdout.write(a.prompt)
+    sys.stdout.flush()
+
+    def write(s):
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    t0 = time.time()
+    new = stream_tokens(tok, llm.generate(model, ids, a.max_tokens, a.temperature, a.top_k, a.top_p,
+                                          stop=stop, seed=seed), write)
+    dt = time.time() - t0
+    end = " (stopped at <|endoftext|>)" if len(new) < a.max_tokens else ""
+    print(f"\n\n[{len(new)} new tokens in {dt:.2f}s, {len(new) / max(dt, 1e-9):.0f} tokens/s{end}]")
+
+
+# ---- attention: where each token looks ---------------------------------------
+
+def _layer_or_head(value, count, flag):
+    """'average' (or avg/mean/all) -> None; an int, negative from the end."""
+    if str(value).lower() in ("average", "avg", "mean", "all"):
+        return None
+    try:
+        i = int(value)
+    except ValueError:
+        sys.exit(f"{flag}: expected a number or 'average', got {value!r}")
+    if not -count <= i < count:
+        sys.exit(f"{flag}: expected 0..{count - 1} (or 'average'), got {i}")
+    return i % count
+
+
+SHADES = " .:-=+*#%@"          # 0 .. 1, for the terminal grid
+
+
+def cmd_attention(a):
+    model, tok = load_model(a, ("pretrain",), "attention reads the pretrained model")
+    ids = tok.encode(a.text)
+    if not ids:
+        sys.exit("--text: expected some text")
+    L, H, block = model.config.n_layer, model.config.n_head, model.config.block_size
+    if len(ids) > block:
+        print(f"(the text has {len(ids)} tokens; showing the first {block}, the context window)")
+        ids = ids[:block]
+    layer, head = _layer_or_head(a.layer, L, "--layer"), _layer_or_head(a.head, H, "--head")
+    maps = llm.xp_to_numpy(llm.attention_maps(model, ids)).astype(numpy.float64)   # (L, H, T, T)
+    m = maps.mean(0) if layer is None else maps[layer]
+    m = m.mean(0) if head is None else m[head]
+    where = (f"layer {layer}" if layer is not None else f"the average of all {L} layers") + ", " + \
+            (f"head {head}" if head is not None else f"the average of all {H} heads")
+    labels = [piece(tok, i) for i in ids]
+    print(f"\nattention of {where} ({L} layers x {H} heads; --layer L --head H picks one):")
+    print("each token reads a weighted average of the tokens before it (and itself); its 3 largest weights:")
+    w = max(len(s) for s in labels)
+    for t in range(len(ids)):
+        top = numpy.argsort(-m[t, :t + 1], kind="stable")[:3]
+        print(f"  {t:>3} {labels[t]:<{w}} <- " + "  ".join(f"{labels[j]} {m[t, j]:.2f}" for j in top))
+    if len(ids) <= 60:
+        print(f"\nthe same as a grid (row: the reading token, column: the token read; "
+              f"'{SHADES[1]}' little ... '{SHADES[-1]}' all):")
+        print(" " * (w + 7) + "".join(str(j % 10) for j in range(len(ids))))
+        for t in range(len(ids)):
+            row = "".join(SHADES[min(len(SHADES) - 1, int(round(m[t, j] * (len(SHADES) - 1))))]
+                          for j in range(len(ids)))
+            print(f"  {t:>3} {labels[t]:<{w}} {row}")
+    out = a.out or (os.path.dirname(os.path.abspath(a.ckpt)) if a.ckpt else DEFAULT_OUT)
+    name = f"attention-layer{'avg' if layer is None else layer}-head{'avg' if head is None else head}.svg"
+    path = a.svg or os.path.join(out, name)
+    svg_heatmap(m, labels, labels, path, f"Attention, {where}: row reads column")
+    print(f"\nheatmap: {path}")
+
+
+# ---- chat: a conversation with an instruction-tuned model --------------------
+
+def _chat_ids(tok, history):
+    """The chat template for a whole conversation: history is [(user,
+    answer), ..., (message, None)] -> ids of <|user|> user <|assistant|>
+    answer <|end|> ... <|user|> message <|assistant|>, where the model's
+    answer starts (llm.chat_prompt for each turn)."""
+    ids = []
+    for user, answer in history:
+        ids += llm.chat_prompt(tok, user)
+        if answer is not None:
+            ids += tok.encode(answer) + [tok.special[llm.END]]
+    return ids
+
+
+def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperature=0.8,
+              top_k=None, top_p=None, seed=None):
+    """Read a message with input_fn(prompt), stream the model's answer to
+    output, repeat. /reset forgets the conversation, /quit (or end of input)
+    leaves. The oldest turns are left out once the conversation no longer
+    fits the context window. Returns the conversation, [(user, answer)]."""
+    missing = [s for s in (llm.USER, llm.ASSISTANT, llm.END) if s not in tok.special]
+    if missing:
+        raise ValueError(f"tokenizer: lacks the chat tokens {missing}")
+    stop = {tok.special[llm.END], tok.special.get(llm.ENDOFTEXT)} - {None}
+    block = model.config.block_size
+    budget = max(1, block - min(max_tokens, block // 2))     # the rest is room for the answer
+    rng = numpy.random.default_rng(seed)
+    history = []
+    output = sys.stdout if output is None else output
+
+    def write(s):
+        output.write(s)
+        output.flush()
+
+    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves\n")
+    while True:
+        try:
+            msg = input_fn("you> ").strip()
+        except EOFError:
+            write("\n")
+            break
+        if msg in ("/quit", "/exit"):
+            break
+        if msg == "/reset":
+            history = []
+            write("(conversation cleared)\n")
+            continue
+        if not msg:
+            continue
+        turns = history + [(msg, None)]
+        ids = _chat_ids(tok, turns)
+        while len(ids) > budget and len(turns) > 1:
+            turns = turns[1:]
+            ids = _chat_ids(tok, turns)
+        if len(turns) <= len(history):
+            write(f"(the context window holds {block} tokens: the oldest"
+                  f" {len(history) + 1 - len(turns)} turn(s) are forgotten)\n")
+        if len(ids) > budget:
+            write(f"(the message is too long: the model sees its last {budget} tokens)\n")
+            ids = ids[-budget:]
+        history = turns[:-1]
+        write("bot> ")
+        answer = stream_tokens(tok, llm.generate(model, ids, max_tokens, temperature, top_k, top_p,
+                                                 stop=stop, rng=rng), write)
+        write("\n")
+        history.append((msg, tok.decode(answer)))
+    return history
+
+
+def cmd_chat(a):
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    model, tok = load_model(a, ("sft", "dpo", "ppo"), "chat takes the instruction-tuned model")
+    try:
+        chat_loop(model, tok, input, sys.stdout, a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    except ValueError as e:
+        sys.exit(f"chat: {e} (is this an instruction-tuned checkpoint?)")
+
+
+# ---- SVG pictures, written by hand ---------------------------------------------
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _xml(s) -> str:
+    """Text safe inside an SVG element or attribute."""
+    return html.escape(_NOT_XML.sub("\ufffd", str(s)), quote=True)
+
+
+def _nice_ticks(lo, hi, n=5):
+    """Round tick values covering [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
+    if not hi > lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step + 1e-9) * step
+    ticks = [start]
+    while ticks[-1] < hi - 1e-9 * step:
+        ticks.append(start + len(ticks) * step)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return ticks, decimals
+
+
+def _write_svg(path, width, height, body):
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'
+           f'<rect width="{width}" height="{height}" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(svg)
+    return path
+
+
+def svg_line_chart(series, path, title, xlabel, ylabel):
+    """A line chart as an SVG file: series maps a name to [(x, y), ...]
+    (points with y None or not finite are skipped, e.g. steps without a
+    validation loss), drawn with axes, round-numbered ticks and a legend."""
+    clean = {}
+    for name, pts in series.items():
+        clean[name] = [(float(x), float(y)) for x, y in pts
+                       if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    xs = [x for p in clean.values() for x, _ in p] or [0.0, 1.0]
+    ys = [y for p in clean.values() for _, y in p] or [0.0, 1.0]
+    xt, xd = _nice_ticks(min(xs), max(xs))
+    yt, yd = _nice_ticks(min(ys), max(ys))
+    W, H, left, right, top, bottom = 720, 420, 70, 170, 40, 55
+    pw, ph = W - left - right, H - top - bottom
+
+    def px(x):
+        return left + (x - xt[0]) / (xt[-1] - xt[0]) * pw
+
+    def py(y):
+        return top + ph - (y - yt[0]) / (yt[-1] - yt[0]) * ph
+
+    body = [f'<text x="{left + pw / 2}" y="24" text-anchor="middle" font-size="15">{_xml(title)}</text>']
+    for v in xt:
+        body.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{top + ph}" stroke="#eee"/>')
+        body.append(f'<text x="{px(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{v:.{xd}f}</text>')
+    for v in yt:
+        body.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + pw}" y2="{py(v):.1f}" stroke="#eee"/>')
+        body.append(f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{yd}f}</text>')
+    body.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
+    body.append(f'<text x="{left + pw / 2}" y="{H - 12}" text-anchor="middle">{_xml(xlabel)}</text>')
+    body.append(f'<text x="18" y="{top + ph / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 18 {top + ph / 2})">{_xml(ylabel)}</text>')
+    for k, (name, pts) in enumerate(clean.items()):
+        color = COLORS[k % len(COLORS)]
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts))
+        if len(pts) > 1:
+            body.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        if len(pts) <= 40:
+            body += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
+        ly = top + 10 + 20 * k
+        body.append(f'<line x1="{left + pw + 12}" y1="{ly}" x2="{left + pw + 36}" y2="{ly}" '
+                    f'stroke="{color}" stroke-width="3"/>')
+        body.append(f'<text x="{left + pw + 42}" y="{ly + 4}">{_xml(name)}</text>')
+    if not any(clean.values()):
+        body.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" fill="#888">'
+                    'no data</text>')
+    return _write_svg(path, W, H, body)
+
+
+def svg_heatmap(matrix, row_labels, col_labels, path, title):
+    """A heatmap as an SVG file: one cell per matrix entry, white (the
+    smallest of 0 and the minimum) to dark blue (the maximum), rows and
+    columns labelled, a colour scale, and each cell's value as a tooltip."""
+    m = numpy.asarray(matrix, dtype=numpy.float64)
+    if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"matrix: expected shape ({len(row_labels)}, {len(col_labels)}) to match"
+                         f" the labels, got {m.shape}")
+    finite = m[numpy.isfinite(m)]
+    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    hi = hi if hi > lo else lo + 1.0
+    R, C = m.shape
+    cell = max(6, min(26, 640 // max(R, C, 1)))
+    rows = [str(s)[:24] for s in row_labels]
+    cols = [str(s)[:24] for s in col_labels]
+    left = 16 + 7 * max([len(s) for s in rows] + [1])
+    top = 50 + int(6 * max([len(s) for s in cols] + [1]))
+    W = max(left + C * cell + 110, 24 + int(7.5 * len(str(title))))
+    H = max(top + R * cell + 30, top + 200)
+    body = [f'<text x="12" y="24" font-size="15">{_xml(title)}</text>']
+
+    def color(v):
+        f = 0.0 if not math.isfinite(v) else (v - lo) / (hi - lo)
+        r, g, b = (round(255 + f * (c - 255)) for c in (8, 48, 107))
+        return f"rgb({r},{g},{b})"
+
+    for i in range(R):
+        y = top + i * cell
+        body.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4:.1f}" text-anchor="end">{_xml(rows[i])}</text>')
+        for j in range(C):
+            body.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" '
+                        f'fill="{color(m[i, j])}" stroke="#f4f4f4"><title>{_xml(rows[i])} -&gt; '
+                        f'{_xml(cols[j])}: {m[i, j]:.4f}</title></rect>')
+    for j in range(C):
+        x = left + j * cell + cell / 2 + 4
+        body.append(f'<text x="{x:.1f}" y="{top - 6}" transform="rotate(-60 {x:.1f} {top - 6})">'
+                    f'{_xml(cols[j])}</text>')
+    bx = left + C * cell + 30
+    body.append('<defs><linearGradient id="scale" x1="0" y1="1" x2="0" y2="0">'
+                f'<stop offset="0" stop-color="{color(lo)}"/><stop offset="1" stop-color="{color(hi)}"/>'
+                '</linearGradient></defs>')
+    body.append(f'<rect x="{bx}" y="{top}" width="16" height="160" fill="url(#scale)" stroke="#333"/>')
+    body.append(f'<text x="{bx + 22}" y="{top + 10}">{hi:.3g}</text>')
+    body.append(f'<text x="{bx + 22}" y="{top + 160}">{lo:.3g}</text>')
+    return _write_svg(path, W, H, body)
+
+
+def add_explain_commands(sub):
+    """The subcommands that look inside a model; each sets its handler as `explain`."""
+    sp = sub.add_parser("tokens", help="how the tokenizer cuts text into tokens")
+    sp.add_argument("--text", default="The cat sat on the mat.", help="the text to tokenize")
+    sp.add_argument("--special", action="store_true", help="read <|endoftext|> etc. as special tokens")
+    add_source_flags(sp, "whose tokenizer")
+    sp.set_defaults(explain=cmd_tokens)
+    sp = sub.add_parser("sample", help="the next-token probabilities, then a streamed continuation")
+    sp.add_argument("--prompt", default="The", help="the text to continue")
+    sp.add_argument("--top", type=int, default=10, help="rows of the probability table")
+    add_source_flags(sp, "default: the run folder's pretrain.safetensors")
+    add_sampling_flags(sp)
+    sp.set_defaults(explain=cmd_sample)
+    sp = sub.add_parser("attention", help="which earlier tokens each token attends to (+ an SVG heatmap)")
+    sp.add_argument("--text", default="The cat sat on the mat because it was soft.")
+    sp.add_argument("--layer", default="average", help="a layer number (negative: from the end) or 'average'")
+    sp.add_argument("--head", default="average", help="a head number or 'average'")
+    sp.add_argument("--svg", help="where to write the heatmap (default: the run folder)")
+    add_source_flags(sp, "default: the run folder's pretrain.safetensors")
+    sp.set_defaults(explain=cmd_attention)
+    sp = sub.add_parser("chat", help="talk to the instruction-tuned model")
+    add_source_flags(sp, "default: the run folder's sft.safetensors")
+    add_sampling_flags(sp, temperature=0.8, max_tokens=200)
+    sp.set_defaults(explain=cmd_chat)
 
 
 if __name__ == "__main__":

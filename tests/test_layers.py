@@ -35,7 +35,7 @@ def test_linear(M, K, N, bias, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(dims, st.integers(2, 9), st.integers(0, 99))
+@given(dims, st.integers(3, 9), st.integers(0, 99))   # C=2: xhat is +-1 whatever x is, dx ~ 0
 def test_layernorm(M, C, seed):
     r = np.random.default_rng(seed)
     x, w, b = r.normal(size=(2, M, C)), r.normal(size=C), r.normal(size=C)

@@ -1,0 +1,352 @@
+"""The explanations: attention maps, GPT-2's checkpoint layout, and the
+tokens / sample / attention / chat commands with their SVG pictures."""
+import io
+import json
+import math
+import os
+import struct
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llm
+import train
+from conftest import shared_file
+
+TEXT = ("The capital of France is Paris. The capital of Italy is Rome. "
+        "The cat sat on the mat because it was soft. ") * 20
+TOK = llm.Tokenizer.train(TEXT, 300)
+
+
+def tiny(block_size=32, seed=0):
+    return llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size,
+                                 vocab_size=TOK.vocab_size), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder with a pretrain and an sft checkpoint (random weights)."""
+    out = tmp_path_factory.mktemp("run")
+    llm.save_checkpoint(str(out / "pretrain.safetensors"), tiny(seed=1), TOK, stage="pretrain")
+    llm.save_checkpoint(str(out / "sft.safetensors"), tiny(seed=2), TOK, stage="sft")
+    return str(out)
+
+
+def logits(model, text="The cat sat on the mat"):
+    return model.forward(np.array([TOK.encode(text)]))[0]
+
+
+# ---- attention_maps ------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, TOK.vocab_size - 1), min_size=1, max_size=32))
+def test_attention_maps_are_causal_distributions(ids):
+    maps = llm.attention_maps(tiny(), ids)
+    T = len(ids)
+    assert maps.shape == (2, 2, T, T)
+    assert np.allclose(maps.sum(-1), 1.0, atol=1e-5)
+    assert np.all(maps >= 0)
+    assert np.all(maps[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+
+
+def test_attention_maps_match_a_direct_computation():
+    model, ids = tiny(), TOK.encode("The cat sat on the mat because it was soft.")
+    maps = llm.attention_maps(model, ids)
+    # layer 0 by hand: softmax(q k^T / sqrt(D)) over the past, per head
+    p, T, C, H = model.params, len(ids), 16, 2
+    x = p["wte.weight"][ids] + p["wpe.weight"][:T]
+    a = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    a = a * p["h.0.ln_1.weight"] + p["h.0.ln_1.bias"]
+    qkv = a @ p["h.0.attn.c_attn.weight"] + p["h.0.attn.c_attn.bias"]
+    for h in range(H):
+        q = qkv[:, h * 8:(h + 1) * 8]
+        k = qkv[:, C + h * 8:C + (h + 1) * 8]
+        s = q @ k.T / math.sqrt(8) + np.triu(np.full((T, T), -np.inf), 1)
+        want = np.exp(s - s.max(-1, keepdims=True))
+        want /= want.sum(-1, keepdims=True)
+        assert np.allclose(maps[0, h], want, atol=1e-5)
+    # every layer: the training forward pass keeps the same probabilities
+    model.hidden(np.array([ids]))
+    for i, block in enumerate(model._cache["blocks"]):
+        assert np.allclose(maps[i], block[1][3][0], atol=1e-5)
+
+
+def test_attention_maps_refuses_too_long_input():
+    with pytest.raises(ValueError, match="context window"):
+        llm.attention_maps(tiny(block_size=4), [1, 2, 3, 4, 5])
+
+
+# ---- GPT-2's layout -------------------------------------------------------------
+
+def write_safetensors(path, tensors, dtypes=None):
+    """A safetensors file written by hand, with raw bytes per tensor (BF16 too)."""
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        dtype = (dtypes or {}).get(name) or {np.float32: "F32", np.float16: "F16"}[arr.dtype.type]
+        blob = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def to_bf16(a):
+    """float32 -> bfloat16 words, rounding to nearest even."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def hf_tensors(model, prefix="transformer.", buffers=True):
+    """Our weights as Hugging Face stores GPT-2: prefix, mask buffers, tied head."""
+    t = {prefix + k: np.asarray(v, np.float32) for k, v in model.params.items()}
+    T = model.config.block_size
+    if buffers:
+        for i in range(model.config.n_layer):
+            t[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), np.float32))
+            t[f"{prefix}h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    t["lm_head.weight"] = t[prefix + "wte.weight"]
+    return t
+
+
+def test_export_then_load_gpt2_gives_the_same_model(tmp_path):
+    model = tiny()
+    llm.export_gpt2(model, str(tmp_path), TOK)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")} == \
+        {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32, "vocab_size": TOK.vocab_size}
+    tensors, _ = llm.load_safetensors(str(tmp_path / "model.safetensors"))
+    assert "transformer.h.1.mlp.c_fc.weight" in tensors
+    assert np.array_equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"])
+    loaded, tok = llm.load_gpt2(str(tmp_path))
+    assert loaded.config == model.config
+    assert tok.ranks == TOK.ranks and tok.special == TOK.special
+    assert np.array_equal(logits(model), logits(loaded))
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_load_gpt2_reads_hugging_face_files(tmp_path, prefix):
+    model = tiny()
+    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model, prefix))
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "n_layer": 2}))
+    loaded, tok = llm.load_gpt2(str(tmp_path / "model.safetensors"))
+    assert tok is None                                   # no .tiktoken beside it
+    assert loaded.config == model.config
+    assert np.array_equal(logits(model), logits(loaded))
+    os.remove(tmp_path / "config.json")                  # n_head as an argument instead
+    assert llm.load_gpt2(str(tmp_path), n_head=2)[0].config.n_head == 2
+    with pytest.raises(ValueError, match="n_head"):       # 16 wide: not GPT-2's 64 per head
+        llm.load_gpt2(str(tmp_path))
+
+
+def test_load_gpt2_refuses_an_untied_head_and_other_layouts(tmp_path):
+    t = hf_tensors(tiny())
+    t["lm_head.weight"] = t["lm_head.weight"] + 1
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="lm_head"):
+        llm.load_gpt2(str(tmp_path), n_head=2)
+    del t["lm_head.weight"], t["transformer.h.1.ln_2.bias"]
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="ln_2.bias"):
+        llm.load_gpt2(str(tmp_path), n_head=2)
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_load_gpt2_widens_half_precision(tmp_path, kind):
+    model = tiny()
+    t = hf_tensors(model)
+    if kind == "F16":
+        write_safetensors(str(tmp_path / "model.safetensors"), {k: v.astype(np.float16) for k, v in t.items()})
+    else:
+        write_safetensors(str(tmp_path / "model.safetensors"), {k: to_bf16(v) for k, v in t.items()},
+                          {k: "BF16" for k in t})
+    loaded, _ = llm.load_gpt2(str(tmp_path), n_head=2)
+    assert all(v.dtype == np.float32 for v in loaded.params.values())
+    want, got = logits(model), logits(loaded)
+    assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+    assert np.array_equal(want.argmax(-1), got.argmax(-1)) or kind == "BF16"
+
+
+@given(st.floats(width=32, allow_nan=False))
+def test_bf16_is_the_top_half_of_float32(x):
+    word = np.array([x], np.float32).view(np.uint32) >> 16
+    assert llm.bf16_to_float32(word.astype(np.uint16))[0] == \
+        (np.array([x], np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)[0]
+
+
+# ---- the commands -----------------------------------------------------------------
+
+def test_tokens_shows_chunks_pieces_and_ids(run, capsys):
+    train.main(["tokens", "--text", "The cat sat", "--out", run])
+    out = capsys.readouterr().out
+    assert "pretrain.safetensors" in out
+    assert "'The' | ' cat' | ' sat'" in out
+    assert f"ids: {TOK.encode('The cat sat')}" in out
+
+
+def test_tokens_without_a_checkpoint_uses_bytes(tmp_path, capsys):
+    train.main(["tokens", "--text", "hé", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "byte tokenizer" in out
+    assert "b'\\xc3'" in out and "ids: [104, 195, 169]" in out
+
+
+def test_tokens_with_gpt2s_vocabulary(capsys):
+    vocab = shared_file("gpt2.tiktoken")
+    train.main(["tokens", "--text", "Hello world<|endoftext|>", "--special", "--gpt2", os.path.dirname(vocab)])
+    out = capsys.readouterr().out
+    assert "GPT-2's vocabulary" in out and "ids: [15496, 995, 50256]" in out
+
+
+def test_sample_prints_the_distribution_and_a_reproducible_continuation(run, capsys):
+    args = ["sample", "--out", run, "--prompt", "The cat", "--top", "5", "--seed", "3", "--max-tokens", "8"]
+    train.main(args)
+    out = capsys.readouterr().out
+    model, *_ = llm.load_checkpoint(os.path.join(run, "pretrain.safetensors"))
+    probs = llm.next_token_probs(llm.forward_cached(model, np.array([TOK.encode("The cat")]), [])[0, -1])
+    best = int(np.argmax(probs))
+    assert "stage pretrain" in out
+    assert f"  1  {train.piece(TOK, best)}" in out and f"{probs[best]:.4f}" in out
+    assert "continuation (temperature 1, seed 3" in out and "new tokens" in out
+    train.main(args)                                     # the same seed: the same text
+    again = capsys.readouterr().out
+    assert again.split("\n\n[")[0] == out.split("\n\n[")[0]     # (the timing line differs)
+
+
+def test_sample_choices_are_explicit(run, tmp_path, capsys):
+    train.main(["sample", "--out", run, "--stage", "sft", "--max-tokens", "2", "--temperature", "0.5",
+                "--top-k", "3", "--top-p", "0.9"])
+    out = capsys.readouterr().out
+    assert "sft.safetensors (stage sft" in out and "p sampled" in out
+    with pytest.raises(SystemExit, match="no stage checkpoint"):
+        train.main(["sample", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--top-p"):
+        train.main(["sample", "--out", run, "--top-p", "0"])
+
+
+def test_sample_runs_gpt2_weights(tmp_path, capsys):
+    llm.export_gpt2(tiny(), str(tmp_path), TOK)
+    train.main(["sample", "--gpt2", str(tmp_path), "--prompt", "The", "--max-tokens", "3", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert "GPT-2 from" in out and "continuation" in out
+
+
+def test_attention_prints_top_tokens_and_writes_an_svg(run, capsys):
+    text = "The cat sat on the mat because it was soft."
+    train.main(["attention", "--out", run, "--text", text, "--layer", "-1", "--head", "0"])
+    out = capsys.readouterr().out
+    ids = TOK.encode(text)
+    assert "layer 1, head 0" in out
+    assert sum(1 for line in out.splitlines() if " <- " in line) == len(ids)
+    svg = os.path.join(run, "attention-layer1-head0.svg")
+    assert f"heatmap: {svg}" in out
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    assert len([e for e in root.iter() if e.tag.endswith("rect")]) >= len(ids) ** 2
+    train.main(["attention", "--out", run, "--text", text])             # the average of everything
+    assert "the average of all 2 layers" in capsys.readouterr().out
+    ET.parse(os.path.join(run, "attention-layeravg-headavg.svg"))
+    with pytest.raises(SystemExit, match="--head"):
+        train.main(["attention", "--out", run, "--head", "7"])
+
+
+# ---- chat ---------------------------------------------------------------------------
+
+def scripted(lines):
+    it = iter(lines)
+
+    def input_fn(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return input_fn
+
+
+def prompt_ids(tok, user):
+    return [tok.special[llm.USER]] + tok.encode(user) + [tok.special[llm.ASSISTANT]]
+
+
+def test_chat_ids_follow_the_template():
+    ids = train._chat_ids(TOK, [("hi", "hello there"), ("capital of France?", None)])
+    assert ids == (prompt_ids(TOK, "hi") + TOK.encode("hello there") + [TOK.special[llm.END]]
+                   + prompt_ids(TOK, "capital of France?"))
+
+
+def test_chat_loop_with_reset_and_quit():
+    out = io.StringIO()
+    history = train.chat_loop(tiny(), TOK, scripted(["hi", "", "and Italy?", "/reset", "again", "/quit", "unread"]),
+                              out, max_tokens=5, seed=0)
+    text = out.getvalue()
+    assert text.count("bot> ") == 3 and "(conversation cleared)" in text
+    assert [u for u, _ in history] == ["again"]
+    assert text.endswith("bot> " + history[0][1] + "\n")     # the answer as streamed
+
+
+def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
+    seen = []
+    real = llm.generate
+
+    def spy(model, prompt, *args, **kw):
+        seen.append(list(prompt))
+        return real(model, prompt, *args, **kw)
+    monkeypatch.setattr(llm, "generate", spy)
+    out = io.StringIO()
+    model = tiny(block_size=24)
+    history = train.chat_loop(model, TOK, scripted(["The cat sat on the mat."] * 4), out, max_tokens=4, seed=1)
+    assert all(len(p) <= 24 - 4 for p in seen)
+    assert "forgotten" in out.getvalue() and len(history) < 4
+    assert seen[-1][-len(prompt_ids(TOK, "The cat sat on the mat.")):] == prompt_ids(TOK, "The cat sat on the mat.")
+
+
+def test_chat_command_reads_the_sft_checkpoint(run, capsys, monkeypatch):
+    monkeypatch.setattr("builtins.input", scripted(["hello"]))
+    train.main(["chat", "--out", run, "--max-tokens", "3", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert "sft.safetensors (stage sft" in out and "bot> " in out
+
+
+# ---- SVG ------------------------------------------------------------------------------
+
+numbers = st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.lists(st.tuples(numbers, st.one_of(st.none(), numbers)),
+                                                       max_size=12), max_size=4))
+def test_svg_line_chart_is_well_formed(tmp_path_factory, series):
+    path = str(tmp_path_factory.mktemp("svg") / "chart.svg")
+    train.svg_line_chart(series, path, "loss <&>", "step", "loss")
+    root = ET.parse(path).getroot()
+    lines = [e for e in root.iter() if e.tag.endswith("polyline")]
+    drawn = [pts for pts in series.values() if sum(y is not None for _, y in pts) > 1]
+    assert len(lines) == len(drawn)
+
+
+def test_svg_line_chart_draws_a_loss_history(tmp_path):
+    history = [(s, 5.0 - s / 10, 4.9 - s / 10 if s % 5 == 0 else None) for s in range(1, 21)]
+    path = train.svg_line_chart({"train": [(s, l) for s, l, _ in history],
+                                 "val": [(s, v) for s, _, v in history]},
+                                str(tmp_path / "loss.svg"), "pretrain", "step", "loss")
+    text = open(path).read()
+    ET.fromstring(text)
+    assert text.count("<polyline") == 2 and ">train<" in text and ">val<" in text
+
+
+def test_svg_heatmap_escapes_labels(tmp_path):
+    labels = ["'<'", "'&'", repr("\x00"), "\x01odd"]
+    path = train.svg_heatmap(np.eye(4), labels, labels, str(tmp_path / "h.svg"), "a <title>")
+    root = ET.parse(path).getroot()
+    assert len([e for e in root.iter() if e.tag.endswith("title")]) == 16
+    with pytest.raises(ValueError, match="shape"):
+        train.svg_heatmap(np.eye(3), labels, labels, str(tmp_path / "bad.svg"), "x")
+
+
+def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=TOK.vocab_size))
+    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
+    loaded, _ = llm.load_gpt2(str(tmp_path))
+    assert loaded.config == model.config                  # 128 wide: 2 heads of 64
