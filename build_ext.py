@@ -29,6 +29,7 @@ void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
                        int M, int K, int N);
 void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
                         float *dw, float *db, int M, int K, int N);
+void fo_colsum(const float *dy, float *db, int M, int N);
 void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
                           float *lse, int B, int H, int T, int D);
 void fo_attention_backward(const float *dy, const float *q, const float *k,

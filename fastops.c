@@ -48,6 +48,7 @@ void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
                        int M, int K, int N);
 void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
                         float *dw, float *db, int M, int K, int N);
+void fo_colsum(const float *dy, float *db, int M, int N);
 void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
                           float *lse, int B, int H, int T, int D);
 void fo_attention_backward(const float *dy, const float *q, const float *k,
@@ -406,6 +407,24 @@ void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
     fo_sgemm(M, N, K, x, K, 1, w, N, 1, y, N, 0, b);
 }
 
+/* db[N] = column sums of dy[M,N]. Each thread sums a strip of 64 columns
+ * over all rows, so the inner loop runs along a row (vectorised). */
+void fo_colsum(const float *dy, float *db, int M, int N) {
+    int strips = ceil_div(N, 64);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((double)M * N > 65536)
+#endif
+    for (int s = 0; s < strips; s++) {
+        int j0 = s * 64, j1 = imin(N, j0 + 64);
+        float acc[64] = {0};
+        for (int i = 0; i < M; i++) {
+            const float *row = dy + (size_t)i * N;
+            for (int j = j0; j < j1; j++) acc[j - j0] += row[j];
+        }
+        for (int j = j0; j < j1; j++) db[j] = acc[j - j0];
+    }
+}
+
 /* Given dy[M,N] and the forward's x[M,K], w[K,N]:
  *   dx[M,K] = dy . w^T       (skipped if dx is NULL)
  *   dw[K,N] = x^T . dy       (OVERWRITTEN, not accumulated)
@@ -414,22 +433,7 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
                         float *dw, float *db, int M, int K, int N) {
     if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
     fo_sgemm(K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL);
-    if (db) {
-        /* each thread sums a strip of columns over all rows (stays vectorised) */
-        int strips = ceil_div(N, 64);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((double)M * N > 65536)
-#endif
-        for (int s = 0; s < strips; s++) {
-            int j0 = s * 64, j1 = imin(N, j0 + 64);
-            float acc[64] = {0};
-            for (int i = 0; i < M; i++) {
-                const float *row = dy + (size_t)i * N;
-                for (int j = j0; j < j1; j++) acc[j - j0] += row[j];
-            }
-            for (int j = j0; j < j1; j++) db[j] = acc[j - j0];
-        }
-    }
+    if (db) fo_colsum(dy, db, M, N);
 }
 
 /* ------------------------------------------------------------------------ */
