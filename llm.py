@@ -1,0 +1,1135 @@
+"""llm.py: a large language model built from nothing, in one file.
+
+Read it top to bottom. It goes the way text goes through an LLM:
+
+  1. Tokenizer      text -> bytes -> byte-pair-encoded token ids, and back
+  2. Model          ids -> embeddings -> transformer blocks -> next-token
+                    probabilities (GPT-2), each layer's backward pass written
+                    by hand right after its forward pass
+  3. Optimizer      AdamW, gradient clipping, the learning-rate schedule
+  4. Sampling       turning probabilities back into text, with a KV cache
+  5. Pretraining    learn language by predicting the next token
+  6. Instruction tuning, 7. RLHF, 8. Task fine-tuning (LoRA)
+  9. Checkpoints    safetensors files written with NumPy, atomically
+
+Only NumPy is needed. The two heavy operations (the linear layers' matrix
+products and causal attention) also have C kernels in fastops.c; when those
+are built, llm.py uses them, and otherwise it runs the NumPy code below.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy
+
+# The array module. Every array is created through `xp`, so a GPU array module
+# with NumPy's API (CuPy) can take its place for the CUDA build.
+xp = numpy
+
+
+# =============================================================================
+# 1. Tokenizer: text <-> token ids
+# =============================================================================
+# A model reads integers, not characters. Byte-level BPE (byte-pair encoding)
+# starts from the 256 possible bytes, so any text can be encoded, then learns
+# "merges": the most frequent adjacent pair of tokens becomes a new token,
+# again and again, until the vocabulary has the size we asked for. Frequent
+# words end up as one token, rare ones as several pieces.
+
+# GPT-2's pre-tokenisation: text is first cut into chunks (contractions,
+# runs of letters, runs of digits, runs of other symbols, whitespace) and
+# merges never cross a chunk boundary, so " the" is learned once, not glued to
+# its neighbours. GPT-2 writes \p{L} and \p{N}; Python's `re` spells letters
+# [^\W\d_] and numbers \d (so the rare non-decimal numerals such as "²" count
+# as letters here).
+GPT2_SPLIT = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+"""
+              r"""|\s+(?!\S)|\s+""")
+
+ENDOFTEXT = "<|endoftext|>"
+# The chat template of instruction tuning needs three more special tokens.
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, USER, ASSISTANT, END)
+TOKENIZER_FORMAT = "llm-tokenizer-v1"
+
+
+class Tokenizer:
+    """Byte-level BPE. `ranks` maps a token's bytes to its id; a lower id was
+    merged earlier, so encoding merges the lowest-ranked pair first (exactly
+    how GPT-2's tiktoken encodes)."""
+
+    def __init__(self, ranks: dict, special: dict, pattern: str = GPT2_SPLIT):
+        self.ranks = ranks
+        self.special = special                        # "<|end|>" -> id
+        self.pattern = pattern
+        self._split = re.compile(pattern)
+        self.decoder = {i: b for b, i in ranks.items()}
+        self.decoder.update({i: s.encode() for s, i in special.items()})
+        self.vocab_size = max(self.decoder) + 1
+        self._cache = {}                              # chunk bytes -> ids
+
+    # ---- training ----------------------------------------------------------
+    @classmethod
+    def train(cls, text: str, vocab_size: int, special=SPECIAL_TOKENS):
+        """Learn vocab_size - 256 - len(special) merges from text (fewer if
+        the text runs out of pairs to merge)."""
+        n_merges = vocab_size - 256 - len(special)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size: expected at least {256 + len(special)}"
+                             f" (256 bytes + {len(special)} special tokens), got {vocab_size}")
+        # Count each distinct chunk once, weighted by how often it occurs.
+        counts = {}
+        for chunk in re.findall(GPT2_SPLIT, text):
+            counts[chunk] = counts.get(chunk, 0) + 1
+        words = [list(c.encode("utf-8")) for c in counts]
+        freqs = list(counts.values())
+        # pair -> total count, and pair -> the words that contain it.
+        pair_count, where = {}, {}
+        for w, (word, f) in enumerate(zip(words, freqs)):
+            for pair in zip(word, word[1:]):
+                pair_count[pair] = pair_count.get(pair, 0) + f
+                where.setdefault(pair, set()).add(w)
+        # A heap of (-count, pair): the most frequent pair comes first and
+        # equal counts are broken by the smaller pair of ids, a fixed rule,
+        # so training is deterministic. Stale entries are skipped on pop.
+        import heapq
+        heap = [(-c, p) for p, c in pair_count.items()]
+        heapq.heapify(heap)
+        pieces = [bytes([i]) for i in range(256)]
+        while len(pieces) < 256 + n_merges and heap:
+            negc, pair = heapq.heappop(heap)
+            if pair_count.get(pair, 0) != -negc or negc == 0:
+                continue
+            new = len(pieces)
+            pieces.append(pieces[pair[0]] + pieces[pair[1]])
+            for w in where.pop(pair, ()):
+                word, f = words[w], freqs[w]
+                for p in zip(word, word[1:]):         # remove the old pairs
+                    pair_count[p] -= f
+                merged, i = [], 0
+                while i < len(word):
+                    if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                        merged.append(new)
+                        i += 2
+                    else:
+                        merged.append(word[i])
+                        i += 1
+                words[w] = merged
+                for p in zip(merged, merged[1:]):     # and add the new ones
+                    pair_count[p] = pair_count.get(p, 0) + f
+                    where.setdefault(p, set()).add(w)
+                    heapq.heappush(heap, (-pair_count[p], p))
+            pair_count.pop(pair, None)
+        ranks = {b: i for i, b in enumerate(pieces)}
+        special = {s: len(pieces) + i for i, s in enumerate(special)}
+        return cls(ranks, special)
+
+    # ---- encoding and decoding ---------------------------------------------
+    def _bpe(self, chunk: bytes) -> list:
+        """Merge the chunk's bytes, lowest-ranked adjacent pair first."""
+        ids = self._cache.get(chunk)
+        if ids is not None:
+            return ids
+        parts = [chunk[i:i + 1] for i in range(len(chunk))]
+        while len(parts) > 1:
+            best, best_rank = None, None
+            for i in range(len(parts) - 1):
+                r = self.ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        ids = [self.ranks[p] for p in parts]
+        if len(self._cache) < 200_000:
+            self._cache[chunk] = ids
+        return ids
+
+    def encode(self, text: str, allow_special: bool = False) -> list:
+        """Text -> ids. A special token's spelling inside ordinary text is
+        encoded as ordinary text unless allow_special is True."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text: cannot be encoded as UTF-8 (character {e.object[e.start]!r}"
+                             f" at index {e.start}, a lone surrogate)") from None
+        if allow_special and self.special:
+            pieces = re.split("(" + "|".join(map(re.escape, self.special)) + ")", text)
+        else:
+            pieces = [text]
+        ids = []
+        for piece in pieces:
+            if piece in self.special and allow_special:
+                ids.append(self.special[piece])
+                continue
+            for chunk in self._split.findall(piece):
+                ids.extend(self._bpe(chunk.encode("utf-8")))
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        out = []
+        for i in ids:
+            b = self.decoder.get(int(i))
+            if b is None:
+                raise ValueError(f"ids: token id {int(i)} is out of range"
+                                 f" (the vocabulary has ids 0..{self.vocab_size - 1})")
+            out.append(b)
+        return b"".join(out)
+
+    def decode(self, ids) -> str:
+        """Ids -> text. A sequence that ends mid-character (or any invalid
+        UTF-8) decodes to U+FFFD there rather than failing."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ---- files -------------------------------------------------------------
+    @classmethod
+    def from_tiktoken(cls, path: str, special=None):
+        """Load a tiktoken rank file: one "base64-token rank" per line.
+        For GPT-2's file, <|endoftext|> is 50256 and our chat tokens follow."""
+        ranks = {}
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: expected 'base64-token rank',"
+                                     f" got {line[:60]!r}") from None
+        if special is None:
+            special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        return cls(ranks, special)
+
+    def to_json(self) -> str:
+        """A human-readable, versioned description: tokens in id order, each
+        token's bytes shown as latin-1 characters (one character per byte)."""
+        tokens = [self.decoder[i].decode("latin-1") for i in range(len(self.ranks))]
+        if sorted(self.ranks.values()) != list(range(len(self.ranks))):
+            raise ValueError("tokenizer: ranks must be the ids 0..n-1")
+        return json.dumps({"format": TOKENIZER_FORMAT, "pattern": self.pattern,
+                           "special": self.special, "tokens": tokens},
+                          ensure_ascii=True, indent=0)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer"):
+        try:
+            d = json.loads(text)
+            if d.get("format") != TOKENIZER_FORMAT:
+                raise ValueError(f"expected format {TOKENIZER_FORMAT!r}, got {d.get('format')!r}")
+            ranks = {t.encode("latin-1"): i for i, t in enumerate(d["tokens"])}
+            return cls(ranks, {s: int(i) for s, i in d["special"].items()}, d["pattern"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: not a tokenizer file ({e})") from None
+
+    def save(self, path: str):
+        _atomic_write(path, self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read(), path)
+
+
+def byte_tokenizer() -> "Tokenizer":
+    """The tokenizer with no merges: one token per byte, plus the specials."""
+    return Tokenizer.train("", 256 + len(SPECIAL_TOKENS))
+
+
+# =============================================================================
+# 2. Model: GPT-2, forward and backward
+# =============================================================================
+# ids (B, T) -> token embedding + position embedding -> n_layer blocks of
+# [LayerNorm -> causal self-attention -> residual add,
+#  LayerNorm -> MLP -> residual add] -> final LayerNorm -> logits (B, T, V)
+# over the vocabulary: the model's guess for the next token at every position.
+#
+# Training needs the gradient of the loss with respect to every parameter.
+# Each layer below is a pair: `*_forward` computes the output and keeps what
+# the backward pass needs (its "cache"); `*_backward` takes the gradient of
+# the loss w.r.t. the output and returns the gradients w.r.t. the inputs and
+# parameters (the chain rule, one layer at a time).
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64          # the context window: positions 0..block_size-1
+    vocab_size: int = 256 + len(SPECIAL_TOKENS)
+    dtype: str = "float32"        # "float64" for gradient checks
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, numpy.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd: expected a multiple of n_head={self.n_head}, got {self.n_embd}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+
+
+# ---- the linear layer: y = x W + b ------------------------------------------
+# W is stored (in, out), as in GPT-2's Conv1D. x is (M, K) with M = B*T rows.
+
+def linear_forward(x, w, b):
+    y = x @ w
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_backward(dy, x, w):
+    # y = xW + b  =>  dx = dy W^T,  dW = x^T dy,  db = sum of dy over rows
+    return dy @ w.T, x.T @ dy, dy.sum(0)
+
+
+# ---- dropout: zero a fraction p of activations while training ---------------
+# The survivors are scaled by 1/(1-p) so the expected value is unchanged.
+
+def dropout_forward(x, p, rng):
+    if p == 0.0 or rng is None:
+        return x, None
+    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dy, mask):
+    return dy if mask is None else dy * mask
+
+
+# ---- causal self-attention ---------------------------------------------------
+# Each position asks a question (query q), every position offers a label (key
+# k) and a message (value v). Position t reads a weighted average of the
+# values of positions <= t (causal: never the future), weighted by
+# softmax(q.k / sqrt(D)). q, k, v are (B, H, T, D): H heads of width D.
+
+def attention_forward(q, k, v, dropout=0.0, rng=None):
+    T, D = q.shape[-2:]
+    scale = 1.0 / math.sqrt(D)
+    att = (q @ k.swapaxes(-1, -2)) * scale                          # (B, H, T, T)
+    att = xp.where(xp.tril(xp.ones((T, T), dtype=bool)), att, -xp.inf)
+    att = xp.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    att_d, mask = dropout_forward(att, dropout, rng)
+    return att_d @ v, (q, k, v, att, att_d, mask, scale)
+
+
+def attention_backward(dy, cache):
+    q, k, v, att, att_d, mask, scale = cache
+    dv = att_d.swapaxes(-1, -2) @ dy
+    datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
+    # softmax backward: ds_j = a_j (da_j - sum_i a_i da_i)
+    ds = att * (datt - (datt * att).sum(-1, keepdims=True))
+    return (ds @ k) * scale, (ds.swapaxes(-1, -2) @ q) * scale, dv
+
+
+# ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mu) * rstd
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dy, cache):
+    xhat, rstd, w = cache
+    dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+    db = dy.reshape(-1, xhat.shape[-1]).sum(0)
+    dxhat = dy * w
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, dw, db
+
+
+# ---- GELU, the MLP's nonlinearity (GPT-2's tanh approximation) -------------
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))    # x*x*x: float32 pow is slow
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dy, cache):
+    x, t = cache
+    dt = _GELU_C * (1.0 + 3 * 0.044715 * (x * x))
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+
+
+# ---- cross-entropy: how surprised the model is by the true next token ------
+# loss = mean over counted positions of -log p(target). `mask` (B, T) chooses
+# which positions count (instruction tuning counts the answer only).
+
+def cross_entropy_forward(logits, targets, mask=None):
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - xp.log(xp.exp(z).sum(-1, keepdims=True))            # log-softmax
+    nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
+    w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
+    n = w.sum()
+    loss = (nll * w).sum() / n if n > 0 else nll.dtype.type(0.0)    # all masked: no loss
+    return loss, (logp, targets, w, n)
+
+
+def cross_entropy_backward(cache):
+    # d(-log softmax(z)_y)/dz = softmax(z) - onehot(y), averaged over counted positions
+    logp, targets, w, n = cache
+    dlogits = xp.exp(logp)
+    xp.put_along_axis(dlogits, targets[..., None],
+                      xp.take_along_axis(dlogits, targets[..., None], -1) - 1.0, -1)
+    return dlogits * (w / n)[..., None] if n > 0 else xp.zeros_like(dlogits)
+
+
+# ---- the whole model ---------------------------------------------------------
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """GPT-2's parameters, by GPT-2's names (without the `transformer.` prefix)."""
+    C = cfg.n_embd
+    shapes = {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
+def init_params(cfg: GPTConfig, rng) -> dict:
+    """GPT-2's initialisation: weights ~ N(0, 0.02), biases 0, LayerNorm
+    scales 1, and the two projections that write into the residual stream
+    scaled down by 1/sqrt(2 n_layer) so the stream's variance does not grow
+    with depth."""
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.startswith("ln") or ".ln_" in name:
+            value = xp.ones(shape) if name.endswith("weight") else xp.zeros(shape)
+        elif name.endswith("bias"):
+            value = xp.zeros(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+            value = xp.asarray(rng.normal(0.0, std, shape))
+        params[name] = value.astype(cfg.dtype)
+    return params
+
+
+class GPT:
+    """GPT-2. `params` maps names to arrays; forward() then backward() gives
+    the gradients of the loss under the same names."""
+
+    def __init__(self, config: GPTConfig, params: dict = None, seed: int = 0):
+        self.config = config
+        self.params = params if params is not None else init_params(config, numpy.random.default_rng(seed))
+        self.rng = None            # a numpy Generator while training with dropout
+        self.lora = {}             # weight name -> LoRA settings (section 8)
+        self.frozen = set()        # names whose gradients are not needed
+        self._cache = None
+
+    # A linear layer by parameter name, so LoRA (section 8) can adapt it.
+    def _linear(self, name, x, caches):
+        w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
+        y = linear_forward(x, w, b)
+        if name in self.lora:
+            y = y + lora_forward(self, name, x, caches)
+        caches.append((name, x))
+        return y
+
+    def _linear_backward(self, dy, caches, grads):
+        name, x = caches.pop()
+        dx = None
+        if name in self.lora:
+            dx = lora_backward(self, name, dy, caches, grads)
+        w = self.params[name + ".weight"]
+        if name + ".weight" in self.frozen:
+            dx_w = linear_backward_input(dy, w)
+        else:
+            dx_w, grads[name + ".weight"], grads[name + ".bias"] = linear_backward(dy, x, w)
+        return dx_w if dx is None else dx_w + dx
+
+    def hidden(self, idx):
+        """ids (B, T) -> final hidden states (B, T, C), after ln_f, keeping
+        the caches for backward_hidden()."""
+        cfg, p = self.config, self.params
+        idx = check_ids(idx, cfg.vocab_size, "idx")
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"idx: sequence length {T} exceeds the context window"
+                             f" block_size={cfg.block_size}")
+        C, H, drop, rng = cfg.n_embd, cfg.n_head, cfg.dropout, self.rng
+        x = p["wte.weight"][idx] + p["wpe.weight"][:T]                  # (B, T, C)
+        x, emb_mask = dropout_forward(x, drop, rng)
+        caches, lin = [], []
+        for i in range(cfg.n_layer):
+            h = f"h.{i}."
+            a, ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            qkv = self._linear(h + "attn.c_attn", a.reshape(B * T, C), lin)  # (B*T, 3C)
+            q, k, v = (qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4))  # 3 x (B, H, T, D)
+            y, att = attention_forward(q, k, v, drop, rng)
+            y = y.transpose(0, 2, 1, 3).reshape(B * T, C)               # heads side by side
+            y, res1 = dropout_forward(self._linear(h + "attn.c_proj", y, lin), drop, rng)
+            x = x + y.reshape(B, T, C)
+            m, ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+            f, gelu = gelu_forward(self._linear(h + "mlp.c_fc", m.reshape(B * T, C), lin))
+            f, res2 = dropout_forward(self._linear(h + "mlp.c_proj", f, lin), drop, rng)
+            x = x + f.reshape(B, T, C)
+            caches.append((ln1, att, res1, ln2, gelu, res2))
+        out, lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        self._cache = dict(idx=idx, emb_mask=emb_mask, blocks=caches, lin=lin, lnf=lnf)
+        return out
+
+    def backward_hidden(self, dh, grads=None) -> dict:
+        """Gradient of the loss w.r.t. the hidden states (B, T, C) -> gradients
+        of every parameter (added into `grads` when given)."""
+        cfg, c = self.config, self._cache
+        if c is None:
+            raise RuntimeError("backward: call forward() first")
+        grads = {} if grads is None else grads
+        B, T = c["idx"].shape
+        C, H = cfg.n_embd, cfg.n_head
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dh, c["lnf"])
+        lin = c["lin"]
+        for i in reversed(range(cfg.n_layer)):
+            h = f"h.{i}."
+            ln1, att, res1, ln2, gelu, res2 = c["blocks"][i]
+            # x = x + mlp(ln_2(x)): the residual passes dx through unchanged
+            df = self._linear_backward(dropout_backward(dx.reshape(B * T, C), res2), lin, grads)
+            dm = self._linear_backward(gelu_backward(df, gelu), lin, grads)
+            dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm.reshape(B, T, C), ln2)
+            dx = dx + dm
+            # x = x + attn(ln_1(x))
+            dy = self._linear_backward(dropout_backward(dx.reshape(B * T, C), res1), lin, grads)
+            dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)     # (B, H, T, D)
+            dq, dk, dv = attention_backward(dy, att)
+            dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
+            da = self._linear_backward(dqkv, lin, grads)
+            da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da.reshape(B, T, C), ln1)
+            dx = dx + da
+        dx = dropout_backward(dx, c["emb_mask"])
+        dwte = grads.get("wte.weight")
+        dwte = xp.zeros_like(self.params["wte.weight"]) if dwte is None else dwte
+        xp.add.at(dwte, c["idx"], dx)                  # each used row gets its gradient
+        grads["wte.weight"] = dwte
+        grads["wpe.weight"] = xp.zeros_like(self.params["wpe.weight"])
+        grads["wpe.weight"][:T] = dx.sum(0)
+        for name in self.frozen:
+            grads.pop(name, None)
+        return grads
+
+    def forward(self, idx, targets=None, mask=None):
+        """ids (B, T) -> logits (B, T, V), and the mean cross-entropy loss
+        when targets (B, T) are given (over positions where mask is nonzero)."""
+        h = self.hidden(idx)
+        B, T, C = h.shape
+        wte = self.params["wte.weight"]
+        # The output head is tied to the token embedding: logits = h wte^T.
+        logits = linear_forward(h.reshape(B * T, C), wte.T, None).reshape(B, T, -1)
+        self._cache["h"] = h
+        if targets is None:
+            self._cache["ce"] = None
+            return logits, None
+        targets = check_ids(targets, self.config.vocab_size, "targets")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets: expected shape {(B, T)}, got {targets.shape}")
+        if mask is not None and xp.shape(mask) != (B, T):
+            raise ValueError(f"mask: expected shape {(B, T)}, got {xp.shape(mask)}")
+        loss, self._cache["ce"] = cross_entropy_forward(logits, targets, mask)
+        return logits, float(loss)
+
+    def backward(self, dlogits=None) -> dict:
+        """Gradients of the loss from the last forward(), by parameter name.
+        `dlogits` replaces the cross-entropy gradient (RLHF uses its own)."""
+        c = self._cache
+        if c is None or (dlogits is None and c.get("ce") is None):
+            raise RuntimeError("backward: call forward() with targets first")
+        if dlogits is None:
+            dlogits = cross_entropy_backward(c["ce"])
+        h = c["h"]
+        B, T, C = h.shape
+        wte = self.params["wte.weight"]
+        dh, dwte_t, _ = linear_backward(dlogits.reshape(B * T, -1), h.reshape(B * T, C), wte.T)
+        grads = {"wte.weight": dwte_t.T.copy()}     # the head's share of wte's gradient
+        return self.backward_hidden(dh.reshape(B, T, C), grads)
+
+    def num_params(self) -> int:
+        return sum(v.size for v in self.params.values())
+
+
+def linear_backward_input(dy, w):
+    """dx alone, for a frozen weight (LoRA's base model)."""
+    return dy @ w.T
+
+
+def check_ids(idx, vocab_size, name):
+    """Token ids must be a 2-D integer array of in-range ids."""
+    a = xp.asarray(idx)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"{name}: expected a (batch, time) array of token ids, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer token ids, got dtype {a.dtype}")
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
+        raise ValueError(f"{name}: token ids must be in 0..{vocab_size - 1},"
+                         f" got {int(a.min())}..{int(a.max())}")
+    return a.astype(xp.int64, copy=False)
+
+
+# =============================================================================
+# 3. Optimizer: AdamW, gradient clipping, learning-rate schedule
+# =============================================================================
+# Adam keeps, per parameter, running averages of the gradient (m) and of its
+# square (v), and steps by m / sqrt(v): a per-weight step size. AdamW's
+# weight decay shrinks weights directly ("decoupled" from the gradient), and
+# only the 2-D matrices are decayed, never biases or LayerNorm scales.
+
+@dataclass
+class AdamW:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    t: int = 0
+    m: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+
+    def step(self, params: dict, grads: dict, lr: float = None):
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        self.t += 1
+        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t         # bias corrections
+        for name, g in grads.items():
+            p = params[name]
+            if name not in self.m:
+                self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
+            m, v = self.m[name], self.v[name]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            if p.ndim >= 2 and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay
+            p -= (lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """Scale all gradients down together if their global L2 norm exceeds
+    max_norm (one bad batch cannot throw the weights far). Returns the norm."""
+    norm = math.sqrt(sum(float((g.astype(xp.float64) ** 2).sum()) for g in grads.values()))
+    if max_norm and norm > max_norm:
+        for g in grads.values():
+            g *= max_norm / (norm + 1e-6)
+    return norm
+
+
+def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int) -> float:
+    """Linear warmup from 0 to lr, then cosine decay down to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= max_iters:
+        return min_lr
+    progress = (step - warmup) / max(1, max_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# =============================================================================
+# 4. Sampling: from probabilities back to text
+# =============================================================================
+# Generation feeds the model its own output, one token at a time. Recomputing
+# the whole prefix each time is wasteful: the keys and values of earlier
+# positions never change (attention is causal), so a KV cache keeps them,
+# the prompt is processed once ("prefill"), and each new token costs one
+# position's work.
+
+def _attention_cached(q, k, v, past):
+    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D)."""
+    Tn, Tk = q.shape[2], k.shape[2]
+    att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])          # (B, H, Tn, Tk)
+    visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tn))[:, None]
+    att = xp.where(visible, att, -xp.inf)
+    att = xp.exp(att - att.max(-1, keepdims=True))
+    return (att / att.sum(-1, keepdims=True)) @ v
+
+
+def forward_cached(model: GPT, idx, kv: list):
+    """Logits for new ids (B, Tn) given the keys and values of earlier
+    positions in kv (one (k, v) pair per layer, extended in place)."""
+    cfg, p = model.config, model.params
+    B, Tn = idx.shape
+    past = 0 if not kv else kv[0][0].shape[2]
+    C, H = cfg.n_embd, cfg.n_head
+    x = p["wte.weight"][idx] + p["wpe.weight"][past:past + Tn]
+    for i in range(cfg.n_layer):
+        h = f"h.{i}."
+        a, _ = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        qkv = model._linear(h + "attn.c_attn", a.reshape(B * Tn, C), [])
+        q, k, v = qkv.reshape(B, Tn, 3, H, C // H).transpose(2, 0, 3, 1, 4)
+        if len(kv) <= i:
+            kv.append((k, v))
+        else:
+            kv[i] = (xp.concatenate([kv[i][0], k], 2), xp.concatenate([kv[i][1], v], 2))
+        y = _attention_cached(q, *kv[i], past).transpose(0, 2, 1, 3).reshape(B * Tn, C)
+        x = x + model._linear(h + "attn.c_proj", y, []).reshape(B, Tn, C)
+        m, _ = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        f, _ = gelu_forward(model._linear(h + "mlp.c_fc", m.reshape(B * Tn, C), []))
+        x = x + model._linear(h + "mlp.c_proj", f, []).reshape(B, Tn, C)
+    out, _ = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+    return out @ p["wte.weight"].T                                     # (B, Tn, V)
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """Logits (V,) -> the distribution to sample from. Temperature < 1
+    sharpens it, top-k keeps the k likeliest tokens, top-p (nucleus) keeps the
+    smallest set whose probability reaches p."""
+    logits = xp.asarray(logits, dtype=xp.float64) / temperature
+    if top_k is not None and top_k < logits.size:
+        kth = xp.sort(logits)[-top_k]
+        logits = xp.where(logits < kth, -xp.inf, logits)
+    probs = xp.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p is not None and top_p < 1.0:
+        order = xp.argsort(-probs, kind="stable")
+        keep = xp.cumsum(probs[order]) - probs[order] < top_p   # mass before this token
+        probs[order[~keep]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None,
+             top_p=None, stop=(), seed=None, rng=None):
+    """Yield new token ids one by one (streaming). temperature=0 is greedy.
+    Generation ends after max_new_tokens or at a token in `stop` (not yielded).
+    A prompt longer than the context window is cropped to its last block_size
+    tokens; once the window is full, each step re-reads the last block_size
+    tokens, as the model only ever saw that many."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("prompt: expected at least one token id")
+    check_ids(prompt, model.config.vocab_size, "prompt")
+    for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
+        if v < 0:
+            raise ValueError(f"{name}: expected >= 0, got {v}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    rng = rng if rng is not None else numpy.random.default_rng(seed)
+    block = model.config.block_size
+    tokens = prompt[-block:]
+    kv = []
+    logits = forward_cached(model, xp.asarray([tokens]), kv)[0, -1]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            nxt = int(xp.argmax(logits))
+        else:
+            probs = next_token_probs(logits, temperature, top_k, top_p)
+            nxt = int(rng.choice(probs.size, p=numpy.asarray(probs)))
+        if nxt in stop:
+            return
+        yield nxt
+        tokens.append(nxt)
+        if len(tokens) > block:                  # window full: re-read the last block tokens
+            tokens = tokens[-block:]
+            kv = []
+            logits = forward_cached(model, xp.asarray([tokens]), kv)[0, -1]
+        else:
+            logits = forward_cached(model, xp.asarray([[nxt]]), kv)[0, -1]
+
+
+# =============================================================================
+# 5. Pretraining: learn language by predicting the next token
+# =============================================================================
+# Take random windows of block_size+1 tokens from the corpus; the input is the
+# first block_size, the target the same window shifted by one. Minimising the
+# cross-entropy makes the model's probabilities match the text's statistics.
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1            # micro-batches per optimizer step
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+
+
+def get_batch(data, block_size, batch_size, rng):
+    """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    x = numpy.stack([data[i:i + block_size] for i in ix])
+    y = numpy.stack([data[i + 1:i + 1 + block_size] for i in ix])
+    return xp.asarray(x), xp.asarray(y)
+
+
+def estimate_loss(model: GPT, data, batch_size, eval_iters, seed=0) -> float:
+    """Mean loss over fixed random windows (the same ones every time)."""
+    rng, drop = numpy.random.default_rng(seed), model.rng
+    model.rng = None                              # no dropout while measuring
+    bs = min(model.config.block_size, len(data) - 1)
+    losses = [model.forward(*get_batch(data, bs, batch_size, rng))[1] for _ in range(eval_iters)]
+    model.rng = drop
+    return float(numpy.mean(losses))
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly where it stopped."""
+    step: int = 0
+    opt: AdamW = None
+    rng_state: dict = None
+    history: list = field(default_factory=list)    # (step, train loss, val loss)
+
+
+def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn,
+                on_eval=None, stop_at=None, log=None):
+    """The training loop shared by every stage: batch -> forward -> backward
+    -> clip -> AdamW step, with the learning-rate schedule, gradient
+    accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
+    gives the arguments of model.forward. Stops at max_iters (or stop_at)."""
+    rng = numpy.random.default_rng(tc.seed)
+    if state.rng_state is not None:
+        rng.bit_generator.state = state.rng_state
+    if state.opt is None:
+        state.opt = AdamW(tc.learning_rate, (0.9, tc.beta2), weight_decay=tc.weight_decay)
+    if model.config.dropout:
+        model.rng = rng
+    end = tc.max_iters if stop_at is None else min(stop_at, tc.max_iters)
+    t0, tokens = time.time(), 0
+    while state.step < end:
+        lr = lr_schedule(state.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
+        grads, loss = None, 0.0
+        for _ in range(tc.grad_accum):
+            args = batch_fn(rng)
+            _, l = model.forward(*args)
+            g = model.backward()
+            loss += l / tc.grad_accum
+            tokens += args[0].size
+            if grads is None:
+                grads = g
+            else:
+                for k in grads:
+                    grads[k] += g[k]
+        if tc.grad_accum > 1:
+            for g in grads.values():
+                g /= tc.grad_accum
+        clip_grad_norm(grads, tc.grad_clip)
+        state.opt.step(model.params, grads, lr)
+        state.step += 1
+        val = None
+        if on_eval and (state.step % tc.eval_interval == 0 or state.step == tc.max_iters):
+            val = on_eval(state.step)
+        state.history.append((state.step, loss, val))
+        state.rng_state = rng.bit_generator.state
+        if log:
+            log(state.step, end, loss, val, tokens / max(time.time() - t0, 1e-9), time.time() - t0)
+    model.rng = None
+    return state
+
+
+class Progress:
+    """One updating line: step, loss, val loss, bits per byte, tokens/s,
+    elapsed time and ETA."""
+
+    def __init__(self, stage: str, bytes_per_token: float = None, stream=sys.stdout):
+        self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
+        self.val = None
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, step, end, loss, val, tok_s, elapsed):
+        if val is not None:
+            self.val = val
+        now = time.time()
+        if step < end and val is None and now - self.last < 0.5:
+            return                                   # redraw at most twice a second
+        self.last = now
+        eta = elapsed / max(step, 1) * (end - step) if step else 0.0
+        line = f"{self.stage} step {step}/{end} loss {loss:.4f}"
+        if self.val is not None:
+            line += f" val {self.val:.4f}"
+            if self.bpt:
+                line += f" bpb {bits_per_byte(self.val, self.bpt):.3f}"
+        line += f" | {tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if step >= end else ""))
+        elif val is not None or step >= end:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    """Bits per byte: the tokenizer-independent way to compare models."""
+    return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
+             stop_at=None, log=None, tokenizer: Tokenizer = None, on_ready=None) -> dict:
+    """Pretrain a GPT on `text`: the first 90% trains (and trains the
+    tokenizer, unless one is given), the last 10% validates. Writes
+    out/pretrain.safetensors at every evaluation and at the end, and
+    out/metrics.json. With resume=True, continues from the checkpoint so the
+    run ends with exactly the weights an uninterrupted run would have."""
+    ckpt = os.path.join(out, "pretrain.safetensors")
+    cut = int(len(text) * 0.9)
+    train_text, val_text = text[:cut], text[cut:]
+    if resume and os.path.exists(ckpt):
+        model, tokenizer, state, _ = load_checkpoint(ckpt)
+    else:
+        if tokenizer is None:
+            tokenizer = (byte_tokenizer() if cfg.vocab_size <= 256 + len(SPECIAL_TOKENS)
+                         else Tokenizer.train(train_text, cfg.vocab_size))
+        cfg = GPTConfig(**{**asdict(cfg), "vocab_size": tokenizer.vocab_size})
+        model, state = GPT(cfg, seed=tc.seed), TrainState()
+    train_ids = numpy.asarray(tokenizer.encode(train_text), numpy.int64)
+    val_ids = numpy.asarray(tokenizer.encode(val_text), numpy.int64)
+    if min(len(train_ids), len(val_ids)) <= model.config.block_size:
+        raise ValueError(f"text: too short for block_size={model.config.block_size}"
+                         f" ({len(train_ids)} training and {len(val_ids)} validation tokens)")
+    bpt = len(val_text.encode("utf-8")) / len(val_ids)                 # bytes per token
+    if on_ready:
+        on_ready(bpt)
+    T, B = model.config.block_size, tc.batch_size
+
+    def on_eval(step):
+        val = estimate_loss(model, val_ids, B, tc.eval_iters)
+        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc))
+        return val
+
+    t0 = time.time()
+    train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
+                on_eval=on_eval, stop_at=stop_at, log=log)
+    if state.step < tc.max_iters:                   # stopped early: keep the state
+        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc))
+        return {}
+    val = next(v for _, _, v in reversed(state.history) if v is not None)
+    wall = time.time() - t0
+    metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
+               "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
+               "steps": state.step, "tokens_per_second": state.step * tc.grad_accum * B * T / wall,
+               "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
+    _atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+# =============================================================================
+# 8. Task fine-tuning: LoRA
+# =============================================================================
+# Fine-tuning every weight for one task is costly and can erase what the
+# model knew. LoRA freezes the model and learns a low-rank correction for
+# chosen matrices: W x becomes W x + (alpha/r) B(A x), with A (in, r) and
+# B (r, out), r small. B starts at zero, so training starts exactly at the
+# base model; only A and B (a few percent of the parameters) are trained.
+
+def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+             r: int = 8, alpha: float = 16.0, dropout: float = 0.0, seed: int = 0) -> list:
+    """Attach LoRA adapters to every linear layer whose name ends with one of
+    `targets`, freeze all other parameters, and return the trainable names."""
+    rng = numpy.random.default_rng(seed)
+    names = [n[:-len(".weight")] for n in model.params
+             if n.endswith(".weight") and n.startswith("h.") and n[:-len(".weight")].endswith(tuple(targets))]
+    if not names:
+        raise ValueError(f"targets: no linear layer matches {targets!r}")
+    for name in names:
+        k, n = model.params[name + ".weight"].shape
+        dtype = model.params[name + ".weight"].dtype
+        model.params[name + ".lora_A"] = xp.asarray(rng.normal(0, 1 / math.sqrt(k), (k, r))).astype(dtype)
+        model.params[name + ".lora_B"] = xp.zeros((r, n), dtype)
+        model.lora[name] = {"scale": alpha / r, "dropout": dropout, "r": r, "alpha": alpha}
+    trainable = [n for n in model.params if ".lora_" in n]
+    model.frozen = set(model.params) - set(trainable)
+    return trainable
+
+
+def lora_forward(model, name, x, caches):
+    a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
+    xd, mask = dropout_forward(x, model.lora[name]["dropout"], model.rng)
+    xa = xd @ a                                                       # (M, r)
+    caches.append((xd, mask, xa))
+    return (xa @ b) * model.lora[name]["scale"]
+
+
+def lora_backward(model, name, dy, caches, grads):
+    xd, mask, xa = caches.pop()
+    a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
+    dy = dy * model.lora[name]["scale"]
+    grads[name + ".lora_B"] = xa.T @ dy
+    dxa = dy @ b.T
+    grads[name + ".lora_A"] = xd.T @ dxa
+    return dropout_backward(dxa @ a.T, mask)
+
+
+def merge_lora(model: GPT):
+    """Fold every adapter into its weight (W += scale A B): inference then
+    costs nothing extra. unmerge_lora() undoes it."""
+    for name, s in list(model.lora.items()):
+        model.params[name + ".weight"] += s["scale"] * (model.params[name + ".lora_A"] @ model.params[name + ".lora_B"])
+        model.lora.pop(name)
+        model.merged_lora = {**getattr(model, "merged_lora", {}), name: s}
+
+
+def unmerge_lora(model: GPT):
+    for name, s in getattr(model, "merged_lora", {}).items():
+        model.params[name + ".weight"] -= s["scale"] * (model.params[name + ".lora_A"] @ model.params[name + ".lora_B"])
+        model.lora[name] = s
+    model.merged_lora = {}
+
+
+# =============================================================================
+# 9. Checkpoints: safetensors, written with NumPy
+# =============================================================================
+# The safetensors format: an 8-byte little-endian header length, a JSON
+# header giving each tensor's dtype, shape and byte range, then the raw
+# bytes. No pickle: loading a file never runs code. Files are written to a
+# temporary name and renamed, so a crash never leaves half a checkpoint.
+
+_ST_DTYPES = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16,
+              "I64": numpy.int64, "I32": numpy.int32, "U8": numpy.uint8, "BF16": None}
+
+
+def _atomic_write(path: str, data: bytes):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_safetensors(path: str, tensors: dict, metadata: dict = None):
+    header, offset, blobs = {}, 0, []
+    names = {numpy.dtype(v): k for k, v in _ST_DTYPES.items() if v is not None}
+    for name, arr in tensors.items():
+        arr = numpy.ascontiguousarray(xp_to_numpy(arr))
+        if arr.dtype not in names:
+            raise TypeError(f"tensors[{name!r}]: unsupported dtype {arr.dtype}")
+        blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)                  # align the data to 8 bytes
+    _atomic_write(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def load_safetensors(path: str):
+    """-> (tensors, metadata). A missing, truncated or foreign file is a
+    ValueError naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise ValueError(f"{path}: not a safetensors file, or truncated (header of {n} bytes,"
+                         f" file of {len(raw)})")
+    try:
+        header = json.loads(raw[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
+    meta = header.pop("__metadata__", {}) or {}
+    data, tensors = raw[8 + n:], {}
+    for name, t in header.items():
+        try:
+            dtype = _ST_DTYPES[t["dtype"]]
+            begin, end = t["data_offsets"]
+            shape = tuple(int(s) for s in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {t!r}") from None
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, which llm does not read")
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= len(data) or end - begin != count * numpy.dtype(dtype).itemsize:
+            raise ValueError(f"{path}: truncated or corrupt (tensor {name!r} wants bytes"
+                             f" {begin}..{end} of {len(data)})")
+        tensors[name] = xp.asarray(numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
+                                                    count=count, offset=begin).reshape(shape).astype(dtype))
+    return tensors, meta
+
+
+def xp_to_numpy(a):
+    """Arrays leave the array module here (CuPy arrays have .get())."""
+    return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainState = None, **info):
+    """Weights, config, tokenizer, optimizer state, step and RNG state in one
+    file. `info` adds JSON-able metadata (the stage, training settings...)."""
+    tensors = dict(model.params)
+    meta = {"format": "llm-checkpoint-v1", "config": json.dumps(asdict(model.config)),
+            "tokenizer": tokenizer.to_json(), "lora": json.dumps(model.lora),
+            "info": json.dumps(info)}
+    if state is not None:
+        for name in state.opt.m if state.opt else ():
+            tensors["optimizer.m." + name] = state.opt.m[name]
+            tensors["optimizer.v." + name] = state.opt.v[name]
+        opt = {k: v for k, v in asdict(state.opt).items() if k not in ("m", "v")} if state.opt else None
+        meta["state"] = json.dumps({"step": state.step, "opt": opt, "rng_state": state.rng_state,
+                                    "history": state.history})
+    save_safetensors(path, tensors, meta)
+
+
+def load_checkpoint(path: str):
+    """-> (model, tokenizer, state, info)."""
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != "llm-checkpoint-v1":
+        raise ValueError(f"{path}: a safetensors file, but not an llm checkpoint"
+                         f" (metadata format {meta.get('format')!r})")
+    try:
+        config = GPTConfig(**json.loads(meta["config"]))
+        tokenizer = Tokenizer.from_json(meta["tokenizer"], path)
+        lora = json.loads(meta.get("lora", "{}"))
+        info = json.loads(meta.get("info", "{}"))
+        s = json.loads(meta["state"]) if "state" in meta else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    missing = set(param_shapes(config)) - set(params)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks tensors {sorted(missing)[:5]}")
+    model = GPT(config, params)
+    model.lora = lora
+    if lora:
+        model.frozen = {n for n in params if ".lora_" not in n}
+    state = None
+    if s is not None:
+        opt = None
+        if s["opt"] is not None:
+            opt = AdamW(**{**s["opt"], "betas": tuple(s["opt"]["betas"])})
+            for k, v in tensors.items():
+                if k.startswith("optimizer.m."):
+                    opt.m[k[12:]] = v
+                elif k.startswith("optimizer.v."):
+                    opt.v[k[12:]] = v
+        state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
+    return model, tokenizer, state, info

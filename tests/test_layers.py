@@ -1,0 +1,120 @@
+"""Every layer's backward against central finite differences in float64."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llm
+from gradcheck import numerical_grad, rel_error
+
+TOL = 1e-5
+dims = st.integers(1, 7)
+
+
+def check(forward, backward, inputs, seed=0):
+    """forward(*inputs) -> out; backward(dout) -> grads in inputs' order.
+    Loss = sum(out * R) for a fixed random R, so dL/dout = R."""
+    out = forward(*inputs)
+    R = np.random.default_rng(seed).normal(size=np.shape(out))
+    grads = backward(R)
+    for x, g in zip(inputs, grads):
+        num = numerical_grad(lambda: float((forward(*inputs) * R).sum()), x)
+        assert rel_error(g, num) < TOL
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims, dims, dims, st.booleans(), st.integers(0, 99))
+def test_linear(M, K, N, bias, seed):
+    r = np.random.default_rng(seed)
+    x, w, b = r.normal(size=(M, K)), r.normal(size=(K, N)), r.normal(size=N)
+    if bias:
+        check(lambda x, w, b: llm.linear_forward(x, w, b),
+              lambda d: llm.linear_backward(d, x, w), [x, w, b], seed)
+    else:
+        check(lambda x, w: llm.linear_forward(x, w, None),
+              lambda d: llm.linear_backward(d, x, w)[:2], [x, w], seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims, st.integers(2, 9), st.integers(0, 99))
+def test_layernorm(M, C, seed):
+    r = np.random.default_rng(seed)
+    x, w, b = r.normal(size=(2, M, C)), r.normal(size=C), r.normal(size=C)
+    check(lambda x, w, b: llm.layernorm_forward(x, w, b)[0],
+          lambda d: llm.layernorm_backward(d, llm.layernorm_forward(x, w, b)[1]), [x, w, b], seed)
+
+
+def test_layernorm_matches_definition():
+    x = np.random.default_rng(0).normal(size=(3, 10))
+    y, _ = llm.layernorm_forward(x, np.ones(10), np.zeros(10))
+    assert np.allclose(y.mean(-1), 0) and np.allclose(y.var(-1), 1, atol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims, dims, st.integers(0, 99))
+def test_gelu(M, N, seed):
+    x = np.random.default_rng(seed).normal(scale=3, size=(M, N))
+    check(lambda x: llm.gelu_forward(x)[0],
+          lambda d: [llm.gelu_backward(d, llm.gelu_forward(x)[1])], [x], seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 5),
+       st.sampled_from([0.0, 0.3]), st.integers(0, 99))
+def test_attention(B, H, T, D, p, seed):
+    r = np.random.default_rng(seed)
+    q, k, v = (r.normal(size=(B, H, T, D)) for _ in range(3))
+
+    def fwd(q, k, v):     # the same dropout mask on every call
+        return llm.attention_forward(q, k, v, p, np.random.default_rng(seed))
+
+    check(lambda q, k, v: fwd(q, k, v)[0],
+          lambda d: llm.attention_backward(d, fwd(q, k, v)[1]), [q, k, v], seed)
+
+
+def test_attention_is_causal():
+    r = np.random.default_rng(0)
+    q, k, v = (r.normal(size=(1, 2, 6, 4)) for _ in range(3))
+    y, _ = llm.attention_forward(q, k, v)
+    k2, v2 = k.copy(), v.copy()
+    k2[..., 4:, :] += 10
+    v2[..., 4:, :] -= 10
+    y2, _ = llm.attention_forward(q, k2, v2)
+    assert np.allclose(y[..., :4, :], y2[..., :4, :]) and not np.allclose(y, y2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(2, 7), st.integers(0, 99))
+def test_cross_entropy_with_mask(B, T, V, seed):
+    r = np.random.default_rng(seed)
+    logits, targets = r.normal(size=(B, T, V)), r.integers(0, V, (B, T))
+    mask = r.integers(0, 2, (B, T))
+    mask[0, 0] = 1
+    num = numerical_grad(lambda: float(llm.cross_entropy_forward(logits, targets, mask)[0]), logits)
+    g = llm.cross_entropy_backward(llm.cross_entropy_forward(logits, targets, mask)[1])
+    assert rel_error(g, num) < TOL
+
+
+def test_cross_entropy_all_masked_is_zero_not_nan():
+    logits = np.random.default_rng(0).normal(size=(2, 3, 5))
+    loss, cache = llm.cross_entropy_forward(logits, np.zeros((2, 3), int), np.zeros((2, 3)))
+    assert loss == 0 and not np.isnan(loss)
+    assert not llm.cross_entropy_backward(cache).any()
+
+
+def test_cross_entropy_of_uniform_is_log_v():
+    loss, _ = llm.cross_entropy_forward(np.zeros((1, 4, 7)), np.arange(4)[None])
+    assert np.isclose(loss, np.log(7))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.0, 0.9), st.integers(0, 99))
+def test_dropout(p, seed):
+    x = np.random.default_rng(seed).normal(size=(50, 40))
+    y, mask = llm.dropout_forward(x, p, np.random.default_rng(seed))
+    if p == 0:
+        assert mask is None and y is x
+        return
+    kept = mask != 0
+    assert np.allclose(y[kept], x[kept] / (1 - p)) and not y[~kept].any()
+    check(lambda x: llm.dropout_forward(x, p, np.random.default_rng(seed))[0],
+          lambda d: [llm.dropout_backward(d, mask)], [x], seed)

@@ -1,0 +1,211 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llm
+from gradcheck import numerical_grad, rel_error
+
+
+def tiny(dtype="float64", dropout=0.0, seed=0, **kw):
+    cfg = llm.GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=11),
+                           **kw}, dtype=dtype, dropout=dropout)
+    m = llm.GPT(cfg, seed=seed)
+    # Bigger weights than GPT-2's init, so every gradient is far above
+    # finite-difference noise.
+    r = np.random.default_rng(seed + 1)
+    for k, v in m.params.items():
+        m.params[k] = v + r.normal(0, 0.3, v.shape)
+    return m
+
+
+def test_parameter_names_and_shapes_are_gpt2s():
+    m = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=11))
+    names = set(m.params)
+    for n in ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "h.1.ln_1.weight",
+              "h.1.attn.c_attn.weight", "h.1.attn.c_attn.bias", "h.1.attn.c_proj.weight",
+              "h.1.ln_2.bias", "h.1.mlp.c_fc.weight", "h.1.mlp.c_proj.bias"]:
+        assert n in names
+    assert m.params["h.0.attn.c_attn.weight"].shape == (8, 24)      # (in, out)
+    assert m.params["h.0.mlp.c_fc.weight"].shape == (8, 32)         # 4x wide
+    assert len(names) == 4 + 12 * 2 and "lm_head.weight" not in names  # head tied to wte
+    assert all(v.dtype == np.float32 for v in m.params.values())
+
+
+def test_gpt2_initialisation():
+    cfg = llm.GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=500)
+    p = llm.GPT(cfg).params
+    assert abs(p["wte.weight"].std() - 0.02) < 0.001
+    assert abs(p["h.0.attn.c_proj.weight"].std() - 0.02 / np.sqrt(8)) < 0.001
+    assert not p["h.0.attn.c_attn.bias"].any() and (p["h.0.ln_1.weight"] == 1).all()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_whole_model_gradient(dropout):
+    m = tiny(dropout=dropout)
+    r = np.random.default_rng(0)
+    idx, tgt = r.integers(0, 11, (2, 6)), r.integers(0, 11, (2, 6))
+    mask = r.integers(0, 2, (2, 6))
+
+    def loss():
+        m.rng = np.random.default_rng(5) if dropout else None     # same masks every call
+        return m.forward(idx, tgt, mask)[1]
+
+    loss()
+    grads = m.backward()
+    assert set(grads) == set(m.params)
+    for name, p in m.params.items():
+        num = numerical_grad(loss, p, max_coords=40)
+        assert rel_error(grads[name], num) < 1e-5, name
+
+
+def test_loss_at_init_is_about_log_vocab():
+    m = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=100))
+    r = np.random.default_rng(0)
+    _, loss = m.forward(r.integers(0, 100, (4, 8)), r.integers(0, 100, (4, 8)))
+    assert abs(loss - np.log(100)) < 0.1
+
+
+def test_fully_masked_batch_gives_no_nan_and_no_update():
+    m = tiny()
+    idx = np.zeros((1, 6), int)
+    _, loss = m.forward(idx, idx, np.zeros((1, 6)))
+    g = m.backward()
+    assert loss == 0 and all(not np.isnan(v).any() and not v.any() for v in g.values())
+    before = {k: v.copy() for k, v in m.params.items()}
+    llm.AdamW(weight_decay=0.0).step(m.params, g)
+    assert all(np.array_equal(before[k], m.params[k]) for k in before)
+
+
+def test_future_tokens_never_change_earlier_logits():
+    m = tiny()
+    a = np.array([[1, 2, 3, 4, 5, 6]])
+    b = a.copy()
+    b[0, 4:] = [9, 10]
+    la, lb = m.forward(a)[0], m.forward(b)[0]
+    assert np.allclose(la[0, :4], lb[0, :4]) and not np.allclose(la, lb)
+
+
+@pytest.mark.parametrize("bad,err", [
+    (np.array([[0, 11]]), ValueError), (np.array([[-1, 0]]), ValueError),
+    (np.zeros((1, 7), int), ValueError), (np.zeros((1, 3)), TypeError),
+    (np.zeros((1, 2, 3), int), ValueError)])
+def test_bad_ids_are_clear_errors(bad, err):
+    with pytest.raises(err, match="idx"):
+        tiny().forward(bad)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_embd"):
+        llm.GPTConfig(n_head=3, n_embd=128)
+    with pytest.raises(ValueError, match="dtype"):
+        llm.GPTConfig(dtype="float16")
+
+
+# ---- optimizer -----------------------------------------------------------
+
+def test_adamw_one_step_matches_the_formula():
+    p = {"w": np.array([[1.0, -2.0]]), "b": np.array([0.5])}
+    g = {"w": np.array([[0.1, 0.2]]), "b": np.array([-0.3])}
+    opt = llm.AdamW(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.5)
+    opt.step(p, g)
+    # first step: m_hat = g, v_hat = g^2, so the step is lr * sign(g)
+    assert np.allclose(p["w"], np.array([[1.0, -2.0]]) * (1 - 0.05) - 0.1 * np.sign([[0.1, 0.2]]))
+    assert np.allclose(p["b"], 0.5 + 0.1)                # biases are not decayed
+
+
+def test_clip_grad_norm():
+    g = {"a": np.array([3.0]), "b": np.array([[4.0]])}
+    assert llm.clip_grad_norm(g, 1.0) == 5.0
+    assert np.isclose(np.sqrt(g["a"] ** 2 + g["b"] ** 2), 1.0, atol=1e-5).all()
+
+
+def test_lr_schedule():
+    s = [llm.lr_schedule(i, 1e-3, 1e-4, 10, 100) for i in range(120)]
+    assert s[0] == 1e-4 and np.isclose(s[9], 1e-3) and max(s) <= 1e-3
+    assert np.isclose(s[99], 1e-4, rtol=1e-2) and s[110] == 1e-4
+    assert all(a >= b for a, b in zip(s[10:100], s[11:100]))
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    m = tiny()
+    r = np.random.default_rng(0)
+    idx, tgt = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6))
+    m.forward(idx, tgt)
+    big = m.backward()
+    m.forward(idx[:2], tgt[:2])
+    g1 = m.backward()
+    m.forward(idx[2:], tgt[2:])
+    g2 = m.backward()
+    for k in big:
+        assert np.allclose(big[k], (g1[k] + g2[k]) / 2)
+
+
+# ---- sampling ------------------------------------------------------------
+
+def test_kv_cache_equals_full_forward_at_every_position():
+    m = tiny(dtype="float32")
+    ids = np.array([[3, 1, 4, 1, 5, 9]])
+    full = m.forward(ids)[0]
+    kv = []
+    pre = llm.forward_cached(m, ids[:, :3], kv)
+    steps = [llm.forward_cached(m, ids[:, t:t + 1], kv) for t in range(3, 6)]
+    cached = np.concatenate([pre] + steps, 1)
+    assert np.allclose(cached, full, atol=1e-5)
+
+
+def test_greedy_is_argmax_and_seeds_repeat():
+    m = tiny(dtype="float32")
+    out = list(llm.generate(m, [1, 2], max_new_tokens=4, temperature=0))
+    ids = [1, 2]
+    for t in out:
+        assert t == int(np.argmax(m.forward(np.array([ids]))[0][0, -1]))
+        ids.append(t)
+    a = list(llm.generate(m, [1, 2], 10, temperature=1.0, seed=7))
+    b = list(llm.generate(m, [1, 2], 10, temperature=1.0, seed=7))
+    assert a == b and len(a) == 10
+    assert list(llm.generate(m, [1, 2], 5, top_k=1, seed=3)) == out + [
+        next(iter(llm.generate(m, [1, 2] + out, 1, temperature=0)))]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.1, 3.0), st.integers(1, 11), st.floats(0.01, 1.0), st.integers(0, 99))
+def test_sampling_distribution_properties(temp, k, p, seed):
+    logits = np.random.default_rng(seed).normal(size=11) * 3
+    probs = llm.next_token_probs(logits, temp, k, p)
+    assert np.isclose(probs.sum(), 1) and (probs >= 0).all()
+    assert np.count_nonzero(probs) <= k
+    assert probs[np.argmax(logits)] > 0                       # the likeliest always survives
+    kept = np.sort(probs[probs > 0])[::-1]
+    full = llm.next_token_probs(logits, temp, k)
+    # the nucleus is the smallest prefix (by probability) reaching mass p
+    assert full[np.argsort(-full)][:len(kept) - 1].sum() < p + 1e-9
+
+
+def test_stop_tokens_max_tokens_and_streaming():
+    m = tiny(dtype="float32")
+    greedy = list(llm.generate(m, [1], 6, temperature=0))
+    stop = greedy[2]
+    out = list(llm.generate(m, [1], 6, temperature=0, stop={stop}))
+    assert out == greedy[:greedy.index(stop)]
+    gen = llm.generate(m, [1], 3, temperature=0)
+    assert next(gen) == greedy[0]                              # a stream, token by token
+    assert list(llm.generate(m, [1], 0)) == []
+
+
+def test_prompt_longer_than_the_context_is_cropped():
+    m = tiny(dtype="float32")
+    long = list(range(1, 11)) * 2                               # 20 tokens, context 6
+    out = list(llm.generate(m, long, 8, temperature=0))
+    assert out == list(llm.generate(m, long[-6:], 8, temperature=0)) and len(out) == 8
+
+
+def test_bad_sampling_arguments():
+    m = tiny(dtype="float32")
+    for kw, name in [({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                     ({"temperature": -1}, "temperature")]:
+        with pytest.raises(ValueError, match=name):
+            list(llm.generate(m, [1], 2, **kw))
+    with pytest.raises(ValueError, match="prompt"):
+        list(llm.generate(m, [], 2))
+    with pytest.raises(ValueError, match="prompt"):
+        list(llm.generate(m, [99], 2))

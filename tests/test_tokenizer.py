@@ -1,0 +1,125 @@
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llm
+from conftest import shared_file
+
+SAMPLE = ("The capital of France is Paris. Paris is lovely in spring; isn't it? "
+          "Numbers 1234 and 56, tabs\tand  double  spaces.\n\nÜmlaut café naïve — 日本語 テキスト 😀 "
+          "they're we'll I'd you've she's ") * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return llm.Tokenizer.train(SAMPLE, 350)
+
+
+def test_training_learns_the_requested_vocabulary(tok):
+    assert tok.vocab_size == 350
+    assert len(tok.ranks) == 350 - len(llm.SPECIAL_TOKENS)
+    # frequent words become single tokens
+    assert len(tok.encode(" Paris")) == 1
+    assert len(tok.encode("The capital")) < len("The capital".encode())
+
+
+def test_training_is_deterministic(tok):
+    again = llm.Tokenizer.train(SAMPLE, 350)
+    assert again.ranks == tok.ranks and again.special == tok.special
+
+
+def test_merges_never_cross_chunk_boundaries(tok):
+    for b in tok.ranks:
+        s = b.decode("utf-8", errors="ignore")
+        # a token is never a word glued to the space of the next word
+        assert not (len(s) > 1 and s.endswith(" ") and s.strip()), repr(s)
+
+
+def test_too_small_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="vocab_size"):
+        llm.Tokenizer.train("abc", 100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_roundtrip_any_string(tok, s):
+    assert tok.decode(tok.encode(s)) == s
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=20))
+def test_byte_tokenizer_roundtrip(s):
+    t = llm.byte_tokenizer()
+    ids = t.encode(s)
+    assert ids == list(s.encode("utf-8")) and t.decode(ids) == s
+
+
+def test_lone_surrogate_is_a_clear_error(tok):
+    with pytest.raises(ValueError, match="surrogate"):
+        tok.encode("ok \ud800 not ok")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 349), max_size=50))
+def test_decode_accepts_any_in_range_ids(tok, ids):
+    s = tok.decode(ids)
+    assert isinstance(s, str)
+
+
+def test_invalid_utf8_becomes_replacement_char(tok):
+    # 0xE6 alone is the first byte of a 3-byte character
+    assert tok.decode([0xE6, ord("a")]) == "\ufffda"
+
+
+@given(st.integers(350, 10**6) | st.integers(-10**6, -1))
+def test_out_of_range_ids_are_a_clear_error(tok, bad):
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([1, bad])
+
+
+def test_special_tokens_only_when_allowed(tok):
+    text = f"hi{llm.ENDOFTEXT}there"
+    plain = tok.encode(text)
+    assert tok.special[llm.ENDOFTEXT] not in plain
+    assert tok.decode(plain) == text
+    allowed = tok.encode(text, allow_special=True)
+    assert tok.special[llm.ENDOFTEXT] in allowed
+    assert tok.decode(allowed) == text
+    assert all(i not in tok.special.values() for i in tok.encode(SAMPLE))
+
+
+def test_save_and_load(tok, tmp_path):
+    p = tmp_path / "tok.json"
+    tok.save(str(p))
+    again = llm.Tokenizer.load(str(p))
+    assert again.ranks == tok.ranks and again.special == tok.special
+    assert again.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert p.read_text().startswith("{")         # human-readable JSON
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="bad.json"):
+        llm.Tokenizer.load(str(bad))
+
+
+def test_malformed_tiktoken_line_names_file_and_line(tmp_path):
+    p = tmp_path / "x.tiktoken"
+    p.write_text("IQ== 0\nnot-base64 oops extra\n")
+    with pytest.raises(ValueError, match=r"x.tiktoken:2"):
+        llm.Tokenizer.from_tiktoken(str(p))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return llm.Tokenizer.from_tiktoken(shared_file("gpt2.tiktoken"))
+
+
+def test_gpt2_exact_ids(gpt2):
+    assert gpt2.encode("Hello world, this is GPT-2!") == [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 0]
+    assert gpt2.special[llm.ENDOFTEXT] == 50256
+    assert gpt2.encode(llm.ENDOFTEXT, allow_special=True) == [50256]
+
+
+def test_gpt2_tinyshakespeare_token_count(gpt2):
+    with open(shared_file("tinyshakespeare.txt"), encoding="utf-8") as f:
+        text = f.read()
+    ids = gpt2.encode(text)
+    assert len(ids) == 338_025
+    assert gpt2.decode(ids) == text
