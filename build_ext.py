@@ -11,6 +11,7 @@ time, so the .so runs on any x86-64 (and builds on ARM).
 import os
 import sys
 import shutil
+import sysconfig
 import tempfile
 import warnings
 
@@ -51,7 +52,7 @@ def _compile(openmp, verbose):
     ffi.cdef(CDEF)
     with open(os.path.join(ROOT, "fastops.c")) as f:
         src = f.read()
-    flags = ["-O3", "-std=c99"] + (["-fopenmp"] if openmp else [])
+    flags = ["-O3", "-std=c99"] + os.environ.get("FO_EXTRA_CFLAGS", "").split() + (["-fopenmp"] if openmp else [])
     if sys.platform == "darwin" and openmp:  # Apple clang needs libomp's driver flags
         flags = ["-O3", "-std=c99", "-Xpreprocessor", "-fopenmp"]
     ffi.set_source("_fastops", src, extra_compile_args=flags,
@@ -90,8 +91,12 @@ def build(verbose=False):
         if verbose:
             print(f"fastops: built {path}")
         return True
-    print(f"fastops: build failed; {HINT_CC}. Run `python build_ext.py -v` for the "
-          "compiler output.", file=sys.stderr)
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(cc.split()[0]) is None:
+        print(f"fastops: build failed: {HINT_CC}", file=sys.stderr)
+    else:
+        print("fastops: build failed: the compiler reported errors (shown above when run "
+              "as `python build_ext.py`)", file=sys.stderr)
     return False
 
 

@@ -71,6 +71,15 @@ int fo_has_openmp(void) { return 0; }
 #endif
 int fo_max_threads(void) { return fo_nthreads(); }
 
+/* Helpers marked FO_INLINE are inlined into per-ISA copies of the attention
+ * code (see "per-ISA attention" below), so their plain C loops get compiled
+ * for AVX-512 / AVX2 there and for the baseline ISA elsewhere. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FO_INLINE static inline __attribute__((always_inline))
+#else
+#define FO_INLINE static inline
+#endif
+
 static int imin(int a, int b) { return a < b ? a : b; }
 static int imax(int a, int b) { return a > b ? a : b; }
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -254,7 +263,7 @@ int fo_set_isa(const char *name) {
 /* ------------------------------------------------------------------------ */
 
 /* A micro-panel: rows [0, mr) x k [0, kc) of A  ->  dst[p*MR + r], zero padded */
-static void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                    int mr, int kc, int MR) {
     if (rsa == 1) { /* A^T case: each k step reads mr contiguous floats */
         for (int p = 0; p < kc; p++) {
@@ -278,7 +287,7 @@ static void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
 }
 
 /* B micro-panel: k [0, kc) x columns [0, nr) of B  ->  dst[p*NR + j], zero padded */
-static void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
                    int nr, int kc, int NR) {
     if (csb == 1) { /* row-major B: copy nr contiguous floats per k step */
         for (int p = 0; p < kc; p++) {
@@ -444,7 +453,7 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
  * exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2/2, e^r by a
  * degree-6 Taylor/minimax polynomial (rel. error ~2e-7). Inputs are
  * clamped to [-87, 88]; callers zero masked entries themselves. */
-static void exp_inplace(float *x, int n) {
+FO_INLINE void exp_inplace(float *x, int n) {
     for (int i = 0; i < n; i++) {
         float v = x[i];
         v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
@@ -466,9 +475,33 @@ static void exp_inplace(float *x, int n) {
     }
 }
 
+/* max and sum of a row with 16 partial results, so that they vectorise
+ * without -ffast-math (which would let the compiler reorder the sum). */
+FO_INLINE float row_max(const float *x, int n, float init) {
+    float m[16];
+    for (int i = 0; i < 16; i++) m[i] = init;
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int i = 0; i < 16; i++) m[i] = x[c + i] > m[i] ? x[c + i] : m[i];
+    for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
+    float r = m[0];
+    for (int i = 1; i < 16; i++) r = m[i] > r ? m[i] : r;
+    return r;
+}
+FO_INLINE float row_sum(const float *x, int n) {
+    float s[16] = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int i = 0; i < 16; i++) s[i] += x[c + i];
+    for (; c < n; c++) s[0] += x[c];
+    float r = 0.0f;
+    for (int i = 0; i < 16; i++) r += s[i];
+    return r;
+}
+
 /* Single-threaded small GEMM on per-thread scratch (packs, then micro-kernel).
  * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked. */
-static void small_gemm(const kern_t *kn, int M, int N, int K,
+FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
                        const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                        const float *B, ptrdiff_t rsb, ptrdiff_t csb,
                        float *C, ptrdiff_t ldc, int load_c, float *apack, float *bpack) {
@@ -499,7 +532,7 @@ static size_t pack_floats(int D) {
 /* Forward for the query rows [i0, i0+nq) of one head.
  * Online softmax: per row keep the running max m, the running sum l of
  * exp(s - m) and the unnormalised output acc; rescale when m grows. */
-static void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
+FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
                            const float *V, float *Y, float *LSE, int T, int D,
                            int i0, float scale, float *S, float *acc, float *mrow,
                            float *lrow, float *apack, float *bpack) {
@@ -519,15 +552,11 @@ static void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
                 memset(s, 0, sizeof(float) * nk);
                 continue;
             }
-            float mx = mrow[r];
-            for (int c = 0; c < valid; c++) {
-                s[c] *= scale;
-                mx = s[c] > mx ? s[c] : mx;
-            }
+            for (int c = 0; c < valid; c++) s[c] *= scale;
+            float mx = row_max(s, valid, mrow[r]);
             for (int c = 0; c < valid; c++) s[c] -= mx;
             exp_inplace(s, valid);
-            float sum = 0.0f;
-            for (int c = 0; c < valid; c++) sum += s[c];
+            float sum = row_sum(s, valid);
             for (int c = valid; c < nk; c++) s[c] = 0.0f;
             float alpha = expf(mrow[r] - mx); /* 0 on the first tile (m = -inf) */
             lrow[r] = lrow[r] * alpha + sum;
@@ -547,35 +576,6 @@ static void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
     }
 }
 
-void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D) {
-    const kern_t *kn = kern();
-    int BH = B * H, nqb = ceil_div(T, BQ);
-    float scale = 1.0f / sqrtf((float)D);
-    long ntasks = (long)BH * nqb;
-#ifdef _OPENMP
-#pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
-#endif
-    {
-        float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
-        float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
-        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
-        /* Tasks = (head, query block), the costliest (last) blocks first so
-         * the dynamic schedule ends balanced. */
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (long t = 0; t < ntasks; t++) {
-            int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
-            size_t off = (size_t)bh * T * D;
-            attn_fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
-                           D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
-        }
-        fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
-        fo_free(apack); fo_free(bpack);
-    }
-}
-
 /* Backward for the key rows [j0, j0+nk) of one head: accumulates dK_j, dV_j
  * over every query block that can see them, and adds dS.K_j into dQ.
  *   P  = exp(S*scale - lse)           (recomputed, never stored)
@@ -583,7 +583,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
  *   dP = dY_i . V_j^T
  *   dS = P * (dP - Di) * scale        with Di = rowsum(dY_i * Y_i)
  *   dK_j += dS^T . Q_i,   dQ_i += dS . K_j                              */
-static void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
+FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
                            const float *V, const float *dY, const float *LSE,
                            const float *Di, float *dQ, float *dK, float *dV, int T,
                            int D, int j0, float scale, float *P, float *dP,
@@ -620,10 +620,76 @@ static void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
     }
 }
 
+/* ---- per-ISA attention: the block functions above, inlined into copies
+ * compiled for AVX-512 and AVX2 so that their element-wise loops (exp,
+ * scaling, max, sum, packing) use the wide vectors too. */
+#define FWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
+    float *Y, float *LSE, int T, int D, int i0, float scale, float *S, float *acc, \
+    float *mrow, float *lrow, float *apack, float *bpack
+#define FWD_CALL kn, Q, K, V, Y, LSE, T, D, i0, scale, S, acc, mrow, lrow, apack, bpack
+#define BWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
+    const float *dY, const float *LSE, const float *Di, float *dQ, float *dK, float *dV, \
+    int T, int D, int j0, float scale, float *P, float *dP, float *apack, float *bpack
+#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, j0, scale, P, dP, apack, bpack
+typedef void (*attn_fwd_fn)(FWD_ARGS);
+typedef void (*attn_bwd_fn)(BWD_ARGS);
+#define DEFINE_ATTN(SUFFIX, TARGET) \
+    TARGET static void attn_fwd##SUFFIX(FWD_ARGS) { attn_fwd_block(FWD_CALL); } \
+    TARGET static void attn_bwd##SUFFIX(BWD_ARGS) { attn_bwd_block(BWD_CALL); }
+DEFINE_ATTN(_generic, )
+#if FO_X86
+DEFINE_ATTN(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_ATTN(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd) {
+    *fwd = attn_fwd_generic;
+    *bwd = attn_bwd_generic;
+#if FO_X86
+    if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; }
+    if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; }
+#endif
+}
+
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D) {
+    const kern_t *kn = kern();
+    attn_fwd_fn fwd_block;
+    attn_bwd_fn bwd_block;
+    attn_pick(kn, &fwd_block, &bwd_block);
+    int BH = B * H, nqb = ceil_div(T, BQ);
+    float scale = 1.0f / sqrtf((float)D);
+    long ntasks = (long)BH * nqb;
+#ifdef _OPENMP
+#pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
+#endif
+    {
+        float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
+        float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
+        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        /* Tasks = (head, query block), the costliest (last) blocks first so
+         * the dynamic schedule ends balanced. */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (long t = 0; t < ntasks; t++) {
+            int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
+            size_t off = (size_t)bh * T * D;
+            fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
+                           D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
+        }
+        fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
+        fo_free(apack); fo_free(bpack);
+    }
+}
+
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
                            float *dq, float *dk, float *dv, int B, int H, int T, int D) {
     const kern_t *kn = kern();
+    attn_fwd_fn fwd_block;
+    attn_bwd_fn bwd_block;
+    attn_pick(kn, &fwd_block, &bwd_block);
     int BH = B * H, nkb = ceil_div(T, BK);
     float scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)BH * T * D;
@@ -674,7 +740,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             int jb_last = split ? jb_first : nkb - 1;
             size_t off = (size_t)bh * T * D;
             for (int jb = jb_first; jb <= jb_last; jb++)
-                attn_bwd_block(kn, q + off, k + off, v + off, dy + off, lse + (size_t)bh * T,
+                bwd_block(kn, q + off, k + off, v + off, dy + off, lse + (size_t)bh * T,
                                Di + (size_t)bh * T, dqt + off, dk + off, dv + off, T, D,
                                jb * BK, scale, P, dP, apack, bpack);
         }
