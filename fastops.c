@@ -357,7 +357,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                 int kc = imin(KC, K - pc);
                 int first = (pc == 0);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
                 for (int jp = 0; jp < npanels; jp++) {
                     int j = jp * NR;
@@ -366,7 +366,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                 }
                 /* (implicit barrier: B block packed) */
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
                 for (int task = 0; task < mpanels * nchunks; task++) {
                     int ip = task / nchunks, ch = task % nchunks;
