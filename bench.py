@@ -80,7 +80,7 @@ def matmul_shapes(name):
 def bench_matmul(quick):
     rng = np.random.default_rng(0)
     lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
-    reps = 5 if quick else 20
+    reps = 3 if quick else 20
     cases = []  # (label, flops, numpy fn, fastops fn)
     for model in MODELS:
         M, layers = matmul_shapes(model)
@@ -136,7 +136,7 @@ def bench_attention(quick):
             return llm.attention_backward(dy, cache)
 
         res = {}
-        reps = (2 if T >= 1024 else 3) if quick else (3 if T >= 1024 else 10)
+        reps = (1 if T >= 1024 else 3) if quick else (3 if T >= 1024 else 10)
         for backend in ("numpy", "fastops"):
             llm.set_backend(backend)
             t = best_of(step, reps)
@@ -172,7 +172,7 @@ def bench_train(quick):
     out = {}
     for name in MODELS:
         model, opt, idx, tgt = make_model(name)
-        steps = {"small": 5 if quick else 20, "large": 2 if quick else 6}[name]
+        steps = {"small": 5 if quick else 20, "large": 1 if quick else 6}[name]
         for backend in ("numpy", "fastops"):
             llm.set_backend(backend)
             train_step(model, opt, idx, tgt)                      # warm-up
@@ -304,7 +304,7 @@ def main():
 
     print("\n## profile of one training step (fastops path), ms and share of the step")
     for name in MODELS:
-        acc, total = profile_step(name, "fastops", 3 if args.quick else 5)
+        acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
         for key in PROFILED + ["adamw_step"]:
