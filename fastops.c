@@ -9,7 +9,8 @@
  * AVX2+FMA versions written with intrinsics; each carries its own
  * __attribute__((target(...))) so the file compiles with plain -O3 and runs on
  * any x86-64 (the kernel is picked at run time from the CPU's features).
- * Other CPUs (ARM, ...) get a portable C micro-kernel the compiler vectorises.
+ * Other CPUs (ARM, ...) get a portable C micro-kernel the compiler vectorises
+ * (-DFO_PORTABLE_ONLY forces that path on x86 too, to test it).
  *
  * Built by build_ext.py (cffi, API mode). The Python wrappers in llm.py check
  * shapes, dtypes and contiguity: nothing here validates pointers.
@@ -27,7 +28,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FO_PORTABLE_ONLY)
 #define FO_X86 1
 #include <immintrin.h>
 #else
