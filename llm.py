@@ -517,12 +517,18 @@ def cross_entropy_forward(logits, targets, mask=None):
 
 
 def cross_entropy_backward(cache):
-    # d(-log softmax(z)_y)/dz = softmax(z) - onehot(y), averaged over counted positions
     logp, targets, w, n = cache
-    dlogits = xp.exp(logp)
+    return logprob_backward(logp, targets, -w / n if n > 0 else w * 0)
+
+
+def logprob_backward(logp, targets, dlogp):
+    """Gradient w.r.t. the logits of sum(dlogp * log softmax(logits)[target]):
+    d log p_y / d z = onehot(y) - softmax(z). Cross-entropy uses it, and so do
+    RLHF's policy gradients, which weight each token's log-probability."""
+    dlogits = -xp.exp(logp) * dlogp[..., None]
     xp.put_along_axis(dlogits, targets[..., None],
-                      xp.take_along_axis(dlogits, targets[..., None], -1) - 1.0, -1)
-    return dlogits * (w / n)[..., None] if n > 0 else xp.zeros_like(dlogits)
+                      xp.take_along_axis(dlogits, targets[..., None], -1) + dlogp[..., None], -1)
+    return dlogits
 
 
 # ---- the whole model ---------------------------------------------------------
@@ -684,9 +690,10 @@ class GPT:
         loss, self._cache["ce"] = cross_entropy_forward(logits, targets, mask)
         return logits, float(loss)
 
-    def backward(self, dlogits=None) -> dict:
+    def backward(self, dlogits=None, dh=None) -> dict:
         """Gradients of the loss from the last forward(), by parameter name.
-        `dlogits` replaces the cross-entropy gradient (RLHF uses its own)."""
+        `dlogits` replaces the cross-entropy gradient (RLHF uses its own);
+        `dh` adds a gradient on the hidden states (from a value head)."""
         c = self._cache
         if c is None or (dlogits is None and c.get("ce") is None):
             raise RuntimeError("backward: call forward() with targets first")
@@ -695,9 +702,10 @@ class GPT:
         h = c["h"]
         B, T, C = h.shape
         wte = self.params["wte.weight"]
-        dh, dwte_t, _ = linear_backward(dlogits.reshape(B * T, -1), h.reshape(B * T, C), wte.T)
+        dhead, dwte_t, _ = linear_backward(dlogits.reshape(B * T, -1), h.reshape(B * T, C), wte.T)
         grads = {"wte.weight": dwte_t.T.copy()}     # the head's share of wte's gradient
-        return self.backward_hidden(dh.reshape(B, T, C), grads)
+        dhead = dhead.reshape(B, T, C)
+        return self.backward_hidden(dhead if dh is None else dhead + dh, grads)
 
     def num_params(self) -> int:
         return sum(v.size for v in self.params.values())
@@ -934,12 +942,19 @@ class TrainState:
     history: list = field(default_factory=list)    # (step, train loss, val loss)
 
 
-def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn,
+def lm_loss(model: GPT, batch):
+    """The language-modelling loss and its gradients; batch = (x, y[, mask])."""
+    _, loss = model.forward(*batch)
+    return loss, model.backward()
+
+
+def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_fn=lm_loss,
                 on_eval=None, stop_at=None, log=None):
-    """The training loop shared by every stage: batch -> forward -> backward
+    """The training loop shared by every stage: batch -> loss and gradients
     -> clip -> AdamW step, with the learning-rate schedule, gradient
     accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
-    gives the arguments of model.forward. Stops at max_iters (or stop_at)."""
+    makes a batch, loss_fn(model, batch) -> (loss, grads). Stops at
+    max_iters (or stop_at)."""
     rng = numpy.random.default_rng(tc.seed)
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
@@ -953,11 +968,10 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn,
         lr = lr_schedule(state.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
         grads, loss = None, 0.0
         for _ in range(tc.grad_accum):
-            args = batch_fn(rng)
-            _, l = model.forward(*args)
-            g = model.backward()
+            batch = batch_fn(rng)
+            l, g = loss_fn(model, batch)
             loss += l / tc.grad_accum
-            tokens += args[0].size
+            tokens += batch[0].size
             if grads is None:
                 grads = g
             else:
@@ -1066,6 +1080,358 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
 
 
 # =============================================================================
+# 6. Instruction tuning: from text continuer to assistant
+# =============================================================================
+# A pretrained model continues text; it does not answer. Instruction tuning
+# (supervised fine-tuning, SFT) trains it on conversations written in a chat
+# template: <|user|> question <|assistant|> answer <|end|>. The loss counts
+# the answer's tokens only: the model learns to answer, not to ask. At
+# inference the prompt ends with <|assistant|> and generation stops at <|end|>.
+
+def read_jsonl(path: str, fields) -> list:
+    """One JSON object per line, each with the given string fields. A
+    malformed line is a ValueError naming the file and the line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+            for k in fields:
+                if not isinstance(r.get(k), str):
+                    raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+            records.append(r)
+    return records
+
+
+def chat_prompt(tok: Tokenizer, prompt: str) -> list:
+    """<|user|> prompt <|assistant|>: what the model sees before answering."""
+    s = tok.special
+    return [s[USER]] + tok.encode(prompt) + [s[ASSISTANT]]
+
+
+def chat_example(tok: Tokenizer, prompt: str, answer: str, ended: bool = True):
+    """-> (ids, n): the conversation's ids; ids[n:] is the answer (with <|end|>)."""
+    head = chat_prompt(tok, prompt)
+    return head + tok.encode(answer) + ([tok.special[END]] if ended else []), len(head)
+
+
+def pad_batch(examples, pad: int, block_size: int):
+    """Examples (ids, n) -> x, y (B, T) and a mask (B, T) that is 1 where y
+    is an answer token. Short rows are padded (masked out); long ones lose
+    their oldest tokens, so the answer always fits."""
+    rows = []
+    for ids, n in examples:
+        cut = max(0, len(ids) - (block_size + 1))
+        rows.append((ids[cut:], max(n - cut, 1)))
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = numpy.full((len(rows), T), pad, numpy.int64)
+    y = numpy.full((len(rows), T), pad, numpy.int64)
+    mask = numpy.zeros((len(rows), T), numpy.float32)
+    for i, (ids, n) in enumerate(rows):
+        x[i, :len(ids) - 1], y[i, :len(ids) - 1] = ids[:-1], ids[1:]
+        mask[i, n - 1:len(ids) - 1] = 1.0        # y[t] = ids[t+1] is an answer token
+    return xp.asarray(x), xp.asarray(y), xp.asarray(mask)
+
+
+def answer(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 40, **sampling):
+    """The model's answer to one prompt -> (text, ended): ended is True when
+    it closed its turn with <|end|> (greedy unless sampling says otherwise)."""
+    sampling.setdefault("temperature", 0.0)
+    end = tok.special[END]
+    ids = list(generate(model, chat_prompt(tok, prompt), max_new_tokens,
+                        stop={end, tok.special[USER], tok.special[ENDOFTEXT]}, **sampling))
+    # generate() stops before a stop token: the turn ended unless tokens ran out
+    return tok.decode(ids), len(ids) < max_new_tokens
+
+
+def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int):
+    """batch_fn for train_steps: random conversations with the answer masked in."""
+    examples = [chat_example(tok, r["prompt"], r["response"]) for r in records]
+    pad = tok.special[END]
+
+    def batch_fn(rng):
+        pick = rng.integers(0, len(examples), batch_size)
+        return pad_batch([examples[i] for i in pick], pad, block_size)
+    return batch_fn
+
+
+# =============================================================================
+# 7. RLHF: learning from preferences
+# =============================================================================
+# People can say which of two answers is better more easily than they can
+# write the best answer. RLHF turns such preferences into training signal:
+#   1. a reward model learns to score answers so that preferred ones win;
+#   2. PPO lets the instruction-tuned model (the policy) answer, scores the
+#      answers with the reward model, and nudges the policy toward higher
+#      scores, with a KL penalty that keeps it close to where it started
+#      (the frozen reference) so it cannot game the reward model.
+# DPO reaches the same goal without a reward model or sampling: it raises the
+# probability of the preferred answer relative to the rejected one directly.
+
+def preference_example(tok: Tokenizer, r: dict, which: str):
+    """A preference pair's answer as a conversation. The "unended" flaw is an
+    answer that never closes its turn: it gets no <|end|>."""
+    ended = which == "chosen" or r.get("flaw") != "unended"
+    return chat_example(tok, r["prompt"], r[which], ended)
+
+
+# ---- the reward model: the transformer with a scalar head -------------------
+# The score is read from the hidden state of the last token: by then the
+# model has seen the whole conversation. The head lives in the same params
+# dict as `score.weight` (C,) and `score.bias` ().
+
+def add_head(model: GPT, name: str, rng=None):
+    C, dtype = model.config.n_embd, model.config.dtype
+    std = 0.0 if rng is None else 1.0 / math.sqrt(C)
+    w = rng.normal(0.0, std, C) if rng is not None else numpy.zeros(C)
+    model.params[name + ".weight"] = xp.asarray(w).astype(dtype)
+    model.params[name + ".bias"] = xp.zeros((), dtype)
+
+
+def head_forward(model: GPT, name: str, h, pos):
+    """h (B, T, C), pos (B, k) positions -> head values (B, k)."""
+    rows = xp.arange(h.shape[0])[:, None]
+    return h[rows, pos] @ model.params[name + ".weight"] + model.params[name + ".bias"]
+
+
+def head_backward(model: GPT, name: str, h, pos, dout, grads):
+    """-> dh (B, T, C); the head's own gradients go into grads."""
+    rows = xp.arange(h.shape[0])[:, None]
+    hp = h[rows, pos]                                                 # (B, k, C)
+    grads[name + ".weight"] = (dout[..., None] * hp).reshape(-1, hp.shape[-1]).sum(0)
+    grads[name + ".bias"] = dout.sum()
+    dh = xp.zeros_like(h)
+    xp.add.at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
+    return dh
+
+
+def pair_batch(tok: Tokenizer, pairs, block_size: int):
+    """Pairs -> one batch: chosen rows first, then rejected rows, plus the
+    position of each row's last token."""
+    ex = ([preference_example(tok, r, "chosen") for r in pairs]
+          + [preference_example(tok, r, "rejected") for r in pairs])
+    x, y, mask = pad_batch(ex, tok.special[END], block_size)
+    last = xp.asarray([min(len(ids), block_size + 1) - 2 for ids, _ in ex])
+    return x, y, mask, last
+
+
+def reward_scores(model: GPT, x, last):
+    """The reward of each row: the score head at its last token."""
+    h = model.hidden(x)
+    return head_forward(model, "score", h, last[:, None])[:, 0], h
+
+
+def reward_loss(model: GPT, batch):
+    """Bradley-Terry: P(chosen beats rejected) = sigmoid(r_c - r_r); the loss
+    is -log of it, averaged over the pairs."""
+    x, _, _, last = batch
+    r, h = reward_scores(model, x, last)
+    n = len(r) // 2
+    margin = r[:n] - r[n:]
+    loss = float(xp.logaddexp(0.0, -margin).mean())                # -log sigmoid(margin)
+    dmargin = -1.0 / (1.0 + xp.exp(margin)) / n                      # d loss / d margin
+    dr = xp.concatenate([dmargin, -dmargin])
+    grads = {}
+    dh = head_backward(model, "score", h, last[:, None], dr[:, None], grads)
+    return loss, model.backward_hidden(dh, grads)
+
+
+def reward_accuracy(model: GPT, tok: Tokenizer, pairs, batch_size=32) -> float:
+    """The share of pairs whose chosen answer scores above the rejected."""
+    wins = 0
+    for i in range(0, len(pairs), batch_size):
+        x, _, _, last = pair_batch(tok, pairs[i:i + batch_size], model.config.block_size)
+        r, _ = reward_scores(model, x, last)
+        n = len(r) // 2
+        wins += int((r[:n] > r[n:]).sum())
+    return wins / max(len(pairs), 1)
+
+
+def score_answers(rm: GPT, tok: Tokenizer, prompts, answers, ended) -> list:
+    """Reward-model scores of (prompt, answer) conversations."""
+    ex = [chat_example(tok, p, a, e) for p, a, e in zip(prompts, answers, ended)]
+    x, _, _ = pad_batch(ex, tok.special[END], rm.config.block_size)
+    last = xp.asarray([min(len(ids), rm.config.block_size + 1) - 2 for ids, _ in ex])
+    return [float(s) for s in reward_scores(rm, x, last)[0]]
+
+
+# ---- PPO -------------------------------------------------------------------
+
+@dataclass
+class PPOConfig:
+    iters: int = 40                # rollouts
+    prompts_per_iter: int = 16
+    epochs: int = 4                # passes over each rollout
+    minibatches: int = 2
+    max_new_tokens: int = 24
+    learning_rate: float = 2e-5
+    kl_coef: float = 0.05
+    target_kl: float = None        # set to adapt kl_coef toward this KL
+    clip: float = 0.2              # ratio clip, and value clip
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def sequence_logprobs(model: GPT, x, y):
+    """log p(y_t | x_<=t) for every position -> (B, T), and log-softmax for backward."""
+    logits, _ = model.forward(x)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - xp.log(xp.exp(z).sum(-1, keepdims=True))
+    return xp.take_along_axis(logp, y[..., None], -1)[..., 0], logp
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over each row's answer tokens:
+    A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t."""
+    adv = xp.zeros_like(rewards)
+    last = xp.zeros(rewards.shape[0], rewards.dtype)
+    next_v = xp.zeros(rewards.shape[0], rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * m
+        adv[:, t] = last
+        next_v = xp.where(m > 0, values[:, t], next_v)
+    return adv, adv + values
+
+
+def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng):
+    """Answer each prompt by sampling, then score: per-token rewards are
+    -kl_coef (log pi - log pi_ref), and the last token also gets the
+    reward model's score."""
+    stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
+    examples, texts, ended = [], [], []
+    for p in prompts:
+        head = chat_prompt(tok, p)
+        out = []
+        for t in generate(policy, head, pc.max_new_tokens, pc.temperature, rng=rng,
+                          stop=stop):
+            out.append(t)
+        done = len(out) < pc.max_new_tokens
+        examples.append((head + out + ([tok.special[END]] if done else []), len(head)))
+        texts.append(tok.decode(out))
+        ended.append(done)
+    x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
+    logp, _ = sequence_logprobs(policy, x, y)
+    values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(
+        xp.arange(x.shape[1]), x.shape))
+    ref_logp, _ = sequence_logprobs(ref, x, y)
+    score = xp.asarray(score_answers(rm, tok, prompts, texts, ended))
+    kl = (logp - ref_logp) * mask
+    rewards = -pc.kl_coef * kl
+    last = (mask.cumsum(1) == mask.sum(1, keepdims=True)) & (mask > 0)  # each row's final token
+    rewards = rewards + last * score[:, None]
+    adv, ret = gae(rewards, values * mask, mask, pc.gamma, pc.lam)
+    n = mask.sum()
+    mean = (adv * mask).sum() / n
+    std = xp.sqrt((((adv - mean) * mask) ** 2).sum() / n)
+    adv = (adv - mean) / (std + 1e-8) * mask                           # whitened
+    return dict(x=x, y=y, mask=mask, logp=logp, values=values, adv=adv, ret=ret,
+                score=score, kl=float(kl.sum() / len(prompts)), texts=texts, ended=ended)
+
+
+def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
+    """The clipped surrogate objective plus the clipped value loss."""
+    x, y, mask, adv = mb["x"], mb["y"], mb["mask"], mb["adv"]
+    n = mask.sum()
+    logp, logp_all = sequence_logprobs(policy, x, y)
+    h = policy._cache["h"]
+    pos = xp.broadcast_to(xp.arange(x.shape[1]), x.shape)
+    v = head_forward(policy, "value", h, pos)
+    ratio = xp.exp(logp - mb["logp"])
+    pg1, pg2 = -adv * ratio, -adv * xp.clip(ratio, 1 - pc.clip, 1 + pc.clip)
+    pg_loss = (xp.maximum(pg1, pg2) * mask).sum() / n
+    # d/dlogp of max(pg1, pg2): only the unclipped branch depends on logp
+    dlogp = xp.where(pg1 >= pg2, -adv * ratio, 0.0) * mask / n
+    v_old, ret = mb["values"], mb["ret"]
+    v_clip = v_old + xp.clip(v - v_old, -pc.clip, pc.clip)
+    vf1, vf2 = (v - ret) ** 2, (v_clip - ret) ** 2
+    vf_loss = 0.5 * (xp.maximum(vf1, vf2) * mask).sum() / n
+    inside = xp.abs(v - v_old) < pc.clip
+    dv = xp.where(vf1 >= vf2, v - ret, (v_clip - ret) * inside) * mask / n * pc.vf_coef
+    grads = {}
+    dh = head_backward(policy, "value", h, pos, dv, grads)
+    dlogits = logprob_backward(logp_all, y, dlogp)
+    grads.update(policy.backward(dlogits, dh))
+    p = xp.exp(logp_all)
+    stats = {"pg_loss": float(pg_loss), "vf_loss": float(vf_loss),
+             "clip_frac": float(((xp.abs(ratio - 1) > pc.clip) * mask).sum() / n),
+             "entropy": float((-(p * logp_all).sum(-1) * mask).sum() / n)}
+    return float(pg_loss + pc.vf_coef * vf_loss), grads, stats
+
+
+def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None) -> list:
+    """Proximal policy optimisation: rollout, then several epochs of
+    minibatch updates on it, again and again. Returns one dict per rollout."""
+    rng = numpy.random.default_rng(pc.seed)
+    if "value.weight" not in policy.params:
+        add_head(policy, "value")
+    opt = AdamW(pc.learning_rate, (0.9, 0.95), weight_decay=0.0)
+    history, kl_coef = [], pc.kl_coef
+    t0 = time.time()
+    for it in range(pc.iters):
+        batch = [prompts[i] for i in rng.choice(len(prompts), pc.prompts_per_iter, replace=False)]
+        ro = ppo_rollout(policy, ref, rm, tok, batch, PPOConfig(**{**asdict(pc), "kl_coef": kl_coef}), rng)
+        stats = []
+        for _ in range(pc.epochs):
+            order = rng.permutation(len(batch))
+            for part in numpy.array_split(order, pc.minibatches):
+                mb = {k: ro[k][part] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
+                loss, grads, s = ppo_loss(policy, mb, pc)
+                clip_grad_norm(grads, 1.0)
+                opt.step(policy.params, grads)
+                stats.append(s)
+        row = {"iter": it + 1, "reward": float(ro["score"].mean()), "kl": ro["kl"],
+               "kl_coef": kl_coef, **{k: float(numpy.mean([s[k] for s in stats])) for k in stats[0]}}
+        history.append(row)
+        if pc.target_kl:                 # adaptive KL controller (Ziegler et al., 2019)
+            kl_coef *= 1 + numpy.clip(ro["kl"] / pc.target_kl - 1, -0.2, 0.2) * 0.1
+        if log:
+            log(row, time.time() - t0)
+    return history
+
+
+def kl_to_reference(policy: GPT, ref: GPT, x, y, mask):
+    """KL(policy || reference) of the next-token distributions, summed over
+    each row's answer positions -> (B,): how far RLHF moved the model."""
+    _, lp = sequence_logprobs(policy, x, y)
+    _, lq = sequence_logprobs(ref, x, y)
+    return ((xp.exp(lp) * (lp - lq)).sum(-1) * mask).sum(1)
+
+# ---- DPO -------------------------------------------------------------------
+# The policy's own log-probability ratio to the reference acts as an implicit
+# reward; the Bradley-Terry loss on it trains the policy directly:
+#   loss = -log sigmoid(beta [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))])
+
+def answer_logprob(model: GPT, x, y, mask):
+    """Sum of log-probabilities of each row's answer tokens -> (B,)."""
+    logp, logp_all = sequence_logprobs(model, x, y)
+    return (logp * mask).sum(1), logp_all
+
+
+def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
+    x, y, mask, _ = batch
+    ref_lp, _ = answer_logprob(ref, x, y, mask)
+    lp, logp_all = answer_logprob(policy, x, y, mask)
+    n = len(lp) // 2
+    z = beta * ((lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:]))
+    loss = float(xp.logaddexp(0.0, -z).mean())
+    dz = -1.0 / (1.0 + xp.exp(z)) / n
+    drow = beta * xp.concatenate([dz, -dz])                          # d loss / d lp per row
+    dlogits = logprob_backward(logp_all, y, drow[:, None] * mask)
+    return loss, policy.backward(dlogits)
+
+
+# =============================================================================
 # 8. Task fine-tuning: LoRA
 # =============================================================================
 # Fine-tuning every weight for one task is costly and can erase what the
@@ -1126,6 +1492,45 @@ def unmerge_lora(model: GPT):
         model.params[name + ".weight"] -= s["scale"] * (model.params[name + ".lora_A"] @ model.params[name + ".lora_B"])
         model.lora[name] = s
     model.merged_lora = {}
+
+
+def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, log=None):
+    """Task fine-tuning on conversations, the instruction-tuning loss, with
+    LoRA adapters (lora = add_lora's keyword arguments) or, with lora=None,
+    every weight. Returns the TrainState."""
+    if lora is not None:
+        add_lora(model, **lora)
+    state = TrainState()
+    train_steps(model, state, tc, sft_batches(tok, records, tc.batch_size, model.config.block_size),
+                log=log)
+    return state
+
+
+def trainable_fraction(model: GPT) -> float:
+    """The share of the model's parameters that fine-tuning changes."""
+    base = sum(v.size for k, v in model.params.items() if ".lora_" not in k and k in param_shapes(model.config))
+    train = sum(v.size for k, v in model.params.items() if k not in model.frozen and ".lora_" in k)
+    return train / base if model.lora else 1.0
+
+
+def save_lora(path: str, model: GPT):
+    """The adapter alone: A and B of every adapted layer, a few percent of
+    the model, applied later to the same base model with load_lora()."""
+    save_safetensors(path, {k: v for k, v in model.params.items() if ".lora_" in k},
+                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **getattr(model, "merged_lora", {})})})
+
+
+def load_lora(path: str, model: GPT):
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != "llm-lora-v1":
+        raise ValueError(f"{path}: not an llm LoRA adapter (metadata format {meta.get('format')!r})")
+    for k, v in tensors.items():
+        base = k.rsplit(".lora_", 1)[0] + ".weight"
+        if base not in model.params:
+            raise ValueError(f"{path}: adapter tensor {k!r} has no weight {base!r} in the model")
+    model.params.update(tensors)
+    model.lora = json.loads(meta["lora"])
+    model.frozen = {n for n in model.params if ".lora_" not in n}
 
 
 # =============================================================================

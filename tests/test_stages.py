@@ -1,0 +1,155 @@
+"""Instruction tuning, RLHF and LoRA: losses and gradients against finite
+differences in float64, and the properties each stage relies on."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import llm
+from gradcheck import numerical_grad, rel_error
+from test_model import tiny
+
+
+def check_grads(model, loss_and_grads, names=None, tol=1e-5):
+    loss, grads = loss_and_grads()
+    for name in names or grads:
+        num = numerical_grad(lambda: loss_and_grads()[0], model.params[name], max_coords=25)
+        assert rel_error(grads[name], num) < tol, name
+
+
+def test_reward_loss_gradient():
+    m = tiny()
+    llm.add_head(m, "score", np.random.default_rng(0))
+    r = np.random.default_rng(1)
+    x = r.integers(0, 11, (4, 6))
+    last = np.array([5, 3, 4, 2])
+    check_grads(m, lambda: llm.reward_loss(m, (x, None, None, last)))
+
+
+def test_dpo_loss_gradient():
+    m, ref = tiny(seed=0), tiny(seed=5)
+    r = np.random.default_rng(1)
+    x, y = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6))
+    mask = (np.arange(6) >= 2).astype(float)[None].repeat(4, 0)
+    check_grads(m, lambda: llm.dpo_loss(m, ref, (x, y, mask, None), beta=0.5))
+
+
+def test_ppo_loss_gradient():
+    m = tiny()
+    llm.add_head(m, "value", np.random.default_rng(0))
+    r = np.random.default_rng(2)
+    x, y = r.integers(0, 11, (3, 6)), r.integers(0, 11, (3, 6))
+    mask = (np.arange(6) >= 2).astype(float)[None].repeat(3, 0)
+    logp, _ = llm.sequence_logprobs(m, x, y)
+    h = m._cache["h"]
+    v = llm.head_forward(m, "value", h, np.broadcast_to(np.arange(6), x.shape))
+    mb = dict(x=x, y=y, mask=mask, logp=logp + r.normal(0, 0.3, logp.shape),
+              values=v + r.normal(0, 0.3, v.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
+    pc = llm.PPOConfig()
+    check_grads(m, lambda: llm.ppo_loss(m, mb, pc)[:2])
+
+
+def test_gae_with_lambda_one_is_the_return_minus_value():
+    rewards = np.array([[0.0, 1.0, 2.0, 0.0]])
+    values = np.array([[0.5, 0.1, 0.2, 0.0]])
+    mask = np.array([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = llm.gae(rewards, values, mask, 1.0, 1.0)
+    assert np.allclose(ret[0, :3], [3.0, 3.0, 2.0]) and np.allclose(adv[0, :3], [2.5, 2.9, 1.8])
+    assert adv[0, 3] == 0
+
+
+# ---- instruction tuning ----------------------------------------------------
+
+def test_chat_template_masks_the_answer_only():
+    tok = llm.byte_tokenizer()
+    ex = llm.chat_example(tok, "Hi?", "Yo.")
+    x, y, mask = llm.pad_batch([ex, llm.chat_example(tok, "Longer question?", "A.")], 0, 64)
+    s = tok.special
+    assert ex[0] == [s[llm.USER], *b"Hi?", s[llm.ASSISTANT], *b"Yo.", s[llm.END]]
+    counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
+    assert counted == [*b"Yo.", s[llm.END]]                 # answer + <|end|>, nothing else
+    assert mask[0, len(ex[0]) - 1:].sum() == 0              # padding never counts
+    assert [int(t) for t, m in zip(y[1], mask[1]) if m] == [*b"A.", s[llm.END]]
+
+
+def test_long_conversations_keep_their_answer():
+    tok = llm.byte_tokenizer()
+    ex = llm.chat_example(tok, "x" * 100, "The answer.")
+    x, y, mask = llm.pad_batch([ex], 0, 32)
+    counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
+    assert x.shape == (1, 32) and counted == [*b"The answer.", tok.special[llm.END]]
+
+
+def test_read_jsonl_reports_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:3: .*'response'"):
+        llm.read_jsonl(str(p), ("prompt", "response"))
+    p.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        llm.read_jsonl(str(p), ("prompt", "response"))
+    p.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
+        llm.read_jsonl(str(p), ("prompt",))
+
+
+def test_unended_rejections_get_no_end_token():
+    tok = llm.byte_tokenizer()
+    r = {"prompt": "q", "chosen": "Sure! A.", "rejected": "A and", "flaw": "unended"}
+    assert llm.preference_example(tok, r, "chosen")[0][-1] == tok.special[llm.END]
+    assert llm.preference_example(tok, r, "rejected")[0][-1] != tok.special[llm.END]
+
+
+# ---- LoRA ------------------------------------------------------------------
+
+def test_lora_starts_at_the_base_model_and_trains_only_a_and_b():
+    m = tiny()
+    ids = np.array([[1, 2, 3, 4, 5]])
+    base = m.forward(ids)[0]
+    names = llm.add_lora(m, r=2, alpha=4.0)
+    assert np.array_equal(m.forward(ids)[0], base)
+    assert names and all(".lora_" in n for n in names)
+    m.forward(ids, ids)
+    assert set(m.backward()) == set(names)
+    assert 0 < llm.trainable_fraction(m) < 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_gradients(dropout):
+    m = tiny()
+    llm.add_lora(m, targets=("attn.c_attn", "mlp.c_proj"), r=2, alpha=3.0, dropout=dropout)
+    r = np.random.default_rng(3)
+    for k in m.params:
+        if k.endswith("lora_B"):
+            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    x, y = r.integers(0, 11, (2, 6)), r.integers(0, 11, (2, 6))
+
+    def f():
+        m.rng = np.random.default_rng(9) if dropout else None
+        _, loss = m.forward(x, y)
+        return loss, m.backward()
+    check_grads(m, f)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(tmp_path):
+    m = tiny()
+    llm.add_lora(m, r=2)
+    r = np.random.default_rng(3)
+    for k in m.params:
+        if k.endswith("lora_B"):
+            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    ids = np.array([[1, 2, 3, 4]])
+    w0 = m.params["h.0.mlp.c_fc.weight"].copy()
+    adapted = m.forward(ids)[0]
+    path = str(tmp_path / "a.safetensors")
+    llm.save_lora(path, m)
+    llm.merge_lora(m)
+    assert not m.lora and np.allclose(m.forward(ids)[0], adapted)
+    llm.unmerge_lora(m)
+    assert m.lora and np.allclose(m.params["h.0.mlp.c_fc.weight"], w0)
+    fresh = tiny()
+    llm.load_lora(path, fresh)
+    assert np.allclose(fresh.forward(ids)[0], adapted)
+    with pytest.raises(ValueError, match="targets"):
+        llm.add_lora(tiny(), targets=("nothing",))
