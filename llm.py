@@ -282,10 +282,135 @@ class GPTConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
 
 
+# ---- fastops: the C kernels, when built ---------------------------------------
+# fastops.c (build it with `python build_ext.py`) computes the four functions
+# below in C with SIMD and threads. It is used for float32 arrays only: float64
+# (the gradient checks) and attention with dropout stay on the NumPy code, which
+# is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
+# NumPy everywhere. The wrappers check every array before a pointer goes to C.
+
+def _load_fastops():
+    if os.environ.get("LLM_NUMPY") == "1":
+        return None
+    import glob, importlib.util, warnings
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
+        try:
+            spec = importlib.util.spec_from_file_location("_fastops", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        except ImportError:
+            continue                                   # built for another Python
+    warnings.warn("fastops (the C kernels) is not built: using the slower NumPy code. "
+                  "Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
+    return None
+
+
+_fastops = _load_fastops()
+_use_fastops = _fastops is not None
+
+
+def set_backend(name: str) -> str:
+    """Choose 'fastops' or 'numpy' for the heavy math; returns the previous one."""
+    global _use_fastops
+    if name not in ("fastops", "numpy"):
+        raise ValueError(f"backend: expected 'fastops' or 'numpy', got {name!r}")
+    if name == "fastops" and _fastops is None:
+        raise RuntimeError("backend: fastops is not built (run `python build_ext.py`)")
+    previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
+    return previous
+
+
+def _fast(*arrays) -> bool:
+    return _use_fastops and xp is numpy and all(
+        isinstance(a, numpy.ndarray) and a.dtype == numpy.float32 for a in arrays)
+
+
+def _f32(name, a, ndim, allow_transposed=False):
+    """A float32 array of `ndim` dims, C-contiguous (copied if not; a 2-D
+    Fortran-ordered array, i.e. a transposed view, passes as is if allowed)."""
+    if not isinstance(a, numpy.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != numpy.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
+        return a
+    return numpy.ascontiguousarray(a)
+
+
+def _ptr(a):
+    # a Fortran-ordered matrix is the C-ordered transpose: same memory
+    return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
+
+
+def _strides(a):
+    """(row stride, column stride) in elements of a C- or F-contiguous matrix."""
+    return (a.shape[1], 1) if a.flags.c_contiguous else (1, a.shape[0])
+
+
+def fo_linear_forward(x, w, b):
+    x, w = _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
+    (M, K), N = x.shape, w.shape[1]
+    if w.shape[0] != K:
+        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
+    if b is not None:
+        b = _f32("b", b, 1)
+        if b.shape != (N,):
+            raise ValueError(f"b: expected shape ({N},), got {b.shape}")
+    y = numpy.empty((M, N), numpy.float32)
+    rs, cs = _strides(w)
+    _fastops.lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
+                          _fastops.ffi.NULL if b is None else _ptr(b))
+    return y
+
+
+def fo_linear_backward(dy, x, w):
+    dy, x, w = _f32("dy", dy, 2), _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
+    (M, K), N = x.shape, w.shape[1]
+    if w.shape[0] != K:
+        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
+    if dy.shape != (M, N):
+        raise ValueError(f"dy: expected shape {(M, N)}, got {dy.shape}")
+    dx, dw, db = (numpy.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
+    rs, cs = _strides(w)
+    lib = _fastops.lib
+    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, _fastops.ffi.NULL)
+    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, _fastops.ffi.NULL)
+    lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
+    return dx, dw, db
+
+
+def fo_attention_forward(q, k, v):
+    q, k, v = _f32("q", q, 4), _f32("k", k, 4), _f32("v", v, 4)
+    for name, a in (("k", k), ("v", v)):
+        if a.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {q.shape}, got {a.shape}")
+    B, H, T, D = q.shape
+    y, lse = numpy.empty_like(q), numpy.empty((B, H, T), numpy.float32)
+    _fastops.lib.fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
+    return y, {"fastops": (q, k, v, y, lse)}
+
+
+def fo_attention_backward(dy, cache):
+    q, k, v, y, lse = cache["fastops"]
+    dy = _f32("dy", dy, 4)
+    if dy.shape != q.shape:
+        raise ValueError(f"dy: expected shape {q.shape}, got {dy.shape}")
+    dq, dk, dv = numpy.empty_like(q), numpy.empty_like(q), numpy.empty_like(q)
+    _fastops.lib.fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
+                                       _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
+    return dq, dk, dv
+
+
 # ---- the linear layer: y = x W + b ------------------------------------------
 # W is stored (in, out), as in GPT-2's Conv1D. x is (M, K) with M = B*T rows.
 
 def linear_forward(x, w, b):
+    if _fast(x, w) and (b is None or _fast(b)):
+        return fo_linear_forward(x, w, b)
     y = x @ w
     if b is not None:
         y += b
@@ -293,6 +418,8 @@ def linear_forward(x, w, b):
 
 
 def linear_backward(dy, x, w):
+    if _fast(dy, x, w):
+        return fo_linear_backward(dy, x, w)
     # y = xW + b  =>  dx = dy W^T,  dW = x^T dy,  db = sum of dy over rows
     return dy @ w.T, x.T @ dy, dy.sum(0)
 
@@ -318,6 +445,8 @@ def dropout_backward(dy, mask):
 # softmax(q.k / sqrt(D)). q, k, v are (B, H, T, D): H heads of width D.
 
 def attention_forward(q, k, v, dropout=0.0, rng=None):
+    if _fast(q, k, v) and (dropout == 0.0 or rng is None):
+        return fo_attention_forward(q, k, v)
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D)
     att = (q @ k.swapaxes(-1, -2)) * scale                          # (B, H, T, T)
@@ -329,6 +458,8 @@ def attention_forward(q, k, v, dropout=0.0, rng=None):
 
 
 def attention_backward(dy, cache):
+    if isinstance(cache, dict):                 # from fo_attention_forward
+        return fo_attention_backward(dy, cache)
     q, k, v, att, att_d, mask, scale = cache
     dv = att_d.swapaxes(-1, -2) @ dy
     datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)

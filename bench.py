@@ -1,0 +1,334 @@
+"""Benchmark fastops (the C kernels) against the NumPy code of llm.py.
+
+    python bench.py            # full run (a few minutes)
+    python bench.py --quick    # under a minute
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench.py   # NumPy's BLAS at its best
+
+Everything is measured in the same run: matmul GFLOP/s on the two models'
+real shapes, fused attention vs the NumPy reference (time and memory),
+training ms/step, and a profile of one training step. Timings are the
+minimum (kernels) or median (training steps) of several runs; NumPy and
+fastops are timed in separate phases with a pause between them, because
+OpenBLAS's and OpenMP's idle threads spin for a while after each call and
+would otherwise steal the other's cores. The last line is one JSON object.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import llm
+
+MODELS = {  # name: (GPTConfig kwargs, batch size)
+    "small": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=260), 12),
+    "large": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=260), 8),
+}
+
+
+def best_of(f, reps, warm=1):
+    for _ in range(warm):
+        f()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def settle():
+    """Let the other library's spinning worker threads go to sleep."""
+    time.sleep(0.3)
+
+
+def cpu_info():
+    mhz, model = None, "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz") and mhz is None:
+                    mhz = float(line.split(":")[1])
+                elif line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":")[1].strip()
+    except OSError:
+        pass
+    return model, mhz
+
+
+def peak_gflops(isa, threads, mhz):
+    """FP32 peak = threads x lanes x 2 (FMA = 2 flops) x 2 FMA units x clock."""
+    lanes = {"avx512": 16, "avx2": 8}.get(isa, 4)
+    return threads * lanes * 2 * 2 * mhz / 1e3
+
+
+# ---- 1. matmul ----------------------------------------------------------------
+
+def matmul_shapes(name):
+    cfg, batch = MODELS[name]
+    C, V, M = cfg["n_embd"], cfg["vocab_size"], batch * cfg["block_size"]
+    layers = [("c_attn", C, 3 * C), ("c_proj", C, C), ("c_fc", C, 4 * C),
+              ("mlp.c_proj", 4 * C, C), ("lm_head", C, V)]
+    return M, layers
+
+
+def bench_matmul(quick):
+    rng = np.random.default_rng(0)
+    lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
+    reps = 3 if quick else 20
+    cases = []  # (label, flops, numpy fn, fastops fn)
+    for model in MODELS:
+        M, layers = matmul_shapes(model)
+        for layer, K, N in layers:
+            x, dy = rng.standard_normal((M, K), np.float32), rng.standard_normal((M, N), np.float32)
+            if layer == "lm_head":   # tied head: w = wte.T, a transposed view, as llm.py passes it
+                w = rng.standard_normal((N, K), np.float32).T
+            else:
+                w = rng.standard_normal((K, N), np.float32)
+            y, dx, dw = np.empty((M, N), np.float32), np.empty((M, K), np.float32), np.empty((K, N), np.float32)
+            rs, cs = llm._strides(w)
+            fl = 2.0 * M * N * K
+            cases += [
+                (f"{model} {layer} fwd  X.W    {M}x{K}x{N}", fl, lambda x=x, w=w, y=y: np.matmul(x, w, out=y),
+                 lambda x=x, w=w, y=y, M=M, N=N, K=K, rs=rs, cs=cs:
+                 lib.fo_sgemm(M, N, K, ptr(x), K, 1, ptr(w), rs, cs, ptr(y), N, 0, NULL)),
+                (f"{model} {layer} bwd  dY.W^T {M}x{N}x{K}", fl, lambda dy=dy, w=w, dx=dx: np.matmul(dy, w.T, out=dx),
+                 lambda dy=dy, w=w, dx=dx, M=M, N=N, K=K, rs=rs, cs=cs:
+                 lib.fo_sgemm(M, K, N, ptr(dy), N, 1, ptr(w), cs, rs, ptr(dx), K, 0, NULL)),
+                (f"{model} {layer} bwd  X^T.dY {K}x{M}x{N}", fl, lambda x=x, dy=dy, dw=dw: np.matmul(x.T, dy, out=dw),
+                 lambda x=x, dy=dy, dw=dw, M=M, N=N, K=K:
+                 lib.fo_sgemm(K, N, M, ptr(x), 1, K, ptr(dy), N, 1, ptr(dw), N, 0, NULL)),
+            ]
+    t_np = [best_of(c[2], reps) for c in cases]
+    settle()
+    t_fo = [best_of(c[3], reps) for c in cases]
+    settle()
+    return [(c[0], c[1], a, b) for c, a, b in zip(cases, t_np, t_fo)]
+
+
+# ---- 2. attention ---------------------------------------------------------------
+
+def fused_scratch_bytes(B, H, T, D, threads):
+    """The C kernel's own allocations (see fastops.c): lse, Di, per-thread tiles
+    and packs, and in the few-heads backward a private dQ per thread."""
+    BQ = BK = 64
+    pack = (max(BQ, BK, D) + 32) ** 2
+    per_thread = 2 * BQ * BK + BQ * D + 2 * BQ + 2 * pack
+    split = threads > 1 and B * H < 4 * threads
+    return 4 * (B * H * T * 2 + threads * per_thread + (threads * B * H * T * D if split else 0))
+
+
+def bench_attention(quick):
+    rng = np.random.default_rng(0)
+    H, D, threads = 6, 64, llm._fastops.lib.fo_max_threads()
+    rows = []
+    for T in (64, 256, 1024, 2048):
+        B = max(1, 2048 // T)
+        q, k, v, dy = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(4))
+
+        def step():
+            y, cache = llm.attention_forward(q, k, v)
+            return llm.attention_backward(dy, cache)
+
+        res = {}
+        reps = (1 if T >= 1024 else 3) if quick else (3 if T >= 1024 else 10)
+        for backend in ("numpy", "fastops"):
+            llm.set_backend(backend)
+            t = best_of(step, reps)
+            tracemalloc.start()
+            step()
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            if backend == "fastops":
+                peak += fused_scratch_bytes(B, H, T, D, threads)
+            res[backend] = (t, peak)
+            settle()
+        rows.append((B, H, T, D, res))
+    return rows
+
+
+# ---- 3. training steps ------------------------------------------------------------
+
+def make_model(name):
+    cfg, batch = MODELS[name]
+    model = llm.GPT(llm.GPTConfig(**cfg, dtype="float32"), seed=0)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+    tgt = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+    return model, llm.AdamW(lr=1e-4), idx, tgt
+
+
+def train_step(model, opt, idx, tgt):
+    model.forward(idx, tgt)
+    opt.step(model.params, model.backward())
+
+
+def bench_train(quick):
+    out = {}
+    for name in MODELS:
+        model, opt, idx, tgt = make_model(name)
+        steps = {"small": 5 if quick else 20, "large": 1 if quick else 6}[name]
+        for backend in ("numpy", "fastops"):
+            llm.set_backend(backend)
+            train_step(model, opt, idx, tgt)                      # warm-up
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                train_step(model, opt, idx, tgt)
+                times.append(time.perf_counter() - t)
+            out[(name, backend)] = statistics.median(times)
+            settle()
+    return out
+
+
+# ---- 4. profile of one step ---------------------------------------------------------
+
+PROFILED = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
+            "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
+            "cross_entropy_forward", "cross_entropy_backward"]
+
+
+class _TimedLib:
+    """Stands in for _fastops.lib and times every C call."""
+    def __init__(self, lib, acc):
+        self._lib, self._acc = lib, acc
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+
+        def timed(*args):
+            t = time.perf_counter()
+            r = fn(*args)
+            self._acc["C kernels"] = self._acc.get("C kernels", 0.0) + time.perf_counter() - t
+            return r
+        return timed
+
+
+class _TimedModule:
+    def __init__(self, mod, acc):
+        self.ffi, self.lib = mod.ffi, _TimedLib(mod.lib, acc)
+
+
+def profile_step(name, backend, reps):
+    model, opt, idx, tgt = make_model(name)
+    llm.set_backend(backend)
+    train_step(model, opt, idx, tgt)
+    acc = {}
+    saved = {f: getattr(llm, f) for f in PROFILED}
+    saved_step, saved_mod = llm.AdamW.step, llm._fastops
+
+    def wrap(label, fn):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            r = fn(*a, **kw)
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+            return r
+        return timed
+
+    try:
+        for f in PROFILED:
+            setattr(llm, f, wrap(f, saved[f]))
+        llm.AdamW.step = wrap("adamw_step", saved_step)
+        llm._fastops = _TimedModule(saved_mod, acc)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            train_step(model, opt, idx, tgt)
+        total = time.perf_counter() - t0
+    finally:
+        for f in PROFILED:
+            setattr(llm, f, saved[f])
+        llm.AdamW.step, llm._fastops = saved_step, saved_mod
+    return {k: v / reps for k, v in acc.items()}, total / reps
+
+
+# ---- report ---------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
+    ap.add_argument("--mhz", type=float, help="clock for the peak estimate (default: /proc/cpuinfo)")
+    args = ap.parse_args()
+    if llm._fastops is None:
+        sys.exit("fastops is not built: run `python build_ext.py` first (and unset LLM_NUMPY)")
+    lib = llm._fastops.lib
+    isa = llm._fastops.ffi.string(lib.fo_isa()).decode()
+    threads = lib.fo_max_threads()
+    model, mhz = cpu_info()
+    mhz = args.mhz or mhz or 3000.0
+    peak = peak_gflops(isa, threads, mhz)
+    t_start = time.perf_counter()
+    print(f"# {model}; fastops kernel: {isa}; OpenMP threads: {threads}; numpy {np.__version__}")
+    print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
+    print(f"# FP32 peak assumption: {threads} cores x {16 if isa == 'avx512' else 8 if isa == 'avx2' else 4}"
+          f" lanes x 2 flops/FMA x 2 FMA units x {mhz:.0f} MHz (cpu MHz from /proc/cpuinfo; turbo"
+          f" clocks above it can exceed 100%) = {peak:.0f} GFLOP/s")
+    try:
+        load = open("/proc/loadavg").read().split()[0]
+        print(f"# load average before the run: {load} (other busy processes distort every number)")
+    except OSError:
+        pass
+
+    print("\n## matmul, GFLOP/s (best of several runs)")
+    print(f"{'shape (M x K x N)':44s} {'numpy':>8s} {'fastops':>8s} {'ratio':>6s} {'%peak':>6s}")
+    mm = bench_matmul(args.quick)
+    for label, fl, tn, tf in mm:
+        print(f"{label:44s} {fl / tn / 1e9:8.1f} {fl / tf / 1e9:8.1f} {tn / tf:6.2f} {100 * fl / tf / 1e9 / peak:5.0f}%")
+    matmul_ratio = sum(r[2] for r in mm) / sum(r[3] for r in mm)
+    print(f"all shapes, total time: numpy / fastops = {matmul_ratio:.2f}")
+
+    print("\n## causal attention, forward + backward (H=6, D=64, B*T=2048)")
+    print(f"{'B x T':>10s} {'numpy ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'numpy MB':>9s} {'fused MB':>9s}")
+    att = bench_attention(args.quick)
+    att_ratio = None
+    for B, H, T, D, res in att:
+        (tn, mn), (tf, mf) = res["numpy"], res["fastops"]
+        print(f"{f'{B} x {T}':>10s} {tn * 1e3:9.2f} {tf * 1e3:9.2f} {tn / tf:8.2f} {mn / 2**20:9.1f} {mf / 2**20:9.1f}")
+        if T == 256:
+            att_ratio = tn / tf
+    print("(memory: tracemalloc peak of NumPy allocations during fwd+bwd, outputs included; for the"
+          " fused kernel plus its C scratch by formula: O(B*H*T*D), no T x T)")
+
+    print("\n## training step (forward + backward + AdamW), median ms")
+    tr = bench_train(args.quick)
+    print(f"{'model':6s} {'numpy ms':>9s} {'fastops ms':>10s} {'speedup':>8s} {'tok/s numpy':>12s} {'tok/s fastops':>14s}")
+    for name, (cfg, batch) in MODELS.items():
+        tok = batch * cfg["block_size"]
+        tn, tf = tr[(name, "numpy")], tr[(name, "fastops")]
+        print(f"{name:6s} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f} {tok / tf:14.0f}")
+
+    print("\n## profile of one training step (fastops path), ms and share of the step")
+    for name in MODELS:
+        acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
+        heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward"]
+        print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
+        for key in PROFILED + ["adamw_step"]:
+            if key in acc:
+                print(f"   {key:24s} {acc[key] * 1e3:8.2f} ms {100 * acc[key] / total:5.1f}%")
+        rest = total - sum(acc.get(k, 0.0) for k in PROFILED + ["adamw_step"])
+        print(f"   {'other (embed, residual, reshapes, python)':44s} {rest * 1e3:8.2f} ms {100 * rest / total:5.1f}%")
+        inside = acc.get("C kernels", 0.0)
+        wrappers = sum(acc.get(k, 0.0) for k in heavy)
+        print(f"   of the 4 heavy functions' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
+              f" Python overhead (checks, copies, allocation) {(wrappers - inside) * 1e3:.2f} ms"
+              f" = {100 * (wrappers - inside) / total:.1f}% of the step")
+
+    print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
+    result = {
+        "matmul_vs_blas": round(matmul_ratio, 3),
+        "attention_vs_numpy": round(att_ratio, 3),
+        "train_step_vs_numpy_small": round(tr[("small", "numpy")] / tr[("small", "fastops")], 3),
+        "train_step_vs_numpy_large": round(tr[("large", "numpy")] / tr[("large", "fastops")], 3),
+        "ms_per_step_small": round(tr[("small", "fastops")] * 1e3, 2),
+        "ms_per_step_large": round(tr[("large", "fastops")] * 1e3, 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

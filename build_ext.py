@@ -1,0 +1,112 @@
+"""Build the C kernels (fastops.c) into the importable module _fastops.
+
+    python build_ext.py            # CPU build: -O3 -fopenmp, kernels picked at run time
+    python build_ext.py --cuda     # (not yet implemented)
+
+From Python: `import build_ext; build_ext.build()` -> True on success.
+The module lands next to this file as _fastops*.so (ignored by git).
+No -march=native: fastops.c chooses AVX-512 / AVX2 / portable code at run
+time, so the .so runs on any x86-64 (and builds on ARM).
+"""
+import os
+import sys
+import shutil
+import sysconfig
+import tempfile
+import warnings
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The C API, as declared at the top of fastops.c.
+CDEF = """
+const char *fo_isa(void);
+int fo_set_isa(const char *name);
+int fo_max_threads(void);
+int fo_has_openmp(void);
+void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+              int accumulate, const float *bias);
+void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
+                       int M, int K, int N);
+void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
+                        float *dw, float *db, int M, int K, int N);
+void fo_colsum(const float *dy, float *db, int M, int N);
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D);
+void fo_attention_backward(const float *dy, const float *q, const float *k,
+                           const float *v, const float *y, const float *lse,
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
+"""
+
+HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
+           "(Debian/Ubuntu), `xcode-select --install` (macOS)")
+HINT_OMP = ("OpenMP not available, building single-threaded fastops. For threads install "
+            "it: `apt-get install libgomp1` (gcc) or `libomp-dev` (clang), "
+            "on macOS `brew install libomp`")
+
+
+def _compile(openmp, verbose):
+    """Compile fastops.c with cffi in a temp dir; copy the .so to ROOT."""
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    with open(os.path.join(ROOT, "fastops.c")) as f:
+        src = f.read()
+    flags = ["-O3", "-std=c99"] + os.environ.get("FO_EXTRA_CFLAGS", "").split() + (["-fopenmp"] if openmp else [])
+    if sys.platform == "darwin" and openmp:  # Apple clang needs libomp's driver flags
+        flags = ["-O3", "-std=c99", "-Xpreprocessor", "-fopenmp"]
+    ffi.set_source("_fastops", src, extra_compile_args=flags,
+                   extra_link_args=(["-lomp"] if sys.platform == "darwin" else ["-fopenmp"])
+                   if openmp else [])
+    tmp = tempfile.mkdtemp(prefix="fastops_build_")
+    try:
+        so = ffi.compile(tmpdir=tmp, verbose=verbose)
+        dest = os.path.join(ROOT, os.path.basename(so))
+        shutil.copy(so, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)  # atomic: a running import never sees half a file
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(verbose=False):
+    """Build _fastops next to this file. Returns True on success, False (with a
+    message saying what to install) if no compiler works."""
+    try:
+        import cffi  # noqa: F401
+    except ImportError:
+        print("fastops: cffi missing: `pip install cffi`", file=sys.stderr)
+        return False
+    for openmp in (True, False):
+        try:
+            path = _compile(openmp, verbose)
+        except Exception as e:  # compiler or linker failure
+            err = str(e)
+            if verbose:
+                print(f"fastops: build failed ({'with' if openmp else 'without'} OpenMP): {err}",
+                      file=sys.stderr)
+            continue
+        if not openmp:
+            warnings.warn(HINT_OMP)
+        if verbose:
+            print(f"fastops: built {path}")
+        return True
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(cc.split()[0]) is None:
+        print(f"fastops: build failed: {HINT_CC}", file=sys.stderr)
+    else:
+        print("fastops: build failed: the compiler reported errors (shown above when run "
+              "as `python build_ext.py`)", file=sys.stderr)
+    return False
+
+
+def main(argv):
+    if "--cuda" in argv:
+        print("CUDA build: not yet implemented")
+        return 2
+    ok = build(verbose=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,765 @@
+/*
+ * fastops.c -- the heavy math of llm.py in C: float32, row-major.
+ *
+ *   1. GEMM for the linear layers (forward Y = X.W + b, backward dX, dW, db)
+ *   2. fused causal multi-head attention, forward and backward (FlashAttention
+ *      style: the T x T matrix is never materialised)
+ *
+ * The CPU code is plain C99 + OpenMP. The GEMM micro-kernel has AVX-512 and
+ * AVX2+FMA versions written with intrinsics; each carries its own
+ * __attribute__((target(...))) so the file compiles with plain -O3 and runs on
+ * any x86-64 (the kernel is picked at run time from the CPU's features).
+ * Other CPUs (ARM, ...) get a portable C micro-kernel the compiler vectorises
+ * (-DFO_PORTABLE_ONLY forces that path on x86 too, to test it).
+ *
+ * Built by build_ext.py (cffi, API mode). The Python wrappers in llm.py check
+ * shapes, dtypes and contiguity: nothing here validates pointers.
+ *
+ * A CUDA variant will later sit beside the CPU section below under
+ * #ifdef __CUDACC__, exporting the same fo_* functions.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FO_PORTABLE_ONLY)
+#define FO_X86 1
+#include <immintrin.h>
+#else
+#define FO_X86 0
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Public API (also declared, verbatim, in build_ext.py's cdef).             */
+/* ------------------------------------------------------------------------ */
+const char *fo_isa(void);
+int fo_set_isa(const char *name);
+int fo_max_threads(void);
+int fo_has_openmp(void);
+void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+              int accumulate, const float *bias);
+void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
+                       int M, int K, int N);
+void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
+                        float *dw, float *db, int M, int K, int N);
+void fo_colsum(const float *dy, float *db, int M, int N);
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D);
+void fo_attention_backward(const float *dy, const float *q, const float *k,
+                           const float *v, const float *y, const float *lse,
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
+
+#ifndef __CUDACC__
+/* ======================================================================== */
+/* CPU section                                                              */
+/* ======================================================================== */
+
+#ifdef _OPENMP
+static int fo_nthreads(void) { return omp_get_max_threads(); }
+static int fo_tid(void) { return omp_get_thread_num(); }
+int fo_has_openmp(void) { return 1; }
+#else
+static int fo_nthreads(void) { return 1; }
+static int fo_tid(void) { return 0; }
+int fo_has_openmp(void) { return 0; }
+#endif
+int fo_max_threads(void) { return fo_nthreads(); }
+
+/* Helpers marked FO_INLINE are inlined into per-ISA copies of the attention
+ * code (see "per-ISA attention" below), so their plain C loops get compiled
+ * for AVX-512 / AVX2 there and for the baseline ISA elsewhere. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FO_INLINE static inline __attribute__((always_inline))
+#else
+#define FO_INLINE static inline
+#endif
+
+static int imin(int a, int b) { return a < b ? a : b; }
+static int imax(int a, int b) { return a > b ? a : b; }
+static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+/* 64-byte aligned scratch memory (malloc + manual alignment: portable C99). */
+static float *fo_alloc(size_t nfloats) {
+    char *raw = (char *)malloc(nfloats * sizeof(float) + 64 + sizeof(void *));
+    if (!raw) return NULL;
+    uintptr_t p = ((uintptr_t)(raw + sizeof(void *)) + 63) & ~(uintptr_t)63;
+    ((void **)p)[-1] = raw;
+    return (float *)p;
+}
+static void fo_free(float *p) {
+    if (p) free(((void **)p)[-1]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* GEMM micro-kernels.                                                       */
+/*                                                                           */
+/* A micro-kernel computes one MR x NR tile of C from a packed A micro-panel */
+/* (kc steps of MR floats: a[p*MR + r]) and a packed B micro-panel (kc steps */
+/* of NR floats: b[p*NR + j]). Only the top-left mr x nr part of the tile    */
+/* is written (edges). Epilogue: C = acc (+ C if load_c) (+ bias[j] if bias)  */
+/* ------------------------------------------------------------------------ */
+typedef void (*ukern_fn)(int kc, const float *a, const float *b, float *c,
+                         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias);
+typedef struct {
+    const char *name;
+    int mr, nr;
+    ukern_fn fn;
+} kern_t;
+
+/* Portable micro-kernel: fixed-size loops the compiler can vectorise. */
+#define GEN_MR 4
+#define GEN_NR 16
+static void ukern_generic(int kc, const float *a, const float *b, float *c,
+                          ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
+    float acc[GEN_MR][GEN_NR];
+    memset(acc, 0, sizeof acc);
+    for (int p = 0; p < kc; p++) {
+        for (int r = 0; r < GEN_MR; r++) {
+            float ar = a[p * GEN_MR + r];
+            for (int j = 0; j < GEN_NR; j++) acc[r][j] += ar * b[p * GEN_NR + j];
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        float *cr = c + r * ldc;
+        for (int j = 0; j < nr; j++) {
+            float v = acc[r][j];
+            if (load_c) v += cr[j];
+            if (bias) v += bias[j];
+            cr[j] = v;
+        }
+    }
+}
+
+#if FO_X86
+/* AVX-512: 12 x 32 tile = 24 zmm accumulators + 2 for B + 1 broadcast (of 32).
+ * Per k step: 2 loads of B, 12 broadcasts of A, 24 FMAs. */
+#define A512_MR 12
+#define A512_NR 32
+__attribute__((target("avx512f")))
+static void ukern_avx512(int kc, const float *a, const float *b, float *c,
+                         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
+    __m512 acc[A512_MR][2];
+    for (int r = 0; r < A512_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int p = 0; p < kc; p++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        for (int r = 0; r < A512_MR; r++) {
+            __m512 ar = _mm512_set1_ps(a[r]);
+            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+        }
+        a += A512_MR;
+        b += A512_NR;
+    }
+    /* lane masks for the ragged right edge */
+    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
+                   : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (bias) {
+        bias0 = _mm512_maskz_loadu_ps(m0, bias);
+        bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+    }
+    for (int r = 0; r < mr; r++) {
+        float *cr = c + r * ldc;
+        __m512 v0 = _mm512_add_ps(acc[r][0], bias0), v1 = _mm512_add_ps(acc[r][1], bias1);
+        if (load_c) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
+        }
+        _mm512_mask_storeu_ps(cr, m0, v0);
+        _mm512_mask_storeu_ps(cr + 16, m1, v1);
+    }
+}
+
+/* AVX2 + FMA: the classic 6 x 16 tile = 12 ymm accumulators. */
+#define A256_MR 6
+#define A256_NR 16
+__attribute__((target("avx2,fma")))
+static void ukern_avx2(int kc, const float *a, const float *b, float *c,
+                       ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
+    __m256 acc[A256_MR][2];
+    for (int r = 0; r < A256_MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int p = 0; p < kc; p++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        for (int r = 0; r < A256_MR; r++) {
+            __m256 ar = _mm256_broadcast_ss(a + r);
+            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+        }
+        a += A256_MR;
+        b += A256_NR;
+    }
+    /* maskload/maskstore take a vector of ints; lane j is on when j < nr */
+    __m256i lane0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i lane1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    __m256i nrv = _mm256_set1_epi32(nr);
+    __m256i m0 = _mm256_cmpgt_epi32(nrv, lane0), m1 = _mm256_cmpgt_epi32(nrv, lane1);
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (bias) {
+        bias0 = _mm256_maskload_ps(bias, m0);
+        bias1 = _mm256_maskload_ps(bias + 8, m1);
+    }
+    for (int r = 0; r < mr; r++) {
+        float *cr = c + r * ldc;
+        __m256 v0 = _mm256_add_ps(acc[r][0], bias0), v1 = _mm256_add_ps(acc[r][1], bias1);
+        if (load_c) {
+            v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));
+            v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));
+        }
+        _mm256_maskstore_ps(cr, m0, v0);
+        _mm256_maskstore_ps(cr + 8, m1, v1);
+    }
+}
+#endif /* FO_X86 */
+
+static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic};
+#if FO_X86
+static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512};
+static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2};
+#endif
+static const kern_t *g_kern = NULL; /* chosen on first use */
+
+static const kern_t *best_kern(void) {
+#if FO_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &KERN_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &KERN_AVX2;
+#endif
+    return &KERN_GENERIC;
+}
+static const kern_t *kern(void) {
+    if (!g_kern) g_kern = best_kern(); /* benign race: every thread writes the same */
+    return g_kern;
+}
+const char *fo_isa(void) { return kern()->name; }
+
+/* Force a kernel ("avx512", "avx2", "generic", or "auto"): used by the tests
+ * to check every path this CPU can run. Returns 0, or -1 if not supported. */
+int fo_set_isa(const char *name) {
+    if (!strcmp(name, "auto")) { g_kern = best_kern(); return 0; }
+    if (!strcmp(name, "generic")) { g_kern = &KERN_GENERIC; return 0; }
+#if FO_X86
+    __builtin_cpu_init();
+    if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f")) {
+        g_kern = &KERN_AVX512; return 0;
+    }
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
+        g_kern = &KERN_AVX2; return 0;
+    }
+#endif
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Packing. A general (row stride, column stride) view lets one GEMM serve   */
+/* X.W, dY.W^T and X^T.dY: the transposes are absorbed here, at O(n^2) cost. */
+/* ------------------------------------------------------------------------ */
+
+/* A micro-panel: rows [0, mr) x k [0, kc) of A  ->  dst[p*MR + r], zero padded */
+FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                   int mr, int kc, int MR) {
+    if (rsa == 1) { /* A^T case: each k step reads mr contiguous floats */
+        for (int p = 0; p < kc; p++) {
+            const float *src = A + p * csa;
+            float *d = dst + p * MR;
+            int r = 0;
+            for (; r < mr; r++) d[r] = src[r];
+            for (; r < MR; r++) d[r] = 0.0f;
+        }
+    } else { /* row-major A: read each row along k, write with stride MR */
+        for (int r = 0; r < MR; r++) {
+            float *d = dst + r;
+            if (r < mr) {
+                const float *src = A + r * rsa;
+                for (int p = 0; p < kc; p++) d[p * MR] = src[p * csa];
+            } else {
+                for (int p = 0; p < kc; p++) d[p * MR] = 0.0f;
+            }
+        }
+    }
+}
+
+/* B micro-panel: k [0, kc) x columns [0, nr) of B  ->  dst[p*NR + j], zero padded */
+FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+                   int nr, int kc, int NR) {
+    if (csb == 1) { /* row-major B: copy nr contiguous floats per k step */
+        for (int p = 0; p < kc; p++) {
+            const float *src = B + p * rsb;
+            float *d = dst + p * NR;
+            memcpy(d, src, (size_t)nr * sizeof(float));
+            for (int j = nr; j < NR; j++) d[j] = 0.0f;
+        }
+    } else { /* B = W^T: read W's rows contiguously, scatter with stride NR */
+        for (int j = 0; j < NR; j++) {
+            float *d = dst + j;
+            if (j < nr) {
+                const float *src = B + j * csb;
+                for (int p = 0; p < kc; p++) d[p * NR] = src[p * rsb];
+            } else {
+                for (int p = 0; p < kc; p++) d[p * NR] = 0.0f;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* GEMM:  C[M,N] = A[M,K] . B[K,N]  (+ C if accumulate) (+ bias[N] if bias)  */
+/* with A[i,p] = A[i*rsa + p*csa] and B[p,j] = B[p*rsb + j*csb].             */
+/*                                                                           */
+/* Blocking (BLIS-like): K in blocks of kc, N in blocks of nc. A kc x nc     */
+/* block of B is packed once, shared by all threads (it sits in L2); each    */
+/* thread then takes (MR-row panel, column chunk) tasks, packs the MR x kc   */
+/* panel of A (stays in L1) and sweeps the micro-kernel over the chunk.      */
+/* ------------------------------------------------------------------------ */
+#define KC_MAX 384
+#define B_BLOCK_FLOATS (160 * 1024) /* packed B block: 640 KB, fits L2 */
+
+static void gemm_blocked(const kern_t *kn, int M, int N, int K,
+                         const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                         const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+                         float *C, ptrdiff_t ldc, int accumulate, const float *bias,
+                         int parallel) {
+    const int MR = kn->mr, NR = kn->nr;
+    /* equal-sized k blocks, so no tiny leftover block */
+    int nkb = ceil_div(K, KC_MAX);
+    int KC = ceil_div(K, nkb);
+    int ncmax = imax(NR, (B_BLOCK_FLOATS / KC) / NR * NR);
+    int nnb = ceil_div(N, ncmax);
+    int NC = ceil_div(ceil_div(N, nnb), NR) * NR;
+
+    float *bpack = fo_alloc((size_t)KC * NC);
+    int nthreads = parallel ? fo_nthreads() : 1;
+    if (!bpack) return; /* out of memory: nothing sensible to do in C */
+
+    int mpanels = ceil_div(M, MR);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        float *apack = fo_alloc((size_t)MR * KC);
+        for (int jc = 0; jc < N; jc += NC) {
+            int nc = imin(NC, N - jc);
+            int npanels = ceil_div(nc, NR);
+            /* Split columns into chunks so that small-M problems still give
+             * every thread work; each chunk is >= 4 panels when possible. */
+            int nchunks = 1;
+            while (mpanels * nchunks < 4 * nthreads && npanels / (nchunks * 2) >= 2)
+                nchunks *= 2;
+            int pchunk = ceil_div(npanels, nchunks);
+            for (int pc = 0; pc < K; pc += KC) {
+                int kc = imin(KC, K - pc);
+                int first = (pc == 0);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (int jp = 0; jp < npanels; jp++) {
+                    int j = jp * NR;
+                    pack_b(bpack + (size_t)jp * NR * kc, B + pc * rsb + (jc + j) * csb,
+                           rsb, csb, imin(NR, nc - j), kc, NR);
+                }
+                /* (implicit barrier: B block packed) */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (int task = 0; task < mpanels * nchunks; task++) {
+                    int ip = task / nchunks, ch = task % nchunks;
+                    int i = ip * MR, mr = imin(MR, M - i);
+                    int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
+                    if (jp0 >= jp1) continue;
+                    pack_a(apack, A + i * rsa + pc * csa, rsa, csa, mr, kc, MR);
+                    for (int jp = jp0; jp < jp1; jp++) {
+                        int j = jp * NR;
+                        kn->fn(kc, apack, bpack + (size_t)jp * NR * kc,
+                               C + i * ldc + jc + j, ldc, mr, imin(NR, nc - j),
+                               accumulate || !first, (first && bias) ? bias + jc + j : NULL);
+                    }
+                }
+                /* (implicit barrier: before B block is overwritten) */
+            }
+        }
+        fo_free(apack);
+    }
+    fo_free(bpack);
+}
+
+/* Below this many flops the OpenMP fork/join costs more than it saves. */
+#define PAR_MIN_FLOPS (1 << 18)
+
+void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+              int accumulate, const float *bias) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { /* empty sum: C = bias or C unchanged */
+        if (!accumulate)
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) C[i * ldc + j] = bias ? bias[j] : 0.0f;
+        else if (bias)
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) C[i * ldc + j] += bias[j];
+        return;
+    }
+    double flops = 2.0 * M * N * K;
+    gemm_blocked(kern(), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
+                 flops >= PAR_MIN_FLOPS);
+}
+
+/* y[M,N] = x[M,K] . w[K,N] + b[N]   (b may be NULL) */
+void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
+                       int M, int K, int N) {
+    fo_sgemm(M, N, K, x, K, 1, w, N, 1, y, N, 0, b);
+}
+
+/* db[N] = column sums of dy[M,N]. Each thread sums a strip of 64 columns
+ * over all rows, so the inner loop runs along a row (vectorised). */
+void fo_colsum(const float *dy, float *db, int M, int N) {
+    int strips = ceil_div(N, 64);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((double)M * N > 65536)
+#endif
+    for (int s = 0; s < strips; s++) {
+        int j0 = s * 64, j1 = imin(N, j0 + 64);
+        float acc[64] = {0};
+        for (int i = 0; i < M; i++) {
+            const float *row = dy + (size_t)i * N;
+            for (int j = j0; j < j1; j++) acc[j - j0] += row[j];
+        }
+        for (int j = j0; j < j1; j++) db[j] = acc[j - j0];
+    }
+}
+
+/* Given dy[M,N] and the forward's x[M,K], w[K,N]:
+ *   dx[M,K] = dy . w^T       (skipped if dx is NULL)
+ *   dw[K,N] = x^T . dy       (OVERWRITTEN, not accumulated)
+ *   db[N]   = column sums of dy   (skipped if db is NULL) */
+void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
+                        float *dw, float *db, int M, int K, int N) {
+    if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
+    fo_sgemm(K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL);
+    if (db) fo_colsum(dy, db, M, N);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Attention                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* expf for a row of values, written so the compiler vectorises it:
+ * exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2/2, e^r by a
+ * degree-6 Taylor/minimax polynomial (rel. error ~2e-7). Inputs are
+ * clamped to [-87, 88]; callers zero masked entries themselves. */
+FO_INLINE void exp_inplace(float *x, int n) {
+    for (int i = 0; i < n; i++) {
+        float v = x[i];
+        v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
+        float t = v * 1.44269504088896341f;
+        float fn = (t + 12582912.0f) - 12582912.0f; /* round to nearest */
+        float r = v - fn * 0.693359375f;           /* ln2 = hi + lo, exact hi */
+        r = r + fn * 2.12194440e-4f;
+        float p = 1.0f / 720.0f;
+        p = p * r + 1.0f / 120.0f;
+        p = p * r + 1.0f / 24.0f;
+        p = p * r + 1.0f / 6.0f;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        int32_t e = ((int32_t)fn + 127) << 23; /* 2^n as float bits */
+        float s;
+        memcpy(&s, &e, sizeof s);
+        x[i] = p * s;
+    }
+}
+
+/* max and sum of a row with 16 partial results, so that they vectorise
+ * without -ffast-math (which would let the compiler reorder the sum). */
+FO_INLINE float row_max(const float *x, int n, float init) {
+    float m[16];
+    for (int i = 0; i < 16; i++) m[i] = init;
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int i = 0; i < 16; i++) m[i] = x[c + i] > m[i] ? x[c + i] : m[i];
+    for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
+    float r = m[0];
+    for (int i = 1; i < 16; i++) r = m[i] > r ? m[i] : r;
+    return r;
+}
+FO_INLINE float row_sum(const float *x, int n) {
+    float s[16] = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int i = 0; i < 16; i++) s[i] += x[c + i];
+    for (; c < n; c++) s[0] += x[c];
+    float r = 0.0f;
+    for (int i = 0; i < 16; i++) r += s[i];
+    return r;
+}
+
+/* Single-threaded small GEMM on per-thread scratch (packs, then micro-kernel).
+ * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked. */
+FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
+                       const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                       const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+                       float *C, ptrdiff_t ldc, int load_c, float *apack, float *bpack) {
+    const int MR = kn->mr, NR = kn->nr;
+    int npanels = ceil_div(N, NR);
+    for (int jp = 0; jp < npanels; jp++)
+        pack_b(bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
+               imin(NR, N - jp * NR), K, NR);
+    for (int i = 0; i < M; i += MR) {
+        int mr = imin(MR, M - i);
+        pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
+        for (int jp = 0; jp < npanels; jp++)
+            kn->fn(K, apack, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
+                   mr, imin(NR, N - jp * NR), load_c, NULL);
+    }
+}
+
+/* Block sizes: queries and keys are processed in tiles of BQ x BK. */
+#define BQ 64
+#define BK 64
+
+/* scratch for small_gemm: packs of up to max(BQ,BK) x max(D,BK) */
+static size_t pack_floats(int D) {
+    int m = imax(imax(BQ, BK), D) + 32; /* + room for padding to MR / NR */
+    return (size_t)m * m;
+}
+
+/* Forward for the query rows [i0, i0+nq) of one head.
+ * Online softmax: per row keep the running max m, the running sum l of
+ * exp(s - m) and the unnormalised output acc; rescale when m grows. */
+FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
+                           const float *V, float *Y, float *LSE, int T, int D,
+                           int i0, float scale, float *S, float *acc, float *mrow,
+                           float *lrow, float *apack, float *bpack) {
+    int nq = imin(BQ, T - i0);
+    for (int r = 0; r < nq; r++) { mrow[r] = -INFINITY; lrow[r] = 0.0f; }
+    memset(acc, 0, sizeof(float) * nq * D);
+    int jend = i0 + nq; /* causal: keys < jend only */
+    for (int j0 = 0; j0 < jend; j0 += BK) {
+        int nk = imin(BK, jend - j0);
+        /* S = Q_i . K_j^T  (nq x nk), K_j^T read through strides */
+        small_gemm(kn, nq, nk, D, Q + (size_t)i0 * D, D, 1, K + (size_t)j0 * D, 1, D,
+                   S, BK, 0, apack, bpack);
+        for (int r = 0; r < nq; r++) {
+            float *s = S + r * BK;
+            int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
+            if (valid <= 0) { /* whole tile is in this row's future */
+                memset(s, 0, sizeof(float) * nk);
+                continue;
+            }
+            for (int c = 0; c < valid; c++) s[c] *= scale;
+            float mx = row_max(s, valid, mrow[r]);
+            for (int c = 0; c < valid; c++) s[c] -= mx;
+            exp_inplace(s, valid);
+            float sum = row_sum(s, valid);
+            for (int c = valid; c < nk; c++) s[c] = 0.0f;
+            float alpha = expf(mrow[r] - mx); /* 0 on the first tile (m = -inf) */
+            lrow[r] = lrow[r] * alpha + sum;
+            mrow[r] = mx;
+            float *a = acc + r * D;
+            for (int d = 0; d < D; d++) a[d] *= alpha;
+        }
+        /* acc += P . V_j */
+        small_gemm(kn, nq, D, nk, S, BK, 1, V + (size_t)j0 * D, D, 1, acc, D, 1, apack,
+                   bpack);
+    }
+    for (int r = 0; r < nq; r++) {
+        float inv = 1.0f / lrow[r];
+        float *y = Y + (size_t)(i0 + r) * D;
+        for (int d = 0; d < D; d++) y[d] = acc[r * D + d] * inv;
+        LSE[i0 + r] = mrow[r] + logf(lrow[r]);
+    }
+}
+
+/* Backward for the key rows [j0, j0+nk) of one head: accumulates dK_j, dV_j
+ * over every query block that can see them, and adds dS.K_j into dQ.
+ *   P  = exp(S*scale - lse)           (recomputed, never stored)
+ *   dV_j += P^T . dY_i
+ *   dP = dY_i . V_j^T
+ *   dS = P * (dP - Di) * scale        with Di = rowsum(dY_i * Y_i)
+ *   dK_j += dS^T . Q_i,   dQ_i += dS . K_j                              */
+FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
+                           const float *V, const float *dY, const float *LSE,
+                           const float *Di, float *dQ, float *dK, float *dV, int T,
+                           int D, int j0, float scale, float *P, float *dP,
+                           float *apack, float *bpack) {
+    int nk = imin(BK, T - j0);
+    memset(dK + (size_t)j0 * D, 0, sizeof(float) * nk * D);
+    memset(dV + (size_t)j0 * D, 0, sizeof(float) * nk * D);
+    for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
+        int nq = imin(BQ, T - i0);
+        const float *Qi = Q + (size_t)i0 * D, *dYi = dY + (size_t)i0 * D;
+        small_gemm(kn, nq, nk, D, Qi, D, 1, K + (size_t)j0 * D, 1, D, P, BK, 0, apack,
+                   bpack);
+        small_gemm(kn, nq, nk, D, dYi, D, 1, V + (size_t)j0 * D, 1, D, dP, BK, 0, apack,
+                   bpack);
+        for (int r = 0; r < nq; r++) {
+            float *p = P + r * BK, *dp = dP + r * BK;
+            int valid = imin(nk, i0 + r - j0 + 1);
+            if (valid < 0) valid = 0;
+            float l = LSE[i0 + r], di = Di[i0 + r];
+            for (int c = 0; c < valid; c++) p[c] = p[c] * scale - l;
+            exp_inplace(p, valid);
+            for (int c = valid; c < nk; c++) p[c] = 0.0f;
+            for (int c = 0; c < nk; c++) dp[c] = p[c] * (dp[c] - di) * scale;
+        }
+        /* dV_j += P^T . dY_i   (P^T read through strides) */
+        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, D, 1, dV + (size_t)j0 * D, D, 1, apack,
+                   bpack);
+        /* dK_j += dS^T . Q_i */
+        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, D, 1, dK + (size_t)j0 * D, D, 1, apack,
+                   bpack);
+        /* dQ_i += dS . K_j */
+        small_gemm(kn, nq, D, nk, dP, BK, 1, K + (size_t)j0 * D, D, 1, dQ + (size_t)i0 * D,
+                   D, 1, apack, bpack);
+    }
+}
+
+/* ---- per-ISA attention: the block functions above, inlined into copies
+ * compiled for AVX-512 and AVX2 so that their element-wise loops (exp,
+ * scaling, max, sum, packing) use the wide vectors too. */
+#define FWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
+    float *Y, float *LSE, int T, int D, int i0, float scale, float *S, float *acc, \
+    float *mrow, float *lrow, float *apack, float *bpack
+#define FWD_CALL kn, Q, K, V, Y, LSE, T, D, i0, scale, S, acc, mrow, lrow, apack, bpack
+#define BWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
+    const float *dY, const float *LSE, const float *Di, float *dQ, float *dK, float *dV, \
+    int T, int D, int j0, float scale, float *P, float *dP, float *apack, float *bpack
+#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, j0, scale, P, dP, apack, bpack
+typedef void (*attn_fwd_fn)(FWD_ARGS);
+typedef void (*attn_bwd_fn)(BWD_ARGS);
+#define DEFINE_ATTN(SUFFIX, TARGET) \
+    TARGET static void attn_fwd##SUFFIX(FWD_ARGS) { attn_fwd_block(FWD_CALL); } \
+    TARGET static void attn_bwd##SUFFIX(BWD_ARGS) { attn_bwd_block(BWD_CALL); }
+DEFINE_ATTN(_generic, )
+#if FO_X86
+DEFINE_ATTN(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_ATTN(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd) {
+    *fwd = attn_fwd_generic;
+    *bwd = attn_bwd_generic;
+#if FO_X86
+    if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; }
+    if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; }
+#endif
+}
+
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D) {
+    const kern_t *kn = kern();
+    attn_fwd_fn fwd_block;
+    attn_bwd_fn bwd_block;
+    attn_pick(kn, &fwd_block, &bwd_block);
+    int BH = B * H, nqb = ceil_div(T, BQ);
+    float scale = 1.0f / sqrtf((float)D);
+    long ntasks = (long)BH * nqb;
+#ifdef _OPENMP
+#pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
+#endif
+    {
+        float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
+        float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
+        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        /* Tasks = (head, query block), the costliest (last) blocks first so
+         * the dynamic schedule ends balanced. */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (long t = 0; t < ntasks; t++) {
+            int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
+            size_t off = (size_t)bh * T * D;
+            fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
+                           D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
+        }
+        fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
+        fo_free(apack); fo_free(bpack);
+    }
+}
+
+void fo_attention_backward(const float *dy, const float *q, const float *k,
+                           const float *v, const float *y, const float *lse,
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D) {
+    const kern_t *kn = kern();
+    attn_fwd_fn fwd_block;
+    attn_bwd_fn bwd_block;
+    attn_pick(kn, &fwd_block, &bwd_block);
+    int BH = B * H, nkb = ceil_div(T, BK);
+    float scale = 1.0f / sqrtf((float)D);
+    size_t n = (size_t)BH * T * D;
+    int nthreads = fo_nthreads();
+    if ((double)BH * T * T * D <= 1e5) nthreads = 1;
+    /* With enough heads, one task = one head and dQ is written directly.
+     * With few heads (e.g. B*H = 1 at T = 2048) tasks are (head, key block)
+     * and each thread accumulates dQ in a private copy, summed at the end:
+     * extra memory = nthreads * |q| (still linear in T). */
+    int split = nthreads > 1 && BH < 4 * nthreads;
+    int per_head = split ? nkb : 1;
+    float *Di = fo_alloc((size_t)BH * T);
+    float *dqpriv = split ? fo_alloc(n * nthreads) : NULL;
+    if (!Di || (split && !dqpriv)) { fo_free(Di); fo_free(dqpriv); return; }
+    long ntasks = (long)BH * per_head;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
+        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        float *dqt = split ? dqpriv + n * fo_tid() : dq;
+        /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (long row = 0; row < (long)BH * T; row++) {
+            const float *a = dy + (size_t)row * D, *b = y + (size_t)row * D;
+            float s = 0.0f;
+            for (int d = 0; d < D; d++) s += a[d] * b[d];
+            Di[row] = s;
+        }
+        if (split) memset(dqt, 0, sizeof(float) * n);
+        else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (long bh = 0; bh < BH; bh++)
+                memset(dq + (size_t)bh * T * D, 0, sizeof(float) * T * D);
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (long t = 0; t < ntasks; t++) {
+            /* key block 0 sees every query: do the big ones first */
+            int bh = (int)(t % BH), jb_first = (int)(t / BH);
+            int jb_last = split ? jb_first : nkb - 1;
+            size_t off = (size_t)bh * T * D;
+            for (int jb = jb_first; jb <= jb_last; jb++)
+                bwd_block(kn, q + off, k + off, v + off, dy + off, lse + (size_t)bh * T,
+                               Di + (size_t)bh * T, dqt + off, dk + off, dv + off, T, D,
+                               jb * BK, scale, P, dP, apack, bpack);
+        }
+        if (split) {
+            /* (implicit barrier above) sum the private dQ copies */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (long x = 0; x < (long)n; x++) {
+                float s = 0.0f;
+                for (int th = 0; th < nthreads; th++) s += dqpriv[n * th + x];
+                dq[x] = s;
+            }
+        }
+        fo_free(P); fo_free(dP); fo_free(apack); fo_free(bpack);
+    }
+    fo_free(Di);
+    fo_free(dqpriv);
+}
+
+#endif /* !__CUDACC__ : end of CPU section */

@@ -1,0 +1,247 @@
+"""fastops (the C kernels) against NumPy float64 references.
+
+Skipped as a whole when _fastops is not built (`python build_ext.py`) or
+LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
+is exercised through fo_set_isa. Speed is measured in bench.py, not here.
+"""
+import contextlib
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+import llm
+
+if llm._fastops is None:
+    pytest.skip("fastops is not built (python build_ext.py) or LLM_NUMPY=1",
+                allow_module_level=True)
+
+lib = llm._fastops.lib
+ISAS = [name for name in ("avx512", "avx2", "generic") if lib.fo_set_isa(name.encode()) == 0]
+lib.fo_set_isa(b"auto")
+
+FAST = settings(deadline=None, max_examples=60,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# sizes that stress the edges: 1, primes, around multiples of 8/16/32, and the micro-tiles
+DIMS = st.sampled_from([1, 2, 3, 5, 7, 8, 12, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 129])
+
+
+@contextlib.contextmanager
+def isa(name):
+    assert lib.fo_set_isa(name.encode()) == 0
+    try:
+        yield
+    finally:
+        lib.fo_set_isa(b"auto")
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def close(got, ref, K):
+    """float32 accumulation over K terms of O(1) products: error ~ eps*sqrt(K)."""
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * (1 + math.sqrt(K)) * 4)
+
+
+# ---- linear layer ----------------------------------------------------------------
+
+@FAST
+@given(M=DIMS, K=DIMS, N=DIMS, bias=st.booleans(), path=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+@example(M=257, K=383, N=129, bias=True, path=ISAS[0], seed=0)
+@example(M=768, K=128, N=384, bias=True, path=ISAS[0], seed=1)
+def test_linear_matches_float64_reference(M, K, N, bias, path, seed):
+    rng = np.random.default_rng(seed)
+    x, w, dy = randn(rng, M, K), randn(rng, K, N), randn(rng, M, N)
+    b = randn(rng, N) if bias else None
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    with isa(path):
+        y = llm.fo_linear_forward(x, w, b)
+        dx, dw, db = llm.fo_linear_backward(dy, x, w)
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == np.float32
+    close(y, x64 @ w64 + (0 if b is None else b), K)
+    close(dx, dy64 @ w64.T, N)
+    close(dw, x64.T @ dy64, M)
+    close(db, dy64.sum(0), M)
+
+
+@FAST
+@given(M=DIMS, K=DIMS, N=DIMS, seed=st.integers(0, 2**16))
+def test_linear_transposed_weight(M, K, N, seed):
+    """The tied output head passes wte.T (a Fortran-ordered view): no copy, same result."""
+    rng = np.random.default_rng(seed)
+    x, wt, dy = randn(rng, M, K), randn(rng, N, K), randn(rng, M, N)
+    w64 = wt.T.astype(np.float64)
+    close(llm.fo_linear_forward(x, wt.T, None), x.astype(np.float64) @ w64, K)
+    dx, dw, db = llm.fo_linear_backward(dy, x, wt.T)
+    close(dx, dy.astype(np.float64) @ w64.T, N)
+    close(dw, x.T.astype(np.float64) @ dy, M)
+
+
+def test_sgemm_accumulates():
+    """fo_sgemm's accumulate flag adds into C (llm.py's wrappers always overwrite)."""
+    rng = np.random.default_rng(0)
+    a, b, c = randn(rng, 37, 50), randn(rng, 50, 29), randn(rng, 37, 29)
+    expect = c.astype(np.float64) + a.astype(np.float64) @ b
+    lib.fo_sgemm(37, 29, 50, llm._ptr(a), 50, 1, llm._ptr(b), 29, 1, llm._ptr(c), 29, 1,
+                 llm._fastops.ffi.NULL)
+    close(c, expect, 50)
+
+
+# ---- attention ------------------------------------------------------------------
+
+def attention_reference(q, k, v, dy):
+    """float64 causal attention: y, lse, and the gradients dq, dk, dv."""
+    q, k, v, dy = (a.astype(np.float64) for a in (q, k, v, dy))
+    T, D = q.shape[-2:]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(D)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    lse = (m + np.log(e.sum(-1, keepdims=True)))[..., 0]
+    p = e / e.sum(-1, keepdims=True)
+    y = p @ v
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(D)
+    return y, lse, ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ dy
+
+
+T_SIZES = st.sampled_from([1, 2, 3, 7, 16, 31, 63, 64, 65, 100, 128, 130, 200])
+D_SIZES = st.sampled_from([1, 3, 8, 16, 17, 32, 48, 64, 80])
+
+
+@FAST
+@given(B=st.integers(1, 3), H=st.integers(1, 3), T=T_SIZES, D=D_SIZES,
+       path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(B=1, H=1, T=1, D=8, path=ISAS[0], seed=0)
+@example(B=1, H=1, T=300, D=64, path=ISAS[0], seed=0)   # few heads: dq per-thread copies
+@example(B=4, H=4, T=70, D=32, path=ISAS[0], seed=0)    # many heads: one task per head
+def test_attention_matches_float64_reference(B, H, T, D, path, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, dy = (randn(rng, B, H, T, D) for _ in range(4))
+    with isa(path):
+        y, cache = llm.fo_attention_forward(q, k, v)
+        dq, dk, dv = llm.fo_attention_backward(dy, cache)
+    lse = cache["fastops"][4]
+    y_ref, lse_ref, dq_ref, dk_ref, dv_ref = attention_reference(q, k, v, dy)
+    close(y, y_ref, D)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        close(got, ref, max(D, T))
+
+
+@FAST
+@given(T=T_SIZES, D=D_SIZES, seed=st.integers(0, 2**16))
+def test_attention_is_a_convex_combination_of_past_values(T, D, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (randn(rng, 1, 2, T, D) * 3 for _ in range(3))
+    y, _ = llm.fo_attention_forward(q, k, v)
+    lo = np.minimum.accumulate(v, axis=2)       # min/max of v over positions <= t
+    hi = np.maximum.accumulate(v, axis=2)
+    assert np.all(y >= lo - 1e-5) and np.all(y <= hi + 1e-5)
+    np.testing.assert_array_equal(y[:, :, 0], v[:, :, 0])     # t = 0 sees only itself
+
+
+@FAST
+@given(T=st.integers(2, 150), D=D_SIZES, data=st.data())
+def test_attention_is_causal(T, D, data):
+    """Changing tokens after t0 never changes the outputs at t <= t0 (bit for bit)."""
+    t0 = data.draw(st.integers(0, T - 2))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    q, k, v = (randn(rng, 2, 1, T, D) for _ in range(3))
+    y, cache = llm.fo_attention_forward(q, k, v)
+    lse = cache["fastops"][4].copy()
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    for a in (q2, k2, v2):
+        a[:, :, t0 + 1:] = randn(rng, 2, 1, T - t0 - 1, D) * 5
+    y2, cache2 = llm.fo_attention_forward(q2, k2, v2)
+    np.testing.assert_array_equal(y2[:, :, :t0 + 1], y[:, :, :t0 + 1])
+    np.testing.assert_array_equal(cache2["fastops"][4][:, :, :t0 + 1], lse[:, :, :t0 + 1])
+
+
+# ---- bad input: a clear error naming the argument, or a copy; never a crash ------
+
+def test_bad_input_raises_or_copies():
+    rng = np.random.default_rng(0)
+    x, w, b = randn(rng, 5, 4), randn(rng, 4, 3), randn(rng, 3)
+    with pytest.raises(TypeError, match="x"):
+        llm.fo_linear_forward(x.astype(np.float64), w, b)
+    with pytest.raises(TypeError, match="w"):
+        llm.fo_linear_forward(x, w.tolist(), b)
+    with pytest.raises(ValueError, match="w"):
+        llm.fo_linear_forward(x, randn(rng, 5, 3), b)
+    with pytest.raises(ValueError, match="b"):
+        llm.fo_linear_forward(x, w, randn(rng, 4))
+    with pytest.raises(ValueError, match="x"):
+        llm.fo_linear_forward(randn(rng, 5, 4, 1), w, b)
+    with pytest.raises(ValueError, match="dy"):
+        llm.fo_linear_backward(randn(rng, 5, 2), x, w)
+    with pytest.raises(TypeError, match="dy"):
+        llm.fo_linear_backward(randn(rng, 5, 3).astype(np.float16), x, w)
+    # non-contiguous inputs are copied, and the answer is still right
+    big = randn(rng, 10, 8)
+    xs, ws = big[::2, ::2], randn(rng, 8, 6)[::2, ::2]
+    close(llm.fo_linear_forward(xs, ws, b), xs.astype(np.float64) @ ws + b, 4)
+    dx, dw, db = llm.fo_linear_backward(randn(rng, 5, 6)[:, ::2], xs, ws)
+    assert dx.shape == (5, 4) and dw.shape == (4, 3) and db.shape == (3,)
+
+    q = randn(rng, 1, 2, 5, 4)
+    with pytest.raises(ValueError, match="k"):
+        llm.fo_attention_forward(q, randn(rng, 1, 2, 6, 4), q)
+    with pytest.raises(ValueError, match="q"):
+        llm.fo_attention_forward(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="v"):
+        llm.fo_attention_forward(q, q, q.astype(np.float64))
+    y, cache = llm.fo_attention_forward(q, q, q)
+    with pytest.raises(ValueError, match="dy"):
+        llm.fo_attention_backward(randn(rng, 1, 2, 5, 3), cache)
+    qs = randn(rng, 1, 2, 5, 8)[..., ::2]              # non-contiguous: copied
+    ys, _ = llm.fo_attention_forward(qs, qs, qs)
+    close(ys, attention_reference(qs, qs, qs, qs)[0], 4)
+
+
+def test_float64_and_backend_switch_use_numpy():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
+    assert llm.linear_forward(x, w, None).dtype == np.float64       # NumPy path
+    with pytest.raises(ValueError, match="backend"):
+        llm.set_backend("cuda")
+    prev = llm.set_backend("numpy")
+    try:
+        _, cache = llm.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
+        assert not isinstance(cache, dict)                           # NumPy's cache
+    finally:
+        llm.set_backend(prev)
+    _, cache = llm.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
+    assert isinstance(cache, dict)
+
+
+# ---- the whole model: fastops and NumPy agree ------------------------------------
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,block_size,T", [(2, 2, 32, 16, 16), (1, 3, 48, 80, 70)])
+def test_model_loss_and_grads_match_numpy(n_layer, n_head, n_embd, block_size, T):
+    cfg = llm.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                        vocab_size=67, dtype="float32")
+    model = llm.GPT(cfg, seed=1)
+    rng = np.random.default_rng(2)
+    idx, tgt = rng.integers(0, 67, (3, T)), rng.integers(0, 67, (3, T))
+    runs = {}
+    prev = llm.set_backend("numpy")
+    try:
+        for backend in ("numpy", "fastops"):
+            llm.set_backend(backend)
+            logits, loss = model.forward(idx, tgt)
+            runs[backend] = (logits, loss, model.backward())
+    finally:
+        llm.set_backend(prev)
+    (l_np, loss_np, g_np), (l_fo, loss_fo, g_fo) = runs["numpy"], runs["fastops"]
+    assert math.isclose(loss_np, loss_fo, rel_tol=1e-5)
+    np.testing.assert_allclose(l_fo, l_np, rtol=1e-4, atol=1e-5)
+    assert g_np.keys() == g_fo.keys()
+    for name in g_np:
+        assert g_fo[name].dtype == np.float32, name
+        scale = np.abs(g_np[name]).max() + 1e-12
+        np.testing.assert_allclose(g_fo[name] / scale, g_np[name] / scale, atol=1e-4, err_msg=name)
