@@ -1174,14 +1174,22 @@ def answer(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 40, **
     return tok.decode(ids), len(ids) < max_new_tokens
 
 
-def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int):
-    """batch_fn for train_steps: random conversations with the answer masked in."""
+def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int, replay=None,
+                replay_fraction: float = 0.0):
+    """batch_fn for train_steps: random conversations with the answer masked
+    in. With replay (pretraining token ids), that fraction of each batch is
+    plain pretraining text, all of it counted: without it, a small model
+    forgets the facts it was never asked about while it learns to answer."""
     examples = [chat_example(tok, r["prompt"], r["response"]) for r in records]
     pad = tok.special[END]
+    n_replay = int(round(batch_size * replay_fraction)) if replay is not None else 0
 
     def batch_fn(rng):
-        pick = rng.integers(0, len(examples), batch_size)
-        return pad_batch([examples[i] for i in pick], pad, block_size)
+        pick = rng.integers(0, len(examples), batch_size - n_replay)
+        rows = [examples[i] for i in pick]
+        for i in rng.integers(0, len(replay) - block_size - 1, n_replay):
+            rows.append((list(replay[i:i + block_size + 1]), 1))
+        return pad_batch(rows, pad, block_size)
     return batch_fn
 
 

@@ -28,9 +28,24 @@ import time
 
 import numpy
 
-import llm
+
+
+def _ensure_fastops():
+    """Build the C kernels on first use. If that fails, llm.py says so once
+    and runs on NumPy, only slower."""
+    import glob
+    if os.environ.get("LLM_NUMPY") == "1" or glob.glob(os.path.join(HERE, "_fastops*.so")):
+        return
+    print("fastops (the C kernels) is not built yet: building it once with build_ext.py ...")
+    sys.path.insert(0, HERE)
+    import build_ext
+    build_ext.build()
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+_ensure_fastops()
+import llm  # noqa: E402  (after the build, so it finds the kernels)
+
 DATA = os.path.join(HERE, "data")
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 
@@ -68,6 +83,12 @@ def read_data(a, name, fields):
     if a.eval_limit:
         test = test[:a.eval_limit]
     return train, test
+
+
+def corpus_ids(a, tok):
+    """The pretraining text as token ids, replayed by the later stages."""
+    with open(a.data or os.path.join(DATA, "corpus.txt"), encoding="utf-8") as f:
+        return llm.numpy.asarray(tok.encode(f.read()), llm.numpy.int64)
 
 
 def world():
@@ -147,8 +168,9 @@ def run_sft(a):
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
     tc = train_config(a, a.sft_iters, a.sft_lr)
     state = llm.TrainState()
-    llm.train_steps(model, state, tc, llm.sft_batches(tok, train, tc.batch_size, model.config.block_size),
-                    log=stage_log("sft"))
+    batches = llm.sft_batches(tok, train, tc.batch_size, model.config.block_size,
+                              corpus_ids(a, tok), a.replay)
+    llm.train_steps(model, state, tc, batches, log=stage_log("sft"))
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
     llm.save_checkpoint(ckpt_path(a, "sft"), model, tok, stage="sft")
@@ -401,6 +423,8 @@ def add_flags(p, sizes):
     for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 1e-4), ("finetune", 3e-3)):
         g.add_argument(f"--{s}-iters", type=int, default=sizes[f"{s}_iters"])
         g.add_argument(f"--{s}-lr", type=float, default=lr)
+    g.add_argument("--replay", type=float, default=0.5,
+                   help="the share of each instruction-tuning batch that is pretraining text")
     g.add_argument("--sft-data", help="instruction conversations (JSON lines, see data/world.py)")
     g.add_argument("--preferences-data", help="preference pairs (JSON lines)")
     g.add_argument("--domain-data", help="domain conversations for fine-tuning (JSON lines)")
