@@ -29,7 +29,6 @@ import time
 import numpy
 
 
-
 def _ensure_fastops():
     """Build the C kernels on first use. If that fails, llm.py says so once
     and runs on NumPy, only slower."""
