@@ -915,6 +915,43 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
             logits = forward_cached(model, xp.asarray([[nxt]]), kv)[0, -1]
 
 
+def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop=(), rng=None):
+    """Many prompts at once -> (token lists, ended flags). Prompts of equal
+    length share one batch, so answering a test set costs a few batched
+    forward passes per token instead of one pass per prompt per token.
+    Sampling is plain temperature sampling (Gumbel-max: argmax of logits/T
+    plus Gumbel noise draws from softmax(logits/T)). A row ends at a stop
+    token (ended) or when max_new_tokens or the context window runs out."""
+    rng = rng if rng is not None else numpy.random.default_rng(0)
+    outs, ended = [None] * len(prompts), [False] * len(prompts)
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for length, rows in sorted(groups.items()):
+        if length > model.config.block_size:
+            raise ValueError(f"prompts: a prompt of {length} tokens exceeds block_size={model.config.block_size}")
+        kv, done = [], numpy.zeros(len(rows), bool)
+        got = [[] for _ in rows]
+        logits = forward_cached(model, xp.asarray([prompts[i] for i in rows]), kv)[:, -1]
+        for step in range(min(max_new_tokens, model.config.block_size - length + 1)):
+            if temperature == 0:
+                nxt = xp_to_numpy(xp.argmax(logits, -1))
+            else:
+                g = -numpy.log(-numpy.log(rng.random(logits.shape)))
+                nxt = numpy.argmax(xp_to_numpy(logits) / temperature + g, -1)
+            for j, t in enumerate(nxt):
+                if not done[j]:
+                    if int(t) in stop:
+                        done[j] = True
+                    else:
+                        got[j].append(int(t))
+            if done.all() or length + step > model.config.block_size - 1:   # window full
+                break
+            logits = forward_cached(model, xp.asarray(nxt[:, None]), kv)[:, -1]
+        for j, i in enumerate(rows):
+            outs[i], ended[i] = got[j], bool(done[j])
+    return outs, ended
+
 # =============================================================================
 # 5. Pretraining: learn language by predicting the next token
 # =============================================================================
@@ -1163,15 +1200,13 @@ def pad_batch(examples, pad: int, block_size: int):
     return xp.asarray(x), xp.asarray(y), xp.asarray(mask)
 
 
-def answer(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 40, **sampling):
-    """The model's answer to one prompt -> (text, ended): ended is True when
-    it closed its turn with <|end|> (greedy unless sampling says otherwise)."""
-    sampling.setdefault("temperature", 0.0)
-    end = tok.special[END]
-    ids = list(generate(model, chat_prompt(tok, prompt), max_new_tokens,
-                        stop={end, tok.special[USER], tok.special[ENDOFTEXT]}, **sampling))
-    # generate() stops before a stop token: the turn ended unless tokens ran out
-    return tok.decode(ids), len(ids) < max_new_tokens
+def answers(model: GPT, tok: Tokenizer, prompts, max_new_tokens: int = 48, **sampling):
+    """The model's answers to prompts -> (texts, ended): ended is True where
+    it closed its turn with <|end|>. Greedy unless a temperature is given."""
+    stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
+    ids, ended = generate_batch(model, [chat_prompt(tok, p) for p in prompts], max_new_tokens,
+                                stop=stop, **sampling)
+    return [tok.decode(t) for t in ids], ended
 
 
 def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int, replay=None,
@@ -1341,17 +1376,10 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     -kl_coef (log pi - log pi_ref), and the last token also gets the
     reward model's score."""
     stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
-    examples, texts, ended = [], [], []
-    for p in prompts:
-        head = chat_prompt(tok, p)
-        out = []
-        for t in generate(policy, head, pc.max_new_tokens, pc.temperature, rng=rng,
-                          stop=stop):
-            out.append(t)
-        done = len(out) < pc.max_new_tokens
-        examples.append((head + out + ([tok.special[END]] if done else []), len(head)))
-        texts.append(tok.decode(out))
-        ended.append(done)
+    heads = [chat_prompt(tok, p) for p in prompts]
+    outs, ended = generate_batch(policy, heads, pc.max_new_tokens, pc.temperature, stop, rng)
+    examples = [(h + o + ([tok.special[END]] if e else []), len(h)) for h, o, e in zip(heads, outs, ended)]
+    texts = [tok.decode(o) for o in outs]
     x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
     logp, _ = sequence_logprobs(policy, x, y)
     values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(

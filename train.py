@@ -103,13 +103,8 @@ def train_config(a, iters, lr, batch_size=None, warmup=None):
                            eval_iters=10, seed=a.seed)
 
 
-def answers(model, tok, prompts, **kw):
-    out = [llm.answer(model, tok, p, **kw) for p in prompts]
-    return [t for t, _ in out], [e for _, e in out]
-
-
 def accuracy(model, tok, records, check):
-    texts, _ = answers(model, tok, [r["prompt"] for r in records])
+    texts, _ = llm.answers(model, tok, [r["prompt"] for r in records])
     return sum(check(r, t) for r, t in zip(records, texts)) / max(len(records), 1), texts
 
 
@@ -145,15 +140,23 @@ def run_pretrain(a):
         return None
     model, tok, state, _ = llm.load_checkpoint(ckpt_path(a, "pretrain"))
     prompt = "The capital of France is"
-    logits, _ = model.forward([tok.encode(prompt)])
-    probs = llm.next_token_probs(logits[0, -1])
+    ids, paris = tok.encode(prompt), tok.encode(" Paris")
+    logits, _ = model.forward([ids + paris[:-1]])
+    probs = llm.next_token_probs(logits[0, len(ids) - 1])
     top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
-    paris = tok.encode(" Paris")
-    m.update(prompt=prompt, top5=top, paris_prob=float(probs[paris[0]]),
-             paris_is_top=top[0][0] == tok.decode(paris[:1]), history=state.history)
-    print(f"  after pretraining, {prompt!r} continues with:")
+    # " Paris" may be several tokens: its probability is the product of each
+    # token's probability given the ones before (the chain rule).
+    p_word = 1.0
+    for j, t in enumerate(paris):
+        p_word *= float(llm.next_token_probs(logits[0, len(ids) - 1 + j])[t])
+    greedy = tok.decode(llm.generate(model, ids, len(paris), temperature=0))
+    m.update(prompt=prompt, top5=top, paris_prob=p_word, paris_tokens=[tok.decode([t]) for t in paris],
+             greedy=greedy, paris_is_top=greedy == " Paris", history=state.history)
+    print(f"  after pretraining, the next token after {prompt!r}:")
     for t, p in top:
         print(f"    {t!r:>14} {p:6.1%}")
+    print(f"  greedy continuation {greedy!r}; P(' Paris') = {p_word:.1%} "
+          f"(tokens {m['paris_tokens']})")
     print(f"  val loss {m['val_loss']:.3f}, {m['bits_per_byte']:.3f} bits per byte, "
           f"{m['steps']} steps, {m['tokens_per_second']:,.0f} tokens/s")
     return m
@@ -206,7 +209,7 @@ def run_reward(a):
 def judge_answers(model, tok, rm, prompts):
     """Greedy answers to held-out prompts -> judge score, reward, answers."""
     w = world()
-    texts, ended = answers(model, tok, prompts)
+    texts, ended = llm.answers(model, tok, prompts)
     judged = [w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)]
     rewards = llm.score_answers(rm, tok, prompts, texts, ended)
     return sum(judged) / len(judged), sum(rewards) / len(rewards), texts

@@ -209,3 +209,20 @@ def test_bad_sampling_arguments():
         list(llm.generate(m, [], 2))
     with pytest.raises(ValueError, match="prompt"):
         list(llm.generate(m, [99], 2))
+
+
+def test_batched_generation_equals_one_at_a_time():
+    m = tiny(dtype="float32")
+    prompts = [[1, 2], [3, 4], [5], [2, 2, 2], [7, 1]]
+    outs, ended = llm.generate_batch(m, prompts, 4, stop={3})
+    for p, o, e in zip(prompts, outs, ended):
+        one = list(llm.generate(m, p, 4, temperature=0, stop={3}))
+        assert o == one[:len(o)] and (e == (len(one) < 4 and len(p) + len(one) < 6))
+
+
+def test_batched_sampling_follows_the_distribution():
+    m = tiny(dtype="float32")
+    outs, _ = llm.generate_batch(m, [[1, 2]] * 4000, 1, temperature=1.0, rng=np.random.default_rng(0))
+    counts = np.bincount([o[0] for o in outs], minlength=11) / 4000
+    probs = llm.next_token_probs(m.forward(np.array([[1, 2]]))[0][0, -1])
+    assert np.abs(counts - probs).max() < 0.03

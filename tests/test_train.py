@@ -1,0 +1,65 @@
+"""train.py end to end: `--quick` takes a fresh folder through every stage."""
+import json
+import math
+import os
+
+import pytest
+
+import llm
+import train
+
+KEYS = ["pretrain.val_loss", "pretrain.bits_per_byte", "pretrain.paris_prob", "sft.accuracy_before",
+        "sft.accuracy_after", "reward.accuracy", "ppo.judge_before", "ppo.judge_after",
+        "ppo.reward_before", "ppo.reward_after", "ppo.kl", "dpo.judge_after",
+        "finetune.domain_accuracy_before", "finetune.domain_accuracy_after",
+        "finetune.trainable_fraction", "finetune.general_accuracy_before",
+        "finetune.general_accuracy_after", "wall_seconds"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("quick"))
+    train.main(["--quick", "--out", out])
+    return out
+
+
+def test_quick_run_writes_every_stage_and_the_report_card(quick_run):
+    for stage in train.STAGES:
+        model, tok, _, info = llm.load_checkpoint(os.path.join(quick_run, f"{stage}.safetensors"))
+        assert info["stage"] == stage
+    report = json.load(open(os.path.join(quick_run, "report.json")))
+    for k in KEYS:
+        assert isinstance(report[k], float), k
+    for k in KEYS[:-1]:
+        if "accuracy" in k or "judge" in k or "fraction" in k or "prob" in k:
+            assert 0.0 <= report[k] <= 1.0, k
+    assert report["ppo.kl"] >= 0.0 and 0 < report["finetune.trainable_fraction"] < 0.5
+    md = open(os.path.join(quick_run, "report.md")).read()
+    assert "| pretraining |" in md and "before" in md
+    svgs = [f for f in os.listdir(quick_run) if f.endswith("_curve.svg")]
+    assert "pretrain_curve.svg" in svgs and f"({svgs[0]})" in md
+    assert os.path.exists(os.path.join(quick_run, "finetune.lora.safetensors"))
+
+
+def test_pretraining_measurably_learned(quick_run):
+    m = json.load(open(os.path.join(quick_run, "metrics.json")))
+    model, *_ = llm.load_checkpoint(os.path.join(quick_run, "pretrain.safetensors"))
+    assert m["val_loss"] < math.log(model.config.vocab_size) - 1.5     # uniform guessing: log V
+
+
+def test_one_stage_alone_reads_the_previous_checkpoint(quick_run, capsys):
+    train.main(["dpo", "--quick", "--out", quick_run, "--dpo-iters", "2"])
+    out = capsys.readouterr().out
+    assert "[dpo]" in out and "judge" in out
+
+
+def test_a_stage_without_its_input_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="sft.safetensors"):
+        train.main(["ppo", "--quick", "--out", str(tmp_path)])
+
+
+def test_malformed_data_file_names_file_and_line(quick_run, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b", "split": "train"}\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"sft.jsonl:2"):
+        train.main(["sft", "--quick", "--out", quick_run, "--sft-data", str(bad)])
