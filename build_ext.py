@@ -109,10 +109,10 @@ CUDA_LIB = "_fastops_cuda.so"
 CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for newer GPUs
 
 
-def build_cuda(verbose=True):
+def build_cuda(verbose=True, dest=None):
     """nvcc fastops.c -> _fastops_cuda.so next to this file. Returns 0 on
     success, 0 with a message when nvcc is absent (nothing to build), 1 on a
-    compile error. FO_CUDA_GENCODE replaces the -gencode value (e.g.
+    compile error. `dest`: another path for the library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value (e.g.
     "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
     import subprocess
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
@@ -124,7 +124,7 @@ def build_cuda(verbose=True):
         print("fastops CUDA build: nvcc not found (install the CUDA toolkit, or set NVCC): "
               "nothing built")
         return 0
-    dest = os.path.join(ROOT, CUDA_LIB)
+    dest = dest or os.path.join(ROOT, CUDA_LIB)
     gencode = os.environ.get("FO_CUDA_GENCODE", CUDA_GENCODE)
     cmd = [nvcc, "-O3", "-x", "cu", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
            "-gencode", gencode, "-cudart", "static",
