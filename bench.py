@@ -2,6 +2,7 @@
 
     python bench.py            # full run (a few minutes)
     python bench.py --quick    # under a minute
+    python bench.py --device cuda   # GPU: training tokens/s, llm.py vs PyTorch fp32 (~3 min)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench.py   # NumPy's BLAS at its best
 
 Everything is measured in the same run: matmul GFLOP/s on the two models'
@@ -155,7 +156,10 @@ def bench_attention(quick):
 # ---- 3. training steps ------------------------------------------------------------
 
 def make_model(name):
-    cfg, batch = MODELS[name]
+    return make_model_cfg(*MODELS[name])
+
+
+def make_model_cfg(cfg, batch):
     model = llm.GPT(llm.GPTConfig(**cfg, dtype="float32"), seed=0)
     rng = np.random.default_rng(0)
     idx = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
@@ -248,11 +252,137 @@ def profile_step(name, backend, reps):
 
 # ---- report ---------------------------------------------------------------------------
 
+# ---- 5. on the GPU: python bench.py --device cuda ------------------------------------
+# Training tokens/s of llm.py with every array on the GPU (CuPy), with the
+# CUDA kernels of fastops.c and with CuPy's own math (cuBLAS matmuls, the
+# NumPy-style attention), against a minimal PyTorch GPT-2 in eager fp32 (TF32
+# off: the same float32 math) on the same GPU, in the same run. torch is
+# imported only here. About 2-3 minutes on an H200; the last line is JSON.
+
+GPU_MODELS = {**MODELS, "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                      vocab_size=50257), 8)}
+
+
+def _gpu_time(step, sync, steps):
+    step(); step()                                        # warm-up (allocations, JIT)
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_gpt2(cfg, device):
+    """GPT-2 in PyTorch, as llm.py has it: pre-LayerNorm blocks, tanh GELU,
+    causal attention (scaled_dot_product_attention), tied output head."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    C, H = cfg["n_embd"], cfg["n_head"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2)
+                       for t in self.c_attn(self.ln_1(x)).split(C, 2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(cfg["vocab_size"], C)
+            self.wpe = nn.Embedding(cfg["block_size"], C)
+            self.h = nn.ModuleList(Block() for _ in range(cfg["n_layer"]))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, tgt):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+
+    return GPT().to(device)
+
+
+def bench_cuda(steps):
+    try:
+        import cupy
+    except ImportError:
+        sys.exit("--device cuda needs CuPy (e.g. `pip install cupy-cuda12x`) and a GPU")
+    llm.use_device("cuda")
+    if llm._cuda is None:
+        sys.exit("the CUDA kernels are not built: run `python build_ext.py --cuda` first")
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    sync = cupy.cuda.Device().synchronize
+    print(f"# GPU: {name}; CuPy {cupy.__version__}")
+    result, rows = {"device": name}, []
+    for mname, (cfg, batch) in GPU_MODELS.items():
+        model, opt, idx, tgt = make_model_cfg(cfg, batch)
+        idx, tgt = cupy.asarray(idx), cupy.asarray(tgt)
+        tok = batch * cfg["block_size"]
+        for backend in ("fastops", "numpy"):              # CUDA kernels, then CuPy's math
+            llm.set_backend(backend)
+            t = _gpu_time(lambda: train_step(model, opt, idx, tgt), sync, steps)
+            key = "llm_cuda" if backend == "fastops" else "llm_cupy"
+            result[f"{mname}_{key}_tok_s"] = round(tok / t)
+            rows.append((mname, key, t))
+            print(f"{mname:6s} {key:10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
+        llm.set_backend("fastops")
+        del model, opt
+        cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+    except ImportError:
+        print("# PyTorch is not installed: no comparison")
+        torch = None
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = False     # fp32, as llm.py computes
+        torch.backends.cudnn.allow_tf32 = False
+        result["torch"] = torch.__version__
+        for mname, (cfg, batch) in GPU_MODELS.items():
+            model = torch_gpt2(cfg, "cuda")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            g = torch.Generator().manual_seed(0)
+            idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
+                        .cuda() for _ in range(2))
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                model(idx, tgt).backward()
+                opt.step()
+            t = _gpu_time(step, torch.cuda.synchronize, steps)
+            tok = batch * cfg["block_size"]
+            result[f"{mname}_torch_tok_s"] = round(tok / t)
+            print(f"{mname:6s} {'torch':10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+        for mname in GPU_MODELS:
+            result[f"{mname}_llm_cuda_vs_torch"] = round(
+                result[f"{mname}_llm_cuda_tok_s"] / result[f"{mname}_torch_tok_s"], 3)
+    print(json.dumps(result))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
     ap.add_argument("--mhz", type=float, help="clock for the peak estimate (default: /proc/cpuinfo)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return bench_cuda(3 if args.quick else 10)
     if llm._fastops is None:
         sys.exit("fastops is not built: run `python build_ext.py` first (and unset LLM_NUMPY)")
     lib = llm._fastops.lib

@@ -1,7 +1,7 @@
 """Build the C kernels (fastops.c) into the importable module _fastops.
 
     python build_ext.py            # CPU build: -O3 -fopenmp, kernels picked at run time
-    python build_ext.py --cuda     # (not yet implemented)
+    python build_ext.py --cuda     # CUDA build: nvcc -x cu fastops.c -> _fastops_cuda.so
 
 From Python: `import build_ext; build_ext.build()` -> True on success.
 The module lands next to this file as _fastops*.so (ignored by git).
@@ -100,10 +100,50 @@ def build(verbose=False):
     return False
 
 
+# The CUDA build: the same fastops.c, compiled by nvcc as CUDA (its
+# #ifdef __CUDACC__ section), into a plain shared library that llm.py opens
+# with cffi's ABI mode (ffi.dlopen): no Python headers needed. CUDA_CDEF is
+# what llm.py declares for it. The CUDA runtime is linked statically, so the
+# .so needs only the NVIDIA driver (one recent enough for this nvcc).
+CUDA_LIB = "_fastops_cuda.so"
+CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for newer GPUs
+
+
+def build_cuda(verbose=True, dest=None):
+    """nvcc fastops.c -> _fastops_cuda.so next to this file. Returns 0 on
+    success, 0 with a message when nvcc is absent (nothing to build), 1 on a
+    compile error. `dest`: another path for the library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value (e.g.
+    "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
+    import subprocess
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+            if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+                nvcc = os.path.join(home, "bin", "nvcc")
+    if nvcc is None:
+        print("fastops CUDA build: nvcc not found (install the CUDA toolkit, or set NVCC): "
+              "nothing built")
+        return 0
+    dest = dest or os.path.join(ROOT, CUDA_LIB)
+    gencode = os.environ.get("FO_CUDA_GENCODE", CUDA_GENCODE)
+    cmd = [nvcc, "-O3", "-x", "cu", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
+           "-gencode", gencode, "-cudart", "static",
+           os.path.join(ROOT, "fastops.c"), "-o", dest + ".tmp"]
+    if verbose:
+        print(" ".join(cmd))
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        print(f"fastops CUDA build: nvcc failed (exit {r.returncode})", file=sys.stderr)
+        return 1
+    os.replace(dest + ".tmp", dest)
+    if verbose:
+        print(f"fastops: built {dest}")
+    return 0
+
+
 def main(argv):
     if "--cuda" in argv:
-        print("CUDA build: not yet implemented")
-        return 2
+        return build_cuda()
     ok = build(verbose=True)
     return 0 if ok else 1
 

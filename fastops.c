@@ -15,8 +15,10 @@
  * Built by build_ext.py (cffi, API mode). The Python wrappers in llm.py check
  * shapes, dtypes and contiguity: nothing here validates pointers.
  *
- * A CUDA variant will later sit beside the CPU section below under
- * #ifdef __CUDACC__, exporting the same fo_* functions.
+ * The CUDA variant sits beside the CPU section, under #ifdef __CUDACC__ at
+ * the end of this file: `python build_ext.py --cuda` compiles this same file
+ * with nvcc (-x cu) into _fastops_cuda.so. It exports the same fo_* functions,
+ * taking DEVICE pointers (plus fo_cuda_error / fo_cuda_sync).
  */
 #include <math.h>
 #include <stddef.h>
@@ -28,7 +30,8 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FO_PORTABLE_ONLY)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FO_PORTABLE_ONLY) \
+    && !defined(__CUDACC__)
 #define FO_X86 1
 #include <immintrin.h>
 #else
@@ -38,6 +41,9 @@
 /* ------------------------------------------------------------------------ */
 /* Public API (also declared, verbatim, in build_ext.py's cdef).             */
 /* ------------------------------------------------------------------------ */
+#ifdef __cplusplus /* nvcc compiles this file as C++: keep C names */
+extern "C" {
+#endif
 const char *fo_isa(void);
 int fo_set_isa(const char *name);
 int fo_max_threads(void);
@@ -55,6 +61,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
                            float *dq, float *dk, float *dv, int B, int H, int T, int D);
+#ifdef __cplusplus
+}
+#endif
 
 #ifndef __CUDACC__
 /* ======================================================================== */
@@ -763,3 +772,444 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 }
 
 #endif /* !__CUDACC__ : end of CPU section */
+
+#ifdef __CUDACC__
+/* ======================================================================== */
+/* CUDA section: the same fo_* functions on DEVICE pointers                 */
+/* ======================================================================== */
+/* Built by `python build_ext.py --cuda` (nvcc -x cu) into _fastops_cuda.so,
+ * loaded by llm.py with cffi's ABI mode. Every kernel runs on the legacy
+ * default stream (CuPy's default), so it is ordered with CuPy's own work.
+ * Launch errors are recorded, not printed: fo_cuda_error() returns (and
+ * clears) the first one, fo_cuda_sync() waits for the GPU and does the same.
+ * Plain fp32 CUDA cores, no cuBLAS and no tensor cores: the GEMM is a
+ * classic shared-memory tiled kernel, the attention FlashAttention-style
+ * (one thread per query row, online softmax, lse kept for the backward). */
+#include <cuda_runtime.h>
+#include <stdio.h>
+
+#define LOG2E 1.44269504088896341f
+#define LN2 0.69314718055994531f
+
+static char fo_err_msg[512], fo_err_out[512];
+
+static void fo_check(const char *where) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess && !fo_err_msg[0])
+        snprintf(fo_err_msg, sizeof fo_err_msg, "%s: %s", where, cudaGetErrorString(e));
+}
+static void fo_fail(const char *msg) {
+    if (!fo_err_msg[0]) snprintf(fo_err_msg, sizeof fo_err_msg, "%s", msg);
+}
+
+extern "C" const char *fo_cuda_error(void) {
+    if (!fo_err_msg[0]) return NULL;
+    memcpy(fo_err_out, fo_err_msg, sizeof fo_err_out);
+    fo_err_msg[0] = 0;
+    return fo_err_out;
+}
+extern "C" const char *fo_cuda_sync(void) {
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess && !fo_err_msg[0])
+        snprintf(fo_err_msg, sizeof fo_err_msg, "fo_cuda_sync: %s", cudaGetErrorString(e));
+    return fo_cuda_error();
+}
+extern "C" const char *fo_isa(void) { return "cuda"; }
+
+static int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+/* ---- GEMM: C[M,N] (+)= A[M,K] . B[K,N] (+ bias), general strides ---------- */
+/* A block computes a 128 x 128 tile of C with 256 threads, 8 x 8 outputs
+ * each (rows ty*4+r and 64+ty*4+r, columns likewise: float4 reads of the
+ * shared tiles without bank conflicts). K advances 8 at a time. Loads follow
+ * whichever stride is 1, so a transposed operand is read coalesced too. */
+#define GBM 128
+#define GBN 128
+#define GBK 8
+
+__global__ __launch_bounds__(256) void sgemm_kernel(
+    int M, int N, int K, const float *__restrict__ A, ptrdiff_t rsa, ptrdiff_t csa,
+    const float *__restrict__ B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+    int accumulate, const float *__restrict__ bias) {
+    __shared__ __align__(16) float As[GBK][GBM + 4];
+    __shared__ __align__(16) float Bs[GBK][GBN + 4];
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int i0 = blockIdx.y * GBM, j0 = blockIdx.x * GBN;
+    float acc[8][8];
+#pragma unroll
+    for (int r = 0; r < 8; r++)
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[r][c] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += GBK) {
+#pragma unroll
+        for (int e = tid; e < GBM * GBK; e += 256) {
+            int i, k;
+            if (csa == 1) { i = e / GBK; k = e % GBK; } else { k = e / GBM; i = e % GBM; }
+            int gi = i0 + i, gk = k0 + k;
+            As[k][i] = (gi < M && gk < K) ? A[gi * rsa + gk * csa] : 0.0f;
+        }
+#pragma unroll
+        for (int e = tid; e < GBN * GBK; e += 256) {
+            int j, k;
+            if (csb == 1) { k = e / GBN; j = e % GBN; } else { j = e / GBK; k = e % GBK; }
+            int gj = j0 + j, gk = k0 + k;
+            Bs[k][j] = (gj < N && gk < K) ? B[gk * rsb + gj * csb] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < GBK; k++) {
+            float4 a0 = *(const float4 *)&As[k][ty * 4], a1 = *(const float4 *)&As[k][64 + ty * 4];
+            float4 b0 = *(const float4 *)&Bs[k][tx * 4], b1 = *(const float4 *)&Bs[k][64 + tx * 4];
+            float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int r = 0; r < 8; r++)
+#pragma unroll
+                for (int c = 0; c < 8; c++) acc[r][c] += a[r] * b[c];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        int gi = i0 + (r < 4 ? ty * 4 + r : 64 + ty * 4 + r - 4);
+        if (gi >= M) continue;
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            int gj = j0 + (c < 4 ? tx * 4 + c : 64 + tx * 4 + c - 4);
+            if (gj >= N) continue;
+            float v = acc[r][c];
+            float *dst = C + gi * ldc + gj;
+            if (accumulate) v += *dst;
+            if (bias) v += bias[gj];
+            *dst = v;
+        }
+    }
+}
+
+extern "C" void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                         const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+                         int accumulate, const float *bias) {
+    if (M <= 0 || N <= 0) return;
+    dim3 grid(cdiv(N, GBN), cdiv(M, GBM));
+    if (grid.y > 65535) { fo_fail("fo_sgemm: M too large"); return; }
+    sgemm_kernel<<<grid, 256>>>(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias);
+    fo_check("fo_sgemm");
+}
+
+/* y[M,N] = x[M,K] . w[K,N] + b[N]   (b may be NULL) */
+extern "C" void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
+                                  int M, int K, int N) {
+    fo_sgemm(M, N, K, x, K, 1, w, N, 1, y, N, 0, b);
+}
+
+/* db[N] = column sums of dy[M,N]: 32 columns x 32 row-strided partial sums
+ * per block, then a sum over the 32 partials (fixed order: deterministic). */
+__global__ void colsum_kernel(const float *__restrict__ dy, float *db, int M, int N) {
+    __shared__ float part[32][33];
+    int j = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (j < N)
+        for (int i = threadIdx.y; i < M; i += 32) s += dy[(size_t)i * N + j];
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < N) {
+        float t = 0.0f;
+        for (int r = 0; r < 32; r++) t += part[r][threadIdx.x];
+        db[j] = t;
+    }
+}
+
+extern "C" void fo_colsum(const float *dy, float *db, int M, int N) {
+    if (N <= 0) return;
+    colsum_kernel<<<cdiv(N, 32), dim3(32, 32)>>>(dy, db, M, N);
+    fo_check("fo_colsum");
+}
+
+/* dx = dy . w^T (skipped if dx is NULL), dw = x^T . dy, db = colsum(dy) (if db) */
+extern "C" void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
+                                   float *dw, float *db, int M, int K, int N) {
+    if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
+    fo_sgemm(K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL);
+    if (db) fo_colsum(dy, db, M, N);
+}
+
+/* ---- attention ------------------------------------------------------------ */
+/* q, k, v, y, dy: (B*H, T, D) row-major; lse: (B*H, T). Head sizes up to 128
+ * (DM = 32, 64 or 128 at compile time, rows zero-padded to DM). Scores are
+ * kept in base 2 (q pre-scaled by scale*log2 e) so exp2f does the exps. */
+#define AQ 64 /* query rows (forward, dQ) or key rows (dK, dV) per block */
+
+/* rows [r0, r0+ROWS) of a (T, D) matrix into S (row stride ST), zero-padded */
+template <int ROWS, int ST, int DM>
+__device__ __forceinline__ void load_rows(float *S, const float *__restrict__ src, int r0,
+                                          int T, int D, int half_stride) {
+    for (int e = threadIdx.x; e < ROWS * DM; e += blockDim.x) {
+        int r = e / DM, d = e % DM;
+        /* half_stride > 0: the two halves of a row sit half_stride apart */
+        int col = half_stride ? (d / (DM / 2)) * half_stride + d % (DM / 2) : d;
+        S[r * ST + col] = (r0 + r < T && d < D) ? src[(size_t)(r0 + r) * D + d] : 0.0f;
+    }
+}
+
+template <int N>
+__device__ __forceinline__ float dotv(const float (&a)[N], const float *b) {
+    const float4 *b4 = (const float4 *)b;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma unroll
+    for (int d = 0; d < N / 4; d++) {
+        float4 x = b4[d];
+        s0 += a[4 * d] * x.x; s1 += a[4 * d + 1] * x.y;
+        s2 += a[4 * d + 2] * x.z; s3 += a[4 * d + 3] * x.w;
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+template <int N>
+__device__ __forceinline__ void axpyv(float (&acc)[N], float p, const float *b) {
+    const float4 *b4 = (const float4 *)b;
+#pragma unroll
+    for (int d = 0; d < N / 4; d++) {
+        float4 x = b4[d];
+        acc[4 * d] += p * x.x; acc[4 * d + 1] += p * x.y;
+        acc[4 * d + 2] += p * x.z; acc[4 * d + 3] += p * x.w;
+    }
+}
+
+/* Forward: block = (query block, head), thread = query row i. Keys j <= i in
+ * tiles of TK rows in shared memory; online softmax in chunks of 16 keys:
+ * running max m, running sum l of 2^(s - m), unnormalised output acc. */
+template <int DM>
+__global__ __launch_bounds__(AQ) void attn_fwd_kernel(
+    const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
+    float *y, float *lse, int T, int D, float scale2) {
+    const int TK = DM <= 64 ? 64 : 32;
+    __shared__ __align__(16) float Ks[TK * DM], Vs[TK * DM];
+    const int qb = gridDim.x - 1 - blockIdx.x; /* the costliest blocks first */
+    const size_t off = (size_t)blockIdx.y * T * D;
+    q += off; k += off; v += off; y += off; lse += (size_t)blockIdx.y * T;
+    const int i = qb * AQ + threadIdx.x;
+    const bool live = i < T;
+    float qr[DM], acc[DM];
+#pragma unroll
+    for (int d = 0; d < DM; d++) {
+        qr[d] = (live && d < D) ? q[(size_t)i * D + d] * scale2 : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const int kend = min(T, qb * AQ + AQ);
+    for (int j0 = 0; j0 < kend; j0 += TK) {
+        __syncthreads();
+        load_rows<TK, DM, DM>(Ks, k, j0, T, D, 0);
+        load_rows<TK, DM, DM>(Vs, v, j0, T, D, 0);
+        __syncthreads();
+        const int nvalid = live ? min(TK, i - j0 + 1) : 0;
+        for (int c = 0; c < nvalid; c += 16) {
+            float s[16], cm = m;
+#pragma unroll
+            for (int u = 0; u < 16; u++) {
+                s[u] = -INFINITY;
+                if (c + u < nvalid) {
+                    s[u] = dotv<DM>(qr, Ks + (c + u) * DM);
+                    cm = fmaxf(cm, s[u]);
+                }
+            }
+            const float alpha = exp2f(m - cm); /* 0 on the first chunk (m = -inf) */
+            l *= alpha;
+#pragma unroll
+            for (int d = 0; d < DM; d++) acc[d] *= alpha;
+            m = cm;
+#pragma unroll
+            for (int u = 0; u < 16; u++) {
+                if (c + u < nvalid) {
+                    const float p = exp2f(s[u] - m);
+                    l += p;
+                    axpyv<DM>(acc, p, Vs + (c + u) * DM);
+                }
+            }
+        }
+    }
+    if (live) {
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int d = 0; d < DM; d++)
+            if (d < D) y[(size_t)i * D + d] = acc[d] * inv;
+        lse[i] = m * LN2 + logf(l);
+    }
+}
+
+/* Backward, part 1: block = (query block, head), thread = query row i.
+ *   Di = rowsum(dY_i * Y_i)   (written to Di for part 2)
+ *   P_ij = exp(S_ij - lse_i), dP_ij = dY_i . V_j, dS_ij = P_ij (dP_ij - Di) scale
+ *   dQ_i = sum_j dS_ij K_j                                                    */
+template <int DM>
+__global__ __launch_bounds__(AQ) void attn_bwd_dq_kernel(
+    const float *__restrict__ dy, const float *__restrict__ q, const float *__restrict__ k,
+    const float *__restrict__ v, const float *__restrict__ y, const float *__restrict__ lse,
+    float *dq, float *Di, int T, int D, float scale2, float scale) {
+    const int TK = DM <= 64 ? 64 : 32;
+    __shared__ __align__(16) float Ks[TK * DM], Vs[TK * DM];
+    const int qb = gridDim.x - 1 - blockIdx.x;
+    const size_t off = (size_t)blockIdx.y * T * D;
+    dy += off; q += off; k += off; v += off; y += off; dq += off;
+    lse += (size_t)blockIdx.y * T; Di += (size_t)blockIdx.y * T;
+    const int i = qb * AQ + threadIdx.x;
+    const bool live = i < T;
+    float qr[DM], dyr[DM], dqr[DM], di = 0.0f;
+#pragma unroll
+    for (int d = 0; d < DM; d++) {
+        const bool in = live && d < D;
+        qr[d] = in ? q[(size_t)i * D + d] * scale2 : 0.0f;
+        dyr[d] = in ? dy[(size_t)i * D + d] : 0.0f;
+        di += in ? dyr[d] * y[(size_t)i * D + d] : 0.0f;
+        dqr[d] = 0.0f;
+    }
+    if (live) Di[i] = di;
+    const float l2 = live ? lse[i] * LOG2E : 0.0f;
+    const int kend = min(T, qb * AQ + AQ);
+    for (int j0 = 0; j0 < kend; j0 += TK) {
+        __syncthreads();
+        load_rows<TK, DM, DM>(Ks, k, j0, T, D, 0);
+        load_rows<TK, DM, DM>(Vs, v, j0, T, D, 0);
+        __syncthreads();
+        const int nvalid = live ? min(TK, i - j0 + 1) : 0;
+        for (int jj = 0; jj < nvalid; jj++) {
+            const float p = exp2f(dotv<DM>(qr, Ks + jj * DM) - l2);
+            const float dp = dotv<DM>(dyr, Vs + jj * DM);
+            axpyv<DM>(dqr, p * (dp - di), Ks + jj * DM);
+        }
+    }
+    if (live) {
+#pragma unroll
+        for (int d = 0; d < DM; d++)
+            if (d < D) dq[(size_t)i * D + d] = dqr[d] * scale;
+    }
+}
+
+/* Backward, part 2: block = (key block, head), two threads per key row j,
+ * each holding half of the head dimension (k_j, v_j, dK_j, dV_j in
+ * registers); dot products are completed with one shuffle. Query rows i >= j
+ * stream through shared memory (each row's halves padded apart: no bank
+ * conflicts between the two lanes of a pair).
+ *   dV_j = sum_i P_ij dY_i,   dK_j = sum_i dS_ij Q_i                        */
+template <int DM>
+__global__ __launch_bounds__(2 * AQ) void attn_bwd_dkdv_kernel(
+    const float *__restrict__ dy, const float *__restrict__ q, const float *__restrict__ k,
+    const float *__restrict__ v, const float *__restrict__ lse, const float *__restrict__ Di,
+    float *dk, float *dv, int T, int D, float scale2, float scale) {
+    const int HD = DM / 2, HS = HD + 4, TQ = DM <= 64 ? 64 : 32;
+    __shared__ __align__(16) float Qs[TQ * 2 * HS], dYs[TQ * 2 * HS];
+    __shared__ float L2s[TQ], Ds[TQ];
+    const int kb = blockIdx.x; /* key block 0 sees every query: it starts first */
+    const size_t off = (size_t)blockIdx.y * T * D;
+    dy += off; q += off; k += off; v += off; dk += off; dv += off;
+    lse += (size_t)blockIdx.y * T; Di += (size_t)blockIdx.y * T;
+    const int j = kb * AQ + (threadIdx.x >> 1), h = threadIdx.x & 1;
+    const bool live = j < T;
+    float kr[HD], vr[HD], dkr[HD], dvr[HD];
+#pragma unroll
+    for (int d = 0; d < HD; d++) {
+        const int dd = h * HD + d;
+        const bool in = live && dd < D;
+        kr[d] = in ? k[(size_t)j * D + dd] * scale2 : 0.0f;
+        vr[d] = in ? v[(size_t)j * D + dd] : 0.0f;
+        dkr[d] = dvr[d] = 0.0f;
+    }
+    for (int i0 = kb * AQ; i0 < T; i0 += TQ) {
+        __syncthreads();
+        load_rows<TQ, 2 * HS, DM>(Qs, q, i0, T, D, HS);
+        load_rows<TQ, 2 * HS, DM>(dYs, dy, i0, T, D, HS);
+        for (int r = threadIdx.x; r < TQ; r += blockDim.x) {
+            const bool in = i0 + r < T;
+            L2s[r] = in ? lse[i0 + r] * LOG2E : 0.0f;
+            Ds[r] = in ? Di[i0 + r] : 0.0f;
+        }
+        __syncthreads();
+        for (int ii = 0; ii < TQ; ii++) {
+            const int i = i0 + ii;
+            const float *qrow = Qs + ii * 2 * HS + h * HS, *dyrow = dYs + ii * 2 * HS + h * HS;
+            float s = dotv<HD>(kr, qrow);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            float dp = dotv<HD>(vr, dyrow);
+            dp += __shfl_xor_sync(0xffffffffu, dp, 1);
+            const float p = (live && i >= j && i < T) ? exp2f(s - L2s[ii]) : 0.0f;
+            axpyv<HD>(dvr, p, dyrow);
+            axpyv<HD>(dkr, p * (dp - Ds[ii]), qrow);
+        }
+    }
+    if (live) {
+#pragma unroll
+        for (int d = 0; d < HD; d++) {
+            const int dd = h * HD + d;
+            if (dd < D) {
+                dk[(size_t)j * D + dd] = dkr[d] * scale;
+                dv[(size_t)j * D + dd] = dvr[d];
+            }
+        }
+    }
+}
+
+static int attn_dm(int BH, int T, int D, const char *where) {
+    if (BH > 65535) { fo_fail("attention: B*H > 65535 is not supported"); return 0; }
+    if (D <= 32) return 32;
+    if (D <= 64) return 64;
+    if (D <= 128) return 128;
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s: head size %d > 128 is not supported", where, D);
+    fo_fail(msg);
+    (void)T;
+    return 0;
+}
+
+extern "C" void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                                     float *lse, int B, int H, int T, int D) {
+    int BH = B * H;
+    if (BH <= 0 || T <= 0) return;
+    int dm = attn_dm(BH, T, D, "fo_attention_forward");
+    dim3 grid(cdiv(T, AQ), BH);
+    float scale2 = LOG2E / sqrtf((float)D);
+    if (dm == 32) attn_fwd_kernel<32><<<grid, AQ>>>(q, k, v, y, lse, T, D, scale2);
+    if (dm == 64) attn_fwd_kernel<64><<<grid, AQ>>>(q, k, v, y, lse, T, D, scale2);
+    if (dm == 128) attn_fwd_kernel<128><<<grid, AQ>>>(q, k, v, y, lse, T, D, scale2);
+    fo_check("fo_attention_forward");
+}
+
+/* scratch for Di (B*H*T floats), grown when needed, kept between calls */
+static float *fo_scratch;
+static size_t fo_scratch_n;
+
+extern "C" void fo_attention_backward(const float *dy, const float *q, const float *k,
+                                      const float *v, const float *y, const float *lse,
+                                      float *dq, float *dk, float *dv, int B, int H, int T,
+                                      int D) {
+    int BH = B * H;
+    if (BH <= 0 || T <= 0) return;
+    int dm = attn_dm(BH, T, D, "fo_attention_backward");
+    size_t n = (size_t)BH * T;
+    if (n > fo_scratch_n) {
+        cudaFree(fo_scratch);
+        fo_scratch = NULL;
+        fo_scratch_n = 0;
+        if (cudaMalloc((void **)&fo_scratch, n * sizeof(float)) != cudaSuccess) {
+            fo_check("fo_attention_backward (scratch)");
+            fo_fail("fo_attention_backward: out of GPU memory for scratch");
+            return;
+        }
+        fo_scratch_n = n;
+    }
+    dim3 grid(cdiv(T, AQ), BH);
+    float scale = 1.0f / sqrtf((float)D), scale2 = LOG2E * scale;
+    float *Di = fo_scratch;
+#define FO_BWD(DMV)                                                                          \
+    if (dm == DMV) {                                                                         \
+        attn_bwd_dq_kernel<DMV><<<grid, AQ>>>(dy, q, k, v, y, lse, dq, Di, T, D, scale2, scale); \
+        attn_bwd_dkdv_kernel<DMV><<<grid, 2 * AQ>>>(dy, q, k, v, lse, Di, dk, dv, T, D, scale2, \
+                                                    scale);                                  \
+    }
+    FO_BWD(32)
+    FO_BWD(64)
+    FO_BWD(128)
+#undef FO_BWD
+    fo_check("fo_attention_backward");
+}
+
+#endif /* __CUDACC__ : end of CUDA section */

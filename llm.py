@@ -311,37 +311,110 @@ _fastops = _load_fastops()
 _use_fastops = _fastops is not None
 
 
+# ---- the GPU: CuPy arrays and fastops.c's CUDA section -------------------------
+# use_device("cuda") makes `xp` CuPy (an optional dependency, imported only
+# here), so every array -- parameters, activations, gradients, optimizer state
+# -- lives on the GPU, and the same code below runs there. The heavy math then
+# goes to _fastops_cuda.so (`python build_ext.py --cuda`), opened with cffi's
+# ABI mode; its functions take device pointers. Without it CuPy's own math runs.
+_CUDA_CDEF = """
+const char *fo_isa(void);
+const char *fo_cuda_error(void);
+const char *fo_cuda_sync(void);
+void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+              int accumulate, const float *bias);
+void fo_colsum(const float *dy, float *db, int M, int N);
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D);
+void fo_attention_backward(const float *dy, const float *q, const float *k,
+                           const float *v, const float *y, const float *lse,
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
+"""
+_cuda = None                                           # (ffi, lib) once loaded
+
+
+def _load_cuda():
+    import cffi, types, warnings
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastops_cuda.so")
+    if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
+        warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
+                      "Build them with `python build_ext.py --cuda`.")
+        return None
+    ffi = cffi.FFI()
+    ffi.cdef(_CUDA_CDEF)
+    return types.SimpleNamespace(ffi=ffi, lib=ffi.dlopen(path))
+
+
+def use_device(name: str):
+    """'cpu' (NumPy, the C kernels) or 'cuda' (CuPy, the CUDA kernels). Call
+    it before building a model: arrays made earlier stay where they are."""
+    global xp, _use_fastops, _cuda
+    if name == "cpu":
+        xp, _use_fastops = numpy, _fastops is not None
+    elif name == "cuda":
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                raise RuntimeError("no GPU")
+        except Exception as e:
+            raise RuntimeError(f"device cuda: needs CuPy and a CUDA GPU ({type(e).__name__}: {e}); "
+                               "install CuPy with e.g. `pip install cupy-cuda12x`") from None
+        xp, _cuda = cupy, _cuda or _load_cuda()
+        _use_fastops = _cuda is not None
+    else:
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
+
+
+def _kernels():
+    """(lib, ffi) of the kernels for the arrays of the current device."""
+    m = _fastops if xp is numpy else _cuda
+    return m.lib, m.ffi
+
+
+def _done(*out):
+    """After a CUDA kernel call: raise its launch error, if any."""
+    if xp is not numpy:
+        msg = _cuda.lib.fo_cuda_error()
+        if msg != _cuda.ffi.NULL:
+            raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
+    return out[0] if len(out) == 1 else out
+
+
 def set_backend(name: str) -> str:
     """Choose 'fastops' or 'numpy' for the heavy math; returns the previous one."""
     global _use_fastops
     if name not in ("fastops", "numpy"):
         raise ValueError(f"backend: expected 'fastops' or 'numpy', got {name!r}")
-    if name == "fastops" and _fastops is None:
-        raise RuntimeError("backend: fastops is not built (run `python build_ext.py`)")
+    if name == "fastops" and (_fastops if xp is numpy else _cuda) is None:
+        raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
+                           + ("" if xp is numpy else " --cuda") + ")")
     previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
     return previous
 
 
 def _fast(*arrays) -> bool:
-    return _use_fastops and xp is numpy and all(
-        isinstance(a, numpy.ndarray) and a.dtype == numpy.float32 for a in arrays)
+    return _use_fastops and all(
+        isinstance(a, xp.ndarray) and a.dtype == numpy.float32 for a in arrays)
 
 
 def _f32(name, a, ndim, allow_transposed=False):
     """A float32 array of `ndim` dims, C-contiguous (copied if not; a 2-D
     Fortran-ordered array, i.e. a transposed view, passes as is if allowed)."""
-    if not isinstance(a, numpy.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
     if a.dtype != numpy.float32:
         raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
         return a
-    return numpy.ascontiguousarray(a)
+    return xp.ascontiguousarray(a)
 
 
 def _ptr(a):
+    if xp is not numpy:                                # a GPU array: its device address
+        return _cuda.ffi.cast("float *", int(a.data.ptr))
     # a Fortran-ordered matrix is the C-ordered transpose: same memory
     return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
 
@@ -360,11 +433,12 @@ def fo_linear_forward(x, w, b):
         b = _f32("b", b, 1)
         if b.shape != (N,):
             raise ValueError(f"b: expected shape ({N},), got {b.shape}")
-    y = numpy.empty((M, N), numpy.float32)
+    y = xp.empty((M, N), numpy.float32)
     rs, cs = _strides(w)
-    _fastops.lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
-                          _fastops.ffi.NULL if b is None else _ptr(b))
-    return y
+    lib, ffi = _kernels()
+    lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
+                 ffi.NULL if b is None else _ptr(b))
+    return _done(y)
 
 
 def fo_linear_backward(dy, x, w):
@@ -374,13 +448,13 @@ def fo_linear_backward(dy, x, w):
         raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
     if dy.shape != (M, N):
         raise ValueError(f"dy: expected shape {(M, N)}, got {dy.shape}")
-    dx, dw, db = (numpy.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
+    dx, dw, db = (xp.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
     rs, cs = _strides(w)
-    lib = _fastops.lib
-    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, _fastops.ffi.NULL)
-    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, _fastops.ffi.NULL)
+    lib, ffi = _kernels()
+    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
+    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
     lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
-    return dx, dw, db
+    return _done(dx, dw, db)
 
 
 def fo_attention_forward(q, k, v):
@@ -389,9 +463,9 @@ def fo_attention_forward(q, k, v):
         if a.shape != q.shape:
             raise ValueError(f"{name}: expected the shape of q {q.shape}, got {a.shape}")
     B, H, T, D = q.shape
-    y, lse = numpy.empty_like(q), numpy.empty((B, H, T), numpy.float32)
-    _fastops.lib.fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
-    return y, {"fastops": (q, k, v, y, lse)}
+    y, lse = xp.empty_like(q), xp.empty((B, H, T), numpy.float32)
+    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
+    return _done(y), {"fastops": (q, k, v, y, lse)}
 
 
 def fo_attention_backward(dy, cache):
@@ -399,10 +473,10 @@ def fo_attention_backward(dy, cache):
     dy = _f32("dy", dy, 4)
     if dy.shape != q.shape:
         raise ValueError(f"dy: expected shape {q.shape}, got {dy.shape}")
-    dq, dk, dv = numpy.empty_like(q), numpy.empty_like(q), numpy.empty_like(q)
-    _fastops.lib.fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
-                                       _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
-    return dq, dk, dv
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
+    _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
+                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
+    return _done(dq, dk, dv)
 
 
 # ---- the linear layer: y = x W + b ------------------------------------------
@@ -430,7 +504,7 @@ def linear_backward(dy, x, w):
 def dropout_forward(x, p, rng):
     if p == 0.0 or rng is None:
         return x, None
-    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+    mask = xp.asarray(rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
     return x * mask, mask
 
 
@@ -445,7 +519,7 @@ def dropout_backward(dy, mask):
 # softmax(q.k / sqrt(D)). q, k, v are (B, H, T, D): H heads of width D.
 
 def attention_forward(q, k, v, dropout=0.0, rng=None):
-    if _fast(q, k, v) and (dropout == 0.0 or rng is None):
+    if _fast(q, k, v) and (dropout == 0.0 or rng is None) and (xp is numpy or q.shape[-1] <= 128):
         return fo_attention_forward(q, k, v)
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D)
@@ -526,8 +600,7 @@ def logprob_backward(logp, targets, dlogp):
     d log p_y / d z = onehot(y) - softmax(z). Cross-entropy uses it, and so do
     RLHF's policy gradients, which weight each token's log-probability."""
     dlogits = -xp.exp(logp) * dlogp[..., None]
-    xp.put_along_axis(dlogits, targets[..., None],
-                      xp.take_along_axis(dlogits, targets[..., None], -1) + dlogp[..., None], -1)
+    dlogits[tuple(xp.indices(targets.shape)) + (targets,)] += dlogp   # [b, t, targets[b, t]]
     return dlogits
 
 
@@ -662,7 +735,7 @@ class GPT:
         dx = dropout_backward(dx, c["emb_mask"])
         dwte = grads.get("wte.weight")
         dwte = xp.zeros_like(self.params["wte.weight"]) if dwte is None else dwte
-        xp.add.at(dwte, c["idx"], dx)                  # each used row gets its gradient
+        add_at(dwte, c["idx"], dx)                     # each used row gets its gradient
         grads["wte.weight"] = dwte
         grads["wpe.weight"] = xp.zeros_like(self.params["wpe.weight"])
         grads["wpe.weight"][:T] = dx.sum(0)
@@ -709,6 +782,16 @@ class GPT:
 
     def num_params(self) -> int:
         return sum(v.size for v in self.params.values())
+
+
+def add_at(a, index, values):
+    """a[index] += values, repeated indices adding up (numpy.add.at; CuPy
+    spells it cupyx.scatter_add)."""
+    if xp is numpy:
+        numpy.add.at(a, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(a, index, values)
 
 
 def linear_backward_input(dy, w):
@@ -902,7 +985,7 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
             nxt = int(xp.argmax(logits))
         else:
             probs = next_token_probs(logits, temperature, top_k, top_p)
-            nxt = int(rng.choice(probs.size, p=numpy.asarray(probs)))
+            nxt = int(rng.choice(probs.size, p=xp_to_numpy(probs)))
         if nxt in stop:
             return
         yield nxt

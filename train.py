@@ -405,6 +405,8 @@ def add_flags(p, sizes):
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="the run folder")
     g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)")
     g.add_argument("--quick", action="store_true", help="a small complete run (about a minute)")
     g.add_argument("--eval-limit", type=int, default=sizes["eval_limit"],
                    help="evaluate on at most this many held-out examples")
@@ -457,6 +459,10 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
+    try:
+        llm.use_device(getattr(a, "device", "cpu"))     # before any model is built
+    except RuntimeError as e:
+        sys.exit(str(e))
     if hasattr(a, "explain"):            # tokens, sample, attention, chat
         return a.explain(a)
     os.makedirs(a.out, exist_ok=True)

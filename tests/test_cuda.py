@@ -1,0 +1,174 @@
+"""The CUDA build of fastops (fastops.c's __CUDACC__ section) and llm.py on the GPU.
+
+- The build test needs only nvcc (skipped without it): it compiles
+  fastops.c as CUDA, opens the library with cffi and checks its error path.
+- The GPU tests need CuPy and a GPU (skipped otherwise): the CUDA kernels
+  against float64 references, forward and backward, and a few training steps
+  on the GPU against the same steps on the CPU.
+"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import build_ext
+import llm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = os.path.join(ROOT, build_ext.CUDA_LIB)
+
+
+def _nvcc():
+    return os.environ.get("NVCC") or shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+# ---- without a GPU ------------------------------------------------------------------
+
+def test_use_device_checks_its_argument():
+    with pytest.raises(ValueError, match="cpu' or 'cuda"):
+        llm.use_device("tpu")
+    assert llm.xp is np
+
+
+def test_use_device_cuda_without_cupy_says_what_to_install():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="CuPy"):
+        llm.use_device("cuda")
+    assert llm.xp is np                                # nothing changed
+
+
+def test_cuda_build_compiles_and_loads(tmp_path):
+    """nvcc compiles fastops.c as CUDA; the library opens without a GPU and
+    reports errors as messages (no GPU here: the sync fails, with a message)."""
+    if _nvcc() is None:
+        pytest.skip("nvcc is absent")
+    src = os.path.join(ROOT, "fastops.c")
+    if os.path.exists(LIB) and os.path.getmtime(LIB) >= os.path.getmtime(src):
+        path = LIB                                     # already built from this source
+    else:
+        path = str(tmp_path / build_ext.CUDA_LIB)
+        assert build_ext.build_cuda(verbose=False, dest=path) == 0
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(llm._CUDA_CDEF)
+    lib = ffi.dlopen(path)
+    assert ffi.string(lib.fo_isa()) == b"cuda"
+    assert lib.fo_cuda_error() == ffi.NULL
+    lib.fo_attention_forward(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 129)
+    msg = lib.fo_cuda_error()
+    assert msg != ffi.NULL and b"head size 129" in ffi.string(msg)
+    assert lib.fo_cuda_error() == ffi.NULL             # reading the error clears it
+
+
+def test_cuda_build_without_nvcc_is_not_an_error():
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable), "NVCC": "",
+           "CUDA_HOME": "/nonexistent"}
+    code = ("import build_ext, os; os.path.exists = lambda p: False; "
+            "import sys; sys.exit(build_ext.main(['--cuda']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "nvcc not found" in r.stdout
+
+
+# ---- on the GPU -------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu():
+    """llm on the GPU with the CUDA kernels; back on the CPU afterwards."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no GPU")
+    except Exception as e:
+        pytest.skip(f"no GPU ({e})")
+    if not os.path.exists(LIB):
+        if _nvcc() is None or build_ext.build_cuda(verbose=False) != 0:
+            pytest.skip("the CUDA kernels are not built (python build_ext.py --cuda)")
+    llm.use_device("cuda")
+    try:
+        assert llm._cuda is not None and llm.set_backend("fastops")
+        yield cp
+    finally:
+        llm.use_device("cpu")
+
+
+def close(got, ref, K):
+    """float32 sums of K terms of O(1) products: error ~ eps * sqrt(K)."""
+    np.testing.assert_allclose(llm.xp_to_numpy(got), ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 7), (128, 128, 128), (129, 65, 257),
+                                   (768, 128, 384), (2048, 384, 1152), (64, 1000, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_linear_matches_float64(gpu, M, K, N, bias):
+    rng = np.random.default_rng(M * 7 + K * 3 + N)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (M, N)))
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    g = [gpu.asarray(a) if a is not None else None for a in (x, w, dy, b)]
+    y = llm.fo_linear_forward(g[0], g[1], g[3])
+    dx, dw, db = llm.fo_linear_backward(g[2], g[0], g[1])
+    assert isinstance(y, gpu.ndarray) and y.dtype == np.float32
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    close(y, x64 @ w64 + (0 if b is None else b), K)
+    close(dx, dy64 @ w64.T, N)
+    close(dw, x64.T @ dy64, M)
+    close(db, dy64.sum(0), M)
+    # the tied output head passes a transposed view (F-ordered): same results
+    wt = gpu.asarray(np.ascontiguousarray(w.T))
+    close(llm.fo_linear_forward(g[0], wt.T, None), x64 @ w64, K)
+    close(llm.fo_linear_backward(g[2], g[0], wt.T)[0], dy64 @ w64.T, N)
+
+
+@pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 8), (2, 3, 5, 16), (1, 2, 64, 32), (2, 2, 65, 64),
+                                     (1, 1, 130, 33), (1, 2, 257, 64), (1, 1, 100, 128),
+                                     (2, 4, 64, 32), (1, 12, 1024, 64)])
+def test_cuda_attention_matches_float64(gpu, B, H, T, D):
+    rng = np.random.default_rng(T * 10 + D)
+    q, k, v, dy = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
+    llm.use_device("cpu")                              # the NumPy reference, in float64
+    prev = llm.set_backend("numpy")
+    ref_y, cache = llm.attention_forward(*(a.astype(np.float64) for a in (q, k, v)))
+    ref = llm.attention_backward(dy.astype(np.float64), cache)
+    llm.set_backend(prev)
+    llm.use_device("cuda")
+    y, cache = llm.attention_forward(*(gpu.asarray(a) for a in (q, k, v)))
+    assert isinstance(cache, dict)                     # the CUDA kernel ran
+    grads = llm.attention_backward(gpu.asarray(dy), cache)
+    close(y, ref_y, T)
+    for got, want in zip(grads, ref):
+        close(got, want, T * D)
+
+
+def test_cuda_training_matches_cpu(gpu, tmp_path):
+    """The same steps, from the same weights and batches, on both devices."""
+    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=97, dtype="float32")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 97, 5000)
+    tc = llm.TrainConfig(batch_size=4, max_iters=5, warmup_iters=2, eval_interval=1000)
+
+    def run(device):
+        llm.use_device(device)
+        model, state = llm.GPT(cfg, seed=1), llm.TrainState()
+        llm.train_steps(model, state, tc, lambda r: llm.get_batch(data, 32, 4, r))
+        return model, [loss for _, loss, _ in state.history]
+
+    cpu_model, cpu_losses = run("cpu")
+    gpu_model, gpu_losses = run("cuda")
+    assert isinstance(gpu_model.params["wte.weight"], gpu.ndarray)
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-4)
+    for name, p in cpu_model.params.items():
+        np.testing.assert_allclose(llm.xp_to_numpy(gpu_model.params[name]), p, rtol=1e-3, atol=1e-4)
+    # a checkpoint saved from the GPU loads back (on the GPU) unchanged
+    path = str(tmp_path / "gpu.safetensors")
+    llm.save_checkpoint(path, gpu_model, llm.byte_tokenizer())
+    model, _, _, _ = llm.load_checkpoint(path)
+    for name, p in gpu_model.params.items():
+        assert gpu.array_equal(model.params[name], p)
