@@ -1357,7 +1357,7 @@ def head_backward(model: GPT, name: str, h, pos, dout, grads):
     grads[name + ".weight"] = (dout[..., None] * hp).reshape(-1, hp.shape[-1]).sum(0)
     grads[name + ".bias"] = dout.sum()
     dh = xp.zeros_like(h)
-    xp.add.at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
+    add_at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
     return dh
 
 
