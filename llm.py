@@ -11,10 +11,11 @@ Read it top to bottom. It goes the way text goes through an LLM:
   5. Pretraining    learn language by predicting the next token
   6. Instruction tuning, 7. RLHF, 8. Task fine-tuning (LoRA)
   9. Checkpoints    safetensors files written with NumPy, atomically
+ 10. Fast kernels   fastops.c's C (and CUDA) kernels for the heavy math
 
 Only NumPy is needed. The two heavy operations (the linear layers' matrix
 products and causal attention) also have C kernels in fastops.c; when those
-are built, llm.py uses them, and otherwise it runs the NumPy code below.
+are built, llm.py uses them, and otherwise it runs the NumPy code.
 """
 from __future__ import annotations
 
@@ -282,203 +283,6 @@ class GPTConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
 
 
-# ---- fastops: the C kernels, when built ---------------------------------------
-# fastops.c (build it with `python build_ext.py`) computes the four functions
-# below in C with SIMD and threads. It is used for float32 arrays only: float64
-# (the gradient checks) and attention with dropout stay on the NumPy code, which
-# is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
-# NumPy everywhere. The wrappers check every array before a pointer goes to C.
-
-def _load_fastops():
-    if os.environ.get("LLM_NUMPY") == "1":
-        return None
-    import glob, importlib.util, warnings
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
-        try:
-            spec = importlib.util.spec_from_file_location("_fastops", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-        except ImportError:
-            continue                                   # built for another Python
-    warnings.warn("fastops (the C kernels) is not built: using the slower NumPy code. "
-                  "Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
-    return None
-
-
-_fastops = _load_fastops()
-_use_fastops = _fastops is not None
-
-
-# ---- the GPU: CuPy arrays and fastops.c's CUDA section -------------------------
-# use_device("cuda") makes `xp` CuPy (an optional dependency, imported only
-# here), so every array -- parameters, activations, gradients, optimizer state
-# -- lives on the GPU, and the same code below runs there. The heavy math then
-# goes to _fastops_cuda.so (`python build_ext.py --cuda`), opened with cffi's
-# ABI mode; its functions take device pointers. Without it CuPy's own math runs.
-_CUDA_CDEF = """
-const char *fo_isa(void);
-const char *fo_cuda_error(void);
-const char *fo_cuda_sync(void);
-void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
-              int accumulate, const float *bias);
-void fo_colsum(const float *dy, float *db, int M, int N);
-void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D);
-void fo_attention_backward(const float *dy, const float *q, const float *k,
-                           const float *v, const float *y, const float *lse,
-                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
-"""
-_cuda = None                                           # (ffi, lib) once loaded
-
-
-def _load_cuda():
-    import cffi, types, warnings
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastops_cuda.so")
-    if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
-        warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
-                      "Build them with `python build_ext.py --cuda`.")
-        return None
-    ffi = cffi.FFI()
-    ffi.cdef(_CUDA_CDEF)
-    return types.SimpleNamespace(ffi=ffi, lib=ffi.dlopen(path))
-
-
-def use_device(name: str):
-    """'cpu' (NumPy, the C kernels) or 'cuda' (CuPy, the CUDA kernels). Call
-    it before building a model: arrays made earlier stay where they are."""
-    global xp, _use_fastops, _cuda
-    if name == "cpu":
-        xp, _use_fastops = numpy, _fastops is not None
-    elif name == "cuda":
-        try:
-            import cupy
-            if cupy.cuda.runtime.getDeviceCount() < 1:
-                raise RuntimeError("no GPU")
-        except Exception as e:
-            raise RuntimeError(f"device cuda: needs CuPy and a CUDA GPU ({type(e).__name__}: {e}); "
-                               "install CuPy with e.g. `pip install cupy-cuda12x`") from None
-        xp, _cuda = cupy, _cuda or _load_cuda()
-        _use_fastops = _cuda is not None
-    else:
-        raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
-
-
-def _kernels():
-    """(lib, ffi) of the kernels for the arrays of the current device."""
-    m = _fastops if xp is numpy else _cuda
-    return m.lib, m.ffi
-
-
-def _done(*out):
-    """After a CUDA kernel call: raise its launch error, if any."""
-    if xp is not numpy:
-        msg = _cuda.lib.fo_cuda_error()
-        if msg != _cuda.ffi.NULL:
-            raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
-    return out[0] if len(out) == 1 else out
-
-
-def set_backend(name: str) -> str:
-    """Choose 'fastops' or 'numpy' for the heavy math; returns the previous one."""
-    global _use_fastops
-    if name not in ("fastops", "numpy"):
-        raise ValueError(f"backend: expected 'fastops' or 'numpy', got {name!r}")
-    if name == "fastops" and (_fastops if xp is numpy else _cuda) is None:
-        raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
-                           + ("" if xp is numpy else " --cuda") + ")")
-    previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
-    return previous
-
-
-def _fast(*arrays) -> bool:
-    return _use_fastops and all(
-        isinstance(a, xp.ndarray) and a.dtype == numpy.float32 for a in arrays)
-
-
-def _f32(name, a, ndim, allow_transposed=False):
-    """A float32 array of `ndim` dims, C-contiguous (copied if not; a 2-D
-    Fortran-ordered array, i.e. a transposed view, passes as is if allowed)."""
-    if not isinstance(a, xp.ndarray):
-        raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
-    if a.dtype != numpy.float32:
-        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
-    if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
-        return a
-    return xp.ascontiguousarray(a)
-
-
-def _ptr(a):
-    if xp is not numpy:                                # a GPU array: its device address
-        return _cuda.ffi.cast("float *", int(a.data.ptr))
-    # a Fortran-ordered matrix is the C-ordered transpose: same memory
-    return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
-
-
-def _strides(a):
-    """(row stride, column stride) in elements of a C- or F-contiguous matrix."""
-    return (a.shape[1], 1) if a.flags.c_contiguous else (1, a.shape[0])
-
-
-def fo_linear_forward(x, w, b):
-    x, w = _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
-    (M, K), N = x.shape, w.shape[1]
-    if w.shape[0] != K:
-        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
-    if b is not None:
-        b = _f32("b", b, 1)
-        if b.shape != (N,):
-            raise ValueError(f"b: expected shape ({N},), got {b.shape}")
-    y = xp.empty((M, N), numpy.float32)
-    rs, cs = _strides(w)
-    lib, ffi = _kernels()
-    lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
-                 ffi.NULL if b is None else _ptr(b))
-    return _done(y)
-
-
-def fo_linear_backward(dy, x, w):
-    dy, x, w = _f32("dy", dy, 2), _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
-    (M, K), N = x.shape, w.shape[1]
-    if w.shape[0] != K:
-        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
-    if dy.shape != (M, N):
-        raise ValueError(f"dy: expected shape {(M, N)}, got {dy.shape}")
-    dx, dw, db = (xp.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
-    rs, cs = _strides(w)
-    lib, ffi = _kernels()
-    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
-    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
-    lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
-    return _done(dx, dw, db)
-
-
-def fo_attention_forward(q, k, v):
-    q, k, v = _f32("q", q, 4), _f32("k", k, 4), _f32("v", v, 4)
-    for name, a in (("k", k), ("v", v)):
-        if a.shape != q.shape:
-            raise ValueError(f"{name}: expected the shape of q {q.shape}, got {a.shape}")
-    B, H, T, D = q.shape
-    y, lse = xp.empty_like(q), xp.empty((B, H, T), numpy.float32)
-    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
-    return _done(y), {"fastops": (q, k, v, y, lse)}
-
-
-def fo_attention_backward(dy, cache):
-    q, k, v, y, lse = cache["fastops"]
-    dy = _f32("dy", dy, 4)
-    if dy.shape != q.shape:
-        raise ValueError(f"dy: expected shape {q.shape}, got {dy.shape}")
-    dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
-    _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
-                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
-    return _done(dq, dk, dv)
-
-
 # ---- the linear layer: y = x W + b ------------------------------------------
 # W is stored (in, out), as in GPT-2's Conv1D. x is (M, K) with M = B*T rows.
 
@@ -712,6 +516,7 @@ class GPT:
         if c is None:
             raise RuntimeError("backward: call forward() first")
         grads = {} if grads is None else grads
+        dh = dh.astype(cfg.dtype, copy=False)
         B, T = c["idx"].shape
         C, H = cfg.n_embd, cfg.n_head
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dh, c["lnf"])
@@ -772,6 +577,7 @@ class GPT:
             raise RuntimeError("backward: call forward() with targets first")
         if dlogits is None:
             dlogits = cross_entropy_backward(c["ce"])
+        dlogits = dlogits.astype(self.config.dtype, copy=False)   # a float64 scalar must not promote
         h = c["h"]
         B, T, C = h.shape
         wte = self.params["wte.weight"]
@@ -1468,7 +1274,7 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(
         xp.arange(x.shape[1]), x.shape))
     ref_logp, _ = sequence_logprobs(ref, x, y)
-    score = xp.asarray(score_answers(rm, tok, prompts, texts, ended))
+    score = xp.asarray(score_answers(rm, tok, prompts, texts, ended), dtype=logp.dtype)
     kl = (logp - ref_logp) * mask
     rewards = -pc.kl_coef * kl
     last = (mask.cumsum(1) == mask.sum(1, keepdims=True)) & (mask > 0)  # each row's final token
@@ -1914,3 +1720,209 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
         lines = [base64.b64encode(b).decode() + f" {i}\n" for b, i in sorted(tokenizer.ranks.items(),
                                                                           key=lambda kv: kv[1])]
         _atomic_write(os.path.join(folder, "tokenizer.tiktoken"), "".join(lines).encode())
+
+
+# =============================================================================
+# 10. The fast kernels: fastops (C on the CPU, CUDA on the GPU)
+# =============================================================================
+# Everything above is complete in NumPy. Two operations take most of the
+# time, the linear layers' matrix products and attention, so linear_forward,
+# linear_backward, attention_forward and attention_backward hand float32
+# arrays to the C kernels of fastops.c when they are built. This section
+# loads them and checks every array before a pointer crosses into C.
+
+# ---- the C kernels, when built ---------------------------------------
+# fastops.c (build it with `python build_ext.py`) computes the four functions
+# below in C with SIMD and threads. It is used for float32 arrays only: float64
+# (the gradient checks) and attention with dropout stay on the NumPy code, which
+# is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
+# NumPy everywhere. The wrappers check every array before a pointer goes to C.
+
+def _load_fastops():
+    if os.environ.get("LLM_NUMPY") == "1":
+        return None
+    import glob, importlib.util, warnings
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
+        try:
+            spec = importlib.util.spec_from_file_location("_fastops", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        except ImportError:
+            continue                                   # built for another Python
+    warnings.warn("fastops (the C kernels) is not built: using the slower NumPy code. "
+                  "Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
+    return None
+
+
+_fastops = _load_fastops()
+_use_fastops = _fastops is not None
+
+
+# ---- the GPU: CuPy arrays and fastops.c's CUDA section -------------------------
+# use_device("cuda") makes `xp` CuPy (an optional dependency, imported only
+# here), so every array -- parameters, activations, gradients, optimizer state
+# -- lives on the GPU, and the same code below runs there. The heavy math then
+# goes to _fastops_cuda.so (`python build_ext.py --cuda`), opened with cffi's
+# ABI mode; its functions take device pointers. Without it CuPy's own math runs.
+_CUDA_CDEF = """
+const char *fo_isa(void);
+const char *fo_cuda_error(void);
+const char *fo_cuda_sync(void);
+void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
+              int accumulate, const float *bias);
+void fo_colsum(const float *dy, float *db, int M, int N);
+void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
+                          float *lse, int B, int H, int T, int D);
+void fo_attention_backward(const float *dy, const float *q, const float *k,
+                           const float *v, const float *y, const float *lse,
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
+"""
+_cuda = None                                           # (ffi, lib) once loaded
+
+
+def _load_cuda():
+    import cffi, types, warnings
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastops_cuda.so")
+    if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
+        warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
+                      "Build them with `python build_ext.py --cuda`.")
+        return None
+    ffi = cffi.FFI()
+    ffi.cdef(_CUDA_CDEF)
+    return types.SimpleNamespace(ffi=ffi, lib=ffi.dlopen(path))
+
+
+def use_device(name: str):
+    """'cpu' (NumPy, the C kernels) or 'cuda' (CuPy, the CUDA kernels). Call
+    it before building a model: arrays made earlier stay where they are."""
+    global xp, _use_fastops, _cuda
+    if name == "cpu":
+        xp, _use_fastops = numpy, _fastops is not None
+    elif name == "cuda":
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                raise RuntimeError("no GPU")
+        except Exception as e:
+            raise RuntimeError(f"device cuda: needs CuPy and a CUDA GPU ({type(e).__name__}: {e}); "
+                               "install CuPy with e.g. `pip install cupy-cuda12x`") from None
+        xp, _cuda = cupy, _cuda or _load_cuda()
+        _use_fastops = _cuda is not None
+    else:
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
+
+
+def _kernels():
+    """(lib, ffi) of the kernels for the arrays of the current device."""
+    m = _fastops if xp is numpy else _cuda
+    return m.lib, m.ffi
+
+
+def _done(*out):
+    """After a CUDA kernel call: raise its launch error, if any."""
+    if xp is not numpy:
+        msg = _cuda.lib.fo_cuda_error()
+        if msg != _cuda.ffi.NULL:
+            raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
+    return out[0] if len(out) == 1 else out
+
+
+def set_backend(name: str) -> str:
+    """Choose 'fastops' or 'numpy' for the heavy math; returns the previous one."""
+    global _use_fastops
+    if name not in ("fastops", "numpy"):
+        raise ValueError(f"backend: expected 'fastops' or 'numpy', got {name!r}")
+    if name == "fastops" and (_fastops if xp is numpy else _cuda) is None:
+        raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
+                           + ("" if xp is numpy else " --cuda") + ")")
+    previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
+    return previous
+
+
+def _fast(*arrays) -> bool:
+    return _use_fastops and all(
+        isinstance(a, xp.ndarray) and a.dtype == numpy.float32 for a in arrays)
+
+
+def _f32(name, a, ndim, allow_transposed=False):
+    """A float32 array of `ndim` dims, C-contiguous (copied if not; a 2-D
+    Fortran-ordered array, i.e. a transposed view, passes as is if allowed)."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
+    if a.dtype != numpy.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
+        return a
+    return xp.ascontiguousarray(a)
+
+
+def _ptr(a):
+    if xp is not numpy:                                # a GPU array: its device address
+        return _cuda.ffi.cast("float *", int(a.data.ptr))
+    # a Fortran-ordered matrix is the C-ordered transpose: same memory
+    return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
+
+
+def _strides(a):
+    """(row stride, column stride) in elements of a C- or F-contiguous matrix."""
+    return (a.shape[1], 1) if a.flags.c_contiguous else (1, a.shape[0])
+
+
+def fo_linear_forward(x, w, b):
+    x, w = _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
+    (M, K), N = x.shape, w.shape[1]
+    if w.shape[0] != K:
+        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
+    if b is not None:
+        b = _f32("b", b, 1)
+        if b.shape != (N,):
+            raise ValueError(f"b: expected shape ({N},), got {b.shape}")
+    y = xp.empty((M, N), numpy.float32)
+    rs, cs = _strides(w)
+    lib, ffi = _kernels()
+    lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
+                 ffi.NULL if b is None else _ptr(b))
+    return _done(y)
+
+
+def fo_linear_backward(dy, x, w):
+    dy, x, w = _f32("dy", dy, 2), _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
+    (M, K), N = x.shape, w.shape[1]
+    if w.shape[0] != K:
+        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
+    if dy.shape != (M, N):
+        raise ValueError(f"dy: expected shape {(M, N)}, got {dy.shape}")
+    dx, dw, db = (xp.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
+    rs, cs = _strides(w)
+    lib, ffi = _kernels()
+    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
+    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
+    lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
+    return _done(dx, dw, db)
+
+
+def fo_attention_forward(q, k, v):
+    q, k, v = _f32("q", q, 4), _f32("k", k, 4), _f32("v", v, 4)
+    for name, a in (("k", k), ("v", v)):
+        if a.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {q.shape}, got {a.shape}")
+    B, H, T, D = q.shape
+    y, lse = xp.empty_like(q), xp.empty((B, H, T), numpy.float32)
+    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
+    return _done(y), {"fastops": (q, k, v, y, lse)}
+
+
+def fo_attention_backward(dy, cache):
+    q, k, v, y, lse = cache["fastops"]
+    dy = _f32("dy", dy, 4)
+    if dy.shape != q.shape:
+        raise ValueError(f"dy: expected shape {q.shape}, got {dy.shape}")
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
+    _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
+                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
+    return _done(dq, dk, dv)
