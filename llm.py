@@ -1260,21 +1260,28 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, adv + values
 
 
-def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng):
-    """Answer each prompt by sampling, then score: per-token rewards are
-    -kl_coef (log pi - log pi_ref), and the last token also gets the
-    reward model's score."""
+def sample_answers(policy: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng):
+    """The policy answers each prompt by sampling -> (conversations, texts, ended)."""
     stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
     heads = [chat_prompt(tok, p) for p in prompts]
     outs, ended = generate_batch(policy, heads, pc.max_new_tokens, pc.temperature, stop, rng)
     examples = [(h + o + ([tok.special[END]] if e else []), len(h)) for h, o, e in zip(heads, outs, ended)]
-    texts = [tok.decode(o) for o in outs]
+    return examples, [tok.decode(o) for o in outs], ended
+
+
+def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng,
+                norm=(0.0, 1.0)):
+    """Answer each prompt by sampling, then score: per-token rewards are
+    -kl_coef (log pi - log pi_ref), and the last token also gets the
+    reward model's score, normalised by norm = (mean, std)."""
+    examples, texts, ended = sample_answers(policy, tok, prompts, pc, rng)
     x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
     logp, _ = sequence_logprobs(policy, x, y)
     values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(
         xp.arange(x.shape[1]), x.shape))
     ref_logp, _ = sequence_logprobs(ref, x, y)
-    score = xp.asarray(score_answers(rm, tok, prompts, texts, ended), dtype=logp.dtype)
+    raw = xp.asarray(score_answers(rm, tok, prompts, texts, ended), dtype=logp.dtype)
+    score = (raw - norm[0]) / norm[1]
     kl = (logp - ref_logp) * mask
     rewards = -pc.kl_coef * kl
     last = (mask.cumsum(1) == mask.sum(1, keepdims=True)) & (mask > 0)  # each row's final token
@@ -1285,7 +1292,7 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     std = xp.sqrt((((adv - mean) * mask) ** 2).sum() / n)
     adv = (adv - mean) / (std + 1e-8) * mask                           # whitened
     return dict(x=x, y=y, mask=mask, logp=logp, values=values, adv=adv, ret=ret,
-                score=score, kl=float(kl.sum() / len(prompts)), texts=texts, ended=ended)
+                score=score, raw_score=raw, kl=float(kl.sum() / len(prompts)), texts=texts, ended=ended)
 
 
 def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
@@ -1327,9 +1334,16 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     opt = AdamW(pc.learning_rate, (0.9, 0.95), weight_decay=0.0)
     history, kl_coef = [], pc.kl_coef
     t0 = time.time()
+    # The reward model's scale is arbitrary: normalise its scores so that the
+    # starting policy's answers score mean 0 and standard deviation 1.
+    calib = [prompts[i] for i in rng.choice(len(prompts), min(len(prompts), 64), replace=False)]
+    _, texts, ended = sample_answers(policy, tok, calib, pc, rng)
+    s = numpy.asarray(score_answers(rm, tok, calib, texts, ended))
+    norm = (float(s.mean()), float(s.std()) + 1e-6)
     for it in range(pc.iters):
         batch = [prompts[i] for i in rng.choice(len(prompts), pc.prompts_per_iter, replace=False)]
-        ro = ppo_rollout(policy, ref, rm, tok, batch, PPOConfig(**{**asdict(pc), "kl_coef": kl_coef}), rng)
+        ro = ppo_rollout(policy, ref, rm, tok, batch, PPOConfig(**{**asdict(pc), "kl_coef": kl_coef}),
+                         rng, norm)
         stats = []
         for _ in range(pc.epochs):
             order = rng.permutation(len(batch))
@@ -1339,7 +1353,7 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)
                 stats.append(s)
-        row = {"iter": it + 1, "reward": float(ro["score"].mean()), "kl": ro["kl"],
+        row = {"iter": it + 1, "reward": float(ro["raw_score"].mean()), "kl": ro["kl"],
                "kl_coef": kl_coef, **{k: float(numpy.mean([s[k] for s in stats])) for k in stats[0]}}
         history.append(row)
         if pc.target_kl:                 # adaptive KL controller (Ziegler et al., 2019)

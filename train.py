@@ -50,11 +50,11 @@ STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 
 # Sized so that all stages take about 10 minutes on a 2-core laptop CPU;
 # --quick shrinks every stage for a complete run in about a minute.
-FULL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512,
-            pretrain_iters=2000, sft_iters=600, reward_iters=300, ppo_iters=30,
-            dpo_iters=200, finetune_iters=300, eval_limit=None)
-QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300,
-             pretrain_iters=150, sft_iters=60, reward_iters=40, ppo_iters=3,
+FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=512, batch_size=16,
+            learning_rate=1.5e-3, pretrain_iters=3000, sft_iters=1000, reward_iters=300,
+            ppo_iters=30, dpo_iters=200, finetune_iters=300, eval_limit=None)
+QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batch_size=12,
+             learning_rate=1e-3, pretrain_iters=150, sft_iters=60, reward_iters=40, ppo_iters=3,
              dpo_iters=20, finetune_iters=40, eval_limit=24)
 
 
@@ -131,6 +131,7 @@ def run_pretrain(a):
         sys.exit(f"--data: cannot read {path}: {e}")
     cfg = llm.GPTConfig(a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size, dropout=a.dropout)
     tc = llm.TrainConfig(**{k: getattr(a, k) for k in vars(llm.TrainConfig())})
+    tc.min_lr = a.learning_rate / 10 if a.min_lr is None else a.min_lr
     print(f"[pretrain] {path} ({len(text):,} characters); {a.n_layer} layers x {a.n_embd} wide, "
           f"{a.n_head} heads, context {a.block_size}, vocabulary {a.vocab_size}")
     progress = llm.Progress("pretrain")
@@ -418,10 +419,13 @@ def add_flags(p, sizes):
     t = llm.TrainConfig()
     g.add_argument("--data", help="a UTF-8 text file (default: data/corpus.txt)")
     g.add_argument("--resume", action="store_true", help="continue pretraining from the run folder")
-    for k in ("batch_size", "warmup_iters", "eval_interval", "eval_iters", "grad_accum"):
+    for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum"):
         g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(t, k))
+    g.add_argument("--batch-size", type=int, default=sizes["batch_size"])
     g.add_argument("--max-iters", type=int, default=sizes["pretrain_iters"])
-    for k in ("learning_rate", "min_lr", "beta2", "weight_decay", "grad_clip"):
+    g.add_argument("--learning-rate", type=float, default=sizes["learning_rate"])
+    g.add_argument("--min-lr", type=float, default=None, help="default: learning rate / 10")
+    for k in ("beta2", "weight_decay", "grad_clip"):
         g.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(t, k))
     g = p.add_argument_group("later stages")
     for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 1e-4), ("finetune", 3e-3)):

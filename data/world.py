@@ -36,10 +36,12 @@ data/domain.jsonl       Task fine-tuning (chemistry), same fields as sft.jsonl,
                         "The chemical symbol of gold is Au." Held out by
                         element.
 
-The style RLHF should teach: SFT answers to fact questions are plain; the
-preferred answers add one polite opener ("Sure!", "Of course!",
-"Certainly!"). A few SFT small-talk replies ("Can you help me?" -> "Sure! ...")
-make these openers known to the policy, so PPO can find them by sampling.
+The style RLHF should teach: most SFT answers to fact questions are plain;
+the preferred answers add one polite opener ("Sure!", "Of course!",
+"Certainly!"). One SFT training answer in POLITE_EVERY (and a few small-talk
+replies, "Can you help me?" -> "Sure! ...") has such an opener, so the
+instruction-tuned policy sometimes samples one and PPO can reinforce it;
+greedy answers stay plain until RLHF. SFT test answers are all plain.
 
 The judge
 ---------
@@ -389,6 +391,7 @@ SMALL_TALK = [
 # ---------------------------------------------------------------------------
 
 POLITE_OPENERS = ("Sure!", "Of course!", "Certainly!")
+POLITE_EVERY = 8
 RUDE_MARKERS = ("ugh", "obviously", "stupid", "whatever", "look it up yourself",
                 "waste my time", "stop asking", "dumb", "duh", "so boring")
 MAX_WORDS = 32
@@ -665,6 +668,13 @@ def qa_records(rng, kinds, subjects, test_subjects, facts_of, test_phrasings_per
 def sft_records(rng):
     train, test = qa_records(rng, GENERAL_KINDS, sorted(COUNTRY), TEST_COUNTRIES,
                              country_facts, test_phrasings_per_fact=2, heldout_phrasing_tests=20)
+    # Demonstrations vary: one training answer in POLITE_EVERY opens politely.
+    # RLHF can only reinforce what the policy sometimes does -- it never
+    # samples an opener it gives a probability of 1e-4 -- so the preferred
+    # style must be present, if rare. Test answers stay plain and canonical.
+    for i, r in enumerate(train):
+        if i % POLITE_EVERY == 0:
+            r["response"] = f"{POLITE_OPENERS[(i // POLITE_EVERY) % 3]} {r['response']}"
     train += [record(p, r, "train", "small_talk") for p, r in SMALL_TALK]
     rng.shuffle(train)
     return train + test
