@@ -1111,7 +1111,7 @@ def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int, repla
     def batch_fn(rng):
         pick = rng.integers(0, len(examples), batch_size - n_replay)
         rows = [examples[i] for i in pick]
-        for i in rng.integers(0, len(replay) - block_size - 1, n_replay):
+        for i in (rng.integers(0, len(replay) - block_size - 1, n_replay) if n_replay else ()):
             rows.append((list(replay[i:i + block_size + 1]), 1))
         return pad_batch(rows, pad, block_size)
     return batch_fn

@@ -29,7 +29,8 @@ data/preferences.jsonl  Preference pairs, one JSON object per line:
                         opener), "rambling" (repeated or padded sentences),
                         "unended" (runs on and is cut off: the trainer must
                         NOT append the end-of-turn token to these; it appends
-                        it to every chosen answer and every other rejected).
+                        it to every chosen answer and every other rejected),
+                        "plain" (correct, but without the polite opener).
                         Test prompts never appear in train.
 data/domain.jsonl       Task fine-tuning (chemistry), same fields as sft.jsonl,
                         e.g. "What is the chemical symbol of gold?" ->
@@ -707,17 +708,19 @@ def rejected_answer(rng, flaw, kind, f, opener):
         return rng.choice(RAMBLING_TEMPLATES).format(opener=opener, answer=good, answer_lc=answer_lc)
     if flaw == "unended":
         return rng.choice(UNENDED_TEMPLATES).format(opener=opener, answer_open=good.rstrip("."))
+    if flaw == "plain":                 # right, but without the courtesy people prefer
+        return good
     raise ValueError(flaw)
 
 
-FLAWS = ("wrong", "rude", "rambling", "unended")
+FLAWS = ("wrong", "rude", "rambling", "unended", "plain")
 
 
 def preference_records(rng):
     """For each country and question kind, a few phrasings, each paired with
     one flaw (cycling so all flaws are equally common)."""
     rows = []
-    for split, per_fact in (("train", 5), ("test", 4)):
+    for split, per_fact in (("train", 5), ("test", 5)):
         names = [c for c in sorted(COUNTRY) if (c in TEST_COUNTRIES) == (split == "test")]
         for kind in GENERAL_KINDS:
             for name in names:
