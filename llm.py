@@ -602,6 +602,8 @@ def add_at(a, index, values):
 
 def linear_backward_input(dy, w):
     """dx alone, for a frozen weight (LoRA's base model)."""
+    if _fast(dy, w):
+        return fo_linear_backward_input(dy, w)
     return dy @ w.T
 
 
@@ -1226,8 +1228,8 @@ class PPOConfig:
     epochs: int = 4                # passes over each rollout
     minibatches: int = 2
     max_new_tokens: int = 24
-    learning_rate: float = 2e-5
-    kl_coef: float = 0.05
+    learning_rate: float = 1e-5
+    kl_coef: float = 0.3
     target_kl: float = None        # set to adapt kl_coef toward this KL
     clip: float = 0.2              # ratio clip, and value clip
     vf_coef: float = 0.1
@@ -1424,21 +1426,21 @@ def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp
 
 
 def lora_forward(model, name, x, caches):
+    """The adapter's share of the layer's output: scale * (x A) B, itself two
+    linear layers without bias."""
     a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
     xd, mask = dropout_forward(x, model.lora[name]["dropout"], model.rng)
-    xa = xd @ a                                                       # (M, r)
+    xa = linear_forward(xd, a, None)                                  # (M, r)
     caches.append((xd, mask, xa))
-    return (xa @ b) * model.lora[name]["scale"]
+    return linear_forward(xa, b, None) * model.lora[name]["scale"]
 
 
 def lora_backward(model, name, dy, caches, grads):
     xd, mask, xa = caches.pop()
     a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
-    dy = dy * model.lora[name]["scale"]
-    grads[name + ".lora_B"] = xa.T @ dy
-    dxa = dy @ b.T
-    grads[name + ".lora_A"] = xd.T @ dxa
-    return dropout_backward(dxa @ a.T, mask)
+    dxa, grads[name + ".lora_B"], _ = linear_backward(dy * model.lora[name]["scale"], xa, b)
+    dxd, grads[name + ".lora_A"], _ = linear_backward(dxa, xd, a)
+    return dropout_backward(dxd, mask)
 
 
 def merge_lora(model: GPT):
@@ -1918,6 +1920,18 @@ def fo_linear_backward(dy, x, w):
     lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
     lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
     return _done(dx, dw, db)
+
+
+def fo_linear_backward_input(dy, w):
+    dy, w = _f32("dy", dy, 2), _f32("w", w, 2, allow_transposed=True)
+    (M, N), K = dy.shape, w.shape[0]
+    if w.shape[1] != N:
+        raise ValueError(f"w: expected shape (K, {N}) to match dy {dy.shape}, got {w.shape}")
+    dx = xp.empty((M, K), numpy.float32)
+    rs, cs = _strides(w)
+    lib, ffi = _kernels()
+    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
+    return _done(dx)
 
 
 def fo_attention_forward(q, k, v):

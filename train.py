@@ -52,7 +52,7 @@ STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 # --quick shrinks every stage for a complete run in about a minute.
 FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=512, batch_size=16,
             learning_rate=1.5e-3, pretrain_iters=3000, sft_iters=1000, reward_iters=300,
-            ppo_iters=30, dpo_iters=200, finetune_iters=300, eval_limit=None)
+            ppo_iters=40, dpo_iters=150, finetune_iters=300, eval_limit=None)
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batch_size=12,
              learning_rate=1e-3, pretrain_iters=150, sft_iters=60, reward_iters=40, ppo_iters=3,
              dpo_iters=20, finetune_iters=40, eval_limit=24)
@@ -208,12 +208,18 @@ def run_reward(a):
 
 
 def judge_answers(model, tok, rm, prompts):
-    """Greedy answers to held-out prompts -> judge score, reward, answers."""
+    """Greedy answers to held-out prompts, measured: the judge's mean score,
+    the reward model's mean score, and the shares of answers that are
+    correct, open politely and end their turn."""
     w = world()
     texts, ended = llm.answers(model, tok, prompts)
-    judged = [w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)]
-    rewards = llm.score_answers(rm, tok, prompts, texts, ended)
-    return sum(judged) / len(judged), sum(rewards) / len(rewards), texts
+    n = len(prompts)
+    m = {"judge": sum(w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)) / n,
+         "reward": sum(llm.score_answers(rm, tok, prompts, texts, ended)) / n,
+         "correct": sum(w.is_correct(p, t) for p, t in zip(prompts, texts)) / n,
+         "polite": sum(t.strip().startswith(w.POLITE_OPENERS) for t in texts) / n,
+         "ended": sum(ended) / n}
+    return m, texts
 
 
 def policy_kl(policy, ref, tok, prompts, texts):
@@ -224,20 +230,30 @@ def policy_kl(policy, ref, tok, prompts, texts):
     return float(llm.kl_to_reference(policy, ref, x, y, mask).mean())
 
 
-def rlhf_eval_prompts(a):
-    _, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
-    return sorted({r["prompt"] for r in test})
-
-
-def run_ppo(a):
+def rlhf_stage(a, name, train_policy):
+    """PPO and DPO alike: start from the instruction-tuned model, measure its
+    held-out answers, train, measure again, and the KL to where it started."""
     policy, tok, _ = load_stage(a, "sft")
     ref = copy.deepcopy(policy)
     rm, _, _ = load_stage(a, "reward")
-    train, _ = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
-    prompts = sorted({r["prompt"] for r in train})
-    held = rlhf_eval_prompts(a)
-    judge0, reward0, texts0 = judge_answers(policy, tok, rm, held)
-    print(f"[ppo] {len(prompts)} training prompts; held-out judge {judge0:.3f}, reward {reward0:.3f}")
+    train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
+    held = sorted({r["prompt"] for r in test})
+    m0, texts0 = judge_answers(policy, tok, rm, held)
+    print(f"[{name}] held-out answers: judge {m0['judge']:.3f}, reward {m0['reward']:+.3f}, "
+          f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
+    history = train_policy(policy, ref, rm, tok, train)
+    m1, texts1 = judge_answers(policy, tok, rm, held)
+    kl = policy_kl(policy, ref, tok, held, texts1)
+    print(f"  held-out judge {m0['judge']:.3f} -> {m1['judge']:.3f}, reward {m0['reward']:+.3f} -> "
+          f"{m1['reward']:+.3f}, polite {m0['polite']:.0%} -> {m1['polite']:.0%}, correct "
+          f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
+    llm.save_checkpoint(ckpt_path(a, name), policy, tok, stage=name)
+    return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
+            "kl": kl, "n_test": len(held), "history": history,
+            "samples": show_samples("samples", held, texts0, texts1)}
+
+
+def run_ppo(a):
     pc = llm.PPOConfig(iters=a.ppo_iters, learning_rate=a.ppo_lr, kl_coef=a.kl_coef,
                        target_kl=a.target_kl, seed=a.seed)
 
@@ -246,44 +262,28 @@ def run_ppo(a):
               f"clip {row['clip_frac']:.2f} value loss {row['vf_loss']:.4f} entropy {row['entropy']:.3f}"
               f" | {elapsed:.0f}s", flush=True)
 
-    history = llm.ppo(policy, ref, rm, tok, prompts, pc, log=log)
-    for k in ("value.weight", "value.bias"):
-        policy.params.pop(k)
-    judge1, reward1, texts1 = judge_answers(policy, tok, rm, held)
-    kl = policy_kl(policy, ref, tok, held, texts1)
-    print(f"  held-out judge {judge0:.3f} -> {judge1:.3f}, reward {reward0:.3f} -> {reward1:.3f}, "
-          f"KL to the reference {kl:.3f} nats per answer")
-    llm.save_checkpoint(ckpt_path(a, "ppo"), policy, tok, stage="ppo")
-    return {"judge_before": judge0, "judge_after": judge1, "reward_before": reward0,
-            "reward_after": reward1, "kl": kl, "n_test": len(held), "history": history,
-            "samples": show_samples("samples", held, texts0, texts1)}
+    def train_policy(policy, ref, rm, tok, train):
+        prompts = sorted({r["prompt"] for r in train})
+        history = llm.ppo(policy, ref, rm, tok, prompts, pc, log=log)
+        for k in ("value.weight", "value.bias"):           # the value head served PPO only
+            policy.params.pop(k)
+        return history
+    return rlhf_stage(a, "ppo", train_policy)
 
 
 def run_dpo(a):
-    policy, tok, _ = load_stage(a, "sft")
-    ref = copy.deepcopy(policy)
-    rm, _, _ = load_stage(a, "reward")
-    train, _ = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
-    held = rlhf_eval_prompts(a)
-    judge0, reward0, texts0 = judge_answers(policy, tok, rm, held)
-    print(f"[dpo] {len(train)} preference pairs, beta {a.dpo_beta}; held-out judge {judge0:.3f}")
-    tc = train_config(a, a.dpo_iters, a.dpo_lr, batch_size=8)
-    T = policy.config.block_size
+    def train_policy(policy, ref, rm, tok, train):
+        tc = train_config(a, a.dpo_iters, a.dpo_lr, batch_size=8)
+        T = policy.config.block_size
 
-    def batch_fn(rng):
-        return llm.pair_batch(tok, [train[i] for i in rng.integers(0, len(train), tc.batch_size)], T)
+        def batch_fn(rng):
+            return llm.pair_batch(tok, [train[i] for i in rng.integers(0, len(train), tc.batch_size)], T)
 
-    state = llm.TrainState()
-    llm.train_steps(policy, state, tc, batch_fn,
-                    lambda m, b: llm.dpo_loss(m, ref, b, a.dpo_beta), log=stage_log("dpo"))
-    judge1, reward1, texts1 = judge_answers(policy, tok, rm, held)
-    kl = policy_kl(policy, ref, tok, held, texts1)
-    print(f"  held-out judge {judge0:.3f} -> {judge1:.3f}, reward {reward0:.3f} -> {reward1:.3f}, "
-          f"KL {kl:.3f}")
-    llm.save_checkpoint(ckpt_path(a, "dpo"), policy, tok, stage="dpo")
-    return {"judge_before": judge0, "judge_after": judge1, "reward_before": reward0,
-            "reward_after": reward1, "kl": kl, "history": state.history,
-            "samples": show_samples("samples", held, texts0, texts1)}
+        state = llm.TrainState()
+        llm.train_steps(policy, state, tc, batch_fn,
+                        lambda m, b: llm.dpo_loss(m, ref, b, a.dpo_beta), log=stage_log("dpo"))
+        return state.history
+    return rlhf_stage(a, "dpo", train_policy)
 
 
 def run_finetune(a):
@@ -437,8 +437,8 @@ def add_flags(p, sizes):
     g.add_argument("--preferences-data", help="preference pairs (JSON lines)")
     g.add_argument("--domain-data", help="domain conversations for fine-tuning (JSON lines)")
     g.add_argument("--ppo-iters", type=int, default=sizes["ppo_iters"])
-    g.add_argument("--ppo-lr", type=float, default=2e-5)
-    g.add_argument("--kl-coef", type=float, default=0.05)
+    g.add_argument("--ppo-lr", type=float, default=1e-5)
+    g.add_argument("--kl-coef", type=float, default=0.3)
     g.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef toward this KL")
     g.add_argument("--dpo-beta", type=float, default=0.1)
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")

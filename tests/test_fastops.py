@@ -245,3 +245,12 @@ def test_model_loss_and_grads_match_numpy(n_layer, n_head, n_embd, block_size, T
         assert g_fo[name].dtype == np.float32, name
         scale = np.abs(g_np[name]).max() + 1e-12
         np.testing.assert_allclose(g_fo[name] / scale, g_np[name] / scale, atol=1e-4, err_msg=name)
+
+
+def test_linear_backward_input_matches_numpy():
+    r = np.random.default_rng(4)
+    dy, w = r.normal(size=(37, 19)).astype(np.float32), r.normal(size=(23, 19)).astype(np.float32)
+    assert np.allclose(llm.fo_linear_backward_input(dy, w), dy @ w.T, atol=1e-4)
+    assert np.allclose(llm.fo_linear_backward_input(dy, np.asfortranarray(w)), dy @ w.T, atol=1e-4)
+    with pytest.raises(ValueError, match="w"):
+        llm.fo_linear_backward_input(dy, w[:, :5])

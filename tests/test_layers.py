@@ -52,7 +52,8 @@ def test_layernorm_matches_definition():
 @settings(max_examples=20, deadline=None)
 @given(dims, dims, st.integers(0, 99))
 def test_gelu(M, N, seed):
-    x = np.random.default_rng(seed).normal(scale=3, size=(M, N))
+    # within +-4: further out the slope is so small that differences measure rounding
+    x = np.clip(np.random.default_rng(seed).normal(scale=3, size=(M, N)), -4, 4)
     check(lambda x: llm.gelu_forward(x)[0],
           lambda d: [llm.gelu_backward(d, llm.gelu_forward(x)[1])], [x], seed)
 
