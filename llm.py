@@ -1459,15 +1459,16 @@ def unmerge_lora(model: GPT):
     model.merged_lora = {}
 
 
-def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, log=None):
-    """Task fine-tuning on conversations, the instruction-tuning loss, with
-    LoRA adapters (lora = add_lora's keyword arguments) or, with lora=None,
-    every weight. Returns the TrainState."""
+def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, log=None,
+             replay=None, replay_fraction=0.0):
+    """Task fine-tuning on conversations, the instruction-tuning loss (and
+    its replay of pretraining text), with LoRA adapters (lora = add_lora's
+    keyword arguments) or, with lora=None, every weight. -> TrainState."""
     if lora is not None:
         add_lora(model, **lora)
     state = TrainState()
-    train_steps(model, state, tc, sft_batches(tok, records, tc.batch_size, model.config.block_size),
-                log=log)
+    batches = sft_batches(tok, records, tc.batch_size, model.config.block_size, replay, replay_fraction)
+    train_steps(model, state, tc, batches, log=log)
     return state
 
 

@@ -302,7 +302,8 @@ def run_finetune(a):
           + ("all weights" if a.full else f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}")
           + f"; held-out domain accuracy before {dom0:.1%}, general {gen0:.1%}")
     tc = train_config(a, a.finetune_iters, a.finetune_lr)
-    state = llm.finetune(model, tok, train + replay, tc, lora, log=stage_log("finetune"))
+    state = llm.finetune(model, tok, train + replay, tc, lora, stage_log("finetune"),
+                         corpus_ids(a, tok), a.finetune_replay)
     frac = llm.trainable_fraction(model)
     if model.lora:
         llm.save_lora(os.path.join(a.out, "finetune.lora.safetensors"), model)
@@ -331,8 +332,9 @@ def flat_report(report, wall):
     """The headline numbers, under the names README and the tests use."""
     keys = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),
             "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
-            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl"),
-            "dpo": ("judge_after", "reward_after", "kl"),
+            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
+                    "polite_before", "polite_after", "correct_before", "correct_after"),
+            "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
             "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
                          "general_accuracy_before", "general_accuracy_after")}
     flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
@@ -352,10 +354,13 @@ def write_report_card(a, report, wall):
         ("instruction tuning", "follow instructions", "instruction-response conversations",
          f"held-out exact match {f('sft.accuracy_before')} -> {f('sft.accuracy_after')}"),
         ("RLHF", "align with preferences", "preference pairs",
-         f"reward model {f('reward.accuracy')} on held-out pairs; PPO judge "
+         f"reward model {f('reward.accuracy')} on held-out pairs; PPO: judged score "
          f"{f('ppo.judge_before', '{:.3f}')} -> {f('ppo.judge_after', '{:.3f}')}, reward "
-         f"{f('ppo.reward_before', '{:.2f}')} -> {f('ppo.reward_after', '{:.2f}')}, KL {f('ppo.kl', '{:.2f}')}; "
-         f"DPO judge {f('dpo.judge_after', '{:.3f}')}"),
+         f"{f('ppo.reward_before', '{:+.2f}')} -> {f('ppo.reward_after', '{:+.2f}')}, polite answers "
+         f"{f('ppo.polite_before', '{:.0%}')} -> {f('ppo.polite_after', '{:.0%}')}, correct "
+         f"{f('ppo.correct_before', '{:.0%}')} -> {f('ppo.correct_after', '{:.0%}')}, KL "
+         f"{f('ppo.kl', '{:.2f}')} nats; DPO: judged {f('dpo.judge_after', '{:.3f}')}, polite "
+         f"{f('dpo.polite_after', '{:.0%}')}, KL {f('dpo.kl', '{:.2f}')}"),
         ("task fine-tuning", "specialise in a domain", "chemistry conversations",
          f"domain {f('finetune.domain_accuracy_before')} -> {f('finetune.domain_accuracy_after')} "
          f"training {f('finetune.trainable_fraction', '{:.2%}')} of the weights (LoRA); general "
@@ -381,9 +386,6 @@ def write_report_card(a, report, wall):
 
 def write_curves(a, report):
     """Each stage's training curve as an SVG file (no plotting dependency)."""
-    chart = globals().get("svg_line_chart")
-    if chart is None:
-        return []
     names = []
     for stage, m in report.items():
         h = m.get("history")
@@ -395,7 +397,7 @@ def write_curves(a, report):
             series = {"train loss": [(s, l) for s, l, _ in h],
                       "val loss": [(s, v) for s, _, v in h if v is not None]}
         name = f"{stage}_curve.svg"
-        chart(series, os.path.join(a.out, name), stage, "step", "value")
+        svg_line_chart(series, os.path.join(a.out, name), stage, "step", "value")
         names.append(name)
     return names
 
@@ -441,8 +443,10 @@ def add_flags(p, sizes):
     g.add_argument("--kl-coef", type=float, default=0.3)
     g.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef toward this KL")
     g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--finetune-replay", type=float, default=0.25,
+                   help="the share of each fine-tuning batch that is pretraining text")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-r", type=int, default=4)
     g.add_argument("--lora-alpha", type=float, default=16.0)
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
