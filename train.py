@@ -350,7 +350,7 @@ def write_report_card(a, report, wall):
     rows = [
         ("pretraining", "language and knowledge", "the embedded corpus",
          f"val loss {f('pretrain.val_loss', '{:.3f}')}, {f('pretrain.bits_per_byte', '{:.3f}')} bits/byte; "
-         f"P(' Paris' | 'The capital of France is') = {f('pretrain.paris_prob')}"),
+         f"after 'The capital of France is', P(' Paris') = {f('pretrain.paris_prob')}"),
         ("instruction tuning", "follow instructions", "instruction-response conversations",
          f"held-out exact match {f('sft.accuracy_before')} -> {f('sft.accuracy_after')}"),
         ("RLHF", "align with preferences", "preference pairs",
@@ -430,7 +430,7 @@ def add_flags(p, sizes):
     for k in ("beta2", "weight_decay", "grad_clip"):
         g.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(t, k))
     g = p.add_argument_group("later stages")
-    for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 1e-4), ("finetune", 3e-3)):
+    for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5), ("finetune", 3e-3)):
         g.add_argument(f"--{s}-iters", type=int, default=sizes[f"{s}_iters"])
         g.add_argument(f"--{s}-lr", type=float, default=lr)
     g.add_argument("--replay", type=float, default=0.5,
