@@ -17,26 +17,15 @@ import warnings
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# The C API, as declared at the top of fastops.c.
-CDEF = """
-const char *fo_isa(void);
-int fo_set_isa(const char *name);
-int fo_max_threads(void);
-int fo_has_openmp(void);
-void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
-              int accumulate, const float *bias);
-void fo_linear_forward(const float *x, const float *w, const float *b, float *y,
-                       int M, int K, int N);
-void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
-                        float *dw, float *db, int M, int K, int N);
-void fo_colsum(const float *dy, float *db, int M, int N);
-void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D);
-void fo_attention_backward(const float *dy, const float *q, const float *k,
-                           const float *v, const float *y, const float *lse,
-                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
-"""
+
+def api_cdef() -> str:
+    """The C API for cffi: the declarations between fastops.c's API markers."""
+    with open(os.path.join(ROOT, "fastops.c")) as f:
+        src = f.read()
+    return src[src.index("/* API begin */") + len("/* API begin */"):src.index("/* API end */")]
+
+
+CDEF = api_cdef()
 
 HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
            "(Debian/Ubuntu), `xcode-select --install` (macOS)")
@@ -106,6 +95,10 @@ def build(verbose=False):
 # what llm.py declares for it. The CUDA runtime is linked statically, so the
 # .so needs only the NVIDIA driver (one recent enough for this nvcc).
 CUDA_LIB = "_fastops_cuda.so"
+CUDA_CDEF = CDEF + """
+const char *fo_cuda_error(void);
+const char *fo_cuda_sync(void);
+"""
 CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for newer GPUs
 
 

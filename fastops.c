@@ -39,11 +39,13 @@
 #endif
 
 /* ------------------------------------------------------------------------ */
-/* Public API (also declared, verbatim, in build_ext.py's cdef).             */
+/* Public API. build_ext.py hands the lines between the two API markers to   */
+/* cffi as they are, so this is the one place the API is declared.          */
 /* ------------------------------------------------------------------------ */
 #ifdef __cplusplus /* nvcc compiles this file as C++: keep C names */
 extern "C" {
 #endif
+/* API begin */
 const char *fo_isa(void);
 int fo_set_isa(const char *name);
 int fo_max_threads(void);
@@ -61,6 +63,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
                            float *dq, float *dk, float *dv, int B, int H, int T, int D);
+/* API end */
 #ifdef __cplusplus
 }
 #endif

@@ -1783,20 +1783,6 @@ _use_fastops = _fastops is not None
 # -- lives on the GPU, and the same code below runs there. The heavy math then
 # goes to _fastops_cuda.so (`python build_ext.py --cuda`), opened with cffi's
 # ABI mode; its functions take device pointers. Without it CuPy's own math runs.
-_CUDA_CDEF = """
-const char *fo_isa(void);
-const char *fo_cuda_error(void);
-const char *fo_cuda_sync(void);
-void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-              const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
-              int accumulate, const float *bias);
-void fo_colsum(const float *dy, float *db, int M, int N);
-void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D);
-void fo_attention_backward(const float *dy, const float *q, const float *k,
-                           const float *v, const float *y, const float *lse,
-                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
-"""
 _cuda = None                                           # (ffi, lib) once loaded
 
 
@@ -1807,8 +1793,12 @@ def _load_cuda():
         warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
                       "Build them with `python build_ext.py --cuda`.")
         return None
+    import importlib.util                  # build_ext.py reads the API from fastops.c
+    spec = importlib.util.spec_from_file_location("build_ext", os.path.join(os.path.dirname(path), "build_ext.py"))
+    build_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_ext)
     ffi = cffi.FFI()
-    ffi.cdef(_CUDA_CDEF)
+    ffi.cdef(build_ext.CUDA_CDEF)
     return types.SimpleNamespace(ffi=ffi, lib=ffi.dlopen(path))
 
 

@@ -59,7 +59,7 @@ def test_cuda_build_compiles_and_loads(tmp_path):
         assert build_ext.build_cuda(verbose=False, dest=path) == 0
     import cffi
     ffi = cffi.FFI()
-    ffi.cdef(llm._CUDA_CDEF)
+    ffi.cdef(build_ext.CUDA_CDEF)
     lib = ffi.dlopen(path)
     assert ffi.string(lib.fo_isa()) == b"cuda"
     assert lib.fo_cuda_error() == ffi.NULL
