@@ -454,6 +454,7 @@ class GPT:
         self.params = params if params is not None else init_params(config, numpy.random.default_rng(seed))
         self.rng = None            # a numpy Generator while training with dropout
         self.lora = {}             # weight name -> LoRA settings (section 8)
+        self.merged_lora = {}      # adapters folded into their weights
         self.frozen = set()        # names whose gradients are not needed
         self._cache = None
 
@@ -1448,12 +1449,11 @@ def merge_lora(model: GPT):
     costs nothing extra. unmerge_lora() undoes it."""
     for name, s in list(model.lora.items()):
         model.params[name + ".weight"] += s["scale"] * (model.params[name + ".lora_A"] @ model.params[name + ".lora_B"])
-        model.lora.pop(name)
-        model.merged_lora = {**getattr(model, "merged_lora", {}), name: s}
+        model.merged_lora[name] = model.lora.pop(name)
 
 
 def unmerge_lora(model: GPT):
-    for name, s in getattr(model, "merged_lora", {}).items():
+    for name, s in model.merged_lora.items():
         model.params[name + ".weight"] -= s["scale"] * (model.params[name + ".lora_A"] @ model.params[name + ".lora_B"])
         model.lora[name] = s
     model.merged_lora = {}
@@ -1483,7 +1483,7 @@ def save_lora(path: str, model: GPT):
     """The adapter alone: A and B of every adapted layer, a few percent of
     the model, applied later to the same base model with load_lora()."""
     save_safetensors(path, {k: v for k, v in model.params.items() if ".lora_" in k},
-                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **getattr(model, "merged_lora", {})})})
+                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **model.merged_lora})})
 
 
 def load_lora(path: str, model: GPT):

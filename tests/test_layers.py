@@ -1,6 +1,5 @@
 """Every layer's backward against central finite differences in float64."""
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import llm

@@ -1,7 +1,5 @@
 """Instruction tuning, RLHF and LoRA: losses and gradients against finite
 differences in float64, and the properties each stage relies on."""
-import copy
-import json
 
 import numpy as np
 import pytest
