@@ -901,12 +901,13 @@ def lm_loss(model: GPT, batch):
 
 
 def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_fn=lm_loss,
-                on_eval=None, stop_at=None, log=None):
+                on_eval=None, save=None, stop_at=None, log=None):
     """The training loop shared by every stage: batch -> loss and gradients
     -> clip -> AdamW step, with the learning-rate schedule, gradient
     accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
-    makes a batch, loss_fn(model, batch) -> (loss, grads). Stops at
-    max_iters (or stop_at)."""
+    makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
+    validation loss, and save() writes a checkpoint after each evaluation,
+    once the state is complete. Stops at max_iters (or stop_at)."""
     rng = numpy.random.default_rng(tc.seed)
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
@@ -935,11 +936,13 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
         clip_grad_norm(grads, tc.grad_clip)
         state.opt.step(model.params, grads, lr)
         state.step += 1
+        state.rng_state = rng.bit_generator.state
         val = None
         if on_eval and (state.step % tc.eval_interval == 0 or state.step == tc.max_iters):
             val = on_eval(state.step)
         state.history.append((state.step, loss, val))
-        state.rng_state = rng.bit_generator.state
+        if save and val is not None:
+            save()
         if log:
             log(state.step, end, loss, val, tokens / max(time.time() - t0, 1e-9), time.time() - t0)
     model.rng = None
@@ -1011,16 +1014,15 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
         on_ready(bpt)
     T, B = model.config.block_size, tc.batch_size
 
-    def on_eval(step):
-        val = estimate_loss(model, val_ids, B, tc.eval_iters)
+    def save():
         save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc))
-        return val
 
     t0 = time.time()
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
-                on_eval=on_eval, stop_at=stop_at, log=log)
+                on_eval=lambda step: estimate_loss(model, val_ids, B, tc.eval_iters),
+                save=save, stop_at=stop_at, log=log)
     if state.step < tc.max_iters:                   # stopped early: keep the state
-        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc))
+        save()
         return {}
     val = next(v for _, _, v in reversed(state.history) if v is not None)
     wall = time.time() - t0

@@ -46,6 +46,27 @@ def test_resume_ends_with_exactly_the_uninterrupted_weights(tmp_path):
         assert key in metrics
 
 
+def test_resume_from_the_checkpoint_of_an_evaluation(tmp_path):
+    """A run killed at any point resumes from its last evaluation's
+    checkpoint and still ends with the uninterrupted run's weights."""
+    import shutil
+    cfg, tc = small()
+    llm.pretrain(TEXT, str(tmp_path / "a"), cfg, tc)
+    ckpt = tmp_path / "b" / "pretrain.safetensors"
+
+    def log(step, *_):                   # keep the checkpoint as it was at step 8
+        if step == 8:
+            shutil.copy(ckpt, tmp_path / "at8.safetensors")
+    llm.pretrain(TEXT, str(tmp_path / "b"), cfg, tc, stop_at=10, log=log)
+    shutil.copy(tmp_path / "at8.safetensors", ckpt)      # as if killed at step 9 or 10
+    llm.pretrain(TEXT, str(tmp_path / "b"), cfg, tc, resume=True)
+    a, *_ = llm.load_checkpoint(str(tmp_path / "a" / "pretrain.safetensors"))
+    b, _, state, _ = llm.load_checkpoint(str(ckpt))
+    assert state.step == 12 and len(state.history) == 12
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+
+
 def test_pretraining_lowers_the_loss(tmp_path):
     cfg, tc = small()
     tc.max_iters, tc.eval_interval, tc.learning_rate = 60, 60, 3e-3
