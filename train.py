@@ -460,7 +460,7 @@ def parse(argv):
     for name in ("all",) + STAGES:
         add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage"), sizes)
     add_explain_commands(sub)
-    if not argv or argv[0].startswith("-"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv
     return p.parse_args(argv)
 
