@@ -1753,7 +1753,8 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # Everything above is complete in NumPy. Two operations take most of the
 # time, the linear layers' matrix products and attention, so linear_forward,
 # linear_backward, attention_forward and attention_backward hand float32
-# arrays to the C kernels of fastops.c when they are built. This section
+# arrays to the C kernels of fastops.c when they are built; on the CPU so do
+# gelu_* and layernorm_* (fused element-wise and per-row kernels). This section
 # loads them and checks every array before a pointer crosses into C.
 
 # ---- the C kernels, when built ---------------------------------------
