@@ -238,7 +238,9 @@ def test_layernorm_matches_float64_reference(M, C, shift, path, seed):
     np.testing.assert_allclose(mean, mu_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-4, atol=1e-5)
     close(y, y_ref, C)
-    close(dx, dx_ref, C)
+    # dx = rstd * (O(1) terms that cancel): rstd can be ~1/sqrt(eps) (rows of
+    # nearly equal values, e.g. C = 2), so compare dx / rstd
+    close(dx / rstd_ref[:, None], dx_ref / rstd_ref[:, None], C)
     close(dw, dw_ref, M)
     close(db, db_ref, M)
 
