@@ -435,7 +435,8 @@ def main():
     print("\n## profile of one training step (fastops path), ms and share of the step")
     for name in MODELS:
         acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
-        heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward"]
+        heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
+                 "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
         for key in PROFILED + ["adamw_step"]:
             if key in acc:
@@ -444,7 +445,7 @@ def main():
         print(f"   {'other (embed, residual, reshapes, python)':44s} {rest * 1e3:8.2f} ms {100 * rest / total:5.1f}%")
         inside = acc.get("C kernels", 0.0)
         wrappers = sum(acc.get(k, 0.0) for k in heavy)
-        print(f"   of the 4 heavy functions' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
+        print(f"   of the {len(heavy)} functions with C kernels' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
               f" Python overhead (checks, copies, allocation) {(wrappers - inside) * 1e3:.2f} ms"
               f" = {100 * (wrappers - inside) / total:.1f}% of the step")
 

@@ -4,6 +4,8 @@
  *   1. GEMM for the linear layers (forward Y = X.W + b, backward dX, dW, db)
  *   2. fused causal multi-head attention, forward and backward (FlashAttention
  *      style: the T x T matrix is never materialised)
+ *   3. GELU and LayerNorm, forward and backward (CPU only: the CUDA build
+ *      leaves them out and llm.py uses CuPy's math for them on the GPU)
  *
  * The CPU code is plain C99 + OpenMP. The GEMM micro-kernel has AVX-512 and
  * AVX2+FMA versions written with intrinsics; each carries its own
@@ -63,6 +65,13 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
                            float *dq, float *dk, float *dv, int B, int H, int T, int D);
+void fo_gelu_forward(const float *x, float *y, long n);
+void fo_gelu_backward(const float *dy, const float *x, float *dx, long n);
+void fo_layernorm_forward(const float *x, const float *w, const float *b, float *y,
+                          float *mean, float *rstd, int M, int C, float eps);
+void fo_layernorm_backward(const float *dy, const float *x, const float *w,
+                           const float *mean, const float *rstd, float *dx, float *dw,
+                           float *db, int M, int C);
 /* API end */
 #ifdef __cplusplus
 }
@@ -773,6 +782,223 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     fo_free(Di);
     fo_free(dqpriv);
 }
+
+/* ------------------------------------------------------------------------ */
+/* GELU (GPT-2's tanh approximation) and LayerNorm                          */
+/* ------------------------------------------------------------------------ */
+
+/* gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+ * With e = exp(2u) and s = 2 / (e + 1): 1 - tanh(u) = s and 1 + tanh(u) = e s,
+ * both without cancellation (so 1 - tanh^2 = s e s stays accurate where tanh
+ * is near +-1). exp_inplace clamps 2u to [-87, 88], where tanh is already
+ * +-1 in float32, so large |x| cannot overflow. The element-wise loops work
+ * on chunks of GELU_CHUNK values, the exps of a chunk in a stack buffer, so
+ * that every loop vectorises. */
+#define GELU_CHUNK 512
+#define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_A 0.044715f
+
+FO_INLINE void gelu_exp_chunk(const float *x, float *e, int n) {
+    for (int i = 0; i < n; i++) {
+        float v = x[i];
+        e[i] = 2.0f * GELU_C * (v + GELU_A * (v * v * v));
+    }
+    exp_inplace(e, n);
+}
+
+FO_INLINE void gelu_fwd_block(const float *x, float *y, int n) {
+    float e[GELU_CHUNK];
+    gelu_exp_chunk(x, e, n);
+    for (int i = 0; i < n; i++) {
+        float s = 2.0f / (e[i] + 1.0f);
+        y[i] = 0.5f * x[i] * (e[i] * s);
+    }
+}
+
+/* d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) */
+FO_INLINE void gelu_bwd_block(const float *dy, const float *x, float *dx, int n) {
+    float e[GELU_CHUNK];
+    gelu_exp_chunk(x, e, n);
+    for (int i = 0; i < n; i++) {
+        /* the second term is 0 in float32 for |x| > 20: clamp x there so
+         * that x^2 cannot overflow (inf * 0 = nan) */
+        float v = x[i] < -20.0f ? -20.0f : (x[i] > 20.0f ? 20.0f : x[i]);
+        float s = 2.0f / (e[i] + 1.0f), onept = e[i] * s;
+        float du = GELU_C * (1.0f + 3.0f * GELU_A * (v * v));
+        dx[i] = dy[i] * (0.5f * onept + 0.5f * v * (s * onept) * du);
+    }
+}
+
+/* LayerNorm of one row of C values: mean and rstd saved for the backward. */
+FO_INLINE void ln_fwd_row(const float *x, const float *w, const float *b, float *y,
+                          float *mean, float *rstd, int C, float eps) {
+    float m = row_sum(x, C) / (float)C;
+    float s[16] = {0};
+    int c = 0;
+    for (; c + 16 <= C; c += 16)
+        for (int i = 0; i < 16; i++) { float d = x[c + i] - m; s[i] += d * d; }
+    for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
+    float var = 0.0f;
+    for (int i = 0; i < 16; i++) var += s[i];
+    float r = 1.0f / sqrtf(var / (float)C + eps);
+    for (c = 0; c < C; c++) y[c] = (x[c] - m) * r * w[c] + b[c];
+    *mean = m;
+    *rstd = r;
+}
+
+/* Backward of one row: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),
+ * dxhat = dy w; adds dy xhat to dw and dy to db. xh is C floats of scratch. */
+FO_INLINE void ln_bwd_row(const float *dy, const float *x, const float *w, float mean,
+                          float rstd, float *dx, float *dw, float *db, float *xh, int C) {
+    float s1[16] = {0}, s2[16] = {0};
+    int c = 0;
+    for (c = 0; c < C; c++) xh[c] = (x[c] - mean) * rstd;
+    for (c = 0; c + 16 <= C; c += 16)
+        for (int i = 0; i < 16; i++) {
+            float g = dy[c + i] * w[c + i];
+            s1[i] += g;
+            s2[i] += g * xh[c + i];
+        }
+    for (; c < C; c++) { float g = dy[c] * w[c]; s1[0] += g; s2[0] += g * xh[c]; }
+    float m1 = 0.0f, m2 = 0.0f;
+    for (int i = 0; i < 16; i++) { m1 += s1[i]; m2 += s2[i]; }
+    m1 /= (float)C;
+    m2 /= (float)C;
+    for (c = 0; c < C; c++) {
+        dx[c] = rstd * (dy[c] * w[c] - m1 - xh[c] * m2);
+        dw[c] += dy[c] * xh[c];
+        db[c] += dy[c];
+    }
+}
+
+/* per-ISA copies, as for attention */
+#define DEFINE_ELEMWISE(SUFFIX, TARGET) \
+    TARGET static void gelu_fwd##SUFFIX(const float *x, float *y, int n) { gelu_fwd_block(x, y, n); } \
+    TARGET static void gelu_bwd##SUFFIX(const float *dy, const float *x, float *dx, int n) { \
+        gelu_bwd_block(dy, x, dx, n); } \
+    TARGET static void ln_fwd##SUFFIX(const float *x, const float *w, const float *b, float *y, \
+                                      float *mean, float *rstd, int M, int C, float eps) { \
+        for (int r = 0; r < M; r++) \
+            ln_fwd_row(x + (size_t)r * C, w, b, y + (size_t)r * C, mean + r, rstd + r, C, eps); } \
+    TARGET static void ln_bwd##SUFFIX(const float *dy, const float *x, const float *w, \
+                                      const float *mean, const float *rstd, float *dx, float *dw, \
+                                      float *db, float *xh, int M, int C) { \
+        for (int r = 0; r < M; r++) \
+            ln_bwd_row(dy + (size_t)r * C, x + (size_t)r * C, w, mean[r], rstd[r], \
+                       dx + (size_t)r * C, dw, db, xh, C); }
+DEFINE_ELEMWISE(_generic, )
+#if FO_X86
+DEFINE_ELEMWISE(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_ELEMWISE(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+typedef struct {
+    void (*gelu_fwd)(const float *, float *, int);
+    void (*gelu_bwd)(const float *, const float *, float *, int);
+    void (*ln_fwd)(const float *, const float *, const float *, float *, float *, float *, int,
+                   int, float);
+    void (*ln_bwd)(const float *, const float *, const float *, const float *, const float *,
+                   float *, float *, float *, float *, int, int);
+} elem_t;
+
+static elem_t elem_pick(void) {
+    elem_t e = {gelu_fwd_generic, gelu_bwd_generic, ln_fwd_generic, ln_bwd_generic};
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) {
+        elem_t a = {gelu_fwd_avx512, gelu_bwd_avx512, ln_fwd_avx512, ln_bwd_avx512};
+        e = a;
+    }
+    if (kn == &KERN_AVX2) {
+        elem_t a = {gelu_fwd_avx2, gelu_bwd_avx2, ln_fwd_avx2, ln_bwd_avx2};
+        e = a;
+    }
+#endif
+    return e;
+}
+
+/* y[n] = gelu(x[n]) */
+void fo_gelu_forward(const float *x, float *y, long n) {
+    elem_t e = elem_pick();
+    long nchunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > 65536)
+#endif
+    for (long ch = 0; ch < nchunks; ch++) {
+        long i = ch * GELU_CHUNK;
+        e.gelu_fwd(x + i, y + i, (int)(n - i < GELU_CHUNK ? n - i : GELU_CHUNK));
+    }
+}
+
+/* dx[n] = dy[n] * gelu'(x[n]) */
+void fo_gelu_backward(const float *dy, const float *x, float *dx, long n) {
+    elem_t e = elem_pick();
+    long nchunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > 65536)
+#endif
+    for (long ch = 0; ch < nchunks; ch++) {
+        long i = ch * GELU_CHUNK;
+        e.gelu_bwd(dy + i, x + i, dx + i, (int)(n - i < GELU_CHUNK ? n - i : GELU_CHUNK));
+    }
+}
+
+/* y[M,C] = (x - mean) * rstd * w + b per row; mean[M], rstd[M] saved */
+void fo_layernorm_forward(const float *x, const float *w, const float *b, float *y,
+                          float *mean, float *rstd, int M, int C, float eps) {
+    elem_t e = elem_pick();
+    int nth = (double)M * C > 65536 ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
+        e.ln_fwd(x + (size_t)r0 * C, w, b, y + (size_t)r0 * C, mean + r0, rstd + r0, r1 - r0,
+                 C, eps);
+    }
+}
+
+/* Given dy[M,C] and the forward's x, w, mean, rstd: dx[M,C], and dw[C], db[C]
+ * (OVERWRITTEN). Each thread sums its rows' dw, db privately; then added up. */
+void fo_layernorm_backward(const float *dy, const float *x, const float *w,
+                           const float *mean, const float *rstd, float *dx, float *dw,
+                           float *db, int M, int C) {
+    elem_t e = elem_pick();
+    int nth = (double)M * C > 65536 ? fo_nthreads() : 1;
+    float *priv = fo_alloc((size_t)3 * C * nth);
+    if (!priv) return;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        float *pw = priv + (size_t)3 * C * tid, *pb = pw + C, *xh = pb + C;
+        memset(pw, 0, sizeof(float) * 2 * C);
+        int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
+        e.ln_bwd(dy + (size_t)r0 * C, x + (size_t)r0 * C, w, mean + r0, rstd + r0,
+                 dx + (size_t)r0 * C, pw, pb, xh, r1 - r0, C);
+    }
+    for (int c = 0; c < C; c++) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int t = 0; t < nth; t++) {
+            sw += priv[(size_t)3 * C * t + c];
+            sb += priv[(size_t)3 * C * t + C + c];
+        }
+        dw[c] = sw;
+        db[c] = sb;
+    }
+    fo_free(priv);
+}
+
 
 #endif /* !__CUDACC__ : end of CPU section */
 

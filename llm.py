@@ -349,6 +349,8 @@ def attention_backward(dy, cache):
 # ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
 
 def layernorm_forward(x, w, b, eps=1e-5):
+    if xp is numpy and _fast(x, w, b):
+        return fo_layernorm_forward(x, w, b, eps)
     mu = x.mean(-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
     xhat = (x - mu) * rstd
@@ -356,6 +358,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
 
 def layernorm_backward(dy, cache):
+    if isinstance(cache, dict):                 # from fo_layernorm_forward
+        return fo_layernorm_backward(dy, cache)
     xhat, rstd, w = cache
     dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
     db = dy.reshape(-1, xhat.shape[-1]).sum(0)
@@ -370,11 +374,15 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x):
+    if xp is numpy and _fast(x):
+        return fo_gelu_forward(x)
     t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))    # x*x*x: float32 pow is slow
     return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_backward(dy, cache):
+    if isinstance(cache, dict):                 # from fo_gelu_forward
+        return fo_gelu_backward(dy, cache)
     x, t = cache
     dt = _GELU_C * (1.0 + 3 * 0.044715 * (x * x))
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
@@ -1747,7 +1755,8 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # Everything above is complete in NumPy. Two operations take most of the
 # time, the linear layers' matrix products and attention, so linear_forward,
 # linear_backward, attention_forward and attention_backward hand float32
-# arrays to the C kernels of fastops.c when they are built. This section
+# arrays to the C kernels of fastops.c when they are built; on the CPU so do
+# gelu_* and layernorm_* (fused element-wise and per-row kernels). This section
 # loads them and checks every array before a pointer crosses into C.
 
 # ---- the C kernels, when built ---------------------------------------
@@ -1947,3 +1956,51 @@ def fo_attention_backward(dy, cache):
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
                                         _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
     return _done(dq, dk, dv)
+
+
+# GELU and LayerNorm: CPU only (fastops.c's CUDA section leaves them out, so on
+# the GPU CuPy's element-wise math runs). Their caches are dicts, as attention's.
+
+def fo_gelu_forward(x):
+    x = _f32("x", x, getattr(x, "ndim", 0))
+    y = xp.empty_like(x)
+    _kernels()[0].fo_gelu_forward(_ptr(x), _ptr(y), x.size)
+    return _done(y), {"fastops": x}
+
+
+def fo_gelu_backward(dy, cache):
+    x = cache["fastops"]
+    dy = _f32("dy", dy, x.ndim)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
+    dx = xp.empty_like(x)
+    _kernels()[0].fo_gelu_backward(_ptr(dy), _ptr(x), _ptr(dx), x.size)
+    return _done(dx)
+
+
+def fo_layernorm_forward(x, w, b, eps=1e-5):
+    x = _f32("x", x, getattr(x, "ndim", 0))
+    C = x.shape[-1] if x.ndim else 0
+    w, b = _f32("w", w, 1), _f32("b", b, 1)
+    if x.ndim < 1 or C < 1 or w.shape != (C,) or b.shape != (C,):
+        raise ValueError(f"layernorm: expected x (..., C) with C >= 1 and w, b ({C},), "
+                         f"got {x.shape}, {w.shape}, {b.shape}")
+    M = x.size // C
+    y = xp.empty_like(x)
+    mean, rstd = xp.empty(M, numpy.float32), xp.empty(M, numpy.float32)
+    _kernels()[0].fo_layernorm_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), _ptr(mean),
+                                       _ptr(rstd), M, C, float(eps))
+    return _done(y), {"fastops": (x, w, mean, rstd)}
+
+
+def fo_layernorm_backward(dy, cache):
+    x, w, mean, rstd = cache["fastops"]
+    dy = _f32("dy", dy, x.ndim)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
+    C = x.shape[-1]
+    M = x.size // C
+    dx, dw, db = xp.empty_like(x), xp.empty(C, numpy.float32), xp.empty(C, numpy.float32)
+    _kernels()[0].fo_layernorm_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(mean), _ptr(rstd),
+                                        _ptr(dx), _ptr(dw), _ptr(db), M, C)
+    return _done(dx, dw, db)

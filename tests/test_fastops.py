@@ -162,6 +162,89 @@ def test_attention_is_causal(T, D, data):
     np.testing.assert_array_equal(cache2["fastops"][4][:, :, :t0 + 1], lse[:, :, :t0 + 1])
 
 
+# ---- GELU and LayerNorm ------------------------------------------------------------
+
+N_SIZES = st.sampled_from([1, 2, 3, 7, 13, 15, 16, 17, 31, 97, 511, 512, 513, 1000, 4099,
+                           65537, 100003])
+C_SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 64, 97, 128, 129, 384, 769])
+
+
+def gelu_reference(x, dy):
+    """float64 GELU (tanh approximation): y and dx = dy * gelu'(x)."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (x + 0.044715 * x ** 3))
+    dgelu = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * x * (1 + t), dy * dgelu
+
+
+@FAST
+@given(n=N_SIZES, scale=st.sampled_from([0.01, 1.0, 4.0, 30.0]), path=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+@example(n=12 * 64 * 512, scale=1.0, path=ISAS[0], seed=0)     # the small model's MLP
+def test_gelu_matches_float64_reference(n, scale, path, seed):
+    rng = np.random.default_rng(seed)
+    x, dy = randn(rng, n) * np.float32(scale), randn(rng, n)
+    with isa(path):
+        y, cache = llm.fo_gelu_forward(x)
+        dx = llm.fo_gelu_backward(dy, cache)
+    y_ref, dx_ref = gelu_reference(x, dy)
+    assert y.dtype == dx.dtype == np.float32 and y.shape == dx.shape == (n,)
+    # ~1e-6 absolute, or half an ulp of y where |y| is large (y ~ x for x >> 1)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-6)
+
+
+def test_gelu_extremes_and_shapes():
+    x = np.array([-1e30, -1e4, -100, -20, -9.5, -1e-30, 0, 1e-30, 9.5, 20, 100, 1e4, 1e30],
+                 np.float32)
+    y, cache = llm.fo_gelu_forward(x)
+    dx = llm.fo_gelu_backward(np.ones_like(x), cache)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    y_ref, dx_ref = gelu_reference(x, np.ones_like(x))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-6)
+    x3 = randn(np.random.default_rng(0), 3, 5, 7)
+    y3, c3 = llm.gelu_forward(x3)                       # dispatch: a dict cache, 3-D kept
+    assert isinstance(c3, dict) and y3.shape == x3.shape
+    np.testing.assert_allclose(llm.gelu_backward(x3, c3), gelu_reference(x3, x3)[1],
+                               rtol=1e-5, atol=2e-6)
+
+
+def layernorm_reference(x, w, b, dy, eps=1e-5):
+    x, w, b, dy = (a.astype(np.float64) for a in (x, w, b, dy))
+    mu = x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mu) * rstd
+    g = dy * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return xhat * w + b, mu[:, 0], rstd[:, 0], dx, (dy * xhat).sum(0), dy.sum(0)
+
+
+@FAST
+@given(M=st.sampled_from([1, 2, 3, 7, 17, 64, 97, 768, 1031]), C=C_SIZES,
+       shift=st.sampled_from([0.0, 3.0]), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(M=768, C=128, shift=0.0, path=ISAS[0], seed=0)      # the small model
+@example(M=2048, C=384, shift=0.0, path=ISAS[0], seed=1)     # the large model
+def test_layernorm_matches_float64_reference(M, C, shift, path, seed):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, M, C) + np.float32(shift)
+    w, b, dy = randn(rng, C), randn(rng, C), randn(rng, M, C)
+    with isa(path):
+        y, cache = llm.fo_layernorm_forward(x, w, b)
+        dx, dw, db = llm.fo_layernorm_backward(dy, cache)
+    y_ref, mu_ref, rstd_ref, dx_ref, dw_ref, db_ref = layernorm_reference(x, w, b, dy)
+    _, _, mean, rstd = cache["fastops"]
+    np.testing.assert_allclose(mean, mu_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-4, atol=1e-5)
+    close(y, y_ref, C)
+    # dx = rstd * (O(1) terms that cancel): rstd can be ~1/sqrt(eps) (rows of
+    # nearly equal values, e.g. C = 2), so compare dx / rstd
+    close(dx / rstd_ref[:, None], dx_ref / rstd_ref[:, None], C)
+    close(dw, dw_ref, M)
+    close(db, db_ref, M)
+
+
 # ---- bad input: a clear error naming the argument, or a copy; never a crash ------
 
 def test_bad_input_raises_or_copies():
@@ -198,6 +281,25 @@ def test_bad_input_raises_or_copies():
     y, cache = llm.fo_attention_forward(q, q, q)
     with pytest.raises(ValueError, match="dy"):
         llm.fo_attention_backward(randn(rng, 1, 2, 5, 3), cache)
+    with pytest.raises(TypeError, match="x"):
+        llm.fo_gelu_forward(q.astype(np.float64))
+    with pytest.raises(TypeError, match="x"):
+        llm.fo_gelu_forward([1.0, 2.0])
+    _, gcache = llm.fo_gelu_forward(q)
+    with pytest.raises(ValueError, match="dy"):
+        llm.fo_gelu_backward(q[..., :3], gcache)
+    xl = randn(rng, 6, 4)
+    with pytest.raises(ValueError, match="layernorm"):
+        llm.fo_layernorm_forward(xl, randn(rng, 5), randn(rng, 4))
+    with pytest.raises(TypeError, match="b"):
+        llm.fo_layernorm_forward(xl, randn(rng, 4), randn(rng, 4).astype(np.float64))
+    _, lcache = llm.fo_layernorm_forward(xl, randn(rng, 4), randn(rng, 4))
+    with pytest.raises(ValueError, match="dy"):
+        llm.fo_layernorm_backward(randn(rng, 6, 3), lcache)
+    xls = randn(rng, 6, 8)[:, ::2]                     # non-contiguous: copied
+    wl, bl = randn(rng, 4), randn(rng, 4)
+    close(llm.fo_layernorm_forward(xls, wl, bl)[0],
+          layernorm_reference(xls, wl, bl, xls)[0], 4)
     qs = randn(rng, 1, 2, 5, 8)[..., ::2]              # non-contiguous: copied
     ys, _ = llm.fo_attention_forward(qs, qs, qs)
     close(ys, attention_reference(qs, qs, qs, qs)[0], 4)
