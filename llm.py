@@ -302,6 +302,13 @@ def linear_backward(dy, x, w):
     return dy @ w.T, x.T @ dy, dy.sum(0)
 
 
+def linear_backward_input(dy, w):
+    """dx alone, for a frozen weight (LoRA's base model)."""
+    if _fast(dy, w):
+        return fo_linear_backward_input(dy, w)
+    return dy @ w.T
+
+
 # ---- dropout: zero a fraction p of activations while training ---------------
 # The survivors are scaled by 1/(1-p) so the expected value is unchanged.
 
@@ -322,15 +329,22 @@ def dropout_backward(dy, mask):
 # values of positions <= t (causal: never the future), weighted by
 # softmax(q.k / sqrt(D)). q, k, v are (B, H, T, D): H heads of width D.
 
+def causal_softmax(q, k, past=0):
+    """softmax(q.k / sqrt(D)) over the keys each query may see: query i
+    (at position past + i) sees keys 0..past+i. -> (B, H, Tq, Tk)."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])
+    visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tq))[:, None]
+    att = xp.where(visible, att, -xp.inf)
+    att = xp.exp(att - att.max(-1, keepdims=True))
+    return att / att.sum(-1, keepdims=True)
+
+
 def attention_forward(q, k, v, dropout=0.0, rng=None):
     if _fast(q, k, v) and (dropout == 0.0 or rng is None) and (xp is numpy or q.shape[-1] <= 128):
         return fo_attention_forward(q, k, v)
-    T, D = q.shape[-2:]
-    scale = 1.0 / math.sqrt(D)
-    att = (q @ k.swapaxes(-1, -2)) * scale                          # (B, H, T, T)
-    att = xp.where(xp.tril(xp.ones((T, T), dtype=bool)), att, -xp.inf)
-    att = xp.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = causal_softmax(q, k)                                        # (B, H, T, T)
     att_d, mask = dropout_forward(att, dropout, rng)
     return att_d @ v, (q, k, v, att, att_d, mask, scale)
 
@@ -392,9 +406,13 @@ def gelu_backward(dy, cache):
 # loss = mean over counted positions of -log p(target). `mask` (B, T) chooses
 # which positions count (instruction tuning counts the answer only).
 
+def log_softmax(logits):
+    z = logits - logits.max(-1, keepdims=True)                       # no overflow in exp
+    return z - xp.log(xp.exp(z).sum(-1, keepdims=True))
+
+
 def cross_entropy_forward(logits, targets, mask=None):
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - xp.log(xp.exp(z).sum(-1, keepdims=True))            # log-softmax
+    logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
     n = w.sum()
@@ -414,6 +432,16 @@ def logprob_backward(logp, targets, dlogp):
     dlogits = -xp.exp(logp) * dlogp[..., None]
     dlogits[tuple(xp.indices(targets.shape)) + (targets,)] += dlogp   # [b, t, targets[b, t]]
     return dlogits
+
+
+def add_at(a, index, values):
+    """a[index] += values, repeated indices adding up (numpy.add.at; CuPy
+    spells it cupyx.scatter_add)."""
+    if xp is numpy:
+        numpy.add.at(a, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(a, index, values)
 
 
 # ---- the whole model ---------------------------------------------------------
@@ -599,23 +627,6 @@ class GPT:
         return sum(v.size for v in self.params.values())
 
 
-def add_at(a, index, values):
-    """a[index] += values, repeated indices adding up (numpy.add.at; CuPy
-    spells it cupyx.scatter_add)."""
-    if xp is numpy:
-        numpy.add.at(a, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(a, index, values)
-
-
-def linear_backward_input(dy, w):
-    """dx alone, for a frozen weight (LoRA's base model)."""
-    if _fast(dy, w):
-        return fo_linear_backward_input(dy, w)
-    return dy @ w.T
-
-
 def check_ids(idx, vocab_size, name):
     """Token ids must be a 2-D integer array of in-range ids."""
     a = xp.asarray(idx)
@@ -701,12 +712,7 @@ def _attention_cached(q, k, v, past, record=None):
     """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D).
     The attention probabilities (B, H, Tn, Tk) are appended to `record`
     when it is a list (attention_maps() below reads them)."""
-    Tn, Tk = q.shape[2], k.shape[2]
-    att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])          # (B, H, Tn, Tk)
-    visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tn))[:, None]
-    att = xp.where(visible, att, -xp.inf)
-    att = xp.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
+    att = causal_softmax(q, k, past)                                  # (B, H, Tn, Tk)
     if record is not None:
         record.append(att)
     return att @ v
@@ -1180,14 +1186,22 @@ def head_backward(model: GPT, name: str, h, pos, dout, grads):
     return dh
 
 
-def pair_batch(tok: Tokenizer, pairs, block_size: int):
-    """Pairs -> one batch: chosen rows first, then rejected rows, plus the
-    position of each row's last token."""
-    ex = ([preference_example(tok, r, "chosen") for r in pairs]
-          + [preference_example(tok, r, "rejected") for r in pairs])
-    x, y, mask = pad_batch(ex, tok.special[END], block_size)
-    last = xp.asarray([min(len(ids), block_size + 1) - 2 for ids, _ in ex])
-    return x, y, mask, last
+def pair_examples(tok: Tokenizer, pairs) -> list:
+    """Preference pairs -> conversations: all chosen answers, then all rejected."""
+    return ([preference_example(tok, r, "chosen") for r in pairs]
+            + [preference_example(tok, r, "rejected") for r in pairs])
+
+
+def reward_batch(tok: Tokenizer, examples, block_size: int):
+    """Conversations -> ids (B, T), right-padded, and each row's last
+    position. The reward model reads the whole conversation, <|end|>
+    included (an answer that never ends must be told from one that does);
+    a conversation longer than the context keeps its last block_size tokens."""
+    rows = [ids[-block_size:] for ids, _ in examples]
+    x = numpy.full((len(rows), max(map(len, rows))), tok.special[END], numpy.int64)
+    for i, ids in enumerate(rows):
+        x[i, :len(ids)] = ids
+    return xp.asarray(x), xp.asarray([len(ids) - 1 for ids in rows])
 
 
 def reward_scores(model: GPT, x, last):
@@ -1198,8 +1212,9 @@ def reward_scores(model: GPT, x, last):
 
 def reward_loss(model: GPT, batch):
     """Bradley-Terry: P(chosen beats rejected) = sigmoid(r_c - r_r); the loss
-    is -log of it, averaged over the pairs."""
-    x, _, _, last = batch
+    is -log of it, averaged over the pairs. batch = (ids, last) from
+    reward_batch(), chosen rows first."""
+    x, last = batch
     r, h = reward_scores(model, x, last)
     n = len(r) // 2
     margin = r[:n] - r[n:]
@@ -1215,19 +1230,22 @@ def reward_accuracy(model: GPT, tok: Tokenizer, pairs, batch_size=32) -> float:
     """The share of pairs whose chosen answer scores above the rejected."""
     wins = 0
     for i in range(0, len(pairs), batch_size):
-        x, _, _, last = pair_batch(tok, pairs[i:i + batch_size], model.config.block_size)
-        r, _ = reward_scores(model, x, last)
+        batch = reward_batch(tok, pair_examples(tok, pairs[i:i + batch_size]), model.config.block_size)
+        r, _ = reward_scores(model, *batch)
         n = len(r) // 2
         wins += int((r[:n] > r[n:]).sum())
     return wins / max(len(pairs), 1)
 
 
+def score_conversations(rm: GPT, tok: Tokenizer, examples):
+    """Reward-model scores of conversations (ids, n) -> (B,)."""
+    return reward_scores(rm, *reward_batch(tok, examples, rm.config.block_size))[0]
+
+
 def score_answers(rm: GPT, tok: Tokenizer, prompts, answers, ended) -> list:
-    """Reward-model scores of (prompt, answer) conversations."""
+    """Reward-model scores of (prompt, answer text) pairs."""
     ex = [chat_example(tok, p, a, e) for p, a, e in zip(prompts, answers, ended)]
-    x, _, _ = pad_batch(ex, tok.special[END], rm.config.block_size)
-    last = xp.asarray([min(len(ids), rm.config.block_size + 1) - 2 for ids, _ in ex])
-    return [float(s) for s in reward_scores(rm, x, last)[0]]
+    return [float(s) for s in score_conversations(rm, tok, ex)]
 
 
 # ---- PPO -------------------------------------------------------------------
@@ -1253,8 +1271,7 @@ class PPOConfig:
 def sequence_logprobs(model: GPT, x, y):
     """log p(y_t | x_<=t) for every position -> (B, T), and log-softmax for backward."""
     logits, _ = model.forward(x)
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - xp.log(xp.exp(z).sum(-1, keepdims=True))
+    logp = log_softmax(logits)
     return xp.take_along_axis(logp, y[..., None], -1)[..., 0], logp
 
 
@@ -1293,7 +1310,7 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(
         xp.arange(x.shape[1]), x.shape))
     ref_logp, _ = sequence_logprobs(ref, x, y)
-    raw = xp.asarray(score_answers(rm, tok, prompts, texts, ended), dtype=logp.dtype)
+    raw = score_conversations(rm, tok, examples).astype(logp.dtype)
     score = (raw - norm[0]) / norm[1]
     kl = (logp - ref_logp) * mask
     rewards = -pc.kl_coef * kl
@@ -1350,8 +1367,8 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     # The reward model's scale is arbitrary: normalise its scores so that the
     # starting policy's answers score mean 0 and standard deviation 1.
     calib = [prompts[i] for i in rng.choice(len(prompts), min(len(prompts), 64), replace=False)]
-    _, texts, ended = sample_answers(policy, tok, calib, pc, rng)
-    s = numpy.asarray(score_answers(rm, tok, calib, texts, ended))
+    examples, _, _ = sample_answers(policy, tok, calib, pc, rng)
+    s = xp_to_numpy(score_conversations(rm, tok, examples))
     norm = (float(s.mean()), float(s.std()) + 1e-6)
     for it in range(pc.iters):
         batch = [prompts[i] for i in rng.choice(len(prompts), pc.prompts_per_iter, replace=False)]
@@ -1395,7 +1412,8 @@ def answer_logprob(model: GPT, x, y, mask):
 
 
 def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
-    x, y, mask, _ = batch
+    """batch = pad_batch(pair_examples(...)): chosen rows first."""
+    x, y, mask = batch
     ref_lp, _ = answer_logprob(ref, x, y, mask)
     lp, logp_all = answer_logprob(policy, x, y, mask)
     n = len(lp) // 2

@@ -192,7 +192,8 @@ def run_reward(a):
     T = model.config.block_size
 
     def batch_fn(rng):
-        return llm.pair_batch(tok, [train[i] for i in rng.integers(0, len(train), tc.batch_size)], T)
+        pairs = [train[i] for i in rng.integers(0, len(train), tc.batch_size)]
+        return llm.reward_batch(tok, llm.pair_examples(tok, pairs), T)
 
     state = llm.TrainState()
     llm.train_steps(model, state, tc, batch_fn, llm.reward_loss, log=stage_log("reward"))
@@ -277,7 +278,8 @@ def run_dpo(a):
         T = policy.config.block_size
 
         def batch_fn(rng):
-            return llm.pair_batch(tok, [train[i] for i in rng.integers(0, len(train), tc.batch_size)], T)
+            pairs = [train[i] for i in rng.integers(0, len(train), tc.batch_size)]
+            return llm.pad_batch(llm.pair_examples(tok, pairs), tok.special[llm.END], T)
 
         state = llm.TrainState()
         llm.train_steps(policy, state, tc, batch_fn,

@@ -22,7 +22,7 @@ def test_reward_loss_gradient():
     r = np.random.default_rng(1)
     x = r.integers(0, 11, (4, 6))
     last = np.array([5, 3, 4, 2])
-    check_grads(m, lambda: llm.reward_loss(m, (x, None, None, last)))
+    check_grads(m, lambda: llm.reward_loss(m, (x, last)))
 
 
 def test_dpo_loss_gradient():
@@ -30,7 +30,7 @@ def test_dpo_loss_gradient():
     r = np.random.default_rng(1)
     x, y = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6))
     mask = (np.arange(6) >= 2).astype(float)[None].repeat(4, 0)
-    check_grads(m, lambda: llm.dpo_loss(m, ref, (x, y, mask, None), beta=0.5))
+    check_grads(m, lambda: llm.dpo_loss(m, ref, (x, y, mask), beta=0.5))
 
 
 def test_ppo_loss_gradient():
@@ -90,6 +90,15 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
     p.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
         llm.read_jsonl(str(p), ("prompt",))
+
+
+def test_the_reward_model_reads_the_last_token_end_included():
+    tok = llm.byte_tokenizer()
+    ended, unended = llm.chat_example(tok, "q", "A.", True), llm.chat_example(tok, "q", "A.", False)
+    x, last = llm.reward_batch(tok, [ended, unended], 64)
+    assert x[0, last[0]] == tok.special[llm.END] and x[1, last[1]] == ord(".")
+    x, last = llm.reward_batch(tok, [llm.chat_example(tok, "x" * 100, "A.")], 32)
+    assert x.shape == (1, 32) and x[0, last[0]] == tok.special[llm.END]
 
 
 def test_unended_rejections_get_no_end_token():
