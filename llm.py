@@ -1180,7 +1180,7 @@ def head_backward(model: GPT, name: str, h, pos, dout, grads):
     rows = xp.arange(h.shape[0])[:, None]
     hp = h[rows, pos]                                                 # (B, k, C)
     grads[name + ".weight"] = (dout[..., None] * hp).reshape(-1, hp.shape[-1]).sum(0)
-    grads[name + ".bias"] = dout.sum()
+    grads[name + ".bias"] = xp.asarray(dout.sum())      # 0-d array: clipping scales it in place
     dh = xp.zeros_like(h)
     add_at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
     return dh
@@ -1378,6 +1378,7 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
         for _ in range(pc.epochs):
             order = rng.permutation(len(batch))
             for part in numpy.array_split(order, pc.minibatches):
+                part = xp.asarray(part)
                 mb = {k: ro[k][part] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
                 loss, grads, s = ppo_loss(policy, mb, pc)
                 clip_grad_norm(grads, 1.0)
@@ -1630,7 +1631,8 @@ def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainSta
         for name in state.opt.m if state.opt else ():
             tensors["optimizer.m." + name] = state.opt.m[name]
             tensors["optimizer.v." + name] = state.opt.v[name]
-        opt = {k: v for k, v in asdict(state.opt).items() if k not in ("m", "v")} if state.opt else None
+        opt = ({k: getattr(state.opt, k) for k in ("lr", "betas", "eps", "weight_decay", "t")}
+               if state.opt else None)                # (asdict would deep-copy m and v)
         meta["state"] = json.dumps({"step": state.step, "opt": opt, "rng_state": state.rng_state,
                                     "history": state.history})
     save_safetensors(path, tensors, meta)

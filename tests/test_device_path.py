@@ -1,0 +1,78 @@
+"""llm.py's GPU path, run here on fakecupy: NumPy's arithmetic under CuPy's
+rules (no implicit host <-> device conversion, no mixing). Every stage of
+`train.py --device cuda` must run on it and give what the CPU's NumPy path
+gives, to the last bit (the same NumPy functions do the arithmetic)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import fakecupy
+import llm
+import train
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy)
+    monkeypatch.setitem(sys.modules, "cupyx", fakecupy.cupyx)
+    monkeypatch.setattr(llm, "_load_cuda", lambda: None)   # CuPy's own math, no CUDA kernels
+    yield fakecupy
+    llm.use_device("cpu")
+
+
+def test_the_fake_device_refuses_what_cupy_refuses():
+    d = fakecupy.asarray(np.arange(6.0).reshape(2, 3))
+    h = np.ones((2, 3))
+    for bad in (lambda: np.asarray(d), lambda: d + h, lambda: h * d, lambda: h[:, fakecupy.asarray([0, 1])],
+                lambda: d[np.array([0, 1])], lambda: np.concatenate([d, h]), lambda: round(d.sum(), 3),
+                lambda: range(d.sum())):
+        with pytest.raises(TypeError):
+            bad()
+    assert isinstance(d.sum(), fakecupy.ndarray) and float(d.sum()) == 15.0    # 0-d, as CuPy's
+    assert isinstance(np.exp(d), fakecupy.ndarray) and isinstance(d.get(), np.ndarray)
+    d += 1                                                                     # in place stays
+    assert isinstance(d, fakecupy.ndarray) and d.get()[0, 0] == 1.0
+
+
+def test_training_on_the_device_equals_the_cpu(fake_gpu, monkeypatch, tmp_path):
+    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=53, dtype="float32")
+    data = np.random.default_rng(0).integers(0, 53, 3000)
+    tc = llm.TrainConfig(batch_size=4, max_iters=4, warmup_iters=2, eval_interval=1000)
+
+    def run(device):
+        llm.use_device(device)
+        model, state = llm.GPT(cfg, seed=1), llm.TrainState()
+        llm.train_steps(model, state, tc, lambda r: llm.get_batch(data, 16, 4, r))
+        return model, state
+
+    monkeypatch.setattr(llm, "_fastops", None)              # the CPU's NumPy path
+    cpu_model, cpu_state = run("cpu")
+    gpu_model, gpu_state = run("cuda")
+    assert cpu_state.history == gpu_state.history
+    for name, p in gpu_model.params.items():
+        assert isinstance(p, fakecupy.ndarray), name
+        np.testing.assert_array_equal(p.get(), cpu_model.params[name])
+    path = str(tmp_path / "gpu.safetensors")
+    llm.save_checkpoint(path, gpu_model, llm.byte_tokenizer())
+    model, *_ = llm.load_checkpoint(path)
+    for name, p in model.params.items():
+        assert isinstance(p, fakecupy.ndarray) and (p == gpu_model.params[name]).all(), name
+
+
+def untimed(report):
+    """A report without its timings (seconds, tokens per second)."""
+    if isinstance(report, dict):
+        return {k: untimed(v) for k, v in report.items() if "second" not in k}
+    return report
+
+
+def test_every_stage_of_train_py_runs_on_the_device(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.setattr(llm, "_fastops", None)
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        train.main(["--quick", "--device", device, "--out", str(out)])
+        reports[device] = untimed(json.load(open(out / "report.json")))
+    assert reports["cuda"] == reports["cpu"]
