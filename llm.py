@@ -682,7 +682,7 @@ class AdamW:
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale all gradients down together if their global L2 norm exceeds
     max_norm (one bad batch cannot throw the weights far). Returns the norm."""
-    norm = math.sqrt(sum(float((g.astype(xp.float64) ** 2).sum()) for g in grads.values()))
+    norm = math.sqrt(float(sum((g.astype(xp.float64) ** 2).sum() for g in grads.values())))
     if max_norm and norm > max_norm:
         for g in grads.values():
             g *= max_norm / (norm + 1e-6)
@@ -1830,7 +1830,13 @@ def _load_cuda():
     spec.loader.exec_module(build_ext)
     ffi = cffi.FFI()
     ffi.cdef(build_ext.CUDA_CDEF)
-    return types.SimpleNamespace(ffi=ffi, lib=ffi.dlopen(path))
+    lib = ffi.dlopen(path)
+    msg = lib.fo_cuda_sync()            # its CUDA runtime starts (or the driver is too old)
+    if msg != ffi.NULL:
+        warnings.warn(f"fastops' CUDA kernels cannot run here ({ffi.string(msg).decode()}): "
+                      "using CuPy's own math. Rebuild them with this machine's nvcc.")
+        return None
+    return types.SimpleNamespace(ffi=ffi, lib=lib)
 
 
 def use_device(name: str):
