@@ -322,8 +322,9 @@ def bench_cuda(steps):
     except ImportError:
         sys.exit("--device cuda needs CuPy (e.g. `pip install cupy-cuda12x`) and a GPU")
     llm.use_device("cuda")
+    backends = ("fastops", "numpy") if llm._cuda is not None else ("numpy",)
     if llm._cuda is None:
-        sys.exit("the CUDA kernels are not built: run `python build_ext.py --cuda` first")
+        print("# fastops' CUDA kernels are not available (see the warning): CuPy's math only")
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     sync = cupy.cuda.Device().synchronize
     print(f"# GPU: {name}; CuPy {cupy.__version__}")
@@ -332,14 +333,13 @@ def bench_cuda(steps):
         model, opt, idx, tgt = make_model_cfg(cfg, batch)
         idx, tgt = cupy.asarray(idx), cupy.asarray(tgt)
         tok = batch * cfg["block_size"]
-        for backend in ("fastops", "numpy"):              # CUDA kernels, then CuPy's math
+        for backend in backends:                          # CUDA kernels, then CuPy's math
             llm.set_backend(backend)
             t = _gpu_time(lambda: train_step(model, opt, idx, tgt), sync, steps)
             key = "llm_cuda" if backend == "fastops" else "llm_cupy"
             result[f"{mname}_{key}_tok_s"] = round(tok / t)
             rows.append((mname, key, t))
             print(f"{mname:6s} {key:10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
-        llm.set_backend("fastops")
         del model, opt
         cupy.get_default_memory_pool().free_all_blocks()
     try:
@@ -369,8 +369,10 @@ def bench_cuda(steps):
             del model, opt
             torch.cuda.empty_cache()
         for mname in GPU_MODELS:
-            result[f"{mname}_llm_cuda_vs_torch"] = round(
-                result[f"{mname}_llm_cuda_tok_s"] / result[f"{mname}_torch_tok_s"], 3)
+            for key in ("llm_cuda", "llm_cupy"):
+                if f"{mname}_{key}_tok_s" in result:
+                    result[f"{mname}_{key}_vs_torch"] = round(
+                        result[f"{mname}_{key}_tok_s"] / result[f"{mname}_torch_tok_s"], 3)
     print(json.dumps(result))
 
 

@@ -76,3 +76,13 @@ def test_every_stage_of_train_py_runs_on_the_device(fake_gpu, monkeypatch, tmp_p
         train.main(["--quick", "--device", device, "--out", str(out)])
         reports[device] = untimed(json.load(open(out / "report.json")))
     assert reports["cuda"] == reports["cpu"]
+
+
+def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys):
+    import bench
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=19)
+    monkeypatch.setattr(bench, "GPU_MODELS", {"tiny": (tiny, 2)})
+    monkeypatch.setitem(sys.modules, "torch", None)         # PyTorch absent: no comparison
+    bench.bench_cuda(steps=1)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tiny_llm_cupy_tok_s"] > 0 and "tiny_llm_cuda_tok_s" not in result
