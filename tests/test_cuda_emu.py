@@ -1,0 +1,492 @@
+"""fastops.c's CUDA kernels, run on the CPU by emulation, against float64 NumPy references.
+
+The very text of fastops.c's CUDA section (not a copy) is compiled by g++
+against tests/cuda_emu/cuda_runtime.h, a stand-in for the CUDA runtime: each
+`kernel<<<grid, block>>>(args)` is rewritten into `emu_launch(kernel, grid,
+block)(args)` and every CUDA thread of a block runs as a fiber, switching at
+__syncthreads() and shuffles (see the header for the model).
+
+What this verifies: the kernels' arithmetic and indexing (results against
+float64 references, for shapes at and around every tile and block edge, all
+three head-size templates, transposed and strided operands); their bounds
+(outputs pre-filled with NaN and padding around strided operands filled
+with NaN or a sentinel, shared memory NaN at every block start, and a run
+under AddressSanitizer + UBSan in a subprocess, where any read or write past
+a buffer, misaligned float4 access or other undefined behaviour fails the
+test); the block/thread decomposition; and barrier placement (threads run in
+forward, reverse and shuffled orders between barriers, so a missing
+__syncthreads() gives a wrong result, and a barrier or shuffle that not all
+threads reach is reported as a deadlock).
+
+What it cannot verify: the GPU's memory model and warp scheduling (here
+threads never run at the same time, blocks never overlap and a warp has no
+lockstep), float4 alignment faults as the GPU raises them (UBSan checks that
+every float4 access is 16-byte aligned given the arrays' declared alignment,
+not how nvcc lays shared memory out), register and shared-memory limits
+(nvcc checks those when it builds), nvcc's arithmetic (fused multiply-adds,
+its exp2f), performance, and the nvcc-compiled binary itself (test_cuda.py
+builds it; only a GPU can run it).
+"""
+import hashlib
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_ext  # noqa: E402
+import llm  # noqa: E402
+
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CXX = shutil.which("g++")
+FLAGS = ["-x", "c++", "-std=c++20", "-O1", "-D__CUDACC__", "-fPIC", "-shared", "-I", EMU,
+         "-fno-strict-aliasing",                    # float4 reads of float arrays, as in CUDA
+         "-fno-gnu-unique"]                         # each library keeps its own __shared__ arrays
+SANITIZE = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer"]
+CDEF = build_ext.CUDA_CDEF + "void emu_schedule(unsigned seed);"
+# `kernel<<<grid, block>>>(` or `kernel<N><<<grid, block>>>(`; grid and block may hold commas
+LAUNCH = re.compile(r"\b(\w+(?:<\w+>)?)<<<(.*?)>>>\(")
+
+SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+SEEDS = st.integers(0, 2**32 - 1)       # for emu_schedule: 0 in order, 1 reversed, else shuffled
+
+
+# ---- building and loading the emulated library ---------------------------------------
+
+def emulated(src, path):
+    """CUDA source -> C++ for the emulator: only the launches change."""
+    out, n = LAUNCH.subn(r"emu_launch(\1, \2)(", src)
+    assert n == src.count("<<<") and ">>>" not in out, "a kernel launch the rewrite missed"
+    return f'#line 1 "{path}"\n' + out                # diagnostics point into the original
+
+
+def build(src, path, extra=()):
+    """Compile emulated(src) into a .so, cached in the temp dir by the hash of
+    everything that goes into it."""
+    if CXX is None:
+        pytest.skip("g++ is absent: the CUDA emulation needs it")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CUDA emulation needs Linux (ucontext, dl_iterate_phdr)")
+    with open(os.path.join(EMU, "cuda_runtime.h")) as f:
+        header = f.read()
+    cpp, flags = emulated(src, path), FLAGS + list(extra)
+    version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([cpp, header, version, *flags]).encode()).hexdigest()[:16]
+    cache = os.path.join(tempfile.gettempdir(), f"fastops_cuda_emu_{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    so = os.path.join(cache, f"{key}.so")
+    if not os.path.exists(so):
+        tmp = os.path.join(cache, f"{key}.{os.getpid()}")
+        with open(tmp + ".cpp", "w") as f:
+            f.write(cpp)
+        r = subprocess.run([CXX, *flags, tmp + ".cpp", "-o", tmp + ".so"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, f"g++ failed:\n{r.stderr[-5000:]}"
+        os.replace(tmp + ".cpp", so[:-3] + ".cpp")  # kept beside the library, for debugging
+        os.replace(tmp + ".so", so)                 # atomic: a concurrent run sees all or nothing
+    return so
+
+
+def build_fastops(extra=()):
+    path = os.path.join(ROOT, "fastops.c")
+    with open(path) as f:
+        return build(f.read(), path, extra)
+
+
+MARGIN = 256                            # floats on each side of every test buffer
+POISON = 0x7FC0DEAD                     # a NaN with a payload: reading it poisons results
+
+
+def guarded(a):
+    """A copy of `a` inside a larger buffer whose margins hold POISON: a kernel
+    that reads them gets NaN, one that writes them fails Emu.__call__."""
+    big = np.full(a.size + 2 * MARGIN, POISON, np.uint32)
+    out = big.view(np.float32)[MARGIN:MARGIN + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def margins_intact(a):
+    big = a.base
+    assert big is not None and big.size == a.size + 2 * MARGIN, "not a guarded() buffer"
+    return (big[:MARGIN] == POISON).all() and (big[-MARGIN:] == POISON).all()
+
+
+class Emu:
+    """The emulated library, with calls that fail the test on a CUDA error or
+    (guards=True: arrays from guarded()) on a write outside an array."""
+
+    def __init__(self, so, guards=True):
+        import cffi
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(CDEF)
+        self.lib = self.ffi.dlopen(so)
+        self.guards = guards
+
+    def ptr(self, a):
+        return self.ffi.NULL if a is None else self.ffi.cast("float *", self.ffi.from_buffer(a))
+
+    def error(self):
+        msg = self.lib.fo_cuda_error()
+        return None if msg == self.ffi.NULL else self.ffi.string(msg).decode()
+
+    def __call__(self, name, *args):
+        getattr(self.lib, name)(*(self.ptr(a) if isinstance(a, np.ndarray) or a is None else a
+                                  for a in args))
+        assert self.error() is None
+        for a in args:
+            if self.guards and isinstance(a, np.ndarray):
+                assert margins_intact(a), f"{name} wrote outside an array"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emu(build_fastops())
+
+
+def schedule(emu, seed):
+    emu.lib.emu_schedule(seed)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def randn(rng, *shape):
+    return guarded(rng.standard_normal(shape))
+
+
+def nans(*shape):
+    """An output buffer: anything the kernel should write but does not stays NaN."""
+    return guarded(np.full(shape, np.nan))
+
+
+def close(got, ref, K):
+    """float32 sums of K terms of O(1) products: error ~ eps * sqrt(K) (as test_cuda.py)."""
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
+
+
+def operand(rng, rows, cols, transposed, pad):
+    """A (rows, cols) matrix inside a larger buffer whose extra `pad` columns
+    (row-major) or rows (transposed) are NaN: reading them poisons the result.
+    -> (buffer, the matrix, row stride, column stride)."""
+    if transposed:
+        buf = nans(cols, rows + pad)
+        buf[:, :rows] = randn(rng, cols, rows)
+        return buf, buf[:, :rows].T, 1, rows + pad
+    buf = nans(rows, cols + pad)
+    buf[:, :cols] = randn(rng, rows, cols)
+    return buf, buf[:, :cols], cols + pad, 1
+
+
+# ---- GEMM, column sums, linear layer --------------------------------------------------
+
+def check_sgemm(emu, M, N, K, trans_a, trans_b, accumulate, bias, pad, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    a_buf, a, rsa, csa = operand(rng, M, K, trans_a, pad)
+    b_buf, b, rsb, csb = operand(rng, K, N, trans_b, pad)
+    bvec = randn(rng, N) if bias else None
+    c_buf = guarded(np.full((M, N + pad), -7.0))     # columns past N: a sentinel, untouched
+    c_buf[:, :N] = randn(rng, M, N) if accumulate else np.nan
+    c0 = c_buf[:, :N].astype(np.float64)
+    emu("fo_sgemm", M, N, K, a_buf, rsa, csa, b_buf, rsb, csb, c_buf, N + pad, int(accumulate),
+        bvec)
+    ref = a.astype(np.float64) @ b.astype(np.float64) + (c0 if accumulate else 0.0)
+    close(c_buf[:, :N], ref + (0.0 if bvec is None else bvec), max(K, 1))
+    assert (c_buf[:, N:] == -7.0).all(), "fo_sgemm wrote past column N"
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sgemm_every_layout(emu, trans_a, trans_b, accumulate, bias):
+    """All operand layouts and flags on a shape off every tile edge
+    (M > 128, N < 128, K not a multiple of 8)."""
+    check_sgemm(emu, 130, 67, 9, trans_a, trans_b, accumulate, bias, pad=0, seed=0)
+
+
+DIMS = st.sampled_from([1, 2, 3, 7, 8, 33, 64, 127, 128, 129, 200, 257])
+
+
+@SETTINGS
+@given(M=DIMS, N=DIMS, K=st.sampled_from([0, 1, 2, 7, 8, 9, 16, 17, 100, 300]),
+       trans_a=st.booleans(), trans_b=st.booleans(), accumulate=st.booleans(),
+       bias=st.booleans(), pad=st.sampled_from([0, 3]), seed=SEEDS)
+@example(M=1, N=1, K=1, trans_a=False, trans_b=False, accumulate=False, bias=False, pad=0, seed=0)
+@example(M=128, N=128, K=8, trans_a=True, trans_b=True, accumulate=True, bias=True, pad=0, seed=1)
+@example(M=129, N=257, K=1, trans_a=False, trans_b=True, accumulate=False, bias=True, pad=3, seed=2)
+def test_sgemm_matches_float64(emu, M, N, K, trans_a, trans_b, accumulate, bias, pad, seed):
+    check_sgemm(emu, M, N, K, trans_a, trans_b, accumulate, bias, pad, seed)
+
+
+@SETTINGS
+@given(M=st.sampled_from([0, 1, 2, 31, 32, 33, 100]), N=st.sampled_from([1, 2, 31, 32, 33, 65]),
+       seed=SEEDS)
+@example(M=33, N=65, seed=1)
+def test_colsum_matches_float64(emu, M, N, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    dy, db = randn(rng, M, N), nans(N)
+    emu("fo_colsum", dy, db, M, N)
+    close(db, dy.astype(np.float64).sum(0), M)
+
+
+@SETTINGS
+@given(M=st.sampled_from([1, 3, 64, 130]), K=st.sampled_from([1, 5, 8, 33]),
+       N=st.sampled_from([1, 7, 32, 129]), with_dx=st.booleans(), with_db=st.booleans(), seed=SEEDS)
+def test_linear_matches_float64(emu, M, K, N, with_dx, with_db, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    x, w, b, dy = randn(rng, M, K), randn(rng, K, N), randn(rng, N), randn(rng, M, N)
+    y, dw = nans(M, N), nans(K, N)
+    dx, db = (nans(M, K) if with_dx else None), (nans(N) if with_db else None)
+    emu("fo_linear_forward", x, w, b, y, M, K, N)
+    emu("fo_linear_backward", dy, x, w, dx, dw, db, M, K, N)
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    close(y, x64 @ w64 + b, K)
+    close(dw, x64.T @ dy64, M)
+    if with_dx:
+        close(dx, dy64 @ w64.T, N)
+    if with_db:
+        close(db, dy64.sum(0), M)
+
+
+# ---- attention --------------------------------------------------------------------------
+
+def attention_reference(q, k, v, dy):
+    """llm.py's NumPy attention in float64 -> y, lse, (dq, dk, dv)."""
+    q, k, v, dy = (a.astype(np.float64) for a in (q, k, v, dy))
+    prev = llm.set_backend("numpy")
+    try:
+        y, cache = llm.attention_forward(q, k, v)
+        grads = llm.attention_backward(dy, cache)
+    finally:
+        llm.set_backend(prev)
+    T = q.shape[-2]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
+    return y, lse, grads
+
+
+def check_attention(emu, B, H, T, D, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    q, k, v, dy = (randn(rng, B, H, T, D) for _ in range(4))
+    y, dq, dk, dv = (nans(B, H, T, D) for _ in range(4))
+    lse = nans(B, H, T)
+    emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D)
+    emu("fo_attention_backward", dy, q, k, v, y, lse, dq, dk, dv, B, H, T, D)
+    ref_y, ref_lse, ref_grads = attention_reference(q, k, v, dy)
+    close(y, ref_y, T)
+    close(lse, ref_lse, T)
+    for got, want in zip((dq, dk, dv), ref_grads):
+        close(got, want, T * D)
+
+
+@pytest.mark.parametrize("B,H,T,D", [
+    (1, 1, 1, 1),       # DM=32, one row
+    (2, 1, 65, 7),      # DM=32: the second 64-row block holds one row
+    (1, 2, 64, 32),     # DM=32, exactly one block
+    (1, 2, 130, 33),    # DM=64: three 64-row blocks, key tiles of 64
+    (2, 1, 63, 64),     # DM=64, one short block
+    (1, 1, 97, 65),     # DM=128: key/query tiles of 32 rows
+    (1, 2, 33, 128),    # DM=128, full width
+])
+@pytest.mark.parametrize("seed", [0, 1, 2])          # in order, reversed, shuffled
+def test_attention_each_head_size_template(emu, B, H, T, D, seed):
+    check_attention(emu, B, H, T, D, seed)
+
+
+@SETTINGS
+@given(B=st.sampled_from([1, 2]), H=st.sampled_from([1, 3]),
+       T=st.sampled_from([1, 2, 3, 17, 31, 32, 33, 63, 64, 65, 100, 129]),
+       D=st.sampled_from([1, 4, 7, 16, 31, 32, 33, 48, 63, 64, 65, 96, 127, 128]), seed=SEEDS)
+def test_attention_matches_float64(emu, B, H, T, D, seed):
+    check_attention(emu, B, H, T, D, seed)
+
+
+def test_error_messages(emu):
+    """Unsupported shapes are reported through fo_cuda_error, and reading clears it."""
+    ffi, lib, null = emu.ffi, emu.lib, emu.ffi.NULL
+    lib.fo_attention_forward(null, null, null, null, null, 1, 1, 4, 129)
+    assert "fo_attention_forward: head size 129 > 128" in emu.error()
+    assert emu.error() is None
+    lib.fo_attention_backward(null, null, null, null, null, null, null, null, null, 1, 1, 4, 129)
+    assert "fo_attention_backward: head size 129 > 128" in emu.error()
+    lib.fo_attention_forward(null, null, null, null, null, 65536, 1, 4, 64)
+    assert "B*H > 65535" in emu.error()
+    lib.fo_sgemm(128 * 65535 + 1, 1, 1, null, 1, 1, null, 1, 1, null, 1, 0, null)
+    assert "M too large" in emu.error()
+    assert lib.fo_cuda_sync() == ffi.NULL              # nothing pending: the sync succeeds
+
+
+# ---- out-of-bounds accesses: the same kernels under AddressSanitizer + UBSan -------------
+
+def sanitizer_workload(emu):
+    """Every entry point on buffers of exactly the size the call needs, from
+    (the sanitizer's) malloc: one element past the end is a redzone."""
+    emu.ffi.cdef("void *malloc(size_t n); void free(void *p);")
+    libc = emu.ffi.dlopen(None)                     # with LD_PRELOAD, malloc is the sanitizer's
+    keep = []
+
+    def buf(*shape, fill=True):
+        n = math.prod(shape)
+        p = emu.ffi.gc(emu.ffi.cast("float *", libc.malloc(4 * max(n, 1))), libc.free)
+        a = np.frombuffer(emu.ffi.buffer(p, 4 * n), np.float32).reshape(shape)
+        a[...] = np.random.default_rng(n).standard_normal(shape) if fill else np.nan
+        keep.append(p)
+        return a
+
+    for M, N, K in [(130, 67, 9), (1, 1, 1), (128, 128, 8), (3, 129, 17)]:
+        for trans_a in (False, True):
+            for trans_b in (False, True):
+                a, b, c, bias = buf(M, K), buf(K, N), buf(M, N), buf(N)
+                rsa, csa = (1, M) if trans_a else (K, 1)
+                rsb, csb = (1, K) if trans_b else (N, 1)
+                emu("fo_sgemm", M, N, K, a, rsa, csa, b, rsb, csb, c, N, 1, bias)
+        emu("fo_colsum", buf(M, N), buf(N, fill=False), M, N)
+        emu("fo_linear_forward", buf(M, K), buf(K, N), None, buf(M, N, fill=False), M, K, N)
+        emu("fo_linear_backward", buf(M, N), buf(M, K), buf(K, N), buf(M, K, fill=False),
+            buf(K, N, fill=False), buf(N, fill=False), M, K, N)
+    for B, H, T, D in [(1, 2, 65, 7), (1, 1, 1, 32), (2, 1, 66, 33), (1, 2, 64, 64), (1, 1, 65, 65),
+                       (1, 1, 40, 128)]:
+        q, k, v, dy = (buf(B, H, T, D) for _ in range(4))
+        y, lse = buf(B, H, T, D, fill=False), buf(B, H, T, fill=False)
+        emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D)
+        emu("fo_attention_backward", dy, q, k, v, y, lse, buf(B, H, T, D, fill=False),
+            buf(B, H, T, D, fill=False), buf(B, H, T, D, fill=False), B, H, T, D)
+    assert np.isfinite(y).all()
+
+
+def test_no_out_of_bounds_access_under_sanitizers():
+    if CXX is None:
+        pytest.skip("g++ is absent: the CUDA emulation needs it")
+    runtimes = [subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True,
+                               text=True).stdout.strip() for name in ("libasan.so", "libubsan.so")]
+    if not all(os.path.isabs(path) for path in runtimes):
+        pytest.skip("g++'s sanitizer runtimes (libasan, libubsan) are absent")
+    so, libasan = build_fastops(SANITIZE), runtimes[0]
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0",
+           "UBSAN_OPTIONS": "print_stacktrace=1"}
+    r = subprocess.run([sys.executable, __file__, so], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("sanitizer workload ok"), \
+        f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+
+
+# ---- the emulator itself: a broken kernel must fail --------------------------------------
+
+TOY = r"""
+#include <cuda_runtime.h>
+__global__ void reverse_kernel(const float *in, float *out, int sync) {
+    __shared__ float s[64];
+    s[threadIdx.x] = in[threadIdx.x];
+    if (sync) __syncthreads();                      /* uniform: legal either way */
+    out[threadIdx.x] = s[63 - threadIdx.x];
+}
+__global__ void divergent_kernel(float *out) {
+    if (threadIdx.x < 5) __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+__global__ void shuffle_kernel(const float *in, float *out, int lane_mask) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    out[i] = __shfl_xor_sync(0xffffffffu, in[i], lane_mask);
+}
+extern "C" const char *toy_error(void) {
+    static char buf[512];
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) return NULL;
+    snprintf(buf, sizeof buf, "%s", cudaGetErrorString(e));
+    return buf;
+}
+extern "C" void toy_reverse(const float *in, float *out, int sync) {
+    reverse_kernel<<<1, 64>>>(in, out, sync);
+}
+extern "C" void toy_divergent(float *out) { divergent_kernel<<<1, 32>>>(out); }
+extern "C" void toy_shuffle(const float *in, float *out, int lane_mask) {
+    shuffle_kernel<<<2, 64>>>(in, out, lane_mask);
+}
+extern "C" void toy_bad_launch(float *out) { divergent_kernel<<<dim3(1, 65536), 32>>>(out); }
+__global__ void offset_kernel(float *p, int offset) { p[(int)threadIdx.x + offset] = 0.0f; }
+extern "C" void toy_overrun(int offset) {                /* 64 threads on 64 floats, shifted */
+    float *p;
+    cudaMalloc((void **)&p, 64 * sizeof(float));
+    offset_kernel<<<1, 64>>>(p, offset);
+    cudaFree(p);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def toy():
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef("""const char *toy_error(void); void emu_schedule(unsigned seed);
+        void toy_reverse(const float *in, float *out, int sync); void toy_divergent(float *out);
+        void toy_shuffle(const float *in, float *out, int lane_mask);
+        void toy_bad_launch(float *out);
+        void toy_overrun(int offset);""")
+    lib = ffi.dlopen(build(TOY, "toy.cu"))
+
+    def ptr(a):
+        return ffi.from_buffer("float[]", a)
+
+    def error():
+        msg = lib.toy_error()
+        return None if msg == ffi.NULL else ffi.string(msg).decode()
+    return lib, ptr, error
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_emulator_exposes_a_missing_barrier(toy, seed):
+    lib, ptr, error = toy
+    x, out = np.arange(64, dtype=np.float32), nans(64)
+    lib.emu_schedule(seed)
+    lib.toy_reverse(ptr(x), ptr(out), 1)
+    assert error() is None and (out == x[::-1]).all()
+    lib.toy_reverse(ptr(x), ptr(out), 0)
+    assert error() is None and not (out == x[::-1]).all()
+
+
+def test_emulator_reports_a_divergent_barrier_and_a_bad_launch(toy):
+    lib, ptr, error = toy
+    out = nans(32)
+    lib.toy_divergent(ptr(out))
+    msg = error()
+    assert "deadlock" in msg and "5 at __syncthreads()" in msg and "27 finished" in msg
+    lib.toy_bad_launch(ptr(out))
+    assert error() == "invalid configuration argument"
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_emulator_catches_a_write_outside_cuda_malloc_memory(toy, offset):
+    lib, ptr, error = toy
+    lib.toy_overrun(offset)
+    wrote_outside = "emulator: a kernel wrote outside a cudaMalloc'd buffer"
+    assert error() == (None if offset == 0 else wrote_outside)
+
+
+def test_emulator_shuffles_within_each_warp(toy):
+    lib, ptr, error = toy
+    x, out = np.arange(128, dtype=np.float32), nans(128)
+    for lane_mask in (1, 16, 31):
+        lib.toy_shuffle(ptr(x), ptr(out), lane_mask)
+        assert error() is None
+        i = np.arange(128)
+        np.testing.assert_array_equal(out, x[i - i % 32 + (i % 32 ^ lane_mask)])
+
+
+if __name__ == "__main__":                          # the sanitizer run's subprocess
+    sanitizer_workload(Emu(sys.argv[1], guards=False))
+    print("sanitizer workload ok")
