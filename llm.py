@@ -415,14 +415,13 @@ def cross_entropy_forward(logits, targets, mask=None):
     logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
-    n = w.sum()
-    loss = (nll * w).sum() / n if n > 0 else nll.dtype.type(0.0)    # all masked: no loss
-    return loss, (logp, targets, w, n)
+    n = xp.maximum(w.sum(), 1)                       # all masked: no loss (and no branch,
+    return (nll * w).sum() / n, (logp, targets, w, n)  # which would wait for the GPU)
 
 
 def cross_entropy_backward(cache):
     logp, targets, w, n = cache
-    return logprob_backward(logp, targets, -w / n if n > 0 else w * 0)
+    return logprob_backward(logp, targets, -w / n)
 
 
 def logprob_backward(logp, targets, dlogp):
@@ -628,8 +627,10 @@ class GPT:
 
 
 def check_ids(idx, vocab_size, name):
-    """Token ids must be a 2-D integer array of in-range ids."""
-    a = xp.asarray(idx)
+    """Token ids must be a 2-D integer array of in-range ids. Ids from the
+    host are checked there, before they go to the GPU (where out-of-range
+    ids would wrap around silently, and checking them would wait for it)."""
+    a = idx if isinstance(idx, xp.ndarray) else numpy.asarray(idx)
     if a.ndim == 1:
         a = a[None]
     if a.ndim != 2 or a.shape[1] == 0:
@@ -639,7 +640,7 @@ def check_ids(idx, vocab_size, name):
     if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
         raise ValueError(f"{name}: token ids must be in 0..{vocab_size - 1},"
                          f" got {int(a.min())}..{int(a.max())}")
-    return a.astype(xp.int64, copy=False)
+    return xp.asarray(a).astype(xp.int64, copy=False)
 
 
 # =============================================================================

@@ -11,12 +11,16 @@ never does, the bugs that would otherwise first show on the GPU:
   arrays too, which is stricter than CuPy and costs nothing there);
 - reductions and scalar indexing give 0-d arrays, not Python numbers, and
   `round()` / `range()` of one fail, as with CuPy.
-What it cannot check: anything about the GPU itself -- the CUDA kernels (see
+It also counts the copies each way (`transfers`), so a test can check that
+a training step copies its batch in and a few scalars out, however deep the
+model. What it cannot check: anything about the GPU itself -- the CUDA kernels (see
 test_cuda_emu.py), speed, memory, CuPy's own numerical differences.
 """
 import types
 
 import numpy
+
+transfers = {"to_device": 0, "to_host": 0}      # copies between host and "device", counted
 
 _MSG = ("Implicit conversion to a NumPy array is not allowed. "
         "Please use `.get()` to construct a NumPy array explicitly.")
@@ -72,6 +76,8 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
     def __getattr__(self, name):                      # shape, dtype, T, reshape, sum, ...
         if name.startswith("__"):                     # __array_interface__ & co.: no way out
             raise AttributeError(name)
+        if name in ("item", "tolist"):
+            transfers["to_host"] += 1
         attr = getattr(self._a, name)
         if callable(attr):
             return lambda *a, **k: _wrap(attr(*_dev(a), **_dev(k)))
@@ -90,15 +96,19 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         return (_wrap(r) for r in self._a)
 
     def __float__(self):
+        transfers["to_host"] += 1
         return float(self._a)
 
     def __int__(self):
+        transfers["to_host"] += 1
         return int(self._a)
 
     def __bool__(self):
+        transfers["to_host"] += 1
         return bool(self._a)
 
     def __format__(self, spec):
+        transfers["to_host"] += 1
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
     def __repr__(self):
@@ -108,16 +118,19 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         return ndarray(self._a.copy())
 
     def get(self):
+        transfers["to_host"] += 1
         return self._a.copy()
 
 
 def asarray(a, dtype=None, order=None):
     if isinstance(a, ndarray):
         return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+    transfers["to_device"] += 1
     return ndarray(numpy.array(a, dtype=dtype, order=order))   # the host-to-device copy
 
 
 def array(a, dtype=None, copy=True, order="K"):
+    transfers["to_device"] += not isinstance(a, ndarray)
     return ndarray(numpy.array(a._a if isinstance(a, ndarray) else a, dtype=dtype, order=order))
 
 

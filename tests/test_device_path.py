@@ -61,6 +61,21 @@ def test_training_on_the_device_equals_the_cpu(fake_gpu, monkeypatch, tmp_path):
         assert isinstance(p, fakecupy.ndarray) and (p == gpu_model.params[name]).all(), name
 
 
+def test_a_training_step_copies_its_batch_in_and_a_few_scalars_out(fake_gpu):
+    """However deep the model: no copy between host and GPU per operation."""
+    data = np.random.default_rng(0).integers(0, 53, 3000)
+    llm.use_device("cuda")
+    counts = []
+    for n_layer in (1, 3):
+        cfg = llm.GPTConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=8, vocab_size=53)
+        model, state = llm.GPT(cfg, seed=1), llm.TrainState()
+        tc = llm.TrainConfig(batch_size=2, max_iters=3, warmup_iters=1, eval_interval=1000)
+        fakecupy.transfers.update(to_device=0, to_host=0)
+        llm.train_steps(model, state, tc, lambda r: llm.get_batch(data, 8, 2, r), stop_at=1)
+        counts.append(dict(fakecupy.transfers))
+    assert counts[0] == counts[1] and counts[0]["to_device"] == 2 and counts[0]["to_host"] <= 8
+
+
 def untimed(report):
     """A report without its timings (seconds, tokens per second)."""
     if isinstance(report, dict):
