@@ -70,8 +70,7 @@ def peak_gflops(isa, threads, mhz):
 
 # ---- 1. matmul ----------------------------------------------------------------
 
-def matmul_shapes(name):
-    cfg, batch = MODELS[name]
+def matmul_shapes(cfg, batch):
     C, V, M = cfg["n_embd"], cfg["vocab_size"], batch * cfg["block_size"]
     layers = [("c_attn", C, 3 * C), ("c_proj", C, C), ("c_fc", C, 4 * C),
               ("mlp.c_proj", 4 * C, C), ("lm_head", C, V)]
@@ -84,7 +83,7 @@ def bench_matmul(quick):
     reps = 3 if quick else 20
     cases = []  # (label, flops, numpy fn, fastops fn)
     for model in MODELS:
-        M, layers = matmul_shapes(model)
+        M, layers = matmul_shapes(*MODELS[model])
         for layer, K, N in layers:
             x, dy = rng.standard_normal((M, K), np.float32), rng.standard_normal((M, N), np.float32)
             if layer == "lm_head":   # tied head: w = wte.T, a transposed view, as llm.py passes it
@@ -256,8 +255,10 @@ def profile_step(name, backend, reps):
 # Training tokens/s of llm.py with every array on the GPU (CuPy), with the
 # CUDA kernels of fastops.c and with CuPy's own math (cuBLAS matmuls, the
 # NumPy-style attention), against a minimal PyTorch GPT-2 in eager fp32 (TF32
-# off: the same float32 math) on the same GPU, in the same run. torch is
-# imported only here. About 2-3 minutes on an H200; the last line is JSON.
+# off: the same float32 math) on the same GPU, in the same run; then, per
+# model, each op's time with both (which of fastops' GEMM and cuBLAS is faster
+# here, and what the fused attention saves). torch is imported only here.
+# Estimated 2-4 minutes on an H200 (never run yet); the last line is JSON.
 
 GPU_MODELS = {**MODELS, "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                                       vocab_size=50257), 8)}
@@ -316,6 +317,32 @@ def torch_gpt2(cfg, device):
     return GPT().to(device)
 
 
+def bench_cuda_ops(cfg, batch, backends, sync, steps):
+    """Where a GPU step's time goes, op by op, for one model's shapes: each
+    linear layer's forward + backward (fastops' GEMM, then cuBLAS through
+    CuPy) and causal attention's (fastops' fused kernels, then CuPy's math).
+    -> {(op, backend): seconds}."""
+    import cupy
+    rng = np.random.default_rng(0)
+    dev = lambda *shape: cupy.asarray(rng.standard_normal(shape, np.float32))
+    M, layers = matmul_shapes(cfg, batch)
+    ops = {}
+    for layer, K, N in layers:
+        x, w, dy = dev(M, K), dev(K, N), dev(M, N)
+        ops[f"{layer} {M}x{K}x{N}"] = lambda x=x, w=w, dy=dy: (
+            llm.linear_forward(x, w, None), llm.linear_backward(dy, x, w))
+    H, T = cfg["n_head"], cfg["block_size"]
+    q, k, v, dy = (dev(batch, H, T, cfg["n_embd"] // H) for _ in range(4))
+    ops[f"attention B{batch} H{H} T{T}"] = lambda: llm.attention_backward(
+        dy, llm.attention_forward(q, k, v)[1])
+    times = {}
+    for op, f in ops.items():
+        for backend in backends:
+            llm.set_backend(backend)
+            times[op, backend] = _gpu_time(f, sync, steps)
+    return times
+
+
 def bench_cuda(steps):
     try:
         import cupy
@@ -341,6 +368,11 @@ def bench_cuda(steps):
             rows.append((mname, key, t))
             print(f"{mname:6s} {key:10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
         del model, opt
+        ops = bench_cuda_ops(cfg, batch, backends, sync, steps)
+        for op in dict.fromkeys(o for o, _ in ops):
+            ms = {{"fastops": "fastops", "numpy": "cupy"}[b]: ops[op, b] * 1e3 for b in backends}
+            result[f"{mname}_op {op}"] = {b: round(t, 3) for b, t in ms.items()}
+            print(f"  {op:34s} " + " ".join(f"{b} {t:8.2f} ms" for b, t in ms.items()), flush=True)
         cupy.get_default_memory_pool().free_all_blocks()
     try:
         import torch

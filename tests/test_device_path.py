@@ -101,3 +101,5 @@ def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys):
     bench.bench_cuda(steps=1)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tiny_llm_cupy_tok_s"] > 0 and "tiny_llm_cuda_tok_s" not in result
+    ops = {k: v for k, v in result.items() if k.startswith("tiny_op ")}
+    assert len(ops) == 6 and all(v["cupy"] > 0 for v in ops.values())   # 5 linear layers, attention
