@@ -311,6 +311,9 @@ def linear_backward_input(dy, w):
 
 # ---- dropout: zero a fraction p of activations while training ---------------
 # The survivors are scaled by 1/(1-p) so the expected value is unchanged.
+# The mask is drawn by NumPy's generator, on the host even when training on
+# the GPU: the same masks on both devices, and its state resumes exactly
+# (the price on a GPU: one copy per mask).
 
 def dropout_forward(x, p, rng):
     if p == 0.0 or rng is None:
