@@ -418,8 +418,8 @@ def cross_entropy_forward(logits, targets, mask=None):
     logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
-    n = xp.maximum(w.sum(), 1)                       # all masked: no loss (and no branch,
-    return (nll * w).sum() / n, (logp, targets, w, n)  # which would wait for the GPU)
+    n = xp.maximum(w.sum(), 1)        # all masked: loss 0 (max, not an if: no wait for the GPU)
+    return (nll * w).sum() / n, (logp, targets, w, n)
 
 
 def cross_entropy_backward(cache):
