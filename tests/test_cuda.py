@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import build_ext
 import llm
@@ -155,6 +156,21 @@ def test_cuda_attention_matches_float64(gpu, B, H, T, D):
     close(y, ref_y, T)
     for got, want in zip(grads, ref):
         close(got, want, T * D)
+
+
+ANY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@ANY
+@given(M=st.integers(1, 300), K=st.integers(1, 300), N=st.integers(1, 300), bias=st.booleans())
+def test_cuda_linear_any_shape(gpu, M, K, N, bias):
+    test_cuda_linear_matches_float64(gpu, M, K, N, bias)
+
+
+@ANY
+@given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 200), D=st.integers(1, 128))
+def test_cuda_attention_any_shape(gpu, B, H, T, D):
+    test_cuda_attention_matches_float64(gpu, B, H, T, D)
 
 
 def test_cuda_training_matches_cpu(gpu, tmp_path):
