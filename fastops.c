@@ -4,8 +4,8 @@
  *   1. GEMM for the linear layers (forward Y = X.W + b, backward dX, dW, db)
  *   2. fused causal multi-head attention, forward and backward (FlashAttention
  *      style: the T x T matrix is never materialised)
- *   3. GELU and LayerNorm, forward and backward (CPU only: the CUDA build
- *      leaves them out and llm.py uses CuPy's math for them on the GPU)
+ *   3. GELU and LayerNorm, forward and backward (fused: one pass where
+ *      NumPy or CuPy would make several, each with its temporary array)
  *
  * The CPU code is plain C99 + OpenMP. The GEMM micro-kernel has AVX-512 and
  * AVX2+FMA versions written with intrinsics; each carries its own
@@ -1013,7 +1013,8 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
  * clears) the first one, fo_cuda_sync() waits for the GPU and does the same.
  * Plain fp32 CUDA cores, no cuBLAS and no tensor cores: the GEMM is a
  * classic shared-memory tiled kernel, the attention FlashAttention-style
- * (one thread per query row, online softmax, lse kept for the backward). */
+ * (one thread per query row, online softmax, lse kept for the backward),
+ * GELU one thread per element, LayerNorm one warp per row. */
 #include <cuda_runtime.h>
 #include <stdio.h>
 
@@ -1439,6 +1440,129 @@ extern "C" void fo_attention_backward(const float *dy, const float *q, const flo
     FO_BWD(128)
 #undef FO_BWD
     fo_check("fo_attention_backward");
+}
+
+/* ---- GELU and LayerNorm ------------------------------------------------------ */
+/* The CPU section's formulas (see there). GELU: one thread per element.
+ * LayerNorm: one warp per row, its sums completed with xor-shuffles (every
+ * lane ends with the same total, in a fixed order); the backward's dw, db
+ * are column sums done as fo_colsum does them (deterministic). */
+#define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_A 0.044715f
+#define LN_ROWS 8                  /* rows (warps) per 256-thread block */
+
+__device__ __forceinline__ float gelu_e(float v) { /* exp(2u), clamped as on the CPU */
+    return expf(fminf(fmaxf(2.0f * GELU_C * (v + GELU_A * (v * v * v)), -87.0f), 88.0f));
+}
+
+__global__ void gelu_fwd_kernel(const float *__restrict__ x, float *y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float e = gelu_e(x[i]), s = 2.0f / (e + 1.0f);
+        y[i] = 0.5f * x[i] * (e * s);
+    }
+}
+
+__global__ void gelu_bwd_kernel(const float *__restrict__ dy, const float *__restrict__ x,
+                                float *dx, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float v = fminf(fmaxf(x[i], -20.0f), 20.0f);
+        const float e = gelu_e(x[i]), s = 2.0f / (e + 1.0f), onept = e * s;
+        const float du = GELU_C * (1.0f + 3.0f * GELU_A * (v * v));
+        dx[i] = dy[i] * (0.5f * onept + 0.5f * v * (s * onept) * du);
+    }
+}
+
+static int elem_blocks(long n) { return (int)(n / 256 + 1 < 8192 ? n / 256 + 1 : 8192); }
+
+extern "C" void fo_gelu_forward(const float *x, float *y, long n) {
+    if (n <= 0) return;
+    gelu_fwd_kernel<<<elem_blocks(n), 256>>>(x, y, n);
+    fo_check("fo_gelu_forward");
+}
+
+extern "C" void fo_gelu_backward(const float *dy, const float *x, float *dx, long n) {
+    if (n <= 0) return;
+    gelu_bwd_kernel<<<elem_blocks(n), 256>>>(dy, x, dx, n);
+    fo_check("fo_gelu_backward");
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__global__ __launch_bounds__(32 * LN_ROWS) void ln_fwd_kernel(
+    const float *__restrict__ x, const float *__restrict__ w, const float *__restrict__ b,
+    float *y, float *mean, float *rstd, int M, int C, float eps) {
+    const int r = blockIdx.x * LN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= M) return;                                /* the whole warp: same row */
+    x += (size_t)r * C; y += (size_t)r * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += x[c];
+    const float m = warp_sum(s) / (float)C;
+    s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += (x[c] - m) * (x[c] - m);
+    const float rs = 1.0f / sqrtf(warp_sum(s) / (float)C + eps);
+    for (int c = lane; c < C; c += 32) y[c] = (x[c] - m) * rs * w[c] + b[c];
+    if (lane == 0) { mean[r] = m; rstd[r] = rs; }
+}
+
+/* dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy w */
+__global__ __launch_bounds__(32 * LN_ROWS) void ln_bwd_dx_kernel(
+    const float *__restrict__ dy, const float *__restrict__ x, const float *__restrict__ w,
+    const float *__restrict__ mean, const float *__restrict__ rstd, float *dx, int M, int C) {
+    const int r = blockIdx.x * LN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= M) return;
+    dy += (size_t)r * C; x += (size_t)r * C; dx += (size_t)r * C;
+    const float m = mean[r], rs = rstd[r];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        const float g = dy[c] * w[c];
+        s1 += g;
+        s2 += g * (x[c] - m) * rs;
+    }
+    const float m1 = warp_sum(s1) / (float)C, m2 = warp_sum(s2) / (float)C;
+    for (int c = lane; c < C; c += 32) dx[c] = rs * (dy[c] * w[c] - m1 - (x[c] - m) * rs * m2);
+}
+
+/* dw = column sums of dy xhat, db = column sums of dy (as colsum_kernel) */
+__global__ void ln_bwd_dwdb_kernel(const float *__restrict__ dy, const float *__restrict__ x,
+                                   const float *__restrict__ mean, const float *__restrict__ rstd,
+                                   float *dw, float *db, int M, int C) {
+    __shared__ float pw[32][33], pb[32][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float sw = 0.0f, sb = 0.0f;
+    if (c < C)
+        for (int r = threadIdx.y; r < M; r += 32) {
+            const float g = dy[(size_t)r * C + c];
+            sw += g * (x[(size_t)r * C + c] - mean[r]) * rstd[r];
+            sb += g;
+        }
+    pw[threadIdx.y][threadIdx.x] = sw;
+    pb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float tw = 0.0f, tb = 0.0f;
+        for (int k = 0; k < 32; k++) { tw += pw[k][threadIdx.x]; tb += pb[k][threadIdx.x]; }
+        dw[c] = tw;
+        db[c] = tb;
+    }
+}
+
+extern "C" void fo_layernorm_forward(const float *x, const float *w, const float *b, float *y,
+                                     float *mean, float *rstd, int M, int C, float eps) {
+    if (M <= 0 || C <= 0) return;
+    ln_fwd_kernel<<<cdiv(M, LN_ROWS), 32 * LN_ROWS>>>(x, w, b, y, mean, rstd, M, C, eps);
+    fo_check("fo_layernorm_forward");
+}
+
+extern "C" void fo_layernorm_backward(const float *dy, const float *x, const float *w,
+                                      const float *mean, const float *rstd, float *dx, float *dw,
+                                      float *db, int M, int C) {
+    if (C <= 0) return;
+    if (M > 0) ln_bwd_dx_kernel<<<cdiv(M, LN_ROWS), 32 * LN_ROWS>>>(dy, x, w, mean, rstd, dx, M, C);
+    ln_bwd_dwdb_kernel<<<cdiv(C, 32), dim3(32, 32)>>>(dy, x, mean, rstd, dw, db, M, C);
+    fo_check("fo_layernorm_backward");
 }
 
 #endif /* __CUDACC__ : end of CUDA section */

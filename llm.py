@@ -366,7 +366,7 @@ def attention_backward(dy, cache):
 # ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    if xp is numpy and _fast(x, w, b):
+    if _fast(x, w, b):
         return fo_layernorm_forward(x, w, b, eps)
     mu = x.mean(-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
@@ -391,7 +391,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x):
-    if xp is numpy and _fast(x):
+    if _fast(x):
         return fo_gelu_forward(x)
     t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))    # x*x*x: float32 pow is slow
     return 0.5 * x * (1.0 + t), (x, t)
@@ -1779,12 +1779,12 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # Everything above is complete in NumPy. Two operations take most of the
 # time, the linear layers' matrix products and attention, so linear_forward,
 # linear_backward, attention_forward and attention_backward hand float32
-# arrays to the C kernels of fastops.c when they are built; on the CPU so do
-# gelu_* and layernorm_* (fused element-wise and per-row kernels). This section
+# arrays to the C kernels of fastops.c when they are built; so do gelu_* and
+# layernorm_* (fused element-wise and per-row kernels). This section
 # loads them and checks every array before a pointer crosses into C.
 
 # ---- the C kernels, when built ---------------------------------------
-# fastops.c (build it with `python build_ext.py`) computes the four functions
+# fastops.c (build it with `python build_ext.py`) computes the functions
 # below in C with SIMD and threads. It is used for float32 arrays only: float64
 # (the gradient checks) and attention with dropout stay on the NumPy code, which
 # is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
@@ -1988,8 +1988,8 @@ def fo_attention_backward(dy, cache):
     return _done(dq, dk, dv)
 
 
-# GELU and LayerNorm: CPU only (fastops.c's CUDA section leaves them out, so on
-# the GPU CuPy's element-wise math runs). Their caches are dicts, as attention's.
+# GELU and LayerNorm: one pass each over the data. Their caches are dicts, as
+# attention's.
 
 def fo_gelu_forward(x):
     x = _f32("x", x, getattr(x, "ndim", 0))

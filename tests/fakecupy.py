@@ -117,6 +117,10 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
     def __deepcopy__(self, memo):                     # a copy on the device, as CuPy's
         return ndarray(self._a.copy())
 
+    @property
+    def data(self):                                   # CuPy's memory pointer: here, host memory
+        return types.SimpleNamespace(ptr=self._a.ctypes.data)
+
     def get(self):
         transfers["to_host"] += 1
         return self._a.copy()

@@ -2,15 +2,18 @@
 
 - The build test needs only nvcc (skipped without it): it compiles
   fastops.c as CUDA, opens the library with cffi and checks its error path.
-- The GPU tests need CuPy and a GPU (skipped otherwise): the CUDA kernels
-  against float64 references, forward and backward, and a few training steps
-  on the GPU against the same steps on the CPU.
+- The GPU tests: the CUDA kernels through llm.py against float64
+  references, forward and backward, and a few training steps on the GPU
+  against the same steps on the CPU. Each runs twice: on a real GPU (CuPy;
+  skipped without one) and on the GPU emulated on the CPU (fakecupy with the
+  CUDA kernels compiled for the CPU, as test_cuda_emu.py builds them).
 """
 import math
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -91,10 +94,9 @@ def test_cuda_build_without_nvcc_is_not_an_error():
 
 # ---- on the GPU -------------------------------------------------------------------------
 
-@pytest.fixture
-def gpu():
-    """llm on the GPU with the CUDA kernels; back on the CPU afterwards.
-    LLM_REQUIRE_GPU=1 (a run on a GPU machine) turns every skip into a failure."""
+def real_gpu():
+    """CuPy and a GPU with fastops' CUDA kernels, or a skip (a failure with
+    LLM_REQUIRE_GPU=1, for a run on a GPU machine)."""
     absent = pytest.fail if os.environ.get("LLM_REQUIRE_GPU") == "1" else pytest.skip
     try:
         import cupy as cp
@@ -112,11 +114,44 @@ def gpu():
     if llm._cuda is None:
         llm.use_device("cpu")
         absent("the CUDA kernels cannot run here (see the warning)")
+    return cp
+
+
+def emulated_gpu(monkeypatch):
+    """The GPU emulated on the CPU: fakecupy (NumPy under CuPy's rules) as
+    CuPy, fastops.c's CUDA section compiled for the CPU (test_cuda_emu.py) as
+    the kernels; llm.py's device wrappers hand them fakecupy's addresses as
+    device pointers. Runs wherever g++ does."""
+    import cffi
+    import fakecupy
+    import test_cuda_emu
+    ffi = cffi.FFI()
+    ffi.cdef(build_ext.CUDA_CDEF)
+    lib = ffi.dlopen(test_cuda_emu.build_fastops())
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy)
+    monkeypatch.setitem(sys.modules, "cupyx", fakecupy.cupyx)
+    monkeypatch.setattr(llm, "_cuda", None)                # restored afterwards
+    monkeypatch.setattr(llm, "_load_cuda", lambda: types.SimpleNamespace(ffi=ffi, lib=lib))
+    llm.use_device("cuda")
+    return fakecupy
+
+
+@pytest.fixture(params=["cuda", "emulated"])
+def gpu(request, monkeypatch):
+    """llm on the GPU with the CUDA kernels, back on the CPU afterwards: on a
+    real GPU, and emulated on the CPU. -> the array module (CuPy or fakecupy)."""
+    cp = real_gpu() if request.param == "cuda" else emulated_gpu(monkeypatch)
     try:
         llm.set_backend("fastops")
         yield cp
     finally:
         llm.use_device("cpu")
+
+
+def at_scale(gpu, work):
+    """The largest shapes are for a real GPU: emulated, they would take seconds."""
+    if gpu.__name__ == "fakecupy" and work > 1e8:
+        pytest.skip("real-GPU scale: too slow to emulate")
 
 
 def close(got, ref, K):
@@ -128,6 +163,7 @@ def close(got, ref, K):
                                    (768, 128, 384), (2048, 384, 1152), (64, 1000, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cuda_linear_matches_float64(gpu, M, K, N, bias):
+    at_scale(gpu, M * K * N)
     rng = np.random.default_rng(M * 7 + K * 3 + N)
     x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (M, N)))
     b = rng.standard_normal(N).astype(np.float32) if bias else None
@@ -150,6 +186,7 @@ def test_cuda_linear_matches_float64(gpu, M, K, N, bias):
                                      (1, 1, 130, 33), (1, 2, 257, 64), (1, 1, 100, 128),
                                      (2, 4, 64, 32), (1, 12, 1024, 64)])
 def test_cuda_attention_matches_float64(gpu, B, H, T, D):
+    at_scale(gpu, B * H * T * T * D)
     rng = np.random.default_rng(T * 10 + D)
     q, k, v, dy = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
     llm.use_device("cpu")                              # the NumPy reference, in float64
@@ -164,6 +201,31 @@ def test_cuda_attention_matches_float64(gpu, B, H, T, D):
     close(y, ref_y, T)
     for got, want in zip(grads, ref):
         close(got, want, T * D)
+
+
+@pytest.mark.parametrize("M,C", [(1, 1), (9, 33), (8192, 768), (5, 1600)])
+def test_cuda_gelu_and_layernorm_match_float64(gpu, M, C):
+    at_scale(gpu, M * C * 100)
+    rng = np.random.default_rng(M + C)
+    x, w, b, dy = (rng.standard_normal(s).astype(np.float32) for s in ((M, C), (C,), (C,), (M, C)))
+    refs = []
+    llm.use_device("cpu")                              # the NumPy reference, in float64
+    prev = llm.set_backend("numpy")
+    for fwd, bwd, args in ((llm.gelu_forward, llm.gelu_backward, (x,)),
+                           (llm.layernorm_forward, llm.layernorm_backward, (x, w, b))):
+        out, cache = fwd(*(a.astype(np.float64) for a in args))
+        refs.append((out, bwd(dy.astype(np.float64), cache)))
+    llm.set_backend(prev)
+    llm.use_device("cuda")
+    y, cache = llm.gelu_forward(gpu.asarray(x))
+    assert isinstance(cache, dict)                     # the CUDA kernel ran
+    close(y, refs[0][0], 1)
+    close(llm.gelu_backward(gpu.asarray(dy), cache), refs[0][1], 1)
+    y, cache = llm.layernorm_forward(*(gpu.asarray(a) for a in (x, w, b)))
+    assert isinstance(cache, dict)
+    close(y, refs[1][0], C)
+    for got, want, K in zip(llm.layernorm_backward(gpu.asarray(dy), cache), refs[1][1], (C, M, M)):
+        close(got, want, K)
 
 
 ANY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -316,6 +316,56 @@ def test_attention_matches_float64(emu, B, H, T, D, seed):
     check_attention(emu, B, H, T, D, seed)
 
 
+# ---- GELU and LayerNorm ------------------------------------------------------------------
+
+def numpy_reference(forward, backward, dy, *args):
+    """llm.py's NumPy forward and backward, in float64."""
+    prev = llm.set_backend("numpy")
+    try:
+        out, cache = forward(*(a.astype(np.float64) for a in args))
+        return out, backward(dy.astype(np.float64), cache)
+    finally:
+        llm.set_backend(prev)
+
+
+@SETTINGS
+@given(n=st.sampled_from([1, 2, 255, 256, 257, 1000, 70000]), scale=st.sampled_from([1.0, 30.0]),
+       seed=SEEDS)
+def test_gelu_matches_float64(emu, n, scale, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    x, dy, y, dx = guarded(rng.standard_normal(n) * scale), randn(rng, n), nans(n), nans(n)
+    x[:2] = [1e20, -1e20][:n]                       # x^3 overflows float32: no inf, no nan
+    emu("fo_gelu_forward", x, y, n)
+    emu("fo_gelu_backward", dy, x, dx, n)
+    ref_y, ref_dx = numpy_reference(llm.gelu_forward, llm.gelu_backward, dy, x)
+    close(y, ref_y, 1)
+    close(dx, ref_dx, 1)
+
+
+@SETTINGS
+@given(M=st.sampled_from([0, 1, 7, 8, 9, 33]), C=st.sampled_from([1, 2, 31, 32, 33, 100, 768]),
+       seed=SEEDS)
+@example(M=9, C=33, seed=1)
+def test_layernorm_matches_float64(emu, M, C, seed):
+    rng = np.random.default_rng(seed)
+    schedule(emu, seed)
+    x = guarded(rng.standard_normal((M, C)) * 2 + 1)                # mean 1, not 0
+    w, b, dy = randn(rng, C), randn(rng, C), randn(rng, M, C)
+    y, mean, rstd, dx, dw, db = nans(M, C), nans(M), nans(M), nans(M, C), nans(C), nans(C)
+    emu("fo_layernorm_forward", x, w, b, y, mean, rstd, M, C, 1e-5)
+    emu("fo_layernorm_backward", dy, x, w, mean, rstd, dx, dw, db, M, C)
+    ref_y, (ref_dx, ref_dw, ref_db) = numpy_reference(llm.layernorm_forward, llm.layernorm_backward,
+                                                      dy, x, w, b)
+    x64 = x.astype(np.float64)
+    close(y, ref_y, C)
+    close(mean, x64.mean(1), C)
+    close(rstd, 1 / np.sqrt(x64.var(1) + 1e-5), C)
+    close(dx, ref_dx, C)
+    close(dw, ref_dw, max(M, 1))
+    close(db, ref_db, max(M, 1))
+
+
 def test_error_messages(emu):
     """Unsupported shapes are reported through fo_cuda_error, and reading clears it."""
     ffi, lib, null = emu.ffi, emu.lib, emu.ffi.NULL
@@ -367,6 +417,15 @@ def sanitizer_workload(emu):
         emu("fo_attention_backward", dy, q, k, v, y, lse, buf(B, H, T, D, fill=False),
             buf(B, H, T, D, fill=False), buf(B, H, T, D, fill=False), B, H, T, D)
     assert np.isfinite(y).all()
+    for M, C in [(1, 1), (9, 33), (3, 768)]:
+        x, dy = buf(M, C), buf(M, C)
+        y, mean, rstd = buf(M, C, fill=False), buf(M, fill=False), buf(M, fill=False)
+        emu("fo_layernorm_forward", x, buf(C), buf(C), y, mean, rstd, M, C, 1e-5)
+        emu("fo_layernorm_backward", dy, x, buf(C), mean, rstd, buf(M, C, fill=False),
+            buf(C, fill=False), buf(C, fill=False), M, C)
+        emu("fo_gelu_forward", x, y, M * C)
+        emu("fo_gelu_backward", dy, x, buf(M, C, fill=False), M * C)
+        assert np.isfinite(y).all()
 
 
 def test_no_out_of_bounds_access_under_sanitizers():
