@@ -13,8 +13,10 @@ never does, the bugs that would otherwise first show on the GPU:
   `round()` / `range()` of one fail, as with CuPy.
 It also counts the copies each way (`transfers`), so a test can check that
 a training step copies its batch in and a few scalars out, however deep the
-model. What it cannot check: anything about the GPU itself -- the CUDA kernels (see
-test_cuda_emu.py), speed, memory, CuPy's own numerical differences.
+model. `a.data.ptr` is the host address of the data, so fastops' CUDA kernels
+compiled for the CPU (test_cuda_emu.py) can run on these arrays, as
+test_cuda.py does. What it cannot check: the GPU itself (speed, memory, its
+memory model) and CuPy's own numerical differences.
 """
 import types
 

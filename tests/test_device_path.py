@@ -17,6 +17,7 @@ import train
 def fake_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fakecupy)
     monkeypatch.setitem(sys.modules, "cupyx", fakecupy.cupyx)
+    monkeypatch.setattr(llm, "_cuda", None)
     monkeypatch.setattr(llm, "_load_cuda", lambda: None)   # CuPy's own math, no CUDA kernels
     yield fakecupy
     llm.use_device("cpu")
