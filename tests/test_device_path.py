@@ -94,13 +94,19 @@ def test_every_stage_of_train_py_runs_on_the_device(fake_gpu, monkeypatch, tmp_p
     assert reports["cuda"] == reports["cpu"]
 
 
-def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys, kernels):
+    """With fastops' CUDA kernels (emulated, as test_cuda.py runs them) and without."""
     import bench
+    import test_cuda
+    if kernels:
+        test_cuda.emulated_gpu(monkeypatch)
     tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=19)
     monkeypatch.setattr(bench, "GPU_MODELS", {"tiny": (tiny, 2)})
     monkeypatch.setitem(sys.modules, "torch", None)         # PyTorch absent: no comparison
     bench.bench_cuda(steps=1)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["tiny_llm_cupy_tok_s"] > 0 and "tiny_llm_cuda_tok_s" not in result
+    assert result["tiny_llm_cupy_tok_s"] > 0 and ("tiny_llm_cuda_tok_s" in result) == kernels
     ops = {k: v for k, v in result.items() if k.startswith("tiny_op ")}
-    assert len(ops) == 6 and all(v["cupy"] > 0 for v in ops.values())   # 5 linear layers, attention
+    assert len(ops) == 6                                    # 5 linear layers, attention
+    assert all(set(v) == ({"fastops", "cupy"} if kernels else {"cupy"}) for v in ops.values())
