@@ -52,6 +52,7 @@ const char *fo_isa(void);
 int fo_set_isa(const char *name);
 int fo_max_threads(void);
 int fo_has_openmp(void);
+int fo_out_of_memory(void);
 void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
               const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C, ptrdiff_t ldc,
               int accumulate, const float *bias);
@@ -106,10 +107,25 @@ static int imin(int a, int b) { return a < b ? a : b; }
 static int imax(int a, int b) { return a > b ? a : b; }
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-/* 64-byte aligned scratch memory (malloc + manual alignment: portable C99). */
+/* 64-byte aligned scratch memory (malloc + manual alignment: portable C99).
+ * A failure is recorded: the kernel skips its work and fo_out_of_memory()
+ * tells llm.py, which raises MemoryError (no crash, no garbage returned).
+ * FO_MALLOC lets the tests build a fastops whose every allocation fails. */
+#ifndef FO_MALLOC
+#define FO_MALLOC malloc
+#endif
+static volatile int fo_oom;
+int fo_out_of_memory(void) {
+    int r = fo_oom;
+    fo_oom = 0;
+    return r;
+}
 static float *fo_alloc(size_t nfloats) {
-    char *raw = (char *)malloc(nfloats * sizeof(float) + 64 + sizeof(void *));
-    if (!raw) return NULL;
+    char *raw = (char *)FO_MALLOC(nfloats * sizeof(float) + 64 + sizeof(void *));
+    if (!raw) {
+        fo_oom = 1;
+        return NULL;
+    }
     uintptr_t p = ((uintptr_t)(raw + sizeof(void *)) + 63) & ~(uintptr_t)63;
     ((void **)p)[-1] = raw;
     return (float *)p;
@@ -358,7 +374,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 
     float *bpack = fo_alloc((size_t)KC * NC);
     int nthreads = parallel ? fo_nthreads() : 1;
-    if (!bpack) return; /* out of memory: nothing sensible to do in C */
+    if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
 #ifdef _OPENMP
@@ -394,7 +410,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                     int ip = task / nchunks, ch = task % nchunks;
                     int i = ip * MR, mr = imin(MR, M - i);
                     int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
-                    if (jp0 >= jp1) continue;
+                    if (jp0 >= jp1 || !apack) continue;
                     pack_a(apack, A + i * rsa + pc * csa, rsa, csa, mr, kc, MR);
                     for (int jp = jp0; jp < jp1; jp++) {
                         int j = jp * NR;
@@ -689,6 +705,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
         float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        int ok = S && acc && mrow && lrow && apack && bpack;
         /* Tasks = (head, query block), the costliest (last) blocks first so
          * the dynamic schedule ends balanced. */
 #ifdef _OPENMP
@@ -697,8 +714,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         for (long t = 0; t < ntasks; t++) {
             int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
             size_t off = (size_t)bh * T * D;
-            fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
-                           D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
+            if (ok)
+                fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
+                          D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
         }
         fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
         fo_free(apack); fo_free(bpack);
@@ -733,6 +751,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     {
         float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        int ok = P && dP && apack && bpack;
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
         /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
 #ifdef _OPENMP
@@ -761,7 +780,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             int bh = (int)(t % BH), jb_first = (int)(t / BH);
             int jb_last = split ? jb_first : nkb - 1;
             size_t off = (size_t)bh * T * D;
-            for (int jb = jb_first; jb <= jb_last; jb++)
+            for (int jb = jb_first; ok && jb <= jb_last; jb++)
                 bwd_block(kn, q + off, k + off, v + off, dy + off, lse + (size_t)bh * T,
                                Di + (size_t)bh * T, dqt + off, dk + off, dv + off, T, D,
                                jb * BK, scale, P, dP, apack, bpack);

@@ -1870,11 +1870,14 @@ def _kernels():
 
 
 def _done(*out):
-    """After a CUDA kernel call: raise its launch error, if any."""
+    """After a kernel call: raise its error, if any (a CUDA launch error; on
+    the CPU, scratch memory that could not be allocated)."""
     if xp is not numpy:
         msg = _cuda.lib.fo_cuda_error()
         if msg != _cuda.ffi.NULL:
             raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
+    elif _fastops.lib.fo_out_of_memory():
+        raise MemoryError("fastops: out of memory for a kernel's scratch buffers")
     return out[0] if len(out) == 1 else out
 
 

@@ -356,3 +356,56 @@ def test_linear_backward_input_matches_numpy():
     assert np.allclose(llm.fo_linear_backward_input(dy, np.asfortranarray(w)), dy @ w.T, atol=1e-4)
     with pytest.raises(ValueError, match="w"):
         llm.fo_linear_backward_input(dy, w[:, :5])
+
+
+
+# Every allocation under 18,000 bytes fails: the small shapes below fail at a
+# kernel's first (shared) buffer, the larger ones (x2, k2, q2) get that one
+# and fail at the per-thread buffers inside the parallel region.
+OOM_MALLOC = "-DFO_MALLOC(n)=((n)>=18000?malloc(n):NULL)"     # (build_ext splits on spaces)
+OOM_CHECK = """
+import numpy as np, llm
+assert llm._fastops is not None
+r = np.random.default_rng(0)
+f32 = lambda *s: r.standard_normal(s).astype(np.float32)
+x, w, b, dy, x2, w2 = f32(64, 32), f32(32, 48), f32(48), f32(64, 48), f32(64, 300), f32(300, 100)
+q, q2 = f32(2, 2, 70, 16), f32(1, 64, 80, 16)
+back = lambda q: llm.attention_backward(q, {"fastops": (q, q, q, q, np.zeros(q.shape[:3], np.float32))})
+steps = {"linear forward": lambda: llm.linear_forward(x, w, b),
+         "linear backward": lambda: llm.linear_backward(dy, x, w),
+         "linear forward, per-thread buffer": lambda: llm.linear_forward(x2, w2, None),
+         "attention forward": lambda: llm.attention_forward(q, q, q),
+         "attention backward": lambda: back(q),
+         "attention backward, per-thread buffers": lambda: back(q2),
+         "layernorm backward": lambda: llm.layernorm_backward(x, llm.layernorm_forward(x, x[0], x[1])[1])}
+for name, step in steps.items():
+    try:
+        step()
+        print(name, "returned")
+    except MemoryError as e:
+        print(name, "MemoryError:", e)
+"""
+
+
+def test_out_of_memory_in_a_kernel_is_an_error_not_a_crash(tmp_path):
+    """fastops built with a malloc that fails (-DFO_MALLOC): each kernel that
+    cannot get its scratch memory raises MemoryError, and nothing crashes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if llm._fastops is None:
+        pytest.skip("fastops is not built")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("fastops.c", "build_ext.py", "llm.py"):
+        shutil.copy(os.path.join(root, name), tmp_path)
+    env = {**os.environ, "FO_EXTRA_CFLAGS": OOM_MALLOC}
+    env.pop("LLM_NUMPY", None)
+    build = subprocess.run([sys.executable, "build_ext.py"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", OOM_CHECK], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 7 and all("MemoryError: fastops: out of memory" in l for l in lines), r.stdout
