@@ -78,6 +78,10 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
 }
 #endif
 
+/* GELU's constants, for both sections: gelu(x) = 0.5 x (1 + tanh(C (x + A x^3))) */
+#define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_A 0.044715f
+
 #ifndef __CUDACC__
 /* ======================================================================== */
 /* CPU section                                                              */
@@ -814,8 +818,6 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
  * on chunks of GELU_CHUNK values, the exps of a chunk in a stack buffer, so
  * that every loop vectorises. */
 #define GELU_CHUNK 512
-#define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_A 0.044715f
 
 FO_INLINE void gelu_exp_chunk(const float *x, float *e, int n) {
     for (int i = 0; i < n; i++) {
@@ -1466,8 +1468,6 @@ extern "C" void fo_attention_backward(const float *dy, const float *q, const flo
  * LayerNorm: one warp per row, its sums completed with xor-shuffles (every
  * lane ends with the same total, in a fixed order); the backward's dw, db
  * are column sums done as fo_colsum does them (deterministic). */
-#define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_A 0.044715f
 #define LN_ROWS 8                  /* rows (warps) per 256-thread block */
 
 __device__ __forceinline__ float gelu_e(float v) { /* exp(2u), clamped as on the CPU */

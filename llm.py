@@ -688,8 +688,8 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     max_norm (one bad batch cannot throw the weights far). Returns the norm."""
     norm = math.sqrt(float(sum((g.astype(xp.float64) ** 2).sum() for g in grads.values())))
     if max_norm and norm > max_norm:
-        for g in grads.values():
-            g *= max_norm / (norm + 1e-6)
+        for k in grads:              # grads[k] *=: in place, and a 0-d scalar too
+            grads[k] *= max_norm / (norm + 1e-6)
     return norm
 
 
@@ -949,8 +949,8 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
                 for k in grads:
                     grads[k] += g[k]
         if tc.grad_accum > 1:
-            for g in grads.values():
-                g /= tc.grad_accum
+            for k in grads:
+                grads[k] /= tc.grad_accum
         clip_grad_norm(grads, tc.grad_clip)
         state.opt.step(model.params, grads, lr)
         state.step += 1
@@ -1184,7 +1184,7 @@ def head_backward(model: GPT, name: str, h, pos, dout, grads):
     rows = xp.arange(h.shape[0])[:, None]
     hp = h[rows, pos]                                                 # (B, k, C)
     grads[name + ".weight"] = (dout[..., None] * hp).reshape(-1, hp.shape[-1]).sum(0)
-    grads[name + ".bias"] = xp.asarray(dout.sum())      # 0-d array: clipping scales it in place
+    grads[name + ".bias"] = dout.sum()
     dh = xp.zeros_like(h)
     add_at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
     return dh

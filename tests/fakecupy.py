@@ -18,6 +18,7 @@ compiled for the CPU (test_cuda_emu.py) can run on these arrays, as
 test_cuda.py does. What it cannot check: the GPU itself (speed, memory, its
 memory model) and CuPy's own numerical differences.
 """
+import sys
 import types
 
 import numpy
@@ -178,3 +179,9 @@ cuda = types.SimpleNamespace(
 # cupyx, CuPy's extras: the one llm.py uses
 cupyx = types.ModuleType("cupyx")
 cupyx.scatter_add = lambda a, index, values: numpy.add.at(a._a, _dev(index), _dev(values))
+
+
+def install(monkeypatch):
+    """`import cupy` (and cupyx) gives this module, for one test."""
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules[__name__])
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)

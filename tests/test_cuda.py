@@ -128,8 +128,7 @@ def emulated_gpu(monkeypatch):
     ffi = cffi.FFI()
     ffi.cdef(build_ext.CUDA_CDEF)
     lib = ffi.dlopen(test_cuda_emu.build_fastops())
-    monkeypatch.setitem(sys.modules, "cupy", fakecupy)
-    monkeypatch.setitem(sys.modules, "cupyx", fakecupy.cupyx)
+    fakecupy.install(monkeypatch)
     monkeypatch.setattr(llm, "_cuda", None)                # restored afterwards
     monkeypatch.setattr(llm, "_load_cuda", lambda: types.SimpleNamespace(ffi=ffi, lib=lib))
     llm.use_device("cuda")

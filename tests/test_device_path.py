@@ -15,8 +15,7 @@ import train
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", fakecupy)
-    monkeypatch.setitem(sys.modules, "cupyx", fakecupy.cupyx)
+    fakecupy.install(monkeypatch)
     monkeypatch.setattr(llm, "_cuda", None)
     monkeypatch.setattr(llm, "_load_cuda", lambda: None)   # CuPy's own math, no CUDA kernels
     yield fakecupy
