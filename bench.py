@@ -132,8 +132,8 @@ def bench_attention(quick):
         q, k, v, dy = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(4))
 
         def step():
-            y, cache = llm.attention_forward(q, k, v)
-            return llm.attention_backward(dy, cache)
+            y, cache = llm.ops.attention_forward(q, k, v)
+            return llm.ops.attention_backward(dy, cache)
 
         res = {}
         reps = (1 if T >= 1024 else 3) if quick else (3 if T >= 1024 else 10)
@@ -222,7 +222,8 @@ def profile_step(name, backend, reps):
     llm.set_backend(backend)
     train_step(model, opt, idx, tgt)
     acc = {}
-    saved = {f: getattr(llm, f) for f in PROFILED}
+    home = {f: llm.ops if hasattr(llm.ops, f) else llm for f in PROFILED}   # the layer table, or llm
+    saved = {f: getattr(home[f], f) for f in PROFILED}
     saved_step, saved_mod = llm.AdamW.step, llm._fastops
 
     def wrap(label, fn):
@@ -235,7 +236,7 @@ def profile_step(name, backend, reps):
 
     try:
         for f in PROFILED:
-            setattr(llm, f, wrap(f, saved[f]))
+            setattr(home[f], f, wrap(f, saved[f]))
         llm.AdamW.step = wrap("adamw_step", saved_step)
         llm._fastops = _TimedModule(saved_mod, acc)
         t0 = time.perf_counter()
@@ -244,7 +245,7 @@ def profile_step(name, backend, reps):
         total = time.perf_counter() - t0
     finally:
         for f in PROFILED:
-            setattr(llm, f, saved[f])
+            setattr(home[f], f, saved[f])
         llm.AdamW.step, llm._fastops = saved_step, saved_mod
     return {k: v / reps for k, v in acc.items()}, total / reps
 
@@ -329,12 +330,12 @@ def bench_cuda_ops(cfg, batch, backends, sync, steps):
     ops = {}
     for layer, K, N in layers:
         x, w, dy = dev(M, K), dev(K, N), dev(M, N)
-        ops[f"{layer} {M}x{K}x{N}"] = lambda x=x, w=w, dy=dy: (
-            llm.linear_forward(x, w, None), llm.linear_backward(dy, x, w))
+        ops[f"{layer} {M}x{K}x{N}"] = lambda x=x, w=w, dy=dy: llm.ops.linear_backward(
+            dy, llm.ops.linear_forward(x, w, None)[1])
     H, T = cfg["n_head"], cfg["block_size"]
     q, k, v, dy = (dev(batch, H, T, cfg["n_embd"] // H) for _ in range(4))
-    ops[f"attention B{batch} H{H} T{T}"] = lambda: llm.attention_backward(
-        dy, llm.attention_forward(q, k, v)[1])
+    ops[f"attention B{batch} H{H} T{T}"] = lambda: llm.ops.attention_backward(
+        dy, llm.ops.attention_forward(q, k, v)[1])
     times = {}
     for op, f in ops.items():
         for backend in backends:

@@ -13,27 +13,45 @@ Read it top to bottom. It goes the way text goes through an LLM:
   9. Checkpoints    safetensors files written with NumPy, atomically
  10. Fast kernels   fastops.c's C (and CUDA) kernels for the heavy math
 
-Only NumPy is needed. The two heavy operations (the linear layers' matrix
-products and causal attention) also have C kernels in fastops.c; when those
-are built, llm.py uses them, and otherwise it runs the NumPy code.
+Sections 1 to 9 are the whole model in NumPy. Section 10 puts faster
+versions of the same layers in their place when they are built (fastops.c's
+C kernels on the CPU, its CUDA kernels on a GPU); nothing above it changes.
 """
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import math
 import os
 import re
 import struct
-import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 import numpy
 
-# The array module. Every array is created through `xp`, so a GPU array module
-# with NumPy's API (CuPy) can take its place for the CUDA build.
+# The array module. Every array is made through `xp`, so that another module
+# with NumPy's API (CuPy, on a GPU) can take its place (section 10).
 xp = numpy
+
+
+def to_numpy(a):
+    """An array as a NumPy array, wherever it lives (CuPy's have .get())."""
+    return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+def atomic_write(path: str, data: bytes):
+    """Write a file whole or not at all: to a temporary name, then renamed,
+    so a crash never leaves half a file (checkpoints, tokenizers, reports)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # =============================================================================
@@ -100,7 +118,6 @@ class Tokenizer:
         # A heap of (-count, pair): the most frequent pair comes first and
         # equal counts are broken by the smaller pair of ids, a fixed rule,
         # so training is deterministic. Stale entries are skipped on pop.
-        import heapq
         heap = [(-c, p) for p, c in pair_count.items()]
         heapq.heapify(heap)
         pieces = [bytes([i]) for i in range(256)]
@@ -153,9 +170,12 @@ class Tokenizer:
             self._cache[chunk] = ids
         return ids
 
-    def encode(self, text: str, allow_special: bool = False) -> list:
-        """Text -> ids. A special token's spelling inside ordinary text is
-        encoded as ordinary text unless allow_special is True."""
+    def chunks(self, text: str, allow_special: bool = False) -> list:
+        """Text -> [(chunk, ids)]: the pieces encoding works on, each with
+        its tokens. A special token's spelling inside ordinary text is
+        ordinary text unless allow_special is True. For example, with
+        GPT-2's merges: "Hello world!" -> [("Hello", [15496]),
+        (" world", [995]), ("!", [0])]."""
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, got {type(text).__name__}")
         try:
@@ -167,24 +187,27 @@ class Tokenizer:
             pieces = re.split("(" + "|".join(map(re.escape, self.special)) + ")", text)
         else:
             pieces = [text]
-        ids = []
+        out = []
         for piece in pieces:
-            if piece in self.special and allow_special:
-                ids.append(self.special[piece])
-                continue
-            for chunk in self._split.findall(piece):
-                ids.extend(self._bpe(chunk.encode("utf-8")))
+            if allow_special and piece in self.special:
+                out.append((piece, [self.special[piece]]))
+            else:
+                out += [(chunk, self._bpe(chunk.encode("utf-8"))) for chunk in self._split.findall(piece)]
+        return out
+
+    def encode(self, text: str, allow_special: bool = False) -> list:
+        """Text -> ids: "Hello world!" -> [15496, 995, 0] with GPT-2's merges."""
+        ids = []
+        for _, chunk_ids in self.chunks(text, allow_special):
+            ids += chunk_ids
         return ids
 
     def decode_bytes(self, ids) -> bytes:
-        out = []
-        for i in ids:
-            b = self.decoder.get(int(i))
-            if b is None:
-                raise ValueError(f"ids: token id {int(i)} is out of range"
-                                 f" (the vocabulary has ids 0..{self.vocab_size - 1})")
-            out.append(b)
-        return b"".join(out)
+        try:
+            return b"".join(self.decoder[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"ids: token id {e.args[0]} is out of range"
+                             f" (the vocabulary has ids 0..{self.vocab_size - 1})") from None
 
     def decode(self, ids) -> str:
         """Ids -> text. A sequence that ends mid-character (or any invalid
@@ -205,8 +228,7 @@ class Tokenizer:
                     tok, rank = line.split()
                     ranks[base64.b64decode(tok, validate=True)] = int(rank)
                 except ValueError:
-                    raise ValueError(f"{path}:{n}: expected 'base64-token rank',"
-                                     f" got {line[:60]!r}") from None
+                    raise ValueError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
         if special is None:
             special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
         return cls(ranks, special)
@@ -218,8 +240,7 @@ class Tokenizer:
         if sorted(self.ranks.values()) != list(range(len(self.ranks))):
             raise ValueError("tokenizer: ranks must be the ids 0..n-1")
         return json.dumps({"format": TOKENIZER_FORMAT, "pattern": self.pattern,
-                           "special": self.special, "tokens": tokens},
-                          ensure_ascii=True, indent=0)
+                           "special": self.special, "tokens": tokens}, ensure_ascii=True, indent=0)
 
     @classmethod
     def from_json(cls, text: str, source: str = "tokenizer"):
@@ -233,7 +254,7 @@ class Tokenizer:
             raise ValueError(f"{source}: not a tokenizer file ({e})") from None
 
     def save(self, path: str):
-        _atomic_write(path, self.to_json().encode())
+        atomic_write(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: str):
@@ -287,33 +308,24 @@ class GPTConfig:
 # W is stored (in, out), as in GPT-2's Conv1D. x is (M, K) with M = B*T rows.
 
 def linear_forward(x, w, b):
-    if _fast(x, w) and (b is None or _fast(b)):
-        return fo_linear_forward(x, w, b)
     y = x @ w
     if b is not None:
         y += b
-    return y
+    return y, (x, w)
 
 
-def linear_backward(dy, x, w):
-    if _fast(dy, x, w):
-        return fo_linear_backward(dy, x, w)
+def linear_backward(dy, cache, frozen=False):
+    """-> dx, dW, db; a frozen weight (LoRA's base model) needs dx alone."""
+    x, w = cache
     # y = xW + b  =>  dx = dy W^T,  dW = x^T dy,  db = sum of dy over rows
+    if frozen:
+        return dy @ w.T, None, None
     return dy @ w.T, x.T @ dy, dy.sum(0)
 
 
-def linear_backward_input(dy, w):
-    """dx alone, for a frozen weight (LoRA's base model)."""
-    if _fast(dy, w):
-        return fo_linear_backward_input(dy, w)
-    return dy @ w.T
-
-
 # ---- dropout: zero a fraction p of activations while training ---------------
-# The survivors are scaled by 1/(1-p) so the expected value is unchanged.
-# The mask is drawn by NumPy's generator, on the host even when training on
-# the GPU: the same masks on both devices, and its state resumes exactly
-# (the price on a GPU: one copy per mask).
+# The survivors are scaled by 1/(1-p) so the expected value is unchanged. The
+# masks come from the training loop's generator: a resumed run draws the same.
 
 def dropout_forward(x, p, rng):
     if p == 0.0 or rng is None:
@@ -332,29 +344,28 @@ def dropout_backward(dy, mask):
 # values of positions <= t (causal: never the future), weighted by
 # softmax(q.k / sqrt(D)). q, k, v are (B, H, T, D): H heads of width D.
 
-def causal_softmax(q, k, past=0):
-    """softmax(q.k / sqrt(D)) over the keys each query may see: query i
-    (at position past + i) sees keys 0..past+i. -> (B, H, Tq, Tk)."""
+def causal_softmax(q, k):
+    """softmax(q.k / sqrt(D)) over the keys each query may see -> (B, H, Tq, Tk).
+    The queries are the last Tq of the Tk positions (all of them in training,
+    the new ones in generation): query i sees keys 0..Tk-Tq+i. For T = 3:
+    [[1, 0, 0], [a, 1-a, 0], [b, c, 1-b-c]]."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     att = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])
-    visible = xp.arange(Tk)[None, :] <= (past + xp.arange(Tq))[:, None]
+    visible = xp.arange(Tk)[None, :] <= (Tk - Tq + xp.arange(Tq))[:, None]
     att = xp.where(visible, att, -xp.inf)
     att = xp.exp(att - att.max(-1, keepdims=True))
     return att / att.sum(-1, keepdims=True)
 
 
 def attention_forward(q, k, v, dropout=0.0, rng=None):
-    if _fast(q, k, v) and (dropout == 0.0 or rng is None) and (xp is numpy or q.shape[-1] <= 128):
-        return fo_attention_forward(q, k, v)
+    """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    att = causal_softmax(q, k)                                        # (B, H, T, T)
+    att = causal_softmax(q, k)                                        # (B, H, Tq, Tk)
     att_d, mask = dropout_forward(att, dropout, rng)
     return att_d @ v, (q, k, v, att, att_d, mask, scale)
 
 
 def attention_backward(dy, cache):
-    if isinstance(cache, dict):                 # from fo_attention_forward
-        return fo_attention_backward(dy, cache)
     q, k, v, att, att_d, mask, scale = cache
     dv = att_d.swapaxes(-1, -2) @ dy
     datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
@@ -366,8 +377,6 @@ def attention_backward(dy, cache):
 # ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    if _fast(x, w, b):
-        return fo_layernorm_forward(x, w, b, eps)
     mu = x.mean(-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
     xhat = (x - mu) * rstd
@@ -375,8 +384,6 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
 
 def layernorm_backward(dy, cache):
-    if isinstance(cache, dict):                 # from fo_layernorm_forward
-        return fo_layernorm_backward(dy, cache)
     xhat, rstd, w = cache
     dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
     db = dy.reshape(-1, xhat.shape[-1]).sum(0)
@@ -391,18 +398,24 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x):
-    if _fast(x):
-        return fo_gelu_forward(x)
     t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))    # x*x*x: float32 pow is slow
     return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_backward(dy, cache):
-    if isinstance(cache, dict):                 # from fo_gelu_forward
-        return fo_gelu_backward(dy, cache)
     x, t = cache
     dt = _GELU_C * (1.0 + 3 * 0.044715 * (x * x))
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+
+
+# ---- the token embedding's backward ------------------------------------------
+# The forward pass is a lookup, wte[idx]: row idx[b, t] for position (b, t).
+
+def embedding_backward(dwte, idx, dx):
+    """Add each position's gradient dx (B, T, C) into the row of its token in
+    dwte (V, C), repeated tokens adding up. -> dwte."""
+    numpy.add.at(dwte, idx, dx)
+    return dwte
 
 
 # ---- cross-entropy: how surprised the model is by the true next token ------
@@ -418,7 +431,7 @@ def cross_entropy_forward(logits, targets, mask=None):
     logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
-    n = xp.maximum(w.sum(), 1)        # all masked: loss 0 (max, not an if: no wait for the GPU)
+    n = xp.maximum(w.sum(), 1)                                # all masked: loss 0, not 0/0
     return (nll * w).sum() / n, (logp, targets, w, n)
 
 
@@ -436,14 +449,13 @@ def logprob_backward(logp, targets, dlogp):
     return dlogits
 
 
-def add_at(a, index, values):
-    """a[index] += values, repeated indices adding up (numpy.add.at; CuPy
-    spells it cupyx.scatter_add)."""
-    if xp is numpy:
-        numpy.add.at(a, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(a, index, values)
+# ---- the layer table ---------------------------------------------------------
+# The model calls the layers above through `ops`. It holds these NumPy
+# functions; section 10 puts faster ones in their place, with the same
+# arguments and results, so nothing below changes when it does.
+ops = types.SimpleNamespace(**{f.__name__: f for f in (
+    linear_forward, linear_backward, attention_forward, attention_backward, layernorm_forward,
+    layernorm_backward, gelu_forward, gelu_backward, embedding_backward)})
 
 
 # ---- the whole model ---------------------------------------------------------
@@ -483,9 +495,34 @@ def init_params(cfg: GPTConfig, rng) -> dict:
     return params
 
 
+@dataclass
+class KVCache:
+    """The keys and values of the positions seen so far, per layer, each
+    (B, H, T, D): generation (section 4) feeds the model its new positions
+    only, whose attention reads the earlier ones from here. With maps=[],
+    every layer's attention probabilities are appended to it as well."""
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    maps: list = None
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def extend(self, layer: int, k, v):
+        """Append the new positions' keys and values -> all of them so far."""
+        if layer < len(self.k):
+            k, v = xp.concatenate([self.k[layer], k], 2), xp.concatenate([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k.append(k)
+            self.v.append(v)
+        return k, v
+
+
 class GPT:
-    """GPT-2. `params` maps names to arrays; forward() then backward() gives
-    the gradients of the loss under the same names."""
+    """GPT-2. `params` maps names to arrays; forward() computes the logits
+    (and the loss), then backward() the gradients under the same names."""
 
     def __init__(self, config: GPTConfig, params: dict = None, seed: int = 0):
         self.config = config
@@ -494,145 +531,145 @@ class GPT:
         self.lora = {}             # weight name -> LoRA settings (section 8)
         self.merged_lora = {}      # adapters folded into their weights
         self.frozen = set()        # names whose gradients are not needed
-        self._cache = None
+        self._cache = {}           # what backward needs, by layer name ("h.0.attn")
 
-    # A linear layer by parameter name, so LoRA (section 8) can adapt it.
-    def _linear(self, name, x, caches):
-        w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
-        y = linear_forward(x, w, b)
-        if name in self.lora:
-            y = y + lora_forward(self, name, x, caches)
-        caches.append((name, x))
-        return y
+    def forward(self, idx, targets=None, mask=None, kv_cache=None):
+        """ids (B, T) -> logits (B, T, V), and the mean cross-entropy loss
+        when targets (B, T) are given (over positions where mask is nonzero).
+        With a kv_cache, idx continues the positions it holds."""
+        logits = self.lm_head(self.hidden(idx, kv_cache))
+        if targets is None:
+            return logits, None
+        targets = check_ids(targets, self.config.vocab_size, "targets")
+        for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
+            if xp.shape(a) != logits.shape[:2]:
+                raise ValueError(f"{name}: expected shape {logits.shape[:2]}, got {xp.shape(a)}")
+        loss, self._cache["loss"] = cross_entropy_forward(logits, targets, mask)
+        return logits, float(loss)
 
-    def _linear_backward(self, dy, caches, grads):
-        name, x = caches.pop()
-        dx = None
-        if name in self.lora:
-            dx = lora_backward(self, name, dy, caches, grads)
-        w = self.params[name + ".weight"]
-        if name + ".weight" in self.frozen:
-            dx_w = linear_backward_input(dy, w)
-        else:
-            dx_w, grads[name + ".weight"], grads[name + ".bias"] = linear_backward(dy, x, w)
-        return dx_w if dx is None else dx_w + dx
-
-    def hidden(self, idx):
-        """ids (B, T) -> final hidden states (B, T, C), after ln_f, keeping
-        the caches for backward_hidden()."""
+    def hidden(self, idx, kv_cache=None):
+        """ids (B, T) -> the hidden states after the last block and ln_f (B, T, C)."""
         cfg, p = self.config, self.params
         idx = check_ids(idx, cfg.vocab_size, "idx")
         B, T = idx.shape
-        if T > cfg.block_size:
-            raise ValueError(f"idx: sequence length {T} exceeds the context window"
-                             f" block_size={cfg.block_size}")
-        C, H, drop, rng = cfg.n_embd, cfg.n_head, cfg.dropout, self.rng
-        x = p["wte.weight"][idx] + p["wpe.weight"][:T]                  # (B, T, C)
-        x, emb_mask = dropout_forward(x, drop, rng)
-        caches, lin = [], []
+        past = 0 if kv_cache is None else kv_cache.length
+        if past + T > cfg.block_size:
+            raise ValueError(f"idx: {past + T} positions exceed the context window block_size={cfg.block_size}")
+        x = p["wte.weight"][idx] + p["wpe.weight"][past:past + T]      # (B, T, C)
+        x, drop = dropout_forward(x, cfg.dropout, self.rng)
+        self._cache = {"idx": idx, "wte.drop": drop}
         for i in range(cfg.n_layer):
-            h = f"h.{i}."
-            a, ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-            qkv = self._linear(h + "attn.c_attn", a.reshape(B * T, C), lin)  # (B*T, 3C)
-            q, k, v = (qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4))  # 3 x (B, H, T, D)
-            y, att = attention_forward(q, k, v, drop, rng)
-            y = y.transpose(0, 2, 1, 3).reshape(B * T, C)               # heads side by side
-            y, res1 = dropout_forward(self._linear(h + "attn.c_proj", y, lin), drop, rng)
-            x = x + y.reshape(B, T, C)
-            m, ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-            f, gelu = gelu_forward(self._linear(h + "mlp.c_fc", m.reshape(B * T, C), lin))
-            f, res2 = dropout_forward(self._linear(h + "mlp.c_proj", f, lin), drop, rng)
-            x = x + f.reshape(B, T, C)
-            caches.append((ln1, att, res1, ln2, gelu, res2))
-        out, lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        self._cache = dict(idx=idx, emb_mask=emb_mask, blocks=caches, lin=lin, lnf=lnf)
-        return out
+            x = self.block(i, x, kv_cache)
+        h, self._cache["ln_f"] = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        return h
 
-    def backward_hidden(self, dh, grads=None) -> dict:
-        """Gradient of the loss w.r.t. the hidden states (B, T, C) -> gradients
-        of every parameter (added into `grads` when given)."""
+    def block(self, i, x, kv_cache=None):
+        """Transformer block i: x + attn(ln_1(x)), then + mlp(ln_2(x)). (B, T, C)."""
+        cfg, p, c, n = self.config, self.params, self._cache, f"h.{i}."
+        B, T, C = x.shape
+        H, drop, rng = cfg.n_head, cfg.dropout, self.rng
+        # attention: each position gathers from the ones before it
+        a, c[n + "ln_1"] = ops.layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"])
+        qkv = self.linear(n + "attn.c_attn", a.reshape(B * T, C))             # (B*T, 3C)
+        q, k, v = qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)    # 3 x (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(i, k, v)             # with the earlier positions': (B, H, past+T, D)
+            if kv_cache.maps is not None:
+                kv_cache.maps.append(causal_softmax(q, k))
+        y, c[n + "attn"] = ops.attention_forward(q, k, v, drop, rng)
+        y = y.transpose(0, 2, 1, 3).reshape(B * T, C)                         # heads side by side
+        y, c[n + "attn.drop"] = dropout_forward(self.linear(n + "attn.c_proj", y), drop, rng)
+        x = x + y.reshape(B, T, C)
+        # the MLP: each position on its own
+        m, c[n + "ln_2"] = ops.layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"])
+        f, c[n + "mlp.gelu"] = ops.gelu_forward(self.linear(n + "mlp.c_fc", m.reshape(B * T, C)))
+        f, c[n + "mlp.drop"] = dropout_forward(self.linear(n + "mlp.c_proj", f), drop, rng)
+        return x + f.reshape(B, T, C)
+
+    def linear(self, name, x):
+        """Layer `name` ("h.0.attn.c_attn"): x W + b, plus its LoRA adapter's share."""
+        w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
+        y, self._cache[name] = ops.linear_forward(x, w, b)
+        if name in self.lora:
+            y_lora, self._cache[name + ".lora"] = lora_forward(self, name, x)
+            y = y + y_lora
+        return y
+
+    def lm_head(self, h):
+        """The output head, tied to the token embedding: logits = h wte^T (B, T, V)."""
+        B, T, C = h.shape
+        logits, self._cache["lm_head"] = ops.linear_forward(h.reshape(B * T, C), self.params["wte.weight"].T, None)
+        return logits.reshape(B, T, -1)
+
+    def backward(self, dlogits=None, dh=None, grads=None) -> dict:
+        """Gradients of the loss of the last forward(), by parameter name
+        (added to `grads` when given). dlogits replaces the cross-entropy's
+        gradient (RLHF has losses of its own); dh adds a gradient on the
+        hidden states, from a reward or value head (section 7), and is all
+        there is after hidden() alone."""
         cfg, c = self.config, self._cache
-        if c is None:
-            raise RuntimeError("backward: call forward() first")
+        if dlogits is None and "loss" in c:
+            dlogits = cross_entropy_backward(c["loss"])
+        if dlogits is None and dh is None:
+            raise RuntimeError("backward: call forward() with targets first")
         grads = {} if grads is None else grads
-        dh = dh.astype(cfg.dtype, copy=False)
-        B, T = c["idx"].shape
-        C, H = cfg.n_embd, cfg.n_head
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dh, c["lnf"])
-        lin = c["lin"]
+        if dlogits is not None:
+            dlogits = dlogits.astype(cfg.dtype, copy=False)       # a float64 scalar must not promote
+            B, T, V = dlogits.shape
+            dhead, dwte_t, _ = ops.linear_backward(dlogits.reshape(B * T, V), c["lm_head"])
+            grads["wte.weight"] = dwte_t.T.copy()           # the head's share of wte's gradient
+            dhead = dhead.reshape(B, T, -1)
+            dh = dhead if dh is None else dhead + dh
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(
+            dh.astype(cfg.dtype, copy=False), c["ln_f"])
         for i in reversed(range(cfg.n_layer)):
-            h = f"h.{i}."
-            ln1, att, res1, ln2, gelu, res2 = c["blocks"][i]
-            # x = x + mlp(ln_2(x)): the residual passes dx through unchanged
-            df = self._linear_backward(dropout_backward(dx.reshape(B * T, C), res2), lin, grads)
-            dm = self._linear_backward(gelu_backward(df, gelu), lin, grads)
-            dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm.reshape(B, T, C), ln2)
-            dx = dx + dm
-            # x = x + attn(ln_1(x))
-            dy = self._linear_backward(dropout_backward(dx.reshape(B * T, C), res1), lin, grads)
-            dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)     # (B, H, T, D)
-            dq, dk, dv = attention_backward(dy, att)
-            dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
-            da = self._linear_backward(dqkv, lin, grads)
-            da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da.reshape(B, T, C), ln1)
-            dx = dx + da
-        dx = dropout_backward(dx, c["emb_mask"])
+            dx = self.block_backward(i, dx, grads)
+        dx = dropout_backward(dx, c["wte.drop"])
         dwte = grads.get("wte.weight")
         dwte = xp.zeros_like(self.params["wte.weight"]) if dwte is None else dwte
-        add_at(dwte, c["idx"], dx)                     # each used row gets its gradient
-        grads["wte.weight"] = dwte
+        grads["wte.weight"] = ops.embedding_backward(dwte, c["idx"], dx)
         grads["wpe.weight"] = xp.zeros_like(self.params["wpe.weight"])
-        grads["wpe.weight"][:T] = dx.sum(0)
+        grads["wpe.weight"][:dx.shape[1]] = dx.sum(0)
         for name in self.frozen:
             grads.pop(name, None)
         return grads
 
-    def forward(self, idx, targets=None, mask=None):
-        """ids (B, T) -> logits (B, T, V), and the mean cross-entropy loss
-        when targets (B, T) are given (over positions where mask is nonzero)."""
-        h = self.hidden(idx)
-        B, T, C = h.shape
-        wte = self.params["wte.weight"]
-        # The output head is tied to the token embedding: logits = h wte^T.
-        logits = linear_forward(h.reshape(B * T, C), wte.T, None).reshape(B, T, -1)
-        self._cache["h"] = h
-        if targets is None:
-            self._cache["ce"] = None
-            return logits, None
-        targets = check_ids(targets, self.config.vocab_size, "targets")
-        if targets.shape != (B, T):
-            raise ValueError(f"targets: expected shape {(B, T)}, got {targets.shape}")
-        if mask is not None and xp.shape(mask) != (B, T):
-            raise ValueError(f"mask: expected shape {(B, T)}, got {xp.shape(mask)}")
-        loss, self._cache["ce"] = cross_entropy_forward(logits, targets, mask)
-        return logits, float(loss)
+    def block_backward(self, i, dx, grads):
+        """Block i backward: the gradient at its output (B, T, C) -> at its input."""
+        cfg, c, n = self.config, self._cache, f"h.{i}."
+        B, T, C = dx.shape
+        H = cfg.n_head
+        # x + mlp(ln_2(x)): the residual passes dx through unchanged, the MLP adds its share
+        df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx.reshape(B * T, C), c[n + "mlp.drop"]), grads)
+        dm = self.linear_backward(n + "mlp.c_fc", ops.gelu_backward(df, c[n + "mlp.gelu"]), grads)
+        dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm.reshape(B, T, C), c[n + "ln_2"])
+        dx = dx + dm
+        # x + attn(ln_1(x))
+        dy = self.linear_backward(n + "attn.c_proj", dropout_backward(dx.reshape(B * T, C), c[n + "attn.drop"]), grads)
+        dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
+        dq, dk, dv = ops.attention_backward(dy, c[n + "attn"])
+        dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
+        da = self.linear_backward(n + "attn.c_attn", dqkv, grads)
+        da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da.reshape(B, T, C), c[n + "ln_1"])
+        return dx + da
 
-    def backward(self, dlogits=None, dh=None) -> dict:
-        """Gradients of the loss from the last forward(), by parameter name.
-        `dlogits` replaces the cross-entropy gradient (RLHF uses its own);
-        `dh` adds a gradient on the hidden states (from a value head)."""
-        c = self._cache
-        if c is None or (dlogits is None and c.get("ce") is None):
-            raise RuntimeError("backward: call forward() with targets first")
-        if dlogits is None:
-            dlogits = cross_entropy_backward(c["ce"])
-        dlogits = dlogits.astype(self.config.dtype, copy=False)   # a float64 scalar must not promote
-        h = c["h"]
-        B, T, C = h.shape
-        wte = self.params["wte.weight"]
-        dhead, dwte_t, _ = linear_backward(dlogits.reshape(B * T, -1), h.reshape(B * T, C), wte.T)
-        grads = {"wte.weight": dwte_t.T.copy()}     # the head's share of wte's gradient
-        dhead = dhead.reshape(B, T, C)
-        return self.backward_hidden(dhead if dh is None else dhead + dh, grads)
+    def linear_backward(self, name, dy, grads):
+        """Layer `name`'s backward: its gradients into grads -> dx."""
+        frozen = name + ".weight" in self.frozen
+        dx, dw, db = ops.linear_backward(dy, self._cache[name], frozen)
+        if not frozen:
+            grads[name + ".weight"], grads[name + ".bias"] = dw, db
+        if name in self.lora:
+            dx = dx + lora_backward(self, name, dy, self._cache[name + ".lora"], grads)
+        return dx
 
     def num_params(self) -> int:
         return sum(v.size for v in self.params.values())
 
 
 def check_ids(idx, vocab_size, name):
-    """Token ids must be a 2-D integer array of in-range ids. Ids from the
-    host are checked there, before they go to the GPU (where out-of-range
-    ids would wrap around silently, and checking them would wait for it)."""
+    """Token ids must be a 2-D integer array of in-range ids (checked where
+    they are, before any copy: on a GPU an out-of-range id would wrap around)."""
     a = idx if isinstance(idx, xp.ndarray) else numpy.asarray(idx)
     if a.ndim == 1:
         a = a[None]
@@ -641,8 +678,7 @@ def check_ids(idx, vocab_size, name):
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integer token ids, got dtype {a.dtype}")
     if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
-        raise ValueError(f"{name}: token ids must be in 0..{vocab_size - 1},"
-                         f" got {int(a.min())}..{int(a.max())}")
+        raise ValueError(f"{name}: token ids must be in 0..{vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
     return xp.asarray(a).astype(xp.int64, copy=False)
 
 
@@ -710,66 +746,28 @@ def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int
 # the whole prefix each time is wasteful: the keys and values of earlier
 # positions never change (attention is causal), so a KV cache keeps them,
 # the prompt is processed once ("prefill"), and each new token costs one
-# position's work.
+# position's work: model.forward(new_ids, kv_cache=kv).
 
-def _attention_cached(q, k, v, past, record=None):
-    """q (B, H, Tn, D) for positions past..past+Tn-1; k, v (B, H, past+Tn, D).
-    The attention probabilities (B, H, Tn, Tk) are appended to `record`
-    when it is a list (attention_maps() below reads them)."""
-    att = causal_softmax(q, k, past)                                  # (B, H, Tn, Tk)
-    if record is not None:
-        record.append(att)
-    return att @ v
+def next_logits(model: GPT, ids, kv: KVCache):
+    """The logits of the token after each row of ids (B, T) -> (B, V)."""
+    return model.forward(xp.asarray(ids), kv_cache=kv)[0][:, -1]
 
 
-def forward_cached(model: GPT, idx, kv: list, record=None):
-    """Logits for new ids (B, Tn) given the keys and values of earlier
-    positions in kv (one (k, v) pair per layer, extended in place).
-    `record`, a list, receives each layer's attention probabilities."""
-    cfg, p = model.config, model.params
-    B, Tn = idx.shape
-    past = 0 if not kv else kv[0][0].shape[2]
-    C, H = cfg.n_embd, cfg.n_head
-    x = p["wte.weight"][idx] + p["wpe.weight"][past:past + Tn]
-    for i in range(cfg.n_layer):
-        h = f"h.{i}."
-        a, _ = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        qkv = model._linear(h + "attn.c_attn", a.reshape(B * Tn, C), [])
-        q, k, v = qkv.reshape(B, Tn, 3, H, C // H).transpose(2, 0, 3, 1, 4)
-        if len(kv) <= i:
-            kv.append((k, v))
-        else:
-            kv[i] = (xp.concatenate([kv[i][0], k], 2), xp.concatenate([kv[i][1], v], 2))
-        y = _attention_cached(q, *kv[i], past, record).transpose(0, 2, 1, 3).reshape(B * Tn, C)
-        x = x + model._linear(h + "attn.c_proj", y, []).reshape(B, Tn, C)
-        m, _ = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        f, _ = gelu_forward(model._linear(h + "mlp.c_fc", m.reshape(B * Tn, C), []))
-        x = x + model._linear(h + "mlp.c_proj", f, []).reshape(B, Tn, C)
-    out, _ = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-    return out @ p["wte.weight"].T                                     # (B, Tn, V)
-
-
-def attention_maps(model: GPT, ids):
-    """Where each token looks: ids (T,) -> the attention probabilities of
-    every layer and head, an array (n_layer, n_head, T, T). Row t of
-    maps[l, h] is how head h of layer l splits position t's attention over
-    positions 0..t; each row sums to 1 and everything right of the diagonal
-    (the future) is 0."""
-    idx = check_ids(ids, model.config.vocab_size, "ids")
-    if idx.shape[0] != 1:
-        raise ValueError(f"ids: expected one sequence, got a batch of {idx.shape[0]}")
-    if idx.shape[1] > model.config.block_size:
-        raise ValueError(f"ids: sequence length {idx.shape[1]} exceeds the context window"
-                         f" block_size={model.config.block_size}")
-    record = []
-    forward_cached(model, idx, [], record)
-    return xp.stack([att[0] for att in record])                       # (L, H, T, T)
+def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
+    for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
+        if not v >= 0:
+            raise ValueError(f"{name}: expected >= 0, got {v}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
     sharpens it, top-k keeps the k likeliest tokens, top-p (nucleus) keeps the
     smallest set whose probability reaches p."""
+    check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64) / temperature
     if top_k is not None and top_k < logits.size:
         kth = xp.sort(logits)[-top_k]
@@ -792,46 +790,32 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
     tokens; once the window is full, each step re-reads the last block_size
     tokens, as the model only ever saw that many."""
     prompt = [int(t) for t in prompt]
-    if not prompt:
-        raise ValueError("prompt: expected at least one token id")
     check_ids(prompt, model.config.vocab_size, "prompt")
-    for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
-        if v < 0:
-            raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(seed)
     block = model.config.block_size
-    tokens = prompt[-block:]
-    kv = []
-    logits = forward_cached(model, xp.asarray([tokens]), kv)[0, -1]
+    tokens, kv = prompt[-block:], KVCache()
     for _ in range(max_new_tokens):
+        logits = next_logits(model, [tokens[kv.length:]], kv)[0]     # the tokens it has not seen
         if temperature == 0:
             nxt = int(xp.argmax(logits))
         else:
             probs = next_token_probs(logits, temperature, top_k, top_p)
-            nxt = int(rng.choice(probs.size, p=xp_to_numpy(probs)))
+            nxt = int(rng.choice(probs.size, p=to_numpy(probs)))
         if nxt in stop:
             return
         yield nxt
         tokens.append(nxt)
         if len(tokens) > block:                  # window full: re-read the last block tokens
-            tokens = tokens[-block:]
-            kv = []
-            logits = forward_cached(model, xp.asarray([tokens]), kv)[0, -1]
-        else:
-            logits = forward_cached(model, xp.asarray([[nxt]]), kv)[0, -1]
+            tokens, kv = tokens[-block:], KVCache()
 
 
 def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop=(), rng=None):
     """Many prompts at once -> (token lists, ended flags). Prompts of equal
-    length share one batch, so answering a test set costs a few batched
-    forward passes per token instead of one pass per prompt per token.
-    Sampling is plain temperature sampling (Gumbel-max: argmax of logits/T
-    plus Gumbel noise draws from softmax(logits/T)). A row ends at a stop
-    token (ended) or when max_new_tokens or the context window runs out."""
+    length share one batch: a test set costs a few batched forward passes
+    per token. Sampling is plain temperature sampling (Gumbel-max: argmax of
+    logits/T plus Gumbel noise draws from softmax(logits/T)). A row ends at a
+    stop token (ended) or when max_new_tokens or the context window runs out."""
     rng = rng if rng is not None else numpy.random.default_rng(0)
     outs, ended = [None] * len(prompts), [False] * len(prompts)
     groups = {}
@@ -840,24 +824,24 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
     for length, rows in sorted(groups.items()):
         if length > model.config.block_size:
             raise ValueError(f"prompts: a prompt of {length} tokens exceeds block_size={model.config.block_size}")
-        kv, done = [], numpy.zeros(len(rows), bool)
-        got = [[] for _ in rows]
-        logits = forward_cached(model, xp.asarray([prompts[i] for i in rows]), kv)[:, -1]
-        for step in range(min(max_new_tokens, model.config.block_size - length + 1)):
+        kv, done, got = KVCache(), numpy.zeros(len(rows), bool), [[] for _ in rows]
+        new = [prompts[i] for i in rows]
+        for _ in range(min(max_new_tokens, model.config.block_size - length + 1)):    # to the window's end
+            logits = next_logits(model, new, kv)
             if temperature == 0:
-                nxt = xp_to_numpy(xp.argmax(logits, -1))
+                nxt = to_numpy(xp.argmax(logits, -1))
             else:
                 g = -numpy.log(-numpy.log(rng.random(logits.shape)))
-                nxt = numpy.argmax(xp_to_numpy(logits) / temperature + g, -1)
+                nxt = numpy.argmax(to_numpy(logits) / temperature + g, -1)
             for j, t in enumerate(nxt):
                 if not done[j]:
                     if int(t) in stop:
                         done[j] = True
                     else:
                         got[j].append(int(t))
-            if done.all() or length + step > model.config.block_size - 1:   # window full
+            if done.all():
                 break
-            logits = forward_cached(model, xp.asarray(nxt[:, None]), kv)[:, -1]
+            new = nxt[:, None]
         for j, i in enumerate(rows):
             outs[i], ended[i] = got[j], bool(done[j])
     return outs, ended
@@ -924,8 +908,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
     -> clip -> AdamW step, with the learning-rate schedule, gradient
     accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
     makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
-    validation loss, and save() writes a checkpoint after each evaluation,
-    once the state is complete. Stops at max_iters (or stop_at)."""
+    validation loss; save() writes a checkpoint after each evaluation."""
     rng = numpy.random.default_rng(tc.seed)
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
@@ -943,11 +926,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
             l, g = loss_fn(model, batch)
             loss += l / tc.grad_accum
             tokens += batch[0].size
-            if grads is None:
-                grads = g
-            else:
-                for k in grads:
-                    grads[k] += g[k]
+            grads = g if grads is None else {k: v + g[k] for k, v in grads.items()}
         if tc.grad_accum > 1:
             for k in grads:
                 grads[k] /= tc.grad_accum
@@ -965,38 +944,6 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
             log(state.step, end, loss, val, tokens / max(time.time() - t0, 1e-9), time.time() - t0)
     model.rng = None
     return state
-
-
-class Progress:
-    """One updating line: step, loss, val loss, bits per byte, tokens/s,
-    elapsed time and ETA."""
-
-    def __init__(self, stage: str, bytes_per_token: float = None, stream=sys.stdout):
-        self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
-        self.val = None
-        self.tty = stream.isatty()
-        self.last = time.time()
-
-    def __call__(self, step, end, loss, val, tok_s, elapsed):
-        if val is not None:
-            self.val = val
-        now = time.time()
-        pause = 0.5 if self.tty else 15.0            # a log file gets a line every 15 s
-        if step < end and val is None and now - self.last < pause:
-            return
-        self.last = now
-        eta = elapsed / max(step, 1) * (end - step) if step else 0.0
-        line = f"{self.stage} step {step}/{end} loss {loss:.4f}"
-        if self.val is not None:
-            line += f" val {self.val:.4f}"
-            if self.bpt:
-                line += f" bpb {bits_per_byte(self.val, self.bpt):.3f}"
-        line += f" | {tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if step >= end else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
@@ -1048,7 +995,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
                "steps": state.step, "tokens_per_second": state.step * tc.grad_accum * B * T / wall,
                "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
-    _atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
 
 
@@ -1061,31 +1008,16 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
 # the answer's tokens only: the model learns to answer, not to ask. At
 # inference the prompt ends with <|assistant|> and generation stops at <|end|>.
 
-def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields. A
-    malformed line is a ValueError naming the file and the line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(r, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
-            for k in fields:
-                if not isinstance(r.get(k), str):
-                    raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
-            records.append(r)
-    return records
+def chat_prompt(tok: Tokenizer, prompt: str, history=()) -> list:
+    """<|user|> prompt <|assistant|>: what the model sees before answering,
+    after the earlier turns of the conversation, history = [(user, answer)]."""
+    ids = [i for user, answer in history for i in chat_example(tok, user, answer)[0]]
+    return ids + [tok.special[USER]] + tok.encode(prompt) + [tok.special[ASSISTANT]]
 
 
-def chat_prompt(tok: Tokenizer, prompt: str) -> list:
-    """<|user|> prompt <|assistant|>: what the model sees before answering."""
-    s = tok.special
-    return [s[USER]] + tok.encode(prompt) + [s[ASSISTANT]]
+def stop_tokens(tok: Tokenizer) -> set:
+    """An answer ends where the model closes its turn (or starts another)."""
+    return {tok.special[s] for s in (END, USER, ENDOFTEXT) if s in tok.special}
 
 
 def chat_example(tok: Tokenizer, prompt: str, answer: str, ended: bool = True):
@@ -1112,32 +1044,37 @@ def pad_batch(examples, pad: int, block_size: int):
     return xp.asarray(x), xp.asarray(y), xp.asarray(mask)
 
 
-def answers(model: GPT, tok: Tokenizer, prompts, max_new_tokens: int = 48, **sampling):
-    """The model's answers to prompts -> (texts, ended): ended is True where
-    it closed its turn with <|end|>. Greedy unless a temperature is given."""
-    stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
-    ids, ended = generate_batch(model, [chat_prompt(tok, p) for p in prompts], max_new_tokens,
-                                stop=stop, **sampling)
-    return [tok.decode(t) for t in ids], ended
+def answers(model: GPT, tok: Tokenizer, prompts, max_new_tokens=48, temperature=0.0, rng=None):
+    """The model's answers to prompts -> (texts, ended, conversations): ended
+    is True where it closed its turn with <|end|>; the conversations are
+    (ids, n) as chat_example() makes them. Greedy unless a temperature is given."""
+    heads = [chat_prompt(tok, p) for p in prompts]
+    outs, ended = generate_batch(model, heads, max_new_tokens, temperature, stop_tokens(tok), rng)
+    convs = [(h + o + ([tok.special[END]] if e else []), len(h)) for h, o, e in zip(heads, outs, ended)]
+    return [tok.decode(o) for o in outs], ended, convs
 
 
-def sft_batches(tok: Tokenizer, records, batch_size: int, block_size: int, replay=None,
-                replay_fraction: float = 0.0):
-    """batch_fn for train_steps: random conversations with the answer masked
-    in. With replay (pretraining token ids), that fraction of each batch is
-    plain pretraining text, all of it counted: without it, a small model
-    forgets the facts it was never asked about while it learns to answer."""
+def sft(model: GPT, tok: Tokenizer, records, tc: TrainConfig, replay=None, replay_fraction=0.0,
+        log=None) -> TrainState:
+    """Instruction tuning on conversations {"prompt", "response"}, the loss
+    on the answers only. With replay (pretraining token ids), that fraction
+    of each batch is plain pretraining text, all of it counted: without it,
+    a small model forgets the facts it was never asked about while it learns
+    to answer. -> the TrainState (its history has the losses)."""
+    if not records:
+        raise ValueError("records: expected at least one conversation")
     examples = [chat_example(tok, r["prompt"], r["response"]) for r in records]
-    pad = tok.special[END]
-    n_replay = int(round(batch_size * replay_fraction)) if replay is not None else 0
+    T = model.config.block_size
+    n_replay = int(round(tc.batch_size * replay_fraction)) if replay is not None else 0
 
     def batch_fn(rng):
-        pick = rng.integers(0, len(examples), batch_size - n_replay)
-        rows = [examples[i] for i in pick]
-        for i in (rng.integers(0, len(replay) - block_size - 1, n_replay) if n_replay else ()):
-            rows.append((list(replay[i:i + block_size + 1]), 1))
-        return pad_batch(rows, pad, block_size)
-    return batch_fn
+        rows = [examples[i] for i in rng.integers(0, len(examples), tc.batch_size - n_replay)]
+        for i in (rng.integers(0, len(replay) - T - 1, n_replay) if n_replay else ()):
+            rows.append((list(replay[i:i + T + 1]), 1))
+        return pad_batch(rows, tok.special[END], T)
+    state = TrainState()
+    train_steps(model, state, tc, batch_fn, log=log)
+    return state
 
 
 # =============================================================================
@@ -1167,8 +1104,7 @@ def preference_example(tok: Tokenizer, r: dict, which: str):
 
 def add_head(model: GPT, name: str, rng=None):
     C, dtype = model.config.n_embd, model.config.dtype
-    std = 0.0 if rng is None else 1.0 / math.sqrt(C)
-    w = rng.normal(0.0, std, C) if rng is not None else numpy.zeros(C)
+    w = rng.normal(0.0, 1.0 / math.sqrt(C), C) if rng is not None else numpy.zeros(C)
     model.params[name + ".weight"] = xp.asarray(w).astype(dtype)
     model.params[name + ".bias"] = xp.zeros((), dtype)
 
@@ -1186,7 +1122,7 @@ def head_backward(model: GPT, name: str, h, pos, dout, grads):
     grads[name + ".weight"] = (dout[..., None] * hp).reshape(-1, hp.shape[-1]).sum(0)
     grads[name + ".bias"] = dout.sum()
     dh = xp.zeros_like(h)
-    add_at(dh, (rows, pos), dout[..., None] * model.params[name + ".weight"])
+    dh[rows, pos] = dout[..., None] * model.params[name + ".weight"]  # each position read once
     return dh
 
 
@@ -1209,7 +1145,7 @@ def reward_batch(tok: Tokenizer, examples, block_size: int):
 
 
 def reward_scores(model: GPT, x, last):
-    """The reward of each row: the score head at its last token."""
+    """The reward of each row: the score head at its last token -> (B,), h."""
     h = model.hidden(x)
     return head_forward(model, "score", h, last[:, None])[:, 0], h
 
@@ -1227,18 +1163,24 @@ def reward_loss(model: GPT, batch):
     dr = xp.concatenate([dmargin, -dmargin])
     grads = {}
     dh = head_backward(model, "score", h, last[:, None], dr[:, None], grads)
-    return loss, model.backward_hidden(dh, grads)
+    return loss, model.backward(dh=dh, grads=grads)
 
 
-def reward_accuracy(model: GPT, tok: Tokenizer, pairs, batch_size=32) -> float:
-    """The share of pairs whose chosen answer scores above the rejected."""
-    wins = 0
-    for i in range(0, len(pairs), batch_size):
-        batch = reward_batch(tok, pair_examples(tok, pairs[i:i + batch_size]), model.config.block_size)
-        r, _ = reward_scores(model, *batch)
-        n = len(r) // 2
-        wins += int((r[:n] > r[n:]).sum())
-    return wins / max(len(pairs), 1)
+def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, log=None) -> TrainState:
+    """The reward model: the instruction-tuned model with a score head (a
+    random one is added if it has none), trained with the Bradley-Terry loss
+    on preference pairs {"prompt", "chosen", "rejected"}."""
+    if not pairs:
+        raise ValueError("pairs: expected at least one preference pair")
+    if "score.weight" not in model.params:
+        add_head(model, "score", numpy.random.default_rng(tc.seed))
+
+    def batch_fn(rng):
+        batch = [pairs[i] for i in rng.integers(0, len(pairs), tc.batch_size)]
+        return reward_batch(tok, pair_examples(tok, batch), model.config.block_size)
+    state = TrainState()
+    train_steps(model, state, tc, batch_fn, reward_loss, log=log)
+    return state
 
 
 def score_conversations(rm: GPT, tok: Tokenizer, examples):
@@ -1246,10 +1188,13 @@ def score_conversations(rm: GPT, tok: Tokenizer, examples):
     return reward_scores(rm, *reward_batch(tok, examples, rm.config.block_size))[0]
 
 
-def score_answers(rm: GPT, tok: Tokenizer, prompts, answers, ended) -> list:
-    """Reward-model scores of (prompt, answer text) pairs."""
-    ex = [chat_example(tok, p, a, e) for p, a, e in zip(prompts, answers, ended)]
-    return [float(s) for s in score_conversations(rm, tok, ex)]
+def reward_accuracy(model: GPT, tok: Tokenizer, pairs, batch_size=32) -> float:
+    """The share of pairs whose chosen answer scores above the rejected."""
+    wins = 0
+    for i in range(0, len(pairs), batch_size):
+        r = score_conversations(model, tok, pair_examples(tok, pairs[i:i + batch_size]))
+        wins += int((r[:len(r) // 2] > r[len(r) // 2:]).sum())
+    return wins / max(len(pairs), 1)
 
 
 # ---- PPO -------------------------------------------------------------------
@@ -1273,10 +1218,11 @@ class PPOConfig:
 
 
 def sequence_logprobs(model: GPT, x, y):
-    """log p(y_t | x_<=t) for every position -> (B, T), and log-softmax for backward."""
-    logits, _ = model.forward(x)
-    logp = log_softmax(logits)
-    return xp.take_along_axis(logp, y[..., None], -1)[..., 0], logp
+    """log p(y_t | x_<=t) for every position -> (B, T); also the log-softmax
+    (B, T, V), for backward, and the hidden states (B, T, C), for a value head."""
+    h = model.hidden(x)
+    logp = log_softmax(model.lm_head(h))
+    return xp.take_along_axis(logp, y[..., None], -1)[..., 0], logp, h
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -1294,26 +1240,15 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, adv + values
 
 
-def sample_answers(policy: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng):
-    """The policy answers each prompt by sampling -> (conversations, texts, ended)."""
-    stop = {tok.special[END], tok.special[USER], tok.special[ENDOFTEXT]}
-    heads = [chat_prompt(tok, p) for p in prompts]
-    outs, ended = generate_batch(policy, heads, pc.max_new_tokens, pc.temperature, stop, rng)
-    examples = [(h + o + ([tok.special[END]] if e else []), len(h)) for h, o, e in zip(heads, outs, ended)]
-    return examples, [tok.decode(o) for o in outs], ended
-
-
-def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng,
-                norm=(0.0, 1.0)):
+def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng, norm=(0.0, 1.0)):
     """Answer each prompt by sampling, then score: per-token rewards are
     -kl_coef (log pi - log pi_ref), and the last token also gets the
     reward model's score, normalised by norm = (mean, std)."""
-    examples, texts, ended = sample_answers(policy, tok, prompts, pc, rng)
+    texts, ended, examples = answers(policy, tok, prompts, pc.max_new_tokens, pc.temperature, rng)
     x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
-    logp, _ = sequence_logprobs(policy, x, y)
-    values = head_forward(policy, "value", policy._cache["h"], xp.broadcast_to(
-        xp.arange(x.shape[1]), x.shape))
-    ref_logp, _ = sequence_logprobs(ref, x, y)
+    logp, _, h = sequence_logprobs(policy, x, y)
+    values = head_forward(policy, "value", h, xp.broadcast_to(xp.arange(x.shape[1]), x.shape))
+    ref_logp, _, _ = sequence_logprobs(ref, x, y)
     raw = score_conversations(rm, tok, examples).astype(logp.dtype)
     score = (raw - norm[0]) / norm[1]
     kl = (logp - ref_logp) * mask
@@ -1333,8 +1268,7 @@ def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
     """The clipped surrogate objective plus the clipped value loss."""
     x, y, mask, adv = mb["x"], mb["y"], mb["mask"], mb["adv"]
     n = mask.sum()
-    logp, logp_all = sequence_logprobs(policy, x, y)
-    h = policy._cache["h"]
+    logp, logp_all, h = sequence_logprobs(policy, x, y)
     pos = xp.broadcast_to(xp.arange(x.shape[1]), x.shape)
     v = head_forward(policy, "value", h, pos)
     ratio = xp.exp(logp - mb["logp"])
@@ -1350,8 +1284,7 @@ def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
     dv = xp.where(vf1 >= vf2, v - ret, (v_clip - ret) * inside) * mask / n * pc.vf_coef
     grads = {}
     dh = head_backward(policy, "value", h, pos, dv, grads)
-    dlogits = logprob_backward(logp_all, y, dlogp)
-    grads.update(policy.backward(dlogits, dh))
+    policy.backward(logprob_backward(logp_all, y, dlogp), dh, grads)
     p = xp.exp(logp_all)
     stats = {"pg_loss": float(pg_loss), "vf_loss": float(vf_loss),
              "clip_frac": float(((xp.abs(ratio - 1) > pc.clip) * mask).sum() / n),
@@ -1361,7 +1294,10 @@ def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
 
 def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None) -> list:
     """Proximal policy optimisation: rollout, then several epochs of
-    minibatch updates on it, again and again. Returns one dict per rollout."""
+    minibatch updates on it, again and again. The policy gets a value head
+    for it, removed at the end. Returns one dict per rollout."""
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt")
     rng = numpy.random.default_rng(pc.seed)
     if "value.weight" not in policy.params:
         add_head(policy, "value")
@@ -1371,13 +1307,12 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     # The reward model's scale is arbitrary: normalise its scores so that the
     # starting policy's answers score mean 0 and standard deviation 1.
     calib = [prompts[i] for i in rng.choice(len(prompts), min(len(prompts), 64), replace=False)]
-    examples, _, _ = sample_answers(policy, tok, calib, pc, rng)
-    s = xp_to_numpy(score_conversations(rm, tok, examples))
+    _, _, examples = answers(policy, tok, calib, pc.max_new_tokens, pc.temperature, rng)
+    s = to_numpy(score_conversations(rm, tok, examples))
     norm = (float(s.mean()), float(s.std()) + 1e-6)
     for it in range(pc.iters):
         batch = [prompts[i] for i in rng.choice(len(prompts), pc.prompts_per_iter, replace=False)]
-        ro = ppo_rollout(policy, ref, rm, tok, batch, PPOConfig(**{**asdict(pc), "kl_coef": kl_coef}),
-                         rng, norm)
+        ro = ppo_rollout(policy, ref, rm, tok, batch, PPOConfig(**{**asdict(pc), "kl_coef": kl_coef}), rng, norm)
         stats = []
         for _ in range(pc.epochs):
             order = rng.permutation(len(batch))
@@ -1395,14 +1330,18 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
             kl_coef *= 1 + numpy.clip(ro["kl"] / pc.target_kl - 1, -0.2, 0.2) * 0.1
         if log:
             log(row, time.time() - t0)
+    for k in ("value.weight", "value.bias"):
+        del policy.params[k]
     return history
 
 
-def kl_to_reference(policy: GPT, ref: GPT, x, y, mask):
+def kl_to_reference(policy: GPT, ref: GPT, tok: Tokenizer, prompts, answers):
     """KL(policy || reference) of the next-token distributions, summed over
-    each row's answer positions -> (B,): how far RLHF moved the model."""
-    _, lp = sequence_logprobs(policy, x, y)
-    _, lq = sequence_logprobs(ref, x, y)
+    each answer's positions -> (B,): how far RLHF moved the model."""
+    examples = [chat_example(tok, p, a) for p, a in zip(prompts, answers)]
+    x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
+    _, lp, _ = sequence_logprobs(policy, x, y)
+    _, lq, _ = sequence_logprobs(ref, x, y)
     return ((xp.exp(lp) * (lp - lq)).sum(-1) * mask).sum(1)
 
 # ---- DPO -------------------------------------------------------------------
@@ -1412,7 +1351,7 @@ def kl_to_reference(policy: GPT, ref: GPT, x, y, mask):
 
 def answer_logprob(model: GPT, x, y, mask):
     """Sum of log-probabilities of each row's answer tokens -> (B,)."""
-    logp, logp_all = sequence_logprobs(model, x, y)
+    logp, logp_all, _ = sequence_logprobs(model, x, y)
     return (logp * mask).sum(1), logp_all
 
 
@@ -1428,6 +1367,20 @@ def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
     drow = beta * xp.concatenate([dz, -dz])                          # d loss / d lp per row
     dlogits = logprob_backward(logp_all, y, drow[:, None] * mask)
     return loss, policy.backward(dlogits)
+
+
+def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: float = 0.1, log=None) -> TrainState:
+    """DPO on preference pairs {"prompt", "chosen", "rejected"}, the frozen
+    reference (a copy of the policy before) holding it back through beta."""
+    if not pairs:
+        raise ValueError("pairs: expected at least one preference pair")
+
+    def batch_fn(rng):
+        batch = [pairs[i] for i in rng.integers(0, len(pairs), tc.batch_size)]
+        return pad_batch(pair_examples(tok, batch), tok.special[END], policy.config.block_size)
+    state = TrainState()
+    train_steps(policy, state, tc, batch_fn, lambda m, b: dpo_loss(m, ref, b, beta), log=log)
+    return state
 
 
 # =============================================================================
@@ -1459,21 +1412,20 @@ def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp
     return trainable
 
 
-def lora_forward(model, name, x, caches):
-    """The adapter's share of the layer's output: scale * (x A) B, itself two
-    linear layers without bias."""
+def lora_forward(model, name, x):
+    """The adapter's share of layer `name`'s output, scale * (x A) B: itself
+    two linear layers without bias. -> (M, out), and its cache."""
     a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
     xd, mask = dropout_forward(x, model.lora[name]["dropout"], model.rng)
-    xa = linear_forward(xd, a, None)                                  # (M, r)
-    caches.append((xd, mask, xa))
-    return linear_forward(xa, b, None) * model.lora[name]["scale"]
+    xa, cache_a = ops.linear_forward(xd, a, None)                      # (M, r)
+    y, cache_b = ops.linear_forward(xa, b, None)
+    return y * model.lora[name]["scale"], (mask, cache_a, cache_b)
 
 
-def lora_backward(model, name, dy, caches, grads):
-    xd, mask, xa = caches.pop()
-    a, b = model.params[name + ".lora_A"], model.params[name + ".lora_B"]
-    dxa, grads[name + ".lora_B"], _ = linear_backward(dy * model.lora[name]["scale"], xa, b)
-    dxd, grads[name + ".lora_A"], _ = linear_backward(dxa, xd, a)
+def lora_backward(model, name, dy, cache, grads):
+    mask, cache_a, cache_b = cache
+    dxa, grads[name + ".lora_B"], _ = ops.linear_backward(dy * model.lora[name]["scale"], cache_b)
+    dxd, grads[name + ".lora_A"], _ = ops.linear_backward(dxa, cache_a)
     return dropout_backward(dxd, mask)
 
 
@@ -1492,16 +1444,22 @@ def unmerge_lora(model: GPT):
     model.merged_lora = {}
 
 
-def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, log=None,
-             replay=None, replay_fraction=0.0):
-    """Task fine-tuning on conversations, the instruction-tuning loss (and
-    its replay of pretraining text), with LoRA adapters (lora = add_lora's
-    keyword arguments) or, with lora=None, every weight. -> TrainState."""
+def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, general=(),
+             replay=None, replay_fraction=0.0, log=None) -> TrainState:
+    """Task fine-tuning on conversations: instruction tuning (sft()) on the
+    task's, with one general conversation (from `general`) mixed in for
+    every five, so the old skill is not overwritten. With LoRA adapters
+    (lora: add_lora's keyword arguments) the adapters train and are merged
+    into their weights at the end (save_lora still writes them); with
+    lora=None every weight trains."""
     if lora is not None:
         add_lora(model, **lora)
-    state = TrainState()
-    batches = sft_batches(tok, records, tc.batch_size, model.config.block_size, replay, replay_fraction)
-    train_steps(model, state, tc, batches, log=log)
+    rng = numpy.random.default_rng(tc.seed)
+    mixed = list(records)
+    if general:
+        mixed += [general[i] for i in rng.choice(len(general), len(records) // 5, replace=False)]
+    state = sft(model, tok, mixed, tc, replay, replay_fraction, log)
+    merge_lora(model)
     return state
 
 
@@ -1509,7 +1467,7 @@ def trainable_fraction(model: GPT) -> float:
     """The share of the model's parameters that fine-tuning changes."""
     base = sum(v.size for k, v in model.params.items() if ".lora_" not in k and k in param_shapes(model.config))
     train = sum(v.size for k, v in model.params.items() if k not in model.frozen and ".lora_" in k)
-    return train / base if model.lora else 1.0
+    return train / base if model.lora or model.merged_lora else 1.0
 
 
 def save_lora(path: str, model: GPT):
@@ -1537,28 +1495,17 @@ def load_lora(path: str, model: GPT):
 # =============================================================================
 # The safetensors format: an 8-byte little-endian header length, a JSON
 # header giving each tensor's dtype, shape and byte range, then the raw
-# bytes. No pickle: loading a file never runs code. Files are written to a
-# temporary name and renamed, so a crash never leaves half a checkpoint.
+# bytes. No pickle: loading a file never runs code. Written atomically.
 
 _ST_DTYPES = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16,
               "I64": numpy.int64, "I32": numpy.int32, "U8": numpy.uint8, "BF16": None}
-
-
-def _atomic_write(path: str, data: bytes):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_safetensors(path: str, tensors: dict, metadata: dict = None):
     header, offset, blobs = {}, 0, []
     names = {numpy.dtype(v): k for k, v in _ST_DTYPES.items() if v is not None}
     for name, arr in tensors.items():
-        arr = numpy.ascontiguousarray(xp_to_numpy(arr))
+        arr = numpy.ascontiguousarray(to_numpy(arr))
         if arr.dtype not in names:
             raise TypeError(f"tensors[{name!r}]: unsupported dtype {arr.dtype}")
         blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -1570,7 +1517,7 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                  # align the data to 8 bytes
-    _atomic_write(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    atomic_write(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def load_safetensors(path: str):
@@ -1584,8 +1531,7 @@ def load_safetensors(path: str):
         raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > len(raw) - 8:
-        raise ValueError(f"{path}: not a safetensors file, or truncated (header of {n} bytes,"
-                         f" file of {len(raw)})")
+        raise ValueError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {len(raw)})")
     try:
         header = json.loads(raw[8:8 + n])
         if not isinstance(header, dict):
@@ -1619,18 +1565,14 @@ def bf16_to_float32(words):
     return (numpy.asarray(words, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
 
 
-def xp_to_numpy(a):
-    """Arrays leave the array module here (CuPy arrays have .get())."""
-    return a.get() if hasattr(a, "get") else numpy.asarray(a)
-
-
 def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainState = None, **info):
     """Weights, config, tokenizer, optimizer state, step and RNG state in one
-    file. `info` adds JSON-able metadata (the stage, training settings...)."""
-    tensors = dict(model.params)
+    file. `info` adds JSON-able metadata (the stage, training settings...).
+    A merged LoRA adapter is part of its weight now: it is not written."""
+    merged = {name + part for name in model.merged_lora for part in (".lora_A", ".lora_B")}
+    tensors = {k: v for k, v in model.params.items() if k not in merged}
     meta = {"format": "llm-checkpoint-v1", "config": json.dumps(asdict(model.config)),
-            "tokenizer": tokenizer.to_json(), "lora": json.dumps(model.lora),
-            "info": json.dumps(info)}
+            "tokenizer": tokenizer.to_json(), "lora": json.dumps(model.lora), "info": json.dumps(info)}
     if state is not None:
         for name in state.opt.m if state.opt else ():
             tensors["optimizer.m." + name] = state.opt.m[name]
@@ -1669,11 +1611,8 @@ def load_checkpoint(path: str):
         opt = None
         if s["opt"] is not None:
             opt = AdamW(**{**s["opt"], "betas": tuple(s["opt"]["betas"])})
-            for k, v in tensors.items():
-                if k.startswith("optimizer.m."):
-                    opt.m[k[12:]] = v
-                elif k.startswith("optimizer.v."):
-                    opt.v[k[12:]] = v
+            opt.m = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.m.")}
+            opt.v = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.v.")}
         state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
     return model, tokenizer, state, info
 
@@ -1690,13 +1629,8 @@ _HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
 def find_tiktoken(folder: str):
     """The .tiktoken vocabulary in a folder (gpt2.tiktoken first), or None."""
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".tiktoken"))
-    except OSError:
-        return None
-    if not names:
-        return None
-    return os.path.join(folder, "gpt2.tiktoken" if "gpt2.tiktoken" in names else names[0])
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".tiktoken")) if os.path.isdir(folder) else []
+    return os.path.join(folder, "gpt2.tiktoken" if "gpt2.tiktoken" in names else names[0]) if names else None
 
 
 def load_gpt2(path_or_dir: str, n_head: int = None):
@@ -1710,11 +1644,7 @@ def load_gpt2(path_or_dir: str, n_head: int = None):
     path = os.path.join(path_or_dir, "model.safetensors") if os.path.isdir(path_or_dir) else path_or_dir
     folder = os.path.dirname(os.path.abspath(path))
     tensors, _ = load_safetensors(path)
-    params = {}
-    for name, value in tensors.items():
-        name = name[len("transformer."):] if name.startswith("transformer.") else name
-        if not _HF_BUFFER.search(name):
-            params[name] = value
+    params = {re.sub(r"^transformer\.", "", k): v for k, v in tensors.items() if not _HF_BUFFER.search(k)}
     if "wte.weight" not in params or "wpe.weight" not in params:
         raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight tensors)")
     head = params.pop("lm_head.weight", None)
@@ -1739,8 +1669,7 @@ def load_gpt2(path_or_dir: str, n_head: int = None):
                          f" unexpected {sorted(extra)[:5]})")
     for name, shape in shapes.items():
         if tuple(params[name].shape) != shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(params[name].shape)},"
-                             f" expected {shape}")
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(params[name].shape)}, expected {shape}")
         params[name] = params[name].astype(xp.float32)
     vocab = find_tiktoken(folder)
     return GPT(cfg, params), Tokenizer.from_tiktoken(vocab) if vocab else None
@@ -1766,41 +1695,39 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
               "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
               "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size,
               "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
-    _atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=2).encode())
+    atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=2).encode())
     if tokenizer is not None:
         lines = [base64.b64encode(b).decode() + f" {i}\n" for b, i in sorted(tokenizer.ranks.items(),
                                                                           key=lambda kv: kv[1])]
-        _atomic_write(os.path.join(folder, "tokenizer.tiktoken"), "".join(lines).encode())
+        atomic_write(os.path.join(folder, "tokenizer.tiktoken"), "".join(lines).encode())
 
 
 # =============================================================================
-# 10. The fast kernels: fastops (C on the CPU, CUDA on the GPU)
+# 10. Fast kernels: fastops (C on the CPU, CUDA on the GPU)
 # =============================================================================
-# Everything above is complete in NumPy. Two operations take most of the
-# time, the linear layers' matrix products and attention, so linear_forward,
-# linear_backward, attention_forward and attention_backward hand float32
-# arrays to the C kernels of fastops.c when they are built; so do gelu_* and
-# layernorm_* (fused element-wise and per-row kernels). This section
-# loads them and checks every array before a pointer crosses into C.
+# Everything above is complete in NumPy and calls its layers through `ops`
+# (section 2). This section loads fastops.c's kernels (`python build_ext.py`;
+# `--cuda` for the GPU's) and puts them in `ops` in the place of the matrix
+# products, attention, LayerNorm and GELU, forward and backward. Every array
+# is checked before a pointer to it crosses into C. LLM_NUMPY=1 in the
+# environment, or set_backend("numpy"), keeps the NumPy code everywhere.
 
-# ---- the C kernels, when built ---------------------------------------
-# fastops.c (build it with `python build_ext.py`) computes the functions
-# below in C with SIMD and threads. It is used for float32 arrays only: float64
-# (the gradient checks) and attention with dropout stay on the NumPy code, which
-# is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
-# NumPy everywhere. The wrappers check every array before a pointer goes to C.
+def _import(name, path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 def _load_fastops():
     if os.environ.get("LLM_NUMPY") == "1":
         return None
-    import glob, importlib.util, warnings
+    import glob, warnings
     here = os.path.dirname(os.path.abspath(__file__))
     for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
         try:
-            spec = importlib.util.spec_from_file_location("_fastops", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
+            return _import("_fastops", path)
         except ImportError:
             continue                                   # built for another Python
     warnings.warn("fastops (the C kernels) is not built: using the slower NumPy code. "
@@ -1808,32 +1735,22 @@ def _load_fastops():
     return None
 
 
-_fastops = _load_fastops()
-_use_fastops = _fastops is not None
-
-
-# ---- the GPU: CuPy arrays and fastops.c's CUDA section -------------------------
+# ---- the GPU: CuPy arrays and fastops.c's CUDA section -----------------------
 # use_device("cuda") makes `xp` CuPy (an optional dependency, imported only
 # here), so every array -- parameters, activations, gradients, optimizer state
-# -- lives on the GPU, and the same code below runs there. The heavy math then
+# -- lives on the GPU, and the same code above runs there. The heavy math then
 # goes to _fastops_cuda.so (`python build_ext.py --cuda`), opened with cffi's
 # ABI mode; its functions take device pointers. Without it CuPy's own math runs.
-_cuda = None                                           # (ffi, lib) once loaded
-
 
 def _load_cuda():
-    import cffi, types, warnings
+    import cffi, warnings
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastops_cuda.so")
     if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
         warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
                       "Build them with `python build_ext.py --cuda`.")
         return None
-    import importlib.util                  # build_ext.py reads the API from fastops.c
-    spec = importlib.util.spec_from_file_location("build_ext", os.path.join(os.path.dirname(path), "build_ext.py"))
-    build_ext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_ext)
-    ffi = cffi.FFI()
-    ffi.cdef(build_ext.CUDA_CDEF)
+    ffi = cffi.FFI()                       # build_ext.py reads the API from fastops.c
+    ffi.cdef(_import("build_ext", os.path.join(os.path.dirname(path), "build_ext.py")).CUDA_CDEF)
     lib = ffi.dlopen(path)
     msg = lib.fo_cuda_sync()            # its CUDA runtime starts (or the driver is too old)
     if msg != ffi.NULL:
@@ -1841,6 +1758,12 @@ def _load_cuda():
                       "using CuPy's own math. Rebuild them with this machine's nvcc.")
         return None
     return types.SimpleNamespace(ffi=ffi, lib=lib)
+
+
+_fastops = _load_fastops()       # the C kernels, a cffi module (or None)
+_cuda = None                     # the CUDA kernels, (ffi, lib), once use_device("cuda") loads them
+_use_fastops = _fastops is not None
+REFERENCE = dict(vars(ops))      # section 2's NumPy layers
 
 
 def use_device(name: str):
@@ -1861,24 +1784,7 @@ def use_device(name: str):
         _use_fastops = _cuda is not None
     else:
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
-
-
-def _kernels():
-    """(lib, ffi) of the kernels for the arrays of the current device."""
-    m = _fastops if xp is numpy else _cuda
-    return m.lib, m.ffi
-
-
-def _done(*out):
-    """After a kernel call: raise its error, if any (a CUDA launch error; on
-    the CPU, scratch memory that could not be allocated)."""
-    if xp is not numpy:
-        msg = _cuda.lib.fo_cuda_error()
-        if msg != _cuda.ffi.NULL:
-            raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
-    elif _fastops.lib.fo_out_of_memory():
-        raise MemoryError("fastops: out of memory for a kernel's scratch buffers")
-    return out[0] if len(out) == 1 else out
+    _install()
 
 
 def set_backend(name: str) -> str:
@@ -1890,26 +1796,51 @@ def set_backend(name: str) -> str:
         raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
                            + ("" if xp is numpy else " --cuda") + ")")
     previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
+    _install()
     return previous
 
 
-def _fast(*arrays) -> bool:
-    return _use_fastops and all(
-        isinstance(a, xp.ndarray) and a.dtype == numpy.float32 for a in arrays)
+def _install():
+    """Fill `ops` for the current device and backend."""
+    vars(ops).update(REFERENCE)
+    if xp is not numpy:                  # CuPy spells numpy.add.at cupyx.scatter_add
+        import cupyx
+        ops.embedding_backward = lambda dwte, idx, dx: (cupyx.scatter_add(dwte, idx, dx), dwte)[1]
+    if _use_fastops:
+        vars(ops).update(FAST)
 
 
-def _f32(name, a, ndim, allow_transposed=False):
-    """A float32 array of `ndim` dims, C-contiguous (copied if not; a 2-D
-    Fortran-ordered array, i.e. a transposed view, passes as is if allowed)."""
+# ---- checks before C ---------------------------------------------------------
+
+def _f32(name, a, ndim=None, shape=None, allow_transposed=False):
+    """A float32 array of `ndim` dims (or of `shape`), C-contiguous (copied if
+    not; a transposed matrix, Fortran-ordered, passes as is if allowed)."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
     if a.dtype != numpy.float32:
         raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
+    if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
     if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
         return a
     return xp.ascontiguousarray(a)
+
+
+def _match(name, a, shape, other):
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} to match {other.shape}, got {a.shape}")
+
+
+def _f32s(*arrays) -> bool:
+    return all(isinstance(a, xp.ndarray) and a.dtype == numpy.float32 for a in arrays)
+
+
+def _kernels():
+    """(lib, ffi) of the kernels for the arrays of the current device."""
+    m = _fastops if xp is numpy else _cuda
+    return m.lib, m.ffi
 
 
 def _ptr(a):
@@ -1924,30 +1855,40 @@ def _strides(a):
     return (a.shape[1], 1) if a.flags.c_contiguous else (1, a.shape[0])
 
 
+def _done(*out):
+    """After a kernel call: raise its error, if any (a CUDA launch error; on
+    the CPU, scratch memory that could not be allocated)."""
+    if xp is not numpy:
+        msg = _cuda.lib.fo_cuda_error()
+        if msg != _cuda.ffi.NULL:
+            raise RuntimeError("fastops CUDA: " + _cuda.ffi.string(msg).decode())
+    elif _fastops.lib.fo_out_of_memory():
+        raise MemoryError("fastops: out of memory for a kernel's scratch buffers")
+    return out[0] if len(out) == 1 else out
+
+
+# ---- the kernels, each checked ---------------------------------------------------
+
 def fo_linear_forward(x, w, b):
-    x, w = _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
-    (M, K), N = x.shape, w.shape[1]
-    if w.shape[0] != K:
-        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
-    if b is not None:
-        b = _f32("b", b, 1)
-        if b.shape != (N,):
-            raise ValueError(f"b: expected shape ({N},), got {b.shape}")
+    """x (M, K) @ w (K, N) + b (N,) -> (M, N)."""
+    x = _f32("x", x, 2)
+    (M, K), w = x.shape, _f32("w", w, 2, allow_transposed=True)
+    N = w.shape[1]
+    _match("w", w, (K, N), x)
+    b = None if b is None else _f32("b", b, shape=(N,))
     y = xp.empty((M, N), numpy.float32)
-    rs, cs = _strides(w)
     lib, ffi = _kernels()
-    lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), rs, cs, _ptr(y), N, 0,
-                 ffi.NULL if b is None else _ptr(b))
+    lib.fo_sgemm(M, N, K, _ptr(x), K, 1, _ptr(w), *_strides(w), _ptr(y), N, 0, ffi.NULL if b is None else _ptr(b))
     return _done(y)
 
 
 def fo_linear_backward(dy, x, w):
-    dy, x, w = _f32("dy", dy, 2), _f32("x", x, 2), _f32("w", w, 2, allow_transposed=True)
-    (M, K), N = x.shape, w.shape[1]
-    if w.shape[0] != K:
-        raise ValueError(f"w: expected shape ({K}, N) to match x {x.shape}, got {w.shape}")
-    if dy.shape != (M, N):
-        raise ValueError(f"dy: expected shape {(M, N)}, got {dy.shape}")
+    """-> dx = dy w^T, dw = x^T dy, db = the column sums of dy."""
+    x = _f32("x", x, 2)
+    (M, K), w = x.shape, _f32("w", w, 2, allow_transposed=True)
+    N = w.shape[1]
+    _match("w", w, (K, N), x)
+    dy = _f32("dy", dy, shape=(M, N))
     dx, dw, db = (xp.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
     rs, cs = _strides(w)
     lib, ffi = _kernels()
@@ -1958,10 +1899,11 @@ def fo_linear_backward(dy, x, w):
 
 
 def fo_linear_backward_input(dy, w):
-    dy, w = _f32("dy", dy, 2), _f32("w", w, 2, allow_transposed=True)
-    (M, N), K = dy.shape, w.shape[0]
-    if w.shape[1] != N:
-        raise ValueError(f"w: expected shape (K, {N}) to match dy {dy.shape}, got {w.shape}")
+    """-> dx = dy w^T alone (a frozen weight)."""
+    dy = _f32("dy", dy, 2)
+    (M, N), w = dy.shape, _f32("w", w, 2, allow_transposed=True)
+    K = w.shape[0]
+    _match("w", w, (K, N), dy)
     dx = xp.empty((M, K), numpy.float32)
     rs, cs = _strides(w)
     lib, ffi = _kernels()
@@ -1970,70 +1912,128 @@ def fo_linear_backward_input(dy, w):
 
 
 def fo_attention_forward(q, k, v):
-    q, k, v = _f32("q", q, 4), _f32("k", k, 4), _f32("v", v, 4)
-    for name, a in (("k", k), ("v", v)):
-        if a.shape != q.shape:
-            raise ValueError(f"{name}: expected the shape of q {q.shape}, got {a.shape}")
-    B, H, T, D = q.shape
-    y, lse = xp.empty_like(q), xp.empty((B, H, T), numpy.float32)
-    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D)
-    return _done(y), {"fastops": (q, k, v, y, lse)}
+    """Causal attention, q, k, v (B, H, T, D) -> y (B, H, T, D) and each
+    row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
+    q = _f32("q", q, 4)
+    k, v = _f32("k", k, shape=q.shape), _f32("v", v, shape=q.shape)
+    y, lse = xp.empty_like(q), xp.empty(q.shape[:3], numpy.float32)
+    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), *q.shape)
+    return _done(y, lse)
 
 
-def fo_attention_backward(dy, cache):
-    q, k, v, y, lse = cache["fastops"]
-    dy = _f32("dy", dy, 4)
-    if dy.shape != q.shape:
-        raise ValueError(f"dy: expected shape {q.shape}, got {dy.shape}")
+def fo_attention_backward(dy, q, k, v, y, lse):
+    """-> dq, dk, dv (B, H, T, D)."""
+    q = _f32("q", q, 4)
+    dy, k, v, y = (_f32(n, a, shape=q.shape) for n, a in (("dy", dy), ("k", k), ("v", v), ("y", y)))
+    lse = _f32("lse", lse, shape=q.shape[:3])
     dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
                                         _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
     return _done(dq, dk, dv)
 
 
-# GELU and LayerNorm: one pass each over the data. Their caches are dicts, as
-# attention's.
-
 def fo_gelu_forward(x):
-    x = _f32("x", x, getattr(x, "ndim", 0))
+    x = _f32("x", x)
     y = xp.empty_like(x)
     _kernels()[0].fo_gelu_forward(_ptr(x), _ptr(y), x.size)
-    return _done(y), {"fastops": x}
+    return _done(y)
 
 
-def fo_gelu_backward(dy, cache):
-    x = cache["fastops"]
-    dy = _f32("dy", dy, x.ndim)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
-    dx = xp.empty_like(x)
+def fo_gelu_backward(dy, x):
+    x = _f32("x", x)
+    dy, dx = _f32("dy", dy, shape=x.shape), xp.empty_like(x)
     _kernels()[0].fo_gelu_backward(_ptr(dy), _ptr(x), _ptr(dx), x.size)
     return _done(dx)
 
 
+def _rows(x):
+    """LayerNorm's x (..., C), C >= 1 -> x, its M rows, C."""
+    x = _f32("x", x)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., C) with C >= 1, got {x.shape}")
+    return x, x.size // x.shape[-1], x.shape[-1]
+
+
 def fo_layernorm_forward(x, w, b, eps=1e-5):
-    x = _f32("x", x, getattr(x, "ndim", 0))
-    C = x.shape[-1] if x.ndim else 0
-    w, b = _f32("w", w, 1), _f32("b", b, 1)
-    if x.ndim < 1 or C < 1 or w.shape != (C,) or b.shape != (C,):
-        raise ValueError(f"layernorm: expected x (..., C) with C >= 1 and w, b ({C},), "
-                         f"got {x.shape}, {w.shape}, {b.shape}")
-    M = x.size // C
-    y = xp.empty_like(x)
-    mean, rstd = xp.empty(M, numpy.float32), xp.empty(M, numpy.float32)
-    _kernels()[0].fo_layernorm_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), _ptr(mean),
-                                       _ptr(rstd), M, C, float(eps))
-    return _done(y), {"fastops": (x, w, mean, rstd)}
+    """-> y (like x), and each row's mean and 1/std (M,)."""
+    x, M, C = _rows(x)
+    w, b = _f32("w", w, shape=(C,)), _f32("b", b, shape=(C,))
+    y, mean, rstd = xp.empty_like(x), xp.empty(M, numpy.float32), xp.empty(M, numpy.float32)
+    _kernels()[0].fo_layernorm_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), _ptr(mean), _ptr(rstd), M, C, float(eps))
+    return _done(y, mean, rstd)
 
 
-def fo_layernorm_backward(dy, cache):
-    x, w, mean, rstd = cache["fastops"]
-    dy = _f32("dy", dy, x.ndim)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
-    C = x.shape[-1]
-    M = x.size // C
+def fo_layernorm_backward(dy, x, w, mean, rstd):
+    """-> dx (like x), dw, db (C,)."""
+    x, M, C = _rows(x)
+    dy, w = _f32("dy", dy, shape=x.shape), _f32("w", w, shape=(C,))
+    mean, rstd = _f32("mean", mean, shape=(M,)), _f32("rstd", rstd, shape=(M,))
     dx, dw, db = xp.empty_like(x), xp.empty(C, numpy.float32), xp.empty(C, numpy.float32)
     _kernels()[0].fo_layernorm_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(mean), _ptr(rstd),
                                         _ptr(dx), _ptr(dw), _ptr(db), M, C)
     return _done(dx, dw, db)
+
+
+# ---- the fast layers, for `ops` --------------------------------------------------
+# Each is section 2's layer where the kernel applies, and hands the work back
+# to the NumPy function where it does not. A cache from a kernel is marked,
+# so its backward goes to the kernel too.
+
+class _Kernel(tuple):                     # the cache of a layer that ran in fastops
+    pass
+
+
+def _linear_forward(x, w, b):
+    if not (_f32s(x, w) and (b is None or _f32s(b))):
+        return linear_forward(x, w, b)
+    return fo_linear_forward(x, w, b), _Kernel((x, w))
+
+
+def _linear_backward(dy, cache, frozen=False):
+    if not isinstance(cache, _Kernel):
+        return linear_backward(dy, cache, frozen)
+    x, w = cache
+    return (fo_linear_backward_input(dy, w), None, None) if frozen else fo_linear_backward(dy, x, w)
+
+
+def _attention_forward(q, k, v, dropout=0.0, rng=None):
+    # not with a KV cache (q shorter than k) or dropout; on a GPU the kernel
+    # keeps a query's row in registers: heads up to 128 wide
+    if not (_f32s(q, k, v) and q.shape == k.shape and (dropout == 0.0 or rng is None)
+            and (xp is numpy or q.shape[-1] <= 128)):
+        return attention_forward(q, k, v, dropout, rng)
+    q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))     # copied once, for the backward too
+    y, lse = fo_attention_forward(q, k, v)
+    return y, _Kernel((q, k, v, y, lse))
+
+
+def _attention_backward(dy, cache):
+    return fo_attention_backward(dy, *cache) if isinstance(cache, _Kernel) else attention_backward(dy, cache)
+
+
+def _layernorm_forward(x, w, b, eps=1e-5):
+    if not _f32s(x, w, b):
+        return layernorm_forward(x, w, b, eps)
+    x = xp.ascontiguousarray(x)
+    y, mean, rstd = fo_layernorm_forward(x, w, b, eps)
+    return y, _Kernel((x, w, mean, rstd))
+
+
+def _layernorm_backward(dy, cache):
+    return fo_layernorm_backward(dy, *cache) if isinstance(cache, _Kernel) else layernorm_backward(dy, cache)
+
+
+def _gelu_forward(x):
+    if not _f32s(x):
+        return gelu_forward(x)
+    x = xp.ascontiguousarray(x)
+    return fo_gelu_forward(x), _Kernel((x,))
+
+
+def _gelu_backward(dy, cache):
+    return fo_gelu_backward(dy, *cache) if isinstance(cache, _Kernel) else gelu_backward(dy, cache)
+
+
+FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,
+                                   _layernorm_forward, _layernorm_backward, _gelu_forward, _gelu_backward)}
+_install()

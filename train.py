@@ -14,6 +14,9 @@ Looking inside a trained model (the run folder's checkpoints, or --gpt2 DIR):
     python train.py sample --prompt "The" --top 5 next-token probabilities, then sampling
     python train.py attention --text "..."        where each token looks (+ an SVG heatmap)
     python train.py chat                          talk to the instruction-tuned model
+
+The file reads in that order: the run folder and its data, the stages, the
+explanation commands, the report card and its pictures, the command line.
 """
 import argparse
 import codecs
@@ -46,7 +49,9 @@ _ensure_fastops()
 import llm  # noqa: E402  (after the build, so it finds the kernels)
 
 DATA = os.path.join(HERE, "data")
+DEFAULT_OUT = os.path.join("runs", "default")
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
+MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
 
 # Sized so that all stages take about 10 minutes on a 2-core laptop CPU;
 # --quick shrinks every stage for a complete run in about a minute.
@@ -58,25 +63,69 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batc
              dpo_iters=20, finetune_iters=40, eval_limit=24)
 
 
-# ---- the run folder -----------------------------------------------------------
+# ---- the run folder and the data ----------------------------------------------
 
-def ckpt_path(a, stage):
-    return os.path.join(a.out, f"{stage}.safetensors")
+def find_checkpoint(a, prefer, why="", newest=True):
+    """The checkpoint to load -> (path, the reason it was chosen), or (None,
+    what is missing): --ckpt, else --stage in the run folder, else the first
+    of `prefer` there, else (with newest) the run folder's newest stage
+    checkpoint."""
+    if getattr(a, "ckpt", None):
+        return a.ckpt, "--ckpt"
+    out = a.out or DEFAULT_OUT
+    if getattr(a, "stage", None):
+        return os.path.join(out, a.stage + ".safetensors"), f"--stage {a.stage}"
+    for stage in prefer:
+        path = os.path.join(out, stage + ".safetensors")
+        if os.path.isfile(path):
+            return path, why + "; --stage or --ckpt picks another"
+    names = " or ".join(s + ".safetensors" for s in prefer)
+    found = [p for p in (os.path.join(out, s + ".safetensors") for s in MODEL_STAGES) if os.path.isfile(p)]
+    if not newest:
+        return None, f"{out}: no {names}"
+    if not found:
+        return None, f"no stage checkpoint ({', '.join(s + '.safetensors' for s in MODEL_STAGES)}) in {out}"
+    return max(found, key=os.path.getmtime), f"the newest stage checkpoint in {out}, which has no {names}"
 
 
 def load_stage(a, *stages):
-    """The first of `stages` whose checkpoint is in the run folder."""
-    for s in stages:
-        if os.path.exists(ckpt_path(a, s)):
-            model, tok, _, info = llm.load_checkpoint(ckpt_path(a, s))
-            return model, tok, s
-    sys.exit(f"{a.out}: no {' or '.join(s + '.safetensors' for s in stages)}; "
-             f"run `python train.py {stages[-1]} --out {a.out}` first")
+    """The model of the first of `stages` whose checkpoint is in the run
+    folder -> (model, tokenizer, that stage)."""
+    path, missing = find_checkpoint(a, stages, newest=False)
+    if path is None:
+        sys.exit(f"{missing}; run `python train.py {stages[-1]} --out {a.out}` first")
+    model, tok, _, _ = llm.load_checkpoint(path)
+    return model, tok, os.path.basename(path)[:-len(".safetensors")]
+
+
+def save_stage(a, stage, model, tok, **info):
+    llm.save_checkpoint(os.path.join(a.out, f"{stage}.safetensors"), model, tok, stage=stage, **info)
+
+
+def read_jsonl(path: str, fields) -> list:
+    """One JSON object per line, each with the given string fields. A
+    malformed line is a ValueError naming the file and the line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+            for k in fields:
+                if not isinstance(r.get(k), str):
+                    raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+            records.append(r)
+    return records
 
 
 def read_data(a, name, fields):
     path = getattr(a, name + "_data", None) or os.path.join(DATA, name + ".jsonl")
-    records = llm.read_jsonl(path, fields)
+    records = read_jsonl(path, fields)
     train = [r for r in records if r.get("split", "train") == "train"]
     test = [r for r in records if r.get("split") == "test"]
     if a.eval_limit:
@@ -87,7 +136,7 @@ def read_data(a, name, fields):
 def corpus_ids(a, tok):
     """The pretraining text as token ids, replayed by the later stages."""
     with open(a.data or os.path.join(DATA, "corpus.txt"), encoding="utf-8") as f:
-        return llm.numpy.asarray(tok.encode(f.read()), llm.numpy.int64)
+        return numpy.asarray(tok.encode(f.read()), numpy.int64)
 
 
 def world():
@@ -104,7 +153,7 @@ def train_config(a, iters, lr, batch_size=None, warmup=None):
 
 
 def accuracy(model, tok, records, check):
-    texts, _ = llm.answers(model, tok, [r["prompt"] for r in records])
+    texts, _, _ = llm.answers(model, tok, [r["prompt"] for r in records])
     return sum(check(r, t) for r, t in zip(records, texts)) / max(len(records), 1), texts
 
 
@@ -115,12 +164,41 @@ def show_samples(title, prompts, before, after):
     return [{"prompt": p, "before": b, "after": c} for p, b, c in list(zip(prompts, before, after))[:5]]
 
 
-def stage_log(name):
-    """A progress line for the stages that use train_steps."""
-    return llm.Progress(name)
-
-
 # ---- the stages -------------------------------------------------------------
+# Each: load the previous stage's model, measure, train (one call of llm.py),
+# measure again, save.
+
+class Progress:
+    """One updating line: step, loss, val loss, bits per byte, tokens/s,
+    elapsed time and ETA."""
+
+    def __init__(self, stage: str, bytes_per_token: float = None, stream=sys.stdout):
+        self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
+        self.val = None
+        self.tty = stream.isatty()
+        self.last = time.time()
+
+    def __call__(self, step, end, loss, val, tok_s, elapsed):
+        if val is not None:
+            self.val = val
+        now = time.time()
+        pause = 0.5 if self.tty else 15.0            # a log file gets a line every 15 s
+        if step < end and val is None and now - self.last < pause:
+            return
+        self.last = now
+        eta = elapsed / max(step, 1) * (end - step) if step else 0.0
+        line = f"{self.stage} step {step}/{end} loss {loss:.4f}"
+        if self.val is not None:
+            line += f" val {self.val:.4f}"
+            if self.bpt:
+                line += f" bpb {llm.bits_per_byte(self.val, self.bpt):.3f}"
+        line += f" | {tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if step >= end else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
 
 def run_pretrain(a):
     path = a.data or os.path.join(DATA, "corpus.txt")
@@ -134,12 +212,12 @@ def run_pretrain(a):
     tc.min_lr = a.learning_rate / 10 if a.min_lr is None else a.min_lr
     print(f"[pretrain] {path} ({len(text):,} characters); {a.n_layer} layers x {a.n_embd} wide, "
           f"{a.n_head} heads, context {a.block_size}, vocabulary {a.vocab_size}")
-    progress = llm.Progress("pretrain")
+    progress = Progress("pretrain")
     m = llm.pretrain(text, a.out, cfg, tc, resume=a.resume, log=progress,
                      on_ready=lambda bpt: setattr(progress, "bpt", bpt))
     if not m:
         return None
-    model, tok, state, _ = llm.load_checkpoint(ckpt_path(a, "pretrain"))
+    model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
     prompt = "The capital of France is"
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
     logits, _ = model.forward([ids + paris[:-1]])
@@ -169,14 +247,11 @@ def run_sft(a):
     exact = lambda r, t: world().exact_match(r["response"], t)
     before, texts0 = accuracy(model, tok, test, exact)
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
-    tc = train_config(a, a.sft_iters, a.sft_lr)
-    state = llm.TrainState()
-    batches = llm.sft_batches(tok, train, tc.batch_size, model.config.block_size,
-                              corpus_ids(a, tok), a.replay)
-    llm.train_steps(model, state, tc, batches, log=stage_log("sft"))
+    state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), corpus_ids(a, tok), a.replay,
+                    log=Progress("sft"))
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
-    llm.save_checkpoint(ckpt_path(a, "sft"), model, tok, stage="sft")
+    save_stage(a, "sft", model, tok)
     return {"accuracy_before": before, "accuracy_after": after, "n_test": len(test),
             "steps": state.step, "history": state.history,
             "samples": show_samples("samples", [r["prompt"] for r in test], texts0, texts1)}
@@ -185,25 +260,18 @@ def run_sft(a):
 def run_reward(a):
     model, tok, _ = load_stage(a, "sft")
     train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
-    llm.add_head(model, "score", llm.numpy.random.default_rng(a.seed))
+    llm.add_head(model, "score", numpy.random.default_rng(a.seed))    # untrained: the baseline
     before = llm.reward_accuracy(model, tok, test)
     print(f"[reward] {len(train)} preference pairs; held-out accuracy before: {before:.1%}")
-    tc = train_config(a, a.reward_iters, a.reward_lr, batch_size=16)
-    T = model.config.block_size
-
-    def batch_fn(rng):
-        pairs = [train[i] for i in rng.integers(0, len(train), tc.batch_size)]
-        return llm.reward_batch(tok, llm.pair_examples(tok, pairs), T)
-
-    state = llm.TrainState()
-    llm.train_steps(model, state, tc, batch_fn, llm.reward_loss, log=stage_log("reward"))
+    state = llm.train_reward_model(model, tok, train, train_config(a, a.reward_iters, a.reward_lr, 16),
+                                   log=Progress("reward"))
     acc = llm.reward_accuracy(model, tok, test)
     flaws = {}
     for f in sorted({r.get("flaw", "") for r in test}):
         flaws[f] = llm.reward_accuracy(model, tok, [r for r in test if r.get("flaw", "") == f])
     print(f"  held-out pair accuracy: {before:.1%} -> {acc:.1%}; by flaw: "
           + ", ".join(f"{k} {v:.0%}" for k, v in flaws.items()))
-    llm.save_checkpoint(ckpt_path(a, "reward"), model, tok, stage="reward")
+    save_stage(a, "reward", model, tok)
     return {"accuracy_before": before, "accuracy": acc, "by_flaw": flaws, "n_test": len(test),
             "history": state.history}
 
@@ -213,22 +281,15 @@ def judge_answers(model, tok, rm, prompts):
     the reward model's mean score, and the shares of answers that are
     correct, open politely and end their turn."""
     w = world()
-    texts, ended = llm.answers(model, tok, prompts)
+    texts, ended, _ = llm.answers(model, tok, prompts)
+    convs = [llm.chat_example(tok, p, t, e) for p, t, e in zip(prompts, texts, ended)]   # as text reads
     n = len(prompts)
     m = {"judge": sum(w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)) / n,
-         "reward": sum(llm.score_answers(rm, tok, prompts, texts, ended)) / n,
+         "reward": sum(float(s) for s in llm.score_conversations(rm, tok, convs)) / n,
          "correct": sum(w.is_correct(p, t) for p, t in zip(prompts, texts)) / n,
          "polite": sum(t.strip().startswith(w.POLITE_OPENERS) for t in texts) / n,
          "ended": sum(ended) / n}
     return m, texts
-
-
-def policy_kl(policy, ref, tok, prompts, texts):
-    """KL(policy || reference) on the policy's greedy answers to held-out
-    prompts, in nats per answer."""
-    ex = [llm.chat_example(tok, p, t) for p, t in zip(prompts, texts)]
-    x, y, mask = llm.pad_batch(ex, tok.special[llm.END], policy.config.block_size)
-    return float(llm.kl_to_reference(policy, ref, x, y, mask).mean())
 
 
 def rlhf_stage(a, name, train_policy):
@@ -244,11 +305,11 @@ def rlhf_stage(a, name, train_policy):
           f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
     history = train_policy(policy, ref, rm, tok, train)
     m1, texts1 = judge_answers(policy, tok, rm, held)
-    kl = policy_kl(policy, ref, tok, held, texts1)
+    kl = float(llm.kl_to_reference(policy, ref, tok, held, texts1).mean())
     print(f"  held-out judge {m0['judge']:.3f} -> {m1['judge']:.3f}, reward {m0['reward']:+.3f} -> "
           f"{m1['reward']:+.3f}, polite {m0['polite']:.0%} -> {m1['polite']:.0%}, correct "
           f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
-    llm.save_checkpoint(ckpt_path(a, name), policy, tok, stage=name)
+    save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             "kl": kl, "n_test": len(held), "history": history,
             "samples": show_samples("samples", held, texts0, texts1)}
@@ -262,30 +323,14 @@ def run_ppo(a):
         print(f"  ppo iter {row['iter']}/{pc.iters} reward {row['reward']:+.3f} kl {row['kl']:.3f} "
               f"clip {row['clip_frac']:.2f} value loss {row['vf_loss']:.4f} entropy {row['entropy']:.3f}"
               f" | {elapsed:.0f}s", flush=True)
-
-    def train_policy(policy, ref, rm, tok, train):
-        prompts = sorted({r["prompt"] for r in train})
-        history = llm.ppo(policy, ref, rm, tok, prompts, pc, log=log)
-        for k in ("value.weight", "value.bias"):           # the value head served PPO only
-            policy.params.pop(k)
-        return history
-    return rlhf_stage(a, "ppo", train_policy)
+    return rlhf_stage(a, "ppo", lambda policy, ref, rm, tok, train: llm.ppo(
+        policy, ref, rm, tok, sorted({r["prompt"] for r in train}), pc, log=log))
 
 
 def run_dpo(a):
-    def train_policy(policy, ref, rm, tok, train):
-        tc = train_config(a, a.dpo_iters, a.dpo_lr, batch_size=8)
-        T = policy.config.block_size
-
-        def batch_fn(rng):
-            pairs = [train[i] for i in rng.integers(0, len(train), tc.batch_size)]
-            return llm.pad_batch(llm.pair_examples(tok, pairs), tok.special[llm.END], T)
-
-        state = llm.TrainState()
-        llm.train_steps(policy, state, tc, batch_fn,
-                        lambda m, b: llm.dpo_loss(m, ref, b, a.dpo_beta), log=stage_log("dpo"))
-        return state.history
-    return rlhf_stage(a, "dpo", train_policy)
+    return rlhf_stage(a, "dpo", lambda policy, ref, rm, tok, train: llm.dpo(
+        policy, ref, tok, train, train_config(a, a.dpo_iters, a.dpo_lr, 8), a.dpo_beta,
+        log=Progress("dpo")).history)
 
 
 def run_finetune(a):
@@ -295,29 +340,21 @@ def run_finetune(a):
     correct = lambda r, t: world().is_correct(r["prompt"], t)
     dom0, texts0 = accuracy(model, tok, test, correct)
     gen0, _ = accuracy(model, tok, general, correct)
-    # A little general data mixed in keeps the old skill from being overwritten.
-    rng = llm.numpy.random.default_rng(a.seed)
-    replay = [general_train[i] for i in rng.choice(len(general_train), len(train) // 5, replace=False)]
     lora = None if a.full else dict(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
                                      targets=tuple(a.lora_targets.split(",")))
-    print(f"[finetune] base: {base}; {len(train)} domain conversations (+{len(replay)} general); "
+    print(f"[finetune] base: {base}; {len(train)} domain conversations (+{len(train) // 5} general); "
           + ("all weights" if a.full else f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}")
           + f"; held-out domain accuracy before {dom0:.1%}, general {gen0:.1%}")
-    tc = train_config(a, a.finetune_iters, a.finetune_lr)
-    state = llm.finetune(model, tok, train + replay, tc, lora, stage_log("finetune"),
-                         corpus_ids(a, tok), a.finetune_replay)
+    state = llm.finetune(model, tok, train, train_config(a, a.finetune_iters, a.finetune_lr), lora,
+                         general_train, corpus_ids(a, tok), a.finetune_replay, log=Progress("finetune"))
     frac = llm.trainable_fraction(model)
-    if model.lora:
+    if lora:
         llm.save_lora(os.path.join(a.out, "finetune.lora.safetensors"), model)
-        llm.merge_lora(model)
     dom1, texts1 = accuracy(model, tok, test, correct)
     gen1, _ = accuracy(model, tok, general, correct)
     print(f"  trained {frac:.2%} of the parameters; held-out domain accuracy {dom0:.1%} -> {dom1:.1%}, "
           f"general {gen0:.1%} -> {gen1:.1%}")
-    model.lora, model.frozen = {}, set()
-    for k in [k for k in model.params if ".lora_" in k]:
-        model.params.pop(k)
-    llm.save_checkpoint(ckpt_path(a, "finetune"), model, tok, stage="finetune", base=base)
+    save_stage(a, "finetune", model, tok, base=base)
     return {"domain_accuracy_before": dom0, "domain_accuracy_after": dom1, "trainable_fraction": frac,
             "general_accuracy_before": gen0, "general_accuracy_after": gen1, "base": base,
             "history": state.history,
@@ -328,223 +365,9 @@ RUNNERS = {"pretrain": run_pretrain, "sft": run_sft, "reward": run_reward, "ppo"
            "dpo": run_dpo, "finetune": run_finetune}
 
 
-# ---- the report card --------------------------------------------------------
-
-def flat_report(report, wall):
-    """The headline numbers, under the names README and the tests use."""
-    keys = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),
-            "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
-            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
-                    "polite_before", "polite_after", "correct_before", "correct_after"),
-            "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
-            "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
-                         "general_accuracy_before", "general_accuracy_after")}
-    flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
-    flat["wall_seconds"] = wall
-    return flat
-
-
-def write_report_card(a, report, wall):
-    flat = flat_report(report, wall)
-    full = {**flat, "stages": report}
-    llm._atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
-    f = lambda k, fmt="{:.1%}": fmt.format(flat[k]) if k in flat else "-"
-    rows = [
-        ("pretraining", "language and knowledge", "the embedded corpus",
-         f"val loss {f('pretrain.val_loss', '{:.3f}')}, {f('pretrain.bits_per_byte', '{:.3f}')} bits/byte; "
-         f"after 'The capital of France is', P(' Paris') = {f('pretrain.paris_prob')}"),
-        ("instruction tuning", "follow instructions", "instruction-response conversations",
-         f"held-out exact match {f('sft.accuracy_before')} -> {f('sft.accuracy_after')}"),
-        ("RLHF", "align with preferences", "preference pairs",
-         f"reward model {f('reward.accuracy')} on held-out pairs; PPO: judged score "
-         f"{f('ppo.judge_before', '{:.3f}')} -> {f('ppo.judge_after', '{:.3f}')}, reward "
-         f"{f('ppo.reward_before', '{:+.2f}')} -> {f('ppo.reward_after', '{:+.2f}')}, polite answers "
-         f"{f('ppo.polite_before', '{:.0%}')} -> {f('ppo.polite_after', '{:.0%}')}, correct "
-         f"{f('ppo.correct_before', '{:.0%}')} -> {f('ppo.correct_after', '{:.0%}')}, KL "
-         f"{f('ppo.kl', '{:.2f}')} nats; DPO: judged {f('dpo.judge_after', '{:.3f}')}, polite "
-         f"{f('dpo.polite_after', '{:.0%}')}, KL {f('dpo.kl', '{:.2f}')}"),
-        ("task fine-tuning", "specialise in a domain", "chemistry conversations",
-         f"domain {f('finetune.domain_accuracy_before')} -> {f('finetune.domain_accuracy_after')} "
-         f"training {f('finetune.trainable_fraction', '{:.2%}')} of the weights (LoRA); general "
-         f"{f('finetune.general_accuracy_before')} -> {f('finetune.general_accuracy_after')}"),
-    ]
-    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time.\n",
-          "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
-    md += [f"| {' | '.join(r)} |" for r in rows]
-    for stage, m in report.items():
-        if m.get("samples"):
-            md.append(f"\n## {stage}: answers before and after\n")
-            for s in m["samples"]:
-                md.append(f"- **{s['prompt']}**\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
-    curves = write_curves(a, report)
-    if curves:
-        md.append("\n## Loss curves\n")
-        md += [f"![{c}]({c})" for c in curves]
-    llm._atomic_write(os.path.join(a.out, "report.md"), ("\n".join(md) + "\n").encode())
-    print("\n" + "\n".join(md[:len(rows) + 3]))
-    print(f"\nreport: {os.path.join(a.out, 'report.md')}, {os.path.join(a.out, 'report.json')}")
-    return flat
-
-
-def write_curves(a, report):
-    """Each stage's training curve as an SVG file (no plotting dependency)."""
-    names = []
-    for stage, m in report.items():
-        h = m.get("history")
-        if not h:
-            continue
-        if stage == "ppo":
-            series = {"reward": [(r["iter"], r["reward"]) for r in h], "KL": [(r["iter"], r["kl"]) for r in h]}
-        else:
-            series = {"train loss": [(s, l) for s, l, _ in h],
-                      "val loss": [(s, v) for s, _, v in h if v is not None]}
-        name = f"{stage}_curve.svg"
-        svg_line_chart(series, os.path.join(a.out, name), stage, "step", "value")
-        names.append(name)
-    return names
-
-
-# ---- the command line -------------------------------------------------------
-
-def add_flags(p, sizes):
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/default", help="the run folder")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)")
-    g.add_argument("--quick", action="store_true", help="a small complete run (about a minute)")
-    g.add_argument("--eval-limit", type=int, default=sizes["eval_limit"],
-                   help="evaluate on at most this many held-out examples")
-    g = p.add_argument_group("model (nanoGPT's names)")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=sizes[k])
-    g.add_argument("--dropout", type=float, default=0.0)
-    g = p.add_argument_group("pretraining (nanoGPT's names)")
-    t = llm.TrainConfig()
-    g.add_argument("--data", help="a UTF-8 text file (default: data/corpus.txt)")
-    g.add_argument("--resume", action="store_true", help="continue pretraining from the run folder")
-    for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(t, k))
-    g.add_argument("--batch-size", type=int, default=sizes["batch_size"])
-    g.add_argument("--max-iters", type=int, default=sizes["pretrain_iters"])
-    g.add_argument("--learning-rate", type=float, default=sizes["learning_rate"])
-    g.add_argument("--min-lr", type=float, default=None, help="default: learning rate / 10")
-    for k in ("beta2", "weight_decay", "grad_clip"):
-        g.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(t, k))
-    g = p.add_argument_group("later stages")
-    for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5), ("finetune", 3e-3)):
-        g.add_argument(f"--{s}-iters", type=int, default=sizes[f"{s}_iters"])
-        g.add_argument(f"--{s}-lr", type=float, default=lr)
-    g.add_argument("--replay", type=float, default=0.5,
-                   help="the share of each instruction-tuning batch that is pretraining text")
-    g.add_argument("--sft-data", help="instruction conversations (JSON lines, see data/world.py)")
-    g.add_argument("--preferences-data", help="preference pairs (JSON lines)")
-    g.add_argument("--domain-data", help="domain conversations for fine-tuning (JSON lines)")
-    g.add_argument("--ppo-iters", type=int, default=sizes["ppo_iters"])
-    g.add_argument("--ppo-lr", type=float, default=1e-5)
-    g.add_argument("--kl-coef", type=float, default=0.3)
-    g.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef toward this KL")
-    g.add_argument("--dpo-beta", type=float, default=0.1)
-    g.add_argument("--finetune-replay", type=float, default=0.0,
-                   help="the share of each fine-tuning batch that is pretraining text (0: only "
-                        "the general conversations mixed in; 0.25 costs ~12 points of general accuracy)")
-    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=int, default=4)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
-
-
-def parse(argv):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sizes = QUICK if "--quick" in argv else FULL
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd")
-    for name in ("all",) + STAGES:
-        add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage"), sizes)
-    add_explain_commands(sub)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["all"] + argv
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    a = parse(argv)
-    try:
-        llm.use_device(getattr(a, "device", "cpu"))     # before any model is built
-    except RuntimeError as e:
-        sys.exit(str(e))
-    if hasattr(a, "explain"):            # tokens, sample, attention, chat
-        return a.explain(a)
-    os.makedirs(a.out, exist_ok=True)
-    t0 = time.time()
-    for s in STAGES if a.cmd == "all" else (a.cmd,):
-        t = time.time()
-        m = RUNNERS[s](a)
-        if m is None:                    # pretraining stopped before its end
-            return
-        m["seconds"] = time.time() - t
-        llm._atomic_write(os.path.join(a.out, f"{s}.json"), json.dumps(m, indent=2).encode())
-    # The report card covers every stage whose results are in the run folder.
-    report = {}
-    for s in STAGES:
-        path = os.path.join(a.out, f"{s}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                report[s] = json.load(f)
-    wall = time.time() - t0 if a.cmd == "all" else sum(m["seconds"] for m in report.values())
-    write_report_card(a, report, wall)
-
-
-# =============================================================================
-# Explanations: look inside a model (tokens, sample, attention, chat) and
-# draw pictures of it (hand-written SVG, no plotting library).
-# =============================================================================
-
-DEFAULT_OUT = os.path.join("runs", "default")
-MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
-
-
-def add_source_flags(p, what):
-    g = p.add_argument_group("which model (" + what + ")")
-    g.add_argument("--out", help=f"the run folder (default: {DEFAULT_OUT})")
-    g.add_argument("--ckpt", help="a checkpoint file (overrides --out and --stage)")
-    g.add_argument("--stage", choices=MODEL_STAGES, help="the run folder's checkpoint of this stage")
-    g.add_argument("--gpt2", metavar="DIR",
-                   help="GPT-2 in Hugging Face's layout: DIR/model.safetensors and a .tiktoken file")
-
-
-def add_sampling_flags(p, temperature=1.0, max_tokens=100):
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"<1 sharpens, >1 flattens, 0 always takes the likeliest token (default {temperature})")
-    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
-    g.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose probabilities reach p")
-    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"at most this many new tokens"
-                   f" (default {max_tokens})")
-
-
-def find_checkpoint(a, prefer, why):
-    """The checkpoint to load -> (path, the reason it was chosen). --ckpt,
-    else --stage in the run folder, else the first of `prefer` there, else
-    the run folder's newest stage checkpoint."""
-    if a.ckpt:
-        return a.ckpt, "--ckpt"
-    out = a.out or DEFAULT_OUT
-    if a.stage:
-        return os.path.join(out, a.stage + ".safetensors"), f"--stage {a.stage}"
-    for stage in prefer:
-        path = os.path.join(out, stage + ".safetensors")
-        if os.path.isfile(path):
-            return path, why + "; --stage or --ckpt picks another"
-    found = [os.path.join(out, s + ".safetensors") for s in MODEL_STAGES]
-    found = [p for p in found if os.path.isfile(p)]
-    if not found:
-        return None, f"no stage checkpoint ({', '.join(s + '.safetensors' for s in MODEL_STAGES)}) in {out}"
-    return max(found, key=os.path.getmtime), (f"the newest stage checkpoint in {out}, which has no "
-                                              + " or ".join(s + ".safetensors" for s in prefer))
-
+# ---- explanations: look inside a model --------------------------------------
+# tokens, sample, attention and chat read the run folder's checkpoints (or
+# GPT-2's weights with --gpt2 DIR).
 
 def load_model(a, prefer, why):
     """(model, tokenizer) from --gpt2 or a checkpoint, saying which."""
@@ -582,6 +405,12 @@ def piece(tok, i) -> str:
         return repr(b)
 
 
+def as_flag(error) -> str:
+    """llm's "name: message" errors, named as the command line names them."""
+    name, _, rest = str(error).partition(": ")
+    return f"--{ {'max_new_tokens': 'max_tokens'}.get(name, name).replace('_', '-')}: {rest}"
+
+
 # ---- tokens: how the tokenizer cuts text -------------------------------------
 
 def load_tokenizer(a):
@@ -612,18 +441,10 @@ def cmd_tokens(a):
     text = a.text
     nbytes = len(text.encode("utf-8", errors="replace"))
     print(f"text: {text!r} ({len(text)} characters, {nbytes} bytes)\n")
-    # Cut the text the way encode() does: special tokens (with --special),
-    # then GPT-2's pre-tokenisation chunks, then BPE inside each chunk.
-    if a.special and tok.special:
-        parts = re.split("(" + "|".join(map(re.escape, tok.special)) + ")", text)
-    else:
-        parts = [text]
-    chunks = []
-    for part in parts:
-        if a.special and part in tok.special:
-            chunks.append((part, [tok.special[part]]))
-        else:
-            chunks += [(c, tok.encode(c)) for c in re.findall(tok.pattern, part)]
+    try:
+        chunks = tok.chunks(text, allow_special=a.special)
+    except ValueError as e:
+        sys.exit(f"--{e}")
     print("1. pre-tokenisation cuts the text into chunks (BPE merges never cross a chunk boundary):")
     print("   " + " | ".join(repr(c) for c, _ in chunks) + "\n")
     print("2. byte-pair encoding turns each chunk into tokens:")
@@ -634,7 +455,6 @@ def cmd_tokens(a):
     for r in [header] + rows:
         print("   " + "  ".join(f"{v:<{w}}" if k < 3 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(r, widths))))
     ids = [i for _, c in chunks for i in c]
-    assert ids == tok.encode(text, allow_special=a.special)
     print(f"\nids: {ids}")
     if ids:
         print(f"{nbytes} bytes -> {len(ids)} tokens ({nbytes / len(ids):.2f} bytes per token)")
@@ -661,13 +481,13 @@ def cmd_sample(a):
     block = model.config.block_size
     if len(ids) > block:
         print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
-    for name, v, ok in (("--temperature", a.temperature, a.temperature >= 0),
-                        ("--top-k", a.top_k, a.top_k is None or a.top_k >= 1),
-                        ("--top-p", a.top_p, a.top_p is None or 0 < a.top_p <= 1),
-                        ("--max-tokens", a.max_tokens, a.max_tokens >= 0), ("--top", a.top, a.top >= 1)):
-        if not ok:
-            sys.exit(f"{name}: out of range ({v})")
-    logits = llm.xp_to_numpy(llm.forward_cached(model, numpy.asarray([ids[-block:]]), [])[0, -1])
+    if a.top < 1:
+        sys.exit(f"--top: expected >= 1, got {a.top}")
+    try:
+        llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
+    except ValueError as e:
+        sys.exit(as_flag(e))
+    logits = llm.to_numpy(llm.next_logits(model, [ids[-block:]], llm.KVCache())[0])
     p_model = numpy.asarray(llm.next_token_probs(logits))
     changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
     if a.temperature == 0:
@@ -709,6 +529,23 @@ def cmd_sample(a):
 
 # ---- attention: where each token looks ---------------------------------------
 
+def attention_maps(model, ids):
+    """Where each token looks: ids (T,) -> the attention probabilities of
+    every layer and head, an array (n_layer, n_head, T, T). Row t of
+    maps[l, h] is how head h of layer l splits position t's attention over
+    positions 0..t; each row sums to 1 and everything right of the diagonal
+    (the future) is 0."""
+    idx = llm.check_ids(ids, model.config.vocab_size, "ids")
+    if idx.shape[0] != 1:
+        raise ValueError(f"ids: expected one sequence, got a batch of {idx.shape[0]}")
+    if idx.shape[1] > model.config.block_size:
+        raise ValueError(f"ids: sequence length {idx.shape[1]} exceeds the context window"
+                         f" block_size={model.config.block_size}")
+    kv = llm.KVCache(maps=[])
+    model.forward(idx, kv_cache=kv)
+    return llm.xp.stack([att[0] for att in kv.maps])                      # (L, H, T, T)
+
+
 def _layer_or_head(value, count, flag):
     """'average' (or avg/mean/all) -> None; an int, negative from the end."""
     if str(value).lower() in ("average", "avg", "mean", "all"):
@@ -735,7 +572,7 @@ def cmd_attention(a):
         print(f"(the text has {len(ids)} tokens; showing the first {block}, the context window)")
         ids = ids[:block]
     layer, head = _layer_or_head(a.layer, L, "--layer"), _layer_or_head(a.head, H, "--head")
-    maps = llm.xp_to_numpy(llm.attention_maps(model, ids)).astype(numpy.float64)   # (L, H, T, T)
+    maps = llm.to_numpy(attention_maps(model, ids)).astype(numpy.float64)   # (L, H, T, T)
     m = maps.mean(0) if layer is None else maps[layer]
     m = m.mean(0) if head is None else m[head]
     where = (f"layer {layer}" if layer is not None else f"the average of all {L} layers") + ", " + \
@@ -764,19 +601,6 @@ def cmd_attention(a):
 
 # ---- chat: a conversation with an instruction-tuned model --------------------
 
-def _chat_ids(tok, history):
-    """The chat template for a whole conversation: history is [(user,
-    answer), ..., (message, None)] -> ids of <|user|> user <|assistant|>
-    answer <|end|> ... <|user|> message <|assistant|>, where the model's
-    answer starts (llm.chat_prompt for each turn)."""
-    ids = []
-    for user, answer in history:
-        ids += llm.chat_prompt(tok, user)
-        if answer is not None:
-            ids += tok.encode(answer) + [tok.special[llm.END]]
-    return ids
-
-
 def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperature=0.8,
               top_k=None, top_p=None, seed=None):
     """Read a message with input_fn(prompt), stream the model's answer to
@@ -786,7 +610,7 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
     missing = [s for s in (llm.USER, llm.ASSISTANT, llm.END) if s not in tok.special]
     if missing:
         raise ValueError(f"tokenizer: lacks the chat tokens {missing}")
-    stop = {tok.special[llm.END], tok.special.get(llm.ENDOFTEXT)} - {None}
+    stop = llm.stop_tokens(tok)
     block = model.config.block_size
     budget = max(1, block - min(max_tokens, block // 2))     # the rest is room for the answer
     rng = numpy.random.default_rng(seed)
@@ -812,18 +636,18 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
             continue
         if not msg:
             continue
-        turns = history + [(msg, None)]
-        ids = _chat_ids(tok, turns)
-        while len(ids) > budget and len(turns) > 1:
+        turns = list(history)
+        ids = llm.chat_prompt(tok, msg, turns)
+        while len(ids) > budget and turns:
             turns = turns[1:]
-            ids = _chat_ids(tok, turns)
-        if len(turns) <= len(history):
+            ids = llm.chat_prompt(tok, msg, turns)
+        if len(turns) < len(history):
             write(f"(the context window holds {block} tokens: the oldest"
-                  f" {len(history) + 1 - len(turns)} turn(s) are forgotten)\n")
+                  f" {len(history) - len(turns)} turn(s) are forgotten)\n")
         if len(ids) > budget:
             write(f"(the message is too long: the model sees its last {budget} tokens)\n")
             ids = ids[-budget:]
-        history = turns[:-1]
+        history = turns
         write("bot> ")
         answer = stream_tokens(tok, llm.generate(model, ids, max_tokens, temperature, top_k, top_p,
                                                  stop=stop, rng=rng), write)
@@ -844,7 +668,83 @@ def cmd_chat(a):
         sys.exit(f"chat: {e} (is this an instruction-tuned checkpoint?)")
 
 
-# ---- SVG pictures, written by hand ---------------------------------------------
+# ---- the report card and its pictures -----------------------------------------
+
+def flat_report(report, wall):
+    """The headline numbers, under the names README and the tests use."""
+    keys = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),
+            "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
+            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
+                    "polite_before", "polite_after", "correct_before", "correct_after"),
+            "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
+            "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
+                         "general_accuracy_before", "general_accuracy_after")}
+    flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
+    flat["wall_seconds"] = wall
+    return flat
+
+
+def write_report_card(a, report, wall):
+    flat = flat_report(report, wall)
+    full = {**flat, "stages": report}
+    llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
+    f = lambda k, fmt="{:.1%}": fmt.format(flat[k]) if k in flat else "-"
+    rows = [
+        ("pretraining", "language and knowledge", "the embedded corpus",
+         f"val loss {f('pretrain.val_loss', '{:.3f}')}, {f('pretrain.bits_per_byte', '{:.3f}')} bits/byte; "
+         f"after 'The capital of France is', P(' Paris') = {f('pretrain.paris_prob')}"),
+        ("instruction tuning", "follow instructions", "instruction-response conversations",
+         f"held-out exact match {f('sft.accuracy_before')} -> {f('sft.accuracy_after')}"),
+        ("RLHF", "align with preferences", "preference pairs",
+         f"reward model {f('reward.accuracy')} on held-out pairs; PPO: judged score "
+         f"{f('ppo.judge_before', '{:.3f}')} -> {f('ppo.judge_after', '{:.3f}')}, reward "
+         f"{f('ppo.reward_before', '{:+.2f}')} -> {f('ppo.reward_after', '{:+.2f}')}, polite answers "
+         f"{f('ppo.polite_before', '{:.0%}')} -> {f('ppo.polite_after', '{:.0%}')}, correct "
+         f"{f('ppo.correct_before', '{:.0%}')} -> {f('ppo.correct_after', '{:.0%}')}, KL "
+         f"{f('ppo.kl', '{:.2f}')} nats; DPO: judged {f('dpo.judge_after', '{:.3f}')}, polite "
+         f"{f('dpo.polite_after', '{:.0%}')}, KL {f('dpo.kl', '{:.2f}')}"),
+        ("task fine-tuning", "specialise in a domain", "chemistry conversations",
+         f"domain {f('finetune.domain_accuracy_before')} -> {f('finetune.domain_accuracy_after')} "
+         f"training {f('finetune.trainable_fraction', '{:.2%}')} of the weights (LoRA); general "
+         f"{f('finetune.general_accuracy_before')} -> {f('finetune.general_accuracy_after')}"),
+    ]
+    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time.\n",
+          "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
+    md += [f"| {' | '.join(r)} |" for r in rows]
+    for stage, m in report.items():
+        if m.get("samples"):
+            md.append(f"\n## {stage}: answers before and after\n")
+            for s in m["samples"]:
+                md.append(f"- **{s['prompt']}**\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
+    curves = write_curves(a, report)
+    if curves:
+        md.append("\n## Loss curves\n")
+        md += [f"![{c}]({c})" for c in curves]
+    llm.atomic_write(os.path.join(a.out, "report.md"), ("\n".join(md) + "\n").encode())
+    print("\n" + "\n".join(md[:len(rows) + 3]))
+    print(f"\nreport: {os.path.join(a.out, 'report.md')}, {os.path.join(a.out, 'report.json')}")
+    return flat
+
+
+def write_curves(a, report):
+    """Each stage's training curve as an SVG file (no plotting dependency)."""
+    names = []
+    for stage, m in report.items():
+        h = m.get("history")
+        if not h:
+            continue
+        if stage == "ppo":
+            series = {"reward": [(r["iter"], r["reward"]) for r in h], "KL": [(r["iter"], r["kl"]) for r in h]}
+        else:
+            series = {"train loss": [(s, l) for s, l, _ in h],
+                      "val loss": [(s, v) for s, _, v in h if v is not None]}
+        name = f"{stage}_curve.svg"
+        svg_line_chart(series, os.path.join(a.out, name), stage, "step", "value")
+        names.append(name)
+    return names
+
+
+# SVG pictures, written by hand (no plotting library)
 
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -977,6 +877,77 @@ def svg_heatmap(matrix, row_labels, col_labels, path, title):
     return _write_svg(path, W, H, body)
 
 
+# ---- the command line -------------------------------------------------------
+
+def add_flags(p, sizes):
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=DEFAULT_OUT, help="the run folder")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)")
+    g.add_argument("--quick", action="store_true", help="a small complete run (about a minute)")
+    g.add_argument("--eval-limit", type=int, default=sizes["eval_limit"],
+                   help="evaluate on at most this many held-out examples")
+    g = p.add_argument_group("model (nanoGPT's names)")
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        g.add_argument("--" + k.replace("_", "-"), type=int, default=sizes[k])
+    g.add_argument("--dropout", type=float, default=0.0)
+    g = p.add_argument_group("pretraining (nanoGPT's names)")
+    t = llm.TrainConfig()
+    g.add_argument("--data", help="a UTF-8 text file (default: data/corpus.txt)")
+    g.add_argument("--resume", action="store_true", help="continue pretraining from the run folder")
+    for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum"):
+        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(t, k))
+    g.add_argument("--batch-size", type=int, default=sizes["batch_size"])
+    g.add_argument("--max-iters", type=int, default=sizes["pretrain_iters"])
+    g.add_argument("--learning-rate", type=float, default=sizes["learning_rate"])
+    g.add_argument("--min-lr", type=float, default=None, help="default: learning rate / 10")
+    for k in ("beta2", "weight_decay", "grad_clip"):
+        g.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(t, k))
+    g = p.add_argument_group("later stages")
+    for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5), ("finetune", 3e-3)):
+        g.add_argument(f"--{s}-iters", type=int, default=sizes[f"{s}_iters"])
+        g.add_argument(f"--{s}-lr", type=float, default=lr)
+    g.add_argument("--replay", type=float, default=0.5,
+                   help="the share of each instruction-tuning batch that is pretraining text")
+    g.add_argument("--sft-data", help="instruction conversations (JSON lines, see data/world.py)")
+    g.add_argument("--preferences-data", help="preference pairs (JSON lines)")
+    g.add_argument("--domain-data", help="domain conversations for fine-tuning (JSON lines)")
+    g.add_argument("--ppo-iters", type=int, default=sizes["ppo_iters"])
+    g.add_argument("--ppo-lr", type=float, default=1e-5)
+    g.add_argument("--kl-coef", type=float, default=0.3)
+    g.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef toward this KL")
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--finetune-replay", type=float, default=0.0,
+                   help="the share of each fine-tuning batch that is pretraining text (0: only "
+                        "the general conversations mixed in; 0.25 costs ~12 points of general accuracy)")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
+    g.add_argument("--lora-r", type=int, default=4)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
+
+
+def add_source_flags(p, what):
+    g = p.add_argument_group("which model (" + what + ")")
+    g.add_argument("--out", help=f"the run folder (default: {DEFAULT_OUT})")
+    g.add_argument("--ckpt", help="a checkpoint file (overrides --out and --stage)")
+    g.add_argument("--stage", choices=MODEL_STAGES, help="the run folder's checkpoint of this stage")
+    g.add_argument("--gpt2", metavar="DIR",
+                   help="GPT-2 in Hugging Face's layout: DIR/model.safetensors and a .tiktoken file")
+
+
+def add_sampling_flags(p, temperature=1.0, max_tokens=100):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"<1 sharpens, >1 flattens, 0 always takes the likeliest token (default {temperature})")
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
+    g.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose probabilities reach p")
+    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"at most this many new tokens"
+                   f" (default {max_tokens})")
+
+
 def add_explain_commands(sub):
     """The subcommands that look inside a model; each sets its handler as `explain`."""
     sp = sub.add_parser("tokens", help="how the tokenizer cuts text into tokens")
@@ -1001,6 +972,47 @@ def add_explain_commands(sub):
     add_source_flags(sp, "default: the run folder's sft.safetensors")
     add_sampling_flags(sp, temperature=0.8, max_tokens=200)
     sp.set_defaults(explain=cmd_chat)
+
+
+def parse(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sizes = QUICK if "--quick" in argv else FULL
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    for name in ("all",) + STAGES:
+        add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage"), sizes)
+    add_explain_commands(sub)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["all"] + argv
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse(argv)
+    try:
+        llm.use_device(getattr(a, "device", "cpu"))     # before any model is built
+    except RuntimeError as e:
+        sys.exit(str(e))
+    if hasattr(a, "explain"):            # tokens, sample, attention, chat
+        return a.explain(a)
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    for s in STAGES if a.cmd == "all" else (a.cmd,):
+        t = time.time()
+        m = RUNNERS[s](a)
+        if m is None:                    # pretraining stopped before its end
+            return
+        m["seconds"] = time.time() - t
+        llm.atomic_write(os.path.join(a.out, f"{s}.json"), json.dumps(m, indent=2).encode())
+    # The report card covers every stage whose results are in the run folder.
+    report = {}
+    for s in STAGES:
+        path = os.path.join(a.out, f"{s}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                report[s] = json.load(f)
+    wall = time.time() - t0 if a.cmd == "all" else sum(m["seconds"] for m in report.values())
+    write_report_card(a, report, wall)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def at_scale(gpu, work):
 
 def close(got, ref, K):
     """float32 sums of K terms of O(1) products: error ~ eps * sqrt(K)."""
-    np.testing.assert_allclose(llm.xp_to_numpy(got), ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
+    np.testing.assert_allclose(llm.to_numpy(got), ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 7), (128, 128, 128), (129, 65, 257),
@@ -194,9 +194,9 @@ def test_cuda_attention_matches_float64(gpu, B, H, T, D):
     ref = llm.attention_backward(dy.astype(np.float64), cache)
     llm.set_backend(prev)
     llm.use_device("cuda")
-    y, cache = llm.attention_forward(*(gpu.asarray(a) for a in (q, k, v)))
-    assert isinstance(cache, dict)                     # the CUDA kernel ran
-    grads = llm.attention_backward(gpu.asarray(dy), cache)
+    y, cache = llm.ops.attention_forward(*(gpu.asarray(a) for a in (q, k, v)))
+    assert isinstance(cache, llm._Kernel)              # the CUDA kernel ran
+    grads = llm.ops.attention_backward(gpu.asarray(dy), cache)
     close(y, ref_y, T)
     for got, want in zip(grads, ref):
         close(got, want, T * D)
@@ -216,14 +216,14 @@ def test_cuda_gelu_and_layernorm_match_float64(gpu, M, C):
         refs.append((out, bwd(dy.astype(np.float64), cache)))
     llm.set_backend(prev)
     llm.use_device("cuda")
-    y, cache = llm.gelu_forward(gpu.asarray(x))
-    assert isinstance(cache, dict)                     # the CUDA kernel ran
+    y, cache = llm.ops.gelu_forward(gpu.asarray(x))
+    assert isinstance(cache, llm._Kernel)              # the CUDA kernel ran
     close(y, refs[0][0], 1)
-    close(llm.gelu_backward(gpu.asarray(dy), cache), refs[0][1], 1)
-    y, cache = llm.layernorm_forward(*(gpu.asarray(a) for a in (x, w, b)))
-    assert isinstance(cache, dict)
+    close(llm.ops.gelu_backward(gpu.asarray(dy), cache), refs[0][1], 1)
+    y, cache = llm.ops.layernorm_forward(*(gpu.asarray(a) for a in (x, w, b)))
+    assert isinstance(cache, llm._Kernel)
     close(y, refs[1][0], C)
-    for got, want, K in zip(llm.layernorm_backward(gpu.asarray(dy), cache), refs[1][1], (C, M, M)):
+    for got, want, K in zip(llm.ops.layernorm_backward(gpu.asarray(dy), cache), refs[1][1], (C, M, M)):
         close(got, want, K)
 
 
@@ -260,7 +260,7 @@ def test_cuda_training_matches_cpu(gpu, tmp_path):
     assert isinstance(gpu_model.params["wte.weight"], gpu.ndarray)
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-4)
     for name, p in cpu_model.params.items():
-        np.testing.assert_allclose(llm.xp_to_numpy(gpu_model.params[name]), p, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(llm.to_numpy(gpu_model.params[name]), p, rtol=1e-3, atol=1e-4)
     # a checkpoint saved from the GPU loads back (on the GPU) unchanged
     path = str(tmp_path / "gpu.safetensors")
     llm.save_checkpoint(path, gpu_model, llm.byte_tokenizer())

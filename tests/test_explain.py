@@ -43,7 +43,7 @@ def logits(model, text="The cat sat on the mat"):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, TOK.vocab_size - 1), min_size=1, max_size=32))
 def test_attention_maps_are_causal_distributions(ids):
-    maps = llm.attention_maps(tiny(), ids)
+    maps = train.attention_maps(tiny(), ids)
     T = len(ids)
     assert maps.shape == (2, 2, T, T)
     assert np.allclose(maps.sum(-1), 1.0, atol=1e-5)
@@ -53,7 +53,7 @@ def test_attention_maps_are_causal_distributions(ids):
 
 def test_attention_maps_match_a_direct_computation():
     model, ids = tiny(), TOK.encode("The cat sat on the mat because it was soft.")
-    maps = llm.attention_maps(model, ids)
+    maps = train.attention_maps(model, ids)
     # layer 0 by hand: softmax(q k^T / sqrt(D)) over the past, per head
     p, T, C, H = model.params, len(ids), 16, 2
     x = p["wte.weight"][ids] + p["wpe.weight"][:T]
@@ -74,13 +74,13 @@ def test_attention_maps_match_a_direct_computation():
         model.hidden(np.array([ids]))
     finally:
         llm.set_backend(previous)
-    for i, block in enumerate(model._cache["blocks"]):
-        assert np.allclose(maps[i], block[1][3][0], atol=1e-5)
+    for i in range(model.config.n_layer):
+        assert np.allclose(maps[i], model._cache[f"h.{i}.attn"][3][0], atol=1e-5)
 
 
 def test_attention_maps_refuses_too_long_input():
     with pytest.raises(ValueError, match="context window"):
-        llm.attention_maps(tiny(block_size=4), [1, 2, 3, 4, 5])
+        train.attention_maps(tiny(block_size=4), [1, 2, 3, 4, 5])
 
 
 # ---- GPT-2's layout -------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_sample_prints_the_distribution_and_a_reproducible_continuation(run, cap
     train.main(args)
     out = capsys.readouterr().out
     model, *_ = llm.load_checkpoint(os.path.join(run, "pretrain.safetensors"))
-    probs = llm.next_token_probs(llm.forward_cached(model, np.array([TOK.encode("The cat")]), [])[0, -1])
+    probs = llm.next_token_probs(model.forward(np.array([TOK.encode("The cat")]))[0][0, -1])
     best = int(np.argmax(probs))
     assert "stage pretrain" in out
     assert f"  1  {train.piece(TOK, best)}" in out and f"{probs[best]:.4f}" in out
@@ -276,7 +276,7 @@ def prompt_ids(tok, user):
 
 
 def test_chat_ids_follow_the_template():
-    ids = train._chat_ids(TOK, [("hi", "hello there"), ("capital of France?", None)])
+    ids = llm.chat_prompt(TOK, "capital of France?", [("hi", "hello there")])
     assert ids == (prompt_ids(TOK, "hi") + TOK.encode("hello there") + [TOK.special[llm.END]]
                    + prompt_ids(TOK, "capital of France?"))
 

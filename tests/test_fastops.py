@@ -123,9 +123,8 @@ def test_attention_matches_float64_reference(B, H, T, D, path, seed):
     rng = np.random.default_rng(seed)
     q, k, v, dy = (randn(rng, B, H, T, D) for _ in range(4))
     with isa(path):
-        y, cache = llm.fo_attention_forward(q, k, v)
-        dq, dk, dv = llm.fo_attention_backward(dy, cache)
-    lse = cache["fastops"][4]
+        y, lse = llm.fo_attention_forward(q, k, v)
+        dq, dk, dv = llm.fo_attention_backward(dy, q, k, v, y, lse)
     y_ref, lse_ref, dq_ref, dk_ref, dv_ref = attention_reference(q, k, v, dy)
     close(y, y_ref, D)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
@@ -152,14 +151,13 @@ def test_attention_is_causal(T, D, data):
     t0 = data.draw(st.integers(0, T - 2))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     q, k, v = (randn(rng, 2, 1, T, D) for _ in range(3))
-    y, cache = llm.fo_attention_forward(q, k, v)
-    lse = cache["fastops"][4].copy()
+    y, lse = llm.fo_attention_forward(q, k, v)
     q2, k2, v2 = q.copy(), k.copy(), v.copy()
     for a in (q2, k2, v2):
         a[:, :, t0 + 1:] = randn(rng, 2, 1, T - t0 - 1, D) * 5
-    y2, cache2 = llm.fo_attention_forward(q2, k2, v2)
+    y2, lse2 = llm.fo_attention_forward(q2, k2, v2)
     np.testing.assert_array_equal(y2[:, :, :t0 + 1], y[:, :, :t0 + 1])
-    np.testing.assert_array_equal(cache2["fastops"][4][:, :, :t0 + 1], lse[:, :, :t0 + 1])
+    np.testing.assert_array_equal(lse2[:, :, :t0 + 1], lse[:, :, :t0 + 1])
 
 
 # ---- GELU and LayerNorm ------------------------------------------------------------
@@ -186,8 +184,8 @@ def test_gelu_matches_float64_reference(n, scale, path, seed):
     rng = np.random.default_rng(seed)
     x, dy = randn(rng, n) * np.float32(scale), randn(rng, n)
     with isa(path):
-        y, cache = llm.fo_gelu_forward(x)
-        dx = llm.fo_gelu_backward(dy, cache)
+        y = llm.fo_gelu_forward(x)
+        dx = llm.fo_gelu_backward(dy, x)
     y_ref, dx_ref = gelu_reference(x, dy)
     assert y.dtype == dx.dtype == np.float32 and y.shape == dx.shape == (n,)
     # ~1e-6 absolute, or half an ulp of y where |y| is large (y ~ x for x >> 1)
@@ -198,16 +196,16 @@ def test_gelu_matches_float64_reference(n, scale, path, seed):
 def test_gelu_extremes_and_shapes():
     x = np.array([-1e30, -1e4, -100, -20, -9.5, -1e-30, 0, 1e-30, 9.5, 20, 100, 1e4, 1e30],
                  np.float32)
-    y, cache = llm.fo_gelu_forward(x)
-    dx = llm.fo_gelu_backward(np.ones_like(x), cache)
+    y = llm.fo_gelu_forward(x)
+    dx = llm.fo_gelu_backward(np.ones_like(x), x)
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
     y_ref, dx_ref = gelu_reference(x, np.ones_like(x))
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-6)
     x3 = randn(np.random.default_rng(0), 3, 5, 7)
-    y3, c3 = llm.gelu_forward(x3)                       # dispatch: a dict cache, 3-D kept
-    assert isinstance(c3, dict) and y3.shape == x3.shape
-    np.testing.assert_allclose(llm.gelu_backward(x3, c3), gelu_reference(x3, x3)[1],
+    y3, c3 = llm.ops.gelu_forward(x3)                   # the layer table: the kernel, 3-D kept
+    assert isinstance(c3, llm._Kernel) and y3.shape == x3.shape
+    np.testing.assert_allclose(llm.ops.gelu_backward(x3, c3), gelu_reference(x3, x3)[1],
                                rtol=1e-5, atol=2e-6)
 
 
@@ -231,10 +229,9 @@ def test_layernorm_matches_float64_reference(M, C, shift, path, seed):
     x = randn(rng, M, C) + np.float32(shift)
     w, b, dy = randn(rng, C), randn(rng, C), randn(rng, M, C)
     with isa(path):
-        y, cache = llm.fo_layernorm_forward(x, w, b)
-        dx, dw, db = llm.fo_layernorm_backward(dy, cache)
+        y, mean, rstd = llm.fo_layernorm_forward(x, w, b)
+        dx, dw, db = llm.fo_layernorm_backward(dy, x, w, mean, rstd)
     y_ref, mu_ref, rstd_ref, dx_ref, dw_ref, db_ref = layernorm_reference(x, w, b, dy)
-    _, _, mean, rstd = cache["fastops"]
     np.testing.assert_allclose(mean, mu_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-4, atol=1e-5)
     close(y, y_ref, C)
@@ -278,24 +275,24 @@ def test_bad_input_raises_or_copies():
         llm.fo_attention_forward(q[0], q[0], q[0])
     with pytest.raises(TypeError, match="v"):
         llm.fo_attention_forward(q, q, q.astype(np.float64))
-    y, cache = llm.fo_attention_forward(q, q, q)
+    y, lse = llm.fo_attention_forward(q, q, q)
     with pytest.raises(ValueError, match="dy"):
-        llm.fo_attention_backward(randn(rng, 1, 2, 5, 3), cache)
+        llm.fo_attention_backward(randn(rng, 1, 2, 5, 3), q, q, q, y, lse)
     with pytest.raises(TypeError, match="x"):
         llm.fo_gelu_forward(q.astype(np.float64))
     with pytest.raises(TypeError, match="x"):
         llm.fo_gelu_forward([1.0, 2.0])
-    _, gcache = llm.fo_gelu_forward(q)
     with pytest.raises(ValueError, match="dy"):
-        llm.fo_gelu_backward(q[..., :3], gcache)
+        llm.fo_gelu_backward(q[..., :3], q)
     xl = randn(rng, 6, 4)
-    with pytest.raises(ValueError, match="layernorm"):
+    with pytest.raises(ValueError, match="w"):
         llm.fo_layernorm_forward(xl, randn(rng, 5), randn(rng, 4))
     with pytest.raises(TypeError, match="b"):
         llm.fo_layernorm_forward(xl, randn(rng, 4), randn(rng, 4).astype(np.float64))
-    _, lcache = llm.fo_layernorm_forward(xl, randn(rng, 4), randn(rng, 4))
+    wl4 = randn(rng, 4)
+    _, mean, rstd = llm.fo_layernorm_forward(xl, wl4, randn(rng, 4))
     with pytest.raises(ValueError, match="dy"):
-        llm.fo_layernorm_backward(randn(rng, 6, 3), lcache)
+        llm.fo_layernorm_backward(randn(rng, 6, 3), xl, wl4, mean, rstd)
     xls = randn(rng, 6, 8)[:, ::2]                     # non-contiguous: copied
     wl, bl = randn(rng, 4), randn(rng, 4)
     close(llm.fo_layernorm_forward(xls, wl, bl)[0],
@@ -308,17 +305,18 @@ def test_bad_input_raises_or_copies():
 def test_float64_and_backend_switch_use_numpy():
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
-    assert llm.linear_forward(x, w, None).dtype == np.float64       # NumPy path
+    y, cache = llm.ops.linear_forward(x, w, None)
+    assert y.dtype == np.float64 and not isinstance(cache, llm._Kernel)   # NumPy path
     with pytest.raises(ValueError, match="backend"):
         llm.set_backend("cuda")
     prev = llm.set_backend("numpy")
     try:
-        _, cache = llm.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
-        assert not isinstance(cache, dict)                           # NumPy's cache
+        _, cache = llm.ops.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
+        assert not isinstance(cache, llm._Kernel)                    # NumPy's cache
     finally:
         llm.set_backend(prev)
-    _, cache = llm.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
-    assert isinstance(cache, dict)
+    _, cache = llm.ops.attention_forward(*(randn(rng, 1, 1, 4, 2) for _ in range(3)))
+    assert isinstance(cache, llm._Kernel)
 
 
 # ---- the whole model: fastops and NumPy agree ------------------------------------
@@ -370,14 +368,15 @@ r = np.random.default_rng(0)
 f32 = lambda *s: r.standard_normal(s).astype(np.float32)
 x, w, b, dy, x2, w2 = f32(64, 32), f32(32, 48), f32(48), f32(64, 48), f32(64, 300), f32(300, 100)
 q, q2 = f32(2, 2, 70, 16), f32(1, 64, 80, 16)
-back = lambda q: llm.attention_backward(q, {"fastops": (q, q, q, q, np.zeros(q.shape[:3], np.float32))})
-steps = {"linear forward": lambda: llm.linear_forward(x, w, b),
-         "linear backward": lambda: llm.linear_backward(dy, x, w),
-         "linear forward, per-thread buffer": lambda: llm.linear_forward(x2, w2, None),
-         "attention forward": lambda: llm.attention_forward(q, q, q),
+back = lambda q: llm.fo_attention_backward(q, q, q, q, q, np.zeros(q.shape[:3], np.float32))
+ln = lambda: llm.fo_layernorm_backward(x, x, x[0], np.zeros(64, np.float32), np.ones(64, np.float32))
+steps = {"linear forward": lambda: llm.ops.linear_forward(x, w, b),
+         "linear backward": lambda: llm.fo_linear_backward(dy, x, w),
+         "linear forward, per-thread buffer": lambda: llm.ops.linear_forward(x2, w2, None),
+         "attention forward": lambda: llm.ops.attention_forward(q, q, q),
          "attention backward": lambda: back(q),
          "attention backward, per-thread buffers": lambda: back(q2),
-         "layernorm backward": lambda: llm.layernorm_backward(x, llm.layernorm_forward(x, x[0], x[1])[1])}
+         "layernorm backward": ln}
 for name, step in steps.items():
     try:
         step()

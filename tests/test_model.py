@@ -146,9 +146,9 @@ def test_kv_cache_equals_full_forward_at_every_position():
     m = tiny(dtype="float32")
     ids = np.array([[3, 1, 4, 1, 5, 9]])
     full = m.forward(ids)[0]
-    kv = []
-    pre = llm.forward_cached(m, ids[:, :3], kv)
-    steps = [llm.forward_cached(m, ids[:, t:t + 1], kv) for t in range(3, 6)]
+    kv = llm.KVCache()
+    pre = m.forward(ids[:, :3], kv_cache=kv)[0]
+    steps = [m.forward(ids[:, t:t + 1], kv_cache=kv)[0] for t in range(3, 6)]
     cached = np.concatenate([pre] + steps, 1)
     assert np.allclose(cached, full, atol=1e-5)
 

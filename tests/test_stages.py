@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import llm
+import train
 from gradcheck import numerical_grad, rel_error
 from test_model import tiny
 
@@ -39,8 +40,7 @@ def test_ppo_loss_gradient():
     r = np.random.default_rng(2)
     x, y = r.integers(0, 11, (3, 6)), r.integers(0, 11, (3, 6))
     mask = (np.arange(6) >= 2).astype(float)[None].repeat(3, 0)
-    logp, _ = llm.sequence_logprobs(m, x, y)
-    h = m._cache["h"]
+    logp, _, h = llm.sequence_logprobs(m, x, y)
     v = llm.head_forward(m, "value", h, np.broadcast_to(np.arange(6), x.shape))
     mb = dict(x=x, y=y, mask=mask, logp=logp + r.normal(0, 0.3, logp.shape),
               values=v + r.normal(0, 0.3, v.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
@@ -83,13 +83,13 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:3: .*'response'"):
-        llm.read_jsonl(str(p), ("prompt", "response"))
+        train.read_jsonl(str(p), ("prompt", "response"))
     p.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-        llm.read_jsonl(str(p), ("prompt", "response"))
+        train.read_jsonl(str(p), ("prompt", "response"))
     p.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
-        llm.read_jsonl(str(p), ("prompt",))
+        train.read_jsonl(str(p), ("prompt",))
 
 
 def test_the_reward_model_reads_the_last_token_end_included():
