@@ -20,6 +20,7 @@ C kernels on the CPU, its CUDA kernels on a GPU); nothing above it changes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import heapq
 import json
 import math
@@ -45,7 +46,10 @@ def to_numpy(a):
 def atomic_write(path: str, data: bytes):
     """Write a file whole or not at all: to a temporary name, then renamed,
     so a crash never leaves half a file (checkpoints, tokenizers, reports)."""
+    import glob
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a writer that was killed
+        os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -902,14 +906,14 @@ def lm_loss(model: GPT, batch):
     return loss, model.backward()
 
 
-def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_fn=lm_loss,
+def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_fn=None,
                 on_eval=None, save=None, stop_at=None, log=None):
     """The training loop shared by every stage: batch -> loss and gradients
     -> clip -> AdamW step, with the learning-rate schedule, gradient
     accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
     makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
     validation loss; save() writes a checkpoint after each evaluation."""
-    rng = numpy.random.default_rng(tc.seed)
+    rng, loss_fn = numpy.random.default_rng(tc.seed), loss_fn or lm_loss
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
     if state.opt is None:
@@ -917,13 +921,16 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
     if model.config.dropout:
         model.rng = rng
     end = tc.max_iters if stop_at is None else min(stop_at, tc.max_iters)
-    t0, tokens = time.time(), 0
+    t0, tokens, first = time.time(), 0, state.step
     while state.step < end:
         lr = lr_schedule(state.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
         grads, loss = None, 0.0
         for _ in range(tc.grad_accum):
             batch = batch_fn(rng)
             l, g = loss_fn(model, batch)
+            if not math.isfinite(l):                 # stop before the weights are harmed
+                raise FloatingPointError(f"loss: {l} at step {state.step + 1}; the weights are those of step"
+                                         f" {state.step} (try a lower learning rate)")
             loss += l / tc.grad_accum
             tokens += batch[0].size
             grads = g if grads is None else {k: v + g[k] for k, v in grads.items()}
@@ -941,7 +948,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
         if save and val is not None:
             save()
         if log:
-            log(state.step, end, loss, val, tokens / max(time.time() - t0, 1e-9), time.time() - t0)
+            log(state.step, end, loss, val, tokens / max(time.time() - t0, 1e-9), time.time() - t0, first)
     model.rng = None
     return state
 
@@ -957,12 +964,17 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     tokenizer, unless one is given), the last 10% validates. Writes
     out/pretrain.safetensors at every evaluation and at the end, and
     out/metrics.json. With resume=True, continues from the checkpoint so the
-    run ends with exactly the weights an uninterrupted run would have."""
+    run ends with exactly the weights an uninterrupted run would have (the
+    text must be the same). on_ready(model, bytes_per_token) is called once
+    the text is tokenized."""
     ckpt = os.path.join(out, "pretrain.safetensors")
     cut = int(len(text) * 0.9)
     train_text, val_text = text[:cut], text[cut:]
+    text_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     if resume and os.path.exists(ckpt):
-        model, tokenizer, state, _ = load_checkpoint(ckpt)
+        model, tokenizer, state, info = load_checkpoint(ckpt)
+        if info.get("text", text_id) != text_id:
+            raise ValueError(f"text: not the text {ckpt} was trained on: resuming needs the same text")
     else:
         if tokenizer is None:
             tokenizer = (byte_tokenizer() if cfg.vocab_size <= 256 + len(SPECIAL_TOKENS)
@@ -976,13 +988,13 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                          f" ({len(train_ids)} training and {len(val_ids)} validation tokens)")
     bpt = len(val_text.encode("utf-8")) / len(val_ids)                 # bytes per token
     if on_ready:
-        on_ready(bpt)
+        on_ready(model, bpt)
     T, B = model.config.block_size, tc.batch_size
 
     def save():
-        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc))
+        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc), text=text_id)
 
-    t0 = time.time()
+    t0, first = time.time(), state.step
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
                 on_eval=lambda step: estimate_loss(model, val_ids, B, tc.eval_iters),
                 save=save, stop_at=stop_at, log=log)
@@ -993,7 +1005,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
-               "steps": state.step, "tokens_per_second": state.step * tc.grad_accum * B * T / wall,
+               "steps": state.step, "tokens_per_second": (state.step - first) * tc.grad_accum * B * T / wall,
                "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
@@ -1505,7 +1517,7 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
     header, offset, blobs = {}, 0, []
     names = {numpy.dtype(v): k for k, v in _ST_DTYPES.items() if v is not None}
     for name, arr in tensors.items():
-        arr = numpy.ascontiguousarray(to_numpy(arr))
+        arr = numpy.asarray(to_numpy(arr))                 # (0-d stays 0-d; tobytes() is C order)
         if arr.dtype not in names:
             raise TypeError(f"tensors[{name!r}]: unsupported dtype {arr.dtype}")
         blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -1513,11 +1525,13 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
-    if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    data = b"".join(blobs)
+    # a checksum of the tensor bytes: a file damaged on disk is refused, not trained on
+    header["__metadata__"] = {**{k: str(v) for k, v in (metadata or {}).items()},
+                              "sha256": hashlib.sha256(data).hexdigest()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                  # align the data to 8 bytes
-    atomic_write(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    atomic_write(path, struct.pack("<Q", len(head)) + head + data)
 
 
 def load_safetensors(path: str):
@@ -1538,15 +1552,19 @@ def load_safetensors(path: str):
             raise ValueError("header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path}: __metadata__ must map names to strings, got {str(meta)[:80]!r}")
     data, tensors = raw[8 + n:], {}
     for name, t in header.items():
         try:
             dtype = _ST_DTYPES[t["dtype"]]
             begin, end = t["data_offsets"]
-            shape = tuple(int(s) for s in t["shape"])
+            shape = tuple(t["shape"])
+            if not all(type(d) is int and d >= 0 for d in shape + (begin, end)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {t!r}") from None
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {str(t)[:80]}") from None
         bf16 = dtype is None                        # NumPy has no bfloat16: read the 16-bit words
         dtype = numpy.uint16 if bf16 else dtype
         count = math.prod(shape)
@@ -1556,6 +1574,11 @@ def load_safetensors(path: str):
         arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
                                count=count, offset=begin).reshape(shape).astype(dtype)
         tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
+    if "sha256" not in meta:
+        import warnings
+        warnings.warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
+    elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
     return tensors, meta
 
 
@@ -1585,7 +1608,9 @@ def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainSta
 
 
 def load_checkpoint(path: str):
-    """-> (model, tokenizer, state, info)."""
+    """-> (model, tokenizer, state, info), every part checked against the
+    config the file carries: a damaged file is a ValueError naming the file
+    and what is wrong, here and not later inside forward()."""
     tensors, meta = load_safetensors(path)
     if meta.get("format") != "llm-checkpoint-v1":
         raise ValueError(f"{path}: a safetensors file, but not an llm checkpoint"
@@ -1593,27 +1618,53 @@ def load_checkpoint(path: str):
     try:
         config = GPTConfig(**json.loads(meta["config"]))
         tokenizer = Tokenizer.from_json(meta["tokenizer"], path)
-        lora = json.loads(meta.get("lora", "{}"))
-        info = json.loads(meta.get("info", "{}"))
+        lora, info = json.loads(meta.get("lora", "{}")), json.loads(meta.get("info", "{}"))
         s = json.loads(meta["state"]) if "state" in meta else None
-    except (KeyError, TypeError, ValueError) as e:
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (isinstance(lora, dict) and isinstance(info, dict) and all(
+                isinstance(v, dict) and all(number(v.get(k)) for k in ("scale", "dropout", "r", "alpha"))
+                and 0 <= v["dropout"] < 1 for v in lora.values())):
+            raise ValueError("lora and info must be JSON objects, each adapter with its numbers")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
     params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    C, expected = config.n_embd, param_shapes(config)
+    expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
+    for name in lora:
+        k, n = expected.get(name + ".weight", (0, 0))
+        r = params[name + ".lora_A"].shape[-1] if name + ".lora_A" in params else 0
+        expected.update({name + ".lora_A": (k, r), name + ".lora_B": (r, n)})
     missing = set(param_shapes(config)) - set(params)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensors {sorted(missing)[:5]}")
+    for k, v in tensors.items():
+        want = expected.get(k[len("optimizer.m."):] if k.startswith("optimizer.") else k)
+        if want is None or tuple(v.shape) != want or v.dtype != config.dtype:
+            raise ValueError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}; the config the file"
+                             f" carries expects " + ("no such tensor" if want is None else f"{config.dtype} {want}"))
     model = GPT(config, params)
     model.lora = lora
     if lora:
         model.frozen = {n for n in params if ".lora_" not in n}
-    state = None
-    if s is not None:
+    if s is None:
+        return model, tokenizer, None, info
+    try:
         opt = None
         if s["opt"] is not None:
-            opt = AdamW(**{**s["opt"], "betas": tuple(s["opt"]["betas"])})
+            opt = AdamW(**{**s["opt"], "betas": tuple(float(b) for b in s["opt"]["betas"])})
             opt.m = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.m.")}
             opt.v = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.v.")}
         state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
+        if not all(len(h) == 3 and type(h[0]) is int and number(h[1]) and (h[2] is None or number(h[2]))
+                   for h in state.history):
+            raise ValueError("history: expected (step, loss, validation loss or None) rows")
+        if type(state.step) is not int or state.step < 0 or opt and not (
+                type(opt.t) is int and all(map(number, (opt.lr, opt.eps, opt.weight_decay, *opt.betas)))):
+            raise ValueError(f"step {state.step!r} or optimizer {s['opt']!r}: expected counts and numbers")
+        if state.rng_state is not None:
+            numpy.random.default_rng().bit_generator.state = state.rng_state
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt training state ({type(e).__name__}: {e})") from None
     return model, tokenizer, state, info
 
 

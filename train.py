@@ -65,6 +65,15 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batc
 
 # ---- the run folder and the data ----------------------------------------------
 
+class UserError(SystemExit):
+    """A mistake in the command line or its files: one line on stderr and
+    exit status 2 (argparse's convention), no traceback."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.code = 2
+
+
 def find_checkpoint(a, prefer, why="", newest=True):
     """The checkpoint to load -> (path, the reason it was chosen), or (None,
     what is missing): --ckpt, else --stage in the run folder, else the first
@@ -93,7 +102,7 @@ def load_stage(a, *stages):
     folder -> (model, tokenizer, that stage)."""
     path, missing = find_checkpoint(a, stages, newest=False)
     if path is None:
-        sys.exit(f"{missing}; run `python train.py {stages[-1]} --out {a.out}` first")
+        raise UserError(f"{missing}; run `python train.py {stages[-1]} --out {a.out}` first")
     model, tok, _, _ = llm.load_checkpoint(path)
     return model, tok, os.path.basename(path)[:-len(".safetensors")]
 
@@ -103,40 +112,61 @@ def save_stage(a, stage, model, tok, **info):
 
 
 def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields. A
-    malformed line is a ValueError naming the file and the line."""
+    """One JSON object per line, each with the given string fields and a
+    "split" of "train" (the default) or "test". A malformed line is a
+    ValueError naming the file and the line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                r = json.loads(line)
+                line = raw.decode("utf-8")
+                r = json.loads(line) if line.strip() else None
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise ValueError(f"{path}:{n}: not valid JSON in UTF-8 ({e})") from None
+            if r is None:
+                continue
             if not isinstance(r, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
             for k in fields:
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+            if r.get("split", "train") not in ("train", "test"):
+                raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)
     return records
 
 
 def read_data(a, name, fields):
+    """A stage's records -> (train, test), both needed: one trains, the other measures."""
     path = getattr(a, name + "_data", None) or os.path.join(DATA, name + ".jsonl")
-    records = read_jsonl(path, fields)
+    flag = f"--{name}-data"
+    try:
+        records = read_jsonl(path, fields)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}") from None
     train = [r for r in records if r.get("split", "train") == "train"]
     test = [r for r in records if r.get("split") == "test"]
-    if a.eval_limit:
-        test = test[:a.eval_limit]
-    return train, test
+    for split, rows in (("train", train), ("test", test)):
+        if not rows:
+            raise UserError(f'{flag}: {path} has no record with "split": "{split}" (it has {len(records)})')
+    return train, test[:a.eval_limit] if a.eval_limit else test
+
+
+def read_text(a):
+    """The pretraining text (--data, else the embedded corpus) -> (path, text)."""
+    path = a.data or os.path.join(DATA, "corpus.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--data: cannot read {path} as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
 
 
 def corpus_ids(a, tok):
     """The pretraining text as token ids, replayed by the later stages."""
-    with open(a.data or os.path.join(DATA, "corpus.txt"), encoding="utf-8") as f:
-        return numpy.asarray(tok.encode(f.read()), numpy.int64)
+    return numpy.asarray(tok.encode(read_text(a)[1]), numpy.int64)
 
 
 def world():
@@ -178,7 +208,7 @@ class Progress:
         self.tty = stream.isatty()
         self.last = time.time()
 
-    def __call__(self, step, end, loss, val, tok_s, elapsed):
+    def __call__(self, step, end, loss, val, tok_s, elapsed, first=0):
         if val is not None:
             self.val = val
         now = time.time()
@@ -186,7 +216,7 @@ class Progress:
         if step < end and val is None and now - self.last < pause:
             return
         self.last = now
-        eta = elapsed / max(step, 1) * (end - step) if step else 0.0
+        eta = elapsed / max(step - first, 1) * (end - step)      # from this run's own pace
         line = f"{self.stage} step {step}/{end} loss {loss:.4f}"
         if self.val is not None:
             line += f" val {self.val:.4f}"
@@ -200,26 +230,65 @@ class Progress:
         self.stream.flush()
 
 
-def run_pretrain(a):
-    path = a.data or os.path.join(DATA, "corpus.txt")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+
+
+def resume_settings(a, ckpt):
+    """--resume continues the checkpoint as it is: a model flag that says
+    otherwise is an error; the training settings are the checkpoint's, save
+    the ones given on the command line, which are said."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"--data: cannot read {path}: {e}")
+        model, _, state, info = llm.load_checkpoint(ckpt)
+    except ValueError as e:
+        raise UserError(f"--resume: {e}") from None
+    c = model.config
+    for k in MODEL_FLAGS:
+        if k in a.given and getattr(a, k) != getattr(c, k):
+            raise UserError(f"--{k.replace('_', '-')}: {ckpt} has {k} {getattr(c, k)}, not {getattr(a, k)}: --resume"
+                            f" continues it as it is (drop --{k.replace('_', '-')}, or start a new --out)")
+        setattr(a, k, getattr(c, k))
+    for k, v in info.get("train", {}).items():
+        if k in a.given and getattr(a, k) != v:
+            print(f"  --{k.replace('_', '-')} {getattr(a, k)} replaces the checkpoint's {v}: the run no longer"
+                  " continues exactly as it started")
+        elif hasattr(a, k):
+            setattr(a, k, v)
+    print(f"[pretrain] resuming {ckpt} at step {state.step}")
+
+
+def run_pretrain(a):
+    path, text = read_text(a)
+    ckpt = os.path.join(a.out, "pretrain.safetensors")
+    if a.resume and os.path.exists(ckpt):
+        resume_settings(a, ckpt)
+    elif a.resume:
+        print(f"--resume: there is no {ckpt} yet: starting a new run")
     cfg = llm.GPTConfig(a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size, dropout=a.dropout)
     tc = llm.TrainConfig(**{k: getattr(a, k) for k in vars(llm.TrainConfig())})
-    tc.min_lr = a.learning_rate / 10 if a.min_lr is None else a.min_lr
+    if a.min_lr is None and "min_lr" not in a.given:
+        tc.min_lr = a.learning_rate / 10
     print(f"[pretrain] {path} ({len(text):,} characters); {a.n_layer} layers x {a.n_embd} wide, "
           f"{a.n_head} heads, context {a.block_size}, vocabulary {a.vocab_size}")
     progress = Progress("pretrain")
-    m = llm.pretrain(text, a.out, cfg, tc, resume=a.resume, log=progress,
-                     on_ready=lambda bpt: setattr(progress, "bpt", bpt))
+
+    def ready(model, bytes_per_token):
+        progress.bpt = bytes_per_token
+        if model.config.vocab_size < a.vocab_size:
+            print(f"  --vocab-size {a.vocab_size}: the text has pairs to merge for {model.config.vocab_size}"
+                  f" tokens only: the vocabulary has {model.config.vocab_size}")
+    try:
+        m = llm.pretrain(text, a.out, cfg, tc, resume=a.resume, log=progress, on_ready=ready)
+    except ValueError as e:
+        raise UserError(f"--data: {path}: {e}") from None
+    except FloatingPointError as e:
+        last = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
+        raise UserError(f"pretraining stopped: {e}; {last}") from None
     if not m:
         return None
     model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
     prompt = "The capital of France is"
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
+    ids = ids[-max(1, model.config.block_size - len(paris) + 1):]     # what a small context window holds
     logits, _ = model.forward([ids + paris[:-1]])
     probs = llm.next_token_probs(logits[0, len(ids) - 1])
     top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
@@ -242,8 +311,8 @@ def run_pretrain(a):
 
 
 def run_sft(a):
-    model, tok, _ = load_stage(a, "pretrain")
     train, test = read_data(a, "sft", ("prompt", "response"))
+    model, tok, _ = load_stage(a, "pretrain")
     exact = lambda r, t: world().exact_match(r["response"], t)
     before, texts0 = accuracy(model, tok, test, exact)
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
@@ -258,8 +327,8 @@ def run_sft(a):
 
 
 def run_reward(a):
-    model, tok, _ = load_stage(a, "sft")
     train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
+    model, tok, _ = load_stage(a, "sft")
     llm.add_head(model, "score", numpy.random.default_rng(a.seed))    # untrained: the baseline
     before = llm.reward_accuracy(model, tok, test)
     print(f"[reward] {len(train)} preference pairs; held-out accuracy before: {before:.1%}")
@@ -295,10 +364,10 @@ def judge_answers(model, tok, rm, prompts):
 def rlhf_stage(a, name, train_policy):
     """PPO and DPO alike: start from the instruction-tuned model, measure its
     held-out answers, train, measure again, and the KL to where it started."""
+    train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
     policy, tok, _ = load_stage(a, "sft")
     ref = copy.deepcopy(policy)
     rm, _, _ = load_stage(a, "reward")
-    train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
     held = sorted({r["prompt"] for r in test})
     m0, texts0 = judge_answers(policy, tok, rm, held)
     print(f"[{name}] held-out answers: judge {m0['judge']:.3f}, reward {m0['reward']:+.3f}, "
@@ -334,9 +403,9 @@ def run_dpo(a):
 
 
 def run_finetune(a):
-    model, tok, base = load_stage(a, "ppo", "sft")
     train, test = read_data(a, "domain", ("prompt", "response"))
     general_train, general = read_data(a, "sft", ("prompt", "response"))
+    model, tok, base = load_stage(a, "ppo", "sft")
     correct = lambda r, t: world().is_correct(r["prompt"], t)
     dom0, texts0 = accuracy(model, tok, test, correct)
     gen0, _ = accuracy(model, tok, general, correct)
@@ -375,7 +444,7 @@ def load_model(a, prefer, why):
         if a.gpt2:
             model, tok = llm.load_gpt2(a.gpt2)
             if tok is None:
-                sys.exit(f"--gpt2: no .tiktoken vocabulary beside the weights in {a.gpt2}"
+                raise UserError(f"--gpt2: no .tiktoken vocabulary beside the weights in {a.gpt2}"
                          " (copy gpt2.tiktoken there)")
             c = model.config
             print(f"model: GPT-2 from {a.gpt2} ({c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads,"
@@ -383,10 +452,10 @@ def load_model(a, prefer, why):
             return model, tok
         path, reason = find_checkpoint(a, prefer, why)
         if path is None:
-            sys.exit(f"{reason}: train one first (python train.py pretrain), or pass --ckpt or --gpt2")
+            raise UserError(f"{reason}: train one first (python train.py pretrain), or pass --ckpt or --gpt2")
         model, tok, state, info = llm.load_checkpoint(path)
     except (OSError, ValueError) as e:
-        sys.exit(f"cannot load the model: {e}")
+        raise UserError(f"cannot load the model: {e}")
     c = model.config
     step = f", step {state.step}" if state is not None else ""
     print(f"model: {path} (stage {info.get('stage', '?')}{step}; chosen: {reason})")
@@ -420,7 +489,7 @@ def load_tokenizer(a):
     if not a.ckpt and a.gpt2:
         vocab = a.gpt2 if a.gpt2.endswith(".tiktoken") else llm.find_tiktoken(a.gpt2)
         if vocab is None:
-            sys.exit(f"--gpt2: no .tiktoken file in {a.gpt2}")
+            raise UserError(f"--gpt2: no .tiktoken file in {a.gpt2}")
         return llm.Tokenizer.from_tiktoken(vocab), f"GPT-2's vocabulary from {vocab}"
     path, reason = find_checkpoint(a, ("pretrain",), "the stages share one tokenizer")
     if path is None:
@@ -430,7 +499,7 @@ def load_tokenizer(a):
         _, meta = llm.load_safetensors(path)
         return llm.Tokenizer.from_json(meta["tokenizer"], path), f"the tokenizer of {path} ({reason})"
     except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"cannot read the tokenizer of {path}: {e}")
+        raise UserError(f"cannot read the tokenizer of {path}: {e}")
 
 
 def cmd_tokens(a):
@@ -444,7 +513,7 @@ def cmd_tokens(a):
     try:
         chunks = tok.chunks(text, allow_special=a.special)
     except ValueError as e:
-        sys.exit(f"--{e}")
+        raise UserError(f"--{e}")
     print("1. pre-tokenisation cuts the text into chunks (BPE merges never cross a chunk boundary):")
     print("   " + " | ".join(repr(c) for c, _ in chunks) + "\n")
     print("2. byte-pair encoding turns each chunk into tokens:")
@@ -462,10 +531,10 @@ def cmd_tokens(a):
 
 # ---- sample: the next-token distribution, then a streamed continuation -------
 
-def stream_tokens(tok, ids, write):
+def stream_tokens(tok, ids, write, seen=None):
     """Write each token's text as it arrives (a character split across two
-    tokens is written once complete). Returns the ids seen."""
-    dec, seen = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    tokens is written once complete). Returns the ids seen (also in `seen`)."""
+    dec, seen = codecs.getincrementaldecoder("utf-8")(errors="replace"), [] if seen is None else seen
     for i in ids:
         seen.append(i)
         write(dec.decode(tok.decode_bytes([i])))
@@ -477,16 +546,14 @@ def cmd_sample(a):
     model, tok = load_model(a, ("pretrain",), "sample continues text, so it takes the pretrained model")
     ids = tok.encode(a.prompt)
     if not ids:
-        sys.exit("--prompt: expected some text")
+        raise UserError("--prompt: expected some text")
     block = model.config.block_size
     if len(ids) > block:
         print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
-    if a.top < 1:
-        sys.exit(f"--top: expected >= 1, got {a.top}")
     try:
         llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
     except ValueError as e:
-        sys.exit(as_flag(e))
+        raise UserError(as_flag(e))
     logits = llm.to_numpy(llm.next_logits(model, [ids[-block:]], llm.KVCache())[0])
     p_model = numpy.asarray(llm.next_token_probs(logits))
     changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
@@ -553,9 +620,9 @@ def _layer_or_head(value, count, flag):
     try:
         i = int(value)
     except ValueError:
-        sys.exit(f"{flag}: expected a number or 'average', got {value!r}")
+        raise UserError(f"{flag}: expected a number or 'average', got {value!r}")
     if not -count <= i < count:
-        sys.exit(f"{flag}: expected 0..{count - 1} (or 'average'), got {i}")
+        raise UserError(f"{flag}: expected 0..{count - 1} (or 'average'), got {i}")
     return i % count
 
 
@@ -566,7 +633,7 @@ def cmd_attention(a):
     model, tok = load_model(a, ("pretrain",), "attention reads the pretrained model")
     ids = tok.encode(a.text)
     if not ids:
-        sys.exit("--text: expected some text")
+        raise UserError("--text: expected some text")
     L, H, block = model.config.n_layer, model.config.n_head, model.config.block_size
     if len(ids) > block:
         print(f"(the text has {len(ids)} tokens; showing the first {block}, the context window)")
@@ -595,7 +662,10 @@ def cmd_attention(a):
     out = a.out or (os.path.dirname(os.path.abspath(a.ckpt)) if a.ckpt else DEFAULT_OUT)
     name = f"attention-layer{'avg' if layer is None else layer}-head{'avg' if head is None else head}.svg"
     path = a.svg or os.path.join(out, name)
-    svg_heatmap(m, labels, labels, path, f"Attention, {where}: row reads column")
+    try:
+        svg_heatmap(m, labels, labels, path, f"Attention, {where}: row reads column")
+    except OSError as e:
+        raise UserError(f"--svg: cannot write {path} ({e.strerror or e})") from None
     print(f"\nheatmap: {path}")
 
 
@@ -604,8 +674,8 @@ def cmd_attention(a):
 def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperature=0.8,
               top_k=None, top_p=None, seed=None):
     """Read a message with input_fn(prompt), stream the model's answer to
-    output, repeat. /reset forgets the conversation, /quit (or end of input)
-    leaves. The oldest turns are left out once the conversation no longer
+    output, repeat. /reset forgets the conversation, /quit (or end of input,
+    or Ctrl-C at the prompt) leaves; Ctrl-C during an answer stops it. The oldest turns are left out once the conversation no longer
     fits the context window. Returns the conversation, [(user, answer)]."""
     missing = [s for s in (llm.USER, llm.ASSISTANT, llm.END) if s not in tok.special]
     if missing:
@@ -621,11 +691,11 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
         output.write(s)
         output.flush()
 
-    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves\n")
+    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer\n")
     while True:
         try:
             msg = input_fn("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             write("\n")
             break
         if msg in ("/quit", "/exit"):
@@ -649,8 +719,12 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
             ids = ids[-budget:]
         history = turns
         write("bot> ")
-        answer = stream_tokens(tok, llm.generate(model, ids, max_tokens, temperature, top_k, top_p,
-                                                 stop=stop, rng=rng), write)
+        answer = []
+        try:
+            stream_tokens(tok, llm.generate(model, ids, max_tokens, temperature, top_k, top_p,
+                                            stop=stop, rng=rng), write, answer)
+        except KeyboardInterrupt:
+            write(" (stopped)")
         write("\n")
         history.append((msg, tok.decode(answer)))
     return history
@@ -665,7 +739,7 @@ def cmd_chat(a):
     try:
         chat_loop(model, tok, input, sys.stdout, a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed)
     except ValueError as e:
-        sys.exit(f"chat: {e} (is this an instruction-tuned checkpoint?)")
+        raise UserError(f"chat: {e} (is this an instruction-tuned checkpoint?)")
 
 
 # ---- the report card and its pictures -----------------------------------------
@@ -879,53 +953,115 @@ def svg_heatmap(matrix, row_labels, col_labels, path, title):
 
 # ---- the command line -------------------------------------------------------
 
-def add_flags(p, sizes):
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=DEFAULT_OUT, help="the run folder")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)")
-    g.add_argument("--quick", action="store_true", help="a small complete run (about a minute)")
-    g.add_argument("--eval-limit", type=int, default=sizes["eval_limit"],
-                   help="evaluate on at most this many held-out examples")
-    g = p.add_argument_group("model (nanoGPT's names)")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=sizes[k])
-    g.add_argument("--dropout", type=float, default=0.0)
-    g = p.add_argument_group("pretraining (nanoGPT's names)")
-    t = llm.TrainConfig()
-    g.add_argument("--data", help="a UTF-8 text file (default: data/corpus.txt)")
-    g.add_argument("--resume", action="store_true", help="continue pretraining from the run folder")
-    for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(t, k))
-    g.add_argument("--batch-size", type=int, default=sizes["batch_size"])
-    g.add_argument("--max-iters", type=int, default=sizes["pretrain_iters"])
-    g.add_argument("--learning-rate", type=float, default=sizes["learning_rate"])
-    g.add_argument("--min-lr", type=float, default=None, help="default: learning rate / 10")
-    for k in ("beta2", "weight_decay", "grad_clip"):
-        g.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(t, k))
-    g = p.add_argument_group("later stages")
-    for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5), ("finetune", 3e-3)):
-        g.add_argument(f"--{s}-iters", type=int, default=sizes[f"{s}_iters"])
-        g.add_argument(f"--{s}-lr", type=float, default=lr)
-    g.add_argument("--replay", type=float, default=0.5,
-                   help="the share of each instruction-tuning batch that is pretraining text")
-    g.add_argument("--sft-data", help="instruction conversations (JSON lines, see data/world.py)")
-    g.add_argument("--preferences-data", help="preference pairs (JSON lines)")
-    g.add_argument("--domain-data", help="domain conversations for fine-tuning (JSON lines)")
-    g.add_argument("--ppo-iters", type=int, default=sizes["ppo_iters"])
-    g.add_argument("--ppo-lr", type=float, default=1e-5)
-    g.add_argument("--kl-coef", type=float, default=0.3)
-    g.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef toward this KL")
-    g.add_argument("--dpo-beta", type=float, default=0.1)
-    g.add_argument("--finetune-replay", type=float, default=0.0,
-                   help="the share of each fine-tuning batch that is pretraining text (0: only "
-                        "the general conversations mixed in; 0.25 costs ~12 points of general accuracy)")
-    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=int, default=4)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
+def training_flags(sizes):
+    """Every flag of the stages: (group, flag, argparse settings, the stages
+    it is for). `python train.py STAGE --help` shows that stage's own."""
+    t, later = llm.TrainConfig(), ("sft", "reward", "ppo", "dpo", "finetune")
+    return [
+        ("run", "--out", dict(default=DEFAULT_OUT, help="the run folder"), STAGES),
+        ("run", "--seed", dict(type=int, default=1337), STAGES),
+        ("run", "--device", dict(choices=("cpu", "cuda"), default="cpu",
+                                 help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)"), STAGES),
+        ("run", "--quick", dict(action="store_true", help="a small complete run (about a minute)"), STAGES),
+        ("run", "--eval-limit", dict(type=int, default=sizes["eval_limit"],
+                                     help="evaluate on at most this many held-out examples"), later),
+        *[("model (nanoGPT's names)", "--" + k.replace("_", "-"), dict(type=int, default=sizes[k]), ("pretrain",))
+          for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")],
+        ("model (nanoGPT's names)", "--dropout", dict(type=float, default=0.0), ("pretrain",)),
+        ("data", "--data", dict(help="a UTF-8 text file (default: data/corpus.txt); later stages replay it"),
+         ("pretrain", "sft", "finetune")),
+        ("data", "--sft-data", dict(help="instruction conversations (JSON lines, see data/world.py)"),
+         ("sft", "finetune")),
+        ("data", "--preferences-data", dict(help="preference pairs (JSON lines)"), ("reward", "ppo", "dpo")),
+        ("data", "--domain-data", dict(help="domain conversations for fine-tuning (JSON lines)"), ("finetune",)),
+        ("pretraining (nanoGPT's names)", "--resume", dict(
+            action="store_true", help="continue the run folder's pretraining where it stopped"), ("pretrain",)),
+        *[("pretraining (nanoGPT's names)", "--" + k.replace("_", "-"), dict(type=int, default=getattr(t, k)),
+           ("pretrain",)) for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum")],
+        ("pretraining (nanoGPT's names)", "--batch-size", dict(type=int, default=sizes["batch_size"],
+                                                               help="also instruction and fine-tuning's"),
+         ("pretrain", "sft", "finetune")),
+        ("pretraining (nanoGPT's names)", "--max-iters", dict(type=int, default=sizes["pretrain_iters"]),
+         ("pretrain",)),
+        ("pretraining (nanoGPT's names)", "--learning-rate", dict(type=float, default=sizes["learning_rate"]),
+         ("pretrain",)),
+        ("pretraining (nanoGPT's names)", "--min-lr", dict(type=float, help="default: learning rate / 10"),
+         ("pretrain",)),
+        *[("pretraining (nanoGPT's names)", "--" + k.replace("_", "-"), dict(type=float, default=getattr(t, k)),
+           ("pretrain",)) for k in ("beta2", "weight_decay", "grad_clip")],
+        *[(f"{s} stage", f"--{s}-{k}", kw, (s,)) for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5),
+                                                                 ("finetune", 3e-3))
+          for k, kw in (("iters", dict(type=int, default=sizes[f"{s}_iters"])), ("lr", dict(type=float, default=lr)))],
+        ("sft stage", "--replay", dict(type=float, default=0.5,
+                                       help="the share of each instruction-tuning batch that is pretraining text"),
+         ("sft",)),
+        ("ppo stage", "--ppo-iters", dict(type=int, default=sizes["ppo_iters"]), ("ppo",)),
+        ("ppo stage", "--ppo-lr", dict(type=float, default=1e-5), ("ppo",)),
+        ("ppo stage", "--kl-coef", dict(type=float, default=0.3), ("ppo",)),
+        ("ppo stage", "--target-kl", dict(type=float, help="adapt kl-coef toward this KL"), ("ppo",)),
+        ("dpo stage", "--dpo-beta", dict(type=float, default=0.1), ("dpo",)),
+        ("finetune stage", "--finetune-replay", dict(
+            type=float, default=0.0, help="the share of each fine-tuning batch that is pretraining text (0: only "
+                                          "the general conversations mixed in; 0.25 costs ~12 points of general "
+                                          "accuracy)"), ("finetune",)),
+        ("finetune stage", "--full", dict(action="store_true", help="fine-tune every weight instead of LoRA"),
+         ("finetune",)),
+        ("finetune stage", "--lora-r", dict(type=int, default=4), ("finetune",)),
+        ("finetune stage", "--lora-alpha", dict(type=float, default=16.0), ("finetune",)),
+        ("finetune stage", "--lora-dropout", dict(type=float, default=0.0), ("finetune",)),
+        ("finetune stage", "--lora-targets", dict(default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
+         ("finetune",)),
+    ]
+
+
+def add_flags(p, sizes, stage):
+    """A stage's flags (every stage's for "all"); the others keep their defaults."""
+    groups = {}
+    for group, flag, kw, stages in training_flags(sizes):
+        if stage == "all" or stage in stages:
+            if group not in groups:
+                groups[group] = p.add_argument_group(group)
+            groups[group].add_argument(flag, **kw)
+        else:
+            default = False if kw.get("action") == "store_true" else kw.get("default")
+            p.set_defaults(**{flag[2:].replace("-", "_"): default})
+
+
+# What each number must be: (flags, the test, what is expected).
+RANGES = [
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval", "eval_iters",
+      "grad_accum", "sft_iters", "reward_iters", "dpo_iters", "finetune_iters", "ppo_iters", "lora_r",
+      "eval_limit", "top"), lambda v: v >= 1, "an integer >= 1"),
+    (("warmup_iters", "seed"), lambda v: v >= 0, "an integer >= 0"),
+    (("vocab_size",), lambda v: v >= 256 + len(llm.SPECIAL_TOKENS),
+     f"at least {256 + len(llm.SPECIAL_TOKENS)} (256 bytes + {len(llm.SPECIAL_TOKENS)} special tokens)"),
+    (("learning_rate", "sft_lr", "reward_lr", "dpo_lr", "finetune_lr", "ppo_lr", "lora_alpha", "dpo_beta",
+      "target_kl"), lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    (("min_lr", "weight_decay", "grad_clip", "kl_coef"), lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    (("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (("replay", "finetune_replay"), lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+]
+
+
+def check_args(a):
+    """Every flag in its range, and a run folder that can be written: a
+    mistake is one line naming the flag, before anything runs."""
+    for names, ok, what in RANGES:
+        for name in names:
+            v = getattr(a, name, None)
+            if v is not None and not ok(v):
+                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
+    if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
+        raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
+    if not hasattr(a, "explain"):
+        if os.path.exists(a.out) and not os.path.isdir(a.out):
+            raise UserError(f"--out: expected a folder, got the file {a.out}")
+        try:
+            os.makedirs(a.out, exist_ok=True)
+            llm.atomic_write(os.path.join(a.out, ".writable"), b"")
+            os.remove(os.path.join(a.out, ".writable"))
+        except OSError as e:
+            raise UserError(f"--out: cannot write to the folder {a.out} ({e.strerror or e})") from None
 
 
 def add_source_flags(p, what):
@@ -974,36 +1110,83 @@ def add_explain_commands(sub):
     sp.set_defaults(explain=cmd_chat)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                      # argparse's own errors: one line too
+        raise UserError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
 def parse(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     sizes = QUICK if "--quick" in argv else FULL
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd")
+    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", parser_class=Parser)
     for name in ("all",) + STAGES:
-        add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage"), sizes)
+        add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage",
+                                 allow_abbrev=False), sizes, name)
     add_explain_commands(sub)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.given = {t.split("=")[0][2:].replace("-", "_") for t in argv if t.startswith("--")}   # typed, not defaults
+    return a
 
 
 def main(argv=None):
-    a = parse(argv)
+    """Run the command; a user's mistake is one line (LLM_DEBUG=1 shows the traceback)."""
     try:
-        llm.use_device(getattr(a, "device", "cpu"))     # before any model is built
-    except RuntimeError as e:
-        sys.exit(str(e))
-    if hasattr(a, "explain"):            # tokens, sample, attention, chat
-        return a.explain(a)
-    os.makedirs(a.out, exist_ok=True)
+        a = parse(argv)
+        check_args(a)
+        try:
+            llm.use_device(getattr(a, "device", "cpu"))   # before any model is built
+        except RuntimeError as e:
+            raise UserError(f"--device: {e}") from None
+        return a.explain(a) if hasattr(a, "explain") else run(a)
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        print(f"\ntrain.py: interrupted{RUNNING and '. ' + resume_hint(*RUNNING)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, FloatingPointError, MemoryError) as e:
+        if os.environ.get("LLM_DEBUG") == "1":
+            raise
+        print(f"train.py: error: {e} (LLM_DEBUG=1 shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+RUNNING = None                          # (args, stage) while a stage runs
+
+
+def resume_hint(a, stage) -> str:
+    """What an interrupted stage left, and the command that carries on."""
+    ckpt = os.path.join(a.out, "pretrain.safetensors")
+    cmd = {"all": "python train.py --resume", "pretrain": "python train.py pretrain --resume"}.get(
+        a.cmd, f"python train.py {a.cmd}") + f" --out {a.out}"
+    if stage == "pretrain" and os.path.exists(ckpt):
+        return f"The last checkpoint is {ckpt}: `{cmd}` continues from it."
+    return (f"The {stage} stage had not finished, the earlier stages' files are kept:"
+            f" `{cmd}` runs it{' and the rest' if a.cmd == 'all' else ''} again.")
+
+
+def run(a):
+    """The stages, then the report card of every stage in the run folder.
+    With --resume a stage already done (its results and checkpoint are in
+    the run folder) is not run again."""
+    global RUNNING
     t0 = time.time()
     for s in STAGES if a.cmd == "all" else (a.cmd,):
-        t = time.time()
+        done = os.path.join(a.out, f"{s}.json")
+        if a.resume and s != "pretrain" and os.path.exists(done) and os.path.exists(done[:-5] + ".safetensors"):
+            print(f"[{s}] done already ({done}): --resume keeps it")
+            continue
+        t, RUNNING = time.time(), (a, s)
         m = RUNNERS[s](a)
+        RUNNING = None
         if m is None:                    # pretraining stopped before its end
             return
         m["seconds"] = time.time() - t
-        llm.atomic_write(os.path.join(a.out, f"{s}.json"), json.dumps(m, indent=2).encode())
+        llm.atomic_write(done, json.dumps(m, indent=2).encode())
     # The report card covers every stage whose results are in the run folder.
     report = {}
     for s in STAGES:

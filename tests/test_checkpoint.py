@@ -82,7 +82,9 @@ def test_safetensors_layout_is_standard(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-    assert header["__metadata__"] == {"k": "v"} and (8 + n) % 8 == 0
+    import hashlib
+    assert header["__metadata__"] == {"k": "v", "sha256": hashlib.sha256(raw[8 + n:]).hexdigest()}
+    assert (8 + n) % 8 == 0
     assert np.array_equal(np.frombuffer(raw[8 + n:], np.float32), np.arange(6))
 
 
