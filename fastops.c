@@ -431,6 +431,211 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
     fo_free(bpack);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Small M (generation: one row per sequence): C[M,N] (+)= A[M,K] . B[K,N]   */
+/* with B row-major (csb = 1), read in place. Packing B would copy the whole */
+/* weight matrix to use each element M times; here each element is loaded   */
+/* once per group of up to SM_R rows and goes straight into FMAs. A (small)  */
+/* is packed transposed: at[k*MP + i], zero rows up to MP. Threads split the */
+/* columns; each sweeps strips of SM_NR columns over k blocks of SM_KB rows  */
+/* (the A block stays in L1), and prefetches the next strip's rows while it  */
+/* computes this one's, so the strided walk down the weight matrix does not  */
+/* wait on memory.                                                           */
+/* ------------------------------------------------------------------------ */
+#ifndef SM_MAX_M
+#define SM_MAX_M 16
+#endif
+#ifndef SM_KB
+#define SM_KB 32
+#endif
+
+typedef void (*smk_fn)(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb,
+                       int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,
+                       const float *bias);
+
+/* portable: R rows x 16 columns, plain loops the compiler vectorises */
+#define SM_GEN_NR 16
+#define SM_DEF_GENERIC(R)                                                                  \
+    static void smk_gen_##R(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, \
+                            int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,   \
+                            const float *bias) {                                           \
+        float acc[R][SM_GEN_NR];                                                           \
+        float bt[SM_GEN_NR];                                                               \
+        (void)pf;                                                                          \
+        for (int r = 0; r < R; r++)                                                        \
+            for (int j = 0; j < SM_GEN_NR; j++) acc[r][j] = 0.0f;                          \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (nr == SM_GEN_NR)                                                           \
+                for (int j = 0; j < SM_GEN_NR; j++) bt[j] = bp[j];                         \
+            else                                                                           \
+                for (int j = 0; j < SM_GEN_NR; j++) bt[j] = j < nr ? bp[j] : 0.0f;         \
+            for (int r = 0; r < R; r++) {                                                  \
+                float ar = at[p * MP + r];                                                 \
+                for (int j = 0; j < SM_GEN_NR; j++) acc[r][j] += ar * bt[j];               \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            for (int j = 0; j < nr; j++) {                                                 \
+                float v = acc[r][j];                                                       \
+                if (load_c) v += cr[j];                                                    \
+                if (bias) v += bias[j];                                                    \
+                cr[j] = v;                                                                 \
+            }                                                                              \
+        }                                                                                  \
+    }
+SM_DEF_GENERIC(1)
+SM_DEF_GENERIC(2)
+SM_DEF_GENERIC(4)
+
+#if FO_X86
+/* AVX-512: R rows x 32 columns (2 zmm per row). Per k step: 2 loads of B
+ * (masked at the right edge: never past the row), R broadcasts, 2R FMAs. */
+#define SM512_NR 32
+#define SM_DEF_AVX512(R)                                                                   \
+    __attribute__((target("avx512f"))) static void smk_512_##R(                            \
+        int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
+        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
+        __m512 acc0[R], acc1[R];                                                           \
+        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();               \
+        __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);         \
+        __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF                                        \
+                       : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;      \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (pf) {                                                                      \
+                _mm_prefetch((const char *)(bp + SM512_NR), _MM_HINT_T0);                  \
+                _mm_prefetch((const char *)(bp + SM512_NR + 16), _MM_HINT_T0);             \
+            }                                                                              \
+            __m512 b0 = _mm512_maskz_loadu_ps(m0, bp), b1 = _mm512_maskz_loadu_ps(m1, bp + 16); \
+            for (int r = 0; r < R; r++) {                                                  \
+                __m512 ar = _mm512_set1_ps(at[p * MP + r]);                                \
+                acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                \
+                acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                \
+            }                                                                              \
+        }                                                                                  \
+        __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();                   \
+        if (bias) {                                                                        \
+            bias0 = _mm512_maskz_loadu_ps(m0, bias);                                       \
+            bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);                                  \
+        }                                                                                  \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            __m512 v0 = _mm512_add_ps(acc0[r], bias0), v1 = _mm512_add_ps(acc1[r], bias1); \
+            if (load_c) {                                                                  \
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));                     \
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));                \
+            }                                                                              \
+            _mm512_mask_storeu_ps(cr, m0, v0);                                             \
+            _mm512_mask_storeu_ps(cr + 16, m1, v1);                                        \
+        }                                                                                  \
+    }
+SM_DEF_AVX512(1)
+SM_DEF_AVX512(2)
+SM_DEF_AVX512(4)
+SM_DEF_AVX512(8)
+
+/* AVX2: R rows x 16 columns (2 ymm per row) */
+#define SM256_NR 16
+#define SM_DEF_AVX2(R)                                                                     \
+    __attribute__((target("avx2,fma"))) static void smk_256_##R(                           \
+        int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
+        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
+        __m256 acc0[R], acc1[R];                                                           \
+        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();               \
+        __m256i nrv = _mm256_set1_epi32(nr);                                               \
+        __m256i m0 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));   \
+        __m256i m1 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)); \
+        int full = nr >= 16;                                                               \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (pf) _mm_prefetch((const char *)(bp + SM256_NR), _MM_HINT_T0);              \
+            __m256 b0, b1;                                                                 \
+            if (full) { b0 = _mm256_loadu_ps(bp); b1 = _mm256_loadu_ps(bp + 8); }          \
+            else { b0 = _mm256_maskload_ps(bp, m0); b1 = _mm256_maskload_ps(bp + 8, m1); } \
+            for (int r = 0; r < R; r++) {                                                  \
+                __m256 ar = _mm256_broadcast_ss(at + p * MP + r);                          \
+                acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);                                \
+                acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);                                \
+            }                                                                              \
+        }                                                                                  \
+        __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();                   \
+        if (bias) { bias0 = _mm256_maskload_ps(bias, m0); bias1 = _mm256_maskload_ps(bias + 8, m1); } \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            __m256 v0 = _mm256_add_ps(acc0[r], bias0), v1 = _mm256_add_ps(acc1[r], bias1); \
+            if (load_c) {                                                                  \
+                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                        \
+                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                    \
+            }                                                                              \
+            _mm256_maskstore_ps(cr, m0, v0);                                               \
+            _mm256_maskstore_ps(cr + 8, m1, v1);                                           \
+        }                                                                                  \
+    }
+SM_DEF_AVX2(1)
+SM_DEF_AVX2(2)
+SM_DEF_AVX2(4)
+#endif /* FO_X86 */
+
+/* The kernels for this ISA: nr columns per strip, kernels for 1, 2, 4 (and
+ * 8) rows; a group of rows takes the smallest kernel that holds it. */
+typedef struct {
+    int nr, rmax;
+    smk_fn k1, k2, k4, k8;
+} smk_set;
+
+static smk_set smk_pick(const kern_t *kn) {
+    smk_set s = {SM_GEN_NR, 4, smk_gen_1, smk_gen_2, smk_gen_4, NULL};
+#if FO_X86
+    if (kn == &KERN_AVX512) { smk_set a = {SM512_NR, 8, smk_512_1, smk_512_2, smk_512_4, smk_512_8}; s = a; }
+    if (kn == &KERN_AVX2) { smk_set a = {SM256_NR, 4, smk_256_1, smk_256_2, smk_256_4, NULL}; s = a; }
+#else
+    (void)kn;
+#endif
+    return s;
+}
+
+static void gemm_small_m(const kern_t *kn, int M, int N, int K,
+                         const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                         const float *B, ptrdiff_t rsb, float *C, ptrdiff_t ldc,
+                         int accumulate, const float *bias, int parallel) {
+    smk_set ks = smk_pick(kn);
+    const int NR = ks.nr, R = ks.rmax, MP = ceil_div(M, R) * R;
+    float *at = fo_alloc((size_t)K * MP);
+    if (!at) return; /* out of memory: recorded by fo_alloc */
+    for (int p = 0; p < K; p++)
+        for (int i = 0; i < MP; i++) at[(size_t)p * MP + i] = i < M ? A[i * rsa + p * csa] : 0.0f;
+    int nstrips = ceil_div(N, NR);
+    int nthreads = parallel ? imin(fo_nthreads(), nstrips) : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int s0 = (int)((long)nstrips * tid / nt), s1 = (int)((long)nstrips * (tid + 1) / nt);
+        for (int pc = 0; pc < K; pc += SM_KB) {
+            int kc = imin(SM_KB, K - pc);
+            for (int s = s0; s < s1; s++) {
+                int j = s * NR, nr = imin(NR, N - j);
+                int pf = s + 1 < s1; /* prefetch the next strip's rows of this k block */
+                for (int i = 0; i < M; i += R) {
+                    int mr = imin(R, M - i);
+                    smk_fn f = mr == 1 ? ks.k1 : mr == 2 ? ks.k2 : mr <= 4 ? ks.k4 : ks.k8;
+                    f(kc, at + (size_t)pc * MP + i, MP, B + (size_t)pc * rsb + j, rsb,
+                      pf && i == 0, C + (size_t)i * ldc + j, ldc, mr, nr,
+                      accumulate || pc > 0, (pc == 0 && bias) ? bias + j : NULL);
+                }
+            }
+        }
+    }
+    fo_free(at);
+}
+
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
 
@@ -448,6 +653,11 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         return;
     }
     double flops = 2.0 * M * N * K;
+    if (M <= SM_MAX_M && csb == 1) {
+        gemm_small_m(kern(), M, N, K, A, rsa, csa, B, rsb, C, ldc, accumulate, bias,
+                     flops >= PAR_MIN_FLOPS);
+        return;
+    }
     gemm_blocked(kern(), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
