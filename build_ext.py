@@ -34,6 +34,46 @@ HINT_OMP = ("OpenMP not available, building single-threaded fastops. For threads
             "on macOS `brew install libomp`")
 
 
+def _libomp_prefixes():
+    """Homebrew's libomp (keg-only: not on the default search paths): its
+    prefix from `brew --prefix libomp`, else the usual places (Apple silicon,
+    Intel)."""
+    import subprocess
+    found = []
+    brew = shutil.which("brew")
+    if brew:
+        try:
+            r = subprocess.run([brew, "--prefix", "libomp"], capture_output=True, text=True,
+                               timeout=30)
+            if r.returncode == 0 and r.stdout.strip():
+                found.append(r.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    found += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    return [p for p in dict.fromkeys(found) if os.path.exists(os.path.join(p, "include", "omp.h"))]
+
+
+def compile_flags(openmp, platform=None):
+    """(compile flags, link flags) for this platform. -std=gnu99 (not c99:
+    GCC contracts a*b+c into FMAs only outside strict ISO mode) and
+    -ffp-contract=fast for every compiler, so the portable kernels get fused
+    multiply-adds too (NEON on ARM); FO_EXTRA_CFLAGS is added everywhere."""
+    platform = platform or sys.platform
+    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast"]
+    ldflags = []
+    if openmp and platform == "darwin":        # Apple clang: libomp's driver flags
+        cflags += ["-Xpreprocessor", "-fopenmp"]
+        for prefix in _libomp_prefixes()[:1]:
+            cflags.append("-I" + os.path.join(prefix, "include"))
+            ldflags += ["-L" + os.path.join(prefix, "lib"), "-Wl,-rpath," + os.path.join(prefix, "lib")]
+        ldflags.append("-lomp")
+    elif openmp:
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    cflags += os.environ.get("FO_EXTRA_CFLAGS", "").split()
+    return cflags, ldflags
+
+
 def _compile(openmp, verbose):
     """Compile fastops.c with cffi in a temp dir; copy the .so to ROOT."""
     import cffi
@@ -41,12 +81,8 @@ def _compile(openmp, verbose):
     ffi.cdef(CDEF)
     with open(os.path.join(ROOT, "fastops.c")) as f:
         src = f.read()
-    flags = ["-O3", "-std=c99"] + os.environ.get("FO_EXTRA_CFLAGS", "").split() + (["-fopenmp"] if openmp else [])
-    if sys.platform == "darwin" and openmp:  # Apple clang needs libomp's driver flags
-        flags = ["-O3", "-std=c99", "-Xpreprocessor", "-fopenmp"]
-    ffi.set_source("_fastops", src, extra_compile_args=flags,
-                   extra_link_args=(["-lomp"] if sys.platform == "darwin" else ["-fopenmp"])
-                   if openmp else [])
+    cflags, ldflags = compile_flags(openmp)
+    ffi.set_source("_fastops", src, extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = tempfile.mkdtemp(prefix="fastops_build_")
     try:
         so = ffi.compile(tmpdir=tmp, verbose=verbose)
