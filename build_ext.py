@@ -57,9 +57,10 @@ def compile_flags(openmp, platform=None):
     """(compile flags, link flags) for this platform. -std=gnu99 (not c99:
     GCC contracts a*b+c into FMAs only outside strict ISO mode) and
     -ffp-contract=fast for every compiler, so the portable kernels get fused
-    multiply-adds too (NEON on ARM); FO_EXTRA_CFLAGS is added everywhere."""
+    multiply-adds too (NEON on ARM); -fno-math-errno lets sqrtf vectorise (fastops
+    never reads errno); FO_EXTRA_CFLAGS is added everywhere."""
     platform = platform or sys.platform
-    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast"]
+    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno"]
     ldflags = []
     if openmp and platform == "darwin":        # Apple clang: libomp's driver flags
         cflags += ["-Xpreprocessor", "-fopenmp"]

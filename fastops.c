@@ -73,6 +73,10 @@ void fo_layernorm_forward(const float *x, const float *w, const float *b, float 
 void fo_layernorm_backward(const float *dy, const float *x, const float *w,
                            const float *mean, const float *rstd, float *dx, float *dw,
                            float *db, int M, int C);
+double fo_sumsq(int n, float *const *x, const long *size);
+void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *const *v,
+              const long *size, const int *decay, float lr, float beta1, float beta2,
+              float eps, float weight_decay, float c1, float c2, float gscale);
 /* API end */
 #ifdef __cplusplus
 }
@@ -1230,6 +1234,143 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
     fo_free(priv);
 }
 
+/* ------------------------------------------------------------------------ */
+/* The optimizer: global gradient norm and AdamW over all parameters, each  */
+/* one C call. The n arrays are seen as one range of elements, split evenly */
+/* between the threads, so small and large arrays alike are spread.         */
+/* ------------------------------------------------------------------------ */
+
+/* Calls body(a, i0, i1) for the part [i0, i1) of array a that falls in this
+ * thread's share [lo, hi) of all the elements. */
+#define FO_FOR_SHARE(n, size, lo, hi, body)                                      \
+    do {                                                                         \
+        long base_ = 0;                                                          \
+        for (int a = 0; a < (n) && base_ < (hi); base_ += (size)[a], a++) {      \
+            long i0 = (lo) > base_ ? (lo) - base_ : 0;                           \
+            long i1 = (hi) - base_ < (size)[a] ? (hi) - base_ : (size)[a];       \
+            if (i0 < i1) body;                                                   \
+        }                                                                        \
+    } while (0)
+
+FO_INLINE double sumsq_block(const float *x, long n) {
+    double total = 0.0;
+    for (long c = 0; c < n; c += 4096) { /* float lanes per 4096, then double */
+        long e = n - c < 4096 ? n - c : 4096;
+        float s[16] = {0};
+        long i = 0;
+        for (; i + 16 <= e; i += 16)
+            for (int l = 0; l < 16; l++) s[l] += x[c + i + l] * x[c + i + l];
+        for (; i < e; i++) s[0] += x[c + i] * x[c + i];
+        double t = 0.0;
+        for (int l = 0; l < 16; l++) t += s[l];
+        total += t;
+    }
+    return total;
+}
+
+/* m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2  (g = gscale * grad),
+ * p *= 1 - lr wd (matrices only),  p -= (lr / c1) m / (sqrt(v / c2) + eps):
+ * llm.AdamW.step, in float32, in the same order. */
+FO_INLINE void adamw_block(float *p, const float *g, float *m, float *v, long n, float b1,
+                           float b2, float eps, float decay, float step, float c2, float gscale) {
+    const float ob1 = 1.0f - b1, ob2 = 1.0f - b2;
+    for (long i = 0; i < n; i++) {
+        float gi = g[i] * gscale;
+        float mi = m[i] * b1 + ob1 * gi;
+        float vi = v[i] * b2 + ob2 * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step * mi / (sqrtf(vi / c2) + eps);
+    }
+}
+
+#define DEFINE_OPTIM(SUFFIX, TARGET)                                                        \
+    TARGET static double sumsq##SUFFIX(const float *x, long n) { return sumsq_block(x, n); } \
+    TARGET static void adamw##SUFFIX(float *p, const float *g, float *m, float *v, long n,  \
+                                     float b1, float b2, float eps, float decay, float step, \
+                                     float c2, float gscale) {                               \
+        adamw_block(p, g, m, v, n, b1, b2, eps, decay, step, c2, gscale); }
+DEFINE_OPTIM(_generic, )
+#if FO_X86
+DEFINE_OPTIM(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_OPTIM(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+typedef double (*sumsq_fn)(const float *, long);
+typedef void (*adamw_fn)(float *, const float *, float *, float *, long, float, float, float,
+                         float, float, float, float);
+
+static void optim_pick(sumsq_fn *s, adamw_fn *a) {
+    *s = sumsq_generic;
+    *a = adamw_generic;
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) { *s = sumsq_avx512; *a = adamw_avx512; }
+    if (kn == &KERN_AVX2) { *s = sumsq_avx2; *a = adamw_avx2; }
+#endif
+}
+
+static long total_size(int n, const long *size) {
+    long t = 0;
+    for (int a = 0; a < n; a++) t += size[a];
+    return t;
+}
+
+/* sum over the n arrays of x^2, in double */
+double fo_sumsq(int n, float *const *x, const long *size) {
+    sumsq_fn sq;
+    adamw_fn aw;
+    optim_pick(&sq, &aw);
+    long total = total_size(n, size);
+    int nth = total > 65536 ? fo_nthreads() : 1;
+    double part[256] = {0};
+    if (nth > 256) nth = 256;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        long lo = total * tid / nt, hi = total * (tid + 1) / nt;
+        double s = 0.0;
+        FO_FOR_SHARE(n, size, lo, hi, s += sq(x[a] + i0, i1 - i0));
+        part[tid] = s;
+    }
+    double s = 0.0;
+    for (int t = 0; t < nth; t++) s += part[t]; /* fixed order: deterministic */
+    return s;
+}
+
+/* One AdamW step over n parameter arrays (p, m, v updated in place);
+ * decay[a] says whether array a is weight-decayed; gscale multiplies every
+ * gradient (the clipping factor; 1 for none). c1, c2: bias corrections. */
+void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *const *v,
+              const long *size, const int *decay, float lr, float beta1, float beta2,
+              float eps, float weight_decay, float c1, float c2, float gscale) {
+    sumsq_fn sq;
+    adamw_fn aw;
+    optim_pick(&sq, &aw);
+    long total = total_size(n, size);
+    int nth = total > 32768 ? fo_nthreads() : 1;
+    float step = lr / c1, shrink = 1.0f - lr * weight_decay;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        long lo = total * tid / nt, hi = total * (tid + 1) / nt;
+        FO_FOR_SHARE(n, size, lo, hi,
+                     aw(p[a] + i0, g[a] + i0, m[a] + i0, v[a] + i0, i1 - i0, beta1, beta2, eps,
+                        decay[a] ? shrink : 1.0f, step, c2, gscale));
+    }
+}
 
 #endif /* !__CUDACC__ : end of CPU section */
 

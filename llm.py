@@ -2037,3 +2037,66 @@ def fo_layernorm_backward(dy, cache):
     _kernels()[0].fo_layernorm_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(mean), _ptr(rstd),
                                         _ptr(dx), _ptr(dw), _ptr(db), M, C)
     return _done(dx, dw, db)
+
+
+# The optimizer in C: the global gradient norm (for clipping) and the AdamW
+# update of every parameter, each one multi-threaded pass over all arrays,
+# the clipping factor applied on the fly (gscale) instead of a pass that
+# scales the gradients. On the CPU only; they update p, m, v in place, so
+# these must be float32, C-contiguous and of the parameter's shape (no copies).
+
+def _f32_inplace(name, a, shape=None):
+    if not isinstance(a, numpy.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != numpy.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (updated in place)")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    return a
+
+
+def _ptr_array(arrays):
+    ffi = _fastops.ffi
+    keep = [ffi.from_buffer(a) for a in arrays]
+    return ffi.new("float *[]", [ffi.cast("float *", k) for k in keep]), keep
+
+
+def fo_grad_sumsq(grads) -> float:
+    """Sum of squares of every array in `grads` (a dict or a list), in float64."""
+    items = grads.items() if isinstance(grads, dict) else enumerate(grads)
+    arrays = [_f32("grads[%r]" % (k,), g, getattr(g, "ndim", 0)) for k, g in items]
+    if xp is not numpy or not arrays:
+        return float(sum(float((a.astype(numpy.float64) ** 2).sum()) for a in arrays))
+    ptrs, keep = _ptr_array(arrays)
+    sizes = _fastops.ffi.new("long[]", [a.size for a in arrays])
+    return _done(_fastops.lib.fo_sumsq(len(arrays), ptrs, sizes))
+
+
+def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, gscale=1.0):
+    """One AdamW step (llm.AdamW.step's arithmetic) for every name in `grads`:
+    params[name], m[name], v[name] updated in place; decay[name] true for the
+    arrays that are weight-decayed; t the step count after this step (for the
+    bias corrections); every gradient multiplied by gscale (clipping) first."""
+    names = list(grads)
+    ps, gs, ms, vs = [], [], [], []
+    for k in names:
+        p = _f32_inplace(f"params[{k!r}]", params[k])
+        g = _f32(f"grads[{k!r}]", grads[k], p.ndim)
+        if g.size != p.size or numpy.shape(grads[k]) != p.shape:
+            raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {numpy.shape(grads[k])}")
+        ps.append(p)
+        gs.append(g)
+        ms.append(_f32_inplace(f"m[{k!r}]", m[k], p.shape))
+        vs.append(_f32_inplace(f"v[{k!r}]", v[k], p.shape))
+    if not names:
+        return
+    ffi, lib = _fastops.ffi, _fastops.lib
+    (pp, k1), (gp, k2), (mp, k3), (vp, k4) = (_ptr_array(a) for a in (ps, gs, ms, vs))
+    b1, b2 = betas
+    lib.fo_adamw(len(names), pp, gp, mp, vp, ffi.new("long[]", [p.size for p in ps]),
+                 ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1),
+                 float(b2), float(eps), float(weight_decay), float(1.0 - b1 ** t),
+                 float(1.0 - b2 ** t), float(gscale))
+    _done()

@@ -199,6 +199,50 @@ static void check_layernorm(int M, int C) {
     free(db); free(ry); free(rdx); free(rdw); free(rdb);
 }
 
+/* ---- the optimizer --------------------------------------------------------- */
+static void check_optimizer(int n, const long *size, float gscale) {
+    float *p[8], *g[8], *m[8], *v[8];
+    int decay[8];
+    double sq = 0.0;
+    for (int a = 0; a < n; a++) {
+        p[a] = frand(size[a], 1.0); g[a] = frand(size[a], 3.0);
+        m[a] = frand(size[a], 0.1); v[a] = frand(size[a], 0.1);
+        for (long i = 0; i < size[a]; i++) { v[a][i] = fabsf(v[a][i]); sq += (double)g[a][i] * g[a][i]; }
+        decay[a] = a % 2;
+    }
+    float got = (float)fo_sumsq(n, g, size);
+    double want = sq;
+    check("sumsq", &got, &want, 1, 1e-5, 0.0);
+    const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+    const int t = 3;
+    double c1 = 1.0 - pow(b1, t), c2 = 1.0 - pow(b2, t);
+    double *rp[8], *rm[8], *rv[8];
+    for (int a = 0; a < n; a++) {
+        rp[a] = (double *)malloc(sizeof(double) * size[a]);
+        rm[a] = (double *)malloc(sizeof(double) * size[a]);
+        rv[a] = (double *)malloc(sizeof(double) * size[a]);
+        for (long i = 0; i < size[a]; i++) {
+            double gi = (double)g[a][i] * gscale;
+            rm[a][i] = b1 * m[a][i] + (1 - b1) * gi;
+            rv[a][i] = b2 * v[a][i] + (1 - b2) * gi * gi;
+            double pi = decay[a] ? p[a][i] * (1 - lr * wd) : p[a][i];
+            rp[a][i] = pi - lr / c1 * rm[a][i] / (sqrt(rv[a][i] / c2) + eps);
+        }
+    }
+    fo_adamw(n, p, g, m, v, size, decay, (float)lr, (float)b1, (float)b2, (float)eps, (float)wd,
+             (float)c1, (float)c2, gscale);
+    for (int a = 0; a < n; a++) {
+        char what[96];
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): p", fo_isa(), a, n, size[a]);
+        check(what, p[a], rp[a], size[a], 2e-5, 1e-6);
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): m", fo_isa(), a, n, size[a]);
+        check(what, m[a], rm[a], size[a], 2e-5, 1e-6);
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): v", fo_isa(), a, n, size[a]);
+        check(what, v[a], rv[a], size[a], 2e-5, 1e-6);
+        free(p[a]); free(g[a]); free(m[a]); free(v[a]); free(rp[a]); free(rm[a]); free(rv[a]);
+    }
+}
+
 static void check_all(void) {
     static const int dims[] = {1, 2, 3, 7, 15, 16, 17, 31, 33, 65, 130};
     const int nd = (int)(sizeof dims / sizeof dims[0]);
@@ -222,6 +266,9 @@ static void check_all(void) {
     static const int ms[] = {1, 3, 97, 300}, cs[] = {1, 5, 16, 17, 129, 384};
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 6; j++) check_layernorm(ms[i], cs[j]);
+    static const long sz1[] = {1}, sz2[] = {17, 3, 70001, 1, 4096, 129};
+    check_optimizer(1, sz1, 1.0f);
+    check_optimizer(6, sz2, 0.37f);
 }
 
 int main(void) {

@@ -409,3 +409,97 @@ def test_out_of_memory_in_a_kernel_is_an_error_not_a_crash(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 7 and all("MemoryError: fastops: out of memory" in l for l in lines), r.stdout
+
+
+# ---- the optimizer: gradient norm and AdamW in one C pass each ------------------
+
+SIZES = st.lists(st.sampled_from([(1,), (3,), (17,), (1, 1), (5, 7), (16, 33), (129, 65),
+                                  (300, 301), (70001,)]), min_size=1, max_size=6)
+
+
+@FAST
+@given(shapes=SIZES, seed=st.integers(0, 2**16))
+def test_grad_sumsq_matches_float64(shapes, seed):
+    rng = np.random.default_rng(seed)
+    grads = {f"g{i}": randn(rng, *s) * np.float32(10.0 ** rng.integers(-3, 3))
+             for i, s in enumerate(shapes)}
+    ref = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())
+    assert math.isclose(llm.fo_grad_sumsq(grads), ref, rel_tol=1e-5)
+    assert llm.fo_grad_sumsq(list(grads.values())) == llm.fo_grad_sumsq(grads)
+
+
+def adamw_reference(p, g, m, v, decay, lr, b1, b2, eps, wd, t, gscale):
+    p, g, m, v = (a.astype(np.float64) for a in (p, g, m, v))
+    g = g * gscale
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    if decay:
+        p = p * (1 - lr * wd)
+    return p - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps), m, v
+
+
+@FAST
+@given(shapes=SIZES, t=st.sampled_from([1, 2, 10, 1000]), gscale=st.sampled_from([1.0, 0.37]),
+       path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_adamw_matches_float64_reference(shapes, t, gscale, path, seed):
+    rng = np.random.default_rng(seed)
+    names = [f"w{i}" for i in range(len(shapes))]
+    params = {k: randn(rng, *s) for k, s in zip(names, shapes)}
+    grads = {k: randn(rng, *s) for k, s in zip(names, shapes)}
+    m = {k: randn(rng, *s) * np.float32(0.1) for k, s in zip(names, shapes)}
+    v = {k: np.abs(randn(rng, *s)) * np.float32(0.01) for k, s in zip(names, shapes)}
+    decay = {k: params[k].ndim >= 2 for k in names}
+    ref = {k: adamw_reference(params[k], grads[k], m[k], v[k], decay[k], 1e-2, 0.9, 0.95, 1e-8,
+                              0.1, t, gscale) for k in names}
+    with isa(path):
+        llm.fo_adamw_step(params, grads, m, v, decay, 1e-2, (0.9, 0.95), 1e-8, 0.1, t, gscale)
+    for k in names:
+        for got, want in zip((params[k], m[k], v[k]), ref[k]):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_adamw_equals_llm_adamw_step():
+    """The C pass and llm.AdamW.step (NumPy, float32) take the same step,
+    clipping included, to float32 rounding."""
+    rng = np.random.default_rng(3)
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    ref_params = {k: p.copy() for k, p in model.params.items()}
+    opt = llm.AdamW(lr=1e-2)
+    m, v = {}, {}
+    for step in range(1, 4):
+        grads = {k: randn(rng, *p.shape) for k, p in model.params.items()}
+        g_np = {k: g.copy() for k, g in grads.items()}
+        norm = llm.clip_grad_norm(g_np, 1.0)
+        opt.step(ref_params, g_np)
+        fo_norm = math.sqrt(llm.fo_grad_sumsq(grads))
+        assert math.isclose(fo_norm, norm, rel_tol=1e-6)
+        for k, p in model.params.items():
+            m.setdefault(k, np.zeros_like(p)), v.setdefault(k, np.zeros_like(p))
+        llm.fo_adamw_step(model.params, grads, m, v, {k: p.ndim >= 2 for k, p in model.params.items()},
+                          opt.lr, opt.betas, opt.eps, opt.weight_decay, step,
+                          gscale=min(1.0, 1.0 / (fo_norm + 1e-6)))
+    for k in ref_params:
+        np.testing.assert_allclose(model.params[k], ref_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_optimizer_bad_input():
+    p = {"w": np.zeros((3, 4), np.float32)}
+    g = {"w": np.ones((3, 4), np.float32)}
+    mv = lambda: ({"w": np.zeros((3, 4), np.float32)}, {"w": np.zeros((3, 4), np.float32)})
+    with pytest.raises(ValueError, match=r"grads\['w'\]"):
+        llm.fo_adamw_step(p, {"w": np.ones((4, 3), np.float32)}, *mv(), {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    m, v = mv()
+    with pytest.raises(TypeError, match=r"m\['w'\]"):
+        llm.fo_adamw_step(p, g, {"w": m["w"].astype(np.float64)}, v, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(ValueError, match=r"v\['w'\]"):
+        llm.fo_adamw_step(p, g, m, {"w": np.zeros((4, 3), np.float32).T}, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(ValueError, match=r"params\['w'\]"):
+        llm.fo_adamw_step({"w": np.zeros((4, 3), np.float32).T}, g, m, v, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(TypeError, match=r"grads\['w'\]"):
+        llm.fo_grad_sumsq({"w": g["w"].astype(np.float16)})
+    assert llm.fo_grad_sumsq({}) == 0.0
