@@ -478,7 +478,8 @@ class TorchWorker:
         import subprocess
         self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env={k: v for k, v in os.environ.items() if k != "LLM_NUMPY"})
+                                  env={k: v for k, v in os.environ.items()   # PyTorch's defaults
+                                       if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
         self.info = self.ask(cmd="hello")
 
     def ask(self, **msg):
@@ -499,6 +500,8 @@ class TorchWorker:
 
 def torch_worker():
     """The worker's loop: one JSON command per line in, one JSON answer out."""
+    for k in llm._OMP_SET_HERE:                       # PyTorch runs with its own defaults
+        del os.environ[k]
     import torch
     try:
         import transformers
@@ -514,6 +517,7 @@ def torch_worker():
             break
         if cmd == "hello":
             ans = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                    "transformers": getattr(transformers, "__version__", None)}
         elif cmd == "train":
             name = msg["model"]
@@ -663,6 +667,8 @@ def main():
     peak = peak_gflops(isa, threads, mhz)
     t_start = time.perf_counter()
     print(f"# {model}; fastops kernel: {isa}; OpenMP threads: {threads}; numpy {np.__version__}")
+    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive unless set)")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
     print(f"# FP32 peak assumption: {threads} cores x {16 if isa == 'avx512' else 8 if isa == 'avx2' else 4}"

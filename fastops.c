@@ -77,6 +77,8 @@ double fo_sumsq(int n, float *const *x, const long *size);
 void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *const *v,
               const long *size, const int *decay, float lr, float beta1, float beta2,
               float eps, float weight_decay, float c1, float c2, float gscale);
+void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
+                      float *loss, float *dlogits, float dscale, int M, int V);
 /* API end */
 #ifdef __cplusplus
 }
@@ -1369,6 +1371,63 @@ void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *c
         FO_FOR_SHARE(n, size, lo, hi,
                      aw(p[a] + i0, g[a] + i0, m[a] + i0, v[a] + i0, i1 - i0, beta1, beta2, eps,
                         decay[a] ? shrink : 1.0f, step, c2, gscale));
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Softmax with cross-entropy, fused: one row of logits is read once, and   */
+/* the gradient is written in the same pass (the loss's gradient is known   */
+/* before the backward starts: d loss / d logits = softmax - onehot).       */
+/* ------------------------------------------------------------------------ */
+FO_INLINE void ce_row(const float *x, int64_t target, float w, float *loss, float *d, int V,
+                      float dscale) {
+    float mx = row_max(x, V, -INFINITY);
+    for (int c = 0; c < V; c++) d[c] = x[c] - mx;
+    exp_inplace(d, V);
+    float sum = row_sum(d, V);
+    *loss = logf(sum) - (x[target] - mx);          /* -log softmax(x)[target] */
+    float g = w * dscale, s = g / sum;
+    for (int c = 0; c < V; c++) d[c] *= s;
+    d[target] -= g;
+}
+
+#define DEFINE_CE(SUFFIX, TARGET)                                                           \
+    TARGET static void ce_rows##SUFFIX(const float *x, const int64_t *t, const float *w,    \
+                                       float *loss, float *d, int M, int V, float dscale) { \
+        for (int r = 0; r < M; r++)                                                         \
+            ce_row(x + (size_t)r * V, t[r], w ? w[r] : 1.0f, loss + r, d + (size_t)r * V,   \
+                   V, dscale); }
+DEFINE_CE(_generic, )
+#if FO_X86
+DEFINE_CE(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_CE(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+/* logits[M,V], targets[M] in 0..V-1 (checked by the caller), weights[M] or
+ * NULL (all 1): loss[r] = -log softmax(logits[r])[targets[r]], and
+ * dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale. */
+void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
+                      float *loss, float *dlogits, float dscale, int M, int V) {
+    void (*rows)(const float *, const int64_t *, const float *, float *, float *, int, int,
+                 float) = ce_rows_generic;
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) rows = ce_rows_avx512;
+    if (kn == &KERN_AVX2) rows = ce_rows_avx2;
+#endif
+    int nth = (double)M * V > 65536 ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
+        rows(logits + (size_t)r0 * V, targets + r0, weights ? weights + r0 : NULL, loss + r0,
+             dlogits + (size_t)r0 * V, r1 - r0, V, dscale);
     }
 }
 

@@ -1790,9 +1790,24 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # is also the reference the C kernels are tested against. LLM_NUMPY=1 forces
 # NumPy everywhere. The wrappers check every array before a pointer goes to C.
 
+# OpenMP's idle threads sleep at once instead of spinning (OMP_WAIT_POLICY,
+# read by libgomp when fastops loads it, so it is set before; a value in the
+# environment wins). On a machine whose cores are shared with other busy
+# processes, a spinning thread holds a core while the thread it waits for
+# has been preempted, and every barrier can cost a scheduler tick: measured
+# here with other jobs running, the small benchmark model's training step took
+# 0.33-0.45 s passive against 0.82-1.06 s spinning (bench.py prints the policy).
+_OMP_ENV = {"OMP_WAIT_POLICY": "passive"}
+_OMP_SET_HERE = []                                     # the ones llm.py set (not the user)
+
+
 def _load_fastops():
     if os.environ.get("LLM_NUMPY") == "1":
         return None
+    for k, val in _OMP_ENV.items():
+        if k not in os.environ:
+            os.environ[k] = val
+            _OMP_SET_HERE.append(k)
     import glob, importlib.util, warnings
     here = os.path.dirname(os.path.abspath(__file__))
     for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
@@ -2100,3 +2115,30 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
                  float(b2), float(eps), float(weight_decay), float(1.0 - b1 ** t),
                  float(1.0 - b2 ** t), float(gscale))
     _done()
+
+
+# Softmax with cross-entropy in one pass (CPU): per-row losses and the
+# gradient of sum(weights * loss) * dscale with respect to the logits.
+
+def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
+    """logits (M, V), targets (M,) integer ids, weights (M,) or None ->
+    (loss (M,), dlogits (M, V)), loss[r] = -log softmax(logits[r])[targets[r]],
+    dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale."""
+    logits = _f32("logits", logits, 2)
+    M, V = logits.shape
+    t = numpy.asarray(targets)
+    if t.shape != (M,) or t.dtype.kind not in "iu":
+        raise ValueError(f"targets: expected ({M},) integer ids, got shape {t.shape} dtype {t.dtype}")
+    if M and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"targets: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
+    t = numpy.ascontiguousarray(t, dtype=numpy.int64)
+    if weights is not None:
+        weights = _f32("weights", weights, 1)
+        if weights.shape != (M,):
+            raise ValueError(f"weights: expected shape ({M},), got {weights.shape}")
+    loss, dlogits = numpy.empty(M, numpy.float32), numpy.empty((M, V), numpy.float32)
+    ffi, lib = _fastops.ffi, _fastops.lib
+    lib.fo_cross_entropy(_ptr(logits), ffi.cast("int64_t *", ffi.from_buffer(t)),
+                         ffi.NULL if weights is None else _ptr(weights), _ptr(loss),
+                         _ptr(dlogits), float(dscale), M, V)
+    return _done(loss, dlogits)

@@ -243,6 +243,31 @@ static void check_optimizer(int n, const long *size, float gscale) {
     }
 }
 
+/* ---- softmax with cross-entropy -------------------------------------------- */
+static void check_cross_entropy(int M, int V, double scale) {
+    float *x = frand((size_t)M * V, scale), *w = frand(M, 1.0), *loss = frand(M, 1.0);
+    float *d = frand((size_t)M * V, 1.0);
+    int64_t *t = (int64_t *)malloc(sizeof(int64_t) * M);
+    double *rl = (double *)malloc(sizeof(double) * M), *rd = (double *)malloc(sizeof(double) * M * V);
+    for (int r = 0; r < M; r++) {
+        const float *xr = x + (size_t)r * V;
+        t[r] = (int64_t)((urand() + 1.0) * 0.5 * V) % V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int c = 0; c < V; c++) mx = xr[c] > mx ? xr[c] : mx;
+        for (int c = 0; c < V; c++) sum += exp(xr[c] - mx);
+        rl[r] = log(sum) - (xr[t[r]] - mx);
+        for (int c = 0; c < V; c++)
+            rd[(size_t)r * V + c] = (exp(xr[c] - mx) / sum - (c == t[r])) * w[r] * 0.25;
+    }
+    fo_cross_entropy(x, t, w, loss, d, 0.25f, M, V);
+    char what[96];
+    snprintf(what, sizeof what, "cross_entropy[%s] M=%d V=%d: loss", fo_isa(), M, V);
+    check(what, loss, rl, M, 1e-5, 1e-5 * (1.0 + log((double)V)));
+    snprintf(what, sizeof what, "cross_entropy[%s] M=%d V=%d: dlogits", fo_isa(), M, V);
+    check(what, d, rd, (size_t)M * V, 1e-4, 1e-7);
+    free(x); free(w); free(loss); free(d); free(t); free(rl); free(rd);
+}
+
 static void check_all(void) {
     static const int dims[] = {1, 2, 3, 7, 15, 16, 17, 31, 33, 65, 130};
     const int nd = (int)(sizeof dims / sizeof dims[0]);
@@ -269,6 +294,10 @@ static void check_all(void) {
     static const long sz1[] = {1}, sz2[] = {17, 3, 70001, 1, 4096, 129};
     check_optimizer(1, sz1, 1.0f);
     check_optimizer(6, sz2, 0.37f);
+    check_cross_entropy(1, 1, 1.0);
+    check_cross_entropy(7, 17, 3.0);
+    check_cross_entropy(65, 260, 1.0);
+    check_cross_entropy(3, 50257, 10.0);
 }
 
 int main(void) {

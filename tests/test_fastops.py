@@ -503,3 +503,60 @@ def test_optimizer_bad_input():
     with pytest.raises(TypeError, match=r"grads\['w'\]"):
         llm.fo_grad_sumsq({"w": g["w"].astype(np.float16)})
     assert llm.fo_grad_sumsq({}) == 0.0
+
+
+# ---- softmax with cross-entropy, fused -----------------------------------------
+
+@FAST
+@given(M=st.sampled_from([1, 2, 7, 64, 257]), V=st.sampled_from([1, 2, 3, 17, 31, 260, 1000, 50257]),
+       scale=st.sampled_from([0.1, 3.0, 40.0]), weighted=st.booleans(), path=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+def test_cross_entropy_matches_float64_reference(M, V, scale, weighted, path, seed):
+    if M * V > 3_000_000:
+        M = 3
+    rng = np.random.default_rng(seed)
+    logits = randn(rng, M, V) * np.float32(scale)
+    targets = rng.integers(0, V, M)
+    w = rng.random(M).astype(np.float32) if weighted else None
+    with isa(path):
+        loss, d = llm.fo_cross_entropy(logits, targets, w, dscale=0.5)
+    x = logits.astype(np.float64)
+    z = x - x.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ref_loss = -logp[np.arange(M), targets]
+    ref_d = np.exp(logp)
+    ref_d[np.arange(M), targets] -= 1
+    ref_d *= (np.ones(M) if w is None else w)[:, None] * 0.5
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5 * (1 + math.log(V)))
+    np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-7)
+
+
+def test_cross_entropy_equals_llm_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits, targets = randn(rng, 3, 5, 67), rng.integers(0, 67, (3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    prev = llm.set_backend("numpy")
+    try:
+        loss_ref, cache = llm.cross_entropy_forward(logits, targets, mask)
+        d_ref = llm.cross_entropy_backward(cache)
+    finally:
+        llm.set_backend(prev)
+    n = max(mask.sum(), 1)
+    loss, d = llm.fo_cross_entropy(logits.reshape(15, 67), targets.reshape(15), mask.reshape(15),
+                                   dscale=1 / n)
+    assert math.isclose(float((loss * mask.reshape(15)).sum() / n), float(loss_ref), rel_tol=1e-5)
+    np.testing.assert_allclose(d.reshape(3, 5, 67), d_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_cross_entropy_bad_input():
+    x = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0.0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="weights"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2, 3]), np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="logits"):
+        llm.fo_cross_entropy(x.astype(np.float64), np.array([0, 1, 2, 3]))
