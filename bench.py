@@ -111,6 +111,37 @@ def bench_matmul(quick):
     return [(c[0], c[1], a, b) for c, a, b in zip(cases, t_np, t_fo)]
 
 
+def bench_matmul_generation(quick):
+    """Generation's products: one row per sequence (batch 1 and 16) through
+    GPT-2 124M's four weight shapes, fastops vs NumPy. Each weight is used
+    once per token, so its 12 layers' worth of matrices are cycled through
+    (340 MB: they come from memory, as in generation, not from the cache)."""
+    rng = np.random.default_rng(0)
+    lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
+    C = GEN_MODEL["n_embd"]
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes * GEN_MODEL["n_layer"]]
+    rows = []
+    for M in (1, 16):
+        xs = {K: rng.standard_normal((M, K), dtype=np.float32) for K in (C, 4 * C)}
+        ys = [np.empty((M, w.shape[1]), np.float32) for w in ws]
+        args = [(M, w.shape[1], w.shape[0], ptr(xs[w.shape[0]]), w.shape[0], 1, ptr(w), w.shape[1], 1,
+                 ptr(y), w.shape[1], 0, NULL) for w, y in zip(ws, ys)]
+        fl = sum(2.0 * M * w.size for w in ws)
+        def np_all():
+            for w, y in zip(ws, ys):
+                np.matmul(xs[w.shape[0]], w, out=y)
+        def fo_all():
+            for a in args:
+                lib.fo_sgemm(*a)
+        t_np = best_of(np_all, 2 if quick else 5)
+        settle()
+        t_fo = best_of(fo_all, 2 if quick else 5)
+        settle()
+        rows.append((M, fl, sum(w.nbytes for w in ws), t_np, t_fo))
+    return rows
+
+
 # ---- 2. attention ---------------------------------------------------------------
 
 def fused_scratch_bytes(B, H, T, D, threads):
@@ -687,6 +718,11 @@ def main():
         print(f"{label:44s} {fl / tn / 1e9:8.1f} {fl / tf / 1e9:8.1f} {tn / tf:6.2f} {100 * fl / tf / 1e9 / peak:5.0f}%")
     matmul_ratio = sum(r[2] for r in mm) / sum(r[3] for r in mm)
     print(f"all shapes, total time: numpy / fastops = {matmul_ratio:.2f}")
+    print("\n## generation's products: GPT-2 124M's 48 weight matrices, batch M rows (weights from memory)")
+    print(f"{'M':>3s} {'numpy ms':>9s} {'fastops ms':>10s} {'ratio':>6s} {'GB/s numpy':>11s} {'GB/s fastops':>13s}")
+    mmg = bench_matmul_generation(args.quick)
+    for M, fl, nbytes, tn, tf in mmg:
+        print(f"{M:3d} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:6.2f} {nbytes / tn / 1e9:11.1f} {nbytes / tf / 1e9:13.1f}")
 
     print("\n## causal attention, forward + backward (H=6, D=64, B*T=2048)")
     print(f"{'B x T':>10s} {'numpy ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'numpy MB':>9s} {'fused MB':>9s}")
@@ -709,8 +745,13 @@ def main():
         print(f"{name:6s} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f} {tok / tf:14.0f}")
 
     print("\n## profile of one training step (fastops path), ms and share of the step")
+    in_step = {}
     for name in MODELS:
+        acc_np, _ = profile_step(name, "numpy", 1 if args.quick else 3)
+        settle()
         acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
+        lin = lambda a: a.get("linear_forward", 0.0) + a.get("linear_backward", 0.0)
+        in_step[name] = lin(acc_np) / lin(acc)
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
                  "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
@@ -724,6 +765,8 @@ def main():
         print(f"   of the {len(heavy)} functions with C kernels' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
               f" Python overhead (checks, copies, allocation) {(wrappers - inside) * 1e3:.2f} ms"
               f" = {100 * (wrappers - inside) / total:.1f}% of the step")
+        print(f"   the linear layers inside the step: NumPy's BLAS {lin(acc_np) * 1e3:.2f} ms, fastops"
+              f" {lin(acc) * 1e3:.2f} ms: {in_step[name]:.2f}x")
 
     torch_python = None if args.no_torch else find_torch_python(args.torch_python)
     vs = {}
@@ -751,7 +794,9 @@ def main():
     print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
     result = {
         "matmul_vs_blas": round(matmul_ratio, 3),
+        **{f"matmul_generation_vs_blas_b{M}": round(tn / tf, 3) for M, _, _, tn, tf in mmg},
         "attention_vs_numpy": round(att_ratio, 3),
+        **{f"matmul_in_step_vs_blas_{n}": round(r, 3) for n, r in in_step.items()},
         "train_step_vs_numpy_small": round(tr[("small", "numpy")] / tr[("small", "fastops")], 3),
         "train_step_vs_numpy_large": round(tr[("large", "numpy")] / tr[("large", "fastops")], 3),
         "ms_per_step_small": round(tr[("small", "fastops")] * 1e3, 2),
