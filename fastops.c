@@ -642,6 +642,72 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
     fo_free(at);
 }
 
+#if FO_X86
+/* Small M with B = W^T, W row-major [N, K] (the tied head's wte.T: rsb = 1):
+ * C[i, j] = dot(A[i, :], W[j, :]), each row of W read once, contiguously,
+ * for every group of 4 rows of A. A 4 x 4 block of dot products keeps 16
+ * zmm accumulators; per 16 values of k: 4 loads of W, 4 of A, 16 FMAs. */
+__attribute__((target("avx512f"))) static void smt_512(int K, const float *a, int Kp,
+                                                       const float *w, ptrdiff_t ldw, int nj,
+                                                       float *out) {
+    __m512 acc[4][4];
+    const float *wr[4];
+    for (int jj = 0; jj < 4; jj++) {
+        wr[jj] = w + (jj < nj ? jj : 0) * ldw; /* missing rows: repeat row 0, discarded */
+        for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_setzero_ps();
+    }
+    int p = 0;
+    for (; p + 16 <= K; p += 16) {
+        __m512 av[4];
+        for (int ii = 0; ii < 4; ii++) av[ii] = _mm512_load_ps(a + (size_t)ii * Kp + p);
+        for (int jj = 0; jj < 4; jj++) {
+            __m512 wv = _mm512_loadu_ps(wr[jj] + p);
+            for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_fmadd_ps(wv, av[ii], acc[jj][ii]);
+        }
+    }
+    if (p < K) { /* the tail: W masked (never past its row), A zero padded */
+        __mmask16 m = (__mmask16)((1u << (K - p)) - 1);
+        __m512 av[4];
+        for (int ii = 0; ii < 4; ii++) av[ii] = _mm512_load_ps(a + (size_t)ii * Kp + p);
+        for (int jj = 0; jj < 4; jj++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, wr[jj] + p);
+            for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_fmadd_ps(wv, av[ii], acc[jj][ii]);
+        }
+    }
+    for (int jj = 0; jj < 4; jj++)
+        for (int ii = 0; ii < 4; ii++) out[jj * 4 + ii] = _mm512_reduce_add_ps(acc[jj][ii]);
+}
+
+static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                           const float *W, ptrdiff_t ldw, float *C, ptrdiff_t ldc,
+                           int accumulate, const float *bias, int parallel) {
+    int Kp = ceil_div(K, 16) * 16, MP = ceil_div(M, 4) * 4;
+    float *at = fo_alloc((size_t)MP * Kp); /* A's rows, zero padded to 4 x 16 */
+    if (!at) return; /* out of memory: recorded by fo_alloc */
+    for (int i = 0; i < MP; i++)
+        for (int p = 0; p < Kp; p++)
+            at[(size_t)i * Kp + p] = (i < M && p < K) ? A[i * rsa + p * csa] : 0.0f;
+    long nblocks = ceil_div(N, 4);
+    int nthreads = parallel ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (long jb = 0; jb < nblocks; jb++) {
+        int j = (int)jb * 4, nj = imin(4, N - j);
+        float out[16];
+        for (int i0 = 0; i0 < M; i0 += 4) {
+            smt_512(K, at + (size_t)i0 * Kp, Kp, W + (size_t)j * ldw, ldw, nj, out);
+            for (int ii = 0; ii < imin(4, M - i0); ii++) {
+                float *c = C + (size_t)(i0 + ii) * ldc + j;
+                for (int jj = 0; jj < nj; jj++)
+                    c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 4 + ii] + (bias ? bias[j + jj] : 0.0f);
+            }
+        }
+    }
+    fo_free(at);
+}
+#endif /* FO_X86 */
+
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
 
@@ -664,6 +730,13 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                      flops >= PAR_MIN_FLOPS);
         return;
     }
+#if FO_X86
+    if (M <= SM_MAX_M && rsb == 1 && kern() == &KERN_AVX512) {
+        gemm_small_m_t(M, N, K, A, rsa, csa, B, csb, C, ldc, accumulate, bias,
+                       flops >= PAR_MIN_FLOPS);
+        return;
+    }
+#endif
     gemm_blocked(kern(), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
