@@ -111,6 +111,37 @@ def bench_matmul(quick):
     return [(c[0], c[1], a, b) for c, a, b in zip(cases, t_np, t_fo)]
 
 
+def bench_matmul_generation(quick):
+    """Generation's products: one row per sequence (batch 1 and 16) through
+    GPT-2 124M's four weight shapes, fastops vs NumPy. Each weight is used
+    once per token, so its 12 layers' worth of matrices are cycled through
+    (340 MB: they come from memory, as in generation, not from the cache)."""
+    rng = np.random.default_rng(0)
+    lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
+    C = GEN_MODEL["n_embd"]
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes * GEN_MODEL["n_layer"]]
+    rows = []
+    for M in (1, 16):
+        xs = {K: rng.standard_normal((M, K), dtype=np.float32) for K in (C, 4 * C)}
+        ys = [np.empty((M, w.shape[1]), np.float32) for w in ws]
+        args = [(M, w.shape[1], w.shape[0], ptr(xs[w.shape[0]]), w.shape[0], 1, ptr(w), w.shape[1], 1,
+                 ptr(y), w.shape[1], 0, NULL) for w, y in zip(ws, ys)]
+        fl = sum(2.0 * M * w.size for w in ws)
+        def np_all():
+            for w, y in zip(ws, ys):
+                np.matmul(xs[w.shape[0]], w, out=y)
+        def fo_all():
+            for a in args:
+                lib.fo_sgemm(*a)
+        t_np = best_of(np_all, 2 if quick else 5)
+        settle()
+        t_fo = best_of(fo_all, 2 if quick else 5)
+        settle()
+        rows.append((M, fl, sum(w.nbytes for w in ws), t_np, t_fo))
+    return rows
+
+
 # ---- 2. attention ---------------------------------------------------------------
 
 def fused_scratch_bytes(B, H, T, D, threads):
@@ -167,8 +198,13 @@ def make_model_cfg(cfg, batch):
 
 
 def train_step(model, opt, idx, tgt):
+    """One training step as train.py takes it: forward, backward, global-norm
+    clipping at 1.0, AdamW (llm.AdamW's defaults: betas 0.9/0.95, weight
+    decay 0.1 on matrices only)."""
     model.forward(idx, tgt)
-    opt.step(model.params, model.backward())
+    grads = model.backward()
+    llm.clip_grad_norm(grads, 1.0)
+    opt.step(model.params, grads)
 
 
 def bench_train(quick):
@@ -193,7 +229,7 @@ def bench_train(quick):
 
 PROFILED = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
             "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
-            "cross_entropy_forward", "cross_entropy_backward"]
+            "cross_entropy_forward", "cross_entropy_backward", "clip_grad_norm"]
 
 
 class _TimedLib:
@@ -409,13 +445,248 @@ def bench_cuda(steps):
     print(json.dumps(result))
 
 
+# ---- 6. PyTorch side by side, on the CPU -------------------------------------------
+# The same training step (the MODELS above, forward + backward + clip 1.0 +
+# AdamW with llm.AdamW's settings, fp32, tied head) and greedy generation
+# with a KV cache on a GPT-2 124M-shaped model (random weights), in PyTorch
+# with its default threads. PyTorch runs in a worker process (this file with
+# --torch-worker) that waits on a pipe while llm runs, so the two never share
+# an OpenMP runtime or compete for the cores; rounds alternate llm, PyTorch,
+# llm, PyTorch... and each side's figure is the median over its rounds.
+# torch (and transformers, for its generate) are used when importable; they
+# are never requirements.
+
+GEN_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
+GEN_PROMPT, GEN_NEW = 10, 48
+
+
+def torch_optimizer(model, lr=1e-4):
+    """AdamW as llm.AdamW: betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only."""
+    import torch
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def torch_generate_kv(model, idx, new_tokens):
+    """Greedy decoding with a hand-written KV cache over torch_gpt2's modules:
+    the prompt in one pass, then one position per token (keys and values
+    concatenated per layer, as llm.KVCache does)."""
+    import torch
+    import torch.nn.functional as F
+    C, H = model.wte.weight.shape[1], model.n_head
+    kv = [None] * len(model.h)
+
+    def forward(ids, past):
+        B, T = ids.shape
+        x = model.wte(ids) + model.wpe(torch.arange(past, past + T))
+        for i, blk in enumerate(model.h):
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2)
+                       for t in blk.c_attn(blk.ln_1(x)).split(C, 2))
+            if kv[i] is not None:
+                k, v = torch.cat([kv[i][0], k], 2), torch.cat([kv[i][1], v], 2)
+            kv[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
+            x = x + blk.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + blk.mlp_proj(F.gelu(blk.c_fc(blk.ln_2(x)), approximate="tanh"))
+        return model.ln_f(x[:, -1]) @ model.wte.weight.T
+
+    out = []
+    with torch.inference_mode():
+        logits = forward(idx, 0)
+        for step in range(new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            if step + 1 < new_tokens:
+                logits = forward(nxt, idx.shape[1] + step)
+    return torch.cat(out, 1)
+
+
+class TorchWorker:
+    """bench.py --torch-worker in a child process, driven by JSON lines."""
+
+    def __init__(self, python):
+        import subprocess
+        self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env={k: v for k, v in os.environ.items()   # PyTorch's defaults
+                                       if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
+        self.info = self.ask(cmd="hello")
+
+    def ask(self, **msg):
+        self.p.stdin.write(json.dumps(msg) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("the PyTorch worker died (its error is above)")
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.ask(cmd="quit")
+        except Exception:
+            pass
+        self.p.wait(timeout=30)
+
+
+def torch_worker():
+    """The worker's loop: one JSON command per line in, one JSON answer out."""
+    for k in llm._OMP_SET_HERE:                       # PyTorch runs with its own defaults
+        del os.environ[k]
+    import torch
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    torch.manual_seed(0)
+    models, out = {}, sys.stdout
+    sys.stdout = sys.stderr                           # stray prints must not break the pipe
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd, ans = msg["cmd"], {}
+        if cmd == "quit":
+            break
+        if cmd == "hello":
+            ans = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "transformers": getattr(transformers, "__version__", None)}
+        elif cmd == "train":
+            name = msg["model"]
+            if name not in models:
+                cfg, batch = MODELS[name]
+                m = torch_gpt2(cfg, "cpu")
+                g = torch.Generator().manual_seed(0)
+                idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
+                            for _ in range(2))
+                models[name] = (m, torch_optimizer(m), idx, tgt)
+            m, opt, idx, tgt = models[name]
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                m(idx, tgt).backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opt.step()
+            step()                                    # warm-up
+            times = []
+            for _ in range(msg["steps"]):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            ans = {"times": times}
+        elif cmd == "generate":
+            impl, B = msg["impl"], msg["batch"]
+            g = torch.Generator().manual_seed(1)
+            idx = torch.randint(0, GEN_MODEL["vocab_size"], (B, GEN_PROMPT), generator=g)
+            if impl == "kv":
+                if "gen" not in models:
+                    models["gen"] = torch_gpt2(GEN_MODEL, "cpu").eval()
+                    models["gen"].n_head = GEN_MODEL["n_head"]
+                run = lambda: torch_generate_kv(models["gen"], idx, GEN_NEW)
+            else:                                     # Hugging Face transformers' generate
+                if "hf" not in models:
+                    c = GEN_MODEL
+                    models["hf"] = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                        n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                        n_positions=c["block_size"], vocab_size=c["vocab_size"])).eval()
+                mask = torch.ones_like(idx)
+                run = lambda: models["hf"].generate(
+                    idx, attention_mask=mask, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                    do_sample=False, use_cache=True, pad_token_id=0)
+            with torch.inference_mode():
+                run()                                 # warm-up
+                times = []
+                for _ in range(msg["reps"]):
+                    t = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t)
+            ans = {"times": times}
+        out.write(json.dumps(ans) + "\n")
+        out.flush()
+
+
+def find_torch_python(arg):
+    """The interpreter that runs the PyTorch worker: --torch-python, else this
+    one when it can import torch; None when neither."""
+    if arg:
+        return arg
+    import importlib.util
+    return sys.executable if importlib.util.find_spec("torch") is not None else None
+
+
+def bench_vs_torch(quick, python):
+    """-> dict of medians: ('train', model, side) and ('gen', batch, side) in
+    seconds (side: 'llm', 'torch', 'hf'), plus 'info'."""
+    worker = TorchWorker(python)
+    res = {"info": worker.info}
+    rounds = 1 if quick else 3
+    try:
+        for name in MODELS:
+            model, opt, idx, tgt = make_model(name)
+            steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
+            llm.set_backend("auto")                   # what a user's run uses: each kernel where it wins here
+            train_step(model, opt, idx, tgt)          # warm-up
+            mine, theirs = [], []
+            for _ in range(rounds):
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    train_step(model, opt, idx, tgt)
+                    mine.append(time.perf_counter() - t)
+                settle()
+                theirs += worker.ask(cmd="train", model=name, steps=steps)["times"]
+                settle()
+            res["train", name, "llm"] = statistics.median(mine)
+            res["train", name, "torch"] = statistics.median(theirs)
+            print(f"{name:6s} step: llm {res['train', name, 'llm'] * 1e3:8.1f} ms, PyTorch "
+                  f"{res['train', name, 'torch'] * 1e3:8.1f} ms: PyTorch / llm = "
+                  f"{res['train', name, 'torch'] / res['train', name, 'llm']:.2f}", flush=True)
+            del model, opt
+        gmodel = llm.GPT(llm.GPTConfig(**GEN_MODEL, dtype="float32"), seed=0)
+        rng = np.random.default_rng(1)
+        impls = ["kv"] + (["hf"] if worker.info.get("transformers") else [])
+        for B in (1, 16):
+            prompts = rng.integers(0, GEN_MODEL["vocab_size"], (B, GEN_PROMPT)).tolist()
+            if B == 1:
+                run = lambda: list(llm.generate(gmodel, prompts[0], GEN_NEW, temperature=0))
+            else:
+                run = lambda: llm.generate_batch(gmodel, prompts, GEN_NEW, temperature=0)
+            run()                                     # warm-up
+            times = {"llm": []}
+            for _ in range(1 if quick else 2):
+                t = time.perf_counter()
+                run()
+                times["llm"].append(time.perf_counter() - t)
+                settle()
+                for impl in impls:
+                    times.setdefault(impl, []).extend(
+                        worker.ask(cmd="generate", impl=impl, batch=B, reps=1)["times"])
+                    settle()
+            for side, ts in times.items():
+                res["gen", B, {"kv": "torch"}.get(side, side)] = statistics.median(ts)
+            print(f"generate batch {B:2d}: llm {B * GEN_NEW / res['gen', B, 'llm']:6.1f} tok/s, "
+                  + ", ".join(f"PyTorch{' (HF generate)' if s == 'hf' else ' (KV-cache loop)'} "
+                              f"{B * GEN_NEW / res['gen', B, s]:6.1f} tok/s"
+                              for s in ("torch", "hf") if ("gen", B, s) in res), flush=True)
+        del gmodel
+    finally:
+        worker.close()
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
     ap.add_argument("--mhz", type=float, help="clock for the peak estimate (default: /proc/cpuinfo)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
+    ap.add_argument("--torch-python", metavar="PYTHON",
+                    help="the interpreter with torch for the side-by-side runs (default: this one,"
+                         " when it can import torch)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.torch_worker:
+        return torch_worker()
     if args.device == "cuda":
         return bench_cuda(3 if args.quick else 10)
     if llm._fastops is None:
@@ -428,6 +699,8 @@ def main():
     peak = peak_gflops(isa, threads, mhz)
     t_start = time.perf_counter()
     print(f"# {model}; fastops kernel: {isa}; OpenMP threads: {threads}; numpy {np.__version__}")
+    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive unless set)")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
     print(f"# FP32 peak assumption: {threads} cores x {16 if isa == 'avx512' else 8 if isa == 'avx2' else 4}"
@@ -439,6 +712,12 @@ def main():
     except OSError:
         pass
 
+    print("\n## which kernels the default ('auto') backend uses here, measured once per build"
+          " (llm.kernel_choice(); s for the same work)")
+    choice = llm.kernel_choice()
+    for family, c in choice.items():
+        print(f"{family:14s} fastops {c['fastops'] * 1e3:8.2f} ms  numpy {c['numpy'] * 1e3:8.2f} ms  ->"
+              f" {'fastops' if c['use'] else 'numpy'}")
     print("\n## matmul, GFLOP/s (best of several runs)")
     print(f"{'shape (M x K x N)':44s} {'numpy':>8s} {'fastops':>8s} {'ratio':>6s} {'%peak':>6s}")
     mm = bench_matmul(args.quick)
@@ -446,6 +725,11 @@ def main():
         print(f"{label:44s} {fl / tn / 1e9:8.1f} {fl / tf / 1e9:8.1f} {tn / tf:6.2f} {100 * fl / tf / 1e9 / peak:5.0f}%")
     matmul_ratio = sum(r[2] for r in mm) / sum(r[3] for r in mm)
     print(f"all shapes, total time: numpy / fastops = {matmul_ratio:.2f}")
+    print("\n## generation's products: GPT-2 124M's 48 weight matrices, batch M rows (weights from memory)")
+    print(f"{'M':>3s} {'numpy ms':>9s} {'fastops ms':>10s} {'ratio':>6s} {'GB/s numpy':>11s} {'GB/s fastops':>13s}")
+    mmg = bench_matmul_generation(args.quick)
+    for M, fl, nbytes, tn, tf in mmg:
+        print(f"{M:3d} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:6.2f} {nbytes / tn / 1e9:11.1f} {nbytes / tf / 1e9:13.1f}")
 
     print("\n## causal attention, forward + backward (H=6, D=64, B*T=2048)")
     print(f"{'B x T':>10s} {'numpy ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'numpy MB':>9s} {'fused MB':>9s}")
@@ -468,8 +752,13 @@ def main():
         print(f"{name:6s} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f} {tok / tf:14.0f}")
 
     print("\n## profile of one training step (fastops path), ms and share of the step")
+    in_step = {}
     for name in MODELS:
+        acc_np, _ = profile_step(name, "numpy", 1 if args.quick else 3)
+        settle()
         acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
+        lin = lambda a: a.get("linear_forward", 0.0) + a.get("linear_backward", 0.0)
+        in_step[name] = lin(acc_np) / lin(acc)
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
                  "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
@@ -483,16 +772,51 @@ def main():
         print(f"   of the {len(heavy)} functions with C kernels' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
               f" Python overhead (checks, copies, allocation) {(wrappers - inside) * 1e3:.2f} ms"
               f" = {100 * (wrappers - inside) / total:.1f}% of the step")
+        print(f"   the linear layers inside the step: NumPy's BLAS {lin(acc_np) * 1e3:.2f} ms, fastops"
+              f" {lin(acc) * 1e3:.2f} ms: {in_step[name]:.2f}x")
+
+    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
+    vs = {}
+    if torch_python is None:
+        why = "skipped (--no-torch)" if args.no_torch else \
+            "torch is not importable here (pip install torch, or --torch-python PYTHON)"
+        print(f"\n## PyTorch side by side: {why}")
+    else:
+        print("\n## PyTorch side by side (alternated rounds, medians; PyTorch time / llm time,"
+              " > 1: llm is faster)")
+        pt = bench_vs_torch(args.quick, torch_python)
+        info = pt["info"]
+        print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
+              f"transformers {info['transformers'] or 'not installed'}")
+        for name in MODELS:
+            vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
+        for B in (1, 16):
+            best = min(pt[k] for k in (("gen", B, "torch"), ("gen", B, "hf")) if k in pt)
+            vs[f"generate_vs_pytorch_b{B}"] = best / pt["gen", B, "llm"]
+            vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
+                                          for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
+        why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
+              f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
 
     print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
     result = {
         "matmul_vs_blas": round(matmul_ratio, 3),
+        **{f"matmul_generation_vs_blas_b{M}": round(tn / tf, 3) for M, _, _, tn, tf in mmg},
         "attention_vs_numpy": round(att_ratio, 3),
+        **{f"matmul_in_step_vs_blas_{n}": round(r, 3) for n, r in in_step.items()},
         "train_step_vs_numpy_small": round(tr[("small", "numpy")] / tr[("small", "fastops")], 3),
         "train_step_vs_numpy_large": round(tr[("large", "numpy")] / tr[("large", "fastops")], 3),
         "ms_per_step_small": round(tr[("small", "fastops")] * 1e3, 2),
         "ms_per_step_large": round(tr[("large", "fastops")] * 1e3, 2),
     }
+    for key in ("train_step_vs_pytorch_small", "train_step_vs_pytorch_large",
+                "generate_vs_pytorch_b1", "generate_vs_pytorch_b16"):
+        result[key] = round(vs[key], 3) if key in vs else None
+    for key in ("generate_tok_s_b1", "generate_tok_s_b16"):
+        if key in vs:
+            result[key] = vs[key]
+    result["pytorch"] = why
+    result["kernels"] = {f: "fastops" if c["use"] else "numpy" for f, c in choice.items()}
     print(json.dumps(result))
 
 

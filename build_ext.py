@@ -1,13 +1,18 @@
-"""Build the C kernels (fastops.c) into the importable module _fastops.
+"""Build the C kernels (fastops.c) into the importable module _fastops_HASH.
 
     python build_ext.py            # CPU build: -O3 -fopenmp, kernels picked at run time
-    python build_ext.py --cuda     # CUDA build: nvcc -x cu fastops.c -> _fastops_cuda.so
+    python build_ext.py --cuda     # CUDA build: nvcc -x cu fastops.c -> _fastops_cuda_HASH.so
 
 From Python: `import build_ext; build_ext.build()` -> True on success.
-The module lands next to this file as _fastops*.so (ignored by git).
+The module lands next to this file as _fastops_HASH*.so (ignored by git),
+HASH the start of fastops.c's sha256: a library built from another
+fastops.c (before a `git pull`, say) is never loaded, and is removed by the
+next build.
 No -march=native: fastops.c chooses AVX-512 / AVX2 / portable code at run
 time, so the .so runs on any x86-64 (and builds on ARM).
 """
+import glob
+import hashlib
 import os
 import sys
 import shutil
@@ -27,11 +32,74 @@ def api_cdef() -> str:
 
 CDEF = api_cdef()
 
+
+def source_hash() -> str:
+    with open(os.path.join(ROOT, "fastops.c"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+MODULE = "_fastops_" + source_hash()                 # the CPU build of this fastops.c
+FAILED = os.path.join(ROOT, "build", MODULE + ".failed")   # its build failed: not retried unasked
+
+
+def built():
+    """The path of this fastops.c's CPU build, or None."""
+    found = glob.glob(os.path.join(ROOT, MODULE + ".*so")) + glob.glob(os.path.join(ROOT, MODULE + ".*pyd"))
+    return found[0] if found else None
+
+
+def _remove_stale(keep):
+    """Libraries built from another fastops.c (and their calibrations)."""
+    for path in sum((glob.glob(os.path.join(ROOT, "_fastops*" + e)) for e in (".so", ".pyd", ".json")), []):
+        if not os.path.basename(path).startswith(keep):
+            os.remove(path)
+
 HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
            "(Debian/Ubuntu), `xcode-select --install` (macOS)")
 HINT_OMP = ("OpenMP not available, building single-threaded fastops. For threads install "
             "it: `apt-get install libgomp1` (gcc) or `libomp-dev` (clang), "
             "on macOS `brew install libomp`")
+
+
+def _libomp_prefixes():
+    """Homebrew's libomp (keg-only: not on the default search paths): its
+    prefix from `brew --prefix libomp`, else the usual places (Apple silicon,
+    Intel)."""
+    import subprocess
+    found = []
+    brew = shutil.which("brew")
+    if brew:
+        try:
+            r = subprocess.run([brew, "--prefix", "libomp"], capture_output=True, text=True,
+                               timeout=30)
+            if r.returncode == 0 and r.stdout.strip():
+                found.append(r.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    found += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    return [p for p in dict.fromkeys(found) if os.path.exists(os.path.join(p, "include", "omp.h"))]
+
+
+def compile_flags(openmp, platform=None):
+    """(compile flags, link flags) for this platform. -std=gnu99 (not c99:
+    GCC contracts a*b+c into FMAs only outside strict ISO mode) and
+    -ffp-contract=fast for every compiler, so the portable kernels get fused
+    multiply-adds too (NEON on ARM); -fno-math-errno lets sqrtf vectorise (fastops
+    never reads errno); FO_EXTRA_CFLAGS is added everywhere."""
+    platform = platform or sys.platform
+    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno"]
+    ldflags = []
+    if openmp and platform == "darwin":        # Apple clang: libomp's driver flags
+        cflags += ["-Xpreprocessor", "-fopenmp"]
+        for prefix in _libomp_prefixes()[:1]:
+            cflags.append("-I" + os.path.join(prefix, "include"))
+            ldflags += ["-L" + os.path.join(prefix, "lib"), "-Wl,-rpath," + os.path.join(prefix, "lib")]
+        ldflags.append("-lomp")
+    elif openmp:
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    cflags += os.environ.get("FO_EXTRA_CFLAGS", "").split()
+    return cflags, ldflags
 
 
 def _compile(openmp, verbose):
@@ -41,12 +109,8 @@ def _compile(openmp, verbose):
     ffi.cdef(CDEF)
     with open(os.path.join(ROOT, "fastops.c")) as f:
         src = f.read()
-    flags = ["-O3", "-std=c99"] + os.environ.get("FO_EXTRA_CFLAGS", "").split() + (["-fopenmp"] if openmp else [])
-    if sys.platform == "darwin" and openmp:  # Apple clang needs libomp's driver flags
-        flags = ["-O3", "-std=c99", "-Xpreprocessor", "-fopenmp"]
-    ffi.set_source("_fastops", src, extra_compile_args=flags,
-                   extra_link_args=(["-lomp"] if sys.platform == "darwin" else ["-fopenmp"])
-                   if openmp else [])
+    cflags, ldflags = compile_flags(openmp)
+    ffi.set_source(MODULE, src, extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = tempfile.mkdtemp(prefix="fastops_build_")
     try:
         so = ffi.compile(tmpdir=tmp, verbose=verbose)
@@ -79,13 +143,17 @@ def build(verbose=False):
             warnings.warn(HINT_OMP)
         if verbose:
             print(f"fastops: built {path}")
+        _remove_stale(keep=(MODULE, "_fastops_cuda_" + source_hash()))
+        if os.path.exists(FAILED):
+            os.remove(FAILED)
         return True
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    if shutil.which(cc.split()[0]) is None:
-        print(f"fastops: build failed: {HINT_CC}", file=sys.stderr)
-    else:
-        print("fastops: build failed: the compiler reported errors (shown above when run "
-              "as `python build_ext.py`)", file=sys.stderr)
+    why = HINT_CC if shutil.which(cc.split()[0]) is None else (
+        "the compiler reported errors (`python build_ext.py` shows them)")
+    print(f"fastops: build failed: {why}", file=sys.stderr)
+    os.makedirs(os.path.dirname(FAILED), exist_ok=True)
+    with open(FAILED, "w") as f:                        # said once: train.py does not retry
+        f.write(why + "\n")
     return False
 
 
@@ -94,7 +162,7 @@ def build(verbose=False):
 # with cffi's ABI mode (ffi.dlopen): no Python headers needed. CUDA_CDEF is
 # what llm.py declares for it. The CUDA runtime is linked statically, so the
 # .so needs only the NVIDIA driver (one recent enough for this nvcc).
-CUDA_LIB = "_fastops_cuda.so"
+CUDA_LIB = f"_fastops_cuda_{source_hash()}.so"
 CUDA_CDEF = CDEF + """
 const char *fo_cuda_error(void);
 const char *fo_cuda_sync(void);
@@ -103,7 +171,7 @@ CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for
 
 
 def build_cuda(verbose=True, dest=None):
-    """nvcc fastops.c -> _fastops_cuda.so next to this file. Returns 0 on
+    """nvcc fastops.c -> _fastops_cuda_HASH.so next to this file. Returns 0 on
     success, 0 with a message when nvcc is absent (nothing to build), 1 on a
     compile error. `dest`: another path for the library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value (e.g.
     "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""

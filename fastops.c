@@ -73,6 +73,12 @@ void fo_layernorm_forward(const float *x, const float *w, const float *b, float 
 void fo_layernorm_backward(const float *dy, const float *x, const float *w,
                            const float *mean, const float *rstd, float *dx, float *dw,
                            float *db, int M, int C);
+double fo_sumsq(int n, float *const *x, const long *size);
+void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *const *v,
+              const long *size, const int *decay, float lr, float beta1, float beta2,
+              float eps, float weight_decay, float c1, float c2, float gscale);
+void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
+                      float *loss, float *dlogits, float dscale, int M, int V);
 /* API end */
 #ifdef __cplusplus
 }
@@ -431,6 +437,277 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
     fo_free(bpack);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Small M (generation: one row per sequence): C[M,N] (+)= A[M,K] . B[K,N]   */
+/* with B row-major (csb = 1), read in place. Packing B would copy the whole */
+/* weight matrix to use each element M times; here each element is loaded   */
+/* once per group of up to SM_R rows and goes straight into FMAs. A (small)  */
+/* is packed transposed: at[k*MP + i], zero rows up to MP. Threads split the */
+/* columns; each sweeps strips of SM_NR columns over k blocks of SM_KB rows  */
+/* (the A block stays in L1), and prefetches the next strip's rows while it  */
+/* computes this one's, so the strided walk down the weight matrix does not  */
+/* wait on memory.                                                           */
+/* ------------------------------------------------------------------------ */
+#ifndef SM_MAX_M
+#define SM_MAX_M 16
+#endif
+#ifndef SM_KB
+#define SM_KB 32
+#endif
+
+typedef void (*smk_fn)(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb,
+                       int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,
+                       const float *bias);
+
+/* portable: R rows x 16 columns, plain loops the compiler vectorises */
+#define SM_GEN_NR 16
+#define SM_DEF_GENERIC(R)                                                                  \
+    static void smk_gen_##R(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, \
+                            int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,   \
+                            const float *bias) {                                           \
+        float acc[R][SM_GEN_NR];                                                           \
+        float bt[SM_GEN_NR];                                                               \
+        (void)pf;                                                                          \
+        for (int r = 0; r < R; r++)                                                        \
+            for (int j = 0; j < SM_GEN_NR; j++) acc[r][j] = 0.0f;                          \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (nr == SM_GEN_NR)                                                           \
+                for (int j = 0; j < SM_GEN_NR; j++) bt[j] = bp[j];                         \
+            else                                                                           \
+                for (int j = 0; j < SM_GEN_NR; j++) bt[j] = j < nr ? bp[j] : 0.0f;         \
+            for (int r = 0; r < R; r++) {                                                  \
+                float ar = at[p * MP + r];                                                 \
+                for (int j = 0; j < SM_GEN_NR; j++) acc[r][j] += ar * bt[j];               \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            for (int j = 0; j < nr; j++) {                                                 \
+                float v = acc[r][j];                                                       \
+                if (load_c) v += cr[j];                                                    \
+                if (bias) v += bias[j];                                                    \
+                cr[j] = v;                                                                 \
+            }                                                                              \
+        }                                                                                  \
+    }
+SM_DEF_GENERIC(1)
+SM_DEF_GENERIC(2)
+SM_DEF_GENERIC(4)
+
+#if FO_X86
+/* AVX-512: R rows x 32 columns (2 zmm per row). Per k step: 2 loads of B
+ * (masked at the right edge: never past the row), R broadcasts, 2R FMAs. */
+#define SM512_NR 32
+#define SM_DEF_AVX512(R)                                                                   \
+    __attribute__((target("avx512f"))) static void smk_512_##R(                            \
+        int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
+        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
+        __m512 acc0[R], acc1[R];                                                           \
+        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();               \
+        __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);         \
+        __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF                                        \
+                       : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;      \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (pf) {                                                                      \
+                _mm_prefetch((const char *)(bp + SM512_NR), _MM_HINT_T0);                  \
+                _mm_prefetch((const char *)(bp + SM512_NR + 16), _MM_HINT_T0);             \
+            }                                                                              \
+            __m512 b0 = _mm512_maskz_loadu_ps(m0, bp), b1 = _mm512_maskz_loadu_ps(m1, bp + 16); \
+            for (int r = 0; r < R; r++) {                                                  \
+                __m512 ar = _mm512_set1_ps(at[p * MP + r]);                                \
+                acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                \
+                acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                \
+            }                                                                              \
+        }                                                                                  \
+        __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();                   \
+        if (bias) {                                                                        \
+            bias0 = _mm512_maskz_loadu_ps(m0, bias);                                       \
+            bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);                                  \
+        }                                                                                  \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            __m512 v0 = _mm512_add_ps(acc0[r], bias0), v1 = _mm512_add_ps(acc1[r], bias1); \
+            if (load_c) {                                                                  \
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));                     \
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));                \
+            }                                                                              \
+            _mm512_mask_storeu_ps(cr, m0, v0);                                             \
+            _mm512_mask_storeu_ps(cr + 16, m1, v1);                                        \
+        }                                                                                  \
+    }
+SM_DEF_AVX512(1)
+SM_DEF_AVX512(2)
+SM_DEF_AVX512(4)
+SM_DEF_AVX512(8)
+
+/* AVX2: R rows x 16 columns (2 ymm per row) */
+#define SM256_NR 16
+#define SM_DEF_AVX2(R)                                                                     \
+    __attribute__((target("avx2,fma"))) static void smk_256_##R(                           \
+        int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
+        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
+        __m256 acc0[R], acc1[R];                                                           \
+        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();               \
+        __m256i nrv = _mm256_set1_epi32(nr);                                               \
+        __m256i m0 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));   \
+        __m256i m1 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)); \
+        int full = nr >= 16;                                                               \
+        for (int p = 0; p < kc; p++) {                                                     \
+            const float *bp = b + p * rsb;                                                 \
+            if (pf) _mm_prefetch((const char *)(bp + SM256_NR), _MM_HINT_T0);              \
+            __m256 b0, b1;                                                                 \
+            if (full) { b0 = _mm256_loadu_ps(bp); b1 = _mm256_loadu_ps(bp + 8); }          \
+            else { b0 = _mm256_maskload_ps(bp, m0); b1 = _mm256_maskload_ps(bp + 8, m1); } \
+            for (int r = 0; r < R; r++) {                                                  \
+                __m256 ar = _mm256_broadcast_ss(at + p * MP + r);                          \
+                acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);                                \
+                acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);                                \
+            }                                                                              \
+        }                                                                                  \
+        __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();                   \
+        if (bias) { bias0 = _mm256_maskload_ps(bias, m0); bias1 = _mm256_maskload_ps(bias + 8, m1); } \
+        for (int r = 0; r < mr; r++) {                                                     \
+            float *cr = c + r * ldc;                                                       \
+            __m256 v0 = _mm256_add_ps(acc0[r], bias0), v1 = _mm256_add_ps(acc1[r], bias1); \
+            if (load_c) {                                                                  \
+                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                        \
+                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                    \
+            }                                                                              \
+            _mm256_maskstore_ps(cr, m0, v0);                                               \
+            _mm256_maskstore_ps(cr + 8, m1, v1);                                           \
+        }                                                                                  \
+    }
+SM_DEF_AVX2(1)
+SM_DEF_AVX2(2)
+SM_DEF_AVX2(4)
+#endif /* FO_X86 */
+
+/* The kernels for this ISA: nr columns per strip, kernels for 1, 2, 4 (and
+ * 8) rows; a group of rows takes the smallest kernel that holds it. */
+typedef struct {
+    int nr, rmax;
+    smk_fn k1, k2, k4, k8;
+} smk_set;
+
+static smk_set smk_pick(const kern_t *kn) {
+    smk_set s = {SM_GEN_NR, 4, smk_gen_1, smk_gen_2, smk_gen_4, NULL};
+#if FO_X86
+    if (kn == &KERN_AVX512) { smk_set a = {SM512_NR, 8, smk_512_1, smk_512_2, smk_512_4, smk_512_8}; s = a; }
+    if (kn == &KERN_AVX2) { smk_set a = {SM256_NR, 4, smk_256_1, smk_256_2, smk_256_4, NULL}; s = a; }
+#else
+    (void)kn;
+#endif
+    return s;
+}
+
+static void gemm_small_m(const kern_t *kn, int M, int N, int K,
+                         const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                         const float *B, ptrdiff_t rsb, float *C, ptrdiff_t ldc,
+                         int accumulate, const float *bias, int parallel) {
+    smk_set ks = smk_pick(kn);
+    const int NR = ks.nr, R = ks.rmax, MP = ceil_div(M, R) * R;
+    float *at = fo_alloc((size_t)K * MP);
+    if (!at) return; /* out of memory: recorded by fo_alloc */
+    for (int p = 0; p < K; p++)
+        for (int i = 0; i < MP; i++) at[(size_t)p * MP + i] = i < M ? A[i * rsa + p * csa] : 0.0f;
+    int nstrips = ceil_div(N, NR);
+    int nthreads = parallel ? imin(fo_nthreads(), nstrips) : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int s0 = (int)((long)nstrips * tid / nt), s1 = (int)((long)nstrips * (tid + 1) / nt);
+        for (int pc = 0; pc < K; pc += SM_KB) {
+            int kc = imin(SM_KB, K - pc);
+            for (int s = s0; s < s1; s++) {
+                int j = s * NR, nr = imin(NR, N - j);
+                int pf = s + 1 < s1; /* prefetch the next strip's rows of this k block */
+                for (int i = 0; i < M; i += R) {
+                    int mr = imin(R, M - i);
+                    smk_fn f = mr == 1 ? ks.k1 : mr == 2 ? ks.k2 : mr <= 4 ? ks.k4 : ks.k8;
+                    f(kc, at + (size_t)pc * MP + i, MP, B + (size_t)pc * rsb + j, rsb,
+                      pf && i == 0, C + (size_t)i * ldc + j, ldc, mr, nr,
+                      accumulate || pc > 0, (pc == 0 && bias) ? bias + j : NULL);
+                }
+            }
+        }
+    }
+    fo_free(at);
+}
+
+#if FO_X86
+/* Small M with B = W^T, W row-major [N, K] (the tied head's wte.T: rsb = 1):
+ * C[i, j] = dot(A[i, :], W[j, :]), each row of W read once, contiguously,
+ * for every group of 4 rows of A. A 4 x 4 block of dot products keeps 16
+ * zmm accumulators; per 16 values of k: 4 loads of W, 4 of A, 16 FMAs. */
+__attribute__((target("avx512f"))) static void smt_512(int K, const float *a, int Kp,
+                                                       const float *w, ptrdiff_t ldw, int nj,
+                                                       float *out) {
+    __m512 acc[4][4];
+    const float *wr[4];
+    for (int jj = 0; jj < 4; jj++) {
+        wr[jj] = w + (jj < nj ? jj : 0) * ldw; /* missing rows: repeat row 0, discarded */
+        for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_setzero_ps();
+    }
+    int p = 0;
+    for (; p + 16 <= K; p += 16) {
+        __m512 av[4];
+        for (int ii = 0; ii < 4; ii++) av[ii] = _mm512_load_ps(a + (size_t)ii * Kp + p);
+        for (int jj = 0; jj < 4; jj++) {
+            __m512 wv = _mm512_loadu_ps(wr[jj] + p);
+            for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_fmadd_ps(wv, av[ii], acc[jj][ii]);
+        }
+    }
+    if (p < K) { /* the tail: W masked (never past its row), A zero padded */
+        __mmask16 m = (__mmask16)((1u << (K - p)) - 1);
+        __m512 av[4];
+        for (int ii = 0; ii < 4; ii++) av[ii] = _mm512_load_ps(a + (size_t)ii * Kp + p);
+        for (int jj = 0; jj < 4; jj++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, wr[jj] + p);
+            for (int ii = 0; ii < 4; ii++) acc[jj][ii] = _mm512_fmadd_ps(wv, av[ii], acc[jj][ii]);
+        }
+    }
+    for (int jj = 0; jj < 4; jj++)
+        for (int ii = 0; ii < 4; ii++) out[jj * 4 + ii] = _mm512_reduce_add_ps(acc[jj][ii]);
+}
+
+static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                           const float *W, ptrdiff_t ldw, float *C, ptrdiff_t ldc,
+                           int accumulate, const float *bias, int parallel) {
+    int Kp = ceil_div(K, 16) * 16, MP = ceil_div(M, 4) * 4;
+    float *at = fo_alloc((size_t)MP * Kp); /* A's rows, zero padded to 4 x 16 */
+    if (!at) return; /* out of memory: recorded by fo_alloc */
+    for (int i = 0; i < MP; i++)
+        for (int p = 0; p < Kp; p++)
+            at[(size_t)i * Kp + p] = (i < M && p < K) ? A[i * rsa + p * csa] : 0.0f;
+    long nblocks = ceil_div(N, 4);
+    int nthreads = parallel ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (long jb = 0; jb < nblocks; jb++) {
+        int j = (int)jb * 4, nj = imin(4, N - j);
+        float out[16];
+        for (int i0 = 0; i0 < M; i0 += 4) {
+            smt_512(K, at + (size_t)i0 * Kp, Kp, W + (size_t)j * ldw, ldw, nj, out);
+            for (int ii = 0; ii < imin(4, M - i0); ii++) {
+                float *c = C + (size_t)(i0 + ii) * ldc + j;
+                for (int jj = 0; jj < nj; jj++)
+                    c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 4 + ii] + (bias ? bias[j + jj] : 0.0f);
+            }
+        }
+    }
+    fo_free(at);
+}
+#endif /* FO_X86 */
+
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
 
@@ -448,6 +725,18 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         return;
     }
     double flops = 2.0 * M * N * K;
+    if (M <= SM_MAX_M && csb == 1) {
+        gemm_small_m(kern(), M, N, K, A, rsa, csa, B, rsb, C, ldc, accumulate, bias,
+                     flops >= PAR_MIN_FLOPS);
+        return;
+    }
+#if FO_X86
+    if (M <= SM_MAX_M && rsb == 1 && kern() == &KERN_AVX512) {
+        gemm_small_m_t(M, N, K, A, rsa, csa, B, csb, C, ldc, accumulate, bias,
+                       flops >= PAR_MIN_FLOPS);
+        return;
+    }
+#endif
     gemm_blocked(kern(), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
@@ -1020,6 +1309,200 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
     fo_free(priv);
 }
 
+/* ------------------------------------------------------------------------ */
+/* The optimizer: global gradient norm and AdamW over all parameters, each  */
+/* one C call. The n arrays are seen as one range of elements, split evenly */
+/* between the threads, so small and large arrays alike are spread.         */
+/* ------------------------------------------------------------------------ */
+
+/* Calls body(a, i0, i1) for the part [i0, i1) of array a that falls in this
+ * thread's share [lo, hi) of all the elements. */
+#define FO_FOR_SHARE(n, size, lo, hi, body)                                      \
+    do {                                                                         \
+        long base_ = 0;                                                          \
+        for (int a = 0; a < (n) && base_ < (hi); base_ += (size)[a], a++) {      \
+            long i0 = (lo) > base_ ? (lo) - base_ : 0;                           \
+            long i1 = (hi) - base_ < (size)[a] ? (hi) - base_ : (size)[a];       \
+            if (i0 < i1) body;                                                   \
+        }                                                                        \
+    } while (0)
+
+FO_INLINE double sumsq_block(const float *x, long n) {
+    double total = 0.0;
+    for (long c = 0; c < n; c += 4096) { /* float lanes per 4096, then double */
+        long e = n - c < 4096 ? n - c : 4096;
+        float s[16] = {0};
+        long i = 0;
+        for (; i + 16 <= e; i += 16)
+            for (int l = 0; l < 16; l++) s[l] += x[c + i + l] * x[c + i + l];
+        for (; i < e; i++) s[0] += x[c + i] * x[c + i];
+        double t = 0.0;
+        for (int l = 0; l < 16; l++) t += s[l];
+        total += t;
+    }
+    return total;
+}
+
+/* m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2  (g = gscale * grad),
+ * p *= 1 - lr wd (matrices only),  p -= (lr / c1) m / (sqrt(v / c2) + eps):
+ * llm.AdamW.step, in float32, in the same order. */
+FO_INLINE void adamw_block(float *p, const float *g, float *m, float *v, long n, float b1,
+                           float b2, float eps, float decay, float step, float c2, float gscale) {
+    const float ob1 = 1.0f - b1, ob2 = 1.0f - b2;
+    for (long i = 0; i < n; i++) {
+        float gi = g[i] * gscale;
+        float mi = m[i] * b1 + ob1 * gi;
+        float vi = v[i] * b2 + ob2 * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step * mi / (sqrtf(vi / c2) + eps);
+    }
+}
+
+#define DEFINE_OPTIM(SUFFIX, TARGET)                                                        \
+    TARGET static double sumsq##SUFFIX(const float *x, long n) { return sumsq_block(x, n); } \
+    TARGET static void adamw##SUFFIX(float *p, const float *g, float *m, float *v, long n,  \
+                                     float b1, float b2, float eps, float decay, float step, \
+                                     float c2, float gscale) {                               \
+        adamw_block(p, g, m, v, n, b1, b2, eps, decay, step, c2, gscale); }
+DEFINE_OPTIM(_generic, )
+#if FO_X86
+DEFINE_OPTIM(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_OPTIM(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+typedef double (*sumsq_fn)(const float *, long);
+typedef void (*adamw_fn)(float *, const float *, float *, float *, long, float, float, float,
+                         float, float, float, float);
+
+static void optim_pick(sumsq_fn *s, adamw_fn *a) {
+    *s = sumsq_generic;
+    *a = adamw_generic;
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) { *s = sumsq_avx512; *a = adamw_avx512; }
+    if (kn == &KERN_AVX2) { *s = sumsq_avx2; *a = adamw_avx2; }
+#endif
+}
+
+static long total_size(int n, const long *size) {
+    long t = 0;
+    for (int a = 0; a < n; a++) t += size[a];
+    return t;
+}
+
+/* sum over the n arrays of x^2, in double */
+double fo_sumsq(int n, float *const *x, const long *size) {
+    sumsq_fn sq;
+    adamw_fn aw;
+    optim_pick(&sq, &aw);
+    long total = total_size(n, size);
+    int nth = total > 65536 ? fo_nthreads() : 1;
+    double part[256] = {0};
+    if (nth > 256) nth = 256;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        long lo = total * tid / nt, hi = total * (tid + 1) / nt;
+        double s = 0.0;
+        FO_FOR_SHARE(n, size, lo, hi, s += sq(x[a] + i0, i1 - i0));
+        part[tid] = s;
+    }
+    double s = 0.0;
+    for (int t = 0; t < nth; t++) s += part[t]; /* fixed order: deterministic */
+    return s;
+}
+
+/* One AdamW step over n parameter arrays (p, m, v updated in place);
+ * decay[a] says whether array a is weight-decayed; gscale multiplies every
+ * gradient (the clipping factor; 1 for none). c1, c2: bias corrections. */
+void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *const *v,
+              const long *size, const int *decay, float lr, float beta1, float beta2,
+              float eps, float weight_decay, float c1, float c2, float gscale) {
+    sumsq_fn sq;
+    adamw_fn aw;
+    optim_pick(&sq, &aw);
+    long total = total_size(n, size);
+    int nth = total > 32768 ? fo_nthreads() : 1;
+    float step = lr / c1, shrink = 1.0f - lr * weight_decay;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        long lo = total * tid / nt, hi = total * (tid + 1) / nt;
+        FO_FOR_SHARE(n, size, lo, hi,
+                     aw(p[a] + i0, g[a] + i0, m[a] + i0, v[a] + i0, i1 - i0, beta1, beta2, eps,
+                        decay[a] ? shrink : 1.0f, step, c2, gscale));
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Softmax with cross-entropy, fused: one row of logits is read once, and   */
+/* the gradient is written in the same pass (the loss's gradient is known   */
+/* before the backward starts: d loss / d logits = softmax - onehot).       */
+/* ------------------------------------------------------------------------ */
+FO_INLINE void ce_row(const float *x, int64_t target, float w, float *loss, float *d, int V,
+                      float dscale) {
+    float mx = row_max(x, V, -INFINITY);
+    for (int c = 0; c < V; c++) d[c] = x[c] - mx;
+    exp_inplace(d, V);
+    float sum = row_sum(d, V);
+    *loss = logf(sum) - (x[target] - mx);          /* -log softmax(x)[target] */
+    float g = w * dscale, s = g / sum;
+    for (int c = 0; c < V; c++) d[c] *= s;
+    d[target] -= g;
+}
+
+#define DEFINE_CE(SUFFIX, TARGET)                                                           \
+    TARGET static void ce_rows##SUFFIX(const float *x, const int64_t *t, const float *w,    \
+                                       float *loss, float *d, int M, int V, float dscale) { \
+        for (int r = 0; r < M; r++)                                                         \
+            ce_row(x + (size_t)r * V, t[r], w ? w[r] : 1.0f, loss + r, d + (size_t)r * V,   \
+                   V, dscale); }
+DEFINE_CE(_generic, )
+#if FO_X86
+DEFINE_CE(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_CE(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+/* logits[M,V], targets[M] in 0..V-1 (checked by the caller), weights[M] or
+ * NULL (all 1): loss[r] = -log softmax(logits[r])[targets[r]], and
+ * dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale. */
+void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
+                      float *loss, float *dlogits, float dscale, int M, int V) {
+    void (*rows)(const float *, const int64_t *, const float *, float *, float *, int, int,
+                 float) = ce_rows_generic;
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) rows = ce_rows_avx512;
+    if (kn == &KERN_AVX2) rows = ce_rows_avx2;
+#endif
+    int nth = (double)M * V > 65536 ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
+        rows(logits + (size_t)r0 * V, targets + r0, weights ? weights + r0 : NULL, loss + r0,
+             dlogits + (size_t)r0 * V, r1 - r0, V, dscale);
+    }
+}
 
 #endif /* !__CUDACC__ : end of CPU section */
 

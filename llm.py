@@ -43,6 +43,12 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") else numpy.asarray(a)
 
 
+def warn(message: str):
+    """A UserWarning of one line (warnings' filters still apply)."""
+    import warnings
+    warnings.warn_explicit(message, UserWarning, "llm.py", 0)
+
+
 def atomic_write(path: str, data: bytes):
     """Write a file whole or not at all: to a temporary name, then renamed,
     so a crash never leaves half a file (checkpoints, tokenizers, reports)."""
@@ -459,7 +465,8 @@ def logprob_backward(logp, targets, dlogp):
 # arguments and results, so nothing below changes when it does.
 ops = types.SimpleNamespace(**{f.__name__: f for f in (
     linear_forward, linear_backward, attention_forward, attention_backward, layernorm_forward,
-    layernorm_backward, gelu_forward, gelu_backward, embedding_backward)})
+    layernorm_backward, gelu_forward, gelu_backward, embedding_backward, cross_entropy_forward,
+    cross_entropy_backward)})
 
 
 # ---- the whole model ---------------------------------------------------------
@@ -548,7 +555,7 @@ class GPT:
         for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
             if xp.shape(a) != logits.shape[:2]:
                 raise ValueError(f"{name}: expected shape {logits.shape[:2]}, got {xp.shape(a)}")
-        loss, self._cache["loss"] = cross_entropy_forward(logits, targets, mask)
+        loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)
         return logits, float(loss)
 
     def hidden(self, idx, kv_cache=None):
@@ -613,7 +620,7 @@ class GPT:
         there is after hidden() alone."""
         cfg, c = self.config, self._cache
         if dlogits is None and "loss" in c:
-            dlogits = cross_entropy_backward(c["loss"])
+            dlogits = ops.cross_entropy_backward(c["loss"])
         if dlogits is None and dh is None:
             raise RuntimeError("backward: call forward() with targets first")
         grads = {} if grads is None else grads
@@ -705,28 +712,41 @@ class AdamW:
     v: dict = field(default_factory=dict)
 
     def step(self, params: dict, grads: dict, lr: float = None):
-        lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
         self.t += 1
-        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t         # bias corrections
-        for name, g in grads.items():
-            p = params[name]
+        for name in grads:
             if name not in self.m:
-                self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
-            m, v = self.m[name], self.v[name]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            if p.ndim >= 2 and self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
-            p -= (lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
+                self.m[name], self.v[name] = xp.zeros_like(params[name]), xp.zeros_like(params[name])
+        ops.adamw_update(params, grads, self.m, self.v, self.lr if lr is None else lr, self.betas, self.eps,
+                         self.weight_decay, self.t)
+
+
+def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t):
+    """Step t of AdamW for every parameter in grads (params, m, v in place)."""
+    b1, b2 = betas
+    c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t                    # bias corrections
+    for name, g in grads.items():
+        p, mn, vn = params[name], m[name], v[name]
+        mn *= b1
+        mn += (1 - b1) * g
+        vn *= b2
+        vn += (1 - b2) * (g * g)
+        if p.ndim >= 2 and weight_decay:
+            p *= 1.0 - lr * weight_decay
+        p -= (lr / c1) * mn / (xp.sqrt(vn / c2) + eps)
+
+
+def sum_of_squares(arrays) -> float:
+    """The sum of the squares of every entry of every array, in float64."""
+    return float(sum((a.astype(xp.float64) ** 2).sum() for a in arrays))
+
+
+ops.adamw_update, ops.sum_of_squares = adamw_update, sum_of_squares     # the table of section 2
 
 
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale all gradients down together if their global L2 norm exceeds
     max_norm (one bad batch cannot throw the weights far). Returns the norm."""
-    norm = math.sqrt(float(sum((g.astype(xp.float64) ** 2).sum() for g in grads.values())))
+    norm = math.sqrt(ops.sum_of_squares(grads.values()))
     if max_norm and norm > max_norm:
         for k in grads:              # grads[k] *=: in place, and a 0-d scalar too
             grads[k] *= max_norm / (norm + 1e-6)
@@ -1575,8 +1595,7 @@ def load_safetensors(path: str):
                                count=count, offset=begin).reshape(shape).astype(dtype)
         tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
     if "sha256" not in meta:
-        import warnings
-        warnings.warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
+        warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
     elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
     return tensors, meta
@@ -1771,18 +1790,39 @@ def _import(name, path):
     return mod
 
 
+# OpenMP's idle threads sleep at once instead of spinning (OMP_WAIT_POLICY,
+# read by libgomp when fastops loads it, so it is set before; a value in the
+# environment wins). On a machine whose cores are shared with other busy
+# processes, a spinning thread holds a core while the thread it waits for
+# has been preempted, and every barrier can cost a scheduler tick: measured
+# here with other jobs running, the small benchmark model's training step took
+# 0.33-0.45 s passive against 0.82-1.06 s spinning (bench.py prints the policy).
+_OMP_ENV = {"OMP_WAIT_POLICY": "passive"}
+_OMP_SET_HERE = []                                     # the ones llm.py set (not the user)
+
+
 def _load_fastops():
     if os.environ.get("LLM_NUMPY") == "1":
         return None
-    import glob, warnings
+    for k, val in _OMP_ENV.items():
+        if k not in os.environ:
+            os.environ[k] = val
+            _OMP_SET_HERE.append(k)
+    import glob
     here = os.path.dirname(os.path.abspath(__file__))
-    for path in glob.glob(os.path.join(here, "_fastops*.so")) + glob.glob(os.path.join(here, "_fastops*.pyd")):
+    try:
+        build_ext = _import("build_ext", os.path.join(here, "build_ext.py"))   # names this fastops.c's build
+    except OSError:                                    # llm.py alone, without fastops.c beside it
+        return None
+    path = build_ext.built()
+    if path:
         try:
-            return _import("_fastops", path)
+            return _import(build_ext.MODULE, path)
         except ImportError:
-            continue                                   # built for another Python
-    warnings.warn("fastops (the C kernels) is not built: using the slower NumPy code. "
-                  "Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
+            pass                                       # built for another Python
+    old = [p for e in (".so", ".pyd") for p in glob.glob(os.path.join(here, "_fastops_*" + e)) if p != path]
+    warn(("fastops was built from an older fastops.c" if old else "fastops (the C kernels) is not built")
+         + ": using the slower NumPy code. Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
     return None
 
 
@@ -1794,18 +1834,20 @@ def _load_fastops():
 # ABI mode; its functions take device pointers. Without it CuPy's own math runs.
 
 def _load_cuda():
-    import cffi, warnings
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastops_cuda.so")
+    import cffi
+    here = os.path.dirname(os.path.abspath(__file__))
+    build_ext = _import("build_ext", os.path.join(here, "build_ext.py"))   # the API, from fastops.c
+    path = os.path.join(here, build_ext.CUDA_LIB)
     if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
-        warnings.warn("fastops' CUDA kernels are not built: using CuPy's own math. "
+        warn("fastops' CUDA kernels are not built (for this fastops.c): using CuPy's own math. "
                       "Build them with `python build_ext.py --cuda`.")
         return None
-    ffi = cffi.FFI()                       # build_ext.py reads the API from fastops.c
-    ffi.cdef(_import("build_ext", os.path.join(os.path.dirname(path), "build_ext.py")).CUDA_CDEF)
+    ffi = cffi.FFI()
+    ffi.cdef(build_ext.CUDA_CDEF)
     lib = ffi.dlopen(path)
     msg = lib.fo_cuda_sync()            # its CUDA runtime starts (or the driver is too old)
     if msg != ffi.NULL:
-        warnings.warn(f"fastops' CUDA kernels cannot run here ({ffi.string(msg).decode()}): "
+        warn(f"fastops' CUDA kernels cannot run here ({ffi.string(msg).decode()}): "
                       "using CuPy's own math. Rebuild them with this machine's nvcc.")
         return None
     return types.SimpleNamespace(ffi=ffi, lib=lib)
@@ -1813,16 +1855,17 @@ def _load_cuda():
 
 _fastops = _load_fastops()       # the C kernels, a cffi module (or None)
 _cuda = None                     # the CUDA kernels, (ffi, lib), once use_device("cuda") loads them
-_use_fastops = _fastops is not None
+_chosen = "auto"                 # set_backend's: "auto" (each kernel where it wins here), "fastops", "numpy"
+_backend = "numpy"               # what runs: the choice, where the device's kernels are loaded
 REFERENCE = dict(vars(ops))      # section 2's NumPy layers
 
 
 def use_device(name: str):
     """'cpu' (NumPy, the C kernels) or 'cuda' (CuPy, the CUDA kernels). Call
     it before building a model: arrays made earlier stay where they are."""
-    global xp, _use_fastops, _cuda
+    global xp, _cuda
     if name == "cpu":
-        xp, _use_fastops = numpy, _fastops is not None
+        xp = numpy
     elif name == "cuda":
         try:
             import cupy
@@ -1832,32 +1875,35 @@ def use_device(name: str):
             raise RuntimeError(f"device cuda: needs CuPy and a CUDA GPU ({type(e).__name__}: {e}); "
                                "install CuPy with e.g. `pip install cupy-cuda12x`") from None
         xp, _cuda = cupy, _cuda or _load_cuda()
-        _use_fastops = _cuda is not None
     else:
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
     _install()
 
 
 def set_backend(name: str) -> str:
-    """Choose 'fastops' or 'numpy' for the heavy math; returns the previous one."""
-    global _use_fastops
-    if name not in ("fastops", "numpy"):
-        raise ValueError(f"backend: expected 'fastops' or 'numpy', got {name!r}")
-    if name == "fastops" and (_fastops if xp is numpy else _cuda) is None:
+    """The heavy math: 'auto' (each kernel where it beats NumPy on this
+    machine, the default), 'fastops' (every kernel) or 'numpy'. Returns the
+    previous choice."""
+    global _chosen
+    if name not in ("auto", "fastops", "numpy"):
+        raise ValueError(f"backend: expected 'auto', 'fastops' or 'numpy', got {name!r}")
+    if name != "numpy" and (_fastops if xp is numpy else _cuda) is None:
         raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
                            + ("" if xp is numpy else " --cuda") + ")")
-    previous, _use_fastops = ("fastops" if _use_fastops else "numpy"), name == "fastops"
+    previous, _chosen = _chosen, name
     _install()
     return previous
 
 
 def _install():
     """Fill `ops` for the current device and backend."""
+    global _backend
+    _backend = _chosen if (_fastops if xp is numpy else _cuda) is not None else "numpy"
     vars(ops).update(REFERENCE)
     if xp is not numpy:                  # CuPy spells numpy.add.at cupyx.scatter_add
         import cupyx
         ops.embedding_backward = lambda dwte, idx, dx: (cupyx.scatter_add(dwte, idx, dx), dwte)[1]
-    if _use_fastops:
+    if _backend != "numpy":
         vars(ops).update(FAST)
 
 
@@ -2025,6 +2071,96 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
     return _done(dx, dw, db)
 
 
+# The optimizer in C: the global gradient norm (for clipping) and the AdamW
+# update of every parameter, each one multi-threaded pass over all arrays,
+# the clipping factor applied on the fly (gscale) instead of a pass that
+# scales the gradients. On the CPU only; they update p, m, v in place, so
+# these must be float32, C-contiguous and of the parameter's shape (no copies).
+
+def _f32_inplace(name, a, shape=None):
+    if not isinstance(a, numpy.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != numpy.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (updated in place)")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    return a
+
+
+def _ptr_array(arrays):
+    ffi = _fastops.ffi
+    keep = [ffi.from_buffer(a) for a in arrays]
+    return ffi.new("float *[]", [ffi.cast("float *", k) for k in keep]), keep
+
+
+def fo_grad_sumsq(grads) -> float:
+    """Sum of squares of every array in `grads` (a dict or a list), in float64."""
+    items = grads.items() if isinstance(grads, dict) else enumerate(grads)
+    arrays = [_f32("grads[%r]" % (k,), g, getattr(g, "ndim", 0)) for k, g in items]
+    if xp is not numpy or not arrays:
+        return float(sum(float((a.astype(numpy.float64) ** 2).sum()) for a in arrays))
+    ptrs, keep = _ptr_array(arrays)
+    sizes = _fastops.ffi.new("long[]", [a.size for a in arrays])
+    return _done(_fastops.lib.fo_sumsq(len(arrays), ptrs, sizes))
+
+
+def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, gscale=1.0):
+    """One AdamW step (llm.AdamW.step's arithmetic) for every name in `grads`:
+    params[name], m[name], v[name] updated in place; decay[name] true for the
+    arrays that are weight-decayed; t the step count after this step (for the
+    bias corrections); every gradient multiplied by gscale (clipping) first."""
+    names = list(grads)
+    ps, gs, ms, vs = [], [], [], []
+    for k in names:
+        p = _f32_inplace(f"params[{k!r}]", params[k])
+        g = _f32(f"grads[{k!r}]", grads[k], p.ndim)
+        if g.size != p.size or numpy.shape(grads[k]) != p.shape:
+            raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {numpy.shape(grads[k])}")
+        ps.append(p)
+        gs.append(g)
+        ms.append(_f32_inplace(f"m[{k!r}]", m[k], p.shape))
+        vs.append(_f32_inplace(f"v[{k!r}]", v[k], p.shape))
+    if not names:
+        return
+    ffi, lib = _fastops.ffi, _fastops.lib
+    (pp, k1), (gp, k2), (mp, k3), (vp, k4) = (_ptr_array(a) for a in (ps, gs, ms, vs))
+    b1, b2 = betas
+    lib.fo_adamw(len(names), pp, gp, mp, vp, ffi.new("long[]", [p.size for p in ps]),
+                 ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1),
+                 float(b2), float(eps), float(weight_decay), float(1.0 - b1 ** t),
+                 float(1.0 - b2 ** t), float(gscale))
+    _done()
+
+
+# Softmax with cross-entropy in one pass (CPU): per-row losses and the
+# gradient of sum(weights * loss) * dscale with respect to the logits.
+
+def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
+    """logits (M, V), targets (M,) integer ids, weights (M,) or None ->
+    (loss (M,), dlogits (M, V)), loss[r] = -log softmax(logits[r])[targets[r]],
+    dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale."""
+    logits = _f32("logits", logits, 2)
+    M, V = logits.shape
+    t = numpy.asarray(targets)
+    if t.shape != (M,) or t.dtype.kind not in "iu":
+        raise ValueError(f"targets: expected ({M},) integer ids, got shape {t.shape} dtype {t.dtype}")
+    if M and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"targets: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
+    t = numpy.ascontiguousarray(t, dtype=numpy.int64)
+    if weights is not None:
+        weights = _f32("weights", weights, 1)
+        if weights.shape != (M,):
+            raise ValueError(f"weights: expected shape ({M},), got {weights.shape}")
+    loss, dlogits = numpy.empty(M, numpy.float32), numpy.empty((M, V), numpy.float32)
+    ffi, lib = _fastops.ffi, _fastops.lib
+    lib.fo_cross_entropy(_ptr(logits), ffi.cast("int64_t *", ffi.from_buffer(t)),
+                         ffi.NULL if weights is None else _ptr(weights), _ptr(loss),
+                         _ptr(dlogits), float(dscale), M, V)
+    return _done(loss, dlogits)
+
+
 # ---- the fast layers, for `ops` --------------------------------------------------
 # Each is section 2's layer where the kernel applies, and hands the work back
 # to the NumPy function where it does not. A cache from a kernel is marked,
@@ -2035,7 +2171,7 @@ class _Kernel(tuple):                     # the cache of a layer that ran in fas
 
 
 def _linear_forward(x, w, b):
-    if not (_f32s(x, w) and (b is None or _f32s(b))):
+    if not (_f32s(x, w) and (b is None or _f32s(b)) and _use("linear" if len(x) > 16 else "linear_small")):
         return linear_forward(x, w, b)
     return fo_linear_forward(x, w, b), _Kernel((x, w))
 
@@ -2051,7 +2187,7 @@ def _attention_forward(q, k, v, dropout=0.0, rng=None):
     # not with a KV cache (q shorter than k) or dropout; on a GPU the kernel
     # keeps a query's row in registers: heads up to 128 wide
     if not (_f32s(q, k, v) and q.shape == k.shape and (dropout == 0.0 or rng is None)
-            and (xp is numpy or q.shape[-1] <= 128)):
+            and (xp is numpy or q.shape[-1] <= 128) and _use("attention")):
         return attention_forward(q, k, v, dropout, rng)
     q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))     # copied once, for the backward too
     y, lse = fo_attention_forward(q, k, v)
@@ -2063,7 +2199,7 @@ def _attention_backward(dy, cache):
 
 
 def _layernorm_forward(x, w, b, eps=1e-5):
-    if not _f32s(x, w, b):
+    if not (_f32s(x, w, b) and _use("layernorm")):
         return layernorm_forward(x, w, b, eps)
     x = xp.ascontiguousarray(x)
     y, mean, rstd = fo_layernorm_forward(x, w, b, eps)
@@ -2075,7 +2211,7 @@ def _layernorm_backward(dy, cache):
 
 
 def _gelu_forward(x):
-    if not _f32s(x):
+    if not (_f32s(x) and _use("gelu")):
         return gelu_forward(x)
     x = xp.ascontiguousarray(x)
     return fo_gelu_forward(x), _Kernel((x,))
@@ -2085,6 +2221,131 @@ def _gelu_backward(dy, cache):
     return fo_gelu_backward(dy, *cache) if isinstance(cache, _Kernel) else gelu_backward(dy, cache)
 
 
+def _cross_entropy_forward(logits, targets, mask=None):
+    if not (xp is numpy and _f32s(logits) and _use("cross_entropy")):
+        return cross_entropy_forward(logits, targets, mask)
+    V = logits.shape[-1]
+    w = numpy.ones(targets.size, numpy.float32) if mask is None else numpy.asarray(mask, numpy.float32).ravel()
+    n = max(float(w.sum()), 1.0)
+    rows, dlogits = fo_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), w, 1.0 / n)
+    return numpy.float32((rows * w).sum() / n), _Kernel((dlogits.reshape(logits.shape),))
+
+
+def _cross_entropy_backward(cache):
+    return cache[0] if isinstance(cache, _Kernel) else cross_entropy_backward(cache)
+
+
+def _on_cpu(arrays):                 # the optimizer's kernels: float32 NumPy arrays (a 0-d one too)
+    return xp is numpy and all(isinstance(a, (numpy.ndarray, numpy.float32)) and a.dtype == numpy.float32
+                               for a in arrays)
+
+
+def _adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t):
+    if not (_on_cpu([*grads.values()] + [params[k] for k in grads]) and _use("adamw")):
+        return adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t)
+    fo_adamw_step(params, {k: numpy.asarray(g) for k, g in grads.items()}, m, v,
+                  {k: params[k].ndim >= 2 for k in grads}, lr, betas, eps, weight_decay, t)
+
+
+def _sum_of_squares(arrays):
+    arrays = list(arrays)
+    return (fo_grad_sumsq([numpy.asarray(a) for a in arrays]) if _on_cpu(arrays) and _use("adamw")
+            else sum_of_squares(arrays))
+
+
+# ---- where each kernel is used: measured, once per build ---------------------
+# With the 'auto' backend a kernel runs only where it beats NumPy on this
+# machine: on an Apple M-series Mac, NumPy multiplies matrices on Accelerate,
+# faster than fastops' portable kernel. Each family of kernels is timed
+# against its NumPy function once, on shapes of the models here, forward
+# and backward, and the verdict is kept beside the library
+# (_fastops_HASH.calibration.json; delete it, or set LLM_CALIBRATE=1, to
+# measure again). bench.py and the report card show it. On a GPU every
+# kernel runs.
+
+def _calibration_work():
+    """Family -> (the function that runs it through `ops`, its arrays)."""
+    r = numpy.random.default_rng(0)
+    f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
+    linear = lambda x, w, dy: lambda: ops.linear_backward(dy, ops.linear_forward(x, w, w[0])[1])
+    layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
+    params = {f"p{i}": f32(*s) for i, s in enumerate([(512, 192), (192, 576), (192, 768), (768, 192), (192,)])}
+    grads = {k: f32(*v.shape) for k, v in params.items()}
+    m, v = {k: numpy.zeros_like(p) for k, p in params.items()}, {k: numpy.ones_like(p) for k, p in params.items()}
+    return {"linear": [linear(f32(768, 128), f32(128, 384), f32(768, 384)),
+                       linear(f32(1024, 384), f32(384, 1536), f32(1024, 1536))],
+            "linear_small": [lambda x=f32(1, 768), w=f32(768, 2304): ops.linear_forward(x, w, None),
+                             lambda x=f32(16, 768), w=f32(768, 3072): ops.linear_forward(x, w, None)],
+            "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
+            "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
+            "gelu": [layer("gelu", f32(768, 512)), layer("gelu", f32(512, 1536))],
+            "cross_entropy": [lambda z=f32(12, 64, 260), t=r.integers(0, 260, (12, 64)):
+                              ops.cross_entropy_forward(z, t)],
+            "adamw": [lambda: (ops.sum_of_squares(grads.values()),
+                               ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))]}
+
+
+def calibrate() -> dict:
+    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of up to 3 runs each."""
+    global _chosen
+    saved, result = _chosen, {}
+    try:
+        for family, runs in _calibration_work().items():
+            t = {}
+            for backend in ("fastops", "numpy"):
+                _chosen = backend
+                _install()
+                best, start = math.inf, time.perf_counter()
+                for rep in range(4):                        # the first warms up; at most ~0.3 s more
+                    t0 = time.perf_counter()
+                    for f in runs:
+                        f()
+                    best = min(best, time.perf_counter() - t0) if rep else math.inf
+                    if rep and time.perf_counter() - start > 0.3:
+                        break
+                t[backend] = best
+            result[family] = {**t, "use": t["fastops"] < t["numpy"]}
+    finally:
+        _chosen = saved
+        _install()
+    return result
+
+
+_CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
+
+
+def kernel_choice() -> dict:
+    """Which kernels the 'auto' backend uses here (measured once per build)."""
+    global _CHOICE
+    if _CHOICE is None:
+        lib = _fastops.__file__
+        path = os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+        try:
+            if os.environ.get("LLM_CALIBRATE") == "1":
+                raise OSError
+            with open(path) as f:
+                _CHOICE = json.load(f)
+        except (OSError, ValueError):
+            _CHOICE = calibrate()
+            try:
+                atomic_write(path, json.dumps(_CHOICE, indent=1).encode())
+            except OSError:
+                pass                                        # a read-only install: measured each run
+    return _CHOICE
+
+
+def _use(family) -> bool:
+    return _backend == "fastops" or xp is not numpy or kernel_choice().get(family, {}).get("use", True)
+
+
+def kernels_in_use() -> dict:
+    """Family -> "fastops" or "numpy": what runs now (bench.py and the report card say it)."""
+    families = ("linear", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
+    return {f: "fastops" if _backend != "numpy" and _use(f) else "numpy" for f in families}
+
+
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,
-                                   _layernorm_forward, _layernorm_backward, _gelu_forward, _gelu_backward)}
+                                   _layernorm_forward, _layernorm_backward, _gelu_forward, _gelu_backward,
+                                   _cross_entropy_forward, _cross_entropy_backward, _adamw_update,
+                                   _sum_of_squares)}
 _install()

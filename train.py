@@ -33,14 +33,14 @@ import numpy
 
 
 def _ensure_fastops():
-    """Build the C kernels on first use. If that fails, llm.py says so once
-    and runs on NumPy, only slower."""
-    import glob
-    if os.environ.get("LLM_NUMPY") == "1" or glob.glob(os.path.join(HERE, "_fastops*.so")):
-        return
-    print("fastops (the C kernels) is not built yet: building it once with build_ext.py ...")
+    """Build the C kernels on first use (and after fastops.c changed). If
+    that fails, it says so once and llm.py runs on NumPy, only slower;
+    `python build_ext.py` tries again."""
     sys.path.insert(0, HERE)
     import build_ext
+    if os.environ.get("LLM_NUMPY") == "1" or build_ext.built() or os.path.exists(build_ext.FAILED):
+        return
+    print("fastops (the C kernels) is not built for this fastops.c yet: building it with build_ext.py ...")
     build_ext.build()
 
 
@@ -754,7 +754,9 @@ def flat_report(report, wall):
             "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
                          "general_accuracy_before", "general_accuracy_after")}
     flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
+    flat.update({f"{s}.seconds": m["seconds"] for s, m in report.items() if "seconds" in m})
     flat["wall_seconds"] = wall
+    flat["kernels"] = llm.kernels_in_use()          # where fastops ran, where NumPy (measured per machine)
     return flat
 
 
@@ -782,7 +784,9 @@ def write_report_card(a, report, wall):
          f"training {f('finetune.trainable_fraction', '{:.2%}')} of the weights (LoRA); general "
          f"{f('finetune.general_accuracy_before')} -> {f('finetune.general_accuracy_after')}"),
     ]
-    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time.\n",
+    kernels = ", ".join(f"{k} {v}" for k, v in flat["kernels"].items())
+    seconds = ", ".join(f"{s} {m['seconds']:.0f} s" for s, m in report.items() if "seconds" in m)
+    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time ({seconds}).\nKernels: {kernels}.\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
     for stage, m in report.items():

@@ -408,3 +408,190 @@ def test_out_of_memory_in_a_kernel_is_an_error_not_a_crash(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 7 and all("MemoryError: fastops: out of memory" in l for l in lines), r.stdout
+
+
+# ---- the optimizer: gradient norm and AdamW in one C pass each ------------------
+
+SIZES = st.lists(st.sampled_from([(1,), (3,), (17,), (1, 1), (5, 7), (16, 33), (129, 65),
+                                  (300, 301), (70001,)]), min_size=1, max_size=6)
+
+
+@FAST
+@given(shapes=SIZES, seed=st.integers(0, 2**16))
+def test_grad_sumsq_matches_float64(shapes, seed):
+    rng = np.random.default_rng(seed)
+    grads = {f"g{i}": randn(rng, *s) * np.float32(10.0 ** rng.integers(-3, 3))
+             for i, s in enumerate(shapes)}
+    ref = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())
+    assert math.isclose(llm.fo_grad_sumsq(grads), ref, rel_tol=1e-5)
+    assert llm.fo_grad_sumsq(list(grads.values())) == llm.fo_grad_sumsq(grads)
+
+
+def adamw_reference(p, g, m, v, decay, lr, b1, b2, eps, wd, t, gscale):
+    p, g, m, v = (a.astype(np.float64) for a in (p, g, m, v))
+    g = g * gscale
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    if decay:
+        p = p * (1 - lr * wd)
+    return p - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps), m, v
+
+
+@FAST
+@given(shapes=SIZES, t=st.sampled_from([1, 2, 10, 1000]), gscale=st.sampled_from([1.0, 0.37]),
+       path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_adamw_matches_float64_reference(shapes, t, gscale, path, seed):
+    rng = np.random.default_rng(seed)
+    names = [f"w{i}" for i in range(len(shapes))]
+    params = {k: randn(rng, *s) for k, s in zip(names, shapes)}
+    grads = {k: randn(rng, *s) for k, s in zip(names, shapes)}
+    m = {k: randn(rng, *s) * np.float32(0.1) for k, s in zip(names, shapes)}
+    v = {k: np.abs(randn(rng, *s)) * np.float32(0.01) for k, s in zip(names, shapes)}
+    decay = {k: params[k].ndim >= 2 for k in names}
+    ref = {k: adamw_reference(params[k], grads[k], m[k], v[k], decay[k], 1e-2, 0.9, 0.95, 1e-8,
+                              0.1, t, gscale) for k in names}
+    with isa(path):
+        llm.fo_adamw_step(params, grads, m, v, decay, 1e-2, (0.9, 0.95), 1e-8, 0.1, t, gscale)
+    for k in names:
+        for got, want in zip((params[k], m[k], v[k]), ref[k]):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_adamw_equals_llm_adamw_step():
+    """The C pass and llm.AdamW.step (NumPy, float32) take the same step,
+    clipping included, to float32 rounding."""
+    rng = np.random.default_rng(3)
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    ref_params = {k: p.copy() for k, p in model.params.items()}
+    opt = llm.AdamW(lr=1e-2)
+    m, v = {}, {}
+    for step in range(1, 4):
+        grads = {k: randn(rng, *p.shape) for k, p in model.params.items()}
+        g_np = {k: g.copy() for k, g in grads.items()}
+        norm = llm.clip_grad_norm(g_np, 1.0)
+        opt.step(ref_params, g_np)
+        fo_norm = math.sqrt(llm.fo_grad_sumsq(grads))
+        assert math.isclose(fo_norm, norm, rel_tol=1e-6)
+        for k, p in model.params.items():
+            m.setdefault(k, np.zeros_like(p)), v.setdefault(k, np.zeros_like(p))
+        llm.fo_adamw_step(model.params, grads, m, v, {k: p.ndim >= 2 for k, p in model.params.items()},
+                          opt.lr, opt.betas, opt.eps, opt.weight_decay, step,
+                          gscale=min(1.0, 1.0 / (fo_norm + 1e-6)))
+    for k in ref_params:
+        np.testing.assert_allclose(model.params[k], ref_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_optimizer_bad_input():
+    p = {"w": np.zeros((3, 4), np.float32)}
+    g = {"w": np.ones((3, 4), np.float32)}
+    mv = lambda: ({"w": np.zeros((3, 4), np.float32)}, {"w": np.zeros((3, 4), np.float32)})
+    with pytest.raises(ValueError, match=r"grads\['w'\]"):
+        llm.fo_adamw_step(p, {"w": np.ones((4, 3), np.float32)}, *mv(), {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    m, v = mv()
+    with pytest.raises(TypeError, match=r"m\['w'\]"):
+        llm.fo_adamw_step(p, g, {"w": m["w"].astype(np.float64)}, v, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(ValueError, match=r"v\['w'\]"):
+        llm.fo_adamw_step(p, g, m, {"w": np.zeros((4, 3), np.float32).T}, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(ValueError, match=r"params\['w'\]"):
+        llm.fo_adamw_step({"w": np.zeros((4, 3), np.float32).T}, g, m, v, {"w": True}, 1e-3,
+                          (0.9, 0.95), 1e-8, 0.1, 1)
+    with pytest.raises(TypeError, match=r"grads\['w'\]"):
+        llm.fo_grad_sumsq({"w": g["w"].astype(np.float16)})
+    assert llm.fo_grad_sumsq({}) == 0.0
+
+
+# ---- softmax with cross-entropy, fused -----------------------------------------
+
+@FAST
+@given(M=st.sampled_from([1, 2, 7, 64, 257]), V=st.sampled_from([1, 2, 3, 17, 31, 260, 1000, 50257]),
+       scale=st.sampled_from([0.1, 3.0, 40.0]), weighted=st.booleans(), path=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+def test_cross_entropy_matches_float64_reference(M, V, scale, weighted, path, seed):
+    if M * V > 3_000_000:
+        M = 3
+    rng = np.random.default_rng(seed)
+    logits = randn(rng, M, V) * np.float32(scale)
+    targets = rng.integers(0, V, M)
+    w = rng.random(M).astype(np.float32) if weighted else None
+    with isa(path):
+        loss, d = llm.fo_cross_entropy(logits, targets, w, dscale=0.5)
+    x = logits.astype(np.float64)
+    z = x - x.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ref_loss = -logp[np.arange(M), targets]
+    ref_d = np.exp(logp)
+    ref_d[np.arange(M), targets] -= 1
+    ref_d *= (np.ones(M) if w is None else w)[:, None] * 0.5
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5 * (1 + math.log(V)))
+    np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-7)
+
+
+def test_cross_entropy_equals_llm_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits, targets = randn(rng, 3, 5, 67), rng.integers(0, 67, (3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    prev = llm.set_backend("numpy")
+    try:
+        loss_ref, cache = llm.cross_entropy_forward(logits, targets, mask)
+        d_ref = llm.cross_entropy_backward(cache)
+    finally:
+        llm.set_backend(prev)
+    n = max(mask.sum(), 1)
+    loss, d = llm.fo_cross_entropy(logits.reshape(15, 67), targets.reshape(15), mask.reshape(15),
+                                   dscale=1 / n)
+    assert math.isclose(float((loss * mask.reshape(15)).sum() / n), float(loss_ref), rel_tol=1e-5)
+    np.testing.assert_allclose(d.reshape(3, 5, 67), d_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_cross_entropy_bad_input():
+    x = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="targets"):
+        llm.fo_cross_entropy(x, np.array([0.0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="weights"):
+        llm.fo_cross_entropy(x, np.array([0, 1, 2, 3]), np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="logits"):
+        llm.fo_cross_entropy(x.astype(np.float64), np.array([0, 1, 2, 3]))
+
+
+# ---- the 'auto' backend: each kernel where it beats NumPy here ---------------------
+
+def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch):
+    choice = llm.kernel_choice()
+    assert set(choice) == set(llm.kernels_in_use()) and all(
+        c["fastops"] > 0 and c["numpy"] > 0 and c["use"] == (c["fastops"] < c["numpy"]) for c in choice.values())
+    prev = llm.set_backend("auto")
+    try:
+        monkeypatch.setattr(llm, "_CHOICE", {**choice, "linear": {**choice["linear"], "use": False},
+                                             "linear_small": {**choice["linear_small"], "use": True}})
+        rng = np.random.default_rng(0)
+        big, small, w = randn(rng, 64, 8), randn(rng, 2, 8), randn(rng, 8, 4)
+        assert not isinstance(llm.ops.linear_forward(big, w, None)[1], llm._Kernel)   # NumPy won: NumPy
+        assert isinstance(llm.ops.linear_forward(small, w, None)[1], llm._Kernel)
+        assert llm.kernels_in_use()["linear"] == "numpy" and llm.kernels_in_use()["linear_small"] == "fastops"
+    finally:
+        llm.set_backend(prev)
+
+
+def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_asked(monkeypatch, tmp_path):
+    import os
+    lib = llm._fastops.__file__
+    path = os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+    llm.kernel_choice()
+    assert os.path.exists(path)
+    calls = []
+    monkeypatch.setattr(llm, "calibrate", lambda: calls.append(1) or {"linear": {"use": True}})
+    monkeypatch.setattr(llm, "_CHOICE", None)
+    llm.kernel_choice()
+    assert not calls                                     # read back from the file
+    monkeypatch.setattr(llm, "_CHOICE", None)
+    monkeypatch.setenv("LLM_CALIBRATE", "1")
+    monkeypatch.setattr(llm, "atomic_write", lambda *a: None)
+    assert llm.kernel_choice() == {"linear": {"use": True}} and calls == [1]

@@ -1,0 +1,315 @@
+/*
+ * fastops_check.c -- fastops.c's kernels against double-precision references,
+ * in C alone: no Python, so it runs where only a C compiler does. CI builds it
+ * for aarch64 and runs it under qemu-user (tests/test_fastops_arm.py), which
+ * checks the portable kernels (the path Apple M-series and other ARM CPUs
+ * take); on x86 it checks every ISA this CPU has (fo_set_isa), and
+ * FO_PORTABLE_ONLY builds it with the portable kernels alone.
+ *
+ *   cc -O2 -std=gnu99 -ffp-contract=fast -fopenmp tests/fastops_check.c -lm -o check && ./check
+ *
+ * Exit status 0 when every check passes; otherwise each failure is printed.
+ * Shapes cover 1, odd sizes, non-multiples of every SIMD width, both sides
+ * of the small-M path (M <= 16) and the blocked GEMM, transposed operands,
+ * accumulation and bias.
+ */
+#include "../fastops.c"
+
+#include <stdio.h>
+
+static int n_checks, n_failed;
+static unsigned long long rng_state = 88172645463325252ULL;
+
+static double urand(void) { /* xorshift64: uniform in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+static float *frand(size_t n, double scale) {
+    float *a = (float *)malloc(n * sizeof(float) + 64);
+    for (size_t i = 0; i < n; i++) a[i] = (float)(urand() * scale);
+    return a;
+}
+
+/* got vs ref: |got - ref| <= atol + rtol |ref| everywhere */
+static void check(const char *what, const float *got, const double *ref, size_t n, double rtol,
+                  double atol) {
+    size_t bad = 0, worst = 0;
+    double worst_err = -1.0;
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - ref[i]), lim = atol + rtol * fabs(ref[i]);
+        if (!(err <= lim)) { /* NaN fails too */
+            bad++;
+            if (!(err <= worst_err)) { worst_err = err; worst = i; }
+        }
+    }
+    n_checks++;
+    if (bad) {
+        n_failed++;
+        printf("FAIL %s: %zu of %zu wrong, e.g. [%zu] = %.7g, expected %.7g\n", what, bad, n, worst,
+               (double)got[worst], ref[worst]);
+    }
+}
+
+static double ktol(int K) { return 4e-5 * (1.0 + sqrt((double)K)); }
+
+/* ---- GEMM ---------------------------------------------------------------- */
+static void check_gemm(int M, int N, int K, int ta, int tb, int accumulate, int use_bias) {
+    /* A is M x K (stored K x M when ta), B is K x N (stored N x K when tb) */
+    float *A = frand((size_t)M * K, 1.0), *B = frand((size_t)K * N, 1.0);
+    float *C = frand((size_t)M * N, 1.0), *bias = frand(N, 1.0);
+    double *ref = (double *)malloc(sizeof(double) * M * N);
+    ptrdiff_t rsa = ta ? 1 : K, csa = ta ? M : 1, rsb = tb ? 1 : N, csb = tb ? K : 1;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = accumulate ? C[(size_t)i * N + j] : 0.0;
+            for (int p = 0; p < K; p++) s += (double)A[i * rsa + p * csa] * B[p * rsb + j * csb];
+            ref[(size_t)i * N + j] = s + (use_bias ? bias[j] : 0.0);
+        }
+    fo_sgemm(M, N, K, A, rsa, csa, B, rsb, csb, C, N, accumulate, use_bias ? bias : NULL);
+    char what[160];
+    snprintf(what, sizeof what, "sgemm[%s] M=%d N=%d K=%d%s%s%s%s", fo_isa(), M, N, K,
+             ta ? " A^T" : "", tb ? " B^T" : "", accumulate ? " accumulate" : "",
+             use_bias ? " bias" : "");
+    check(what, C, ref, (size_t)M * N, 1e-4, ktol(K));
+    free(A); free(B); free(C); free(bias); free(ref);
+}
+
+/* ---- attention ------------------------------------------------------------ */
+static void check_attention(int BH, int T, int D) {
+    size_t n = (size_t)BH * T * D;
+    float *q = frand(n, 1.0), *k = frand(n, 1.0), *v = frand(n, 1.0), *dy = frand(n, 1.0);
+    float *y = frand(n, 1.0), *lse = frand((size_t)BH * T, 1.0);
+    float *dq = frand(n, 1.0), *dk = frand(n, 1.0), *dv = frand(n, 1.0);
+    double *ry = (double *)calloc(n, sizeof(double)), *rdq = (double *)calloc(n, sizeof(double));
+    double *rdk = (double *)calloc(n, sizeof(double)), *rdv = (double *)calloc(n, sizeof(double));
+    double *p = (double *)malloc(sizeof(double) * T * T), *dp = (double *)malloc(sizeof(double) * T * T);
+    double scale = 1.0 / sqrt((double)D);
+    for (int h = 0; h < BH; h++) {
+        size_t o = (size_t)h * T * D;
+        for (int i = 0; i < T; i++) {
+            double mx = -INFINITY, sum = 0.0;
+            for (int j = 0; j <= i; j++) {
+                double s = 0.0;
+                for (int d = 0; d < D; d++) s += (double)q[o + i * D + d] * k[o + j * D + d];
+                p[i * T + j] = s * scale;
+                if (p[i * T + j] > mx) mx = p[i * T + j];
+            }
+            for (int j = 0; j <= i; j++) sum += (p[i * T + j] = exp(p[i * T + j] - mx));
+            for (int j = 0; j <= i; j++) p[i * T + j] /= sum;
+            for (int d = 0; d < D; d++) {
+                double s = 0.0;
+                for (int j = 0; j <= i; j++) s += p[i * T + j] * v[o + j * D + d];
+                ry[o + i * D + d] = s;
+            }
+            double di = 0.0;
+            for (int j = 0; j <= i; j++) {
+                double s = 0.0;
+                for (int d = 0; d < D; d++) s += (double)dy[o + i * D + d] * v[o + j * D + d];
+                dp[i * T + j] = s;
+                di += s * p[i * T + j];
+            }
+            for (int j = 0; j <= i; j++) {
+                double ds = p[i * T + j] * (dp[i * T + j] - di) * scale;
+                for (int d = 0; d < D; d++) {
+                    rdq[o + i * D + d] += ds * k[o + j * D + d];
+                    rdk[o + j * D + d] += ds * q[o + i * D + d];
+                    rdv[o + j * D + d] += p[i * T + j] * dy[o + i * D + d];
+                }
+            }
+        }
+    }
+    fo_attention_forward(q, k, v, y, lse, 1, BH, T, D);
+    fo_attention_backward(dy, q, k, v, y, lse, dq, dk, dv, 1, BH, T, D);
+    char what[120];
+    double tol = ktol(D > T ? D : T);
+    snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: y", fo_isa(), BH, T, D);
+    check(what, y, ry, n, 1e-4, tol);
+    snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: dq", fo_isa(), BH, T, D);
+    check(what, dq, rdq, n, 1e-4, tol);
+    snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: dk", fo_isa(), BH, T, D);
+    check(what, dk, rdk, n, 1e-4, tol);
+    snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: dv", fo_isa(), BH, T, D);
+    check(what, dv, rdv, n, 1e-4, tol);
+    free(q); free(k); free(v); free(dy); free(y); free(lse); free(dq); free(dk); free(dv);
+    free(ry); free(rdq); free(rdk); free(rdv); free(p); free(dp);
+}
+
+/* ---- GELU and LayerNorm --------------------------------------------------- */
+static void check_gelu(long n, double scale) {
+    float *x = frand(n, scale), *dy = frand(n, 1.0), *y = frand(n, 1.0), *dx = frand(n, 1.0);
+    double *ry = (double *)malloc(sizeof(double) * n), *rdx = (double *)malloc(sizeof(double) * n);
+    const double c = 0.7978845608028654, a = 0.044715;
+    for (long i = 0; i < n; i++) {
+        double v = x[i], t = tanh(c * (v + a * v * v * v));
+        ry[i] = 0.5 * v * (1.0 + t);
+        rdx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * a * v * v));
+    }
+    fo_gelu_forward(x, y, n);
+    fo_gelu_backward(dy, x, dx, n);
+    char what[96];
+    snprintf(what, sizeof what, "gelu[%s] n=%ld scale=%g: y", fo_isa(), n, scale);
+    check(what, y, ry, n, 1e-6, 1e-6);
+    snprintf(what, sizeof what, "gelu[%s] n=%ld scale=%g: dx", fo_isa(), n, scale);
+    check(what, dx, rdx, n, 1e-5, 2e-6);
+    free(x); free(dy); free(y); free(dx); free(ry); free(rdx);
+}
+
+static void check_layernorm(int M, int C) {
+    size_t n = (size_t)M * C;
+    float *x = frand(n, 1.0), *w = frand(C, 1.0), *b = frand(C, 1.0), *dy = frand(n, 1.0);
+    float *y = frand(n, 1.0), *mean = frand(M, 1.0), *rstd = frand(M, 1.0), *dx = frand(n, 1.0);
+    float *dw = frand(C, 1.0), *db = frand(C, 1.0);
+    double *ry = (double *)malloc(sizeof(double) * n), *rdx = (double *)malloc(sizeof(double) * n);
+    double *rdw = (double *)calloc(C, sizeof(double)), *rdb = (double *)calloc(C, sizeof(double));
+    for (int i = 0; i < M; i++) {
+        const float *xr = x + (size_t)i * C, *g = dy + (size_t)i * C;
+        double mu = 0.0, var = 0.0, m1 = 0.0, m2 = 0.0;
+        for (int c = 0; c < C; c++) mu += xr[c];
+        mu /= C;
+        for (int c = 0; c < C; c++) var += (xr[c] - mu) * (xr[c] - mu);
+        double r = 1.0 / sqrt(var / C + 1e-5);
+        for (int c = 0; c < C; c++) {
+            double xh = (xr[c] - mu) * r;
+            ry[(size_t)i * C + c] = xh * w[c] + b[c];
+            m1 += g[c] * w[c];
+            m2 += g[c] * w[c] * xh;
+            rdw[c] += g[c] * xh;
+            rdb[c] += g[c];
+        }
+        for (int c = 0; c < C; c++) /* dx / rstd, as test_fastops.py compares it */
+            rdx[(size_t)i * C + c] = g[c] * w[c] - m1 / C - (xr[c] - mu) * r * m2 / C;
+    }
+    fo_layernorm_forward(x, w, b, y, mean, rstd, M, C, 1e-5f);
+    fo_layernorm_backward(dy, x, w, mean, rstd, dx, dw, db, M, C);
+    for (int i = 0; i < M; i++)
+        for (int c = 0; c < C; c++) dx[(size_t)i * C + c] /= rstd[i];
+    char what[96];
+    snprintf(what, sizeof what, "layernorm[%s] M=%d C=%d: y", fo_isa(), M, C);
+    check(what, y, ry, n, 1e-4, ktol(C));
+    snprintf(what, sizeof what, "layernorm[%s] M=%d C=%d: dx", fo_isa(), M, C);
+    check(what, dx, rdx, n, 1e-4, ktol(C));
+    snprintf(what, sizeof what, "layernorm[%s] M=%d C=%d: dw", fo_isa(), M, C);
+    check(what, dw, rdw, C, 1e-4, ktol(M));
+    snprintf(what, sizeof what, "layernorm[%s] M=%d C=%d: db", fo_isa(), M, C);
+    check(what, db, rdb, C, 1e-4, ktol(M));
+    free(x); free(w); free(b); free(dy); free(y); free(mean); free(rstd); free(dx); free(dw);
+    free(db); free(ry); free(rdx); free(rdw); free(rdb);
+}
+
+/* ---- the optimizer --------------------------------------------------------- */
+static void check_optimizer(int n, const long *size, float gscale) {
+    float *p[8], *g[8], *m[8], *v[8];
+    int decay[8];
+    double sq = 0.0;
+    for (int a = 0; a < n; a++) {
+        p[a] = frand(size[a], 1.0); g[a] = frand(size[a], 3.0);
+        m[a] = frand(size[a], 0.1); v[a] = frand(size[a], 0.1);
+        for (long i = 0; i < size[a]; i++) { v[a][i] = fabsf(v[a][i]); sq += (double)g[a][i] * g[a][i]; }
+        decay[a] = a % 2;
+    }
+    float got = (float)fo_sumsq(n, g, size);
+    double want = sq;
+    check("sumsq", &got, &want, 1, 1e-5, 0.0);
+    const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+    const int t = 3;
+    double c1 = 1.0 - pow(b1, t), c2 = 1.0 - pow(b2, t);
+    double *rp[8], *rm[8], *rv[8];
+    for (int a = 0; a < n; a++) {
+        rp[a] = (double *)malloc(sizeof(double) * size[a]);
+        rm[a] = (double *)malloc(sizeof(double) * size[a]);
+        rv[a] = (double *)malloc(sizeof(double) * size[a]);
+        for (long i = 0; i < size[a]; i++) {
+            double gi = (double)g[a][i] * gscale;
+            rm[a][i] = b1 * m[a][i] + (1 - b1) * gi;
+            rv[a][i] = b2 * v[a][i] + (1 - b2) * gi * gi;
+            double pi = decay[a] ? p[a][i] * (1 - lr * wd) : p[a][i];
+            rp[a][i] = pi - lr / c1 * rm[a][i] / (sqrt(rv[a][i] / c2) + eps);
+        }
+    }
+    fo_adamw(n, p, g, m, v, size, decay, (float)lr, (float)b1, (float)b2, (float)eps, (float)wd,
+             (float)c1, (float)c2, gscale);
+    for (int a = 0; a < n; a++) {
+        char what[96];
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): p", fo_isa(), a, n, size[a]);
+        check(what, p[a], rp[a], size[a], 2e-5, 1e-6);
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): m", fo_isa(), a, n, size[a]);
+        check(what, m[a], rm[a], size[a], 2e-5, 1e-6);
+        snprintf(what, sizeof what, "adamw[%s] array %d of %d (%ld): v", fo_isa(), a, n, size[a]);
+        check(what, v[a], rv[a], size[a], 2e-5, 1e-6);
+        free(p[a]); free(g[a]); free(m[a]); free(v[a]); free(rp[a]); free(rm[a]); free(rv[a]);
+    }
+}
+
+/* ---- softmax with cross-entropy -------------------------------------------- */
+static void check_cross_entropy(int M, int V, double scale) {
+    float *x = frand((size_t)M * V, scale), *w = frand(M, 1.0), *loss = frand(M, 1.0);
+    float *d = frand((size_t)M * V, 1.0);
+    int64_t *t = (int64_t *)malloc(sizeof(int64_t) * M);
+    double *rl = (double *)malloc(sizeof(double) * M), *rd = (double *)malloc(sizeof(double) * M * V);
+    for (int r = 0; r < M; r++) {
+        const float *xr = x + (size_t)r * V;
+        t[r] = (int64_t)((urand() + 1.0) * 0.5 * V) % V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int c = 0; c < V; c++) mx = xr[c] > mx ? xr[c] : mx;
+        for (int c = 0; c < V; c++) sum += exp(xr[c] - mx);
+        rl[r] = log(sum) - (xr[t[r]] - mx);
+        for (int c = 0; c < V; c++)
+            rd[(size_t)r * V + c] = (exp(xr[c] - mx) / sum - (c == t[r])) * w[r] * 0.25;
+    }
+    fo_cross_entropy(x, t, w, loss, d, 0.25f, M, V);
+    char what[96];
+    snprintf(what, sizeof what, "cross_entropy[%s] M=%d V=%d: loss", fo_isa(), M, V);
+    check(what, loss, rl, M, 1e-5, 1e-5 * (1.0 + log((double)V)));
+    snprintf(what, sizeof what, "cross_entropy[%s] M=%d V=%d: dlogits", fo_isa(), M, V);
+    check(what, d, rd, (size_t)M * V, 1e-4, 1e-7);
+    free(x); free(w); free(loss); free(d); free(t); free(rl); free(rd);
+}
+
+static void check_all(void) {
+    static const int dims[] = {1, 2, 3, 7, 15, 16, 17, 31, 33, 65, 130};
+    const int nd = (int)(sizeof dims / sizeof dims[0]);
+    for (int a = 0; a < nd; a++)
+        for (int b = 0; b < nd; b += 2)
+            for (int c = 0; c < nd; c += 3) {
+                int t = (a + b + c) % 4;
+                check_gemm(dims[a], dims[b], dims[c], t & 1, t >> 1, (a + c) % 2, (b + c) % 3 == 0);
+            }
+    check_gemm(1, 2304, 768, 0, 0, 0, 1);   /* generation: c_attn at batch 1 */
+    check_gemm(16, 769, 300, 0, 0, 1, 1);   /* the small-M path at its limit, ragged N */
+    check_gemm(257, 129, 383, 0, 0, 0, 1);  /* blocked, several k blocks */
+    check_gemm(130, 70, 400, 1, 0, 0, 0);   /* X^T . dY */
+    check_gemm(100, 90, 80, 0, 1, 1, 0);    /* dY . W^T */
+    static const int ts[] = {1, 7, 64, 65, 130}, ds[] = {1, 8, 17, 64};
+    for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 4; j++) check_attention(1 + (i + j) % 3, ts[i], ds[j]);
+    static const long ns[] = {1, 15, 17, 513, 4099, 70001};
+    for (int i = 0; i < 6; i++) check_gelu(ns[i], i % 2 ? 4.0 : 1.0);
+    check_gelu(1000, 30.0);
+    static const int ms[] = {1, 3, 97, 300}, cs[] = {1, 5, 16, 17, 129, 384};
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 6; j++) check_layernorm(ms[i], cs[j]);
+    static const long sz1[] = {1}, sz2[] = {17, 3, 70001, 1, 4096, 129};
+    check_optimizer(1, sz1, 1.0f);
+    check_optimizer(6, sz2, 0.37f);
+    check_cross_entropy(1, 1, 1.0);
+    check_cross_entropy(7, 17, 3.0);
+    check_cross_entropy(65, 260, 1.0);
+    check_cross_entropy(3, 50257, 10.0);
+}
+
+int main(void) {
+    static const char *isas[] = {"avx512", "avx2", "generic"};
+    int ran = 0;
+    for (int i = 0; i < 3; i++) {
+        if (fo_set_isa(isas[i]) != 0) continue;
+        check_all();
+        ran++;
+    }
+    fo_set_isa("auto");
+    printf("fastops_check: kernels %s (%d ISA%s), %d threads: %d checks, %d failed\n", fo_isa(),
+           ran, ran == 1 ? "" : "s", fo_max_threads(), n_checks, n_failed);
+    return n_failed ? 1 : 0;
+}

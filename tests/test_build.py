@@ -1,0 +1,54 @@
+"""The build of fastops.c: a library is named after the source it was built
+from, so one built before fastops.c changed is never loaded (llm.py warns
+and runs NumPy; train.py rebuilds); a build that failed says what to do
+once and is not retried on every command; a new build removes old ones."""
+import os
+import shutil
+import subprocess
+import sys
+
+import build_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_project(tmp_path):
+    for name in ("fastops.c", "build_ext.py", "llm.py", "train.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data")
+    return tmp_path
+
+
+def python(cwd, code, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("LLM_NUMPY", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**e, **env})
+
+
+def test_a_library_built_from_an_older_fastops_c_is_not_loaded(tmp_path):
+    d = copy_project(tmp_path)
+    old = "_fastops_000000000000.cpython-311-x86_64-linux-gnu.so"
+    lib = build_ext.built()
+    (d / old).write_bytes(open(lib, "rb").read() if lib else b"not a library")
+    r = python(d, "import llm; print(llm._fastops is None)")
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    assert "built from an older fastops.c" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failed_build_is_said_once_and_not_retried(tmp_path):
+    d = copy_project(tmp_path)
+    broken = dict(CC="/bin/false", LDSHARED="/bin/false")
+    first = python(d, "import train", **broken)
+    assert first.returncode == 0 and "building it" in first.stdout and "build failed" in first.stderr, first
+    again = python(d, "import train", **broken)
+    assert again.returncode == 0 and "building" not in again.stdout and "build failed" not in again.stderr
+    assert again.stderr.count("fastops") == 1                     # llm.py's one warning: NumPy runs
+
+
+def test_a_new_build_removes_the_old_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_ext, "ROOT", str(tmp_path))
+    for name in ("_fastops.cpython-311.so", "_fastops_aaaaaaaaaaaa.so", "_fastops_cuda_aaaaaaaaaaaa.so",
+                 "_fastops_bbbbbbbbbbbb.cpython-311.so", "_fastops_cuda_bbbbbbbbbbbb.so"):
+        (tmp_path / name).write_bytes(b"")
+    build_ext._remove_stale(keep=("_fastops_bbbbbbbbbbbb", "_fastops_cuda_bbbbbbbbbbbb"))
+    assert sorted(os.listdir(tmp_path)) == ["_fastops_bbbbbbbbbbbb.cpython-311.so", "_fastops_cuda_bbbbbbbbbbbb.so"]
