@@ -1920,8 +1920,8 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False):
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
-    if allow_transposed and a.flags.f_contiguous and not a.flags.c_contiguous:
-        return a
+    if a.flags.c_contiguous or (allow_transposed and a.flags.f_contiguous):
+        return a                                        # (0-d arrays too: ascontiguousarray makes them 1-D)
     return xp.ascontiguousarray(a)
 
 
@@ -2078,15 +2078,10 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
 # these must be float32, C-contiguous and of the parameter's shape (no copies).
 
 def _f32_inplace(name, a, shape=None):
-    if not isinstance(a, numpy.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != numpy.float32:
-        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
-    if not a.flags.c_contiguous:
+    """As _f32, but the array itself, updated in place: it must be C-contiguous already."""
+    if isinstance(a, numpy.ndarray) and not a.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array (updated in place)")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-    return a
+    return _f32(name, a, shape=shape)
 
 
 def _ptr_array(arrays):
@@ -2098,9 +2093,9 @@ def _ptr_array(arrays):
 def fo_grad_sumsq(grads) -> float:
     """Sum of squares of every array in `grads` (a dict or a list), in float64."""
     items = grads.items() if isinstance(grads, dict) else enumerate(grads)
-    arrays = [_f32("grads[%r]" % (k,), g, getattr(g, "ndim", 0)) for k, g in items]
-    if xp is not numpy or not arrays:
-        return float(sum(float((a.astype(numpy.float64) ** 2).sum()) for a in arrays))
+    arrays = [_f32("grads[%r]" % (k,), g) for k, g in items]
+    if not arrays:
+        return 0.0
     ptrs, keep = _ptr_array(arrays)
     sizes = _fastops.ffi.new("long[]", [a.size for a in arrays])
     return _done(_fastops.lib.fo_sumsq(len(arrays), ptrs, sizes))
@@ -2115,11 +2110,8 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     ps, gs, ms, vs = [], [], [], []
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
-        g = _f32(f"grads[{k!r}]", grads[k], p.ndim)
-        if g.size != p.size or numpy.shape(grads[k]) != p.shape:
-            raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {numpy.shape(grads[k])}")
         ps.append(p)
-        gs.append(g)
+        gs.append(_f32(f"grads[{k!r}]", grads[k], shape=p.shape))
         ms.append(_f32_inplace(f"m[{k!r}]", m[k], p.shape))
         vs.append(_f32_inplace(f"v[{k!r}]", v[k], p.shape))
     if not names:
@@ -2149,10 +2141,7 @@ def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
     if M and (int(t.min()) < 0 or int(t.max()) >= V):
         raise ValueError(f"targets: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
     t = numpy.ascontiguousarray(t, dtype=numpy.int64)
-    if weights is not None:
-        weights = _f32("weights", weights, 1)
-        if weights.shape != (M,):
-            raise ValueError(f"weights: expected shape ({M},), got {weights.shape}")
+    weights = None if weights is None else _f32("weights", weights, shape=(M,))
     loss, dlogits = numpy.empty(M, numpy.float32), numpy.empty((M, V), numpy.float32)
     ffi, lib = _fastops.ffi, _fastops.lib
     lib.fo_cross_entropy(_ptr(logits), ffi.cast("int64_t *", ffi.from_buffer(t)),
