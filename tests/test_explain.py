@@ -13,24 +13,20 @@ from hypothesis import given, settings, strategies as st
 
 import llm
 import train
-from conftest import shared_file
+from helpers import shared_file, untrained
 
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. "
         "The cat sat on the mat because it was soft. ") * 20
 TOK = llm.Tokenizer.train(TEXT, 300)
 
 
-def tiny(block_size=32, seed=0):
-    return llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size,
-                                 vocab_size=TOK.vocab_size), seed=seed)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder with a pretrain and an sft checkpoint (random weights)."""
     out = tmp_path_factory.mktemp("run")
-    llm.save_checkpoint(str(out / "pretrain.safetensors"), tiny(seed=1), TOK, stage="pretrain")
-    llm.save_checkpoint(str(out / "sft.safetensors"), tiny(seed=2), TOK, stage="sft")
+    for seed, stage in ((1, "pretrain"), (2, "sft")):
+        llm.save_checkpoint(str(out / f"{stage}.safetensors"), untrained(TOK.vocab_size, seed=seed), TOK,
+                            stage=stage)
     return str(out)
 
 
@@ -43,7 +39,7 @@ def logits(model, text="The cat sat on the mat"):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, TOK.vocab_size - 1), min_size=1, max_size=32))
 def test_attention_maps_are_causal_distributions(ids):
-    maps = train.attention_maps(tiny(), ids)
+    maps = train.attention_maps(untrained(TOK.vocab_size), ids)
     T = len(ids)
     assert maps.shape == (2, 2, T, T)
     assert np.allclose(maps.sum(-1), 1.0, atol=1e-5)
@@ -52,7 +48,7 @@ def test_attention_maps_are_causal_distributions(ids):
 
 
 def test_attention_maps_match_a_direct_computation():
-    model, ids = tiny(), TOK.encode("The cat sat on the mat because it was soft.")
+    model, ids = untrained(TOK.vocab_size), TOK.encode("The cat sat on the mat because it was soft.")
     maps = train.attention_maps(model, ids)
     # layer 0 by hand: softmax(q k^T / sqrt(D)) over the past, per head
     p, T, C, H = model.params, len(ids), 16, 2
@@ -80,7 +76,7 @@ def test_attention_maps_match_a_direct_computation():
 
 def test_attention_maps_refuses_too_long_input():
     with pytest.raises(ValueError, match="context window"):
-        train.attention_maps(tiny(block_size=4), [1, 2, 3, 4, 5])
+        train.attention_maps(untrained(TOK.vocab_size, block_size=4), [1, 2, 3, 4, 5])
 
 
 # ---- GPT-2's layout -------------------------------------------------------------
@@ -118,7 +114,7 @@ def hf_tensors(model, prefix="transformer.", buffers=True):
 
 
 def test_export_then_load_gpt2_gives_the_same_model(tmp_path):
-    model = tiny()
+    model = untrained(TOK.vocab_size)
     llm.export_gpt2(model, str(tmp_path), TOK)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")} == \
@@ -134,7 +130,7 @@ def test_export_then_load_gpt2_gives_the_same_model(tmp_path):
 
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_load_gpt2_reads_hugging_face_files(tmp_path, prefix):
-    model = tiny()
+    model = untrained(TOK.vocab_size)
     write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model, prefix))
     (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "n_layer": 2}))
     loaded, tok = llm.load_gpt2(str(tmp_path / "model.safetensors"))
@@ -148,7 +144,7 @@ def test_load_gpt2_reads_hugging_face_files(tmp_path, prefix):
 
 
 def test_load_gpt2_refuses_an_untied_head_and_other_layouts(tmp_path):
-    t = hf_tensors(tiny())
+    t = hf_tensors(untrained(TOK.vocab_size))
     t["lm_head.weight"] = t["lm_head.weight"] + 1
     write_safetensors(str(tmp_path / "model.safetensors"), t)
     with pytest.raises(ValueError, match="lm_head"):
@@ -161,7 +157,7 @@ def test_load_gpt2_refuses_an_untied_head_and_other_layouts(tmp_path):
 
 @pytest.mark.parametrize("kind", ["F16", "BF16"])
 def test_load_gpt2_widens_half_precision(tmp_path, kind):
-    model = tiny()
+    model = untrained(TOK.vocab_size)
     t = hf_tensors(model)
     if kind == "F16":
         write_safetensors(str(tmp_path / "model.safetensors"), {k: v.astype(np.float16) for k, v in t.items()})
@@ -233,7 +229,7 @@ def test_sample_choices_are_explicit(run, tmp_path, capsys):
 
 
 def test_sample_runs_gpt2_weights(tmp_path, capsys):
-    llm.export_gpt2(tiny(), str(tmp_path), TOK)
+    llm.export_gpt2(untrained(TOK.vocab_size), str(tmp_path), TOK)
     train.main(["sample", "--gpt2", str(tmp_path), "--prompt", "The", "--max-tokens", "3", "--seed", "0"])
     out = capsys.readouterr().out
     assert "GPT-2 from" in out and "continuation" in out
@@ -283,7 +279,8 @@ def test_chat_ids_follow_the_template():
 
 def test_chat_loop_with_reset_and_quit():
     out = io.StringIO()
-    history = train.chat_loop(tiny(), TOK, scripted(["hi", "", "and Italy?", "/reset", "again", "/quit", "unread"]),
+    history = train.chat_loop(untrained(TOK.vocab_size), TOK,
+                              scripted(["hi", "", "and Italy?", "/reset", "again", "/quit", "unread"]),
                               out, max_tokens=5, seed=0)
     text = out.getvalue()
     assert text.count("bot> ") == 3 and "(conversation cleared)" in text
@@ -300,7 +297,7 @@ def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
         return real(model, prompt, *args, **kw)
     monkeypatch.setattr(llm, "generate", spy)
     out = io.StringIO()
-    model = tiny(block_size=24)
+    model = untrained(TOK.vocab_size, block_size=24)
     history = train.chat_loop(model, TOK, scripted(["The cat sat on the mat."] * 4), out, max_tokens=4, seed=1)
     assert all(len(p) <= 24 - 4 for p in seen)
     assert "forgotten" in out.getvalue() and len(history) < 4

@@ -6,11 +6,10 @@ import pytest
 
 import llm
 import train
-from gradcheck import numerical_grad, rel_error
-from test_model import tiny
+from helpers import GRAD_TOL, numerical_grad, rel_error, tiny
 
 
-def check_grads(model, loss_and_grads, names=None, tol=1e-5):
+def check_grads(model, loss_and_grads, names=None, tol=GRAD_TOL):
     loss, grads = loss_and_grads()
     for name in names or grads:
         num = numerical_grad(lambda: loss_and_grads()[0], model.params[name], max_coords=25)
@@ -122,14 +121,20 @@ def test_lora_starts_at_the_base_model_and_trains_only_a_and_b():
     assert 0 < llm.trainable_fraction(m) < 1
 
 
+def randomise_b(model, r):
+    """LoRA's B matrices start at zero (the adapters add nothing yet): random
+    ones make every adapter count."""
+    for k in model.params:
+        if k.endswith("lora_B"):
+            model.params[k] = r.normal(0, 0.5, model.params[k].shape)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lora_gradients(dropout):
     m = tiny()
     llm.add_lora(m, targets=("attn.c_attn", "mlp.c_proj"), r=2, alpha=3.0, dropout=dropout)
     r = np.random.default_rng(3)
-    for k in m.params:
-        if k.endswith("lora_B"):
-            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    randomise_b(m, r)
     x, y = r.integers(0, 11, (2, 6)), r.integers(0, 11, (2, 6))
 
     def f():
@@ -143,9 +148,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tmp_path):
     m = tiny()
     llm.add_lora(m, r=2)
     r = np.random.default_rng(3)
-    for k in m.params:
-        if k.endswith("lora_B"):
-            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    randomise_b(m, r)
     ids = np.array([[1, 2, 3, 4]])
     w0 = m.params["h.0.mlp.c_fc.weight"].copy()
     adapted = m.forward(ids)[0]
