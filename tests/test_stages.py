@@ -1,11 +1,15 @@
-"""Instruction tuning, RLHF and LoRA: losses and gradients against finite
-differences in float64, and the properties each stage relies on."""
+"""The training stages after pretraining (llm.py sections 6 to 8).
+Instruction tuning: the chat template trains on the answer and <|end|>
+only, long conversations keep their answer. RLHF: the reward, PPO and DPO
+losses' gradients against central finite differences in float64, GAE, the
+reward model reading the last token, unended rejections. LoRA: it starts at
+the base model and trains only A and B, its gradients (with and without
+dropout) against finite differences, merging, unmerging and saving."""
 
 import numpy as np
 import pytest
 
 import llm
-import train
 from helpers import GRAD_TOL, numerical_grad, rel_error, tiny
 
 
@@ -76,19 +80,6 @@ def test_long_conversations_keep_their_answer():
     x, y, mask = llm.pad_batch([ex], 0, 32)
     counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
     assert x.shape == (1, 32) and counted == [*b"The answer.", tok.special[llm.END]]
-
-
-def test_read_jsonl_reports_file_and_line(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:3: .*'response'"):
-        train.read_jsonl(str(p), ("prompt", "response"))
-    p.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-        train.read_jsonl(str(p), ("prompt", "response"))
-    p.write_text('[1, 2]\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
-        train.read_jsonl(str(p), ("prompt",))
 
 
 def test_the_reward_model_reads_the_last_token_end_included():
