@@ -1,19 +1,6 @@
-import os
-import sys
-
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
-
-
-def shared_file(name):
-    """A file from ../shared/data, or skip: users who clone the project lack it."""
-    path = os.path.join(SHARED, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is absent")
-    return path
+"""pytest's setup for tests/: importing helpers puts the project root on
+sys.path, so that every test module can import llm, train, bench and data."""
+import helpers  # noqa: F401
 
 
 def pytest_configure(config):

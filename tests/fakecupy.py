@@ -14,7 +14,7 @@ never does, the bugs that would otherwise first show on the GPU:
 It also counts the copies each way (`transfers`), so a test can check that
 a training step copies its batch in and a few scalars out, however deep the
 model. `a.data.ptr` is the host address of the data, so fastops' CUDA kernels
-compiled for the CPU (test_cuda_emu.py) can run on these arrays, as
+compiled for the CPU (helpers.build_fastops) can run on these arrays, as
 test_cuda.py does. What it cannot check: the GPU itself (speed, memory, its
 memory model) and CuPy's own numerical differences.
 """

@@ -1,13 +1,27 @@
+"""Checkpoints (llm.py section 9) and the pretraining runs that write them
+(section 5): a checkpoint round-trips model, tokenizer and stage, written
+atomically; a resumed run, from its end or from any evaluation's
+checkpoint, ends with the uninterrupted run's weights bit for bit;
+pretraining lowers the loss and writes its metrics; the safetensors layout
+is the standard one, and bad, truncated or foreign files are clear errors
+naming the file; GPT-2's layout as Hugging Face stores it: export then load
+gives the same model, the prefix, mask buffers, tied head and half
+precision (F16, BF16) are read, an untied head or a missing tensor is
+refused, and GPT-2's head width is inferred."""
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import llm
+from helpers import untrained
 
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. "
         "Gold has the symbol Au. Iron has the symbol Fe. ") * 40
+TOK = llm.Tokenizer.train(TEXT, 300)
 
 
 def small():
@@ -116,3 +130,113 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
     llm.save_safetensors(str(tmp_path / "foreign.safetensors"), {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="foreign.safetensors.*not an llm checkpoint"):
         llm.load_checkpoint(str(tmp_path / "foreign.safetensors"))
+
+
+# ---- GPT-2's layout -------------------------------------------------------------
+
+def logits(model, text="The cat sat on the mat"):
+    return model.forward(np.array([TOK.encode(text)]))[0]
+
+
+def write_safetensors(path, tensors, dtypes=None):
+    """A safetensors file written by hand, with raw bytes per tensor (BF16 too)."""
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        dtype = (dtypes or {}).get(name) or {np.float32: "F32", np.float16: "F16"}[arr.dtype.type]
+        blob = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def to_bf16(a):
+    """float32 -> bfloat16 words, rounding to nearest even."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def hf_tensors(model, prefix="transformer.", buffers=True):
+    """Our weights as Hugging Face stores GPT-2: prefix, mask buffers, tied head."""
+    t = {prefix + k: np.asarray(v, np.float32) for k, v in model.params.items()}
+    T = model.config.block_size
+    if buffers:
+        for i in range(model.config.n_layer):
+            t[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), np.float32))
+            t[f"{prefix}h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    t["lm_head.weight"] = t[prefix + "wte.weight"]
+    return t
+
+
+def test_export_then_load_gpt2_gives_the_same_model(tmp_path):
+    model = untrained(TOK.vocab_size)
+    llm.export_gpt2(model, str(tmp_path), TOK)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")} == \
+        {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32, "vocab_size": TOK.vocab_size}
+    tensors, _ = llm.load_safetensors(str(tmp_path / "model.safetensors"))
+    assert "transformer.h.1.mlp.c_fc.weight" in tensors
+    assert np.array_equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"])
+    loaded, tok = llm.load_gpt2(str(tmp_path))
+    assert loaded.config == model.config
+    assert tok.ranks == TOK.ranks and tok.special == TOK.special
+    assert np.array_equal(logits(model), logits(loaded))
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_load_gpt2_reads_hugging_face_files(tmp_path, prefix):
+    model = untrained(TOK.vocab_size)
+    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model, prefix))
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "n_layer": 2}))
+    loaded, tok = llm.load_gpt2(str(tmp_path / "model.safetensors"))
+    assert tok is None                                   # no .tiktoken beside it
+    assert loaded.config == model.config
+    assert np.array_equal(logits(model), logits(loaded))
+    os.remove(tmp_path / "config.json")                  # n_head as an argument instead
+    assert llm.load_gpt2(str(tmp_path), n_head=2)[0].config.n_head == 2
+    with pytest.raises(ValueError, match="n_head"):       # 16 wide: not GPT-2's 64 per head
+        llm.load_gpt2(str(tmp_path))
+
+
+def test_load_gpt2_refuses_an_untied_head_and_other_layouts(tmp_path):
+    t = hf_tensors(untrained(TOK.vocab_size))
+    t["lm_head.weight"] = t["lm_head.weight"] + 1
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="lm_head"):
+        llm.load_gpt2(str(tmp_path), n_head=2)
+    del t["lm_head.weight"], t["transformer.h.1.ln_2.bias"]
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="ln_2.bias"):
+        llm.load_gpt2(str(tmp_path), n_head=2)
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_load_gpt2_widens_half_precision(tmp_path, kind):
+    model = untrained(TOK.vocab_size)
+    t = hf_tensors(model)
+    if kind == "F16":
+        write_safetensors(str(tmp_path / "model.safetensors"), {k: v.astype(np.float16) for k, v in t.items()})
+    else:
+        write_safetensors(str(tmp_path / "model.safetensors"), {k: to_bf16(v) for k, v in t.items()},
+                          {k: "BF16" for k in t})
+    loaded, _ = llm.load_gpt2(str(tmp_path), n_head=2)
+    assert all(v.dtype == np.float32 for v in loaded.params.values())
+    want, got = logits(model), logits(loaded)
+    assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+    assert np.array_equal(want.argmax(-1), got.argmax(-1)) or kind == "BF16"
+
+
+@given(st.floats(width=32, allow_nan=False))
+def test_bf16_is_the_top_half_of_float32(x):
+    word = np.array([x], np.float32).view(np.uint32) >> 16
+    assert llm.bf16_to_float32(word.astype(np.uint16))[0] == \
+        (np.array([x], np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)[0]
+
+
+def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=TOK.vocab_size))
+    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
+    loaded, _ = llm.load_gpt2(str(tmp_path))
+    assert loaded.config == model.config                  # 128 wide: 2 heads of 64

@@ -1,19 +1,22 @@
-"""The CUDA build of fastops (fastops.c's __CUDACC__ section) and llm.py on the GPU.
+"""fastops' CUDA kernels (fastops.c's __CUDACC__ section) and llm.py on the GPU.
 
-- The build test needs only nvcc (skipped without it): it compiles
-  fastops.c as CUDA, opens the library with cffi and checks its error path.
-- The GPU tests: the CUDA kernels through llm.py against float64
-  references, forward and backward, and a few training steps on the GPU
-  against the same steps on the CPU. Each runs twice: on a real GPU (CuPy;
-  skipped without one) and on the GPU emulated on the CPU (fakecupy with the
-  CUDA kernels compiled for the CPU, as test_cuda_emu.py builds them).
+- Without a GPU: use_device checks its argument and, without CuPy, says what
+  to install; nvcc compiles fastops.c as CUDA and the library opens with cffi
+  and reports errors as messages (skipped without nvcc); built kernels whose
+  CUDA runtime cannot start make llm.py warn and use CuPy's math; the CUDA
+  build without nvcc is not an error.
+- The GPU tests: the CUDA kernels through llm.py (linear, attention, GELU,
+  LayerNorm) against float64 references, forward and backward, on fixed
+  shapes and on shapes hypothesis picks, and five training steps on the GPU
+  against the same steps on the CPU, with the checkpoint they save loading
+  back unchanged. Each runs twice: on a real GPU (CuPy; skipped without one,
+  a failure with LLM_REQUIRE_GPU=1) and on the GPU emulated on the CPU
+  (helpers.emulated_gpu: fakecupy with the CUDA kernels compiled for the CPU).
 """
-import math
 import os
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -21,8 +24,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import build_ext
 import llm
+from helpers import (ROOT, attention_reference, close, close_to_linear, emulated_gpu,
+                     gelu_reference, layernorm_reference, randn, trained)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, build_ext.CUDA_LIB)
 
 
@@ -117,29 +121,15 @@ def real_gpu():
     return cp
 
 
-def emulated_gpu(monkeypatch):
-    """The GPU emulated on the CPU: fakecupy (NumPy under CuPy's rules) as
-    CuPy, fastops.c's CUDA section compiled for the CPU (test_cuda_emu.py) as
-    the kernels; llm.py's device wrappers hand them fakecupy's addresses as
-    device pointers. Runs wherever g++ does."""
-    import cffi
-    import fakecupy
-    import test_cuda_emu
-    ffi = cffi.FFI()
-    ffi.cdef(build_ext.CUDA_CDEF)
-    lib = ffi.dlopen(test_cuda_emu.build_fastops())
-    fakecupy.install(monkeypatch)
-    monkeypatch.setattr(llm, "_cuda", None)                # restored afterwards
-    monkeypatch.setattr(llm, "_load_cuda", lambda: types.SimpleNamespace(ffi=ffi, lib=lib))
-    llm.use_device("cuda")
-    return fakecupy
-
-
 @pytest.fixture(params=["cuda", "emulated"])
 def gpu(request, monkeypatch):
     """llm on the GPU with the CUDA kernels, back on the CPU afterwards: on a
     real GPU, and emulated on the CPU. -> the array module (CuPy or fakecupy)."""
-    cp = real_gpu() if request.param == "cuda" else emulated_gpu(monkeypatch)
+    if request.param == "cuda":
+        cp = real_gpu()
+    else:
+        cp = emulated_gpu(monkeypatch)
+        llm.use_device("cuda")
     try:
         llm.set_backend("fastops")
         yield cp
@@ -153,32 +143,23 @@ def at_scale(gpu, work):
         pytest.skip("real-GPU scale: too slow to emulate")
 
 
-def close(got, ref, K):
-    """float32 sums of K terms of O(1) products: error ~ eps * sqrt(K)."""
-    np.testing.assert_allclose(llm.to_numpy(got), ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
-
-
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 7), (128, 128, 128), (129, 65, 257),
                                    (768, 128, 384), (2048, 384, 1152), (64, 1000, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cuda_linear_matches_float64(gpu, M, K, N, bias):
     at_scale(gpu, M * K * N)
     rng = np.random.default_rng(M * 7 + K * 3 + N)
-    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (M, N)))
-    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    x, w, dy = (randn(rng, *s) for s in ((M, K), (K, N), (M, N)))
+    b = randn(rng, N) if bias else None
     g = [gpu.asarray(a) if a is not None else None for a in (x, w, dy, b)]
     y = llm.fo_linear_forward(g[0], g[1], g[3])
     dx, dw, db = llm.fo_linear_backward(g[2], g[0], g[1])
     assert isinstance(y, gpu.ndarray) and y.dtype == np.float32
-    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
-    close(y, x64 @ w64 + (0 if b is None else b), K)
-    close(dx, dy64 @ w64.T, N)
-    close(dw, x64.T @ dy64, M)
-    close(db, dy64.sum(0), M)
+    close_to_linear(x, w, b, dy, y, dx, dw, db)
     # the tied output head passes a transposed view (F-ordered): same results
     wt = gpu.asarray(np.ascontiguousarray(w.T))
-    close(llm.fo_linear_forward(g[0], wt.T, None), x64 @ w64, K)
-    close(llm.fo_linear_backward(g[2], g[0], wt.T)[0], dy64 @ w64.T, N)
+    close_to_linear(x, w, None, dy, llm.fo_linear_forward(g[0], wt.T, None),
+                    llm.fo_linear_backward(g[2], g[0], wt.T)[0], None, None)
 
 
 @pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 8), (2, 3, 5, 16), (1, 2, 64, 32), (2, 2, 65, 64),
@@ -187,13 +168,8 @@ def test_cuda_linear_matches_float64(gpu, M, K, N, bias):
 def test_cuda_attention_matches_float64(gpu, B, H, T, D):
     at_scale(gpu, B * H * T * T * D)
     rng = np.random.default_rng(T * 10 + D)
-    q, k, v, dy = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
-    llm.use_device("cpu")                              # the NumPy reference, in float64
-    prev = llm.set_backend("numpy")
-    ref_y, cache = llm.attention_forward(*(a.astype(np.float64) for a in (q, k, v)))
-    ref = llm.attention_backward(dy.astype(np.float64), cache)
-    llm.set_backend(prev)
-    llm.use_device("cuda")
+    q, k, v, dy = (randn(rng, B, H, T, D) for _ in range(4))
+    ref_y, _, *ref = attention_reference(q, k, v, dy)
     y, cache = llm.ops.attention_forward(*(gpu.asarray(a) for a in (q, k, v)))
     assert isinstance(cache, llm._Kernel)              # the CUDA kernel ran
     grads = llm.ops.attention_backward(gpu.asarray(dy), cache)
@@ -206,24 +182,17 @@ def test_cuda_attention_matches_float64(gpu, B, H, T, D):
 def test_cuda_gelu_and_layernorm_match_float64(gpu, M, C):
     at_scale(gpu, M * C * 100)
     rng = np.random.default_rng(M + C)
-    x, w, b, dy = (rng.standard_normal(s).astype(np.float32) for s in ((M, C), (C,), (C,), (M, C)))
-    refs = []
-    llm.use_device("cpu")                              # the NumPy reference, in float64
-    prev = llm.set_backend("numpy")
-    for fwd, bwd, args in ((llm.gelu_forward, llm.gelu_backward, (x,)),
-                           (llm.layernorm_forward, llm.layernorm_backward, (x, w, b))):
-        out, cache = fwd(*(a.astype(np.float64) for a in args))
-        refs.append((out, bwd(dy.astype(np.float64), cache)))
-    llm.set_backend(prev)
-    llm.use_device("cuda")
+    x, w, b, dy = (randn(rng, *s) for s in ((M, C), (C,), (C,), (M, C)))
+    gelu_y, gelu_dx = gelu_reference(x, dy)
+    ln_y, _, _, *ln_grads = layernorm_reference(x, w, b, dy)
     y, cache = llm.ops.gelu_forward(gpu.asarray(x))
     assert isinstance(cache, llm._Kernel)              # the CUDA kernel ran
-    close(y, refs[0][0], 1)
-    close(llm.ops.gelu_backward(gpu.asarray(dy), cache), refs[0][1], 1)
+    close(y, gelu_y, 1)
+    close(llm.ops.gelu_backward(gpu.asarray(dy), cache), gelu_dx, 1)
     y, cache = llm.ops.layernorm_forward(*(gpu.asarray(a) for a in (x, w, b)))
     assert isinstance(cache, llm._Kernel)
-    close(y, refs[1][0], C)
-    for got, want, K in zip(llm.ops.layernorm_backward(gpu.asarray(dy), cache), refs[1][1], (C, M, M)):
+    close(y, ln_y, C)
+    for got, want, K in zip(llm.ops.layernorm_backward(gpu.asarray(dy), cache), ln_grads, (C, M, M)):
         close(got, want, K)
 
 
@@ -248,17 +217,11 @@ def test_cuda_training_matches_cpu(gpu, tmp_path):
     rng = np.random.default_rng(0)
     data = rng.integers(0, 97, 5000)
     tc = llm.TrainConfig(batch_size=4, max_iters=5, warmup_iters=2, eval_interval=1000)
-
-    def run(device):
-        llm.use_device(device)
-        model, state = llm.GPT(cfg, seed=1), llm.TrainState()
-        llm.train_steps(model, state, tc, lambda r: llm.get_batch(data, 32, 4, r))
-        return model, [loss for _, loss, _ in state.history]
-
-    cpu_model, cpu_losses = run("cpu")
-    gpu_model, gpu_losses = run("cuda")
+    cpu_model, cpu_state = trained("cpu", cfg, tc, data)
+    gpu_model, gpu_state = trained("cuda", cfg, tc, data)
     assert isinstance(gpu_model.params["wte.weight"], gpu.ndarray)
-    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-4)
+    np.testing.assert_allclose([loss for _, loss, _ in gpu_state.history],
+                               [loss for _, loss, _ in cpu_state.history], rtol=2e-4)
     for name, p in cpu_model.params.items():
         np.testing.assert_allclose(llm.to_numpy(gpu_model.params[name]), p, rtol=1e-3, atol=1e-4)
     # a checkpoint saved from the GPU loads back (on the GPU) unchanged

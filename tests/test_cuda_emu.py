@@ -4,7 +4,9 @@ The very text of fastops.c's CUDA section (not a copy) is compiled by g++
 against tests/cuda_emu/cuda_runtime.h, a stand-in for the CUDA runtime: each
 `kernel<<<grid, block>>>(args)` is rewritten into `emu_launch(kernel, grid,
 block)(args)` and every CUDA thread of a block runs as a fiber, switching at
-__syncthreads() and shuffles (see the header for the model).
+__syncthreads() and shuffles (see the header for the model; the rewrite and
+the build are helpers.build_fastops, which test_cuda.py and
+test_device_path.py use too).
 
 What this verifies: the kernels' arithmetic and indexing (results against
 float64 references, for shapes at and around every tile and block edge, all
@@ -26,81 +28,33 @@ not how nvcc lays shared memory out), register and shared-memory limits
 (nvcc checks those when it builds), nvcc's arithmetic (fused multiply-adds,
 its exp2f), performance, and the nvcc-compiled binary itself (test_cuda.py
 builds it; only a GPU can run it).
+
+The emulator itself is tested too: a toy kernel's missing barrier, a
+divergent barrier, a bad launch, a write outside cudaMalloc'd memory and the
+warp shuffles must all show.
 """
-import hashlib
 import math
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import build_ext  # noqa: E402
-import llm  # noqa: E402
+from helpers import (CXX, attention_reference, build, build_fastops, close, close_to_linear,
+                     gelu_reference, layernorm_reference, randn)
+import build_ext  # noqa: E402  (after helpers, which puts it on sys.path when this runs as a script)
 
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-CXX = shutil.which("g++")
-FLAGS = ["-x", "c++", "-std=c++20", "-O1", "-D__CUDACC__", "-fPIC", "-shared", "-I", EMU,
-         "-fno-strict-aliasing",                    # float4 reads of float arrays, as in CUDA
-         "-fno-gnu-unique"]                         # each library keeps its own __shared__ arrays
 SANITIZE = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer"]
 CDEF = build_ext.CUDA_CDEF + "void emu_schedule(unsigned seed);"
-# `kernel<<<grid, block>>>(` or `kernel<N><<<grid, block>>>(`; grid and block may hold commas
-LAUNCH = re.compile(r"\b(\w+(?:<\w+>)?)<<<(.*?)>>>\(")
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 SEEDS = st.integers(0, 2**32 - 1)       # for emu_schedule: 0 in order, 1 reversed, else shuffled
 
 
-# ---- building and loading the emulated library ---------------------------------------
-
-def emulated(src, path):
-    """CUDA source -> C++ for the emulator: only the launches change."""
-    out, n = LAUNCH.subn(r"emu_launch(\1, \2)(", src)
-    assert n == src.count("<<<") and ">>>" not in out, "a kernel launch the rewrite missed"
-    return f'#line 1 "{path}"\n' + out                # diagnostics point into the original
-
-
-def build(src, path, extra=()):
-    """Compile emulated(src) into a .so, cached in the temp dir by the hash of
-    everything that goes into it."""
-    if CXX is None:
-        pytest.skip("g++ is absent: the CUDA emulation needs it")
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the CUDA emulation needs Linux (ucontext, dl_iterate_phdr)")
-    with open(os.path.join(EMU, "cuda_runtime.h")) as f:
-        header = f.read()
-    cpp, flags = emulated(src, path), FLAGS + list(extra)
-    version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([cpp, header, version, *flags]).encode()).hexdigest()[:16]
-    cache = os.path.join(tempfile.gettempdir(), f"fastops_cuda_emu_{os.getuid()}")
-    os.makedirs(cache, exist_ok=True)
-    so = os.path.join(cache, f"{key}.so")
-    if not os.path.exists(so):
-        tmp = os.path.join(cache, f"{key}.{os.getpid()}")
-        with open(tmp + ".cpp", "w") as f:
-            f.write(cpp)
-        r = subprocess.run([CXX, *flags, tmp + ".cpp", "-o", tmp + ".so"], capture_output=True,
-                           text=True)
-        assert r.returncode == 0, f"g++ failed:\n{r.stderr[-5000:]}"
-        os.replace(tmp + ".cpp", so[:-3] + ".cpp")  # kept beside the library, for debugging
-        os.replace(tmp + ".so", so)                 # atomic: a concurrent run sees all or nothing
-    return so
-
-
-def build_fastops(extra=()):
-    path = os.path.join(ROOT, "fastops.c")
-    with open(path) as f:
-        return build(f.read(), path, extra)
-
+# ---- the emulated library and its guarded buffers ----------------------------------
 
 MARGIN = 256                            # floats on each side of every test buffer
 POISON = 0x7FC0DEAD                     # a NaN with a payload: reading it poisons results
@@ -157,20 +111,16 @@ def schedule(emu, seed):
     emu.lib.emu_schedule(seed)
 
 
-# ---- helpers ------------------------------------------------------------------------------
+# ---- test buffers ------------------------------------------------------------------------
 
-def randn(rng, *shape):
-    return guarded(rng.standard_normal(shape))
+def guarded_randn(rng, *shape):
+    """helpers.randn in a guarded() buffer."""
+    return guarded(randn(rng, *shape))
 
 
 def nans(*shape):
     """An output buffer: anything the kernel should write but does not stays NaN."""
     return guarded(np.full(shape, np.nan))
-
-
-def close(got, ref, K):
-    """float32 sums of K terms of O(1) products: error ~ eps * sqrt(K) (as test_cuda.py)."""
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=4e-5 * (1 + math.sqrt(K)))
 
 
 def operand(rng, rows, cols, transposed, pad):
@@ -193,7 +143,7 @@ def check_sgemm(emu, M, N, K, trans_a, trans_b, accumulate, bias, pad, seed):
     schedule(emu, seed)
     a_buf, a, rsa, csa = operand(rng, M, K, trans_a, pad)
     b_buf, b, rsb, csb = operand(rng, K, N, trans_b, pad)
-    bvec = randn(rng, N) if bias else None
+    bvec = guarded_randn(rng, N) if bias else None
     c_buf = guarded(np.full((M, N + pad), -7.0))     # columns past N: a sentinel, untouched
     c_buf[:, :N] = randn(rng, M, N) if accumulate else np.nan
     c0 = c_buf[:, :N].astype(np.float64)
@@ -235,7 +185,7 @@ def test_sgemm_matches_float64(emu, M, N, K, trans_a, trans_b, accumulate, bias,
 def test_colsum_matches_float64(emu, M, N, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
-    dy, db = randn(rng, M, N), nans(N)
+    dy, db = guarded_randn(rng, M, N), nans(N)
     emu("fo_colsum", dy, db, M, N)
     close(db, dy.astype(np.float64).sum(0), M)
 
@@ -246,48 +196,25 @@ def test_colsum_matches_float64(emu, M, N, seed):
 def test_linear_matches_float64(emu, M, K, N, with_dx, with_db, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
-    x, w, b, dy = randn(rng, M, K), randn(rng, K, N), randn(rng, N), randn(rng, M, N)
+    x, w, b, dy = (guarded_randn(rng, *shape) for shape in ((M, K), (K, N), (N,), (M, N)))
     y, dw = nans(M, N), nans(K, N)
     dx, db = (nans(M, K) if with_dx else None), (nans(N) if with_db else None)
     emu("fo_linear_forward", x, w, b, y, M, K, N)
     emu("fo_linear_backward", dy, x, w, dx, dw, db, M, K, N)
-    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
-    close(y, x64 @ w64 + b, K)
-    close(dw, x64.T @ dy64, M)
-    if with_dx:
-        close(dx, dy64 @ w64.T, N)
-    if with_db:
-        close(db, dy64.sum(0), M)
+    close_to_linear(x, w, b, dy, y, dx, dw, db)               # dx, db: None when not asked for
 
 
 # ---- attention --------------------------------------------------------------------------
 
-def attention_reference(q, k, v, dy):
-    """llm.py's NumPy attention in float64 -> y, lse, (dq, dk, dv)."""
-    q, k, v, dy = (a.astype(np.float64) for a in (q, k, v, dy))
-    prev = llm.set_backend("numpy")
-    try:
-        y, cache = llm.attention_forward(q, k, v)
-        grads = llm.attention_backward(dy, cache)
-    finally:
-        llm.set_backend(prev)
-    T = q.shape[-2]
-    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    lse = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
-    return y, lse, grads
-
-
 def check_attention(emu, B, H, T, D, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
-    q, k, v, dy = (randn(rng, B, H, T, D) for _ in range(4))
+    q, k, v, dy = (guarded_randn(rng, B, H, T, D) for _ in range(4))
     y, dq, dk, dv = (nans(B, H, T, D) for _ in range(4))
     lse = nans(B, H, T)
     emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D)
     emu("fo_attention_backward", dy, q, k, v, y, lse, dq, dk, dv, B, H, T, D)
-    ref_y, ref_lse, ref_grads = attention_reference(q, k, v, dy)
+    ref_y, ref_lse, *ref_grads = attention_reference(q, k, v, dy)
     close(y, ref_y, T)
     close(lse, ref_lse, T)
     for got, want in zip((dq, dk, dv), ref_grads):
@@ -318,27 +245,17 @@ def test_attention_matches_float64(emu, B, H, T, D, seed):
 
 # ---- GELU and LayerNorm ------------------------------------------------------------------
 
-def numpy_reference(forward, backward, dy, *args):
-    """llm.py's NumPy forward and backward, in float64."""
-    prev = llm.set_backend("numpy")
-    try:
-        out, cache = forward(*(a.astype(np.float64) for a in args))
-        return out, backward(dy.astype(np.float64), cache)
-    finally:
-        llm.set_backend(prev)
-
-
 @SETTINGS
 @given(n=st.sampled_from([1, 2, 255, 256, 257, 1000, 70000]), scale=st.sampled_from([1.0, 30.0]),
        seed=SEEDS)
 def test_gelu_matches_float64(emu, n, scale, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
-    x, dy, y, dx = guarded(rng.standard_normal(n) * scale), randn(rng, n), nans(n), nans(n)
+    x, dy, y, dx = guarded(rng.standard_normal(n) * scale), guarded_randn(rng, n), nans(n), nans(n)
     x[:2] = [1e20, -1e20][:n]                       # x^3 overflows float32: no inf, no nan
     emu("fo_gelu_forward", x, y, n)
     emu("fo_gelu_backward", dy, x, dx, n)
-    ref_y, ref_dx = numpy_reference(llm.gelu_forward, llm.gelu_backward, dy, x)
+    ref_y, ref_dx = gelu_reference(x, dy)
     close(y, ref_y, 1)
     close(dx, ref_dx, 1)
 
@@ -351,16 +268,14 @@ def test_layernorm_matches_float64(emu, M, C, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
     x = guarded(rng.standard_normal((M, C)) * 2 + 1)                # mean 1, not 0
-    w, b, dy = randn(rng, C), randn(rng, C), randn(rng, M, C)
+    w, b, dy = guarded_randn(rng, C), guarded_randn(rng, C), guarded_randn(rng, M, C)
     y, mean, rstd, dx, dw, db = nans(M, C), nans(M), nans(M), nans(M, C), nans(C), nans(C)
     emu("fo_layernorm_forward", x, w, b, y, mean, rstd, M, C, 1e-5)
     emu("fo_layernorm_backward", dy, x, w, mean, rstd, dx, dw, db, M, C)
-    ref_y, (ref_dx, ref_dw, ref_db) = numpy_reference(llm.layernorm_forward, llm.layernorm_backward,
-                                                      dy, x, w, b)
-    x64 = x.astype(np.float64)
+    ref_y, ref_mean, ref_rstd, ref_dx, ref_dw, ref_db = layernorm_reference(x, w, b, dy, 1e-5)
     close(y, ref_y, C)
-    close(mean, x64.mean(1), C)
-    close(rstd, 1 / np.sqrt(x64.var(1) + 1e-5), C)
+    close(mean, ref_mean, C)
+    close(rstd, ref_rstd, C)
     close(dx, ref_dx, C)
     close(dw, ref_dw, max(M, 1))
     close(db, ref_db, max(M, 1))

@@ -1,7 +1,12 @@
 """llm.py's GPU path, run here on fakecupy: NumPy's arithmetic under CuPy's
-rules (no implicit host <-> device conversion, no mixing). Every stage of
-`train.py --device cuda` must run on it and give what the CPU's NumPy path
-gives, to the last bit (the same NumPy functions do the arithmetic)."""
+rules (no implicit host <-> device conversion, no mixing), with CuPy's own
+math instead of the CUDA kernels. fakecupy refuses what CuPy refuses;
+training on the device gives what the CPU's NumPy path gives, to the last
+bit (the same NumPy functions do the arithmetic), and its checkpoint loads
+back onto the device; a training step copies its batch in and a few scalars
+out, however deep the model; every stage of `train.py --quick --device
+cuda` writes the CPU's report (timings aside); and bench.py's GPU benchmark
+runs, with the emulated CUDA kernels and without."""
 import json
 import sys
 
@@ -11,14 +16,12 @@ import pytest
 import fakecupy
 import llm
 import train
+from helpers import emulated_gpu, trained
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    fakecupy.install(monkeypatch)
-    monkeypatch.setattr(llm, "_cuda", None)
-    monkeypatch.setattr(llm, "_load_cuda", lambda: None)   # CuPy's own math, no CUDA kernels
-    yield fakecupy
+    yield emulated_gpu(monkeypatch, kernels=False)         # CuPy's own math, no CUDA kernels
     llm.use_device("cpu")
 
 
@@ -40,16 +43,9 @@ def test_training_on_the_device_equals_the_cpu(fake_gpu, monkeypatch, tmp_path):
     cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=53, dtype="float32")
     data = np.random.default_rng(0).integers(0, 53, 3000)
     tc = llm.TrainConfig(batch_size=4, max_iters=4, warmup_iters=2, eval_interval=1000)
-
-    def run(device):
-        llm.use_device(device)
-        model, state = llm.GPT(cfg, seed=1), llm.TrainState()
-        llm.train_steps(model, state, tc, lambda r: llm.get_batch(data, 16, 4, r))
-        return model, state
-
     monkeypatch.setattr(llm, "_fastops", None)              # the CPU's NumPy path
-    cpu_model, cpu_state = run("cpu")
-    gpu_model, gpu_state = run("cuda")
+    cpu_model, cpu_state = trained("cpu", cfg, tc, data)
+    gpu_model, gpu_state = trained("cuda", cfg, tc, data)
     assert cpu_state.history == gpu_state.history
     for name, p in gpu_model.params.items():
         assert isinstance(p, fakecupy.ndarray), name
@@ -97,9 +93,9 @@ def test_every_stage_of_train_py_runs_on_the_device(fake_gpu, monkeypatch, tmp_p
 def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys, kernels):
     """With fastops' CUDA kernels (emulated, as test_cuda.py runs them) and without."""
     import bench
-    import test_cuda
     if kernels:
-        test_cuda.emulated_gpu(monkeypatch)
+        emulated_gpu(monkeypatch)
+        llm.use_device("cuda")
     tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=19)
     monkeypatch.setattr(bench, "GPU_MODELS", {"tiny": (tiny, 2)})
     monkeypatch.setitem(sys.modules, "torch", None)         # PyTorch absent: no comparison

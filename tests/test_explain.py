@@ -1,10 +1,13 @@
-"""The explanations: attention maps, GPT-2's checkpoint layout, and the
-tokens / sample / attention / chat commands with their SVG pictures."""
+"""train.py's explanation commands, which look inside a model: attention
+maps (causal distributions, equal to a direct computation and to the
+training forward's probabilities, refused past the context window); the
+tokens, sample, attention and chat commands (what they print, the
+checkpoint or GPT-2 weights and vocabulary they read, their argument
+checks, the chat template, resets and cropping to the context window); and
+the SVG pictures (line charts and heatmaps, well-formed, labels escaped)."""
 import io
-import json
 import math
 import os
-import struct
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -13,29 +16,21 @@ from hypothesis import given, settings, strategies as st
 
 import llm
 import train
-from conftest import shared_file
+from helpers import shared_file, untrained
 
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. "
         "The cat sat on the mat because it was soft. ") * 20
 TOK = llm.Tokenizer.train(TEXT, 300)
 
 
-def tiny(block_size=32, seed=0):
-    return llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size,
-                                 vocab_size=TOK.vocab_size), seed=seed)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder with a pretrain and an sft checkpoint (random weights)."""
     out = tmp_path_factory.mktemp("run")
-    llm.save_checkpoint(str(out / "pretrain.safetensors"), tiny(seed=1), TOK, stage="pretrain")
-    llm.save_checkpoint(str(out / "sft.safetensors"), tiny(seed=2), TOK, stage="sft")
+    for seed, stage in ((1, "pretrain"), (2, "sft")):
+        llm.save_checkpoint(str(out / f"{stage}.safetensors"), untrained(TOK.vocab_size, seed=seed), TOK,
+                            stage=stage)
     return str(out)
-
-
-def logits(model, text="The cat sat on the mat"):
-    return model.forward(np.array([TOK.encode(text)]))[0]
 
 
 # ---- attention_maps ------------------------------------------------------------
@@ -43,7 +38,7 @@ def logits(model, text="The cat sat on the mat"):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, TOK.vocab_size - 1), min_size=1, max_size=32))
 def test_attention_maps_are_causal_distributions(ids):
-    maps = train.attention_maps(tiny(), ids)
+    maps = train.attention_maps(untrained(TOK.vocab_size), ids)
     T = len(ids)
     assert maps.shape == (2, 2, T, T)
     assert np.allclose(maps.sum(-1), 1.0, atol=1e-5)
@@ -52,7 +47,7 @@ def test_attention_maps_are_causal_distributions(ids):
 
 
 def test_attention_maps_match_a_direct_computation():
-    model, ids = tiny(), TOK.encode("The cat sat on the mat because it was soft.")
+    model, ids = untrained(TOK.vocab_size), TOK.encode("The cat sat on the mat because it was soft.")
     maps = train.attention_maps(model, ids)
     # layer 0 by hand: softmax(q k^T / sqrt(D)) over the past, per head
     p, T, C, H = model.params, len(ids), 16, 2
@@ -80,106 +75,7 @@ def test_attention_maps_match_a_direct_computation():
 
 def test_attention_maps_refuses_too_long_input():
     with pytest.raises(ValueError, match="context window"):
-        train.attention_maps(tiny(block_size=4), [1, 2, 3, 4, 5])
-
-
-# ---- GPT-2's layout -------------------------------------------------------------
-
-def write_safetensors(path, tensors, dtypes=None):
-    """A safetensors file written by hand, with raw bytes per tensor (BF16 too)."""
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        dtype = (dtypes or {}).get(name) or {np.float32: "F32", np.float16: "F16"}[arr.dtype.type]
-        blob = np.ascontiguousarray(arr).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def to_bf16(a):
-    """float32 -> bfloat16 words, rounding to nearest even."""
-    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def hf_tensors(model, prefix="transformer.", buffers=True):
-    """Our weights as Hugging Face stores GPT-2: prefix, mask buffers, tied head."""
-    t = {prefix + k: np.asarray(v, np.float32) for k, v in model.params.items()}
-    T = model.config.block_size
-    if buffers:
-        for i in range(model.config.n_layer):
-            t[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), np.float32))
-            t[f"{prefix}h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
-    t["lm_head.weight"] = t[prefix + "wte.weight"]
-    return t
-
-
-def test_export_then_load_gpt2_gives_the_same_model(tmp_path):
-    model = tiny()
-    llm.export_gpt2(model, str(tmp_path), TOK)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")} == \
-        {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32, "vocab_size": TOK.vocab_size}
-    tensors, _ = llm.load_safetensors(str(tmp_path / "model.safetensors"))
-    assert "transformer.h.1.mlp.c_fc.weight" in tensors
-    assert np.array_equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"])
-    loaded, tok = llm.load_gpt2(str(tmp_path))
-    assert loaded.config == model.config
-    assert tok.ranks == TOK.ranks and tok.special == TOK.special
-    assert np.array_equal(logits(model), logits(loaded))
-
-
-@pytest.mark.parametrize("prefix", ["transformer.", ""])
-def test_load_gpt2_reads_hugging_face_files(tmp_path, prefix):
-    model = tiny()
-    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model, prefix))
-    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "n_layer": 2}))
-    loaded, tok = llm.load_gpt2(str(tmp_path / "model.safetensors"))
-    assert tok is None                                   # no .tiktoken beside it
-    assert loaded.config == model.config
-    assert np.array_equal(logits(model), logits(loaded))
-    os.remove(tmp_path / "config.json")                  # n_head as an argument instead
-    assert llm.load_gpt2(str(tmp_path), n_head=2)[0].config.n_head == 2
-    with pytest.raises(ValueError, match="n_head"):       # 16 wide: not GPT-2's 64 per head
-        llm.load_gpt2(str(tmp_path))
-
-
-def test_load_gpt2_refuses_an_untied_head_and_other_layouts(tmp_path):
-    t = hf_tensors(tiny())
-    t["lm_head.weight"] = t["lm_head.weight"] + 1
-    write_safetensors(str(tmp_path / "model.safetensors"), t)
-    with pytest.raises(ValueError, match="lm_head"):
-        llm.load_gpt2(str(tmp_path), n_head=2)
-    del t["lm_head.weight"], t["transformer.h.1.ln_2.bias"]
-    write_safetensors(str(tmp_path / "model.safetensors"), t)
-    with pytest.raises(ValueError, match="ln_2.bias"):
-        llm.load_gpt2(str(tmp_path), n_head=2)
-
-
-@pytest.mark.parametrize("kind", ["F16", "BF16"])
-def test_load_gpt2_widens_half_precision(tmp_path, kind):
-    model = tiny()
-    t = hf_tensors(model)
-    if kind == "F16":
-        write_safetensors(str(tmp_path / "model.safetensors"), {k: v.astype(np.float16) for k, v in t.items()})
-    else:
-        write_safetensors(str(tmp_path / "model.safetensors"), {k: to_bf16(v) for k, v in t.items()},
-                          {k: "BF16" for k in t})
-    loaded, _ = llm.load_gpt2(str(tmp_path), n_head=2)
-    assert all(v.dtype == np.float32 for v in loaded.params.values())
-    want, got = logits(model), logits(loaded)
-    assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
-    assert np.array_equal(want.argmax(-1), got.argmax(-1)) or kind == "BF16"
-
-
-@given(st.floats(width=32, allow_nan=False))
-def test_bf16_is_the_top_half_of_float32(x):
-    word = np.array([x], np.float32).view(np.uint32) >> 16
-    assert llm.bf16_to_float32(word.astype(np.uint16))[0] == \
-        (np.array([x], np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)[0]
+        train.attention_maps(untrained(TOK.vocab_size, block_size=4), [1, 2, 3, 4, 5])
 
 
 # ---- the commands -----------------------------------------------------------------
@@ -233,7 +129,7 @@ def test_sample_choices_are_explicit(run, tmp_path, capsys):
 
 
 def test_sample_runs_gpt2_weights(tmp_path, capsys):
-    llm.export_gpt2(tiny(), str(tmp_path), TOK)
+    llm.export_gpt2(untrained(TOK.vocab_size), str(tmp_path), TOK)
     train.main(["sample", "--gpt2", str(tmp_path), "--prompt", "The", "--max-tokens", "3", "--seed", "0"])
     out = capsys.readouterr().out
     assert "GPT-2 from" in out and "continuation" in out
@@ -283,7 +179,8 @@ def test_chat_ids_follow_the_template():
 
 def test_chat_loop_with_reset_and_quit():
     out = io.StringIO()
-    history = train.chat_loop(tiny(), TOK, scripted(["hi", "", "and Italy?", "/reset", "again", "/quit", "unread"]),
+    history = train.chat_loop(untrained(TOK.vocab_size), TOK,
+                              scripted(["hi", "", "and Italy?", "/reset", "again", "/quit", "unread"]),
                               out, max_tokens=5, seed=0)
     text = out.getvalue()
     assert text.count("bot> ") == 3 and "(conversation cleared)" in text
@@ -300,7 +197,7 @@ def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
         return real(model, prompt, *args, **kw)
     monkeypatch.setattr(llm, "generate", spy)
     out = io.StringIO()
-    model = tiny(block_size=24)
+    model = untrained(TOK.vocab_size, block_size=24)
     history = train.chat_loop(model, TOK, scripted(["The cat sat on the mat."] * 4), out, max_tokens=4, seed=1)
     assert all(len(p) <= 24 - 4 for p in seen)
     assert "forgotten" in out.getvalue() and len(history) < 4
@@ -348,10 +245,3 @@ def test_svg_heatmap_escapes_labels(tmp_path):
     assert len([e for e in root.iter() if e.tag.endswith("title")]) == 16
     with pytest.raises(ValueError, match="shape"):
         train.svg_heatmap(np.eye(3), labels, labels, str(tmp_path / "bad.svg"), "x")
-
-
-def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
-    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=TOK.vocab_size))
-    write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
-    loaded, _ = llm.load_gpt2(str(tmp_path))
-    assert loaded.config == model.config                  # 128 wide: 2 heads of 64

@@ -1,4 +1,13 @@
-"""fastops (the C kernels) against NumPy float64 references.
+"""fastops, the C kernels on the CPU (llm.py section 10), against float64
+references: the linear layer (a transposed weight too, fo_sgemm's
+accumulate flag, fo_linear_backward_input), attention (also a convex
+combination of past values, and causal bit for bit), GELU (extremes too)
+and LayerNorm, on shapes hypothesis picks around every tile edge; bad input
+is an error naming the argument, or a copy; the layer table `ops` holds the
+kernels, NumPy for float64 or after set_backend("numpy") (which refuses an
+unknown backend); the whole model's loss and gradients equal the NumPy
+path's; and a kernel that cannot get its scratch memory raises MemoryError
+instead of crashing.
 
 Skipped as a whole when _fastops is not built (`python build_ext.py`) or
 LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
@@ -12,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import llm
+from helpers import (ROOT, attention_reference, close, close_to_linear, gelu_reference,
+                     layernorm_reference, randn)
 
 if llm._fastops is None:
     pytest.skip("fastops is not built (python build_ext.py) or LLM_NUMPY=1",
@@ -37,15 +48,6 @@ def isa(name):
         lib.fo_set_isa(b"auto")
 
 
-def randn(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def close(got, ref, K):
-    """float32 accumulation over K terms of O(1) products: error ~ eps*sqrt(K)."""
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * (1 + math.sqrt(K)) * 4)
-
-
 # ---- linear layer ----------------------------------------------------------------
 
 @FAST
@@ -57,15 +59,11 @@ def test_linear_matches_float64_reference(M, K, N, bias, path, seed):
     rng = np.random.default_rng(seed)
     x, w, dy = randn(rng, M, K), randn(rng, K, N), randn(rng, M, N)
     b = randn(rng, N) if bias else None
-    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
     with isa(path):
         y = llm.fo_linear_forward(x, w, b)
         dx, dw, db = llm.fo_linear_backward(dy, x, w)
     assert y.dtype == dx.dtype == dw.dtype == db.dtype == np.float32
-    close(y, x64 @ w64 + (0 if b is None else b), K)
-    close(dx, dy64 @ w64.T, N)
-    close(dw, x64.T @ dy64, M)
-    close(db, dy64.sum(0), M)
+    close_to_linear(x, w, b, dy, y, dx, dw, db)
 
 
 @FAST
@@ -74,11 +72,9 @@ def test_linear_transposed_weight(M, K, N, seed):
     """The tied output head passes wte.T (a Fortran-ordered view): no copy, same result."""
     rng = np.random.default_rng(seed)
     x, wt, dy = randn(rng, M, K), randn(rng, N, K), randn(rng, M, N)
-    w64 = wt.T.astype(np.float64)
-    close(llm.fo_linear_forward(x, wt.T, None), x.astype(np.float64) @ w64, K)
+    y = llm.fo_linear_forward(x, wt.T, None)
     dx, dw, db = llm.fo_linear_backward(dy, x, wt.T)
-    close(dx, dy.astype(np.float64) @ w64.T, N)
-    close(dw, x.T.astype(np.float64) @ dy, M)
+    close_to_linear(x, wt.T, None, dy, y, dx, dw, None)
 
 
 def test_sgemm_accumulates():
@@ -92,22 +88,6 @@ def test_sgemm_accumulates():
 
 
 # ---- attention ------------------------------------------------------------------
-
-def attention_reference(q, k, v, dy):
-    """float64 causal attention: y, lse, and the gradients dq, dk, dv."""
-    q, k, v, dy = (a.astype(np.float64) for a in (q, k, v, dy))
-    T, D = q.shape[-2:]
-    s = q @ k.swapaxes(-1, -2) / math.sqrt(D)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    e = np.exp(s - m)
-    lse = (m + np.log(e.sum(-1, keepdims=True)))[..., 0]
-    p = e / e.sum(-1, keepdims=True)
-    y = p @ v
-    dp = dy @ v.swapaxes(-1, -2)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(D)
-    return y, lse, ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ dy
-
 
 T_SIZES = st.sampled_from([1, 2, 3, 7, 16, 31, 63, 64, 65, 100, 128, 130, 200])
 D_SIZES = st.sampled_from([1, 3, 8, 16, 17, 32, 48, 64, 80])
@@ -167,15 +147,6 @@ N_SIZES = st.sampled_from([1, 2, 3, 7, 13, 15, 16, 17, 31, 97, 511, 512, 513, 10
 C_SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 64, 97, 128, 129, 384, 769])
 
 
-def gelu_reference(x, dy):
-    """float64 GELU (tanh approximation): y and dx = dy * gelu'(x)."""
-    x, dy = x.astype(np.float64), dy.astype(np.float64)
-    c = math.sqrt(2 / math.pi)
-    t = np.tanh(c * (x + 0.044715 * x ** 3))
-    dgelu = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-    return 0.5 * x * (1 + t), dy * dgelu
-
-
 @FAST
 @given(n=N_SIZES, scale=st.sampled_from([0.01, 1.0, 4.0, 30.0]), path=st.sampled_from(ISAS),
        seed=st.integers(0, 2**16))
@@ -207,16 +178,6 @@ def test_gelu_extremes_and_shapes():
     assert isinstance(c3, llm._Kernel) and y3.shape == x3.shape
     np.testing.assert_allclose(llm.ops.gelu_backward(x3, c3), gelu_reference(x3, x3)[1],
                                rtol=1e-5, atol=2e-6)
-
-
-def layernorm_reference(x, w, b, dy, eps=1e-5):
-    x, w, b, dy = (a.astype(np.float64) for a in (x, w, b, dy))
-    mu = x.mean(-1, keepdims=True)
-    rstd = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
-    xhat = (x - mu) * rstd
-    g = dy * w
-    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
-    return xhat * w + b, mu[:, 0], rstd[:, 0], dx, (dy * xhat).sum(0), dy.sum(0)
 
 
 @FAST
@@ -395,9 +356,8 @@ def test_out_of_memory_in_a_kernel_is_an_error_not_a_crash(tmp_path):
     import sys
     if llm._fastops is None:
         pytest.skip("fastops is not built")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("fastops.c", "build_ext.py", "llm.py"):
-        shutil.copy(os.path.join(root, name), tmp_path)
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
     env = {**os.environ, "FO_EXTRA_CFLAGS": OOM_MALLOC}
     env.pop("LLM_NUMPY", None)
     build = subprocess.run([sys.executable, "build_ext.py"], cwd=tmp_path, env=env,

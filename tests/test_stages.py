@@ -1,16 +1,19 @@
-"""Instruction tuning, RLHF and LoRA: losses and gradients against finite
-differences in float64, and the properties each stage relies on."""
+"""The training stages after pretraining (llm.py sections 6 to 8).
+Instruction tuning: the chat template trains on the answer and <|end|>
+only, long conversations keep their answer. RLHF: the reward, PPO and DPO
+losses' gradients against central finite differences in float64, GAE, the
+reward model reading the last token, unended rejections. LoRA: it starts at
+the base model and trains only A and B, its gradients (with and without
+dropout) against finite differences, merging, unmerging and saving."""
 
 import numpy as np
 import pytest
 
 import llm
-import train
-from gradcheck import numerical_grad, rel_error
-from test_model import tiny
+from helpers import GRAD_TOL, numerical_grad, rel_error, tiny
 
 
-def check_grads(model, loss_and_grads, names=None, tol=1e-5):
+def check_grads(model, loss_and_grads, names=None, tol=GRAD_TOL):
     loss, grads = loss_and_grads()
     for name in names or grads:
         num = numerical_grad(lambda: loss_and_grads()[0], model.params[name], max_coords=25)
@@ -79,19 +82,6 @@ def test_long_conversations_keep_their_answer():
     assert x.shape == (1, 32) and counted == [*b"The answer.", tok.special[llm.END]]
 
 
-def test_read_jsonl_reports_file_and_line(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:3: .*'response'"):
-        train.read_jsonl(str(p), ("prompt", "response"))
-    p.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-        train.read_jsonl(str(p), ("prompt", "response"))
-    p.write_text('[1, 2]\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
-        train.read_jsonl(str(p), ("prompt",))
-
-
 def test_the_reward_model_reads_the_last_token_end_included():
     tok = llm.byte_tokenizer()
     ended, unended = llm.chat_example(tok, "q", "A.", True), llm.chat_example(tok, "q", "A.", False)
@@ -122,14 +112,20 @@ def test_lora_starts_at_the_base_model_and_trains_only_a_and_b():
     assert 0 < llm.trainable_fraction(m) < 1
 
 
+def randomise_b(model, r):
+    """LoRA's B matrices start at zero (the adapters add nothing yet): random
+    ones make every adapter count."""
+    for k in model.params:
+        if k.endswith("lora_B"):
+            model.params[k] = r.normal(0, 0.5, model.params[k].shape)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lora_gradients(dropout):
     m = tiny()
     llm.add_lora(m, targets=("attn.c_attn", "mlp.c_proj"), r=2, alpha=3.0, dropout=dropout)
     r = np.random.default_rng(3)
-    for k in m.params:
-        if k.endswith("lora_B"):
-            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    randomise_b(m, r)
     x, y = r.integers(0, 11, (2, 6)), r.integers(0, 11, (2, 6))
 
     def f():
@@ -143,9 +139,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tmp_path):
     m = tiny()
     llm.add_lora(m, r=2)
     r = np.random.default_rng(3)
-    for k in m.params:
-        if k.endswith("lora_B"):
-            m.params[k] = r.normal(0, 0.5, m.params[k].shape)
+    randomise_b(m, r)
     ids = np.array([[1, 2, 3, 4]])
     w0 = m.params["h.0.mlp.c_fc.weight"].copy()
     adapted = m.forward(ids)[0]

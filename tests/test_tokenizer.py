@@ -1,8 +1,15 @@
+"""The tokenizer (llm.py section 1): byte-pair training learns the vocabulary
+asked for, deterministically, without merging across chunks; encode and
+decode round-trip any string (hypothesis), the byte tokenizer is UTF-8's
+bytes, bad input (a lone surrogate, out-of-range ids, malformed files) is a
+clear error and invalid UTF-8 decodes to U+FFFD; special tokens only when
+allowed; save and load; and, when ../shared/data holds GPT-2's vocabulary,
+GPT-2's exact ids and tinyshakespeare's token count."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import llm
-from conftest import shared_file
+from helpers import shared_file
 
 SAMPLE = ("The capital of France is Paris. Paris is lovely in spring; isn't it? "
           "Numbers 1234 and 56, tabs\tand  double  spaces.\n\nÜmlaut café naïve — 日本語 テキスト 😀 "

@@ -1,4 +1,10 @@
-"""train.py end to end: `--quick` takes a fresh folder through every stage."""
+"""train.py's pipeline from the command line: `--quick` takes a fresh
+folder through every stage and writes the report card (report.json,
+report.md, the curves, every stage's checkpoint) with pretraining measurably
+learned; one stage alone reads the previous stage's checkpoint, or says what
+to run first; a malformed data file stops a stage with its file and line,
+and read_jsonl names the file and line of a missing field, invalid JSON or
+a record that is not an object."""
 import json
 import math
 import os
@@ -63,3 +69,16 @@ def test_malformed_data_file_names_file_and_line(quick_run, tmp_path):
     bad.write_text('{"prompt": "a", "response": "b", "split": "train"}\n{"prompt": 3}\n')
     with pytest.raises(ValueError, match=r"sft.jsonl:2"):
         train.main(["sft", "--quick", "--out", quick_run, "--sft-data", str(bad)])
+
+
+def test_read_jsonl_reports_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:3: .*'response'"):
+        train.read_jsonl(str(p), ("prompt", "response"))
+    p.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        train.read_jsonl(str(p), ("prompt", "response"))
+    p.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
+        train.read_jsonl(str(p), ("prompt",))
