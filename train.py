@@ -760,11 +760,26 @@ def flat_report(report, wall):
     return flat
 
 
-def write_report_card(a, report, wall):
-    flat = flat_report(report, wall)
-    full = {**flat, "stages": report}
+SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures over seeds (--seeds writes it)
+
+
+def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
+    """report.md and report.json: one run's, or with spread = {figure: (min,
+    max)} the mean of several seeds' (flat) and how far they moved. A single
+    run's card gives the spread the default run had over seeds, when known."""
+    flat = flat or flat_report(report, wall)
+    known = spread is None and os.path.exists(SPREAD)
+    if known:
+        with open(SPREAD) as fh:
+            known = json.load(fh)
+    full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread} if spread else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
-    f = lambda k, fmt="{:.1%}": fmt.format(flat[k]) if k in flat else "-"
+
+    def f(k, fmt="{:.1%}"):
+        if k not in flat:
+            return "-"
+        span = (spread or (known or {}).get("spread", {})).get(k)
+        return fmt.format(flat[k]) + (f" [{fmt.format(span[0])}..{fmt.format(span[1])}]" if span else "")
     rows = [
         ("pretraining", "language and knowledge", "the embedded corpus",
          f"val loss {f('pretrain.val_loss', '{:.3f}')}, {f('pretrain.bits_per_byte', '{:.3f}')} bits/byte; "
@@ -785,8 +800,11 @@ def write_report_card(a, report, wall):
          f"{f('finetune.general_accuracy_before')} -> {f('finetune.general_accuracy_after')}"),
     ]
     kernels = ", ".join(f"{k} {v}" for k, v in flat["kernels"].items())
-    seconds = ", ".join(f"{s} {m['seconds']:.0f} s" for s, m in report.items() if "seconds" in m)
-    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time ({seconds}).\nKernels: {kernels}.\n",
+    seconds = ", ".join(f"{s} {m['seconds']:.0f} s" for s, m in report.items() if "seconds" in m) or "-"
+    how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
+           f"[min..max]: how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the default"
+           f" run ({SPREAD})." if known else "")
+    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
     for stage, m in report.items():
@@ -967,6 +985,8 @@ def training_flags(sizes):
         ("run", "--device", dict(choices=("cpu", "cuda"), default="cpu",
                                  help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)"), STAGES),
         ("run", "--quick", dict(action="store_true", help="a small complete run (about a minute)"), STAGES),
+        ("run", "--seeds", dict(type=seed_list, help="e.g. 0,1,2: the run once per seed, and a report card of"
+                                                    " their mean and spread"), ()),
         ("run", "--eval-limit", dict(type=int, default=sizes["eval_limit"],
                                      help="evaluate on at most this many held-out examples"), later),
         *[("model (nanoGPT's names)", "--" + k.replace("_", "-"), dict(type=int, default=sizes[k]), ("pretrain",))
@@ -1016,6 +1036,16 @@ def training_flags(sizes):
         ("finetune stage", "--lora-targets", dict(default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
          ("finetune",)),
     ]
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0 like 0,1,2, got {text!r}")
+    return seeds
 
 
 def add_flags(p, sizes, stage):
@@ -1145,7 +1175,9 @@ def main(argv=None):
             llm.use_device(getattr(a, "device", "cpu"))   # before any model is built
         except RuntimeError as e:
             raise UserError(f"--device: {e}") from None
-        return a.explain(a) if hasattr(a, "explain") else run(a)
+        if hasattr(a, "explain"):
+            return a.explain(a)
+        return run_seeds(a) if getattr(a, "seeds", None) else run(a)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise
@@ -1157,6 +1189,29 @@ def main(argv=None):
             raise
         print(f"train.py: error: {e} (LLM_DEBUG=1 shows where)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_seeds(a):
+    """--seeds 0,1,2: the whole run once per seed (in OUT/seed-S), then one
+    report card of their mean, each figure with its min..max, and the spread
+    (OUT/seed_spread.json; copied to data/, it is what single runs' cards quote)."""
+    flats, reports = [], {}
+    for seed in a.seeds:
+        b = copy.copy(a)
+        b.seed, b.seeds, b.out = seed, None, os.path.join(a.out, f"seed-{seed}")
+        check_args(b)
+        run(b)
+        with open(os.path.join(b.out, "report.json")) as fh:
+            full = json.load(fh)
+        reports[f"seed {seed}"] = full.pop("stages")
+        flats.append(full)
+    numbers = [k for k, v in flats[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    mean = {**flats[0], **{k: sum(f[k] for f in flats) / len(flats) for k in numbers}}
+    spread = {k: (min(f[k] for f in flats), max(f[k] for f in flats)) for k in numbers}
+    llm.atomic_write(os.path.join(a.out, "seed_spread.json"),
+                     json.dumps({"seeds": a.seeds, "spread": spread}, indent=1).encode())
+    first = next(iter(reports.values()))
+    write_report_card(a, first, mean["wall_seconds"], mean, spread, a.seeds)
 
 
 RUNNING = None                          # (args, stage) while a stage runs

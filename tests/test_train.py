@@ -82,3 +82,17 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
     p.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
         train.read_jsonl(str(p), ("prompt",))
+
+
+def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters", "4",
+            "--eval-interval", "2", "--eval-iters", "1", "--sft-iters", "2", "--reward-iters", "2",
+            "--ppo-iters", "1", "--dpo-iters", "2", "--finetune-iters", "2", "--eval-limit", "3"]
+    train.main(["--quick", "--seeds", "0,1", "--out", str(tmp_path)] + tiny)
+    runs = [json.load(open(tmp_path / f"seed-{s}" / "report.json")) for s in (0, 1)]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["seeds"] == [0, 1] and runs[0]["pretrain.val_loss"] != runs[1]["pretrain.val_loss"]
+    for k in ("pretrain.val_loss", "reward.accuracy", "ppo.reward_after"):
+        values = [r[k] for r in runs]
+        assert math.isclose(report[k], sum(values) / 2) and report["spread"][k] == [min(values), max(values)]
+    assert "[" in open(tmp_path / "report.md").read()
