@@ -2275,24 +2275,25 @@ def _calibration_work():
 
 
 def calibrate() -> dict:
-    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of up to 3 runs each."""
+    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of a few
+    runs of each, taken in turn (fastops, NumPy, fastops, ...) so that other
+    work on the machine weighs on both alike."""
     global _chosen
     saved, result = _chosen, {}
     try:
         for family, runs in _calibration_work().items():
-            t = {}
-            for backend in ("fastops", "numpy"):
-                _chosen = backend
-                _install()
-                best, start = math.inf, time.perf_counter()
-                for rep in range(4):                        # the first warms up; at most ~0.3 s more
+            t, start = {"fastops": math.inf, "numpy": math.inf}, time.perf_counter()
+            for rep in range(6):                            # the first round warms up; ~0.5 s at most
+                for backend in t:
+                    _chosen = backend
+                    _install()
                     t0 = time.perf_counter()
                     for f in runs:
                         f()
-                    best = min(best, time.perf_counter() - t0) if rep else math.inf
-                    if rep and time.perf_counter() - start > 0.3:
-                        break
-                t[backend] = best
+                    if rep:
+                        t[backend] = min(t[backend], time.perf_counter() - t0)
+                if rep >= 2 and time.perf_counter() - start > 0.5:
+                    break
             result[family] = {**t, "use": t["fastops"] < t["numpy"]}
     finally:
         _chosen = saved
