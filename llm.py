@@ -512,23 +512,31 @@ class KVCache:
     (B, H, T, D): generation (section 4) feeds the model its new positions
     only, whose attention reads the earlier ones from here. With maps=[],
     every layer's attention probabilities are appended to it as well."""
-    k: list = field(default_factory=list)
+    k: list = field(default_factory=list)          # per layer: room for (B, H, capacity, D)
     v: list = field(default_factory=list)
+    n: list = field(default_factory=list)          # per layer: the positions stored
     maps: list = None
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[2] if self.k else 0
+        return self.n[0] if self.n else 0
 
     def extend(self, layer: int, k, v):
         """Append the new positions' keys and values -> all of them so far."""
-        if layer < len(self.k):
-            k, v = xp.concatenate([self.k[layer], k], 2), xp.concatenate([self.v[layer], v], 2)
-            self.k[layer], self.v[layer] = k, v
-        else:
+        if layer == len(self.k):
             self.k.append(k)
             self.v.append(v)
-        return k, v
+            self.n.append(0)
+        else:
+            T, new = self.n[layer], k.shape[2]
+            for store, x in ((self.k, k), (self.v, v)):
+                if T + new > store[layer].shape[2]:      # full: twice the room, so a position costs O(1)
+                    old = store[layer]
+                    store[layer] = xp.empty(old.shape[:2] + (max(2 * T, T + new),) + old.shape[3:], old.dtype)
+                    store[layer][:, :, :T] = old[:, :, :T]
+                store[layer][:, :, T:T + new] = x
+        self.n[layer] += k.shape[2]
+        return self.k[layer][:, :, :self.n[layer]], self.v[layer][:, :, :self.n[layer]]
 
 
 class GPT:
