@@ -620,11 +620,11 @@ def bench_vs_torch(quick, python):
     worker = TorchWorker(python)
     res = {"info": worker.info}
     rounds = 1 if quick else 3
+    previous = llm.set_backend("auto")                # what a user's run uses: each kernel where it wins here
     try:
         for name in MODELS:
             model, opt, idx, tgt = make_model(name)
             steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
-            llm.set_backend("auto")                   # what a user's run uses: each kernel where it wins here
             train_step(model, opt, idx, tgt)          # warm-up
             mine, theirs = [], []
             for _ in range(rounds):
@@ -670,6 +670,7 @@ def bench_vs_torch(quick, python):
         del gmodel
     finally:
         worker.close()
+        llm.set_backend(previous)
     return res
 
 

@@ -21,8 +21,11 @@ from helpers import emulated_gpu, trained
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
+    backend = llm._chosen                                  # bench_cuda switches it; the next test gets it back
     yield emulated_gpu(monkeypatch, kernels=False)         # CuPy's own math, no CUDA kernels
     llm.use_device("cpu")
+    if llm._chosen != backend:
+        llm.set_backend(backend)
 
 
 def test_the_fake_device_refuses_what_cupy_refuses():
