@@ -1033,7 +1033,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
         save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc), text=text_id,
                         ranks=world.size)
 
-    t0, first, n_batch = time.time(), state.step, tc.grad_accum * world.size
+    t0, first = time.time(), state.step
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
                 on_eval=lambda step: estimate_loss(model, val_ids, B, tc.eval_iters),
                 save=save, stop_at=stop_at, log=log)
@@ -1044,7 +1044,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
-               "steps": state.step, "tokens_per_second": (state.step - first) * n_batch * B * T / wall,
+               "steps": state.step, "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,
                "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
@@ -1374,11 +1374,11 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
         for _ in range(pc.epochs):
             order = rng.permutation(len(batch))
             for part in numpy.array_split(order, pc.minibatches):
-                n = ro["mask"][xp.asarray(part)].sum()          # the minibatch's answer tokens
-                mine = xp.asarray(part[world.rank::world.size])   # each rank its share of the rows,
+                n = ro["mask"][xp.asarray(part)].sum()           # the minibatch's answer tokens
+                mine = xp.asarray(part[world.rank::world.size])  # several ranks: each takes its share
                 mb = {k: ro[k][mine] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
                 loss, grads, s = ppo_loss(policy, mb, pc, n)
-                s = dict(zip(s, world.allreduce(grads, *s.values())))   # summed as in train_steps
+                s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)
                 stats.append(s)
@@ -2386,12 +2386,11 @@ _install()
 # N-1, on one machine or several. `world` is what they share: train_steps
 # sums their gradients with world.allreduce (section 5); estimate_loss, PPO
 # and the held-out answers split their work with world.map; rank 0 alone
-# writes files (atomic_write). Without mpirun (or with one rank) the world is
-# this process, every method returns at once, and mpi4py, an optional
-# dependency, is never imported. MPI waits forever for a rank that died or
-# hangs: here a watchdog stops every rank, saying so, once a collective call
-# has waited LLM_MPI_TIMEOUT seconds (300). On GPUs NCCL sums the gradients,
-# where CuPy provides it (never run: no GPU here).
+# writes files. Without mpirun the world is this one process, its methods
+# return at once, and mpi4py (an optional dependency) is never imported. MPI
+# waits for ever for a rank that died or hangs: a watchdog stops every rank,
+# saying why, once a collective call has waited LLM_MPI_TIMEOUT seconds
+# (300). On GPUs NCCL sums the gradients where CuPy has it (never run here).
 
 class RanksDiffer(ValueError):
     """Raised on every rank alike when the ranks are not running the same thing."""
@@ -2401,41 +2400,39 @@ class World:
     def __init__(self):
         launched = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
         self.rank, self.size, self.nccl, self.waiting = 0, 1, None, None
-        if launched == 1:
-            return
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise RuntimeError(f"started as one of {launched} ranks (by mpirun), but mpi4py is not installed:"
-                               " `pip install mpi4py` (or start one process, without mpirun)") from None
-        import sys
-        import threading
-        self.MPI, self.comm, self.stderr = MPI, MPI.COMM_WORLD, sys.stderr
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout = float(os.environ.get("LLM_MPI_TIMEOUT", "300"))
-        threading.Thread(target=self._watchdog, daemon=True).start()
-        hook = sys.excepthook                # an uncaught error on one rank stops them all
-        sys.excepthook = lambda *error: (hook(*error), self.fail(code=1))
+        if launched > 1:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise RuntimeError(f"started as one of {launched} ranks (by mpirun), but mpi4py is not"
+                                   " installed: `pip install mpi4py` (or start one process, without mpirun)") from None
+            import sys
+            import threading
+            self.MPI, self.comm, self.stderr = MPI, MPI.COMM_WORLD, sys.stderr
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+            self.timeout = float(os.environ.get("LLM_MPI_TIMEOUT", "300"))
+            threading.Thread(target=self._watchdog, daemon=True).start()
+            hook = sys.excepthook            # an uncaught error on one rank stops them all
+            sys.excepthook = lambda *error: (hook(*error), self.fail(code=1))
 
     def _watchdog(self):
-        late = 0 if self.rank == 0 else 10   # rank 0 says it, if it can
         while True:
-            time.sleep(1.0)
-            if self.waiting and time.time() > self.waiting + late:
+            time.sleep(1.0)                  # rank 0 says it first, if it can
+            if self.waiting and time.time() > self.waiting + (10 if self.rank else 0):
                 self.fail(f"llm: rank {self.rank} of {self.size} waited {self.timeout:g} s (LLM_MPI_TIMEOUT) for"
                           " the other ranks: one of them died or hangs; stopping every rank")
 
     def _call(self, f, *args):
-        """A collective call, f(*args): it blocks (without the GIL), under the watchdog."""
+        """A collective call, f(*args), under the watchdog (it blocks without the GIL)."""
         self.waiting = time.time() + self.timeout
         try:
             return f(*args)
         finally:
             self.waiting = None
 
-    def fail(self, message=None, code=1):
+    def fail(self, message="", code=1):
         """Stop every rank (MPI_Abort), after writing the message on stderr."""
-        self.stderr.write(message + "\n" if message else "")
+        self.stderr.write(message + "\n" * bool(message))
         self.stderr.flush()
         self.comm.Abort(code)
 
@@ -2443,26 +2440,24 @@ class World:
         """Sum grads (name -> array, in place) and the numbers over the ranks -> the numbers' sums."""
         if self.size == 1:
             return list(numbers)
-        MPI, names = self.MPI, list(grads)
-        if names:                            # one buffer, one call: the arrays side by side
-            flat = xp.concatenate([xp.ravel(grads[k]) for k in names])
+        if grads:                            # one buffer, one call: the arrays side by side
+            flat = xp.concatenate([xp.ravel(g) for g in grads.values()])
             if self.nccl is not None:
                 from cupy.cuda import nccl
-                stream = xp.cuda.get_current_stream()
-                self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl.NCCL_FLOAT32 if flat.dtype
-                                    == numpy.float32 else nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr)
+                kind, stream = nccl.NCCL_FLOAT32 if flat.dtype == numpy.float32 else nccl.NCCL_FLOAT64, \
+                    xp.cuda.get_current_stream()
+                self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kind, nccl.NCCL_SUM, stream.ptr)
                 self._call(stream.synchronize)
             else:
                 host = to_numpy(flat)        # on the CPU, flat itself
-                self._call(self.comm.Allreduce, MPI.IN_PLACE, host, MPI.SUM)
+                self._call(self.comm.Allreduce, self.MPI.IN_PLACE, host, self.MPI.SUM)
                 flat = xp.asarray(host)
             at = 0
-            for k in names:
-                shape = xp.shape(grads[k])
-                grads[k] = flat[at:at + math.prod(shape)].reshape(shape)
-                at += math.prod(shape)
+            for k, g in grads.items():
+                grads[k] = flat[at:at + math.prod(xp.shape(g))].reshape(xp.shape(g))
+                at += math.prod(xp.shape(g))
         sums = numpy.array(numbers, numpy.float64)
-        self._call(self.comm.Allreduce, MPI.IN_PLACE, sums, MPI.SUM)
+        self._call(self.comm.Allreduce, self.MPI.IN_PLACE, sums, self.MPI.SUM)
         return [float(s) for s in sums]
 
     def map(self, fn, items, rng=None):
@@ -2482,8 +2477,7 @@ class World:
         return [value] if self.size == 1 else self._call(self.comm.allgather, value)
 
     def barrier(self):
-        if self.size > 1:
-            self._call(self.comm.Barrier)
+        self.allgather(None)
 
     def agree(self, **values):
         """Raise RanksDiffer unless every rank has the same values."""
@@ -2506,7 +2500,7 @@ class World:
                           "the first batch's sha256 (the data)": digest(batch_fn(probe))})
 
     def start_nccl(self):
-        """GPUs: one per rank of a machine, and NCCL between them if CuPy has it (else MPI, by the host)."""
+        """GPUs: each rank takes one of its machine's, and NCCL sums if CuPy has it (else MPI, by the host)."""
         import cupy
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
         cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()

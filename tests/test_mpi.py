@@ -115,6 +115,25 @@ def test_two_ranks_accumulating_equal_one_process_within_rounding_dropout_too(tm
     assert np.allclose([l for _, l, _ in s1.history], [l for _, l, _ in s2.history], rtol=1e-5)
 
 
+def test_the_gpu_path_sums_through_the_host_without_nccl(tmp_path):
+    """--device cuda on fakecupy (NumPy under CuPy's rules, no NCCL): the
+    gradients go to the host, through MPI, and back; 2 ranks equal 1 process
+    with accumulation 2 there too. (NCCL itself needs GPUs: never run here.)"""
+    driver = ("import sys, types; sys.path.insert(0, sys.argv[1]); import fakecupy\n"
+              "fakecupy.cuda.Device = lambda i=0: types.SimpleNamespace(synchronize=lambda: None, use=lambda: None)\n"
+              "sys.modules['cupy'], sys.modules['cupyx'] = fakecupy, fakecupy.cupyx\n"
+              "import train; train.main(sys.argv[2:])")
+    outs = {}
+    for n in (2, 1):
+        outs[n] = str(tmp_path / str(n))
+        prog = [sys.executable, "-W", "ignore", "-c", driver, os.path.join(ROOT, "tests"), "pretrain", "--device",
+                "cuda", "--out", outs[n], "--grad-accum", str(3 - n), *TINY]
+        rc, log, _ = mpirun(prog, prog) if n == 2 else run(prog)
+        assert rc == 0, log
+    (p1, _), (p2, _) = weights(outs[1]), weights(outs[2])
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+
+
 def test_rank_0_alone_writes_files(tmp_path):
     driver = ("import sys, llm; text = open(sys.argv[1]).read()[:20000];"
               " cfg = llm.GPTConfig(1, 2, 16, 16, 260); tc = llm.TrainConfig(2, 4, eval_interval=2, eval_iters=2);"
