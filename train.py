@@ -5,6 +5,7 @@
     python train.py pretrain      one stage alone: pretrain, sft, reward, ppo, dpo,
                                   finetune (each reads the previous stage's checkpoint
                                   from the run folder --out and writes its own)
+    mpirun -n 2 python train.py   any of these on 2 processes, data-parallel (needs mpi4py)
 
 `python train.py STAGE --help` lists a stage's flags.
 
