@@ -1044,8 +1044,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
-               "steps": state.step, "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,
-               "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
+               "steps": state.step, "wall_seconds": wall,   # tokens: every rank's micro-batches
+               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall, "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
 
