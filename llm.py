@@ -11,7 +11,8 @@ Read it top to bottom. It goes the way text goes through an LLM:
   5. Pretraining    learn language by predicting the next token
   6. Instruction tuning, 7. RLHF, 8. Task fine-tuning (LoRA)
   9. Checkpoints    safetensors files written with NumPy, atomically
- 10. Fast kernels   fastops.c's C (and CUDA) kernels for the heavy math
+ 10. Fast kernels   fastops.c's C (and CUDA) kernels for the heavy math;
+                    several processes training together (MPI)
 
 Sections 1 to 9 are the whole model in NumPy. Section 10 puts faster
 versions of the same layers in their place when they are built (fastops.c's
@@ -51,8 +52,11 @@ def warn(message: str):
 
 def atomic_write(path: str, data: bytes):
     """Write a file whole or not at all: to a temporary name, then renamed,
-    so a crash never leaves half a file (checkpoints, tokenizers, reports)."""
+    so a crash never leaves half a file (checkpoints, tokenizers, reports).
+    With several processes, rank 0 alone writes (section 10)."""
     import glob
+    if world.rank != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a writer that was killed
         os.remove(stale)
@@ -914,7 +918,8 @@ def estimate_loss(model: GPT, data, batch_size, eval_iters, seed=0) -> float:
     rng, drop = numpy.random.default_rng(seed), model.rng
     model.rng = None                              # no dropout while measuring
     bs = min(model.config.block_size, len(data) - 1)
-    losses = [model.forward(*get_batch(data, bs, batch_size, rng))[1] for _ in range(eval_iters)]
+    batches = [get_batch(data, bs, batch_size, rng) for _ in range(eval_iters)]
+    losses = world.map(lambda part: [model.forward(*b)[1] for b in part], batches)   # each rank its share
     model.rng = drop
     return float(numpy.mean(losses))
 
@@ -938,7 +943,8 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
                 on_eval=None, save=None, stop_at=None, log=None):
     """The training loop shared by every stage: batch -> loss and gradients
     -> clip -> AdamW step, with the learning-rate schedule, gradient
-    accumulation, and an evaluation every eval_interval steps. batch_fn(rng)
+    accumulation (grad_accum micro-batches per step, per rank when several
+    train together), and an evaluation every eval_interval steps. batch_fn(rng)
     makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
     validation loss; save() writes a checkpoint after each evaluation."""
     rng, loss_fn = numpy.random.default_rng(tc.seed), loss_fn or lm_loss
@@ -946,25 +952,36 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
         rng.bit_generator.state = state.rng_state
     if state.opt is None:
         state.opt = AdamW(tc.learning_rate, (0.9, tc.beta2), weight_decay=tc.weight_decay)
-    if model.config.dropout:
-        model.rng = rng
+    dropout = model.config.dropout or any(a["dropout"] for a in model.lora.values())
+    world.check(model, state, tc, batch_fn, rng)       # several ranks: all start alike (section 10)
     end = tc.max_iters if stop_at is None else min(stop_at, tc.max_iters)
     t0, tokens, first = time.time(), 0, state.step
+    n = tc.grad_accum * world.size                     # micro-batches per step, all ranks together
     while state.step < end:
         lr = lr_schedule(state.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
         grads, loss = None, 0.0
-        for _ in range(tc.grad_accum):
-            batch = batch_fn(rng)
-            l, g = loss_fn(model, batch)
-            if not math.isfinite(l):                 # stop before the weights are harmed
-                raise FloatingPointError(f"loss: {l} at step {state.step + 1}; the weights are those of step"
-                                         f" {state.step} (try a lower learning rate)")
-            loss += l / tc.grad_accum
+        for i in range(n):
+            batch = batch_fn(rng)                      # every rank draws every micro-batch...
             tokens += batch[0].size
+            if i % world.size != world.rank:           # ...and computes its own share
+                continue
+            if dropout:                                # its masks: the same on any rank
+                model.rng = numpy.random.default_rng([tc.seed, state.step, i])
+            l, g = loss_fn(model, batch)
+            loss += l / n
             grads = g if grads is None else {k: v + g[k] for k, v in grads.items()}
-        if tc.grad_accum > 1:
+        # Data parallelism, the way LLMs are trained at scale: every rank (a
+        # process, on this machine or another) holds the whole model and has
+        # the gradients of its share of the batch; allreduce sums them over
+        # the ranks, and every rank takes the same AdamW step. The model must
+        # fit on each machine: tensor and pipeline parallelism split larger ones.
+        loss = world.allreduce(grads, loss)[0]
+        if not math.isfinite(loss):                    # stop before the weights are harmed
+            raise FloatingPointError(f"loss: {loss} at step {state.step + 1}; the weights are those of step"
+                                     f" {state.step} (try a lower learning rate)")
+        if n > 1:
             for k in grads:
-                grads[k] /= tc.grad_accum
+                grads[k] /= n
         clip_grad_norm(grads, tc.grad_clip)
         state.opt.step(model.params, grads, lr)
         state.step += 1
@@ -1017,10 +1034,12 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     bpt = len(val_text.encode("utf-8")) / len(val_ids)                 # bytes per token
     if on_ready:
         on_ready(model, bpt)
+    world.agree(**{"the text's sha256": text_id})                       # several ranks: one text
     T, B = model.config.block_size, tc.batch_size
 
     def save():
-        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc), text=text_id)
+        save_checkpoint(ckpt, model, tokenizer, state, stage="pretrain", train=asdict(tc), text=text_id,
+                        ranks=world.size)
 
     t0, first = time.time(), state.step
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
@@ -1033,8 +1052,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
-               "steps": state.step, "tokens_per_second": (state.step - first) * tc.grad_accum * B * T / wall,
-               "wall_seconds": wall, "params": model.num_params(), "bytes_per_token": bpt}
+               "steps": state.step, "wall_seconds": wall,   # tokens: every rank's micro-batches
+               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall, "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
 
@@ -1284,7 +1303,8 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     """Answer each prompt by sampling, then score: per-token rewards are
     -kl_coef (log pi - log pi_ref), and the last token also gets the
     reward model's score, normalised by norm = (mean, std)."""
-    texts, ended, examples = answers(policy, tok, prompts, pc.max_new_tokens, pc.temperature, rng)
+    texts, ended, examples = world.map(lambda ps, r: answers(policy, tok, ps, pc.max_new_tokens, pc.temperature, r),
+                                       prompts, rng)                 # each rank answers its share
     x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
     logp, _, h = sequence_logprobs(policy, x, y)
     values = head_forward(policy, "value", h, xp.broadcast_to(xp.arange(x.shape[1]), x.shape))
@@ -1304,10 +1324,11 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
                 score=score, raw_score=raw, kl=float(kl.sum() / len(prompts)), texts=texts, ended=ended)
 
 
-def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig):
-    """The clipped surrogate objective plus the clipped value loss."""
+def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig, n=None):
+    """The clipped surrogate objective plus the clipped value loss, averaged
+    over n answer tokens (default: the minibatch's)."""
     x, y, mask, adv = mb["x"], mb["y"], mb["mask"], mb["adv"]
-    n = mask.sum()
+    n = mask.sum() if n is None else n
     logp, logp_all, h = sequence_logprobs(policy, x, y)
     pos = xp.broadcast_to(xp.arange(x.shape[1]), x.shape)
     v = head_forward(policy, "value", h, pos)
@@ -1338,6 +1359,9 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     for it, removed at the end. Returns one dict per rollout."""
     if not prompts:
         raise ValueError("prompts: expected at least one prompt")
+    if world.size > 1 and pc.prompts_per_iter // pc.minibatches < world.size:
+        raise ValueError(f"prompts_per_iter: {world.size} ranks need {world.size} rows in each of the"
+                         f" {pc.minibatches} minibatches, got {pc.prompts_per_iter} prompts per rollout")
     rng = numpy.random.default_rng(pc.seed)
     if "value.weight" not in policy.params:
         add_head(policy, "value")
@@ -1347,7 +1371,8 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     # The reward model's scale is arbitrary: normalise its scores so that the
     # starting policy's answers score mean 0 and standard deviation 1.
     calib = [prompts[i] for i in rng.choice(len(prompts), min(len(prompts), 64), replace=False)]
-    _, _, examples = answers(policy, tok, calib, pc.max_new_tokens, pc.temperature, rng)
+    _, _, examples = world.map(lambda ps, r: answers(policy, tok, ps, pc.max_new_tokens, pc.temperature, r),
+                               calib, rng)
     s = to_numpy(score_conversations(rm, tok, examples))
     norm = (float(s.mean()), float(s.std()) + 1e-6)
     for it in range(pc.iters):
@@ -1357,9 +1382,11 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
         for _ in range(pc.epochs):
             order = rng.permutation(len(batch))
             for part in numpy.array_split(order, pc.minibatches):
-                part = xp.asarray(part)
-                mb = {k: ro[k][part] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
-                loss, grads, s = ppo_loss(policy, mb, pc)
+                n = ro["mask"][xp.asarray(part)].sum()           # the minibatch's answer tokens
+                mine = xp.asarray(part[world.rank::world.size])  # several ranks: each takes its share
+                mb = {k: ro[k][mine] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
+                loss, grads, s = ppo_loss(policy, mb, pc, n)
+                s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)
                 stats.append(s)
@@ -1632,6 +1659,7 @@ def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainSta
         meta["state"] = json.dumps({"step": state.step, "opt": opt, "rng_state": state.rng_state,
                                     "history": state.history})
     save_safetensors(path, tensors, meta)
+    world.barrier()                # several ranks: none reads it before rank 0 has written it
 
 
 def load_checkpoint(path: str):
@@ -1883,6 +1911,8 @@ def use_device(name: str):
             raise RuntimeError(f"device cuda: needs CuPy and a CUDA GPU ({type(e).__name__}: {e}); "
                                "install CuPy with e.g. `pip install cupy-cuda12x`") from None
         xp, _cuda = cupy, _cuda or _load_cuda()
+        if world.size > 1:
+            world.start_nccl()
     else:
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
     _install()
@@ -2347,3 +2377,139 @@ FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attentio
                                    _cross_entropy_forward, _cross_entropy_backward, _adamw_update,
                                    _sum_of_squares)}
 _install()
+
+
+# ---- several processes: data parallelism over MPI --------------------------------
+# `mpirun -n N python train.py` starts N copies of the program, ranks 0 to
+# N-1, on one machine or several. `world` is what they share: train_steps
+# sums their gradients with world.allreduce (section 5); estimate_loss, PPO
+# and the held-out answers split their work with world.map; rank 0 alone
+# writes files. Without mpirun the world is this one process, its methods
+# return at once, and mpi4py (an optional dependency) is never imported. MPI
+# waits for ever for a rank that died or hangs: a watchdog stops every rank,
+# saying why, once a collective call has waited LLM_MPI_TIMEOUT seconds
+# (300). On GPUs NCCL sums the gradients where CuPy has it (never run here).
+
+class RanksDiffer(ValueError):
+    """Raised on every rank alike when the ranks are not running the same thing."""
+
+
+class World:
+    def __init__(self):
+        launched = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+        self.rank, self.size, self.nccl, self.waiting = 0, 1, None, None
+        if launched > 1:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise RuntimeError(f"started as one of {launched} ranks (by mpirun), but mpi4py is not"
+                                   " installed: `pip install mpi4py` (or start one process, without mpirun)") from None
+            import sys
+            import threading
+            self.MPI, self.comm, self.stderr = MPI, MPI.COMM_WORLD, sys.stderr
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+            self.timeout = float(os.environ.get("LLM_MPI_TIMEOUT", "300"))
+            threading.Thread(target=self._watchdog, daemon=True).start()
+            hook = sys.excepthook            # an uncaught error on one rank stops them all
+            sys.excepthook = lambda *error: (hook(*error), self.fail(code=1))
+
+    def _watchdog(self):
+        while True:
+            time.sleep(1.0)                  # rank 0 says it first, if it can
+            if self.waiting and time.time() > self.waiting + (10 if self.rank else 0):
+                self.fail(f"llm: rank {self.rank} of {self.size} waited {self.timeout:g} s (LLM_MPI_TIMEOUT) for"
+                          " the other ranks: one of them died or hangs; stopping every rank")
+
+    def _call(self, f, *args):
+        """A collective call, f(*args), under the watchdog (it blocks without the GIL)."""
+        self.waiting = time.time() + self.timeout
+        try:
+            return f(*args)
+        finally:
+            self.waiting = None
+
+    def fail(self, message="", code=1):
+        """Stop every rank (MPI_Abort), after writing the message on stderr."""
+        self.stderr.write(message + "\n" * bool(message))
+        self.stderr.flush()
+        self.comm.Abort(code)
+
+    def allreduce(self, grads: dict, *numbers) -> list:
+        """Sum grads (name -> array, in place) and the numbers over the ranks -> the numbers' sums."""
+        if self.size == 1:
+            return list(numbers)
+        if grads:                            # one buffer, one call: the arrays side by side
+            flat = xp.concatenate([xp.ravel(g) for g in grads.values()])
+            if self.nccl is not None:
+                from cupy.cuda import nccl
+                kind, stream = nccl.NCCL_FLOAT32 if flat.dtype == numpy.float32 else nccl.NCCL_FLOAT64, \
+                    xp.cuda.get_current_stream()
+                self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kind, nccl.NCCL_SUM, stream.ptr)
+                self._call(stream.synchronize)
+            else:
+                host = to_numpy(flat)        # on the CPU, flat itself
+                self._call(self.comm.Allreduce, self.MPI.IN_PLACE, host, self.MPI.SUM)
+                flat = xp.asarray(host)
+            at = 0
+            for k, g in grads.items():
+                grads[k] = flat[at:at + math.prod(xp.shape(g))].reshape(xp.shape(g))
+                at += math.prod(xp.shape(g))
+        sums = numpy.array(numbers, numpy.float64)
+        self._call(self.comm.Allreduce, self.MPI.IN_PLACE, sums, self.MPI.SUM)
+        return [float(s) for s in sums]
+
+    def map(self, fn, items, rng=None):
+        """fn(items[, rng]) -> one result per item (a list, or a tuple of
+        lists). Each rank runs fn on its share (every size-th item) and gets
+        the whole, in order. With rng each samples from its own generator,
+        seeded by one draw from rng, so that rng stays the same on every rank."""
+        if self.size == 1:
+            return fn(items) if rng is None else fn(items, rng)
+        mine = items[self.rank::self.size]
+        parts = self.allgather(fn(mine) if rng is None else
+                               fn(mine, numpy.random.default_rng([int(rng.integers(2 ** 63)), self.rank])))
+        whole = lambda lists: [lists[i % self.size][i // self.size] for i in range(len(items))]
+        return tuple(map(whole, zip(*parts))) if isinstance(parts[0], tuple) else whole(parts)
+
+    def allgather(self, value) -> list:
+        return [value] if self.size == 1 else self._call(self.comm.allgather, value)
+
+    def barrier(self):
+        self.allgather(None)
+
+    def agree(self, **values):
+        """Raise RanksDiffer unless every rank has the same values."""
+        first, *others = self.allgather(values)
+        for rank, theirs in enumerate(others, 1):
+            for k, v in theirs.items():
+                if v != first.get(k):
+                    raise RanksDiffer(f"the ranks differ: {k} is {v} on rank {rank} but {first.get(k)} on rank 0"
+                                      " (every rank must run the same command on the same code and data)")
+
+    def check(self, model, state, tc, batch_fn, rng):
+        """Before training: RanksDiffer unless every rank has the same
+        settings, step, weights, kernels and first batch (the same data)."""
+        if self.size > 1:
+            probe = numpy.random.default_rng()
+            probe.bit_generator.state = rng.bit_generator.state
+            digest = lambda arrays: hashlib.sha256(b"".join(to_numpy(a).tobytes() for a in arrays)).hexdigest()[:16]
+            self.agree(**{"the training settings": asdict(tc), "the step": state.step, "the kernels": kernels_in_use(),
+                          "the weights' sha256": digest(model.params[k] for k in sorted(model.params)),
+                          "the first batch's sha256 (the data)": digest(batch_fn(probe))})
+
+    def start_nccl(self):
+        """GPUs: each rank takes one of its machine's, and NCCL sums if CuPy has it (else MPI, by the host)."""
+        import cupy
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+        cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            return
+        uid = self._call(self.comm.bcast, nccl.get_unique_id() if self.rank == 0 else None)
+        self.nccl = self._call(nccl.NcclCommunicator, self.size, uid, self.rank)
+
+
+world = World()
+if world.size > 1 and _fastops is not None:    # the same kernels on every rank: rank 0's calibration
+    _CHOICE = world._call(world.comm.bcast, kernel_choice() if world.rank == 0 else None)

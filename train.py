@@ -5,6 +5,7 @@
     python train.py pretrain      one stage alone: pretrain, sft, reward, ppo, dpo,
                                   finetune (each reads the previous stage's checkpoint
                                   from the run folder --out and writes its own)
+    mpirun -n 2 python train.py   any of these on 2 processes, data-parallel (needs mpi4py)
 
 `python train.py STAGE --help` lists a stage's flags.
 
@@ -21,13 +22,16 @@ explanation commands, the report card and its pictures, the command line.
 import argparse
 import codecs
 import copy
+import hashlib
 import html
+import io
 import json
 import math
 import os
 import re
 import sys
 import time
+import traceback
 
 import numpy
 
@@ -46,7 +50,10 @@ def _ensure_fastops():
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _ensure_fastops()
-import llm  # noqa: E402  (after the build, so it finds the kernels)
+try:
+    import llm  # noqa: E402  (after the build, so it finds the kernels)
+except RuntimeError as e:                  # started by mpirun without mpi4py
+    sys.exit(f"train.py: error: {e}")
 
 DATA = os.path.join(HERE, "data")
 DEFAULT_OUT = os.path.join("runs", "default")
@@ -183,7 +190,7 @@ def train_config(a, iters, lr, batch_size=None, warmup=None):
 
 
 def accuracy(model, tok, records, check):
-    texts, _, _ = llm.answers(model, tok, [r["prompt"] for r in records])
+    texts, _, _ = llm.world.map(lambda ps: llm.answers(model, tok, ps), [r["prompt"] for r in records])
     return sum(check(r, t) for r, t in zip(records, texts)) / max(len(records), 1), texts
 
 
@@ -253,6 +260,16 @@ def resume_settings(a, ckpt):
                   " continues exactly as it started")
         elif hasattr(a, k):
             setattr(a, k, v)
+    ranks, n = info.get("ranks", 1), llm.world.size        # processes (mpirun -n) then and now
+    if ranks != n:
+        per_step = ranks * info.get("train", {}).get("grad_accum", 1)       # micro-batches per step
+        if "grad_accum" not in a.given:
+            a.grad_accum = max(1, round(per_step / n))
+        keeps = n * a.grad_accum == per_step
+        print(f"  {ckpt} was trained by {ranks} rank(s) with --grad-accum {per_step // ranks}; on {n},"
+              f" --grad-accum {a.grad_accum} " + (f"keeps its {per_step} micro-batches per step" if keeps else
+                                                  f"makes {n * a.grad_accum} micro-batches per step, not {per_step}:"
+                                                  " the run no longer continues exactly as it started"))
     print(f"[pretrain] resuming {ckpt} at step {state.step}")
 
 
@@ -278,6 +295,8 @@ def run_pretrain(a):
                   f" tokens only: the vocabulary has {model.config.vocab_size}")
     try:
         m = llm.pretrain(text, a.out, cfg, tc, resume=a.resume, log=progress, on_ready=ready)
+    except llm.RanksDiffer:
+        raise
     except ValueError as e:
         raise UserError(f"--data: {path}: {e}") from None
     except FloatingPointError as e:
@@ -350,7 +369,7 @@ def judge_answers(model, tok, rm, prompts):
     the reward model's mean score, and the shares of answers that are
     correct, open politely and end their turn."""
     w = world()
-    texts, ended, _ = llm.answers(model, tok, prompts)
+    texts, ended, _ = llm.world.map(lambda ps: llm.answers(model, tok, ps), prompts)   # each rank its share
     convs = [llm.chat_example(tok, p, t, e) for p, t, e in zip(prompts, texts, ended)]   # as text reads
     n = len(prompts)
     m = {"judge": sum(w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)) / n,
@@ -1087,7 +1106,7 @@ def check_args(a):
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
-    if not hasattr(a, "explain"):
+    if not hasattr(a, "explain") and llm.world.rank == 0:     # (rank 0 alone writes)
         if os.path.exists(a.out) and not os.path.isdir(a.out):
             raise UserError(f"--out: expected a folder, got the file {a.out}")
         try:
@@ -1168,9 +1187,14 @@ def parse(argv):
 
 def main(argv=None):
     """Run the command; a user's mistake is one line (LLM_DEBUG=1 shows the traceback)."""
+    return command(argv) if llm.world.size == 1 else on_every_rank(argv)
+
+
+def command(argv):
     try:
         a = parse(argv)
         check_args(a)
+        same_on_every_rank(a)
         try:
             llm.use_device(getattr(a, "device", "cpu"))   # before any model is built
         except RuntimeError as e:
@@ -1201,6 +1225,7 @@ def run_seeds(a):
         b.seed, b.seeds, b.out = seed, None, os.path.join(a.out, f"seed-{seed}")
         check_args(b)
         run(b)
+        llm.world.barrier()                       # several ranks: rank 0 has written it
         with open(os.path.join(b.out, "report.json")) as fh:
             full = json.load(fh)
         reports[f"seed {seed}"] = full.pop("stages")
@@ -1212,6 +1237,57 @@ def run_seeds(a):
                      json.dumps({"seeds": a.seeds, "spread": spread}, indent=1).encode())
     first = next(iter(reports.values()))
     write_report_card(a, first, mean["wall_seconds"], mean, spread, a.seeds)
+
+
+# ---- several processes: mpirun -n N python train.py -----------------------------
+# Every rank runs the same command (llm.py's section 10 says how they train
+# together); rank 0 alone prints and writes the run folder.
+
+def same_on_every_rank(a):
+    """Under mpirun every rank must run the same command on the same code and
+    data: the first difference is an error, said by rank 0, before anything runs."""
+    if llm.world.size == 1:
+        return
+    if hasattr(a, "explain"):
+        raise UserError(f"{a.cmd} runs in one process: start it without mpirun")
+    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k != "given"}
+    paths = [os.path.join(HERE, f) for f in ("llm.py", "train.py", "fastops.c", os.path.join("data", "world.py"))]
+    paths += [getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
+        ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
+        ("domain_data", "domain.jsonl"))]
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            values[path] = f"{len(data):,} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
+        except OSError as e:
+            values[path] = f"unreadable ({e.strerror or e})"
+    try:
+        llm.world.agree(**values)
+    except llm.RanksDiffer as e:
+        raise UserError(str(e)) from None
+
+
+def on_every_rank(argv):
+    """main() on one of several ranks. An error on any rank stops them all
+    (MPI_Abort) with its message; one that every rank meets alike (the ranks
+    differ) is said once, by rank 0, and every rank exits with status 2."""
+    w, stderr = llm.world, sys.stderr
+    if w.rank:
+        sys.stdout, sys.stderr = open(os.devnull, "w"), io.StringIO()
+    try:
+        return command(argv)
+    except SystemExit as e:
+        if e.code in (0, None) or isinstance(e.__context__, llm.RanksDiffer):
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if w.rank:
+        time.sleep(2)                                   # rank 0, if it fails too, says it first
+        stderr.write("".join(f"[rank {w.rank}] {line}\n" for line in sys.stderr.getvalue().splitlines()))
+    w.fail(code=code)
 
 
 RUNNING = None                          # (args, stage) while a stage runs
@@ -1246,6 +1322,8 @@ def run(a):
             return
         m["seconds"] = time.time() - t
         llm.atomic_write(done, json.dumps(m, indent=2).encode())
+    if llm.world.rank:                   # rank 0 writes the report card
+        return
     # The report card covers every stage whose results are in the run folder.
     report = {}
     for s in STAGES:
