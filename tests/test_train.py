@@ -67,7 +67,7 @@ def test_a_stage_without_its_input_says_what_to_run(tmp_path):
 def test_malformed_data_file_names_file_and_line(quick_run, tmp_path):
     bad = tmp_path / "sft.jsonl"
     bad.write_text('{"prompt": "a", "response": "b", "split": "train"}\n{"prompt": 3}\n')
-    with pytest.raises(ValueError, match=r"sft.jsonl:2"):
+    with pytest.raises(SystemExit, match=r"sft.jsonl:2"):
         train.main(["sft", "--quick", "--out", quick_run, "--sft-data", str(bad)])
 
 
