@@ -1217,12 +1217,22 @@ def _values(field):
     return tuple(sorted({str(row[field]) for row in table.values()}))
 
 
+def names_another_subject(asked, answer_text):
+    """True if the answer names a country (or element) other than the one
+    asked about: "South Korea is in Asia." does not say where Cambodia is,
+    though Asia is right. A capital is read as a city ("Mexico City" names no
+    country), and element names that are also common words ("lead") do not count."""
+    table = ELEMENT if asked["subject"] in ELEMENT else COUNTRY
+    found = _find_names(answer_text, list(table) + (list(BY_CAPITAL) if table is COUNTRY else []))
+    return any(n in table and n != asked["subject"] and n not in AMBIGUOUS_WORDS for n in found)
+
+
 def is_correct(prompt, answer_text):
-    """True if every fact the prompt asks for is stated and no other value of
-    that fact is (so "Paris, or maybe Rome" is wrong). False for prompts that
-    ask no known fact."""
+    """True if every fact the prompt asks for is stated, no other value of
+    that fact is (so "Paris, or maybe Rome" is wrong), and no other subject
+    is named. False for prompts that ask no known fact."""
     asked = lookup(prompt)
-    if asked is None:
+    if asked is None or names_another_subject(asked, answer_text):
         return False
     for field in ASKS[asked["kind"]]:
         right = str(asked["facts"][field])

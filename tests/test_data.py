@@ -256,5 +256,10 @@ def test_judge_rule_on_hand_written_answers():
                             "Mexico City is the capital of Mexico.")
     assert not world.is_correct("Which country has Guatemala City as its capital?",
                                 "Guatemala City is the capital of Peru.")
+    # the right value about the wrong subject is not an answer
+    assert not world.is_correct("Which continent is Cambodia in?", "Of course! South Korea is in Asia.")
+    assert not world.is_correct("Is gold a solid, a liquid or a gas at room temperature?",
+                                "At room temperature, silver is a solid.")
+    assert world.is_correct("What is the capital of Guatemala?", "The capital of Guatemala is Guatemala City.")
     assert world.exact_match(" The capital of France  is Paris.\n", plain)
     assert not world.exact_match(polite, plain)
