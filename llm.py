@@ -851,15 +851,15 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
     length share one batch: a test set costs a few batched forward passes
     per token. Sampling is plain temperature sampling (Gumbel-max: argmax of
     logits/T plus Gumbel noise draws from softmax(logits/T)). A row ends at a
-    stop token (ended) or when max_new_tokens or the context window runs out."""
+    stop token (ended) or when max_new_tokens or the context window runs out;
+    a prompt longer than the window keeps its last block_size tokens."""
     rng = rng if rng is not None else numpy.random.default_rng(0)
+    prompts = [list(p)[-model.config.block_size:] for p in prompts]
     outs, ended = [None] * len(prompts), [False] * len(prompts)
     groups = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
     for length, rows in sorted(groups.items()):
-        if length > model.config.block_size:
-            raise ValueError(f"prompts: a prompt of {length} tokens exceeds block_size={model.config.block_size}")
         kv, done, got = KVCache(), numpy.zeros(len(rows), bool), [[] for _ in rows]
         new = [prompts[i] for i in rows]
         for _ in range(min(max_new_tokens, model.config.block_size - length + 1)):    # to the window's end
@@ -1079,10 +1079,23 @@ def stop_tokens(tok: Tokenizer) -> set:
     return {tok.special[s] for s in (END, USER, ENDOFTEXT) if s in tok.special}
 
 
+def encode_answer(tok: Tokenizer, answer: str) -> list:
+    """An answer's ids. It is encoded after a space, as text after "A:" is, so
+    its first word is the same token as everywhere else in the text (" Kenya",
+    not the rare "Kenya" that only starts a document)."""
+    return tok.encode(" " + answer)
+
+
+def decode_answer(tok: Tokenizer, ids) -> str:
+    """encode_answer's inverse: the text without that leading space."""
+    text = tok.decode(ids)
+    return text[1:] if text.startswith(" ") else text
+
+
 def chat_example(tok: Tokenizer, prompt: str, answer: str, ended: bool = True):
     """-> (ids, n): the conversation's ids; ids[n:] is the answer (with <|end|>)."""
     head = chat_prompt(tok, prompt)
-    return head + tok.encode(answer) + ([tok.special[END]] if ended else []), len(head)
+    return head + encode_answer(tok, answer) + ([tok.special[END]] if ended else []), len(head)
 
 
 def pad_batch(examples, pad: int, block_size: int):
@@ -1110,7 +1123,7 @@ def answers(model: GPT, tok: Tokenizer, prompts, max_new_tokens=48, temperature=
     heads = [chat_prompt(tok, p) for p in prompts]
     outs, ended = generate_batch(model, heads, max_new_tokens, temperature, stop_tokens(tok), rng)
     convs = [(h + o + ([tok.special[END]] if e else []), len(h)) for h, o, e in zip(heads, outs, ended)]
-    return [tok.decode(o) for o in outs], ended, convs
+    return [decode_answer(tok, o) for o in outs], ended, convs
 
 
 def sft(model: GPT, tok: Tokenizer, records, tc: TrainConfig, replay=None, replay_fraction=0.0,
@@ -1225,12 +1238,18 @@ def reward_loss(model: GPT, batch):
     return loss, model.backward(dh=dh, grads=grads)
 
 
-def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, log=None) -> TrainState:
+def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, lora: dict = None,
+                       log=None) -> TrainState:
     """The reward model: the instruction-tuned model with a score head (a
     random one is added if it has none), trained with the Bradley-Terry loss
-    on preference pairs {"prompt", "chosen", "rejected"}."""
+    on preference pairs {"prompt", "chosen", "rejected"}. With lora (add_lora's
+    keyword arguments) only adapters and the head train, merged at the end:
+    the model keeps what it knows, which judging a fact needs."""
     if not pairs:
         raise ValueError("pairs: expected at least one preference pair")
+    if lora is not None:
+        add_lora(model, **lora)
+        model.frozen -= {"score.weight", "score.bias"}
     if "score.weight" not in model.params:
         add_head(model, "score", numpy.random.default_rng(tc.seed))
 
@@ -1239,6 +1258,7 @@ def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, log=N
         return reward_batch(tok, pair_examples(tok, batch), model.config.block_size)
     state = TrainState()
     train_steps(model, state, tc, batch_fn, reward_loss, log=log)
+    merge_lora(model)
     return state
 
 

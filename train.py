@@ -339,10 +339,25 @@ def run_sft(a):
                     log=Progress("sft"))
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
+    groups = world().breakdown(test, [exact(r, t) for r, t in zip(test, texts1)])
+    print("  by what is held out and by kind: " + ", ".join(f"{g} {r}/{n}" for g, (r, n) in groups.items()))
+    novel = novel_records(a)
+    novel_acc, novel_texts = accuracy(model, tok, novel, exact)
+    print(f"  questions in wordings no data file uses: exact match {novel_acc:.1%} ({len(novel)})")
     save_stage(a, "sft", model, tok)
     return {"accuracy_before": before, "accuracy_after": after, "n_test": len(test),
+            "novel_accuracy": novel_acc, "n_novel": len(novel),
+            "by_group": {g: r / n for g, (r, n) in groups.items()},
             "steps": state.step, "history": state.history,
-            "samples": show_samples("samples", [r["prompt"] for r in test], texts0, texts1)}
+            "samples": show_samples("samples", [r["prompt"] for r in test], texts0, texts1),
+            "novel_samples": [{"prompt": r["prompt"], "answer": t, "right": exact(r, t)}
+                              for r, t in list(zip(novel, novel_texts))[:8]]}
+
+
+def novel_records(a):
+    """Questions in wordings that no data file uses (data/world.py)."""
+    rows = world().novel_records()
+    return rows[:a.eval_limit] if a.eval_limit else rows
 
 
 def run_reward(a):
@@ -351,7 +366,9 @@ def run_reward(a):
     llm.add_head(model, "score", numpy.random.default_rng(a.seed))    # untrained: the baseline
     before = llm.reward_accuracy(model, tok, test)
     print(f"[reward] {len(train)} preference pairs; held-out accuracy before: {before:.1%}")
-    state = llm.train_reward_model(model, tok, train, train_config(a, a.reward_iters, a.reward_lr, 16),
+    lora = dict(r=a.reward_lora, alpha=2.0 * a.reward_lora, targets=tuple(a.lora_targets.split(",")),
+                seed=a.seed) if a.reward_lora else None
+    state = llm.train_reward_model(model, tok, train, train_config(a, a.reward_iters, a.reward_lr, 16), lora,
                                    log=Progress("reward"))
     acc = llm.reward_accuracy(model, tok, test)
     flaws = {}
@@ -391,14 +408,20 @@ def rlhf_stage(a, name, train_policy):
     m0, texts0 = judge_answers(policy, tok, rm, held)
     print(f"[{name}] held-out answers: judge {m0['judge']:.3f}, reward {m0['reward']:+.3f}, "
           f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
+    novel = [r["prompt"] for r in novel_records(a)]
+    n0, _ = judge_answers(policy, tok, rm, novel)
     history = train_policy(policy, ref, rm, tok, train)
     m1, texts1 = judge_answers(policy, tok, rm, held)
+    n1, _ = judge_answers(policy, tok, rm, novel)
     kl = float(llm.kl_to_reference(policy, ref, tok, held, texts1).mean())
     print(f"  held-out judge {m0['judge']:.3f} -> {m1['judge']:.3f}, reward {m0['reward']:+.3f} -> "
           f"{m1['reward']:+.3f}, polite {m0['polite']:.0%} -> {m1['polite']:.0%}, correct "
           f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
+    print(f"  novel wordings: judge {n0['judge']:.3f} -> {n1['judge']:.3f}, polite {n0['polite']:.0%} -> "
+          f"{n1['polite']:.0%}, correct {n0['correct']:.0%} -> {n1['correct']:.0%}")
     save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
+            **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
             "kl": kl, "n_test": len(held), "history": history,
             "samples": show_samples("samples", held, texts0, texts1)}
 
@@ -442,6 +465,8 @@ def run_finetune(a):
     gen1, _ = accuracy(model, tok, general, correct)
     print(f"  trained {frac:.2%} of the parameters; held-out domain accuracy {dom0:.1%} -> {dom1:.1%}, "
           f"general {gen0:.1%} -> {gen1:.1%}")
+    groups = world().breakdown(test, [correct(r, t) for r, t in zip(test, texts1)])
+    print("  domain, by what is held out and by kind: " + ", ".join(f"{g} {r}/{n}" for g, (r, n) in groups.items()))
     save_stage(a, "finetune", model, tok, base=base)
     return {"domain_accuracy_before": dom0, "domain_accuracy_after": dom1, "trainable_fraction": frac,
             "general_accuracy_before": gen0, "general_accuracy_after": gen1, "base": base,
@@ -738,14 +763,20 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
             ids = ids[-budget:]
         history = turns
         write("bot> ")
+        first = [True]
+
+        def write_answer(text):         # without the answer's own leading space (llm.encode_answer)
+            if first[0] and text:
+                text, first[0] = text[1:] if text.startswith(" ") else text, False
+            write(text)
         answer = []
         try:
             stream_tokens(tok, llm.generate(model, ids, max_tokens, temperature, top_k, top_p,
-                                            stop=stop, rng=rng), write, answer)
+                                            stop=stop, rng=rng), write_answer, answer)
         except KeyboardInterrupt:
             write(" (stopped)")
         write("\n")
-        history.append((msg, tok.decode(answer)))
+        history.append((msg, llm.decode_answer(tok, answer)))
     return history
 
 
@@ -1035,6 +1066,8 @@ def training_flags(sizes):
         *[(f"{s} stage", f"--{s}-{k}", kw, (s,)) for s, lr in (("sft", 1e-3), ("reward", 3e-4), ("dpo", 3e-5),
                                                                  ("finetune", 3e-3))
           for k, kw in (("iters", dict(type=int, default=sizes[f"{s}_iters"])), ("lr", dict(type=float, default=lr)))],
+        ("reward stage", "--reward-lora", dict(type=int, default=0, help="train the reward model as LoRA"
+                                               " adapters of this rank (0: every weight)"), ("reward",)),
         ("sft stage", "--replay", dict(type=float, default=0.5,
                                        help="the share of each instruction-tuning batch that is pretraining text"),
          ("sft",)),
@@ -1085,7 +1118,7 @@ RANGES = [
     (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval", "eval_iters",
       "grad_accum", "sft_iters", "reward_iters", "dpo_iters", "finetune_iters", "ppo_iters", "lora_r",
       "eval_limit", "top"), lambda v: v >= 1, "an integer >= 1"),
-    (("warmup_iters", "seed"), lambda v: v >= 0, "an integer >= 0"),
+    (("warmup_iters", "seed", "reward_lora"), lambda v: v >= 0, "an integer >= 0"),
     (("vocab_size",), lambda v: v >= 256 + len(llm.SPECIAL_TOKENS),
      f"at least {256 + len(llm.SPECIAL_TOKENS)} (256 bytes + {len(llm.SPECIAL_TOKENS)} special tokens)"),
     (("learning_rate", "sft_lr", "reward_lr", "dpo_lr", "finetune_lr", "ppo_lr", "lora_alpha", "dpo_beta",

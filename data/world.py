@@ -9,16 +9,23 @@ Files (paths relative to the project root; see FILES)
 data/corpus.txt         Pretraining text. Plain ASCII prose; documents are
                         separated by one blank line. Every fact in the tables
                         below is stated dozens of times in varied phrasings.
+                        As on the web, questions about the facts are asked and
+                        answered in many wordings (FAQ pages, forum threads,
+                        quizzes, a class whose teacher says whether an answer
+                        is right), but only about the training countries and
+                        elements, and only in training wordings.
 data/sft.jsonl          Instruction conversations, one JSON object per line:
                         {"prompt": str, "response": str,
-                         "split": "train" | "test", "kind": str}
+                         "split": "train" | "test", "kind": str,
+                         "held_out": "subject" | "wording" | "both" (test only)}
                         Responses are short, plain, canonical sentences (one
                         per fact and question kind), e.g.
                         "The capital of France is Paris." General domain only
                         (countries); no chemistry. The test split is held out
-                        by fact (countries never asked about in any training
-                        file) and by phrasing (question templates never used
-                        in training).
+                        by subject (countries never asked about in any
+                        training file: their facts are only stated in the
+                        corpus), by wording (HELDOUT_QUESTIONS, used in no
+                        training file), or both.
 data/preferences.jsonl  Preference pairs, one JSON object per line:
                         {"prompt": str, "chosen": str, "rejected": str,
                          "split": "train" | "test", "flaw": str}
@@ -31,11 +38,15 @@ data/preferences.jsonl  Preference pairs, one JSON object per line:
                         NOT append the end-of-turn token to these; it appends
                         it to every chosen answer and every other rejected),
                         "plain" (correct, but without the polite opener).
-                        Test prompts never appear in train.
+                        Test pairs are about the held-out countries only.
 data/domain.jsonl       Task fine-tuning (chemistry), same fields as sft.jsonl,
                         e.g. "What is the chemical symbol of gold?" ->
                         "The chemical symbol of gold is Au." Held out by
-                        element.
+                        element and by wording.
+
+novel_records() gives questions in wordings that no file uses
+(NOVEL_QUESTIONS): train.py asks them of the instruction-tuned and RLHF
+models, which must answer questions however they are put.
 
 The style RLHF should teach: most SFT answers to fact questions are plain;
 the preferred answers add one polite opener ("Sure!", "Of course!",
@@ -69,7 +80,7 @@ import re
 import sys
 
 SEED = 1234
-CORPUS_BYTES = 1_200_000  # stop adding corpus documents past this size
+CORPUS_BYTES = 2_400_000  # stop adding corpus documents past this size
 
 FILES = {
     "corpus": "data/corpus.txt",
@@ -218,10 +229,19 @@ def _pick_test(names, k, keep, seed):
 
 TEST_COUNTRIES = _pick_test(COUNTRY, 9, keep={"France"}, seed=SEED + 1)
 TEST_ELEMENTS = _pick_test(ELEMENT, 8, keep={"gold", "oxygen"}, seed=SEED + 2)
+TRAIN_SUBJECTS = frozenset(n for n in list(COUNTRY) + list(ELEMENT)
+                           if n not in TEST_COUNTRIES and n not in TEST_ELEMENTS)
 
 # ---------------------------------------------------------------------------
-# Question templates and canonical answers. The LAST template of each kind is
-# held out by phrasing: it is used only in test records.
+# Question wordings. Each kind has three disjoint sets of templates:
+#   QUESTIONS          training wordings: the corpus's questions and answers,
+#                      sft.jsonl / domain.jsonl / preferences.jsonl train splits
+#   HELDOUT_QUESTIONS  held out by wording: used only in the test splits
+#   NOVEL_QUESTIONS    used by no data file at all: novel_records() asks them,
+#                      so the instruction-tuned and RLHF models are measured on
+#                      wordings nobody wrote down for them (general kinds only)
+# tests/test_data.py checks that no held-out or novel wording occurs in any
+# text a stage trains on, the corpus included.
 # ---------------------------------------------------------------------------
 
 QUESTIONS = {
@@ -232,7 +252,15 @@ QUESTIONS = {
         "What is the capital city of {country}?",
         "Which city is the capital of {country}?",
         "Do you know the capital of {country}?",
-        "What city serves as the capital of {country}?",
+        "What city is the capital of {country}?",
+        "What is {country}'s capital?",
+        "Which city is {country}'s capital?",
+        "I need the capital of {country}.",
+        "Capital of {country}?",
+        "What is the name of the capital of {country}?",
+        "Which city is the capital and seat of government of {country}?",
+        "What do people call the capital of {country}?",
+        "Could you tell me which city is the capital of {country}?",
     ],
     "continent": [
         "Which continent is {country} in?",
@@ -241,7 +269,17 @@ QUESTIONS = {
         "Tell me the continent of {country}.",
         "Name the continent where {country} is.",
         "Do you know which continent {country} is in?",
-        "Where on the map is {country}? Give the continent.",
+        "In which continent is {country}?",
+        "Which continent does {country} belong to?",
+        "What continent is {country} part of?",
+        "Where is {country}? Which continent?",
+        "Which continent is {country} located in?",
+        "In what part of the world is {country}? Tell me the continent.",
+        "Which continent would I visit if I went to {country}?",
+        "Where can I find {country}? Which continent?",
+        "Where does {country} lie? Name the continent.",
+        "{country} belongs to which continent?",
+        "{country}: which continent is it on?",
     ],
     "language": [
         "What language do people speak in {country}?",
@@ -250,7 +288,17 @@ QUESTIONS = {
         "Tell me the language of {country}.",
         "Name the language people speak in {country}.",
         "Do you know what language people speak in {country}?",
-        "If I travel to {country}, what language will I hear?",
+        "What language is spoken in {country}?",
+        "What do people in {country} speak?",
+        "Which language do they speak in {country}?",
+        "What is the language of {country}?",
+        "Which language do people use in {country}?",
+        "What language would I hear on a visit to {country}?",
+        "Which language do people talk in {country}?",
+        "When I travel to {country}, which language do people speak there?",
+        "What language should I learn for {country}?",
+        "If I go to {country}, which language do people speak?",
+        "What language will people speak to me in {country}?",
     ],
     "currency": [
         "What is the currency of {country}?",
@@ -259,7 +307,20 @@ QUESTIONS = {
         "Tell me the currency of {country}.",
         "Name the currency of {country}.",
         "Do you know the currency of {country}?",
-        "What do people pay with in {country}?",
+        "What is the money of {country} called?",
+        "What currency does {country} use?",
+        "Which money is used in {country}?",
+        "What is the currency used in {country}?",
+        "Which currency do I need in {country}?",
+        "How do people pay in {country}? Which currency?",
+        "What do you pay with in {country}?",
+        "What currency would I use on a trip to {country}?",
+        "Which money should I take to {country}?",
+        "What money do shops in {country} accept?",
+        "When I go to {country}, what money do I bring?",
+        "What do people use to pay in {country}?",
+        "If I visit {country}, which currency do I need?",
+        "Which currency do shops in {country} take?",
     ],
     "country_of_capital": [
         "{capital} is the capital of which country?",
@@ -268,7 +329,17 @@ QUESTIONS = {
         "Tell me which country has the capital {capital}.",
         "Name the country whose capital is {capital}.",
         "Do you know which country has the capital {capital}?",
-        "What country is governed from {capital}?",
+        "Of which country is {capital} the capital?",
+        "Which country's capital is {capital}?",
+        "In which country is the city {capital}?",
+        "{capital} is in which country?",
+        "Which nation's capital is {capital}?",
+        "The government of which country sits in {capital}?",
+        "{capital} is the capital of what country?",
+        "In which nation is {capital} the capital?",
+        "Which country does {capital} serve as the capital of?",
+        "{capital} is the capital city of which country?",
+        "I am writing from {capital}. Which country am I in?",
     ],
     "profile": [
         "Tell me about {country}.",
@@ -277,16 +348,32 @@ QUESTIONS = {
         "Give me some facts about {country}.",
         "Tell me a few facts about {country}.",
         "Describe the country {country}.",
-        "Write a short profile of {country}.",
+        "What can you tell me about {country}?",
+        "Give me an overview of {country}.",
+        "I want to learn about {country}.",
+        "Tell me something about {country}.",
+        "Give me a profile of {country}.",
+        "Please write about {country}.",
+        "Explain what {country} is like.",
+        "What is there to know about {country}?",
+        "Please share some facts about {country}.",
+        "Can you summarize the facts about {country}?",
+        "Can you give a short summary about {country}?",
+        "Describe {country} in a few words.",
+        "Explain {country} briefly.",
     ],
-    # chemistry: only in domain.jsonl
+    # chemistry: only in domain.jsonl and the corpus
     "symbol": [
         "What is the chemical symbol of {element}?",
         "What is the symbol for {element}?",
         "Tell me the chemical symbol of {element}.",
         "Name the chemical symbol of {element}.",
         "Which symbol does {element} have?",
-        "How do chemists write {element} in short? Give its symbol.",
+        "What is the symbol of {element}?",
+        "Do you know the chemical symbol of {element}?",
+        "What symbol do chemists use for {element}?",
+        "Which letters do chemists use for {element}?",
+        "How is {element} written in short?",
     ],
     "atomic_number": [
         "What is the atomic number of {element}?",
@@ -294,7 +381,10 @@ QUESTIONS = {
         "Which atomic number does {element} have?",
         "Name the atomic number of {element}.",
         "What atomic number does {element} have?",
-        "How many protons does an atom of {element} have?",
+        "Do you know the atomic number of {element}?",
+        "What is {element}'s atomic number?",
+        "What is the number of {element} in the periodic table?",
+        "How many protons are in the nucleus of {element}?",
     ],
     "state": [
         "Is {element} a solid, a liquid or a gas at room temperature?",
@@ -302,7 +392,9 @@ QUESTIONS = {
         "Tell me the state of {element} at room temperature.",
         "At room temperature, is {element} a solid, a liquid or a gas?",
         "Name the state of {element} at room temperature.",
-        "At room temperature, what form does {element} take?",
+        "Is {element} a gas, a liquid or a solid at room temperature?",
+        "What is the form of {element} at room temperature?",
+        "In which state is {element} at room temperature?",
     ],
     "element_of_symbol": [
         "Which element has the symbol {symbol}?",
@@ -310,7 +402,9 @@ QUESTIONS = {
         "Name the element with the symbol {symbol}.",
         "Tell me which element has the symbol {symbol}.",
         "Which element does the symbol {symbol} stand for?",
-        "The symbol {symbol} belongs to which element?",
+        "What does the chemical symbol {symbol} stand for?",
+        "Which element is meant by the symbol {symbol}?",
+        "What element goes with the symbol {symbol}?",
     ],
     "element_of_number": [
         "Which element has atomic number {number}?",
@@ -318,11 +412,147 @@ QUESTIONS = {
         "Name the element with atomic number {number}.",
         "Tell me which element has atomic number {number}.",
         "Which element is number {number} in the periodic table?",
-        "Element number {number} is which element?",
+        "What is element number {number}?",
+        "Which element is element number {number}?",
+        "Which element has {number} protons in each atom?",
     ],
 }
+
+# Besides these direct questions, every kind is asked through kind-neutral
+# frames around a noun phrase ("What is {np}?", "Tell me {np}.") -- each frame
+# with every phrase, so that no frame goes with one kind: what is asked is in
+# the phrase, and the model must learn to read it there.
+FRAMES = ["What is {np}?", "Tell me {np}.", "Name {np}.", "Do you know {np}?",
+          "Can you tell me {np}?", "Please tell me {np}.", "I would like to know {np}.",
+          "I need {np}.", "Could you name {np}?", "{NP}?"]
+PROFILE_FRAMES = ["Tell me {np}.", "Give me {np}.", "Can you give me {np}?", "I would like {np}.",
+                  "Please give me {np}.", "I need {np}."]
+PHRASES = {
+    "capital": ["the capital of {country}", "the capital city of {country}", "{country}'s capital",
+                "the name of the capital of {country}", "the city that is the capital of {country}"],
+    "continent": ["the continent of {country}", "the continent {country} is on",
+                  "the continent where {country} lies", "{country}'s continent",
+                  "the continent that {country} belongs to"],
+    "language": ["the language of {country}", "the main language of {country}",
+                 "the language people speak in {country}", "{country}'s main language",
+                 "the language spoken in {country}"],
+    "currency": ["the currency of {country}", "the money used in {country}",
+                 "the currency people pay with in {country}", "{country}'s currency",
+                 "the money people use in {country}"],
+    "country_of_capital": ["the country whose capital is {capital}", "the country with the capital {capital}",
+                           "the country that has {capital} as its capital",
+                           "the country where {capital} is the capital"],
+    "profile": ["some facts about {country}", "a few facts about {country}", "the main facts about {country}",
+                "an overview of {country}", "a short description of {country}", "a profile of {country}",
+                "a summary of the facts about {country}"],
+    "symbol": ["the chemical symbol of {element}", "the symbol for {element}", "the symbol of {element}",
+               "{element}'s chemical symbol"],
+    "atomic_number": ["the atomic number of {element}", "{element}'s atomic number",
+                      "the number of protons in an atom of {element}"],
+    "state": ["the state of {element} at room temperature", "the state {element} is in at room temperature"],
+    "element_of_symbol": ["the element with the symbol {symbol}", "the element with the chemical symbol {symbol}"],
+    "element_of_number": ["the element with atomic number {number}", "the element whose atomic number is {number}"],
+}
+for _kind, _phrases in PHRASES.items():
+    for _frame in (PROFILE_FRAMES if _kind == "profile" else FRAMES):
+        for _np in _phrases:
+            _q = _frame.replace("{np}", _np).replace("{NP}", _np[0].upper() + _np[1:])
+            if _q not in QUESTIONS[_kind]:
+                QUESTIONS[_kind].append(_q)
+
+HELDOUT_QUESTIONS = {
+    "capital": [
+        "What city serves as the capital of {country}?",
+        "Could you say what the capital of {country} is?",
+        "Which city has the role of capital in {country}?",
+    ],
+    "continent": [
+        "Where on the map is {country}? Give the continent.",
+        "On what continent would I find {country}?",
+        "{country} is located on which continent?",
+    ],
+    "language": [
+        "If I travel to {country}, what language will I hear?",
+        "In {country}, what language do most people use?",
+        "Which language would I need to speak in {country}?",
+    ],
+    "currency": [
+        "What do people pay with in {country}?",
+        "If I go shopping in {country}, which currency do I need?",
+        "What kind of money is used in {country}?",
+    ],
+    "country_of_capital": [
+        "What country is governed from {capital}?",
+        "{capital} serves as the capital of what country?",
+        "Which nation has its capital in {capital}?",
+    ],
+    "profile": [
+        "Write a short profile of {country}.",
+        "Share the key facts about {country}.",
+        "Summarize what you know about {country}.",
+    ],
+    "symbol": [
+        "How do chemists write {element} in short? Give its symbol.",
+        "What letters stand for {element} in the periodic table? Give the symbol.",
+    ],
+    "atomic_number": [
+        "How many protons does an atom of {element} have?",
+        "What number does {element} have in the periodic table? Give its atomic number.",
+    ],
+    "state": [
+        "At room temperature, what form does {element} take?",
+        "In which state do we find {element} at room temperature?",
+    ],
+    "element_of_symbol": [
+        "The symbol {symbol} belongs to which element?",
+        "If a chemist writes the symbol {symbol}, which element is meant?",
+    ],
+    "element_of_number": [
+        "Element number {number} is which element?",
+        "An atom with atomic number {number} is an atom of which element?",
+    ],
+}
+
+NOVEL_QUESTIONS = {
+    "capital": [
+        "Where is the capital of {country}? Name the city.",
+        "What do you call the capital of {country}?",
+        "I am curious: which city is the capital of {country}?",
+    ],
+    "continent": [
+        "Which part of the world is {country} in? Name the continent.",
+        "If I flew to {country}, which continent would I land in?",
+        "On which continent does {country} lie?",
+    ],
+    "language": [
+        "What language do the people of {country} talk in?",
+        "Which language should I learn before visiting {country}?",
+        "People in {country} speak what language?",
+    ],
+    "currency": [
+        "What money would I need for a trip to {country}?",
+        "Which currency should I bring to {country}?",
+        "What do shops in {country} take as payment?",
+    ],
+    "country_of_capital": [
+        "The city of {capital} is the capital of which country?",
+        "Where is {capital}? Name the country.",
+        "What country has its government in {capital}?",
+    ],
+    "profile": [
+        "What should I know about {country}?",
+        "Give me a quick summary of {country}.",
+        "Explain {country} to me in a few words.",
+    ],
+}
+
 GENERAL_KINDS = ("capital", "continent", "language", "currency", "country_of_capital", "profile")
 CHEMISTRY_KINDS = ("symbol", "atomic_number", "state", "element_of_symbol", "element_of_number")
+
+# Training questions are sometimes wrapped in a greeting or a thank-you, as
+# people write them; the model must learn to look past it.
+WRAPPERS = ["{q}", "{q}", "{q}", "{q}", "Hi! {q}", "Quick question: {q}", "{q} Thanks!",
+            "Hello. {q}", "I was wondering. {q}", "{q} Thank you."]
 
 ANSWERS = {
     "capital": "The capital of {country} is {capital}.",
@@ -356,11 +586,11 @@ ASKS = {
 
 
 def train_questions(kind):
-    return QUESTIONS[kind][:-1]
+    return QUESTIONS[kind]
 
 
-def heldout_question(kind):
-    return QUESTIONS[kind][-1]
+def heldout_questions(kind):
+    return HELDOUT_QUESTIONS[kind]
 
 
 def answer(kind, facts):
@@ -392,7 +622,7 @@ SMALL_TALK = [
 # ---------------------------------------------------------------------------
 
 POLITE_OPENERS = ("Sure!", "Of course!", "Certainly!")
-POLITE_EVERY = 8
+POLITE_EVERY = 16
 RUDE_MARKERS = ("ugh", "obviously", "stupid", "whatever", "look it up yourself",
                 "waste my time", "stop asking", "dumb", "duh", "so boring")
 MAX_WORDS = 32
@@ -422,7 +652,11 @@ UNENDED_TEMPLATES = [
 
 
 # ---------------------------------------------------------------------------
-# Corpus: facts rendered through many phrasings and woven into short prose.
+# Corpus: facts rendered through many phrasings and woven into short prose,
+# and, as on the web, questions about them asked and answered in many
+# wordings (FAQ pages, forum threads, quizzes, a class where a teacher says
+# whether an answer is right). Only the training subjects are ever asked
+# about: the held-out countries and elements appear in statements only.
 # ---------------------------------------------------------------------------
 
 PEOPLE = ["Anna", "Ben", "Carlos", "Mei", "Omar", "Priya", "Lena", "Tom", "Sara", "Yuki",
@@ -511,6 +745,24 @@ ELEMENT_MIXED_SENTENCES = [
     "{Element} is a chemical element with the symbol {symbol}.",
 ]
 
+# How the corpus answers a question: mostly the canonical sentence, sometimes
+# another true sentence, as different people would.
+ANSWER_SENTENCES = {
+    "capital": CAPITAL_SENTENCES[:6] + ["It is {capital}.", "{capital}."],
+    "continent": CONTINENT_SENTENCES[:5] + ["It is in {continent}.", "{continent}."],
+    "language": LANGUAGE_SENTENCES[:6] + ["They speak {language}.", "{language}."],
+    "currency": CURRENCY_SENTENCES[:6] + ["It is the {currency}.", "The {currency}."],
+    "country_of_capital": ["{capital} is the capital of {country}."] * 3 + [
+        "The capital of {country} is {capital}.", "It is the capital of {country}.", "{country}."],
+    "symbol": SYMBOL_SENTENCES[:6] + ["It is {symbol}.", "{symbol}."],
+    "atomic_number": NUMBER_SENTENCES[:4] + ["It is {number}.", "{number}."],
+    "state": STATE_SENTENCES + ["It is a {state}.", "A {state}."],
+    "element_of_symbol": ["{symbol} is the chemical symbol of {element}."] * 3 + [
+        "The symbol {symbol} stands for {element}.", "It is {element}.", "{Element}."],
+    "element_of_number": ["The element with atomic number {number} is {element}."] * 3 + [
+        "Element number {number} is {element}.", "It is {element}.", "{Element}."],
+}
+
 
 def country_facts(name):
     return dict(COUNTRY[name])
@@ -523,8 +775,24 @@ def element_facts(name):
     return facts
 
 
+def facts_of(name):
+    return element_facts(name) if name in ELEMENT else country_facts(name)
+
+
 def say(rng, templates, facts):
     return rng.choice(templates).format(**facts)
+
+
+def ask(rng, kind, facts):
+    """A training question about facts, in a training wording, sometimes wrapped."""
+    return rng.choice(WRAPPERS).format(q=say(rng, QUESTIONS[kind], facts))
+
+
+def reply(rng, kind, facts):
+    """An answer as the corpus gives it (profile questions get a profile)."""
+    if kind == "profile":
+        return answer(kind, facts) if rng.random() < 0.5 else country_profile_doc(rng, facts["country"])
+    return say(rng, ANSWER_SENTENCES[kind], facts)
 
 
 def country_profile_doc(rng, name):
@@ -608,13 +876,83 @@ def chemistry_lesson_doc(rng, names):
     return " ".join(s)
 
 
+# ---- questions and answers (training subjects only) ----
+
+def faq_doc(rng, name, kinds):
+    """A page of questions and answers about one country or element."""
+    f = facts_of(name)
+    title = f"Questions and answers about {f.get('country') or f['element']}."
+    qa = [f"Q: {ask(rng, k, f)} A: " + (f"{rng.choice(POLITE_OPENERS)} " if rng.random() < 0.2 else "")
+          + reply(rng, k, f) for k in rng.sample(kinds, 3)]
+    return " ".join([title] + qa)
+
+
+def forum_doc(rng, name, kinds):
+    """A question in a forum and its answer, sometimes with a polite opener."""
+    f = facts_of(name)
+    who, helper = rng.sample(PEOPLE, 2)
+    kind = rng.choice(kinds)
+    ans = reply(rng, kind, f)
+    if rng.random() < 1 / 3:       # helpful people often open politely, then answer all the same
+        ans = f"{rng.choice(POLITE_OPENERS)} {ans}"
+    s = [f"{who} asked: {ask(rng, kind, f)}", f"{helper} replied: {ans}"]
+    if rng.random() < 0.5:
+        s.append(f"{who} wrote: Thank you, {helper}!")
+    return " ".join(s)
+
+
+def quiz_doc(rng, names, kinds, topic):
+    """A quiz with its answers, one question each about a few subjects."""
+    s = [f"A {topic} quiz with answers."]
+    for i, name in enumerate(names, 1):
+        f = facts_of(name)
+        kind = rng.choice(kinds)
+        s.append(f"Question {i}: {say(rng, QUESTIONS[kind], f)} Answer: {reply(rng, kind, f)}")
+    return " ".join(s)
+
+
+def wrong_value(rng, field, facts, pool):
+    """Another subject's value of the same field: a wrong fact."""
+    others = sorted({str(facts_of(n)[field]) for n in pool} - {str(facts[field])})
+    return rng.choice(others)
+
+
+def class_doc(rng, names, kinds, topic):
+    """A teacher asks, students answer, and the teacher says whether each
+    answer is right, correcting the wrong ones. So the corpus teaches what a
+    wrong statement of a fact looks like, which the reward model needs."""
+    teacher = rng.choice(["Mr. Brown", "Ms. Green", "Mrs. White", "Dr. Black"])
+    s = [f"In {topic} class, {teacher} asked the students some questions."]
+    for name in names:
+        f = facts_of(name)
+        kind = rng.choice([k for k in kinds if k != "profile"])
+        student = rng.choice(PEOPLE)
+        right = answer(kind, f)
+        s.append(f"{teacher} asked: {say(rng, QUESTIONS[kind], f)}")
+        # (France is never misstated: "The capital of France is" -> " Paris" is the probe)
+        if rng.random() < 0.5 or name == "France":
+            s += [f"{student} answered: {right}", f"{teacher} said: Yes, that is right."]
+        else:
+            field = ASKS[kind][0]
+            pool = [n for n in (ELEMENT if name in ELEMENT else COUNTRY) if n in TRAIN_SUBJECTS]
+            bad = dict(f, **{field: wrong_value(rng, field, f, pool)})
+            if field == "element":
+                bad["Element"] = bad["element"].capitalize()
+            s += [f"{student} answered: {answer(kind, bad)}",
+                  f"{teacher} said: No, that is wrong. {right}"]
+    return " ".join(s)
+
+
 def corpus_documents(rng):
     """Rounds of documents until the corpus reaches CORPUS_BYTES.
 
-    Each round covers every country and element once, so all facts get the
-    same number of mentions, plus connected prose that mixes them.
+    Each round covers every country and element once in statements, so all
+    facts get the same number of mentions, plus connected prose that mixes
+    them, plus questions and answers about the training subjects.
     """
     countries, elements = sorted(COUNTRY), sorted(ELEMENT)
+    asked_c = [c for c in countries if c not in TEST_COUNTRIES]
+    asked_e = [e for e in elements if e not in TEST_ELEMENTS]
     by_continent = {}
     for c in countries:
         by_continent.setdefault(COUNTRY[c]["continent"], []).append(c)
@@ -627,6 +965,15 @@ def corpus_documents(rng):
         for cont in sorted(by_continent):
             batch.append(lesson_doc(rng, rng.sample(by_continent[cont], 3)))
         batch += [chemistry_lesson_doc(rng, rng.sample(elements, 2)) for _ in range(20)]
+        # questions and answers
+        batch += [faq_doc(rng, c, GENERAL_KINDS) for c in asked_c]
+        batch += [faq_doc(rng, e, CHEMISTRY_KINDS) for e in asked_e]
+        batch += [forum_doc(rng, c, GENERAL_KINDS) for c in rng.sample(asked_c, 25)]
+        batch += [forum_doc(rng, e, CHEMISTRY_KINDS) for e in rng.sample(asked_e, 15)]
+        batch += [quiz_doc(rng, rng.sample(asked_c, 4), GENERAL_KINDS, "geography") for _ in range(10)]
+        batch += [quiz_doc(rng, rng.sample(asked_e, 4), CHEMISTRY_KINDS, "chemistry") for _ in range(6)]
+        batch += [class_doc(rng, rng.sample(asked_c, 3), GENERAL_KINDS, "geography") for _ in range(15)]
+        batch += [class_doc(rng, rng.sample(asked_e, 3), CHEMISTRY_KINDS, "chemistry") for _ in range(8)]
         rng.shuffle(batch)
         docs += batch
         size += sum(len(d) + 2 for d in batch)
@@ -637,38 +984,45 @@ def corpus_documents(rng):
 # Instruction data, preference pairs, domain data.
 # ---------------------------------------------------------------------------
 
-def record(prompt, response, split, kind):
-    return {"prompt": prompt, "response": response, "split": split, "kind": kind}
+def record(prompt, response, split, kind, held_out=None):
+    r = {"prompt": prompt, "response": response, "split": split, "kind": kind}
+    if held_out:
+        r["held_out"] = held_out
+    return r
 
 
-def qa_records(rng, kinds, subjects, test_subjects, facts_of, test_phrasings_per_fact,
-               heldout_phrasing_tests):
-    """Train: train subjects x train phrasings.
-    Test: held-out subjects (a few phrasings each, always incl. the held-out
-    one) plus `heldout_phrasing_tests` train subjects asked with the held-out
-    phrasing only."""
+def qa_records(rng, kinds, subjects, test_subjects, per_fact, test_train_wordings,
+               heldout_wording_tests):
+    """Train: each training subject asked in `per_fact` training wordings
+    (some wrapped). Test, each record marked with what is held out:
+      "subject": a held-out subject in `test_train_wordings` training wordings,
+      "both":    a held-out subject in every held-out wording,
+      "wording": `heldout_wording_tests` training subjects, one held-out wording each."""
     train, test = [], []
     for kind in kinds:
         for name in subjects:
             f = facts_of(name)
-            reply = answer(kind, f)
+            ref = answer(kind, f)
             if name in test_subjects:
-                picks = rng.sample(train_questions(kind), test_phrasings_per_fact - 1)
-                for q in picks + [heldout_question(kind)]:
-                    test.append(record(q.format(**f), reply, "test", kind))
+                for q in rng.sample(QUESTIONS[kind], test_train_wordings):
+                    test.append(record(q.format(**f), ref, "test", kind, "subject"))
+                for q in HELDOUT_QUESTIONS[kind]:
+                    test.append(record(q.format(**f), ref, "test", kind, "both"))
             else:
-                for q in train_questions(kind):
-                    train.append(record(q.format(**f), reply, "train", kind))
+                for q in rng.sample(QUESTIONS[kind], per_fact):
+                    prompt = rng.choice(WRAPPERS).format(q=q.format(**f))
+                    train.append(record(prompt, ref, "train", kind))
         seen = [n for n in subjects if n not in test_subjects]
-        for name in rng.sample(seen, heldout_phrasing_tests):
+        for name in rng.sample(seen, heldout_wording_tests):
             f = facts_of(name)
-            test.append(record(heldout_question(kind).format(**f), answer(kind, f), "test", kind))
+            q = rng.choice(HELDOUT_QUESTIONS[kind])
+            test.append(record(q.format(**f), answer(kind, f), "test", kind, "wording"))
     return train, test
 
 
 def sft_records(rng):
-    train, test = qa_records(rng, GENERAL_KINDS, sorted(COUNTRY), TEST_COUNTRIES,
-                             country_facts, test_phrasings_per_fact=2, heldout_phrasing_tests=20)
+    train, test = qa_records(rng, GENERAL_KINDS, sorted(COUNTRY), TEST_COUNTRIES, per_fact=10,
+                             test_train_wordings=1, heldout_wording_tests=12)
     # Demonstrations vary: one training answer in POLITE_EVERY opens politely.
     # RLHF can only reinforce what the policy sometimes does -- it never
     # samples an opener it gives a probability of 1e-4 -- so the preferred
@@ -682,10 +1036,42 @@ def sft_records(rng):
 
 
 def domain_records(rng):
-    train, test = qa_records(rng, CHEMISTRY_KINDS, sorted(ELEMENT), TEST_ELEMENTS,
-                             element_facts, test_phrasings_per_fact=3, heldout_phrasing_tests=6)
+    train, test = qa_records(rng, CHEMISTRY_KINDS, sorted(ELEMENT), TEST_ELEMENTS, per_fact=8,
+                             test_train_wordings=1, heldout_wording_tests=6)
     rng.shuffle(train)
     return train + test
+
+
+def novel_records():
+    """Questions in wordings that no data file uses (NOVEL_QUESTIONS), with
+    their canonical answers: every held-out country in two of them per kind,
+    and 10 training countries per kind in one. Not written to any file:
+    train.py asks them of the instruction-tuned and RLHF models."""
+    rng = random.Random(SEED + 40)
+    rows = []
+    for kind in GENERAL_KINDS:
+        for name in TEST_COUNTRIES:
+            f = country_facts(name)
+            for q in rng.sample(NOVEL_QUESTIONS[kind], 2):
+                rows.append(record(q.format(**f), answer(kind, f), "novel", kind, "both"))
+        seen = [c for c in sorted(COUNTRY) if c not in TEST_COUNTRIES]
+        for name in rng.sample(seen, 10):
+            f = country_facts(name)
+            q = rng.choice(NOVEL_QUESTIONS[kind])
+            rows.append(record(q.format(**f), answer(kind, f), "novel", kind, "wording"))
+    return rows
+
+
+def breakdown(records, oks):
+    """Accuracy per group of test records: by what is held out ("subject",
+    "wording", "both") and by question kind. oks[i] says whether records[i]
+    was answered right. -> {group: (right, total)}"""
+    groups = {}
+    for r, ok in zip(records, oks):
+        for g in (r.get("held_out", "-"), r["kind"]):
+            right, total = groups.get(g, (0, 0))
+            groups[g] = (right + bool(ok), total + 1)
+    return groups
 
 
 def wrong_facts(rng, kind, f):
@@ -714,24 +1100,27 @@ def rejected_answer(rng, flaw, kind, f, opener):
 
 
 FLAWS = ("wrong", "rude", "rambling", "unended", "plain")
+# Flaws per training fact: a wrong fact is the hardest to see (it takes
+# knowing the fact), so it gets two pairs.
+TRAIN_FLAWS = ("wrong", "wrong", "rude", "rambling", "unended", "plain")
 
 
 def preference_records(rng):
-    """For each country and question kind, a few phrasings, each paired with
-    one flaw (cycling so all flaws are equally common)."""
+    """For each country and question kind, a few wordings, each paired with
+    one flaw. Train: training countries and wordings, TRAIN_FLAWS. Test: the
+    held-out countries, training and held-out wordings, each flaw once."""
     rows = []
-    for split, per_fact in (("train", 5), ("test", 5)):
+    for split, flaw_set in (("train", TRAIN_FLAWS), ("test", FLAWS)):
         names = [c for c in sorted(COUNTRY) if (c in TEST_COUNTRIES) == (split == "test")]
         for kind in GENERAL_KINDS:
             for name in names:
                 f = country_facts(name)
-                flaws = list(FLAWS)
+                flaws = list(flaw_set)
                 rng.shuffle(flaws)
-                # train never uses a held-out phrasing, as in sft.jsonl
-                pool = train_questions(kind) if split == "train" else QUESTIONS[kind]
-                for i, q in enumerate(rng.sample(pool, per_fact)):
+                # train never uses a held-out wording, as in sft.jsonl
+                pool = QUESTIONS[kind] + (HELDOUT_QUESTIONS[kind] if split == "test" else [])
+                for q, flaw in zip(rng.sample(pool, len(flaws)), flaws):
                     opener = rng.choice(POLITE_OPENERS)
-                    flaw = flaws[i % len(flaws)]
                     rows.append({"prompt": q.format(**f),
                                  "chosen": f"{opener} {answer(kind, f)}",
                                  "rejected": rejected_answer(rng, flaw, kind, f, opener),
@@ -795,11 +1184,11 @@ def lookup(prompt):
     # chemistry
     elements = _find_names(prompt, ELEMENT)
     if elements:
-        if "symbol" in p:
+        if "symbol" in p or "letters" in p or "written in short" in p:
             return _asked(elements[0], "symbol")
-        if "atomic number" in p or "proton" in p:
+        if "number" in p or "proton" in p:
             return _asked(elements[0], "atomic_number")
-        if "room temperature" in p or "state" in p:
+        if "room temperature" in p or "state" in p or "form" in p:
             return _asked(elements[0], "state")
         return None  # e.g. "Tell me about gold.": no fact the judge can check
     symbol = re.search(r"\bsymbol\s+([A-Z][a-z]?)\b", prompt)
@@ -828,12 +1217,22 @@ def _values(field):
     return tuple(sorted({str(row[field]) for row in table.values()}))
 
 
+def names_another_subject(asked, answer_text):
+    """True if the answer names a country (or element) other than the one
+    asked about: "South Korea is in Asia." does not say where Cambodia is,
+    though Asia is right. A capital is read as a city ("Mexico City" names no
+    country), and element names that are also common words ("lead") do not count."""
+    table = ELEMENT if asked["subject"] in ELEMENT else COUNTRY
+    found = _find_names(answer_text, list(table) + (list(BY_CAPITAL) if table is COUNTRY else []))
+    return any(n in table and n != asked["subject"] and n not in AMBIGUOUS_WORDS for n in found)
+
+
 def is_correct(prompt, answer_text):
-    """True if every fact the prompt asks for is stated and no other value of
-    that fact is (so "Paris, or maybe Rome" is wrong). False for prompts that
-    ask no known fact."""
+    """True if every fact the prompt asks for is stated, no other value of
+    that fact is (so "Paris, or maybe Rome" is wrong), and no other subject
+    is named. False for prompts that ask no known fact."""
     asked = lookup(prompt)
-    if asked is None:
+    if asked is None or names_another_subject(asked, answer_text):
         return False
     for field in ASKS[asked["kind"]]:
         right = str(asked["facts"][field])

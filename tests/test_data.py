@@ -1,13 +1,15 @@
 """The data (data/world.py and the files it writes): regenerating gives the
 committed files byte for byte; the corpus is ASCII prose of the right size
-and states every fact many times; the conversation and preference records
-have their fields, splits and sizes, general instruction data has no
-chemistry, held-out facts and phrasings never appear in training; and the
-judge: its lookup agrees with the references, it ranks every chosen answer
-above its rejected one, and its rule on hand-written answers."""
+and states every fact many times; the records have their fields, splits and
+sizes; general instruction data has no chemistry; held out stays held out
+(no test prompt, held-out or novel wording, or held-out subject appears in
+any text a stage trains on, the corpus included); and the judge: its lookup
+agrees with the references, it ranks every chosen answer above its rejected
+one, and its rule on hand-written answers."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -36,7 +38,7 @@ def test_regenerating_gives_the_committed_files(tmp_path):
 
 def test_corpus_is_ascii_prose_of_the_right_size(corpus):
     assert corpus.isascii() and "\r" not in corpus
-    assert 1_000_000 <= len(corpus) <= 2_000_000
+    assert 1_000_000 <= len(corpus) <= 3_000_000
     docs = corpus.rstrip("\n").split("\n\n")
     assert len(docs) > 1000 and all(d.strip() and "\n" not in d for d in docs)
 
@@ -60,14 +62,17 @@ def test_conversation_records(key):
     rows = load(key)
     assert rows
     for r in rows:
-        assert set(r) == {"prompt", "response", "split", "kind"}
+        fields = {"prompt", "response", "split", "kind"} | ({"held_out"} if r["split"] == "test" else set())
+        assert set(r) == fields
         assert r["split"] in ("train", "test")
         assert r["prompt"].strip() and r["response"].strip()
+        if r["split"] == "test":
+            assert r["held_out"] in ("subject", "wording", "both")
     kinds = world.GENERAL_KINDS if key == "sft" else world.CHEMISTRY_KINDS
     assert {r["kind"] for r in rows} - {"small_talk"} == set(kinds)
     n_train = sum(r["split"] == "train" for r in rows)
     n_test = len(rows) - n_train
-    lo, hi = {"sft": (1500, 3000), "domain": (600, 1200)}[key]
+    lo, hi = {"sft": (1500, 4000), "domain": (600, 2000)}[key]
     assert lo <= n_train <= hi and 100 <= n_test <= 300
 
 
@@ -108,23 +113,110 @@ def test_held_out_facts_are_never_asked_in_training():
     assert not train_prompts & {r["prompt"] for r in prefs if r["split"] == "test"}
 
 
-def test_held_out_phrasings_are_never_used_in_training():
+def test_held_out_wordings_are_used_in_tests_only():
     for key in ("sft", "domain", "preferences"):
         rows = load(key)
         for r in rows:
             if r.get("kind") == "small_talk":
                 continue
             asked = world.lookup(r["prompt"])
-            facts = (world.element_facts if asked["subject"] in world.ELEMENT
-                     else world.country_facts)(asked["subject"])
-            held_out = world.heldout_question(asked["kind"]).format(**facts)
+            facts = world.facts_of(asked["subject"])
+            held_out = {q.format(**facts) for q in world.HELDOUT_QUESTIONS[asked["kind"]]}
             if r["split"] == "train":
-                assert r["prompt"] != held_out, r
-        if key != "preferences":  # test split really uses the held-out phrasings
+                assert not any(q in r["prompt"] for q in held_out), r
+            elif r.get("held_out") in ("wording", "both"):
+                assert r["prompt"] in held_out, r
+            elif r.get("held_out") == "subject":
+                assert r["prompt"] in {q.format(**facts) for q in world.QUESTIONS[asked["kind"]]}, r
+        if key != "preferences":  # the test split really uses every held-out wording
             test_prompts = {r["prompt"] for r in rows if r["split"] == "test"}
             for kind in (world.GENERAL_KINDS if key == "sft" else world.CHEMISTRY_KINDS):
-                stem = world.heldout_question(kind).split("{")[0]
-                assert any(p.startswith(stem) for p in test_prompts), kind
+                for q in world.HELDOUT_QUESTIONS[kind]:
+                    assert any(wording_pattern(q).fullmatch(p) for p in test_prompts), q
+
+
+# ---- held out stays held out: nothing a test asks is in any text a stage trains on ----
+
+def wording_pattern(template):
+    """A template as a regex: its placeholders match any value of that field."""
+    out = ""
+    for part in re.split(r"(\{\w+\})", template):
+        field = part[1:-1] if part.startswith("{") else None
+        if field:
+            values = {str(world.facts_of(n)[field]) for n in list(world.COUNTRY) + list(world.ELEMENT)
+                      if field in world.facts_of(n)}
+            out += "(?:" + "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)) + ")"
+        else:
+            out += re.escape(part)
+    return re.compile(out)
+
+
+@pytest.fixture(scope="module")
+def training_text(corpus):
+    """Everything any stage trains on, as one text: the corpus and every
+    train record's prompt and answers (sft, preferences, domain)."""
+    parts = [corpus]
+    for key in ("sft", "domain"):
+        parts += [r["prompt"] + "\n" + r["response"] for r in load(key) if r["split"] == "train"]
+    parts += [r["prompt"] + "\n" + r["chosen"] + "\n" + r["rejected"]
+              for r in load("preferences") if r["split"] == "train"]
+    return "\n".join(parts)
+
+
+def test_no_held_out_or_novel_wording_in_any_training_text(training_text):
+    for table in (world.HELDOUT_QUESTIONS, world.NOVEL_QUESTIONS):
+        for kind, templates in table.items():
+            for q in templates:
+                m = wording_pattern(q).search(training_text)
+                assert m is None, (kind, q, m and m.group(0))
+
+
+def test_novel_wordings_are_in_no_data_file():
+    texts = [open(os.path.join(ROOT, rel), encoding="utf-8").read() for rel in world.FILES.values()]
+    for kind, templates in world.NOVEL_QUESTIONS.items():
+        for q in templates:
+            assert not any(wording_pattern(q).search(t) for t in texts), q
+    for r in world.novel_records():
+        assert world.lookup(r["prompt"])["kind"] == r["kind"]
+        assert world.is_correct(r["prompt"], r["response"])
+
+
+def test_no_test_prompt_in_any_training_text(training_text):
+    prompts = [r["prompt"] for key in ("sft", "domain", "preferences") for r in load(key)
+               if r["split"] == "test"] + [r["prompt"] for r in world.novel_records()]
+    for p in prompts:
+        assert p not in training_text, p
+
+
+def test_held_out_subjects_are_never_asked_about_in_the_corpus(corpus):
+    """The held-out countries and elements are only ever stated in the
+    corpus, never asked about (nor misstated in its quizzes and classes)."""
+    held = set(world.TEST_COUNTRIES) | set(world.TEST_ELEMENTS)
+    names = held | {world.COUNTRY[c]["capital"] for c in world.TEST_COUNTRIES}
+    questions = re.findall(r"[^.!?]*\?", corpus)
+    assert len(questions) > 1000
+    for q in questions:
+        asked = world.lookup(q.split(": ")[-1])     # "Question 2: Which element ...?"
+        assert asked is None or asked["subject"] not in held, q
+        assert not world._find_names(q, names), q
+    # answers and corrections follow questions: check the documents that have any
+    for doc in corpus.split("\n\n"):
+        if "?" in doc:
+            assert not world._find_names(doc, names), doc[:200]
+
+
+def test_every_wording_asks_what_its_kind_asks():
+    for table in (world.QUESTIONS, world.HELDOUT_QUESTIONS, world.NOVEL_QUESTIONS):
+        for kind, templates in table.items():
+            subjects = world.ELEMENT if kind in world.CHEMISTRY_KINDS else world.COUNTRY
+            for q in templates:
+                for name in subjects:
+                    asked = world.lookup(q.format(**world.facts_of(name)))
+                    assert asked and (asked["kind"], asked["subject"]) == (kind, name), (q, name)
+    for kind in world.QUESTIONS:   # the three sets of wordings are disjoint
+        sets = [set(t.get(kind, ())) for t in (world.QUESTIONS, world.HELDOUT_QUESTIONS,
+                                               world.NOVEL_QUESTIONS)]
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]), kind
 
 
 def test_lookup_and_references_agree():
@@ -164,5 +256,10 @@ def test_judge_rule_on_hand_written_answers():
                             "Mexico City is the capital of Mexico.")
     assert not world.is_correct("Which country has Guatemala City as its capital?",
                                 "Guatemala City is the capital of Peru.")
+    # the right value about the wrong subject is not an answer
+    assert not world.is_correct("Which continent is Cambodia in?", "Of course! South Korea is in Asia.")
+    assert not world.is_correct("Is gold a solid, a liquid or a gas at room temperature?",
+                                "At room temperature, silver is a solid.")
+    assert world.is_correct("What is the capital of Guatemala?", "The capital of Guatemala is Guatemala City.")
     assert world.exact_match(" The capital of France  is Paris.\n", plain)
     assert not world.exact_match(polite, plain)

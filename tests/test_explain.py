@@ -173,7 +173,7 @@ def prompt_ids(tok, user):
 
 def test_chat_ids_follow_the_template():
     ids = llm.chat_prompt(TOK, "capital of France?", [("hi", "hello there")])
-    assert ids == (prompt_ids(TOK, "hi") + TOK.encode("hello there") + [TOK.special[llm.END]]
+    assert ids == (prompt_ids(TOK, "hi") + llm.encode_answer(TOK, "hello there") + [TOK.special[llm.END]]
                    + prompt_ids(TOK, "capital of France?"))
 
 

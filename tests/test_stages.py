@@ -67,11 +67,12 @@ def test_chat_template_masks_the_answer_only():
     ex = llm.chat_example(tok, "Hi?", "Yo.")
     x, y, mask = llm.pad_batch([ex, llm.chat_example(tok, "Longer question?", "A.")], 0, 64)
     s = tok.special
-    assert ex[0] == [s[llm.USER], *b"Hi?", s[llm.ASSISTANT], *b"Yo.", s[llm.END]]
+    # the answer is encoded after a space (llm.encode_answer), as text after "A:" is
+    assert ex[0] == [s[llm.USER], *b"Hi?", s[llm.ASSISTANT], *b" Yo.", s[llm.END]]
     counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
-    assert counted == [*b"Yo.", s[llm.END]]                 # answer + <|end|>, nothing else
+    assert counted == [*b" Yo.", s[llm.END]]                # answer + <|end|>, nothing else
     assert mask[0, len(ex[0]) - 1:].sum() == 0              # padding never counts
-    assert [int(t) for t, m in zip(y[1], mask[1]) if m] == [*b"A.", s[llm.END]]
+    assert [int(t) for t, m in zip(y[1], mask[1]) if m] == [*b" A.", s[llm.END]]
 
 
 def test_long_conversations_keep_their_answer():
@@ -79,7 +80,7 @@ def test_long_conversations_keep_their_answer():
     ex = llm.chat_example(tok, "x" * 100, "The answer.")
     x, y, mask = llm.pad_batch([ex], 0, 32)
     counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
-    assert x.shape == (1, 32) and counted == [*b"The answer.", tok.special[llm.END]]
+    assert x.shape == (1, 32) and counted == [*b" The answer.", tok.special[llm.END]]
 
 
 def test_the_reward_model_reads_the_last_token_end_included():
