@@ -62,7 +62,7 @@ MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that
 
 # Sized so that all stages take about 10 minutes on a 2-core laptop CPU;
 # --quick shrinks every stage for a complete run in about a minute.
-FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=512, batch_size=16,
+FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=2048, batch_size=16,
             learning_rate=1.5e-3, pretrain_iters=3000, sft_iters=1000, reward_iters=600,
             ppo_iters=40, dpo_iters=150, finetune_iters=300, eval_limit=None)
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batch_size=12,

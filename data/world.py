@@ -622,7 +622,7 @@ SMALL_TALK = [
 # ---------------------------------------------------------------------------
 
 POLITE_OPENERS = ("Sure!", "Of course!", "Certainly!")
-POLITE_EVERY = 16
+POLITE_EVERY = 4
 RUDE_MARKERS = ("ugh", "obviously", "stupid", "whatever", "look it up yourself",
                 "waste my time", "stop asking", "dumb", "duh", "so boring")
 MAX_WORDS = 32
@@ -1287,8 +1287,12 @@ def judge(prompt, answer_text, ended):
 
 
 def exact_match(reference, answer_text):
-    """Equal after collapsing whitespace."""
-    return " ".join(reference.split()) == " ".join(answer_text.split())
+    """Equal after collapsing whitespace, and after one polite opener ("Sure!
+    ..."), which some demonstrations have: the instruction is followed all
+    the same."""
+    ref, ans = " ".join(reference.split()), " ".join(answer_text.split())
+    opener = next((o for o in POLITE_OPENERS if ans.startswith(o + " ") and not ref.startswith(o)), None)
+    return ref == (ans[len(opener) + 1:] if opener else ans)
 
 
 # ---------------------------------------------------------------------------
