@@ -194,11 +194,15 @@ def accuracy(model, tok, records, check):
     return sum(check(r, t) for r, t in zip(records, texts)) / max(len(records), 1), texts
 
 
-def show_samples(title, prompts, before, after):
+def show_samples(title, prompts, before, after, picks=None):
+    """The first five answers before and after, or picks: (index, note) pairs."""
+    picks = picks if picks is not None else [(i, "") for i in range(min(5, len(prompts)))]
+    rows = [{"prompt": prompts[i], "before": before[i], "after": after[i], "note": note} for i, note in picks]
     print(f"  {title}")
-    for p, b, c in list(zip(prompts, before, after))[:3]:
-        print(f"    Q: {p}\n      before: {b!r}\n      after:  {c!r}")
-    return [{"prompt": p, "before": b, "after": c} for p, b, c in list(zip(prompts, before, after))[:5]]
+    for r in rows[:3]:
+        print(f"    Q: {r['prompt']}{r['note'] and ' (' + r['note'] + ')'}\n      before: {r['before']!r}\n"
+              f"      after:  {r['after']!r}")
+    return rows
 
 
 # ---- the stages -------------------------------------------------------------
@@ -423,7 +427,21 @@ def rlhf_stage(a, name, train_policy):
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
             "kl": kl, "n_test": len(held), "history": history,
-            "samples": show_samples("samples", held, texts0, texts1)}
+            "samples": show_samples("samples", held, texts0, texts1, rlhf_picks(held, texts0, texts1))}
+
+
+def rlhf_picks(prompts, before, after):
+    """Samples that show what RLHF did: answers now polite and still right,
+    and the harm, right answers it made wrong (up to 3 of each; if neither,
+    the first five)."""
+    w = world()
+    polite = lambda t: t.strip().startswith(w.POLITE_OPENERS)
+    good = [(i, "polite and still right") for i, p in enumerate(prompts)
+            if polite(after[i]) and not polite(before[i]) and w.is_correct(p, before[i])
+            and w.is_correct(p, after[i])]
+    broken = [(i, "right before, wrong after") for i, p in enumerate(prompts)
+              if w.is_correct(p, before[i]) and not w.is_correct(p, after[i])]
+    return good[:3] + broken[:3] or None
 
 
 def run_ppo(a):
@@ -861,7 +879,8 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
         if m.get("samples"):
             md.append(f"\n## {stage}: answers before and after\n")
             for s in m["samples"]:
-                md.append(f"- **{s['prompt']}**\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
+                note = f" ({s['note']})" if s.get("note") else ""
+                md.append(f"- **{s['prompt']}**{note}\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
     curves = write_curves(a, report)
     if curves:
         md.append("\n## Loss curves\n")
