@@ -423,10 +423,14 @@ def rlhf_stage(a, name, train_policy):
           f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
     print(f"  novel wordings: judge {n0['judge']:.3f} -> {n1['judge']:.3f}, polite {n0['polite']:.0%} -> "
           f"{n1['polite']:.0%}, correct {n0['correct']:.0%} -> {n1['correct']:.0%}")
+    w = world()
+    made_wrong = sum(w.is_correct(p, b) and not w.is_correct(p, c) for p, b, c in zip(held, texts0, texts1))
+    made_right = sum(not w.is_correct(p, b) and w.is_correct(p, c) for p, b, c in zip(held, texts0, texts1))
+    print(f"  of {len(held)} held-out answers, {made_wrong} right ones made wrong, {made_right} wrong ones made right")
     save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
-            "kl": kl, "n_test": len(held), "history": history,
+            "kl": kl, "n_test": len(held), "made_wrong": made_wrong, "made_right": made_right, "history": history,
             "samples": show_samples("samples", held, texts0, texts1, rlhf_picks(held, texts0, texts1))}
 
 
