@@ -841,7 +841,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     max)} the mean of several seeds' (flat) and how far they moved. A single
     run's card gives the spread the default run had over seeds, when known."""
     flat = flat or flat_report(report, wall)
-    known = spread is None and os.path.exists(SPREAD)
+    known = spread is None and not getattr(a, "quick", False) and os.path.exists(SPREAD)
     if known:
         with open(SPREAD) as fh:
             known = json.load(fh)
@@ -851,8 +851,12 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     def f(k, fmt="{:.1%}"):
         if k not in flat:
             return "-"
-        span = (spread or (known or {}).get("spread", {})).get(k)
-        return fmt.format(flat[k]) + (f" [{fmt.format(span[0])}..{fmt.format(span[1])}]" if span else "")
+        if spread:
+            lo, hi = spread.get(k, (flat[k], flat[k]))
+            return fmt.format(flat[k]) + f" [{fmt.format(lo)}..{fmt.format(hi)}]"
+        lo, hi = (known or {}).get("spread", {}).get(k, (None, None))
+        half = "" if lo is None else f" (±{fmt.replace('+', '').format((hi - lo) / 2)})"
+        return fmt.format(flat[k]) + half
     rows = [
         ("pretraining", "language and knowledge", "the embedded corpus",
          f"val loss {f('pretrain.val_loss', '{:.3f}')}, {f('pretrain.bits_per_byte', '{:.3f}')} bits/byte; "
@@ -873,10 +877,10 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
          f"{f('finetune.general_accuracy_before')} -> {f('finetune.general_accuracy_after')}"),
     ]
     kernels = ", ".join(f"{k} {v}" for k, v in flat["kernels"].items())
-    seconds = ", ".join(f"{s} {m['seconds']:.0f} s" for s, m in report.items() if "seconds" in m) or "-"
+    seconds = ", ".join(f"{s} {flat[s + '.seconds']:.0f} s" for s in STAGES if s + ".seconds" in flat) or "-"
     how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
-           f"[min..max]: how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the default"
-           f" run ({SPREAD})." if known else "")
+           f"(±x): half of how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the"
+           f" default run ({os.path.relpath(SPREAD, HERE)})." if known else "")
     md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
