@@ -841,7 +841,8 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     max)} the mean of several seeds' (flat) and how far they moved. A single
     run's card gives the spread the default run had over seeds, when known."""
     flat = flat or flat_report(report, wall)
-    known = spread is None and not getattr(a, "quick", False) and os.path.exists(SPREAD)
+    default = not getattr(a, "quick", False) and not getattr(a, "given", set()) - {"out", "seed", "resume", "device"}
+    known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         with open(SPREAD) as fh:
             known = json.load(fh)
