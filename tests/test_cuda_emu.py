@@ -264,6 +264,7 @@ def test_gelu_matches_float64(emu, n, scale, seed):
 @given(M=st.sampled_from([0, 1, 7, 8, 9, 33]), C=st.sampled_from([1, 2, 31, 32, 33, 100, 768]),
        seed=SEEDS)
 @example(M=9, C=33, seed=1)
+@example(M=33, C=2, seed=1)                     # rows of two nearly equal values: rstd ~ 300
 def test_layernorm_matches_float64(emu, M, C, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
@@ -276,7 +277,9 @@ def test_layernorm_matches_float64(emu, M, C, seed):
     close(y, ref_y, C)
     close(mean, ref_mean, C)
     close(rstd, ref_rstd, C)
-    close(dx, ref_dx, C)
+    # dx = rstd * (O(1) terms): a row whose values nearly agree has rstd up to
+    # 1/sqrt(eps) ~ 316, which scales float32's rounding with it
+    close(dx / ref_rstd[:, None], ref_dx / ref_rstd[:, None], C)
     close(dw, ref_dw, max(M, 1))
     close(db, ref_db, max(M, 1))
 
