@@ -1053,7 +1053,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
                "steps": state.step, "wall_seconds": wall,   # tokens: every rank's micro-batches
-               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall, "params": model.num_params(), "bytes_per_token": bpt}
+               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,
+               "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
 
@@ -1319,12 +1320,16 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, adv + values
 
 
+def sampled_answers(policy: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng):
+    """answers() at PPO's temperature; with several ranks each answers its share."""
+    return world.map(lambda ps, r: answers(policy, tok, ps, pc.max_new_tokens, pc.temperature, r), prompts, rng)
+
+
 def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, rng, norm=(0.0, 1.0)):
     """Answer each prompt by sampling, then score: per-token rewards are
     -kl_coef (log pi - log pi_ref), and the last token also gets the
     reward model's score, normalised by norm = (mean, std)."""
-    texts, ended, examples = world.map(lambda ps, r: answers(policy, tok, ps, pc.max_new_tokens, pc.temperature, r),
-                                       prompts, rng)                 # each rank answers its share
+    texts, ended, examples = sampled_answers(policy, tok, prompts, pc, rng)
     x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
     logp, _, h = sequence_logprobs(policy, x, y)
     values = head_forward(policy, "value", h, xp.broadcast_to(xp.arange(x.shape[1]), x.shape))
@@ -1391,8 +1396,7 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
     # The reward model's scale is arbitrary: normalise its scores so that the
     # starting policy's answers score mean 0 and standard deviation 1.
     calib = [prompts[i] for i in rng.choice(len(prompts), min(len(prompts), 64), replace=False)]
-    _, _, examples = world.map(lambda ps, r: answers(policy, tok, ps, pc.max_new_tokens, pc.temperature, r),
-                               calib, rng)
+    _, _, examples = sampled_answers(policy, tok, calib, pc, rng)
     s = to_numpy(score_conversations(rm, tok, examples))
     norm = (float(s.mean()), float(s.std()) + 1e-6)
     for it in range(pc.iters):

@@ -424,28 +424,25 @@ def rlhf_stage(a, name, train_policy):
           f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
     print(f"  novel wordings: judge {n0['judge']:.3f} -> {n1['judge']:.3f}, polite {n0['polite']:.0%} -> "
           f"{n1['polite']:.0%}, correct {n0['correct']:.0%} -> {n1['correct']:.0%}")
-    w = world()
-    made_wrong = sum(w.is_correct(p, b) and not w.is_correct(p, c) for p, b, c in zip(held, texts0, texts1))
-    made_right = sum(not w.is_correct(p, b) and w.is_correct(p, c) for p, b, c in zip(held, texts0, texts1))
+    right0, right1 = ([world().is_correct(p, t) for p, t in zip(held, texts)] for texts in (texts0, texts1))
+    made_wrong = sum(r0 and not r1 for r0, r1 in zip(right0, right1))
+    made_right = sum(r1 and not r0 for r0, r1 in zip(right0, right1))
     print(f"  of {len(held)} held-out answers, {made_wrong} right ones made wrong, {made_right} wrong ones made right")
     save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
             "kl": kl, "n_test": len(held), "made_wrong": made_wrong, "made_right": made_right, "history": history,
-            "samples": show_samples("samples", held, texts0, texts1, rlhf_picks(held, texts0, texts1))}
+            "samples": show_samples("samples", held, texts0, texts1, rlhf_picks(texts0, texts1, right0, right1))}
 
 
-def rlhf_picks(prompts, before, after):
+def rlhf_picks(before, after, right0, right1):
     """Samples that show what RLHF did: answers now polite and still right,
     and the harm, right answers it made wrong (up to 3 of each; if neither,
-    the first five)."""
-    w = world()
-    polite = lambda t: t.strip().startswith(w.POLITE_OPENERS)
-    good = [(i, "polite and still right") for i, p in enumerate(prompts)
-            if polite(after[i]) and not polite(before[i]) and w.is_correct(p, before[i])
-            and w.is_correct(p, after[i])]
-    broken = [(i, "right before, wrong after") for i, p in enumerate(prompts)
-              if w.is_correct(p, before[i]) and not w.is_correct(p, after[i])]
+    the first five). right0/right1: whether each answer before/after is correct."""
+    polite = lambda t: t.strip().startswith(world().POLITE_OPENERS)
+    good = [(i, "polite and still right") for i, (b, a) in enumerate(zip(before, after))
+            if polite(a) and not polite(b) and right0[i] and right1[i]]
+    broken = [(i, "right before, wrong after") for i in range(len(after)) if right0[i] and not right1[i]]
     return good[:3] + broken[:3] or None
 
 
