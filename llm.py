@@ -908,9 +908,8 @@ class TrainConfig:
 def get_batch(data, block_size, batch_size, rng):
     """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
-    x = numpy.stack([data[i:i + block_size] for i in ix])
-    y = numpy.stack([data[i + 1:i + 1 + block_size] for i in ix])
-    return xp.asarray(x), xp.asarray(y)
+    windows = numpy.asarray(data)[ix[:, None] + numpy.arange(block_size + 1)]     # (B, T+1)
+    return xp.asarray(windows[:, :-1].copy()), xp.asarray(windows[:, 1:].copy())
 
 
 def estimate_loss(model: GPT, data, batch_size, eval_iters, seed=0) -> float:
@@ -2315,7 +2314,9 @@ def _sum_of_squares(arrays):
 # kernel runs.
 
 def _calibration_work():
-    """Family -> (the function that runs it through `ops`, its arrays)."""
+    """Family -> the work that times it: each kernel forward and backward on
+    shapes of the models here; the products in a training step of a small
+    GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     linear = lambda x, w, dy: lambda: ops.linear_backward(dy, ops.linear_forward(x, w, w[0])[1])
@@ -2323,9 +2324,9 @@ def _calibration_work():
     params = {f"p{i}": f32(*s) for i, s in enumerate([(512, 192), (192, 576), (192, 768), (768, 192), (192,)])}
     grads = {k: f32(*v.shape) for k, v in params.items()}
     m, v = {k: numpy.zeros_like(p) for k, p in params.items()}, {k: numpy.ones_like(p) for k, p in params.items()}
-    return {"linear": [linear(f32(768, 128), f32(128, 384), f32(768, 384)),
-                       linear(f32(1024, 384), f32(384, 1536), f32(1024, 1536))],
-            "linear_small": [lambda x=f32(1, 768), w=f32(768, 2304): ops.linear_forward(x, w, None),
+    model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=192, block_size=64, vocab_size=512), seed=0)
+    ids = r.integers(0, 512, (8, 65))
+    return {"linear_small": [lambda x=f32(1, 768), w=f32(768, 2304): ops.linear_forward(x, w, None),
                              lambda x=f32(16, 768), w=f32(768, 3072): ops.linear_forward(x, w, None)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
@@ -2333,32 +2334,43 @@ def _calibration_work():
             "cross_entropy": [lambda z=f32(12, 64, 260), t=r.integers(0, 260, (12, 64)):
                               ops.cross_entropy_forward(z, t)],
             "adamw": [lambda: (ops.sum_of_squares(grads.values()),
-                               ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))]}
+                               ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))],
+            "linear": [lambda: (model.forward(ids[:, :-1], ids[:, 1:]), model.backward())]}   # last: a step
 
 
 def calibrate() -> dict:
-    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of a few
-    runs of each, taken in turn (fastops, NumPy, fastops, ...) so that other
-    work on the machine weighs on both alike."""
-    global _chosen
-    saved, result = _chosen, {}
+    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of three
+    blocks of runs for each backend, the blocks taken in turn so that other
+    work on the machine weighs on both alike. The products are timed in a
+    whole training step, the other kernels as already chosen: OpenBLAS's
+    threads spin for ~0.1 s after each product and take the cores from the
+    OpenMP kernels that run next (measured here: attention, LayerNorm and
+    GELU 2x slower in a step whose products are NumPy's). A fastops block
+    starts after a pause, for the same reason."""
+    global _chosen, _CHOICE
+    saved, result = (_chosen, _CHOICE), {}
     try:
         for family, runs in _calibration_work().items():
-            t, start = {"fastops": math.inf, "numpy": math.inf}, time.perf_counter()
-            for rep in range(6):                            # the first round warms up; ~0.5 s at most
+            t = {"fastops": math.inf, "numpy": math.inf}
+            for rep in range(3):
                 for backend in t:
-                    _chosen = backend
+                    if family == "linear":
+                        _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
+                    else:
+                        _chosen = backend
                     _install()
-                    t0 = time.perf_counter()
-                    for f in runs:
+                    if backend == "fastops":
+                        time.sleep(0.12)
+                    for f in runs:                          # warm-up
                         f()
-                    if rep:
-                        t[backend] = min(t[backend], time.perf_counter() - t0)
-                if rep >= 2 and time.perf_counter() - start > 0.5:
-                    break
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        for f in runs:
+                            f()
+                    t[backend] = min(t[backend], (time.perf_counter() - t0) / 3)
             result[family] = {**t, "use": t["fastops"] < t["numpy"]}
     finally:
-        _chosen = saved
+        _chosen, _CHOICE = saved
         _install()
     return result
 

@@ -540,6 +540,18 @@ def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch)
         llm.set_backend(prev)
 
 
+def test_calibrate_times_every_family_and_leaves_the_backend_as_it_was():
+    prev, before = llm.set_backend("auto"), llm._CHOICE
+    try:
+        result = llm.calibrate()
+        assert set(result) == set(llm.kernels_in_use())
+        assert all(0 < v["fastops"] < 1 and 0 < v["numpy"] < 1 and v["use"] == (v["fastops"] < v["numpy"])
+                   for v in result.values())
+        assert llm._chosen == "auto" and llm._CHOICE is before
+    finally:
+        llm.set_backend(prev)
+
+
 def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_asked(monkeypatch, tmp_path):
     import os
     lib = llm._fastops.__file__

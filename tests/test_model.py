@@ -124,6 +124,17 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(s[10:100], s[11:100]))
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 60), block=st.integers(1, 8), batch=st.integers(1, 5), seed=st.integers(0, 99))
+def test_a_batch_is_windows_of_the_text_and_the_targets_are_the_next_tokens(n, block, batch, seed):
+    data = np.random.default_rng(seed).integers(0, 1000, n + block)
+    x, y = llm.get_batch(data, block, batch, np.random.default_rng(seed))
+    assert x.shape == y.shape == (batch, block) and x.flags.c_contiguous and y.flags.c_contiguous
+    for row_x, row_y in zip(x, y):
+        starts = [i for i in range(len(data) - block) if (data[i:i + block] == row_x).all()]
+        assert any((data[i + 1:i + 1 + block] == row_y).all() for i in starts)
+
+
 def test_gradient_accumulation_equals_the_big_batch():
     m = tiny()
     r = np.random.default_rng(0)
