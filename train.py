@@ -1075,7 +1075,8 @@ def training_flags(sizes):
         ("data", "--preferences-data", dict(help="preference pairs (JSON lines)"), ("reward", "ppo", "dpo")),
         ("data", "--domain-data", dict(help="domain conversations for fine-tuning (JSON lines)"), ("finetune",)),
         ("pretraining (nanoGPT's names)", "--resume", dict(
-            action="store_true", help="continue the run folder's pretraining where it stopped"), ("pretrain",)),
+            action="store_true", help="continue the run folder's pretraining where it stopped (and keep the"
+                                      " stages, or with --seeds the seeds, already done)"), ("pretrain",)),
         *[("pretraining (nanoGPT's names)", "--" + k.replace("_", "-"), dict(type=int, default=getattr(t, k)),
            ("pretrain",)) for k in ("warmup_iters", "eval_interval", "eval_iters", "grad_accum")],
         ("pretraining (nanoGPT's names)", "--batch-size", dict(type=int, default=sizes["batch_size"],
@@ -1277,13 +1278,15 @@ def command(argv):
 def run_seeds(a):
     """--seeds 0,1,2: the whole run once per seed (in OUT/seed-S), then one
     report card of their mean, each figure with its min..max, and the spread
-    (OUT/seed_spread.json; copied to data/, it is what single runs' cards quote)."""
+    (OUT/seed_spread.json; copied to data/, it is what single runs' cards quote).
+    With --resume a seed whose folder has its report card is not run again."""
     flats, reports = [], {}
     for seed in a.seeds:
         b = copy.copy(a)
         b.seed, b.seeds, b.out = seed, None, os.path.join(a.out, f"seed-{seed}")
         check_args(b)
-        run(b)
+        if not (a.resume and os.path.exists(os.path.join(b.out, "report.json"))):   # --resume keeps a seed done
+            run(b)
         llm.world.barrier()                       # several ranks: rank 0 has written it
         with open(os.path.join(b.out, "report.json")) as fh:
             full = json.load(fh)

@@ -96,3 +96,18 @@ def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
         values = [r[k] for r in runs]
         assert math.isclose(report[k], sum(values) / 2) and report["spread"][k] == [min(values), max(values)]
     assert "[" in open(tmp_path / "report.md").read()
+
+
+def test_seeds_with_resume_keep_the_seeds_already_done(tmp_path, monkeypatch):
+    tiny = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters",
+            "4", "--eval-interval", "2", "--eval-iters", "1", "--sft-iters", "2", "--reward-iters", "2",
+            "--ppo-iters", "1", "--dpo-iters", "2", "--finetune-iters", "2", "--eval-limit", "3"]
+    train.main(tiny + ["--seed", "0", "--out", str(tmp_path / "seed-0")])      # a seed run on its own
+    kept = (tmp_path / "seed-0" / "report.json").read_text()
+    ran = []
+    real_run = train.run
+    monkeypatch.setattr(train, "run", lambda b: ran.append(b.seed) or real_run(b))
+    train.main(tiny + ["--seeds", "0,1", "--resume", "--out", str(tmp_path)])
+    assert ran == [1] and (tmp_path / "seed-0" / "report.json").read_text() == kept
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["seeds"] == [0, 1] and report["spread"]["pretrain.val_loss"][0] <= report["pretrain.val_loss"]
