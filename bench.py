@@ -215,7 +215,7 @@ def bench_train(quick):
     for name in MODELS:
         model, opt, idx, tgt = make_model(name)
         steps = {"small": 5 if quick else 20, "large": 1 if quick else 6}[name]
-        for backend in ("numpy", "fastops"):
+        for backend in ("numpy", "auto", "fastops"):
             llm.set_backend(backend)
             train_step(model, opt, idx, tgt)                      # warm-up
             times = []
@@ -827,11 +827,13 @@ def main():
 
     print("\n## training step (forward + backward + AdamW), median ms")
     tr = bench_train(args.quick)
-    print(f"{'model':6s} {'numpy ms':>9s} {'fastops ms':>10s} {'speedup':>8s} {'tok/s numpy':>12s} {'tok/s fastops':>14s}")
+    print(f"{'model':6s} {'numpy ms':>9s} {'auto ms':>8s} {'fastops ms':>10s} {'speedup':>8s} {'tok/s numpy':>12s}"
+          f" {'tok/s fastops':>14s}   (auto: the default backend, the calibration's choice)")
     for name, (cfg, batch) in MODELS.items():
         tok = batch * cfg["block_size"]
-        tn, tf = tr[(name, "numpy")], tr[(name, "fastops")]
-        print(f"{name:6s} {tn * 1e3:9.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f} {tok / tf:14.0f}")
+        tn, ta, tf = tr[(name, "numpy")], tr[(name, "auto")], tr[(name, "fastops")]
+        print(f"{name:6s} {tn * 1e3:9.1f} {ta * 1e3:8.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f}"
+              f" {tok / tf:14.0f}")
 
     print("\n## profile of one training step (fastops path), ms and share of the step")
     in_step = {}
@@ -856,6 +858,17 @@ def main():
               f" = {100 * (wrappers - inside) / total:.1f}% of the step")
         print(f"   the linear layers inside the step: NumPy's BLAS {lin(acc_np) * 1e3:.2f} ms, fastops"
               f" {lin(acc) * 1e3:.2f} ms: {in_step[name]:.2f}x")
+        # The other kernels beside NumPy's products (OpenBLAS's threads spin after each one).
+        saved_choice = llm.kernel_choice()
+        llm._CHOICE = {**saved_choice, "linear": {**saved_choice["linear"], "use": False}}
+        try:
+            settle()
+            mixed, _ = profile_step(name, "auto", 1 if args.quick else 5)
+        finally:
+            llm._CHOICE = saved_choice
+        others = [k for k in heavy + ["cross_entropy_forward", "adamw_step"] if not k.startswith("linear")]
+        print("   the other kernels when the products are NumPy's (ms, and x their time above): "
+              + ", ".join(f"{k} {mixed[k] * 1e3:.2f} ({mixed[k] / acc[k]:.1f}x)" for k in others if k in acc))
 
     torch_python = None if args.no_torch else find_torch_python(args.torch_python)
     vs = {}
