@@ -64,7 +64,7 @@ MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that
 # about 28 minutes on this project's 2-core machine, over the 10 it aims
 # at. --quick shrinks every stage for a complete run in about a minute.
 FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=2048, batch_size=16,
-            learning_rate=2e-3, pretrain_iters=2000, sft_iters=1000, reward_iters=600,
+            learning_rate=1.5e-3, pretrain_iters=3000, sft_iters=1000, reward_iters=600,
             ppo_iters=40, dpo_iters=150, finetune_iters=300, eval_limit=None)
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=300, batch_size=12,
              learning_rate=1e-3, pretrain_iters=150, sft_iters=60, reward_iters=40, ppo_iters=3,
