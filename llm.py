@@ -908,8 +908,9 @@ class TrainConfig:
 def get_batch(data, block_size, batch_size, rng):
     """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
-    windows = numpy.asarray(data)[ix[:, None] + numpy.arange(block_size + 1)]     # (B, T+1)
-    return xp.asarray(windows[:, :-1].copy()), xp.asarray(windows[:, 1:].copy())
+    i = ix[:, None] + numpy.arange(block_size)                                    # (B, T) positions
+    data = numpy.asarray(data)
+    return xp.asarray(data[i]), xp.asarray(data[i + 1])
 
 
 def estimate_loss(model: GPT, data, batch_size, eval_iters, seed=0) -> float:
@@ -2353,11 +2354,8 @@ def calibrate() -> dict:
         for family, runs in _calibration_work().items():
             t = {"fastops": math.inf, "numpy": math.inf}
             for rep in range(3):
-                for backend in t:
-                    if family == "linear":
-                        _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
-                    else:
-                        _chosen = backend
+                for backend in t:                           # this family on `backend`, the others as chosen
+                    _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
                     _install()
                     if backend == "fastops":
                         time.sleep(0.12)

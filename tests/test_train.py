@@ -84,11 +84,13 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
         train.read_jsonl(str(p), ("prompt",))
 
 
+TINY = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters", "4",
+        "--eval-interval", "2", "--eval-iters", "1", "--sft-iters", "2", "--reward-iters", "2",
+        "--ppo-iters", "1", "--dpo-iters", "2", "--finetune-iters", "2", "--eval-limit", "3"]   # every stage, tiny
+
+
 def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
-    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters", "4",
-            "--eval-interval", "2", "--eval-iters", "1", "--sft-iters", "2", "--reward-iters", "2",
-            "--ppo-iters", "1", "--dpo-iters", "2", "--finetune-iters", "2", "--eval-limit", "3"]
-    train.main(["--quick", "--seeds", "0,1", "--out", str(tmp_path)] + tiny)
+    train.main(["--seeds", "0,1", "--out", str(tmp_path)] + TINY)
     runs = [json.load(open(tmp_path / f"seed-{s}" / "report.json")) for s in (0, 1)]
     report = json.load(open(tmp_path / "report.json"))
     assert report["seeds"] == [0, 1] and runs[0]["pretrain.val_loss"] != runs[1]["pretrain.val_loss"]
@@ -99,15 +101,12 @@ def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
 
 
 def test_seeds_with_resume_keep_the_seeds_already_done(tmp_path, monkeypatch):
-    tiny = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters",
-            "4", "--eval-interval", "2", "--eval-iters", "1", "--sft-iters", "2", "--reward-iters", "2",
-            "--ppo-iters", "1", "--dpo-iters", "2", "--finetune-iters", "2", "--eval-limit", "3"]
-    train.main(tiny + ["--seed", "0", "--out", str(tmp_path / "seed-0")])      # a seed run on its own
+    train.main(TINY + ["--seed", "0", "--out", str(tmp_path / "seed-0")])      # a seed run on its own
     kept = (tmp_path / "seed-0" / "report.json").read_text()
     ran = []
     real_run = train.run
     monkeypatch.setattr(train, "run", lambda b: ran.append(b.seed) or real_run(b))
-    train.main(tiny + ["--seeds", "0,1", "--resume", "--out", str(tmp_path)])
+    train.main(TINY + ["--seeds", "0,1", "--resume", "--out", str(tmp_path)])
     assert ran == [1] and (tmp_path / "seed-0" / "report.json").read_text() == kept
     report = json.load(open(tmp_path / "report.json"))
     assert report["seeds"] == [0, 1] and report["spread"]["pretrain.val_loss"][0] <= report["pretrain.val_loss"]
