@@ -112,6 +112,7 @@ int fo_max_threads(void) { return fo_nthreads(); }
 #else
 #define FO_INLINE static inline
 #endif
+#define FO_RESTRICT __restrict /* gcc, clang and MSVC: these arrays do not overlap */
 
 static int imin(int a, int b) { return a < b ? a : b; }
 static int imax(int a, int b) { return a > b ? a : b; }
@@ -806,7 +807,7 @@ FO_INLINE void exp_inplace(float *x, int n) {
     }
 }
 
-/* max and sum of a row with 16 partial results, so that they vectorise
+/* max, dot product and sum of a row with 16 partial results, so that they vectorise
  * without -ffast-math (which would let the compiler reorder the sum). */
 FO_INLINE float row_max(const float *x, int n, float init) {
     float m[16];
@@ -817,6 +818,16 @@ FO_INLINE float row_max(const float *x, int n, float init) {
     for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
     float r = m[0];
     for (int i = 1; i < 16; i++) r = m[i] > r ? m[i] : r;
+    return r;
+}
+FO_INLINE float row_dot(const float *x, const float *y, int n) {
+    float s[16] = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int i = 0; i < 16; i++) s[i] += x[c + i] * y[c + i];
+    for (; c < n; c++) s[0] += x[c] * y[c];
+    float r = 0.0f;
+    for (int i = 0; i < 16; i++) r += s[i];
     return r;
 }
 FO_INLINE float row_sum(const float *x, int n) {
@@ -1052,9 +1063,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #endif
         for (long row = 0; row < (long)BH * T; row++) {
             const float *a = dy + (size_t)row * D, *b = y + (size_t)row * D;
-            float s = 0.0f;
-            for (int d = 0; d < D; d++) s += a[d] * b[d];
-            Di[row] = s;
+            Di[row] = row_dot(a, b, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
         else {
@@ -1157,26 +1166,28 @@ FO_INLINE void ln_fwd_row(const float *x, const float *w, const float *b, float 
 }
 
 /* Backward of one row: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),
- * dxhat = dy w; adds dy xhat to dw and dy to db. xh is C floats of scratch. */
-FO_INLINE void ln_bwd_row(const float *dy, const float *x, const float *w, float mean,
-                          float rstd, float *dx, float *dw, float *db, float *xh, int C) {
+ * dxhat = dy w; adds dy xhat to dw and dy to db. xhat is recomputed where it
+ * is used rather than kept: two passes over the row, each vectorised. */
+FO_INLINE void ln_bwd_row(const float *FO_RESTRICT dy, const float *FO_RESTRICT x,
+                          const float *FO_RESTRICT w, float mean, float rstd,
+                          float *FO_RESTRICT dx, float *FO_RESTRICT dw, float *FO_RESTRICT db,
+                          int C) {
     float s1[16] = {0}, s2[16] = {0};
     int c = 0;
-    for (c = 0; c < C; c++) xh[c] = (x[c] - mean) * rstd;
+    for (; c + 16 <= C; c += 16)     /* one sum a loop: two at once defeat gcc's vectoriser */
+        for (int i = 0; i < 16; i++) s1[i] += dy[c + i] * w[c + i];
+    for (; c < C; c++) s1[0] += dy[c] * w[c];
     for (c = 0; c + 16 <= C; c += 16)
-        for (int i = 0; i < 16; i++) {
-            float g = dy[c + i] * w[c + i];
-            s1[i] += g;
-            s2[i] += g * xh[c + i];
-        }
-    for (; c < C; c++) { float g = dy[c] * w[c]; s1[0] += g; s2[0] += g * xh[c]; }
+        for (int i = 0; i < 16; i++) s2[i] += dy[c + i] * w[c + i] * ((x[c + i] - mean) * rstd);
+    for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
     float m1 = 0.0f, m2 = 0.0f;
     for (int i = 0; i < 16; i++) { m1 += s1[i]; m2 += s2[i]; }
     m1 /= (float)C;
     m2 /= (float)C;
     for (c = 0; c < C; c++) {
-        dx[c] = rstd * (dy[c] * w[c] - m1 - xh[c] * m2);
-        dw[c] += dy[c] * xh[c];
+        float xh = (x[c] - mean) * rstd;
+        dx[c] = rstd * (dy[c] * w[c] - m1 - xh * m2);
+        dw[c] += dy[c] * xh;
         db[c] += dy[c];
     }
 }
@@ -1192,10 +1203,10 @@ FO_INLINE void ln_bwd_row(const float *dy, const float *x, const float *w, float
             ln_fwd_row(x + (size_t)r * C, w, b, y + (size_t)r * C, mean + r, rstd + r, C, eps); } \
     TARGET static void ln_bwd##SUFFIX(const float *dy, const float *x, const float *w, \
                                       const float *mean, const float *rstd, float *dx, float *dw, \
-                                      float *db, float *xh, int M, int C) { \
+                                      float *db, int M, int C) { \
         for (int r = 0; r < M; r++) \
             ln_bwd_row(dy + (size_t)r * C, x + (size_t)r * C, w, mean[r], rstd[r], \
-                       dx + (size_t)r * C, dw, db, xh, C); }
+                       dx + (size_t)r * C, dw, db, C); }
 DEFINE_ELEMWISE(_generic, )
 #if FO_X86
 DEFINE_ELEMWISE(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
@@ -1208,7 +1219,7 @@ typedef struct {
     void (*ln_fwd)(const float *, const float *, const float *, float *, float *, float *, int,
                    int, float);
     void (*ln_bwd)(const float *, const float *, const float *, const float *, const float *,
-                   float *, float *, float *, float *, int, int);
+                   float *, float *, float *, int, int);
 } elem_t;
 
 static elem_t elem_pick(void) {
@@ -1280,7 +1291,7 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
                            float *db, int M, int C) {
     elem_t e = elem_pick();
     int nth = (double)M * C > 65536 ? fo_nthreads() : 1;
-    float *priv = fo_alloc((size_t)3 * C * nth);
+    float *priv = fo_alloc((size_t)2 * C * nth);
     if (!priv) return;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -1291,17 +1302,17 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
         nt = omp_get_num_threads();
         tid = omp_get_thread_num();
 #endif
-        float *pw = priv + (size_t)3 * C * tid, *pb = pw + C, *xh = pb + C;
+        float *pw = priv + (size_t)2 * C * tid, *pb = pw + C;
         memset(pw, 0, sizeof(float) * 2 * C);
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
         e.ln_bwd(dy + (size_t)r0 * C, x + (size_t)r0 * C, w, mean + r0, rstd + r0,
-                 dx + (size_t)r0 * C, pw, pb, xh, r1 - r0, C);
+                 dx + (size_t)r0 * C, pw, pb, r1 - r0, C);
     }
     for (int c = 0; c < C; c++) {
         float sw = 0.0f, sb = 0.0f;
         for (int t = 0; t < nth; t++) {
-            sw += priv[(size_t)3 * C * t + c];
-            sb += priv[(size_t)3 * C * t + C + c];
+            sw += priv[(size_t)2 * C * t + c];
+            sb += priv[(size_t)2 * C * t + C + c];
         }
         dw[c] = sw;
         db[c] = sb;

@@ -1850,21 +1850,32 @@ def _import(name, path):
     return mod
 
 
-# OpenMP's idle threads sleep at once instead of spinning (OMP_WAIT_POLICY,
-# read by libgomp when fastops loads it, so it is set before; a value in the
-# environment wins). On a machine whose cores are shared with other busy
-# processes, a spinning thread holds a core while the thread it waits for
-# has been preempted, and every barrier can cost a scheduler tick: measured
-# here with other jobs running, the small benchmark model's training step took
-# 0.33-0.45 s passive against 0.82-1.06 s spinning (bench.py prints the policy).
-_OMP_ENV = {"OMP_WAIT_POLICY": "passive"}
+# How OpenMP's waiting threads wait (OMP_WAIT_POLICY, read by the OpenMP
+# runtime when fastops loads it, so it is set before; a value in the
+# environment wins). Alone on the machine, the runtime's default (spin a
+# while, then sleep) is fastest: a thread that sleeps at once after each
+# kernel must be woken for the next one, and on a virtual machine the host
+# may hand its idle core to another guest in between. With other busy
+# processes on the same cores it is the reverse: a spinning thread holds a
+# core that the thread it waits for needs. So the threads sleep at once
+# ("passive") when the cores are already busy as fastops loads (a load
+# average of at least half the cores), and keep the default otherwise.
+# Measured on the project's 2-core machine, README "How fast".
+def _omp_env() -> dict:
+    try:
+        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
+    except (AttributeError, OSError):                  # no load average (Windows): the safe choice
+        busy = True
+    return {"OMP_WAIT_POLICY": "passive"} if busy else {}
+
+
 _OMP_SET_HERE = []                                     # the ones llm.py set (not the user)
 
 
 def _load_fastops():
     if os.environ.get("LLM_NUMPY") == "1":
         return None
-    for k, val in _OMP_ENV.items():
+    for k, val in _omp_env().items():
         if k not in os.environ:
             os.environ[k] = val
             _OMP_SET_HERE.append(k)
@@ -2310,7 +2321,7 @@ def _sum_of_squares(arrays):
 # faster than fastops' portable kernel. Each family of kernels is timed
 # against its NumPy function once, on shapes of the models here, forward
 # and backward, and the verdict is kept beside the library
-# (_fastops_HASH.calibration.json; delete it, or set LLM_CALIBRATE=1, to
+# (_fastops_HASH.calibration-POLICY.json; delete it, or set LLM_CALIBRATE=1, to
 # measure again). bench.py and the report card show it. On a GPU every
 # kernel runs.
 
@@ -2376,12 +2387,19 @@ def calibrate() -> dict:
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
 
 
+def calibration_path() -> str:
+    """The verdicts' file: one per build and per OpenMP wait policy (the
+    policy changes which backend wins: NumPy's products beside spinning
+    OpenMP threads are slow)."""
+    lib, policy = _fastops.__file__, os.environ.get("OMP_WAIT_POLICY", "default").lower()
+    return os.path.join(os.path.dirname(lib), f"{os.path.basename(lib).split('.')[0]}.calibration-{policy}.json")
+
+
 def kernel_choice() -> dict:
     """Which kernels the 'auto' backend uses here (measured once per build)."""
     global _CHOICE
     if _CHOICE is None:
-        lib = _fastops.__file__
-        path = os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+        path = calibration_path()
         try:
             if os.environ.get("LLM_CALIBRATE") == "1":
                 raise OSError

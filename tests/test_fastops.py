@@ -554,8 +554,8 @@ def test_calibrate_times_every_family_and_leaves_the_backend_as_it_was():
 
 def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_asked(monkeypatch, tmp_path):
     import os
-    lib = llm._fastops.__file__
-    path = os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+    path = llm.calibration_path()
+    assert os.path.basename(path).startswith(os.path.basename(llm._fastops.__file__).split(".")[0])
     llm.kernel_choice()
     assert os.path.exists(path)
     calls = []
@@ -567,3 +567,20 @@ def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_aske
     monkeypatch.setenv("LLM_CALIBRATE", "1")
     monkeypatch.setattr(llm, "atomic_write", lambda *a: None)
     assert llm.kernel_choice() == {"linear": {"use": True}} and calls == [1]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")                 # another policy, another verdict
+    assert llm.calibration_path() != path and llm.calibration_path().endswith(".calibration-active.json")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert llm.calibration_path().endswith(".calibration-default.json")
+
+
+def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch):
+    import os
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
+    assert llm._omp_env() == {}                                      # alone: the runtime's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.2, 0.1))
+    assert llm._omp_env() == {"OMP_WAIT_POLICY": "passive"}          # another busy process
+    def no_load():
+        raise OSError("no load average")
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert llm._omp_env() == {"OMP_WAIT_POLICY": "passive"}
