@@ -190,22 +190,11 @@ static void ukern_generic(int kc, const float *a, const float *b, float *c,
  * Per k step: 2 loads of B, 12 broadcasts of A, 24 FMAs. */
 #define A512_MR 12
 #define A512_NR 32
+/* C tile = acc (+ C if load_c) (+ bias): only its top-left mr x nr part,
+ * the ragged right edge through lane masks */
 __attribute__((target("avx512f")))
-static void ukern_avx512(int kc, const float *a, const float *b, float *c,
-                         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
-    __m512 acc[A512_MR][2];
-    for (int r = 0; r < A512_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int p = 0; p < kc; p++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-        for (int r = 0; r < A512_MR; r++) {
-            __m512 ar = _mm512_set1_ps(a[r]);
-            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
-        }
-        a += A512_MR;
-        b += A512_NR;
-    }
-    /* lane masks for the ragged right edge */
+static inline void store_tile_512(__m512 acc[A512_MR][2], float *c, ptrdiff_t ldc, int mr, int nr,
+                                  int load_c, const float *bias) {
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
     __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
                    : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
@@ -224,6 +213,48 @@ static void ukern_avx512(int kc, const float *a, const float *b, float *c,
         _mm512_mask_storeu_ps(cr, m0, v0);
         _mm512_mask_storeu_ps(cr + 16, m1, v1);
     }
+}
+
+__attribute__((target("avx512f")))
+static void ukern_avx512(int kc, const float *a, const float *b, float *c,
+                         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
+    __m512 acc[A512_MR][2];
+    for (int r = 0; r < A512_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int p = 0; p < kc; p++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        for (int r = 0; r < A512_MR; r++) {
+            __m512 ar = _mm512_set1_ps(a[r]);
+            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+        }
+        a += A512_MR;
+        b += A512_NR;
+    }
+    store_tile_512(acc, c, ldc, mr, nr, load_c, bias);
+}
+
+/* The same tile with A read in place, row by row (row-major A, row stride
+ * lda), for attention's small products, where packing A costs about as much
+ * as the product. Rows past mr repeat row mr - 1 (computed, not stored). */
+__attribute__((target("avx512f")))
+static void ukern_avx512_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
+                              ptrdiff_t ldc, int mr, int nr, int load_c) {
+    const float *ar[A512_MR];
+    __m512 acc[A512_MR][2];
+    for (int r = 0; r < A512_MR; r++) {
+        ar[r] = a + (r < mr ? r : mr - 1) * lda;
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        for (int r = 0; r < A512_MR; r++) {
+            __m512 x = _mm512_set1_ps(ar[r][p]);
+            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+        }
+        b += A512_NR;
+    }
+    store_tile_512(acc, c, ldc, mr, nr, load_c, NULL);
 }
 
 /* AVX2 + FMA: the classic 6 x 16 tile = 12 ymm accumulators. */
@@ -854,6 +885,14 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
                imin(NR, N - jp * NR), K, NR);
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
+#if FO_X86
+        if (kn == &KERN_AVX512 && csa == 1) {             /* row-major A: read in place */
+            for (int jp = 0; jp < npanels; jp++)
+                ukern_avx512_rows(K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K,
+                                  C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c);
+            continue;
+        }
+#endif
         pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
         for (int jp = 0; jp < npanels; jp++)
             kn->fn(K, apack, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
