@@ -1858,13 +1858,33 @@ def _import(name, path):
 # may hand its idle core to another guest in between. With other busy
 # processes on the same cores it is the reverse: a spinning thread holds a
 # core that the thread it waits for needs. So the threads sleep at once
-# ("passive") when the cores are already busy as fastops loads (a load
-# average of at least half the cores), and keep the default otherwise.
-# Measured on the project's 2-core machine, README "How fast".
+# ("passive") when other processes keep at least half the cores busy as
+# fastops loads, and keep the default otherwise. Measured on the project's
+# 2-core machine, README "Speed: fastops".
+def _others_running(proc="/proc") -> float:
+    """How many tasks of other processes want a core now: on Linux the
+    runnable tasks less this process's own (NumPy's OpenBLAS threads spin for
+    a while after it loads), the least of five looks 2 ms apart so that a
+    passing task is not counted; elsewhere the load average stands in."""
+    try:
+        seen = []
+        for _ in range(5):
+            with open(f"{proc}/loadavg") as f:
+                runnable = int(f.read().split()[3].split("/")[0])
+            for task in os.listdir(f"{proc}/self/task"):
+                with open(f"{proc}/self/task/{task}/stat") as f:
+                    runnable -= f.read().rsplit(")", 1)[1].split()[0] == "R"
+            seen.append(runnable)
+            time.sleep(0.002)
+        return min(seen)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
+
+
 def _omp_env() -> dict:
     try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except (AttributeError, OSError):                  # no load average (Windows): the safe choice
+        busy = _others_running() >= 0.5 * (os.cpu_count() or 1)
+    except (AttributeError, OSError):                  # no way to tell: the safe choice
         busy = True
     return {"OMP_WAIT_POLICY": "passive"} if busy else {}
 

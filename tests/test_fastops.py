@@ -573,14 +573,21 @@ def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_aske
     assert llm.calibration_path().endswith(".calibration-default.json")
 
 
-def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch):
+def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, tmp_path):
     import os
+    (tmp_path / "self" / "task" / "7").mkdir(parents=True)
+    (tmp_path / "self" / "task" / "8").mkdir()
+    (tmp_path / "loadavg").write_text("0.02 0.16 0.70 4/250 12345\n")
+    (tmp_path / "self" / "task" / "7" / "stat").write_text("7 (python (x)) R 1 7 7 0\n")
+    (tmp_path / "self" / "task" / "8" / "stat").write_text("8 (python) S 1 7 7 0\n")
+    assert llm._others_running(str(tmp_path)) == 3                   # runnable tasks, this process's aside
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
+    assert llm._others_running(str(tmp_path / "none")) == 0.4        # no /proc: the load average
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
-    assert llm._omp_env() == {}                                      # alone: the runtime's default
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.2, 0.1))
-    assert llm._omp_env() == {"OMP_WAIT_POLICY": "passive"}          # another busy process
-    def no_load():
-        raise OSError("no load average")
-    monkeypatch.setattr(os, "getloadavg", no_load)
+    for others, env in ((0, {}), (0.4, {}), (1, {"OMP_WAIT_POLICY": "passive"}), (3, {"OMP_WAIT_POLICY": "passive"})):
+        monkeypatch.setattr(llm, "_others_running", lambda: others)
+        assert llm._omp_env() == env
+    def no_way():
+        raise AttributeError("os.getloadavg")                         # Windows
+    monkeypatch.setattr(llm, "_others_running", no_way)
     assert llm._omp_env() == {"OMP_WAIT_POLICY": "passive"}
