@@ -1859,7 +1859,8 @@ def _import(name, path):
 # processes on the same cores it is the reverse: a spinning thread holds a
 # core that the thread it waits for needs. So the threads sleep at once
 # ("passive") when other processes keep at least half the cores busy as
-# fastops loads, and keep the default otherwise. Measured on the project's
+# fastops loads, or when NumPy does the products (its OpenBLAS threads spin
+# too), and keep the default otherwise. The policy changes no result. Measured on the project's
 # 2-core machine, README "Speed: fastops".
 def _others_running(proc="/proc") -> float:
     """How many tasks of other processes want a core now: on Linux the
@@ -1881,9 +1882,24 @@ def _others_running(proc="/proc") -> float:
         return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
 
 
-def _omp_env() -> dict:
+def calibration_path(lib: str = None) -> str:
+    """The verdicts' file, one per build: the same kernels in every run of
+    it, so that a resumed run repeats the uninterrupted one bit for bit."""
+    lib = lib or _fastops.__file__
+    return os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+
+
+def _omp_env(lib: str) -> dict:
+    """Passive when other processes are busy, or when this build's
+    calibration put the products in NumPy (OpenBLAS's threads spin too:
+    beside spinning OpenMP threads the rest of a step ran 2-28x slower)."""
     try:
-        busy = _others_running() >= 0.5 * (os.cpu_count() or 1)
+        with open(calibration_path(lib)) as f:
+            numpy_products = not json.load(f)["linear"]["use"]
+    except (OSError, ValueError, KeyError, TypeError):
+        numpy_products = False                         # not measured yet
+    try:
+        busy = numpy_products or _others_running() >= 0.5 * (os.cpu_count() or 1)
     except (AttributeError, OSError):                  # no way to tell: the safe choice
         busy = True
     return {"OMP_WAIT_POLICY": "passive"} if busy else {}
@@ -1895,10 +1911,6 @@ _OMP_SET_HERE = []                                     # the ones llm.py set (no
 def _load_fastops():
     if os.environ.get("LLM_NUMPY") == "1":
         return None
-    for k, val in _omp_env().items():
-        if k not in os.environ:
-            os.environ[k] = val
-            _OMP_SET_HERE.append(k)
     import glob
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -1907,6 +1919,10 @@ def _load_fastops():
         return None
     path = build_ext.built()
     if path:
+        for k, val in _omp_env(path).items():
+            if k not in os.environ:
+                os.environ[k] = val
+                _OMP_SET_HERE.append(k)
         try:
             return _import(build_ext.MODULE, path)
         except ImportError:
@@ -2341,7 +2357,7 @@ def _sum_of_squares(arrays):
 # faster than fastops' portable kernel. Each family of kernels is timed
 # against its NumPy function once, on shapes of the models here, forward
 # and backward, and the verdict is kept beside the library
-# (_fastops_HASH.calibration-POLICY.json; delete it, or set LLM_CALIBRATE=1, to
+# (_fastops_HASH.calibration.json; delete it, or set LLM_CALIBRATE=1, to
 # measure again). bench.py and the report card show it. On a GPU every
 # kernel runs.
 
@@ -2405,14 +2421,6 @@ def calibrate() -> dict:
 
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
-
-
-def calibration_path() -> str:
-    """The verdicts' file: one per build and per OpenMP wait policy (the
-    policy changes which backend wins: NumPy's products beside spinning
-    OpenMP threads are slow)."""
-    lib, policy = _fastops.__file__, os.environ.get("OMP_WAIT_POLICY", "default").lower()
-    return os.path.join(os.path.dirname(lib), f"{os.path.basename(lib).split('.')[0]}.calibration-{policy}.json")
 
 
 def kernel_choice() -> dict:

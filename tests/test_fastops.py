@@ -14,6 +14,7 @@ LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
 is exercised through fo_set_isa. Speed is measured in bench.py, not here.
 """
 import contextlib
+import json
 import math
 
 import numpy as np
@@ -567,10 +568,6 @@ def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_aske
     monkeypatch.setenv("LLM_CALIBRATE", "1")
     monkeypatch.setattr(llm, "atomic_write", lambda *a: None)
     assert llm.kernel_choice() == {"linear": {"use": True}} and calls == [1]
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")                 # another policy, another verdict
-    assert llm.calibration_path() != path and llm.calibration_path().endswith(".calibration-active.json")
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert llm.calibration_path().endswith(".calibration-default.json")
 
 
 def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, tmp_path):
@@ -584,10 +581,15 @@ def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, 
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
     assert llm._others_running(str(tmp_path / "none")) == 0.4        # no /proc: the load average
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    lib = str(tmp_path / "_fastops_abc.cpython-311-x86_64-linux-gnu.so")   # not calibrated yet
     for others, env in ((0, {}), (0.4, {}), (1, {"OMP_WAIT_POLICY": "passive"}), (3, {"OMP_WAIT_POLICY": "passive"})):
         monkeypatch.setattr(llm, "_others_running", lambda: others)
-        assert llm._omp_env() == env
+        assert llm._omp_env(lib) == env
+    monkeypatch.setattr(llm, "_others_running", lambda: 0)
+    for products, env in ((True, {}), (False, {"OMP_WAIT_POLICY": "passive"})):   # NumPy's: OpenBLAS spins
+        (tmp_path / "_fastops_abc.calibration.json").write_text(json.dumps({"linear": {"use": products}}))
+        assert llm._omp_env(lib) == env
     def no_way():
         raise AttributeError("os.getloadavg")                         # Windows
     monkeypatch.setattr(llm, "_others_running", no_way)
-    assert llm._omp_env() == {"OMP_WAIT_POLICY": "passive"}
+    assert llm._omp_env(lib) == {"OMP_WAIT_POLICY": "passive"}
