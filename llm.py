@@ -1860,8 +1860,8 @@ def _import(name, path):
 # core that the thread it waits for needs. So the threads sleep at once
 # ("passive") when other processes keep at least half the cores busy as
 # fastops loads, or when NumPy does the products (its OpenBLAS threads spin
-# too), and keep the default otherwise. The policy changes no result. Measured on the project's
-# 2-core machine, README "Speed: fastops".
+# too), and keep the default otherwise. The policy changes no result.
+# Measured on the project's 2-core machine: README, "Speed: fastops".
 def _others_running(proc="/proc") -> float:
     """How many tasks of other processes want a core now: on Linux the
     runnable tasks less this process's own (NumPy's OpenBLAS threads spin for
@@ -1889,15 +1889,20 @@ def calibration_path(lib: str = None) -> str:
     return os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
 
 
+def _saved_choice(path: str):
+    """The verdicts kept in a calibration file, or None."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _omp_env(lib: str) -> dict:
     """Passive when other processes are busy, or when this build's
     calibration put the products in NumPy (OpenBLAS's threads spin too:
     beside spinning OpenMP threads the rest of a step ran 2-28x slower)."""
-    try:
-        with open(calibration_path(lib)) as f:
-            numpy_products = not json.load(f)["linear"]["use"]
-    except (OSError, ValueError, KeyError, TypeError):
-        numpy_products = False                         # not measured yet
+    numpy_products = not (_saved_choice(calibration_path(lib)) or {}).get("linear", {}).get("use", True)
     try:
         busy = numpy_products or _others_running() >= 0.5 * (os.cpu_count() or 1)
     except (AttributeError, OSError):                  # no way to tell: the safe choice
@@ -2367,7 +2372,6 @@ def _calibration_work():
     GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
-    linear = lambda x, w, dy: lambda: ops.linear_backward(dy, ops.linear_forward(x, w, w[0])[1])
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
     params = {f"p{i}": f32(*s) for i, s in enumerate([(512, 192), (192, 576), (192, 768), (768, 192), (192,)])}
     grads = {k: f32(*v.shape) for k, v in params.items()}
@@ -2428,12 +2432,8 @@ def kernel_choice() -> dict:
     global _CHOICE
     if _CHOICE is None:
         path = calibration_path()
-        try:
-            if os.environ.get("LLM_CALIBRATE") == "1":
-                raise OSError
-            with open(path) as f:
-                _CHOICE = json.load(f)
-        except (OSError, ValueError):
+        _CHOICE = None if os.environ.get("LLM_CALIBRATE") == "1" else _saved_choice(path)
+        if _CHOICE is None:
             _CHOICE = calibrate()
             try:
                 atomic_write(path, json.dumps(_CHOICE, indent=1).encode())
