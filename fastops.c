@@ -260,26 +260,15 @@ static void ukern_avx512_rows(int kc, const float *a, ptrdiff_t lda, const float
 /* AVX2 + FMA: the classic 6 x 16 tile = 12 ymm accumulators. */
 #define A256_MR 6
 #define A256_NR 16
+/* C rows = acc (+ C if load_c) (+ bias): mr rows, the ragged right edge
+ * through lane masks */
 __attribute__((target("avx2,fma")))
-static void ukern_avx2(int kc, const float *a, const float *b, float *c,
-                       ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
-    __m256 acc[A256_MR][2];
-    for (int r = 0; r < A256_MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int p = 0; p < kc; p++) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-        for (int r = 0; r < A256_MR; r++) {
-            __m256 ar = _mm256_broadcast_ss(a + r);
-            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-        }
-        a += A256_MR;
-        b += A256_NR;
-    }
+static inline void store_rows_256(const __m256 *acc0, const __m256 *acc1, float *c, ptrdiff_t ldc,
+                                  int mr, int nr, int load_c, const float *bias) {
     /* maskload/maskstore take a vector of ints; lane j is on when j < nr */
-    __m256i lane0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i lane1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
     __m256i nrv = _mm256_set1_epi32(nr);
-    __m256i m0 = _mm256_cmpgt_epi32(nrv, lane0), m1 = _mm256_cmpgt_epi32(nrv, lane1);
+    __m256i m0 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i m1 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
     __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
     if (bias) {
         bias0 = _mm256_maskload_ps(bias, m0);
@@ -287,7 +276,7 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
     }
     for (int r = 0; r < mr; r++) {
         float *cr = c + r * ldc;
-        __m256 v0 = _mm256_add_ps(acc[r][0], bias0), v1 = _mm256_add_ps(acc[r][1], bias1);
+        __m256 v0 = _mm256_add_ps(acc0[r], bias0), v1 = _mm256_add_ps(acc1[r], bias1);
         if (load_c) {
             v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));
             v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));
@@ -295,6 +284,24 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
         _mm256_maskstore_ps(cr, m0, v0);
         _mm256_maskstore_ps(cr + 8, m1, v1);
     }
+}
+
+__attribute__((target("avx2,fma")))
+static void ukern_avx2(int kc, const float *a, const float *b, float *c,
+                       ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
+    __m256 acc0[A256_MR], acc1[A256_MR];
+    for (int r = 0; r < A256_MR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int p = 0; p < kc; p++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        for (int r = 0; r < A256_MR; r++) {
+            __m256 ar = _mm256_set1_ps(a[r]);
+            acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);
+        }
+        a += A256_MR;
+        b += A256_NR;
+    }
+    store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, bias);
 }
 #endif /* FO_X86 */
 
@@ -531,6 +538,23 @@ SM_DEF_GENERIC(4)
 /* AVX-512: R rows x 32 columns (2 zmm per row). Per k step: 2 loads of B
  * (masked at the right edge: never past the row), R broadcasts, 2R FMAs. */
 #define SM512_NR 32
+/* The k loop, once with plain loads of B and once with masked ones for the
+ * right edge: gcc keeps the accumulators in registers only in a loop whose
+ * loads it can see through (a masked load's pointer might, to it, reach them). */
+#define SMK_512_LOOP(R, LOAD0, LOAD1)                                                      \
+    for (int p = 0; p < kc; p++) {                                                         \
+        const float *bp = b + p * rsb;                                                     \
+        if (pf) {                                                                          \
+            _mm_prefetch((const char *)(bp + SM512_NR), _MM_HINT_T0);                      \
+            _mm_prefetch((const char *)(bp + SM512_NR + 16), _MM_HINT_T0);                 \
+        }                                                                                  \
+        __m512 b0 = LOAD0, b1 = LOAD1;                                                     \
+        for (int r = 0; r < R; r++) {                                                      \
+            __m512 ar = _mm512_set1_ps(at[p * MP + r]);                                    \
+            acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                    \
+            acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                    \
+        }                                                                                  \
+    }
 #define SM_DEF_AVX512(R)                                                                   \
     __attribute__((target("avx512f"))) static void smk_512_##R(                            \
         int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
@@ -540,19 +564,10 @@ SM_DEF_GENERIC(4)
         __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);         \
         __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF                                        \
                        : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;      \
-        for (int p = 0; p < kc; p++) {                                                     \
-            const float *bp = b + p * rsb;                                                 \
-            if (pf) {                                                                      \
-                _mm_prefetch((const char *)(bp + SM512_NR), _MM_HINT_T0);                  \
-                _mm_prefetch((const char *)(bp + SM512_NR + 16), _MM_HINT_T0);             \
-            }                                                                              \
-            __m512 b0 = _mm512_maskz_loadu_ps(m0, bp), b1 = _mm512_maskz_loadu_ps(m1, bp + 16); \
-            for (int r = 0; r < R; r++) {                                                  \
-                __m512 ar = _mm512_set1_ps(at[p * MP + r]);                                \
-                acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                \
-                acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                \
-            }                                                                              \
-        }                                                                                  \
+        if (nr == SM512_NR)                                                                \
+            SMK_512_LOOP(R, _mm512_loadu_ps(bp), _mm512_loadu_ps(bp + 16))                 \
+        else                                                                               \
+            SMK_512_LOOP(R, _mm512_maskz_loadu_ps(m0, bp), _mm512_maskz_loadu_ps(m1, bp + 16)) \
         __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();                   \
         if (bias) {                                                                        \
             bias0 = _mm512_maskz_loadu_ps(m0, bias);                                       \
@@ -576,6 +591,17 @@ SM_DEF_AVX512(8)
 
 /* AVX2: R rows x 16 columns (2 ymm per row) */
 #define SM256_NR 16
+#define SMK_256_LOOP(R, LOAD0, LOAD1)   /* as SMK_512_LOOP */                              \
+    for (int p = 0; p < kc; p++) {                                                         \
+        const float *bp = b + p * rsb;                                                     \
+        if (pf) _mm_prefetch((const char *)(bp + SM256_NR), _MM_HINT_T0);                  \
+        __m256 b0 = LOAD0, b1 = LOAD1;                                                     \
+        for (int r = 0; r < R; r++) {                                                      \
+            __m256 ar = _mm256_set1_ps(at[p * MP + r]);                                    \
+            acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);                                    \
+            acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);                                    \
+        }                                                                                  \
+    }
 #define SM_DEF_AVX2(R)                                                                     \
     __attribute__((target("avx2,fma"))) static void smk_256_##R(                           \
         int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
@@ -585,31 +611,11 @@ SM_DEF_AVX512(8)
         __m256i nrv = _mm256_set1_epi32(nr);                                               \
         __m256i m0 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));   \
         __m256i m1 = _mm256_cmpgt_epi32(nrv, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)); \
-        int full = nr >= 16;                                                               \
-        for (int p = 0; p < kc; p++) {                                                     \
-            const float *bp = b + p * rsb;                                                 \
-            if (pf) _mm_prefetch((const char *)(bp + SM256_NR), _MM_HINT_T0);              \
-            __m256 b0, b1;                                                                 \
-            if (full) { b0 = _mm256_loadu_ps(bp); b1 = _mm256_loadu_ps(bp + 8); }          \
-            else { b0 = _mm256_maskload_ps(bp, m0); b1 = _mm256_maskload_ps(bp + 8, m1); } \
-            for (int r = 0; r < R; r++) {                                                  \
-                __m256 ar = _mm256_broadcast_ss(at + p * MP + r);                          \
-                acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);                                \
-                acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);                                \
-            }                                                                              \
-        }                                                                                  \
-        __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();                   \
-        if (bias) { bias0 = _mm256_maskload_ps(bias, m0); bias1 = _mm256_maskload_ps(bias + 8, m1); } \
-        for (int r = 0; r < mr; r++) {                                                     \
-            float *cr = c + r * ldc;                                                       \
-            __m256 v0 = _mm256_add_ps(acc0[r], bias0), v1 = _mm256_add_ps(acc1[r], bias1); \
-            if (load_c) {                                                                  \
-                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                        \
-                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                    \
-            }                                                                              \
-            _mm256_maskstore_ps(cr, m0, v0);                                               \
-            _mm256_maskstore_ps(cr + 8, m1, v1);                                           \
-        }                                                                                  \
+        if (nr == SM256_NR)                                                                \
+            SMK_256_LOOP(R, _mm256_loadu_ps(bp), _mm256_loadu_ps(bp + 8))                  \
+        else                                                                               \
+            SMK_256_LOOP(R, _mm256_maskload_ps(bp, m0), _mm256_maskload_ps(bp + 8, m1))    \
+        store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, bias);                          \
     }
 SM_DEF_AVX2(1)
 SM_DEF_AVX2(2)
