@@ -277,6 +277,15 @@ static inline void store_rows_256(const __m256 *acc0, const __m256 *acc1, float 
     for (int r = 0; r < mr; r++) {
         float *cr = c + r * ldc;
         __m256 v0 = _mm256_add_ps(acc0[r], bias0), v1 = _mm256_add_ps(acc1[r], bias1);
+        if (nr == 16) { /* plain loads and stores: AMD's masked store is microcoded */
+            if (load_c) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));
+            }
+            _mm256_storeu_ps(cr, v0);
+            _mm256_storeu_ps(cr + 8, v1);
+            continue;
+        }
         if (load_c) {
             v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));
             v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));
