@@ -860,7 +860,7 @@ def main():
               f" {lin(acc) * 1e3:.2f} ms: {in_step[name]:.2f}x")
         # The other kernels beside NumPy's products (OpenBLAS's threads spin after each one).
         saved_choice = llm.kernel_choice()
-        llm._CHOICE = {**saved_choice, "linear": {**saved_choice["linear"], "use": False}}
+        llm._CHOICE = {**saved_choice, "linear": {**saved_choice["linear"], "use": False}, "step": {"use": True}}
         try:
             settle()
             mixed, _ = profile_step(name, "auto", 1 if args.quick else 5)

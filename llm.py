@@ -2398,15 +2398,21 @@ def calibrate() -> dict:
     threads spin for ~0.1 s after each product and take the cores from the
     OpenMP kernels that run next (measured here: attention, LayerNorm and
     GELU 2x slower in a step whose products are NumPy's). A fastops block
-    starts after a pause, for the same reason."""
+    starts after a pause, for the same reason. Last, "step": that step with
+    the kernels so chosen against the step all in NumPy, which no mix of
+    single choices measures; where all NumPy wins, no kernel is used."""
     global _chosen, _CHOICE
     saved, result = (_chosen, _CHOICE), {}
+    work = _calibration_work()
+    work["step"] = work["linear"]
     try:
-        for family, runs in _calibration_work().items():
+        for family, runs in work.items():
             t = {"fastops": math.inf, "numpy": math.inf}
             for rep in range(3):
                 for backend in t:                           # this family on `backend`, the others as chosen
                     _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
+                    if family == "step" and backend == "numpy":
+                        _CHOICE = {f: {"use": False} for f in result}
                     _install()
                     if backend == "fastops":
                         time.sleep(0.12)
@@ -2443,7 +2449,9 @@ def kernel_choice() -> dict:
 
 
 def _use(family) -> bool:
-    return _backend == "fastops" or xp is not numpy or kernel_choice().get(family, {}).get("use", True)
+    choice = kernel_choice()
+    return (_backend == "fastops" or xp is not numpy or
+            choice.get("step", {}).get("use", True) and choice.get(family, {}).get("use", True))
 
 
 def kernels_in_use() -> dict:

@@ -526,7 +526,7 @@ def test_cross_entropy_bad_input():
 
 def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch):
     choice = llm.kernel_choice()
-    assert set(choice) == set(llm.kernels_in_use()) and all(
+    assert set(choice) == set(llm.kernels_in_use()) | {"step"} and all(
         c["fastops"] > 0 and c["numpy"] > 0 and c["use"] == (c["fastops"] < c["numpy"]) for c in choice.values())
     prev = llm.set_backend("auto")
     try:
@@ -537,6 +537,10 @@ def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch)
         assert not isinstance(llm.ops.linear_forward(big, w, None)[1], llm._Kernel)   # NumPy won: NumPy
         assert isinstance(llm.ops.linear_forward(small, w, None)[1], llm._Kernel)
         assert llm.kernels_in_use()["linear"] == "numpy" and llm.kernels_in_use()["linear_small"] == "fastops"
+        # the step all in NumPy beat the chosen mix: no kernel at all
+        monkeypatch.setattr(llm, "_CHOICE", {**choice, "step": {**choice["step"], "use": False}})
+        assert not isinstance(llm.ops.linear_forward(small, w, None)[1], llm._Kernel)
+        assert set(llm.kernels_in_use().values()) == {"numpy"}
     finally:
         llm.set_backend(prev)
 
@@ -545,7 +549,7 @@ def test_calibrate_times_every_family_and_leaves_the_backend_as_it_was():
     prev, before = llm.set_backend("auto"), llm._CHOICE
     try:
         result = llm.calibrate()
-        assert set(result) == set(llm.kernels_in_use())
+        assert set(result) == set(llm.kernels_in_use()) | {"step"}
         assert all(0 < v["fastops"] < 1 and 0 < v["numpy"] < 1 and v["use"] == (v["fastops"] < v["numpy"])
                    for v in result.values())
         assert llm._chosen == "auto" and llm._CHOICE is before
