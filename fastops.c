@@ -312,6 +312,28 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
     }
     store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, bias);
 }
+
+/* A read in place, as ukern_avx512_rows */
+__attribute__((target("avx2,fma")))
+static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
+                            ptrdiff_t ldc, int mr, int nr, int load_c) {
+    const float *ar[A256_MR];
+    __m256 acc0[A256_MR], acc1[A256_MR];
+    for (int r = 0; r < A256_MR; r++) {
+        ar[r] = a + (r < mr ? r : mr - 1) * lda;
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        for (int r = 0; r < A256_MR; r++) {
+            __m256 x = _mm256_set1_ps(ar[r][p]);
+            acc0[r] = _mm256_fmadd_ps(x, b0, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(x, b1, acc1[r]);
+        }
+        b += A256_NR;
+    }
+    store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, NULL);
+}
 #endif /* FO_X86 */
 
 static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic};
@@ -901,10 +923,11 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
 #if FO_X86
-        if (kn == &KERN_AVX512 && csa == 1) {             /* row-major A: read in place */
+        if (kn != &KERN_GENERIC && csa == 1) {            /* row-major A: read in place */
             for (int jp = 0; jp < npanels; jp++)
-                ukern_avx512_rows(K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K,
-                                  C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c);
+                (kn == &KERN_AVX512 ? ukern_avx512_rows : ukern_avx2_rows)(
+                    K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
+                    mr, imin(NR, N - jp * NR), load_c);
             continue;
         }
 #endif
