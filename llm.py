@@ -2449,9 +2449,10 @@ def kernel_choice() -> dict:
 
 
 def _use(family) -> bool:
+    if _backend == "fastops" or xp is not numpy:
+        return True
     choice = kernel_choice()
-    return (_backend == "fastops" or xp is not numpy or
-            choice.get("step", {}).get("use", True) and choice.get(family, {}).get("use", True))
+    return choice.get("step", {}).get("use", True) and choice.get(family, {}).get("use", True)
 
 
 def kernels_in_use() -> dict:
