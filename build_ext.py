@@ -85,9 +85,11 @@ def compile_flags(openmp, platform=None):
     GCC contracts a*b+c into FMAs only outside strict ISO mode) and
     -ffp-contract=fast for every compiler, so the portable kernels get fused
     multiply-adds too (NEON on ARM); -fno-math-errno lets sqrtf vectorise (fastops
-    never reads errno); FO_EXTRA_CFLAGS is added everywhere."""
+    never reads errno), -fno-trapping-math the clamps in exp's loops (without
+    it GCC leaves exp scalar for AVX2: fastops never enables FP traps; no
+    result changes); FO_EXTRA_CFLAGS is added everywhere."""
     platform = platform or sys.platform
-    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno"]
+    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
     ldflags = []
     if openmp and platform == "darwin":        # Apple clang: libomp's driver flags
         cflags += ["-Xpreprocessor", "-fopenmp"]

@@ -2391,7 +2391,7 @@ def _calibration_work():
 
 
 def calibrate() -> dict:
-    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of three
+    """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of five
     blocks of runs for each backend, the blocks taken in turn so that other
     work on the machine weighs on both alike. The products are timed in a
     whole training step, the other kernels as already chosen: OpenBLAS's
@@ -2408,14 +2408,14 @@ def calibrate() -> dict:
     try:
         for family, runs in work.items():
             t = {"fastops": math.inf, "numpy": math.inf}
-            for rep in range(3):
+            for rep in range(5):
                 for backend in t:                           # this family on `backend`, the others as chosen
                     _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
                     if family == "step" and backend == "numpy":
                         _CHOICE = {f: {"use": False} for f in result}
                     _install()
                     if backend == "fastops":
-                        time.sleep(0.12)
+                        time.sleep(0.2)
                     for f in runs:                          # warm-up
                         f()
                     t0 = time.perf_counter()

@@ -531,7 +531,8 @@ def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch)
     prev = llm.set_backend("auto")
     try:
         monkeypatch.setattr(llm, "_CHOICE", {**choice, "linear": {**choice["linear"], "use": False},
-                                             "linear_small": {**choice["linear_small"], "use": True}})
+                                             "linear_small": {**choice["linear_small"], "use": True},
+                                             "step": {**choice["step"], "use": True}})
         rng = np.random.default_rng(0)
         big, small, w = randn(rng, 64, 8), randn(rng, 2, 8), randn(rng, 8, 4)
         assert not isinstance(llm.ops.linear_forward(big, w, None)[1], llm._Kernel)   # NumPy won: NumPy

@@ -19,7 +19,7 @@ import build_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "tests", "fastops_check.c")
-FLAGS = ["-O2", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+FLAGS = ["-O2", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 REQUIRE = os.environ.get("CI") == "true" or os.environ.get("LLM_REQUIRE_ARM") == "1"
 
 
