@@ -238,7 +238,7 @@ static void ukern_avx512(int kc, const float *a, const float *b, float *c,
  * as the product. Rows past mr repeat row mr - 1 (computed, not stored). */
 __attribute__((target("avx512f")))
 static void ukern_avx512_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
-                              ptrdiff_t ldc, int mr, int nr, int load_c) {
+                              ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     const float *ar[A512_MR];
     __m512 acc[A512_MR][2];
     for (int r = 0; r < A512_MR; r++) {
@@ -254,7 +254,7 @@ static void ukern_avx512_rows(int kc, const float *a, ptrdiff_t lda, const float
         }
         b += A512_NR;
     }
-    store_tile_512(acc, c, ldc, mr, nr, load_c, NULL);
+    store_tile_512(acc, c, ldc, mr, nr, load_c, bias);
 }
 
 /* AVX2 + FMA: the classic 6 x 16 tile = 12 ymm accumulators. */
@@ -317,7 +317,7 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
 /* A read in place, as ukern_avx512_rows */
 __attribute__((target("avx2,fma")))
 static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
-                            ptrdiff_t ldc, int mr, int nr, int load_c) {
+                            ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     const float *ar[A256_MR];
     __m256 acc0[A256_MR], acc1[A256_MR];
     for (int r = 0; r < A256_MR; r++) {
@@ -334,7 +334,7 @@ static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *
         }
         b += A256_NR;
     }
-    store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, NULL);
+    store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, bias);
 }
 #endif /* FO_X86 */
 
@@ -358,6 +358,18 @@ static const kern_t *kern(void) {
     return g_kern;
 }
 const char *fo_isa(void) { return kern()->name; }
+
+/* the micro-kernel that reads a row-major A in place, where this ISA has one */
+typedef void (*rows_fn_t)(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
+                          ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias);
+static rows_fn_t rows_kern(const kern_t *kn) {
+#if FO_X86
+    if (kn == &KERN_AVX512) return ukern_avx512_rows;
+    if (kn == &KERN_AVX2) return ukern_avx2_rows;
+#endif
+    (void)kn;
+    return NULL;
+}
 
 /* Force a kernel ("avx512", "avx2", "generic", or "auto"): used by the tests
  * to check every path this CPU can run. Returns 0, or -1 if not supported. */
@@ -459,6 +471,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
     if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
+    rows_fn_t rows_fn = rows_kern(kn);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -493,6 +506,15 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                     int i = ip * MR, mr = imin(MR, M - i);
                     int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
                     if (jp0 >= jp1 || !apack) continue;
+                    if (rows_fn && csa == 1) { /* row-major A: read in place, no packing */
+                        for (int jp = jp0; jp < jp1; jp++) {
+                            int j = jp * NR;
+                            rows_fn(kc, A + i * rsa + pc, rsa, bpack + (size_t)jp * NR * kc,
+                                    C + i * ldc + jc + j, ldc, mr, imin(NR, nc - j),
+                                    accumulate || !first, (first && bias) ? bias + jc + j : NULL);
+                        }
+                        continue;
+                    }
                     pack_a(apack, A + i * rsa + pc * csa, rsa, csa, mr, kc, MR);
                     for (int jp = jp0; jp < jp1; jp++) {
                         int j = jp * NR;
@@ -925,11 +947,11 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
 #if FO_X86
-        if (kn != &KERN_GENERIC && csa == 1) {            /* row-major A: read in place */
+        rows_fn_t rows_fn = rows_kern(kn);
+        if (rows_fn && csa == 1) {                         /* row-major A: read in place */
             for (int jp = 0; jp < npanels; jp++)
-                (kn == &KERN_AVX512 ? ukern_avx512_rows : ukern_avx2_rows)(
-                    K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
-                    mr, imin(NR, N - jp * NR), load_c);
+                rows_fn(K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR,
+                        ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
 #endif

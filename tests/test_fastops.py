@@ -56,6 +56,8 @@ def isa(name):
        seed=st.integers(0, 2**16))
 @example(M=257, K=383, N=129, bias=True, path=ISAS[0], seed=0)
 @example(M=768, K=128, N=384, bias=True, path=ISAS[0], seed=1)
+@example(M=100, K=777, N=70, bias=True, path=ISAS[0], seed=2)             # k in blocks: bias once, then C added
+@example(M=100, K=777, N=70, bias=True, path=ISAS[min(1, len(ISAS) - 1)], seed=3)
 def test_linear_matches_float64_reference(M, K, N, bias, path, seed):
     rng = np.random.default_rng(seed)
     x, w, dy = randn(rng, M, K), randn(rng, K, N), randn(rng, M, N)
