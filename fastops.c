@@ -425,7 +425,10 @@ FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
         for (int p = 0; p < kc; p++) {
             const float *src = B + p * rsb;
             float *d = dst + p * NR;
-            memcpy(d, src, (size_t)nr * sizeof(float));
+            /* a copy of known size is inlined, not a call to memcpy per 64 bytes */
+            if (nr == 16) memcpy(d, src, 16 * sizeof(float));
+            else if (nr == 32) memcpy(d, src, 32 * sizeof(float));
+            else memcpy(d, src, (size_t)nr * sizeof(float));
             for (int j = nr; j < NR; j++) d[j] = 0.0f;
         }
     } else { /* B = W^T: read W's rows contiguously, scatter with stride NR */
