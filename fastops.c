@@ -394,16 +394,27 @@ int fo_set_isa(const char *name) {
 /* X.W, dY.W^T and X^T.dY: the transposes are absorbed here, at O(n^2) cost. */
 /* ------------------------------------------------------------------------ */
 
+/* n floats: a copy of a tile's width (known size) is inlined, not a call to
+ * memcpy for every 24 or 64 bytes of a packed panel */
+FO_INLINE void copy_floats(float *d, const float *src, int n) {
+    switch (n) {
+    case 4: memcpy(d, src, 4 * sizeof(float)); break;
+    case 6: memcpy(d, src, 6 * sizeof(float)); break;
+    case 12: memcpy(d, src, 12 * sizeof(float)); break;
+    case 16: memcpy(d, src, 16 * sizeof(float)); break;
+    case 32: memcpy(d, src, 32 * sizeof(float)); break;
+    default: memcpy(d, src, (size_t)n * sizeof(float));
+    }
+}
+
 /* A micro-panel: rows [0, mr) x k [0, kc) of A  ->  dst[p*MR + r], zero padded */
 FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                    int mr, int kc, int MR) {
     if (rsa == 1) { /* A^T case: each k step reads mr contiguous floats */
         for (int p = 0; p < kc; p++) {
-            const float *src = A + p * csa;
             float *d = dst + p * MR;
-            int r = 0;
-            for (; r < mr; r++) d[r] = src[r];
-            for (; r < MR; r++) d[r] = 0.0f;
+            copy_floats(d, A + p * csa, mr);
+            for (int r = mr; r < MR; r++) d[r] = 0.0f;
         }
     } else { /* row-major A: read each row along k, write with stride MR */
         for (int r = 0; r < MR; r++) {
@@ -425,10 +436,7 @@ FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
         for (int p = 0; p < kc; p++) {
             const float *src = B + p * rsb;
             float *d = dst + p * NR;
-            /* a copy of known size is inlined, not a call to memcpy per 64 bytes */
-            if (nr == 16) memcpy(d, src, 16 * sizeof(float));
-            else if (nr == 32) memcpy(d, src, 32 * sizeof(float));
-            else memcpy(d, src, (size_t)nr * sizeof(float));
+            copy_floats(d, src, nr);
             for (int j = nr; j < NR; j++) d[j] = 0.0f;
         }
     } else { /* B = W^T: read W's rows contiguously, scatter with stride NR */
