@@ -2398,23 +2398,22 @@ def calibrate() -> dict:
     threads spin for ~0.1 s after each product and take the cores from the
     OpenMP kernels that run next (measured here: attention, LayerNorm and
     GELU 2x slower in a step whose products are NumPy's). A fastops block
-    starts after a pause, for the same reason. Last, "step": that step with
-    the kernels so chosen against the step all in NumPy, which no mix of
-    single choices measures; where all NumPy wins, no kernel is used."""
+    starts after a pause, for the same reason. The step is also timed all in
+    NumPy, in turn with the other two: "step" is the step with the kernels
+    so chosen against that, which no mix of single choices measures; where
+    all NumPy wins, no kernel is used."""
     global _chosen, _CHOICE
     saved, result = (_chosen, _CHOICE), {}
-    work = _calibration_work()
-    work["step"] = work["linear"]
     try:
-        for family, runs in work.items():
-            t = {"fastops": math.inf, "numpy": math.inf}
+        for family, runs in _calibration_work().items():
+            arms = ("fastops", "numpy", "all numpy") if family == "linear" else ("fastops", "numpy")
+            t = dict.fromkeys(arms, math.inf)
             for rep in range(5):
-                for backend in t:                           # this family on `backend`, the others as chosen
-                    _chosen, _CHOICE = "auto", {**result, family: {"use": backend == "fastops"}}
-                    if family == "step" and backend == "numpy":
-                        _CHOICE = {f: {"use": False} for f in result}
+                for arm in arms:                            # this family on `arm`, the others as chosen
+                    _chosen, _CHOICE = "auto", ({"step": {"use": False}} if arm == "all numpy"
+                                                else {**result, family: {"use": arm == "fastops"}})
                     _install()
-                    if backend == "fastops":
+                    if arm == "fastops":
                         time.sleep(0.2)
                     for f in runs:                          # warm-up
                         f()
@@ -2422,8 +2421,11 @@ def calibrate() -> dict:
                     for _ in range(3):
                         for f in runs:
                             f()
-                    t[backend] = min(t[backend], (time.perf_counter() - t0) / 3)
-            result[family] = {**t, "use": t["fastops"] < t["numpy"]}
+                    t[arm] = min(t[arm], (time.perf_counter() - t0) / 3)
+            result[family] = {"fastops": t["fastops"], "numpy": t["numpy"], "use": t["fastops"] < t["numpy"]}
+            if family == "linear":                          # the last: the step as chosen, against all NumPy
+                chosen = min(t["fastops"], t["numpy"])
+                result["step"] = {"fastops": chosen, "numpy": t["all numpy"], "use": chosen < t["all numpy"]}
     finally:
         _chosen, _CHOICE = saved
         _install()
