@@ -482,7 +482,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
     if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
-    rows_fn_t rows_fn = rows_kern(kn);
+    rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -517,7 +517,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                     int i = ip * MR, mr = imin(MR, M - i);
                     int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
                     if (jp0 >= jp1 || !apack) continue;
-                    if (rows_fn && csa == 1) { /* row-major A: read in place, no packing */
+                    if (rows_fn) {
                         for (int jp = jp0; jp < jp1; jp++) {
                             int j = jp * NR;
                             rows_fn(kc, A + i * rsa + pc, rsa, bpack + (size_t)jp * NR * kc,
@@ -955,17 +955,15 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     for (int jp = 0; jp < npanels; jp++)
         pack_b(bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
                imin(NR, N - jp * NR), K, NR);
+    rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
-#if FO_X86
-        rows_fn_t rows_fn = rows_kern(kn);
-        if (rows_fn && csa == 1) {                         /* row-major A: read in place */
+        if (rows_fn) {
             for (int jp = 0; jp < npanels; jp++)
                 rows_fn(K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR,
                         ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
-#endif
         pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
         for (int jp = 0; jp < npanels; jp++)
             kn->fn(K, apack, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
