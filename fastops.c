@@ -62,10 +62,13 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
                         float *dw, float *db, int M, int K, int N);
 void fo_colsum(const float *dy, float *db, int M, int N);
 void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D);
+                          float *lse, int B, int H, int T, int D, ptrdiff_t sb, ptrdiff_t sh,
+                          ptrdiff_t st, ptrdiff_t yb, ptrdiff_t yh, ptrdiff_t yt);
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
-                           float *dq, float *dk, float *dv, int B, int H, int T, int D);
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D,
+                           ptrdiff_t sb, ptrdiff_t sh, ptrdiff_t st, ptrdiff_t yb,
+                           ptrdiff_t yh, ptrdiff_t yt);
 void fo_gelu_forward(const float *x, float *y, long n);
 void fo_gelu_backward(const float *dy, const float *x, float *dx, long n);
 void fo_layernorm_forward(const float *x, const float *w, const float *b, float *y,
@@ -986,8 +989,8 @@ static size_t pack_floats(int D) {
  * exp(s - m) and the unnormalised output acc; rescale when m grows. */
 FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
                            const float *V, float *Y, float *LSE, int T, int D,
-                           int i0, float scale, float *S, float *acc, float *mrow,
-                           float *lrow, float *apack, float *bpack) {
+                           ptrdiff_t ld, ptrdiff_t ldy, int i0, float scale, float *S,
+                           float *acc, float *mrow, float *lrow, float *apack, float *bpack) {
     int nq = imin(BQ, T - i0);
     for (int r = 0; r < nq; r++) { mrow[r] = -INFINITY; lrow[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * nq * D);
@@ -995,8 +998,8 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
     for (int j0 = 0; j0 < jend; j0 += BK) {
         int nk = imin(BK, jend - j0);
         /* S = Q_i . K_j^T  (nq x nk), K_j^T read through strides */
-        small_gemm(kn, nq, nk, D, Q + (size_t)i0 * D, D, 1, K + (size_t)j0 * D, 1, D,
-                   S, BK, 0, apack, bpack);
+        small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, K + j0 * ld, 1, ld, S, BK, 0, apack,
+                   bpack);
         for (int r = 0; r < nq; r++) {
             float *s = S + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
@@ -1017,12 +1020,11 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int d = 0; d < D; d++) a[d] *= alpha;
         }
         /* acc += P . V_j */
-        small_gemm(kn, nq, D, nk, S, BK, 1, V + (size_t)j0 * D, D, 1, acc, D, 1, apack,
-                   bpack);
+        small_gemm(kn, nq, D, nk, S, BK, 1, V + j0 * ld, ld, 1, acc, D, 1, apack, bpack);
     }
     for (int r = 0; r < nq; r++) {
         float inv = 1.0f / lrow[r];
-        float *y = Y + (size_t)(i0 + r) * D;
+        float *y = Y + (i0 + r) * ldy;
         for (int d = 0; d < D; d++) y[d] = acc[r * D + d] * inv;
         LSE[i0 + r] = mrow[r] + logf(lrow[r]);
     }
@@ -1038,18 +1040,18 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
 FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
                            const float *V, const float *dY, const float *LSE,
                            const float *Di, float *dQ, float *dK, float *dV, int T,
-                           int D, int j0, float scale, float *P, float *dP,
-                           float *apack, float *bpack) {
+                           int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldq, int j0,
+                           float scale, float *P, float *dP, float *apack, float *bpack) {
     int nk = imin(BK, T - j0);
-    memset(dK + (size_t)j0 * D, 0, sizeof(float) * nk * D);
-    memset(dV + (size_t)j0 * D, 0, sizeof(float) * nk * D);
+    for (int r = j0; r < j0 + nk; r++) {
+        memset(dK + r * ldy, 0, sizeof(float) * D);
+        memset(dV + r * ldy, 0, sizeof(float) * D);
+    }
     for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
         int nq = imin(BQ, T - i0);
-        const float *Qi = Q + (size_t)i0 * D, *dYi = dY + (size_t)i0 * D;
-        small_gemm(kn, nq, nk, D, Qi, D, 1, K + (size_t)j0 * D, 1, D, P, BK, 0, apack,
-                   bpack);
-        small_gemm(kn, nq, nk, D, dYi, D, 1, V + (size_t)j0 * D, 1, D, dP, BK, 0, apack,
-                   bpack);
+        const float *Qi = Q + i0 * ld, *dYi = dY + i0 * ldy;
+        small_gemm(kn, nq, nk, D, Qi, ld, 1, K + j0 * ld, 1, ld, P, BK, 0, apack, bpack);
+        small_gemm(kn, nq, nk, D, dYi, ldy, 1, V + j0 * ld, 1, ld, dP, BK, 0, apack, bpack);
         for (int r = 0; r < nq; r++) {
             float *p = P + r * BK, *dp = dP + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1);
@@ -1061,14 +1063,12 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int c = 0; c < nk; c++) dp[c] = p[c] * (dp[c] - di) * scale;
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
-        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, D, 1, dV + (size_t)j0 * D, D, 1, apack,
-                   bpack);
+        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldy, ldy, 1, apack, bpack);
         /* dK_j += dS^T . Q_i */
-        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, D, 1, dK + (size_t)j0 * D, D, 1, apack,
-                   bpack);
+        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldy, ldy, 1, apack, bpack);
         /* dQ_i += dS . K_j */
-        small_gemm(kn, nq, D, nk, dP, BK, 1, K + (size_t)j0 * D, D, 1, dQ + (size_t)i0 * D,
-                   D, 1, apack, bpack);
+        small_gemm(kn, nq, D, nk, dP, BK, 1, K + j0 * ld, ld, 1, dQ + i0 * ldq, ldq, 1, apack,
+                   bpack);
     }
 }
 
@@ -1076,13 +1076,15 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
  * compiled for AVX-512 and AVX2 so that their element-wise loops (exp,
  * scaling, max, sum, packing) use the wide vectors too. */
 #define FWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
-    float *Y, float *LSE, int T, int D, int i0, float scale, float *S, float *acc, \
-    float *mrow, float *lrow, float *apack, float *bpack
-#define FWD_CALL kn, Q, K, V, Y, LSE, T, D, i0, scale, S, acc, mrow, lrow, apack, bpack
+    float *Y, float *LSE, int T, int D, ptrdiff_t ld, ptrdiff_t ldy, int i0, float scale, \
+    float *S, float *acc, float *mrow, float *lrow, float *apack, float *bpack
+#define FWD_CALL kn, Q, K, V, Y, LSE, T, D, ld, ldy, i0, scale, S, acc, mrow, lrow, apack, bpack
 #define BWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
     const float *dY, const float *LSE, const float *Di, float *dQ, float *dK, float *dV, \
-    int T, int D, int j0, float scale, float *P, float *dP, float *apack, float *bpack
-#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, j0, scale, P, dP, apack, bpack
+    int T, int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldq, int j0, float scale, float *P, \
+    float *dP, float *apack, float *bpack
+#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldq, j0, scale, P, dP, \
+    apack, bpack
 typedef void (*attn_fwd_fn)(FWD_ARGS);
 typedef void (*attn_bwd_fn)(BWD_ARGS);
 #define DEFINE_ATTN(SUFFIX, TARGET) \
@@ -1103,8 +1105,13 @@ static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd) {
 #endif
 }
 
+/* q, k, v are (B, H, T, D) with element strides (sb, sh, st, 1); y, dy and
+ * dq, dk, dv with (yb, yh, yt, 1): the heads are read where the model keeps
+ * them (side by side in each row of c_attn's output) and written side by
+ * side in rows, as c_proj reads them, not copied to (B, H, T, D) and back. */
 void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                          float *lse, int B, int H, int T, int D) {
+                          float *lse, int B, int H, int T, int D, ptrdiff_t sb, ptrdiff_t sh,
+                          ptrdiff_t st, ptrdiff_t yb, ptrdiff_t yh, ptrdiff_t yt) {
     const kern_t *kn = kern();
     attn_fwd_fn fwd_block;
     attn_bwd_fn bwd_block;
@@ -1127,10 +1134,10 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 #endif
         for (long t = 0; t < ntasks; t++) {
             int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
-            size_t off = (size_t)bh * T * D;
+            ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             if (ok)
-                fwd_block(kn, q + off, k + off, v + off, y + off, lse + (size_t)bh * T, T,
-                          D, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
+                fwd_block(kn, q + off, k + off, v + off, y + yoff, lse + (size_t)bh * T, T,
+                          D, st, yt, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
         }
         fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
         fo_free(apack); fo_free(bpack);
@@ -1139,7 +1146,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 
 void fo_attention_backward(const float *dy, const float *q, const float *k,
                            const float *v, const float *y, const float *lse,
-                           float *dq, float *dk, float *dv, int B, int H, int T, int D) {
+                           float *dq, float *dk, float *dv, int B, int H, int T, int D,
+                           ptrdiff_t sb, ptrdiff_t sh, ptrdiff_t st, ptrdiff_t yb,
+                           ptrdiff_t yh, ptrdiff_t yt) {
     const kern_t *kn = kern();
     attn_fwd_fn fwd_block;
     attn_bwd_fn bwd_block;
@@ -1151,8 +1160,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     if ((double)BH * T * T * D <= 1e5) nthreads = 1;
     /* With enough heads, one task = one head and dQ is written directly.
      * With few heads (e.g. B*H = 1 at T = 2048) tasks are (head, key block)
-     * and each thread accumulates dQ in a private copy, summed at the end:
-     * extra memory = nthreads * |q| (still linear in T). */
+     * and each thread accumulates dQ in a private copy ((B*H, T, D), packed),
+     * summed at the end: extra memory = nthreads * |q| (still linear in T). */
     int split = nthreads > 1 && BH < 4 * nthreads;
     int per_head = split ? nkb : 1;
     float *Di = fo_alloc((size_t)BH * T);
@@ -1172,40 +1181,51 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #pragma omp for schedule(static)
 #endif
         for (long row = 0; row < (long)BH * T; row++) {
-            const float *a = dy + (size_t)row * D, *b = y + (size_t)row * D;
-            Di[row] = row_dot(a, b, D);
+            int bh = (int)(row / T), t = (int)(row % T);
+            ptrdiff_t o = (bh / H) * yb + (bh % H) * yh + t * yt;
+            Di[row] = row_dot(dy + o, y + o, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
         else {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (long bh = 0; bh < BH; bh++)
-                memset(dq + (size_t)bh * T * D, 0, sizeof(float) * T * D);
+            for (long row = 0; row < (long)BH * T; row++) {
+                int bh = (int)(row / T), t = (int)(row % T);
+                memset(dq + (bh / H) * yb + (bh % H) * yh + t * yt, 0, sizeof(float) * D);
+            }
         }
+        /* Tasks in turn to the threads, not to whichever is free: which
+         * key blocks a thread adds into its private dQ, and so the order of
+         * the final sum, must not depend on timing (the same bits every run). */
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static, 1)
 #endif
         for (long t = 0; t < ntasks; t++) {
             /* key block 0 sees every query: do the big ones first */
             int bh = (int)(t % BH), jb_first = (int)(t / BH);
             int jb_last = split ? jb_first : nkb - 1;
-            size_t off = (size_t)bh * T * D;
+            ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
+            float *dqh = split ? dqt + (size_t)bh * T * D : dq + yoff;
             for (int jb = jb_first; ok && jb <= jb_last; jb++)
-                bwd_block(kn, q + off, k + off, v + off, dy + off, lse + (size_t)bh * T,
-                               Di + (size_t)bh * T, dqt + off, dk + off, dv + off, T, D,
-                               jb * BK, scale, P, dP, apack, bpack);
+                bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
+                          Di + (size_t)bh * T, dqh, dk + yoff, dv + yoff, T, D, st, yt,
+                          split ? D : yt, jb * BK, scale, P, dP, apack, bpack);
         }
         if (split) {
             /* (implicit barrier above) sum the private dQ copies */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (long x = 0; x < (long)n; x++) {
-                float s = 0.0f;
-                for (int th = 0; th < nthreads; th++) s += dqpriv[n * th + x];
-                dq[x] = s;
+            for (long row = 0; row < (long)BH * T; row++) {
+                int bh = (int)(row / T), t = (int)(row % T);
+                float *d = dq + (bh / H) * yb + (bh % H) * yh + t * yt;
+                for (int c = 0; c < D; c++) {
+                    float s = 0.0f;
+                    for (int th = 0; th < nthreads; th++) s += dqpriv[n * th + row * D + c];
+                    d[c] = s;
+                }
             }
         }
         fo_free(P); fo_free(dP); fo_free(apack); fo_free(bpack);
@@ -2015,10 +2035,26 @@ static int attn_dm(int BH, int T, int D, const char *where) {
     return 0;
 }
 
+/* the GPU kernels read and write heads packed, (B, H, T, D): llm.py passes them so */
+static int attn_packed(int H, int T, int D, ptrdiff_t sb, ptrdiff_t sh, ptrdiff_t st,
+                       ptrdiff_t yb, ptrdiff_t yh, ptrdiff_t yt, const char *where) {
+    ptrdiff_t packed[3] = {(ptrdiff_t)H * T * D, (ptrdiff_t)T * D, D};
+    if (sb == packed[0] && sh == packed[1] && st == packed[2] && yb == packed[0] &&
+        yh == packed[1] && yt == packed[2])
+        return 1;
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s: heads must be packed (B, H, T, D) on the GPU", where);
+    fo_fail(msg);
+    return 0;
+}
+
 extern "C" void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
-                                     float *lse, int B, int H, int T, int D) {
+                                     float *lse, int B, int H, int T, int D, ptrdiff_t sb,
+                                     ptrdiff_t sh, ptrdiff_t st, ptrdiff_t yb, ptrdiff_t yh,
+                                     ptrdiff_t yt) {
     int BH = B * H;
     if (BH <= 0 || T <= 0) return;
+    if (!attn_packed(H, T, D, sb, sh, st, yb, yh, yt, "fo_attention_forward")) return;
     int dm = attn_dm(BH, T, D, "fo_attention_forward");
     dim3 grid(cdiv(T, AQ), BH);
     float scale2 = LOG2E / sqrtf((float)D);
@@ -2035,9 +2071,11 @@ static size_t fo_scratch_n;
 extern "C" void fo_attention_backward(const float *dy, const float *q, const float *k,
                                       const float *v, const float *y, const float *lse,
                                       float *dq, float *dk, float *dv, int B, int H, int T,
-                                      int D) {
+                                      int D, ptrdiff_t sb, ptrdiff_t sh, ptrdiff_t st,
+                                      ptrdiff_t yb, ptrdiff_t yh, ptrdiff_t yt) {
     int BH = B * H;
     if (BH <= 0 || T <= 0) return;
+    if (!attn_packed(H, T, D, sb, sh, st, yb, yh, yt, "fo_attention_backward")) return;
     int dm = attn_dm(BH, T, D, "fo_attention_backward");
     size_t n = (size_t)BH * T;
     if (n > fo_scratch_n) {

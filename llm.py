@@ -671,8 +671,8 @@ class GPT:
         dy = self.linear_backward(n + "attn.c_proj", dropout_backward(dx.reshape(B * T, C), c[n + "attn.drop"]), grads)
         dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
         dq, dk, dv = ops.attention_backward(dy, c[n + "attn"])
-        dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
-        da = self.linear_backward(n + "attn.c_attn", dqkv, grads)
+        dqkv = xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        da = self.linear_backward(n + "attn.c_attn", dqkv.reshape(B * T, 3 * C), grads)
         da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da.reshape(B, T, C), c[n + "ln_1"])
         return dx + da
 
@@ -2023,9 +2023,10 @@ def _install():
 
 # ---- checks before C ---------------------------------------------------------
 
-def _f32(name, a, ndim=None, shape=None, allow_transposed=False):
+def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     """A float32 array of `ndim` dims (or of `shape`), C-contiguous (copied if
-    not; a transposed matrix, Fortran-ordered, passes as is if allowed)."""
+    not; a transposed matrix, Fortran-ordered, passes as is if allowed; with
+    strided, on the CPU, any array whose last axis is contiguous)."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
     if a.dtype != numpy.float32:
@@ -2034,7 +2035,8 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False):
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
-    if a.flags.c_contiguous or (allow_transposed and a.flags.f_contiguous):
+    if a.flags.c_contiguous or (allow_transposed and a.flags.f_contiguous) or (
+            strided and xp is numpy and a.strides[-1] == 4 and min(a.strides) >= 0):
         return a                                        # (0-d arrays too: ascontiguousarray makes them 1-D)
     return xp.ascontiguousarray(a)
 
@@ -2057,6 +2059,8 @@ def _kernels():
 def _ptr(a):
     if xp is not numpy:                                # a GPU array: its device address
         return _cuda.ffi.cast("float *", int(a.data.ptr))
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):   # a strided view: its first element
+        return _fastops.ffi.cast("float *", a.__array_interface__["data"][0])
     # a Fortran-ordered matrix is the C-ordered transpose: same memory
     return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
 
@@ -2122,24 +2126,39 @@ def fo_linear_backward_input(dy, w):
     return _done(dx)
 
 
+def _heads(names, *arrays, shape=None):
+    """(B, H, T, D) float32 arrays for the attention kernels, and their
+    element strides (b, h, t), shared: on the CPU as they are when each row
+    of D is contiguous and all have the same strides (q, k, v as views of
+    c_attn's output), else copied to (B, H, T, D); on the GPU always copied."""
+    first = _f32(names[0], arrays[0], 4 if shape is None else None, shape, strided=True)
+    arrays = [first] + [_f32(n, a, shape=first.shape, strided=True) for n, a in zip(names[1:], arrays[1:])]
+    if xp is not numpy or len({a.strides for a in arrays}) > 1:
+        arrays = [xp.ascontiguousarray(a) for a in arrays]
+    return arrays, [s // 4 for s in arrays[0].strides[:3]]
+
+
 def fo_attention_forward(q, k, v):
-    """Causal attention, q, k, v (B, H, T, D) -> y (B, H, T, D) and each
-    row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
-    q = _f32("q", q, 4)
-    k, v = _f32("k", k, shape=q.shape), _f32("v", v, shape=q.shape)
-    y, lse = xp.empty_like(q), xp.empty(q.shape[:3], numpy.float32)
-    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), *q.shape)
+    """Causal attention, q, k, v (B, H, T, D) -> y (B, H, T, D), on the CPU
+    a view of (B, T, H, D) (heads side by side, as c_proj reads them), and
+    each row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
+    (q, k, v), s = _heads("qkv", q, k, v)
+    B, H, T, D = q.shape
+    y = xp.empty((B, T, H, D), numpy.float32).transpose(0, 2, 1, 3) if xp is numpy else xp.empty_like(q)
+    lse = xp.empty((B, H, T), numpy.float32)
+    _, sy = _heads("y", y)
+    _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D, *s, *sy)
     return _done(y, lse)
 
 
 def fo_attention_backward(dy, q, k, v, y, lse):
-    """-> dq, dk, dv (B, H, T, D)."""
-    q = _f32("q", q, 4)
-    dy, k, v, y = (_f32(n, a, shape=q.shape) for n, a in (("dy", dy), ("k", k), ("v", v), ("y", y)))
+    """-> dq, dk, dv (B, H, T, D), laid out as y."""
+    (q, k, v), s = _heads("qkv", q, k, v)
+    y = _f32("y", y, shape=q.shape, strided=True)
+    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *(xp.empty_like(y) for _ in range(3)))
     lse = _f32("lse", lse, shape=q.shape[:3])
-    dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
-                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape)
+                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)
     return _done(dq, dk, dv)
 
 
@@ -2292,7 +2311,7 @@ def _attention_forward(q, k, v, dropout=0.0, rng=None):
     if not (_f32s(q, k, v) and q.shape == k.shape and (dropout == 0.0 or rng is None)
             and (xp is numpy or q.shape[-1] <= 128) and _use("attention")):
         return attention_forward(q, k, v, dropout, rng)
-    q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))     # copied once, for the backward too
+    (q, k, v), _ = _heads("qkv", q, k, v)                       # (copied, if at all, once)
     y, lse = fo_attention_forward(q, k, v)
     return y, _Kernel((q, k, v, y, lse))
 

@@ -121,8 +121,8 @@ static void check_attention(int BH, int T, int D) {
             }
         }
     }
-    fo_attention_forward(q, k, v, y, lse, 1, BH, T, D);
-    fo_attention_backward(dy, q, k, v, y, lse, dq, dk, dv, 1, BH, T, D);
+    fo_attention_forward(q, k, v, y, lse, 1, BH, T, D, n, T * D, D, n, T * D, D);
+    fo_attention_backward(dy, q, k, v, y, lse, dq, dk, dv, 1, BH, T, D, n, T * D, D, n, T * D, D);
     char what[120];
     double tol = ktol(D > T ? D : T);
     snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: y", fo_isa(), BH, T, D);

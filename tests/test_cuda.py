@@ -71,7 +71,8 @@ def test_cuda_build_compiles_and_loads(tmp_path):
     lib = ffi.dlopen(path)
     assert ffi.string(lib.fo_isa()) == b"cuda"
     assert lib.fo_cuda_error() == ffi.NULL
-    lib.fo_attention_forward(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 129)
+    lib.fo_attention_forward(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 129,
+                             *(4 * 129, 4 * 129, 129) * 2)             # packed heads
     msg = lib.fo_cuda_error()
     assert msg != ffi.NULL and b"head size 129" in ffi.string(msg)
     assert lib.fo_cuda_error() == ffi.NULL             # reading the error clears it

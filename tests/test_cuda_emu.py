@@ -206,14 +206,20 @@ def test_linear_matches_float64(emu, M, K, N, with_dx, with_db, seed):
 
 # ---- attention --------------------------------------------------------------------------
 
+def packed(H, T, D):
+    """The element strides (b, h, t) of packed (B, H, T, D) heads, for q, k, v and for y:
+    the only layout the GPU kernels take."""
+    return (H * T * D, T * D, D) * 2
+
+
 def check_attention(emu, B, H, T, D, seed):
     rng = np.random.default_rng(seed)
     schedule(emu, seed)
     q, k, v, dy = (guarded_randn(rng, B, H, T, D) for _ in range(4))
     y, dq, dk, dv = (nans(B, H, T, D) for _ in range(4))
     lse = nans(B, H, T)
-    emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D)
-    emu("fo_attention_backward", dy, q, k, v, y, lse, dq, dk, dv, B, H, T, D)
+    emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D, *packed(H, T, D))
+    emu("fo_attention_backward", dy, q, k, v, y, lse, dq, dk, dv, B, H, T, D, *packed(H, T, D))
     ref_y, ref_lse, *ref_grads = attention_reference(q, k, v, dy)
     close(y, ref_y, T)
     close(lse, ref_lse, T)
@@ -287,13 +293,16 @@ def test_layernorm_matches_float64(emu, M, C, seed):
 def test_error_messages(emu):
     """Unsupported shapes are reported through fo_cuda_error, and reading clears it."""
     ffi, lib, null = emu.ffi, emu.lib, emu.ffi.NULL
-    lib.fo_attention_forward(null, null, null, null, null, 1, 1, 4, 129)
+    lib.fo_attention_forward(null, null, null, null, null, 1, 1, 4, 129, *packed(1, 4, 129))
     assert "fo_attention_forward: head size 129 > 128" in emu.error()
     assert emu.error() is None
-    lib.fo_attention_backward(null, null, null, null, null, null, null, null, null, 1, 1, 4, 129)
+    lib.fo_attention_backward(null, null, null, null, null, null, null, null, null, 1, 1, 4, 129,
+                              *packed(1, 4, 129))
     assert "fo_attention_backward: head size 129 > 128" in emu.error()
-    lib.fo_attention_forward(null, null, null, null, null, 65536, 1, 4, 64)
+    lib.fo_attention_forward(null, null, null, null, null, 65536, 1, 4, 64, *packed(1, 4, 64))
     assert "B*H > 65535" in emu.error()
+    lib.fo_attention_forward(null, null, null, null, null, 1, 2, 4, 64, *packed(2, 4, 64)[:3], 3 * 64, 64, 2 * 64)
+    assert "fo_attention_forward: heads must be packed (B, H, T, D) on the GPU" in emu.error()
     lib.fo_sgemm(128 * 65535 + 1, 1, 1, null, 1, 1, null, 1, 1, null, 1, 0, null)
     assert "M too large" in emu.error()
     assert lib.fo_cuda_sync() == ffi.NULL              # nothing pending: the sync succeeds
@@ -331,9 +340,9 @@ def sanitizer_workload(emu):
                        (1, 1, 40, 128)]:
         q, k, v, dy = (buf(B, H, T, D) for _ in range(4))
         y, lse = buf(B, H, T, D, fill=False), buf(B, H, T, fill=False)
-        emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D)
+        emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D, *packed(H, T, D))
         emu("fo_attention_backward", dy, q, k, v, y, lse, buf(B, H, T, D, fill=False),
-            buf(B, H, T, D, fill=False), buf(B, H, T, D, fill=False), B, H, T, D)
+            buf(B, H, T, D, fill=False), buf(B, H, T, D, fill=False), B, H, T, D, *packed(H, T, D))
     assert np.isfinite(y).all()
     for M, C in [(1, 1), (9, 33), (3, 768)]:
         x, dy = buf(M, C), buf(M, C)

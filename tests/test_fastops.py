@@ -116,6 +116,34 @@ def test_attention_matches_float64_reference(B, H, T, D, path, seed):
 
 
 @FAST
+@given(B=st.integers(1, 3), H=st.integers(1, 3), T=T_SIZES, D=D_SIZES, pad=st.integers(0, 5),
+       path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(B=1, H=1, T=300, D=64, pad=3, path=ISAS[0], seed=0)  # few heads: dq per-thread copies
+@example(B=4, H=4, T=70, D=32, pad=0, path=ISAS[0], seed=0)   # many heads: one task per head
+def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path, seed):
+    """q, k, v as views of c_attn's output rows (B, T, 3C, with `pad` more
+    floats per row), dy as a view of c_proj's (B, T, C): the kernels read
+    them in place and give the same bits as on packed (B, H, T, D) copies,
+    y and the gradients laid out as c_proj reads them (heads side by side)."""
+    rng = np.random.default_rng(seed)
+    rows = randn(rng, B, T, 3 * H * D + pad)
+    q, k, v = rows[..., :3 * H * D].reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
+    dy = randn(rng, B, T, H, D).transpose(0, 2, 1, 3)
+    with isa(path):
+        y, lse = llm.fo_attention_forward(q, k, v)
+        grads = llm.fo_attention_backward(dy, q, k, v, y, lse)
+        packed = [np.ascontiguousarray(a) for a in (q, k, v)]
+        y2, lse2 = llm.fo_attention_forward(*packed)
+        grads2 = llm.fo_attention_backward(np.ascontiguousarray(dy), *packed, np.ascontiguousarray(y2), lse2)
+    for a in (y, *grads):
+        assert a.transpose(0, 2, 1, 3).flags.c_contiguous             # (B, T, H, D) in memory
+    assert grads2[0].flags.c_contiguous                                 # as the packed y passed in
+    for got, want in zip((y, lse, *grads), (y2, lse2, *grads2)):
+        np.testing.assert_array_equal(got, want)
+    close(y, attention_reference(q, k, v, dy)[0], D)
+
+
+@FAST
 @given(T=T_SIZES, D=D_SIZES, seed=st.integers(0, 2**16))
 def test_attention_is_a_convex_combination_of_past_values(T, D, seed):
     rng = np.random.default_rng(seed)
