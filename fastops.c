@@ -1072,6 +1072,14 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
     }
 }
 
+/* rows [r0, r1) of D floats, ld apart, to or from packed rows (D apart) */
+static void gather_rows(float *dst, const float *src, int r0, int r1, int D, ptrdiff_t ld) {
+    for (int r = r0; r < r1; r++) memcpy(dst + (size_t)r * D, src + r * ld, sizeof(float) * D);
+}
+static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int r1, int D) {
+    for (int r = r0; r < r1; r++) memcpy(dst + r * ld, src + (size_t)r * D, sizeof(float) * D);
+}
+
 /* ---- per-ISA attention: the block functions above, inlined into copies
  * compiled for AVX-512 and AVX2 so that their element-wise loops (exp,
  * scaling, max, sum, packing) use the wide vectors too. */
@@ -1119,6 +1127,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     int BH = B * H, nqb = ceil_div(T, BQ);
     float scale = 1.0f / sqrtf((float)D);
     long ntasks = (long)BH * nqb;
+    int packed = st == D;
 #ifdef _OPENMP
 #pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
@@ -1126,7 +1135,11 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
         float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
-        int ok = S && acc && mrow && lrow && apack && bpack;
+        /* a head's rows, packed: read from rows a whole c_attn row apart,
+         * the tiles' rows share a few cache sets and evict each other */
+        float *hq = packed ? NULL : fo_alloc((size_t)3 * T * D);
+        float *hk = hq ? hq + (size_t)T * D : NULL, *hv = hq ? hk + (size_t)T * D : NULL;
+        int ok = S && acc && mrow && lrow && apack && bpack && (packed || hq);
         /* Tasks = (head, query block), the costliest (last) blocks first so
          * the dynamic schedule ends balanced. */
 #ifdef _OPENMP
@@ -1135,10 +1148,20 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         for (long t = 0; t < ntasks; t++) {
             int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
-            if (ok)
+            int i0 = ib * BQ, i1 = imin(T, i0 + BQ);
+            if (!ok) continue;
+            if (packed) {
                 fwd_block(kn, q + off, k + off, v + off, y + yoff, lse + (size_t)bh * T, T,
-                          D, st, yt, ib * BQ, scale, S, acc, mrow, lrow, apack, bpack);
+                          D, st, yt, i0, scale, S, acc, mrow, lrow, apack, bpack);
+                continue;
+            }
+            gather_rows(hq, q + off, i0, i1, D, st); /* keys and values up to the last query */
+            gather_rows(hk, k + off, 0, i1, D, st);
+            gather_rows(hv, v + off, 0, i1, D, st);
+            fwd_block(kn, hq, hk, hv, y + yoff, lse + (size_t)bh * T, T, D, D, yt, i0, scale,
+                      S, acc, mrow, lrow, apack, bpack);
         }
+        fo_free(hq);
         fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
         fo_free(apack); fo_free(bpack);
     }
@@ -1163,6 +1186,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
      * and each thread accumulates dQ in a private copy ((B*H, T, D), packed),
      * summed at the end: extra memory = nthreads * |q| (still linear in T). */
     int split = nthreads > 1 && BH < 4 * nthreads;
+    int packed = split || (st == D && yt == D); /* else each head is gathered, as forward */
     int per_head = split ? nkb : 1;
     float *Di = fo_alloc((size_t)BH * T);
     float *dqpriv = split ? fo_alloc(n * nthreads) : NULL;
@@ -1174,7 +1198,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     {
         float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
-        int ok = P && dP && apack && bpack;
+        float *h = packed ? NULL : fo_alloc((size_t)7 * T * D); /* q k v dy dq dk dv */
+        int ok = P && dP && apack && bpack && (packed || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
         /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
 #ifdef _OPENMP
@@ -1208,10 +1233,27 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             int jb_last = split ? jb_first : nkb - 1;
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             float *dqh = split ? dqt + (size_t)bh * T * D : dq + yoff;
-            for (int jb = jb_first; ok && jb <= jb_last; jb++)
-                bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
-                          Di + (size_t)bh * T, dqh, dk + yoff, dv + yoff, T, D, st, yt,
-                          split ? D : yt, jb * BK, scale, P, dP, apack, bpack);
+            if (!ok) continue;
+            if (packed) {
+                for (int jb = jb_first; jb <= jb_last; jb++)
+                    bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
+                              Di + (size_t)bh * T, dqh, dk + yoff, dv + yoff, T, D, st, yt,
+                              split ? D : yt, jb * BK, scale, P, dP, apack, bpack);
+                continue;
+            }
+            float *g[7];                            /* the whole head (one task, not split) */
+            for (int i = 0; i < 7; i++) g[i] = h + (size_t)i * T * D;
+            gather_rows(g[0], q + off, 0, T, D, st);
+            gather_rows(g[1], k + off, 0, T, D, st);
+            gather_rows(g[2], v + off, 0, T, D, st);
+            gather_rows(g[3], dy + yoff, 0, T, D, yt);
+            memset(g[4], 0, sizeof(float) * T * D);
+            for (int jb = 0; jb < nkb; jb++)
+                bwd_block(kn, g[0], g[1], g[2], g[3], lse + (size_t)bh * T, Di + (size_t)bh * T,
+                          g[4], g[5], g[6], T, D, D, D, D, jb * BK, scale, P, dP, apack, bpack);
+            scatter_rows(dq + yoff, yt, g[4], 0, T, D);
+            scatter_rows(dk + yoff, yt, g[5], 0, T, D);
+            scatter_rows(dv + yoff, yt, g[6], 0, T, D);
         }
         if (split) {
             /* (implicit barrier above) sum the private dQ copies */
@@ -1228,7 +1270,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
                 }
             }
         }
-        fo_free(P); fo_free(dP); fo_free(apack); fo_free(bpack);
+        fo_free(P); fo_free(dP); fo_free(apack); fo_free(bpack); fo_free(h);
     }
     fo_free(Di);
     fo_free(dqpriv);

@@ -2138,13 +2138,21 @@ def _heads(names, *arrays, shape=None):
     return arrays, [s // 4 for s in arrays[0].strides[:3]]
 
 
+def _side_by_side(B, H, T, D):
+    """A new (B, H, T, D) array, on the CPU a view of (B, T, H, D): heads side
+    by side in each row, as c_proj reads them (on the GPU packed)."""
+    if xp is not numpy:
+        return xp.empty((B, H, T, D), numpy.float32)
+    return xp.empty((B, T, H, D), numpy.float32).transpose(0, 2, 1, 3)
+
+
 def fo_attention_forward(q, k, v):
     """Causal attention, q, k, v (B, H, T, D) -> y (B, H, T, D), on the CPU
     a view of (B, T, H, D) (heads side by side, as c_proj reads them), and
     each row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
     (q, k, v), s = _heads("qkv", q, k, v)
     B, H, T, D = q.shape
-    y = xp.empty((B, T, H, D), numpy.float32).transpose(0, 2, 1, 3) if xp is numpy else xp.empty_like(q)
+    y = _side_by_side(B, H, T, D)
     lse = xp.empty((B, H, T), numpy.float32)
     _, sy = _heads("y", y)
     _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D, *s, *sy)
@@ -2152,10 +2160,11 @@ def fo_attention_forward(q, k, v):
 
 
 def fo_attention_backward(dy, q, k, v, y, lse):
-    """-> dq, dk, dv (B, H, T, D), laid out as y."""
+    """-> dq, dk, dv (B, H, T, D), heads side by side as y (else packed)."""
     (q, k, v), s = _heads("qkv", q, k, v)
     y = _f32("y", y, shape=q.shape, strided=True)
-    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *(xp.empty_like(y) for _ in range(3)))
+    out = (_side_by_side(*q.shape) for _ in range(3))
+    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *out)
     lse = _f32("lse", lse, shape=q.shape[:3])
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
                                         _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)

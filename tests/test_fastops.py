@@ -120,6 +120,7 @@ def test_attention_matches_float64_reference(B, H, T, D, path, seed):
        path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
 @example(B=1, H=1, T=300, D=64, pad=3, path=ISAS[0], seed=0)  # few heads: dq per-thread copies
 @example(B=4, H=4, T=70, D=32, pad=0, path=ISAS[0], seed=0)   # many heads: one task per head
+@example(B=1, H=2, T=2, D=1, pad=0, path=ISAS[0], seed=0)     # D = 1: strides numpy may choose freely
 def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path, seed):
     """q, k, v as views of c_attn's output rows (B, T, 3C, with `pad` more
     floats per row), dy as a view of c_proj's (B, T, C): the kernels read
