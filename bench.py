@@ -149,10 +149,11 @@ def bench_matmul_generation(quick):
 
 def fused_scratch_bytes(B, H, T, D, threads):
     """The C kernel's own allocations (see fastops.c): lse, Di, per-thread tiles
-    and packs, and in the few-heads backward a private dQ per thread."""
+    and packs, a head's rows gathered (q, k, v, dy and its gradients: 7 T x D)
+    and in the few-heads backward a private dQ per thread."""
     BQ = BK = 64
     pack = (max(BQ, BK, D) + 32) ** 2
-    per_thread = 2 * BQ * BK + BQ * D + 2 * BQ + 2 * pack
+    per_thread = 2 * BQ * BK + BQ * D + 2 * BQ + 2 * pack + 7 * T * D
     split = threads > 1 and B * H < 4 * threads
     return 4 * (B * H * T * 2 + threads * per_thread + (threads * B * H * T * D if split else 0))
 
@@ -163,7 +164,9 @@ def bench_attention(quick):
     rows = []
     for T in (64, 256, 1024, 2048):
         B = max(1, 2048 // T)
-        q, k, v, dy = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(4))
+        # laid out as the model passes them: q, k, v views of c_attn's output, dy of c_proj's gradient
+        q, k, v = rng.standard_normal((B, T, 3, H, D), np.float32).transpose(2, 0, 3, 1, 4)
+        dy = rng.standard_normal((B, T, H, D), np.float32).transpose(0, 2, 1, 3)
 
         def step():
             y, cache = llm.ops.attention_forward(q, k, v)
