@@ -1127,7 +1127,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     int BH = B * H, nqb = ceil_div(T, BQ);
     float scale = 1.0f / sqrtf((float)D);
     long ntasks = (long)BH * nqb;
-    int packed = st == D;
+    int gather = st != D; /* q, k, v not packed: each task gathers its rows */
 #ifdef _OPENMP
 #pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
@@ -1137,9 +1137,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
         /* a head's rows, packed: read from rows a whole c_attn row apart,
          * the tiles' rows share a few cache sets and evict each other */
-        float *hq = packed ? NULL : fo_alloc((size_t)3 * T * D);
+        float *hq = gather ? fo_alloc((size_t)3 * T * D) : NULL;
         float *hk = hq ? hq + (size_t)T * D : NULL, *hv = hq ? hk + (size_t)T * D : NULL;
-        int ok = S && acc && mrow && lrow && apack && bpack && (packed || hq);
+        int ok = S && acc && mrow && lrow && apack && bpack && (!gather || hq);
         /* Tasks = (head, query block), the costliest (last) blocks first so
          * the dynamic schedule ends balanced. */
 #ifdef _OPENMP
@@ -1150,7 +1150,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             int i0 = ib * BQ, i1 = imin(T, i0 + BQ);
             if (!ok) continue;
-            if (packed) {
+            if (!gather) {
                 fwd_block(kn, q + off, k + off, v + off, y + yoff, lse + (size_t)bh * T, T,
                           D, st, yt, i0, scale, S, acc, mrow, lrow, apack, bpack);
                 continue;
@@ -1186,7 +1186,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
      * and each thread accumulates dQ in a private copy ((B*H, T, D), packed),
      * summed at the end: extra memory = nthreads * |q| (still linear in T). */
     int split = nthreads > 1 && BH < 4 * nthreads;
-    int packed = split || (st == D && yt == D); /* else each head is gathered, as forward */
+    int gather = !split && (st != D || yt != D); /* each head's rows, as forward (not split) */
     int per_head = split ? nkb : 1;
     float *Di = fo_alloc((size_t)BH * T);
     float *dqpriv = split ? fo_alloc(n * nthreads) : NULL;
@@ -1198,8 +1198,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     {
         float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
         float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
-        float *h = packed ? NULL : fo_alloc((size_t)7 * T * D); /* q k v dy dq dk dv */
-        int ok = P && dP && apack && bpack && (packed || h);
+        float *h = gather ? fo_alloc((size_t)7 * T * D) : NULL; /* q k v dy dq dk dv */
+        int ok = P && dP && apack && bpack && (!gather || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
         /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
 #ifdef _OPENMP
@@ -1234,7 +1234,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             float *dqh = split ? dqt + (size_t)bh * T * D : dq + yoff;
             if (!ok) continue;
-            if (packed) {
+            if (!gather) {
                 for (int jb = jb_first; jb <= jb_last; jb++)
                     bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
                               Di + (size_t)bh * T, dqh, dk + yoff, dv + yoff, T, D, st, yt,

@@ -2152,9 +2152,8 @@ def fo_attention_forward(q, k, v):
     each row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
     (q, k, v), s = _heads("qkv", q, k, v)
     B, H, T, D = q.shape
-    y = _side_by_side(B, H, T, D)
-    lse = xp.empty((B, H, T), numpy.float32)
-    _, sy = _heads("y", y)
+    y, lse = _side_by_side(B, H, T, D), xp.empty((B, H, T), numpy.float32)
+    sy = [st // 4 for st in y.strides[:3]]
     _kernels()[0].fo_attention_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse), B, H, T, D, *s, *sy)
     return _done(y, lse)
 
@@ -2162,9 +2161,8 @@ def fo_attention_forward(q, k, v):
 def fo_attention_backward(dy, q, k, v, y, lse):
     """-> dq, dk, dv (B, H, T, D), heads side by side as y (else packed)."""
     (q, k, v), s = _heads("qkv", q, k, v)
-    y = _f32("y", y, shape=q.shape, strided=True)
     out = (_side_by_side(*q.shape) for _ in range(3))
-    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *out)
+    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *out, shape=q.shape)
     lse = _f32("lse", lse, shape=q.shape[:3])
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
                                         _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)
