@@ -691,8 +691,8 @@ class GPT:
 
 
 def check_ids(idx, vocab_size, name):
-    """Token ids must be a 2-D integer array of in-range ids (checked where
-    they are, before any copy: on a GPU an out-of-range id would wrap around)."""
+    """Token ids must be a 2-D integer array of in-range ids (a negative id
+    would silently pick a row from the end of wte)."""
     a = idx if isinstance(idx, xp.ndarray) else numpy.asarray(idx)
     if a.ndim == 1:
         a = a[None]
