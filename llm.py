@@ -556,11 +556,12 @@ class GPT:
         self.frozen = set()        # names whose gradients are not needed
         self._cache = {}           # what backward needs, by layer name ("h.0.attn")
 
-    def forward(self, idx, targets=None, mask=None, kv_cache=None):
+    def forward(self, idx, targets=None, mask=None, lengths=None, kv_cache=None):
         """ids (B, T) -> logits (B, T, V), and the mean cross-entropy loss
         when targets (B, T) are given (over positions where mask is nonzero).
-        With a kv_cache, idx continues the positions it holds."""
-        logits = self.lm_head(self.hidden(idx, kv_cache))
+        With lengths (B,), row b is padding from position lengths[b] on
+        (hidden()); with a kv_cache, idx continues the positions it holds."""
+        logits = self.lm_head(self.hidden(idx, kv_cache, lengths))
         if targets is None:
             return logits, None
         targets = check_ids(targets, self.config.vocab_size, "targets")
@@ -570,44 +571,62 @@ class GPT:
         loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)
         return logits, float(loss)
 
-    def hidden(self, idx, kv_cache=None):
-        """ids (B, T) -> the hidden states after the last block and ln_f (B, T, C)."""
+    def hidden(self, idx, kv_cache=None, lengths=None):
+        """ids (B, T) -> the hidden states after the last block and ln_f (B, T, C).
+        Rows of a batch differ in length: with lengths (B,), the positions of
+        row b from lengths[b] on are padding, never computed (their hidden
+        states are 0). Only attention sees the rows; every other layer works
+        on the batch's N real tokens, one (N, C) matrix."""
         cfg, p = self.config, self.params
         idx = check_ids(idx, cfg.vocab_size, "idx")
         B, T = idx.shape
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > cfg.block_size:
             raise ValueError(f"idx: {past + T} positions exceed the context window block_size={cfg.block_size}")
-        x = p["wte.weight"][idx] + p["wpe.weight"][past:past + T]      # (B, T, C)
-        x, drop = dropout_forward(x, cfg.dropout, self.rng)
-        self._cache = {"idx": idx, "wte.drop": drop}
+        self._cache = {"idx": idx, "rows": (B, T, real_tokens(lengths, B, T))}
+        x = self._tokens(p["wte.weight"][idx] + p["wpe.weight"][past:past + T])      # (N, C)
+        x, self._cache["wte.drop"] = dropout_forward(x, cfg.dropout, self.rng)
         for i in range(cfg.n_layer):
             x = self.block(i, x, kv_cache)
         h, self._cache["ln_f"] = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        return h
+        return self._rows(h)
+
+    def _tokens(self, a):
+        """(B, T, ...) -> (N, ...): the real tokens of the last hidden()'s batch."""
+        B, T, keep = self._cache["rows"]
+        a = a.reshape(B * T, *a.shape[2:])
+        return a if keep is None else a[keep]
+
+    def _rows(self, a):
+        """(N, ...) -> (B, T, ...), zeros at the padding: _tokens undone."""
+        B, T, keep = self._cache["rows"]
+        if keep is not None:
+            a, rows = xp.zeros((B * T, *a.shape[1:]), a.dtype), a
+            a[keep] = rows
+        return a.reshape(B, T, *a.shape[1:])
 
     def block(self, i, x, kv_cache=None):
-        """Transformer block i: x + attn(ln_1(x)), then + mlp(ln_2(x)). (B, T, C)."""
+        """Transformer block i on the batch's tokens x (N, C): x + attn(ln_1(x)), then + mlp(ln_2(x))."""
         cfg, p, c, n = self.config, self.params, self._cache, f"h.{i}."
-        B, T, C = x.shape
+        (B, T, _), (N, C) = c["rows"], x.shape
         H, drop, rng = cfg.n_head, cfg.dropout, self.rng
-        # attention: each position gathers from the ones before it
+        # attention: each position gathers from the ones before it in its row
         a, c[n + "ln_1"] = ops.layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"])
-        qkv = self.linear(n + "attn.c_attn", a.reshape(B * T, C))             # (B*T, 3C)
+        qkv = self._rows(self.linear(n + "attn.c_attn", a))                  # (B, T, 3C)
         q, k, v = qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)    # 3 x (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.extend(i, k, v)             # with the earlier positions': (B, H, past+T, D)
             if kv_cache.maps is not None:
                 kv_cache.maps.append(causal_softmax(q, k))
         y, c[n + "attn"] = ops.attention_forward(q, k, v, drop, rng)
-        y = y.transpose(0, 2, 1, 3).reshape(B * T, C)                         # heads side by side
+        y = self._tokens(y.transpose(0, 2, 1, 3).reshape(B, T, C))           # (N, C), heads side by side
         y, c[n + "attn.drop"] = dropout_forward(self.linear(n + "attn.c_proj", y), drop, rng)
-        x = x + y.reshape(B, T, C)
+        x = x + y
         # the MLP: each position on its own
         m, c[n + "ln_2"] = ops.layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"])
-        f, c[n + "mlp.gelu"] = ops.gelu_forward(self.linear(n + "mlp.c_fc", m.reshape(B * T, C)))
+        f, c[n + "mlp.gelu"] = ops.gelu_forward(self.linear(n + "mlp.c_fc", m))
         f, c[n + "mlp.drop"] = dropout_forward(self.linear(n + "mlp.c_proj", f), drop, rng)
-        return x + f.reshape(B, T, C)
+        return x + f
 
     def linear(self, name, x):
         """Layer `name` ("h.0.attn.c_attn"): x W + b, plus its LoRA adapter's share."""
@@ -619,10 +638,10 @@ class GPT:
         return y
 
     def lm_head(self, h):
-        """The output head, tied to the token embedding: logits = h wte^T (B, T, V)."""
-        B, T, C = h.shape
-        logits, self._cache["lm_head"] = ops.linear_forward(h.reshape(B * T, C), self.params["wte.weight"].T, None)
-        return logits.reshape(B, T, -1)
+        """The output head, tied to the token embedding: logits = h wte^T
+        (B, T, V), of the last hidden()'s real tokens (0 at the padding)."""
+        logits, self._cache["lm_head"] = ops.linear_forward(self._tokens(h), self.params["wte.weight"].T, None)
+        return self._rows(logits)
 
     def backward(self, dlogits=None, dh=None, grads=None) -> dict:
         """Gradients of the loss of the last forward(), by parameter name
@@ -636,18 +655,17 @@ class GPT:
         if dlogits is None and dh is None:
             raise RuntimeError("backward: call forward() with targets first")
         grads = {} if grads is None else grads
+        dh = None if dh is None else self._tokens(dh)                        # (N, C), as dx below
         if dlogits is not None:
             dlogits = dlogits.astype(cfg.dtype, copy=False)       # a float64 scalar must not promote
-            B, T, V = dlogits.shape
-            dhead, dwte_t, _ = ops.linear_backward(dlogits.reshape(B * T, V), c["lm_head"])
+            dhead, dwte_t, _ = ops.linear_backward(self._tokens(dlogits), c["lm_head"])
             grads["wte.weight"] = dwte_t.T.copy()           # the head's share of wte's gradient
-            dhead = dhead.reshape(B, T, -1)
             dh = dhead if dh is None else dhead + dh
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(
             dh.astype(cfg.dtype, copy=False), c["ln_f"])
         for i in reversed(range(cfg.n_layer)):
             dx = self.block_backward(i, dx, grads)
-        dx = dropout_backward(dx, c["wte.drop"])
+        dx = self._rows(dropout_backward(dx, c["wte.drop"]))                  # (B, T, C)
         dwte = grads.get("wte.weight")
         dwte = xp.zeros_like(self.params["wte.weight"]) if dwte is None else dwte
         grads["wte.weight"] = ops.embedding_backward(dwte, c["idx"], dx)
@@ -658,22 +676,22 @@ class GPT:
         return grads
 
     def block_backward(self, i, dx, grads):
-        """Block i backward: the gradient at its output (B, T, C) -> at its input."""
+        """Block i backward: the gradient at its output (N, C) -> at its input."""
         cfg, c, n = self.config, self._cache, f"h.{i}."
-        B, T, C = dx.shape
+        (B, T, _), (N, C) = c["rows"], dx.shape
         H = cfg.n_head
         # x + mlp(ln_2(x)): the residual passes dx through unchanged, the MLP adds its share
-        df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx.reshape(B * T, C), c[n + "mlp.drop"]), grads)
+        df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx, c[n + "mlp.drop"]), grads)
         dm = self.linear_backward(n + "mlp.c_fc", ops.gelu_backward(df, c[n + "mlp.gelu"]), grads)
-        dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm.reshape(B, T, C), c[n + "ln_2"])
+        dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm, c[n + "ln_2"])
         dx = dx + dm
         # x + attn(ln_1(x))
-        dy = self.linear_backward(n + "attn.c_proj", dropout_backward(dx.reshape(B * T, C), c[n + "attn.drop"]), grads)
+        dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
         dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
         dq, dk, dv = ops.attention_backward(dy, c[n + "attn"])
         dqkv = xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
-        da = self.linear_backward(n + "attn.c_attn", dqkv.reshape(B * T, 3 * C), grads)
-        da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da.reshape(B, T, C), c[n + "ln_1"])
+        da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
+        da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
         return dx + da
 
     def linear_backward(self, name, dy, grads):
@@ -703,6 +721,21 @@ def check_ids(idx, vocab_size, name):
     if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
         raise ValueError(f"{name}: token ids must be in 0..{vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
     return xp.asarray(a).astype(xp.int64, copy=False)
+
+
+def real_tokens(lengths, B, T):
+    """lengths (B,) of rows padded to T -> the flat indices (N,) of their
+    real tokens in a (B * T) array, or None when no row is padded."""
+    if lengths is None:
+        return None
+    n = numpy.asarray(to_numpy(lengths))
+    if n.shape != (B,) or n.dtype.kind not in "iu":
+        raise ValueError(f"lengths: expected {B} integers (one per row), got {n.dtype} of shape {n.shape}")
+    if B and (n.min() < 1 or n.max() > T):
+        raise ValueError(f"lengths: expected lengths in 1..{T}, got {n.min()}..{n.max()}")
+    if (n == T).all():
+        return None
+    return xp.asarray(numpy.flatnonzero(numpy.arange(T) < n[:, None]))
 
 
 # =============================================================================
@@ -1100,9 +1133,10 @@ def chat_example(tok: Tokenizer, prompt: str, answer: str, ended: bool = True):
 
 
 def pad_batch(examples, pad: int, block_size: int):
-    """Examples (ids, n) -> x, y (B, T) and a mask (B, T) that is 1 where y
-    is an answer token. Short rows are padded (masked out); long ones lose
-    their oldest tokens, so the answer always fits."""
+    """Examples (ids, n) -> x, y (B, T), a mask (B, T) that is 1 where y is
+    an answer token, and each row's length (B,). Short rows are padded
+    (masked out, and never computed: GPT.hidden); long ones lose their
+    oldest tokens, so the answer always fits."""
     rows = []
     for ids, n in examples:
         cut = max(0, len(ids) - (block_size + 1))
@@ -1114,7 +1148,8 @@ def pad_batch(examples, pad: int, block_size: int):
     for i, (ids, n) in enumerate(rows):
         x[i, :len(ids) - 1], y[i, :len(ids) - 1] = ids[:-1], ids[1:]
         mask[i, n - 1:len(ids) - 1] = 1.0        # y[t] = ids[t+1] is an answer token
-    return xp.asarray(x), xp.asarray(y), xp.asarray(mask)
+    lengths = numpy.array([len(ids) - 1 for ids, _ in rows])
+    return xp.asarray(x), xp.asarray(y), xp.asarray(mask), xp.asarray(lengths)
 
 
 def answers(model: GPT, tok: Tokenizer, prompts, max_new_tokens=48, temperature=0.0, rng=None):
@@ -1219,7 +1254,7 @@ def reward_batch(tok: Tokenizer, examples, block_size: int):
 
 def reward_scores(model: GPT, x, last):
     """The reward of each row: the score head at its last token -> (B,), h."""
-    h = model.hidden(x)
+    h = model.hidden(x, lengths=last + 1)
     return head_forward(model, "score", h, last[:, None])[:, 0], h
 
 
@@ -1297,10 +1332,10 @@ class PPOConfig:
     seed: int = 0
 
 
-def sequence_logprobs(model: GPT, x, y):
+def sequence_logprobs(model: GPT, x, y, lengths=None):
     """log p(y_t | x_<=t) for every position -> (B, T); also the log-softmax
     (B, T, V), for backward, and the hidden states (B, T, C), for a value head."""
-    h = model.hidden(x)
+    h = model.hidden(x, lengths=lengths)
     logp = log_softmax(model.lm_head(h))
     return xp.take_along_axis(logp, y[..., None], -1)[..., 0], logp, h
 
@@ -1330,10 +1365,10 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     -kl_coef (log pi - log pi_ref), and the last token also gets the
     reward model's score, normalised by norm = (mean, std)."""
     texts, ended, examples = sampled_answers(policy, tok, prompts, pc, rng)
-    x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
-    logp, _, h = sequence_logprobs(policy, x, y)
+    x, y, mask, lengths = pad_batch(examples, tok.special[END], policy.config.block_size)
+    logp, _, h = sequence_logprobs(policy, x, y, lengths)
     values = head_forward(policy, "value", h, xp.broadcast_to(xp.arange(x.shape[1]), x.shape))
-    ref_logp, _, _ = sequence_logprobs(ref, x, y)
+    ref_logp, _, _ = sequence_logprobs(ref, x, y, lengths)
     raw = score_conversations(rm, tok, examples).astype(logp.dtype)
     score = (raw - norm[0]) / norm[1]
     kl = (logp - ref_logp) * mask
@@ -1345,7 +1380,7 @@ def ppo_rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPO
     mean = (adv * mask).sum() / n
     std = xp.sqrt((((adv - mean) * mask) ** 2).sum() / n)
     adv = (adv - mean) / (std + 1e-8) * mask                           # whitened
-    return dict(x=x, y=y, mask=mask, logp=logp, values=values, adv=adv, ret=ret,
+    return dict(x=x, y=y, mask=mask, lengths=lengths, logp=logp, values=values, adv=adv, ret=ret,
                 score=score, raw_score=raw, kl=float(kl.sum() / len(prompts)), texts=texts, ended=ended)
 
 
@@ -1354,7 +1389,7 @@ def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig, n=None):
     over n answer tokens (default: the minibatch's)."""
     x, y, mask, adv = mb["x"], mb["y"], mb["mask"], mb["adv"]
     n = mask.sum() if n is None else n
-    logp, logp_all, h = sequence_logprobs(policy, x, y)
+    logp, logp_all, h = sequence_logprobs(policy, x, y, mb["lengths"])
     pos = xp.broadcast_to(xp.arange(x.shape[1]), x.shape)
     v = head_forward(policy, "value", h, pos)
     ratio = xp.exp(logp - mb["logp"])
@@ -1408,7 +1443,7 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
             for part in numpy.array_split(order, pc.minibatches):
                 n = ro["mask"][xp.asarray(part)].sum()           # the minibatch's answer tokens
                 mine = xp.asarray(part[world.rank::world.size])  # several ranks: each takes its share
-                mb = {k: ro[k][mine] for k in ("x", "y", "mask", "logp", "values", "adv", "ret")}
+                mb = {k: ro[k][mine] for k in ("x", "y", "mask", "lengths", "logp", "values", "adv", "ret")}
                 loss, grads, s = ppo_loss(policy, mb, pc, n)
                 s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
@@ -1430,9 +1465,9 @@ def kl_to_reference(policy: GPT, ref: GPT, tok: Tokenizer, prompts, answers):
     """KL(policy || reference) of the next-token distributions, summed over
     each answer's positions -> (B,): how far RLHF moved the model."""
     examples = [chat_example(tok, p, a) for p, a in zip(prompts, answers)]
-    x, y, mask = pad_batch(examples, tok.special[END], policy.config.block_size)
-    _, lp, _ = sequence_logprobs(policy, x, y)
-    _, lq, _ = sequence_logprobs(ref, x, y)
+    x, y, mask, lengths = pad_batch(examples, tok.special[END], policy.config.block_size)
+    _, lp, _ = sequence_logprobs(policy, x, y, lengths)
+    _, lq, _ = sequence_logprobs(ref, x, y, lengths)
     return ((xp.exp(lp) * (lp - lq)).sum(-1) * mask).sum(1)
 
 # ---- DPO -------------------------------------------------------------------
@@ -1440,17 +1475,17 @@ def kl_to_reference(policy: GPT, ref: GPT, tok: Tokenizer, prompts, answers):
 # reward; the Bradley-Terry loss on it trains the policy directly:
 #   loss = -log sigmoid(beta [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))])
 
-def answer_logprob(model: GPT, x, y, mask):
+def answer_logprob(model: GPT, x, y, mask, lengths=None):
     """Sum of log-probabilities of each row's answer tokens -> (B,)."""
-    logp, logp_all, _ = sequence_logprobs(model, x, y)
+    logp, logp_all, _ = sequence_logprobs(model, x, y, lengths)
     return (logp * mask).sum(1), logp_all
 
 
 def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
     """batch = pad_batch(pair_examples(...)): chosen rows first."""
-    x, y, mask = batch
-    ref_lp, _ = answer_logprob(ref, x, y, mask)
-    lp, logp_all = answer_logprob(policy, x, y, mask)
+    x, y, mask, lengths = batch
+    ref_lp, _ = answer_logprob(ref, x, y, mask, lengths)
+    lp, logp_all = answer_logprob(policy, x, y, mask, lengths)
     n = len(lp) // 2
     z = beta * ((lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:]))
     loss = float(xp.logaddexp(0.0, -z).mean())

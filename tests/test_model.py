@@ -56,6 +56,69 @@ def test_whole_model_gradient(dropout):
         assert rel_error(grads[name], num) < GRAD_TOL, name
 
 
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=st.integers(0, 99))
+def test_padding_is_never_computed_and_changes_nothing(lengths, seed):
+    """Rows padded to T with lengths: the real positions' logits and every
+    gradient are those of the same batch computed whole with the padding
+    masked out (float64); padding's logits are 0, its ids change nothing."""
+    m, r = tiny(), np.random.default_rng(seed)
+    B, T, lengths = len(lengths), 6, np.array(lengths)
+    idx, tgt = r.integers(0, 11, (B, T)), r.integers(0, 11, (B, T))
+    real = np.arange(T) < lengths[:, None]
+    mask = real * r.integers(0, 2, (B, T))
+    whole, loss = m.forward(idx, tgt, mask)
+    grads = m.backward()
+    idx[~real] = r.integers(0, 11, (~real).sum())             # other ids where there is padding
+    packed, loss2 = m.forward(idx, tgt, mask, lengths)
+    grads2 = m.backward()
+    np.testing.assert_allclose(packed[real], whole[real], rtol=1e-12, atol=1e-12)
+    assert not packed[~real].any() and abs(loss2 - loss) < 1e-12
+    for k in grads:
+        np.testing.assert_allclose(grads2[k], grads[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_padding_in_float32_through_the_kernels():
+    """The same on the default path (fastops when built): float32 tolerance."""
+    m, r = tiny("float32", jitter=0, n_embd=64, n_head=4, block_size=40, vocab_size=50), np.random.default_rng(0)
+    lengths = np.array([40, 1, 17, 33, 8])
+    idx, tgt = r.integers(0, 50, (5, 40)), r.integers(0, 50, (5, 40))
+    real = np.arange(40) < lengths[:, None]
+    whole, _ = m.forward(idx, tgt, real)
+    grads = m.backward()
+    packed, _ = m.forward(idx, tgt, real, lengths)
+    grads2 = m.backward()
+    np.testing.assert_allclose(packed[real], whole[real], rtol=1e-4, atol=1e-5)
+    for k in grads:
+        np.testing.assert_allclose(grads2[k], grads[k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_ragged_batch_gradient(dropout):
+    m = tiny(dropout=dropout)
+    r = np.random.default_rng(3)
+    idx, tgt, lengths = r.integers(0, 11, (3, 6)), r.integers(0, 11, (3, 6)), np.array([2, 6, 4])
+    mask = (np.arange(6) < lengths[:, None]) * r.integers(0, 2, (3, 6))
+
+    def loss():
+        m.rng = np.random.default_rng(5) if dropout else None
+        return m.forward(idx, tgt, mask, lengths)[1]
+
+    loss()
+    grads = m.backward()
+    for name, p in m.params.items():
+        assert rel_error(grads[name], numerical_grad(loss, p, max_coords=40)) < GRAD_TOL, name
+
+
+@pytest.mark.parametrize("lengths,err", [
+    ([3, 2], "lengths: expected 3 integers"), ([[1, 2, 3]], "lengths: expected 3 integers"),
+    ([1.0, 2.0, 3.0], "lengths: expected 3 integers"), ([0, 2, 3], "lengths: expected lengths in 1..6"),
+    ([1, 7, 3], "lengths: expected lengths in 1..6, got 1..7")])
+def test_bad_lengths_are_clear_errors(lengths, err):
+    with pytest.raises(ValueError, match=err.replace(".", r"\.")):
+        tiny().forward(np.zeros((3, 6), int), lengths=np.array(lengths))
+
+
 def test_loss_at_init_is_about_log_vocab():
     m = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=100))
     r = np.random.default_rng(0)

@@ -33,8 +33,9 @@ def test_dpo_loss_gradient():
     m, ref = tiny(seed=0), tiny(seed=5)
     r = np.random.default_rng(1)
     x, y = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6))
-    mask = (np.arange(6) >= 2).astype(float)[None].repeat(4, 0)
-    check_grads(m, lambda: llm.dpo_loss(m, ref, (x, y, mask), beta=0.5))
+    lengths = np.array([6, 4, 5, 3])                        # rows padded to 6: never computed
+    mask = ((np.arange(6) >= 2) & (np.arange(6) < lengths[:, None])).astype(float)
+    check_grads(m, lambda: llm.dpo_loss(m, ref, (x, y, mask, lengths), beta=0.5))
 
 
 def test_ppo_loss_gradient():
@@ -42,10 +43,11 @@ def test_ppo_loss_gradient():
     llm.add_head(m, "value", np.random.default_rng(0))
     r = np.random.default_rng(2)
     x, y = r.integers(0, 11, (3, 6)), r.integers(0, 11, (3, 6))
-    mask = (np.arange(6) >= 2).astype(float)[None].repeat(3, 0)
-    logp, _, h = llm.sequence_logprobs(m, x, y)
+    lengths = np.array([6, 4, 5])
+    mask = ((np.arange(6) >= 2) & (np.arange(6) < lengths[:, None])).astype(float)
+    logp, _, h = llm.sequence_logprobs(m, x, y, lengths)
     v = llm.head_forward(m, "value", h, np.broadcast_to(np.arange(6), x.shape))
-    mb = dict(x=x, y=y, mask=mask, logp=logp + r.normal(0, 0.3, logp.shape),
+    mb = dict(x=x, y=y, mask=mask, lengths=lengths, logp=logp + r.normal(0, 0.3, logp.shape),
               values=v + r.normal(0, 0.3, v.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
     pc = llm.PPOConfig()
     check_grads(m, lambda: llm.ppo_loss(m, mb, pc)[:2])
@@ -65,22 +67,23 @@ def test_gae_with_lambda_one_is_the_return_minus_value():
 def test_chat_template_masks_the_answer_only():
     tok = llm.byte_tokenizer()
     ex = llm.chat_example(tok, "Hi?", "Yo.")
-    x, y, mask = llm.pad_batch([ex, llm.chat_example(tok, "Longer question?", "A.")], 0, 64)
+    x, y, mask, lengths = llm.pad_batch([ex, llm.chat_example(tok, "Longer question?", "A.")], 0, 64)
     s = tok.special
     # the answer is encoded after a space (llm.encode_answer), as text after "A:" is
     assert ex[0] == [s[llm.USER], *b"Hi?", s[llm.ASSISTANT], *b" Yo.", s[llm.END]]
     counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
     assert counted == [*b" Yo.", s[llm.END]]                # answer + <|end|>, nothing else
     assert mask[0, len(ex[0]) - 1:].sum() == 0              # padding never counts
+    assert list(lengths) == [len(ex[0]) - 1, x.shape[1]]
     assert [int(t) for t, m in zip(y[1], mask[1]) if m] == [*b" A.", s[llm.END]]
 
 
 def test_long_conversations_keep_their_answer():
     tok = llm.byte_tokenizer()
     ex = llm.chat_example(tok, "x" * 100, "The answer.")
-    x, y, mask = llm.pad_batch([ex], 0, 32)
+    x, y, mask, lengths = llm.pad_batch([ex], 0, 32)
     counted = [int(t) for t, m in zip(y[0], mask[0]) if m]
-    assert x.shape == (1, 32) and counted == [*b" The answer.", tok.special[llm.END]]
+    assert x.shape == (1, 32) and list(lengths) == [32] and counted == [*b" The answer.", tok.special[llm.END]]
 
 
 def test_the_reward_model_reads_the_last_token_end_included():
