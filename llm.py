@@ -659,7 +659,7 @@ class GPT:
         if dlogits is not None:
             dlogits = dlogits.astype(cfg.dtype, copy=False)       # a float64 scalar must not promote
             dhead, dwte_t, _ = ops.linear_backward(self._tokens(dlogits), c["lm_head"])
-            grads["wte.weight"] = dwte_t.T.copy()           # the head's share of wte's gradient
+            grads["wte.weight"] = xp.ascontiguousarray(dwte_t.T)   # the head's share of wte's gradient
             dh = dhead if dh is None else dhead + dh
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(
             dh.astype(cfg.dtype, copy=False), c["ln_f"])
@@ -2133,17 +2133,24 @@ def fo_linear_forward(x, w, b):
 
 
 def fo_linear_backward(dy, x, w):
-    """-> dx = dy w^T, dw = x^T dy, db = the column sums of dy."""
+    """-> dx = dy w^T, dw = x^T dy (in w's layout: a transposed w, the tied
+    lm_head's, gets dw^T = dy^T x, made so), db = the column sums of dy."""
     x = _f32("x", x, 2)
     (M, K), w = x.shape, _f32("w", w, 2, allow_transposed=True)
     N = w.shape[1]
     _match("w", w, (K, N), x)
     dy = _f32("dy", dy, shape=(M, N))
-    dx, dw, db = (xp.empty(s, numpy.float32) for s in ((M, K), (K, N), (N,)))
+    dx, db = xp.empty((M, K), numpy.float32), xp.empty(N, numpy.float32)
     rs, cs = _strides(w)
     lib, ffi = _kernels()
     lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
-    lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
+    if w.flags.c_contiguous:
+        dw = xp.empty((K, N), numpy.float32)
+        lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
+    else:
+        dw = xp.empty((N, K), numpy.float32)
+        lib.fo_sgemm(N, K, M, _ptr(dy), 1, N, _ptr(x), K, 1, _ptr(dw), K, 0, ffi.NULL)
+        dw = dw.T
     lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
     return _done(dx, dw, db)
 

@@ -72,11 +72,13 @@ def test_linear_matches_float64_reference(M, K, N, bias, path, seed):
 @FAST
 @given(M=DIMS, K=DIMS, N=DIMS, seed=st.integers(0, 2**16))
 def test_linear_transposed_weight(M, K, N, seed):
-    """The tied output head passes wte.T (a Fortran-ordered view): no copy, same result."""
+    """The tied output head passes wte.T (a Fortran-ordered view): no copy, same
+    result, and dw in the same layout (wte's gradient without a transposing copy)."""
     rng = np.random.default_rng(seed)
     x, wt, dy = randn(rng, M, K), randn(rng, N, K), randn(rng, M, N)
     y = llm.fo_linear_forward(x, wt.T, None)
     dx, dw, db = llm.fo_linear_backward(dy, x, wt.T)
+    assert dw.shape == (K, N) and dw.T.flags.c_contiguous
     close_to_linear(x, wt.T, None, dy, y, dx, dw, None)
 
 
