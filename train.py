@@ -61,7 +61,7 @@ STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
 
 # Sized for the stages to do their jobs (README: the figures, over seeds);
-# about 28 minutes on this project's 2-core machine, over the 10 it aims
+# about 12 minutes on this project's 2-core machine, over the 10 it aims
 # at. --quick shrinks every stage for a complete run in about a minute.
 FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=2048, batch_size=16,
             learning_rate=1.5e-3, pretrain_iters=3000, sft_iters=1000, reward_iters=600,
