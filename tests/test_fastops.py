@@ -631,3 +631,30 @@ def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, 
         raise AttributeError("os.getloadavg")                         # Windows
     monkeypatch.setattr(llm, "_others_running", no_way)
     assert llm._omp_env(lib) == {"OMP_WAIT_POLICY": "passive"}
+
+
+def _glibc_defaults():
+    import os, platform, sys
+    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and not any(k.startswith("MALLOC_") for k in os.environ))
+
+
+@pytest.mark.skipif(not _glibc_defaults(), reason="glibc's malloc settings (Linux, no MALLOC_* in the environment)")
+def test_a_step_s_freed_activations_come_back_without_page_faults():
+    # A step holds its activations, then frees them all: by glibc's default
+    # the heap's top goes back to the system, and each fresh page faults.
+    import subprocess
+    import sys
+
+    churn = ("import numpy, resource\n"
+             "def step():\n"
+             "    acts = [numpy.ones((1024, 768), numpy.float32) for _ in range(24)]   # 3 MB each\n"
+             "    del acts\n"
+             "step()\n"
+             "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "for _ in range(5): step()\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n")
+    run = lambda pre: int(subprocess.run([sys.executable, "-c", pre + churn], cwd=ROOT, check=True,
+                                         capture_output=True, text=True).stdout)
+    assert run("") > 5 * 24 * 700               # the default: every page of every array, every step
+    assert run("import llm\n") < 100            # llm keeps the freed memory
