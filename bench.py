@@ -27,7 +27,11 @@ import tracemalloc
 
 import numpy as np
 
-import llm
+# The PyTorch worker (bench.py --torch-worker, section 5) runs PyTorch as it
+# comes: without llm, whose import sets malloc's thresholds and loads
+# fastops' OpenMP runtime.
+if sys.argv[1:2] != ["--torch-worker"]:
+    import llm
 
 MODELS = {  # name: (GPTConfig kwargs, batch size)
     "small": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=260), 12),
@@ -538,8 +542,6 @@ class TorchWorker:
 
 def torch_worker():
     """The worker's loop: one JSON command per line in, one JSON answer out."""
-    for k in llm._OMP_SET_HERE:                       # PyTorch runs with its own defaults
-        del os.environ[k]
     import torch
     try:
         import transformers
