@@ -1948,14 +1948,10 @@ def _omp_env(lib: str) -> dict:
 _OMP_SET_HERE = []                                     # the ones llm.py set (not the user)
 
 
-# Memory the steps free, kept for the next step. glibc returns a freed block
-# of over 128 KB to the system (or trims the heap's top once 128 KB of it is
-# free), and the next step's arrays of that size then come as fresh pages,
-# each zeroed by the kernel on first touch: about 14,500 page faults a
-# pretraining step at the default sizes, 0 with these settings (README,
-# "Speed"). Blocks up to 32 MB (glibc's own upper bound for this setting)
-# come from the heap, and its top is trimmed only past 1 GB free. Results are
-# the same; a MALLOC_* setting in the environment wins.
+# glibc gives freed blocks over 128 KB back to the system, and the next
+# step's arrays then fault in fresh pages (about 14,500 a step in a fresh
+# process at the default sizes): keep blocks up to 32 MB in the heap, and
+# trim it only past 1 GB free. Results are the same; MALLOC_* settings win.
 def _keep_freed_memory():
     import platform
     import sys
