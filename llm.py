@@ -1885,18 +1885,12 @@ def _import(name, path):
     return mod
 
 
-# How OpenMP's waiting threads wait (OMP_WAIT_POLICY, read by the OpenMP
-# runtime when fastops loads it, so it is set before; a value in the
-# environment wins). Alone on the machine, the runtime's default (spin a
-# while, then sleep) is fastest: a thread that sleeps at once after each
-# kernel must be woken for the next one, and on a virtual machine the host
-# may hand its idle core to another guest in between. With other busy
-# processes on the same cores it is the reverse: a spinning thread holds a
-# core that the thread it waits for needs. So the threads sleep at once
-# ("passive") when other processes keep at least half the cores busy as
-# fastops loads, or when NumPy does the products (its OpenBLAS threads spin
-# too), and keep the default otherwise. The policy changes no result.
-# Measured on the project's 2-core machine: README, "Speed: fastops".
+# How OpenMP's waiting threads wait (OMP_WAIT_POLICY, read when fastops
+# loads; a value in the environment wins). Alone on the machine the default
+# (spin a while, then sleep) is fastest; beside busy processes, or beside
+# OpenBLAS's own spinning threads, a spinning thread holds a core another
+# needs, so then they sleep at once ("passive"). No result changes (README,
+# "Speed: fastops").
 def _others_running(proc="/proc") -> float:
     """How many tasks of other processes want a core now: on Linux the
     runnable tasks less this process's own (NumPy's OpenBLAS threads spin for
@@ -2480,16 +2474,10 @@ def _calibration_work():
 
 def calibrate() -> dict:
     """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of five
-    blocks of runs for each backend, the blocks taken in turn so that other
-    work on the machine weighs on both alike. The products are timed in a
-    whole training step, the other kernels as already chosen: OpenBLAS's
-    threads spin for ~0.1 s after each product and take the cores from the
-    OpenMP kernels that run next (measured here: attention, LayerNorm and
-    GELU 2x slower in a step whose products are NumPy's). A fastops block
-    starts after a pause, for the same reason. The step is also timed all in
-    NumPy, in turn with the other two: "step" is the step with the kernels
-    so chosen against that, which no mix of single choices measures; where
-    all NumPy wins, no kernel is used."""
+    blocks of runs per backend, taken in turn. The products are timed in a
+    whole training step (OpenBLAS's threads spin after each product and slow
+    the OpenMP kernels after it), a fastops block after a pause; "step" is
+    the step so chosen against it all in NumPy, which wins where it is faster."""
     global _chosen, _CHOICE
     saved, result = (_chosen, _CHOICE), {}
     try:
