@@ -2353,8 +2353,14 @@ class _Kernel(tuple):                     # the cache of a layer that ran in fas
     pass
 
 
+def _linear_family(rows):
+    """The products by rows: generation's one row (batch 1) and few rows
+    (batch 2 to 16, each weight read once for all) win or lose apart."""
+    return "linear" if rows > 16 else "linear_one" if rows == 1 else "linear_small"
+
+
 def _linear_forward(x, w, b):
-    if not (_f32s(x, w) and (b is None or _f32s(b)) and _use("linear" if len(x) > 16 else "linear_small")):
+    if not (_f32s(x, w) and (b is None or _f32s(b)) and _use(_linear_family(len(x)))):
         return linear_forward(x, w, b)
     return fo_linear_forward(x, w, b), _Kernel((x, w))
 
@@ -2460,8 +2466,8 @@ def _calibration_work():
     model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=192, block_size=64, vocab_size=512), seed=0)
     ids = r.integers(0, 512, (8, 65))
     ws = [f32(768, 2304) for _ in range(8)]       # 57 MB, past the caches: generation reads its weights from memory
-    return {"linear_small": [lambda x=f32(1, 768): [ops.linear_forward(x, w, None) for w in ws],
-                             lambda x=f32(16, 768): [ops.linear_forward(x, w, None) for w in ws]],
+    return {"linear_one": [lambda x=f32(1, 768): [ops.linear_forward(x, w, None) for w in ws]],
+            "linear_small": [lambda x=f32(16, 768): [ops.linear_forward(x, w, None) for w in ws]],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
             "gelu": [layer("gelu", f32(768, 512)), layer("gelu", f32(512, 1536))],
@@ -2517,7 +2523,7 @@ def kernel_choice() -> dict:
     if _CHOICE is None:
         path = calibration_path()
         _CHOICE = None if os.environ.get("LLM_CALIBRATE") == "1" else _saved_choice(path)
-        if _CHOICE is None:
+        if _CHOICE is None or not set(FAMILIES) <= set(_CHOICE):     # a file from before a family
             _CHOICE = calibrate()
             try:
                 atomic_write(path, json.dumps(_CHOICE, indent=1).encode())
@@ -2535,8 +2541,10 @@ def _use(family) -> bool:
 
 def kernels_in_use() -> dict:
     """Family -> "fastops" or "numpy": what runs now (bench.py and the report card say it)."""
-    families = ("linear", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
-    return {f: "fastops" if _backend != "numpy" and _use(f) else "numpy" for f in families}
+    return {f: "fastops" if _backend != "numpy" and _use(f) else "numpy" for f in FAMILIES}
+
+
+FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
 
 
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,

@@ -565,12 +565,16 @@ def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch)
     try:
         monkeypatch.setattr(llm, "_CHOICE", {**choice, "linear": {**choice["linear"], "use": False},
                                              "linear_small": {**choice["linear_small"], "use": True},
+                                             "linear_one": {**choice["linear_one"], "use": False},
                                              "step": {**choice["step"], "use": True}})
         rng = np.random.default_rng(0)
-        big, small, w = randn(rng, 64, 8), randn(rng, 2, 8), randn(rng, 8, 4)
+        big, small, one, w = randn(rng, 64, 8), randn(rng, 2, 8), randn(rng, 1, 8), randn(rng, 8, 4)
         assert not isinstance(llm.ops.linear_forward(big, w, None)[1], llm._Kernel)   # NumPy won: NumPy
         assert isinstance(llm.ops.linear_forward(small, w, None)[1], llm._Kernel)
-        assert llm.kernels_in_use()["linear"] == "numpy" and llm.kernels_in_use()["linear_small"] == "fastops"
+        assert isinstance(llm.ops.linear_forward(randn(rng, 16, 8), w, None)[1], llm._Kernel)
+        assert not isinstance(llm.ops.linear_forward(one, w, None)[1], llm._Kernel)
+        assert [llm.kernels_in_use()[f] for f in ("linear", "linear_small", "linear_one")] == [
+            "numpy", "fastops", "numpy"]
         # the step all in NumPy beat the chosen mix: no kernel at all
         monkeypatch.setattr(llm, "_CHOICE", {**choice, "step": {**choice["step"], "use": False}})
         assert not isinstance(llm.ops.linear_forward(small, w, None)[1], llm._Kernel)
@@ -606,6 +610,13 @@ def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_aske
     monkeypatch.setenv("LLM_CALIBRATE", "1")
     monkeypatch.setattr(llm, "atomic_write", lambda *a: None)
     assert llm.kernel_choice() == {"linear": {"use": True}} and calls == [1]
+    monkeypatch.delenv("LLM_CALIBRATE")                  # a file from before a family was split off
+    old = tmp_path / "old.calibration.json"
+    old.write_text(json.dumps({f: {"use": True} for f in llm.FAMILIES if f != "linear_one"}))
+    monkeypatch.setattr(llm, "calibration_path", lambda: str(old))
+    monkeypatch.setattr(llm, "_CHOICE", None)
+    llm.kernel_choice()
+    assert calls == [1, 1]
 
 
 def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, tmp_path):
