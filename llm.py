@@ -1946,11 +1946,16 @@ _OMP_SET_HERE = []                                     # the ones llm.py set (no
 # step's arrays then fault in fresh pages (about 14,500 a step in a fresh
 # process at the default sizes): keep blocks up to 32 MB in the heap, and
 # trim it only past 1 GB free. Results are the same; MALLOC_* settings win.
-def _keep_freed_memory():
+def _glibc_defaults() -> bool:
+    """Linux with glibc's malloc, and no MALLOC_* setting in the environment."""
     import platform
     import sys
-    if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and not any(k.startswith("MALLOC_") for k in os.environ)):
+    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and not any(k.startswith("MALLOC_") for k in os.environ))
+
+
+def _keep_freed_memory():
+    if _glibc_defaults():
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)                     # M_MMAP_THRESHOLD
@@ -2515,6 +2520,7 @@ def calibrate() -> dict:
 
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
+FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
 
 
 def kernel_choice() -> dict:
@@ -2542,9 +2548,6 @@ def _use(family) -> bool:
 def kernels_in_use() -> dict:
     """Family -> "fastops" or "numpy": what runs now (bench.py and the report card say it)."""
     return {f: "fastops" if _backend != "numpy" and _use(f) else "numpy" for f in FAMILIES}
-
-
-FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
 
 
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,

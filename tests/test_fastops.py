@@ -644,13 +644,7 @@ def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, 
     assert llm._omp_env(lib) == {"OMP_WAIT_POLICY": "passive"}
 
 
-def _glibc_defaults():
-    import os, platform, sys
-    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and not any(k.startswith("MALLOC_") for k in os.environ))
-
-
-@pytest.mark.skipif(not _glibc_defaults(), reason="glibc's malloc settings (Linux, no MALLOC_* in the environment)")
+@pytest.mark.skipif(not llm._glibc_defaults(), reason="glibc's malloc settings (Linux, no MALLOC_* in the environment)")
 def test_a_step_s_freed_activations_come_back_without_page_faults():
     # A step holds its activations, then frees them all: by glibc's default
     # the heap's top goes back to the system, and each fresh page faults.
