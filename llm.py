@@ -1943,9 +1943,9 @@ _OMP_SET_HERE = []                                     # the ones llm.py set (no
 
 
 # glibc gives freed blocks over 128 KB back to the system, and the next
-# step's arrays then fault in fresh pages (about 14,500 a step in a fresh
-# process at the default sizes): keep blocks up to 32 MB in the heap, and
-# trim it only past 1 GB free. Results are the same; MALLOC_* settings win.
+# step's arrays then fault in fresh pages, every page of every array: keep
+# blocks up to 32 MB in the heap, and trim it only past 1 GB free. Results
+# are the same; MALLOC_* settings win.
 def _glibc_defaults() -> bool:
     """Linux with glibc's malloc, and no MALLOC_* setting in the environment."""
     import platform
