@@ -1323,7 +1323,7 @@ class PPOConfig:
     max_new_tokens: int = 24
     learning_rate: float = 1e-5
     kl_coef: float = 0.3
-    target_kl: float = None        # set to adapt kl_coef toward this KL
+    target_kl: float = 0.7         # adapt kl_coef toward this KL per answer (0: fixed)
     clip: float = 0.2              # ratio clip, and value clip
     vf_coef: float = 0.1
     gamma: float = 1.0
@@ -1413,6 +1413,14 @@ def ppo_loss(policy: GPT, mb: dict, pc: PPOConfig, n=None):
     return float(pg_loss + pc.vf_coef * vf_loss), grads, stats
 
 
+def adapt_kl_coef(kl_coef, kl, target_kl, k_beta=0.1):
+    """The adaptive KL controller of Ziegler et al. (2019): a rollout that
+    strayed further than target_kl from the reference raises the penalty, one
+    that stayed closer lowers it, by at most 2% a rollout: a run whose reward
+    pulls it away fast is held back harder than one that drifts slowly."""
+    return kl_coef * (1 + k_beta * float(numpy.clip(kl / target_kl - 1, -0.2, 0.2)))
+
+
 def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None) -> list:
     """Proximal policy optimisation: rollout, then several epochs of
     minibatch updates on it, again and again. The policy gets a value head
@@ -1452,8 +1460,8 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
         row = {"iter": it + 1, "reward": float(ro["raw_score"].mean()), "kl": ro["kl"],
                "kl_coef": kl_coef, **{k: float(numpy.mean([s[k] for s in stats])) for k in stats[0]}}
         history.append(row)
-        if pc.target_kl:                 # adaptive KL controller (Ziegler et al., 2019)
-            kl_coef *= 1 + numpy.clip(ro["kl"] / pc.target_kl - 1, -0.2, 0.2) * 0.1
+        if pc.target_kl:
+            kl_coef = adapt_kl_coef(kl_coef, ro["kl"], pc.target_kl)
         if log:
             log(row, time.time() - t0)
     for k in ("value.weight", "value.bias"):

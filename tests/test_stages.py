@@ -2,12 +2,13 @@
 Instruction tuning: the chat template trains on the answer and <|end|>
 only, long conversations keep their answer. RLHF: the reward, PPO and DPO
 losses' gradients against central finite differences in float64, GAE, the
-reward model reading the last token, unended rejections. LoRA: it starts at
+reward model reading the last token, unended rejections, the KL controller. LoRA: it starts at
 the base model and trains only A and B, its gradients (with and without
 dropout) against finite differences, merging, unmerging and saving."""
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import llm
 from helpers import GRAD_TOL, numerical_grad, rel_error, tiny
@@ -60,6 +61,18 @@ def test_gae_with_lambda_one_is_the_return_minus_value():
     adv, ret = llm.gae(rewards, values, mask, 1.0, 1.0)
     assert np.allclose(ret[0, :3], [3.0, 3.0, 2.0]) and np.allclose(adv[0, :3], [2.5, 2.9, 1.8])
     assert adv[0, 3] == 0
+
+
+@given(kl=st.floats(0, 10), target=st.floats(0.05, 5), coef=st.floats(0.01, 10))
+def test_the_kl_controller_moves_the_penalty_toward_the_target_by_at_most_2_percent(kl, target, coef):
+    new = llm.adapt_kl_coef(coef, kl, target)
+    assert coef * 0.98 - 1e-12 <= new <= coef * 1.02 + 1e-12
+    if kl > target * 1.001:
+        assert new > coef                                   # strayed too far: a stronger penalty
+    elif kl < target * 0.999:
+        assert new < coef
+    if kl >= 1.2 * target:
+        assert new == pytest.approx(coef * 1.02)
 
 
 # ---- instruction tuning ----------------------------------------------------
