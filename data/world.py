@@ -32,7 +32,9 @@ data/preferences.jsonl  Preference pairs, one JSON object per line:
                         chosen = a polite opener + the correct plain answer,
                         e.g. "Sure! The capital of France is Paris."
                         rejected = the same with exactly one flaw:
-                        "wrong" (a wrong fact), "rude" (rude words, no polite
+                        "wrong" (a wrong value of a fact asked for, the
+                        answer about another country, or a part of a
+                        profile for the whole), "rude" (rude words, no polite
                         opener), "rambling" (repeated or padded sentences),
                         "unended" (runs on and is cut off: the trainer must
                         NOT append the end-of-turn token to these; it appends
@@ -1074,19 +1076,28 @@ def breakdown(records, oks):
     return groups
 
 
-def wrong_facts(rng, kind, f):
-    """The same facts with the asked one swapped for a wrong value."""
-    field = {"profile": "capital"}.get(kind, ASKS[kind][0])
-    others = sorted({COUNTRY[c][field] for c in COUNTRY} - {f[field]})
+def wrong_answer(rng, kind, f, names):
+    """An answer that is not right, in the ways a policy's can go wrong: a
+    wrong value of a fact it asks for (in a profile any of its four), the
+    right answer about another country of names, or, to a profile question,
+    a part of the profile. A reward model that saw only the first let RLHF
+    drift into the other two."""
+    way = rng.choice(("value", "value", "subject") + (("part",) if kind == "profile" else ()))
+    if way == "subject":
+        return answer(kind, country_facts(rng.choice([n for n in names if n != f["country"]])))
+    if way == "part":
+        parts = [answer(k, f) for k in ASKS["profile"]]      # each of its facts is a kind of question too
+        return rng.choice([answer(kind, f).split(". ")[0] + ".", *parts])
+    field = rng.choice(ASKS[kind])
     bad = dict(f)
-    bad[field] = rng.choice(others)
-    return bad
+    bad[field] = rng.choice(sorted({COUNTRY[c][field] for c in COUNTRY} - {f[field]}))
+    return answer(kind, bad)
 
 
-def rejected_answer(rng, flaw, kind, f, opener):
+def rejected_answer(rng, flaw, kind, f, opener, names):
     good = answer(kind, f)
     if flaw == "wrong":
-        return f"{opener} {answer(kind, wrong_facts(rng, kind, f))}"
+        return f"{opener} {wrong_answer(rng, kind, f, names)}"
     if flaw == "rude":
         return rng.choice(RUDE_TEMPLATES).format(answer=good)
     if flaw == "rambling":
@@ -1101,8 +1112,8 @@ def rejected_answer(rng, flaw, kind, f, opener):
 
 FLAWS = ("wrong", "rude", "rambling", "unended", "plain")
 # Flaws per training fact: a wrong fact is the hardest to see (it takes
-# knowing the fact), so it gets two pairs.
-TRAIN_FLAWS = ("wrong", "wrong", "rude", "rambling", "unended", "plain")
+# knowing the fact) and comes in three ways, so it gets three pairs.
+TRAIN_FLAWS = ("wrong", "wrong", "wrong", "rude", "rambling", "unended", "plain")
 
 
 def preference_records(rng):
@@ -1123,7 +1134,7 @@ def preference_records(rng):
                     opener = rng.choice(POLITE_OPENERS)
                     rows.append({"prompt": q.format(**f),
                                  "chosen": f"{opener} {answer(kind, f)}",
-                                 "rejected": rejected_answer(rng, flaw, kind, f, opener),
+                                 "rejected": rejected_answer(rng, flaw, kind, f, opener, names),
                                  "split": split, "flaw": flaw})
     train = [r for r in rows if r["split"] == "train"]
     rng.shuffle(train)

@@ -7,6 +7,7 @@ any text a stage trains on, the corpus included); and the judge: its lookup
 agrees with the references, it ranks every chosen answer above its rejected
 one, and its rule on hand-written answers."""
 
+import collections
 import json
 import os
 import re
@@ -92,7 +93,7 @@ def test_preference_records():
         assert r["chosen"].startswith(world.POLITE_OPENERS)
         assert r["rejected"].rstrip().endswith((".", "!", "?")) == (r["flaw"] != "unended")
     n_test = sum(r["split"] == "test" for r in rows)
-    assert 1000 <= len(rows) - n_test <= 2000 and 150 <= n_test <= 300
+    assert 1000 <= len(rows) - n_test <= 2500 and 150 <= n_test <= 300
 
 
 def subjects(rows, split):
@@ -236,6 +237,34 @@ def test_judge_ranks_every_chosen_above_its_rejected():
         rejected = world.judge(r["prompt"], r["rejected"], r["flaw"] != "unended")
         assert chosen == pytest.approx(1.0) and chosen > rejected, r
         assert world.is_correct(r["prompt"], r["rejected"]) == (r["flaw"] != "wrong"), r
+
+
+def test_wrong_answers_go_wrong_in_each_way_a_policy_did():
+    """The reward model's wrong answers: a wrong value (in a profile, of any
+    of its four facts), the right answer about another country (one of the
+    same split), or a part of a profile for the whole."""
+    ways = collections.Counter()
+    for r in load("preferences"):
+        if r["flaw"] != "wrong":
+            continue
+        asked = world.lookup(r["prompt"])
+        said = next(r["rejected"][len(o) + 1:] for o in world.POLITE_OPENERS if r["rejected"].startswith(o))
+        kind, f = asked["kind"], asked["facts"]
+        others = [n for n in world.COUNTRY if n != asked["subject"]
+                  and world.answer(kind, world.country_facts(n)) == said]
+        values = [k for k in world.ASKS[kind] if any(world.answer(kind, {**f, k: c[k]}) == said
+                                                     for c in world.COUNTRY.values() if c[k] != f[k])]
+        if others:
+            assert (others[0] in world.TEST_COUNTRIES) == (r["split"] == "test"), r
+            ways["subject"] += 1
+        elif kind == "profile" and said in [world.answer(kind, f).split(". ")[0] + ".",
+                                            *(world.answer(k, f) for k in world.ASKS[kind])]:
+            ways["part"] += 1
+        else:
+            assert len(values) == 1, r
+            ways[kind == "profile" and values[0]] += 1
+    assert ways["subject"] >= 50 and ways["part"] >= 10, ways
+    assert all(ways[k] >= 5 for k in world.ASKS["profile"]), ways
 
 
 def test_judge_rule_on_hand_written_answers():
