@@ -1083,10 +1083,8 @@ def wrong_answer(rng, kind, f, names):
     a part of the profile. A reward model that saw only the first let RLHF
     drift into the other two."""
     way = rng.choice(("value", "value", "subject") + (("part",) if kind == "profile" else ()))
-    if way == "subject":            # a neighbour's, most often: the hardest to tell apart
-        others = [n for n in names if n != f["country"]]
-        near = [n for n in others if COUNTRY[n]["continent"] == f["continent"]]
-        return answer(kind, country_facts(rng.choice(near if near and rng.random() < 0.75 else others)))
+    if way == "subject":
+        return answer(kind, country_facts(rng.choice([n for n in names if n != f["country"]])))
     if way == "part":
         parts = [answer(k, f) for k in ASKS["profile"]]      # each of its facts is a kind of question too
         return rng.choice([answer(kind, f).split(". ")[0] + ".", *parts])
