@@ -1099,9 +1099,9 @@ def training_flags(sizes):
                                        help="the share of each instruction-tuning batch that is pretraining text"),
          ("sft",)),
         ("ppo stage", "--ppo-iters", dict(type=int, default=sizes["ppo_iters"]), ("ppo",)),
-        ("ppo stage", "--ppo-lr", dict(type=float, default=1e-5), ("ppo",)),
-        ("ppo stage", "--kl-coef", dict(type=float, default=0.3), ("ppo",)),
-        ("ppo stage", "--target-kl", dict(type=float, default=0.7,
+        ("ppo stage", "--ppo-lr", dict(type=float, default=llm.PPOConfig.learning_rate), ("ppo",)),
+        ("ppo stage", "--kl-coef", dict(type=float, default=llm.PPOConfig.kl_coef), ("ppo",)),
+        ("ppo stage", "--target-kl", dict(type=float, default=llm.PPOConfig.target_kl,
                                          help="adapt kl-coef toward this KL per answer (0: keep kl-coef fixed)"), ("ppo",)),
         ("dpo stage", "--dpo-beta", dict(type=float, default=0.1), ("dpo",)),
         ("finetune stage", "--finetune-replay", dict(
