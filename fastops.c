@@ -158,10 +158,13 @@ static void fo_free(float *p) {
 /* ------------------------------------------------------------------------ */
 typedef void (*ukern_fn)(int kc, const float *a, const float *b, float *c,
                          ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias);
+/* packbt: pack_b's transposed case (B = W^T, rsb = 1), per ISA */
+typedef void (*packbt_fn)(float *dst, const float *B, ptrdiff_t csb, int nr, int kc, int NR);
 typedef struct {
     const char *name;
     int mr, nr;
     ukern_fn fn;
+    packbt_fn packbt;
 } kern_t;
 
 /* Portable micro-kernel: fixed-size loops the compiler can vectorise. */
@@ -341,10 +344,102 @@ static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *
 }
 #endif /* FO_X86 */
 
-static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic};
+/* The transposed B panel: dst[p*NR + j] = B[p + j*csb]. Each row j of W
+ * is read along p; written with stride NR, one float at a time. */
+static void packbt_generic(float *dst, const float *B, ptrdiff_t csb, int nr, int kc, int NR) {
+    for (int j = 0; j < NR; j++) {
+        float *d = dst + j;
+        if (j < nr) {
+            const float *src = B + j * csb;
+            for (int p = 0; p < kc; p++) d[p * NR] = src[p];
+        } else {
+            for (int p = 0; p < kc; p++) d[p * NR] = 0.0f;
+        }
+    }
+}
+
 #if FO_X86
-static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512};
-static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2};
+/* The same with 8 x 8 (AVX2) or 16 x 16 (AVX-512) blocks transposed in
+ * registers: each row of B^T read 8 or 16 floats at a time, each row of the
+ * panel written whole. Past nr the panel is zero; past kc nothing is read. */
+__attribute__((target("avx2,fma")))
+static void packbt_avx2(float *dst, const float *B, ptrdiff_t csb, int nr, int kc, int NR) {
+    for (int j0 = 0; j0 < NR; j0 += 8) {
+        int p = 0;
+        if (j0 + 8 <= nr) {
+            for (; p + 8 <= kc; p += 8) {
+                __m256 r[8], t[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(B + (j0 + i) * csb + p);
+                for (int i = 0; i < 8; i += 2) {
+                    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4)
+                    for (int h = 0; h < 2; h++) {
+                        r[i + h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0x44);
+                        r[i + h + 2] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0xEE);
+                    }
+                /* r[0..7] now hold, per 128-bit half, columns 0,2,1,3 of rows
+                 * 0-3 (r[0..3]) and 4-7 (r[4..7]) */
+                static const int order[4] = {0, 2, 1, 3};
+                for (int c = 0; c < 4; c++) {
+                    __m256 lo = r[order[c]], hi = r[4 + order[c]];
+                    _mm256_storeu_ps(dst + (size_t)(p + c) * NR + j0,
+                                     _mm256_permute2f128_ps(lo, hi, 0x20));
+                    _mm256_storeu_ps(dst + (size_t)(p + c + 4) * NR + j0,
+                                     _mm256_permute2f128_ps(lo, hi, 0x31));
+                }
+            }
+        }
+        for (; p < kc; p++)
+            for (int j = j0; j < j0 + 8; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
+    }
+}
+
+__attribute__((target("avx512f")))
+static void packbt_avx512(float *dst, const float *B, ptrdiff_t csb, int nr, int kc, int NR) {
+    static const int order[4] = {0, 2, 1, 3};
+    for (int j0 = 0; j0 < NR; j0 += 16) {
+        int p = 0;
+        if (j0 + 16 <= nr) {
+            for (; p + 16 <= kc; p += 16) {
+                __m512 r[16], t[16];
+                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(B + (j0 + i) * csb + p);
+                for (int i = 0; i < 16; i += 2) {        /* rows paired, as in AVX2's */
+                    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 16; i += 4)
+                    for (int h = 0; h < 2; h++) {
+                        r[i + h] = _mm512_shuffle_ps(t[i + h], t[i + h + 2], 0x44);
+                        r[i + h + 2] = _mm512_shuffle_ps(t[i + h], t[i + h + 2], 0xEE);
+                    }
+                /* r[4g + order[c]]: column c + 4L of rows 4g..4g+3 in 128-bit
+                 * lane L; gather lane L of the four groups into one row */
+                for (int c = 0; c < 4; c++) {
+                    int o = order[c];
+                    __m512 ta = _mm512_shuffle_f32x4(r[o], r[4 + o], 0x88);
+                    __m512 tb = _mm512_shuffle_f32x4(r[o], r[4 + o], 0xDD);
+                    __m512 tc = _mm512_shuffle_f32x4(r[8 + o], r[12 + o], 0x88);
+                    __m512 td = _mm512_shuffle_f32x4(r[8 + o], r[12 + o], 0xDD);
+                    float *d = dst + (size_t)(p + c) * NR + j0;
+                    _mm512_storeu_ps(d, _mm512_shuffle_f32x4(ta, tc, 0x88));
+                    _mm512_storeu_ps(d + 4 * NR, _mm512_shuffle_f32x4(tb, td, 0x88));
+                    _mm512_storeu_ps(d + 8 * NR, _mm512_shuffle_f32x4(ta, tc, 0xDD));
+                    _mm512_storeu_ps(d + 12 * NR, _mm512_shuffle_f32x4(tb, td, 0xDD));
+                }
+            }
+        }
+        for (; p < kc; p++)
+            for (int j = j0; j < j0 + 16; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
+    }
+}
+#endif
+
+static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic, packbt_generic};
+#if FO_X86
+static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512, packbt_avx512};
+static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, packbt_avx2};
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
 
@@ -406,6 +501,7 @@ FO_INLINE void copy_floats(float *d, const float *src, int n) {
     case 12: memcpy(d, src, 12 * sizeof(float)); break;
     case 16: memcpy(d, src, 16 * sizeof(float)); break;
     case 32: memcpy(d, src, 32 * sizeof(float)); break;
+    case 64: memcpy(d, src, 64 * sizeof(float)); break;
     default: memcpy(d, src, (size_t)n * sizeof(float));
     }
 }
@@ -433,8 +529,12 @@ FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
 }
 
 /* B micro-panel: k [0, kc) x columns [0, nr) of B  ->  dst[p*NR + j], zero padded */
-FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+FO_INLINE void pack_b(const kern_t *kn, float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
                    int nr, int kc, int NR) {
+    if (rsb == 1 && csb != 1) { /* B = W^T: blocks of W transposed */
+        kn->packbt(dst, B, csb, nr, kc, NR);
+        return;
+    }
     if (csb == 1) { /* row-major B: copy nr contiguous floats per k step */
         for (int p = 0; p < kc; p++) {
             const float *src = B + p * rsb;
@@ -508,7 +608,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #endif
                 for (int jp = 0; jp < npanels; jp++) {
                     int j = jp * NR;
-                    pack_b(bpack + (size_t)jp * NR * kc, B + pc * rsb + (jc + j) * csb,
+                    pack_b(kn, bpack + (size_t)jp * NR * kc, B + pc * rsb + (jc + j) * csb,
                            rsb, csb, imin(NR, nc - j), kc, NR);
                 }
                 /* (implicit barrier: B block packed) */
@@ -947,6 +1047,11 @@ FO_INLINE float row_sum(const float *x, int n) {
     return r;
 }
 
+/* dst = src * s, n floats (restrict: so that it vectorises) */
+FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src, float s, int n) {
+    for (int i = 0; i < n; i++) dst[i] = src[i] * s;
+}
+
 /* Single-threaded small GEMM on per-thread scratch (packs, then micro-kernel).
  * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked. */
 FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
@@ -956,7 +1061,7 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
     for (int jp = 0; jp < npanels; jp++)
-        pack_b(bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
+        pack_b(kn, bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
                imin(NR, N - jp * NR), K, NR);
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
     for (int i = 0; i < M; i += MR) {
@@ -1023,9 +1128,7 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
         small_gemm(kn, nq, D, nk, S, BK, 1, V + j0 * ld, ld, 1, acc, D, 1, apack, bpack);
     }
     for (int r = 0; r < nq; r++) {
-        float inv = 1.0f / lrow[r];
-        float *y = Y + (i0 + r) * ldy;
-        for (int d = 0; d < D; d++) y[d] = acc[r * D + d] * inv;
+        scaled_copy(Y + (i0 + r) * ldy, acc + r * D, 1.0f / lrow[r], D);
         LSE[i0 + r] = mrow[r] + logf(lrow[r]);
     }
 }
@@ -1074,10 +1177,10 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
 
 /* rows [r0, r1) of D floats, ld apart, to or from packed rows (D apart) */
 static void gather_rows(float *dst, const float *src, int r0, int r1, int D, ptrdiff_t ld) {
-    for (int r = r0; r < r1; r++) memcpy(dst + (size_t)r * D, src + r * ld, sizeof(float) * D);
+    for (int r = r0; r < r1; r++) copy_floats(dst + (size_t)r * D, src + r * ld, D);
 }
 static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int r1, int D) {
-    for (int r = r0; r < r1; r++) memcpy(dst + r * ld, src + (size_t)r * D, sizeof(float) * D);
+    for (int r = r0; r < r1; r++) copy_floats(dst + r * ld, src + (size_t)r * D, D);
 }
 
 /* ---- per-ISA attention: the block functions above, inlined into copies
@@ -1095,21 +1198,26 @@ static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int
     apack, bpack
 typedef void (*attn_fwd_fn)(FWD_ARGS);
 typedef void (*attn_bwd_fn)(BWD_ARGS);
+typedef void (*attn_di_fn)(const float *dy, const float *y, ptrdiff_t ldy, float *Di, int T, int D);
 #define DEFINE_ATTN(SUFFIX, TARGET) \
     TARGET static void attn_fwd##SUFFIX(FWD_ARGS) { attn_fwd_block(FWD_CALL); } \
-    TARGET static void attn_bwd##SUFFIX(BWD_ARGS) { attn_bwd_block(BWD_CALL); }
+    TARGET static void attn_bwd##SUFFIX(BWD_ARGS) { attn_bwd_block(BWD_CALL); } \
+    TARGET static void attn_di##SUFFIX(const float *dy, const float *y, ptrdiff_t ldy, float *Di, \
+                                       int T, int D) {                                        \
+        for (int t = 0; t < T; t++) Di[t] = row_dot(dy + t * ldy, y + t * ldy, D); }
 DEFINE_ATTN(_generic, )
 #if FO_X86
 DEFINE_ATTN(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
 DEFINE_ATTN(_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
-static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd) {
+static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd, attn_di_fn *di) {
     *fwd = attn_fwd_generic;
     *bwd = attn_bwd_generic;
+    *di = attn_di_generic;
 #if FO_X86
-    if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; }
-    if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; }
+    if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; *di = attn_di_avx512; }
+    if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; *di = attn_di_avx2; }
 #endif
 }
 
@@ -1123,7 +1231,8 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     const kern_t *kn = kern();
     attn_fwd_fn fwd_block;
     attn_bwd_fn bwd_block;
-    attn_pick(kn, &fwd_block, &bwd_block);
+    attn_di_fn di_rows;
+    attn_pick(kn, &fwd_block, &bwd_block, &di_rows);
     int BH = B * H, nqb = ceil_div(T, BQ);
     float scale = 1.0f / sqrtf((float)D);
     long ntasks = (long)BH * nqb;
@@ -1175,7 +1284,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     const kern_t *kn = kern();
     attn_fwd_fn fwd_block;
     attn_bwd_fn bwd_block;
-    attn_pick(kn, &fwd_block, &bwd_block);
+    attn_di_fn di_rows;
+    attn_pick(kn, &fwd_block, &bwd_block, &di_rows);
     int BH = B * H, nkb = ceil_div(T, BK);
     float scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)BH * T * D;
@@ -1205,10 +1315,9 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (long row = 0; row < (long)BH * T; row++) {
-            int bh = (int)(row / T), t = (int)(row % T);
-            ptrdiff_t o = (bh / H) * yb + (bh % H) * yh + t * yt;
-            Di[row] = row_dot(dy + o, y + o, D);
+        for (int bh = 0; bh < BH; bh++) {
+            ptrdiff_t o = (bh / H) * yb + (bh % H) * yh;
+            di_rows(dy + o, y + o, yt, Di + (size_t)bh * T, T, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
         else {
