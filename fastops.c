@@ -82,6 +82,7 @@ void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *c
               float eps, float weight_decay, float c1, float c2, float gscale);
 void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
                       float *loss, float *dlogits, float dscale, int M, int V);
+void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, long N, int C);
 /* API end */
 #ifdef __cplusplus
 }
@@ -1013,6 +1014,19 @@ FO_INLINE void exp_inplace(float *x, int n) {
     }
 }
 
+/* The 16 partial results folded in halves (8 + 8, 4 + 4, ...): 4 dependent
+ * steps, not 15, once per row of a softmax or a LayerNorm. */
+FO_INLINE float tree_sum16(float *s) {
+    for (int w = 8; w >= 1; w >>= 1)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
+FO_INLINE float tree_max16(float *m) {
+    for (int w = 8; w >= 1; w >>= 1)
+        for (int i = 0; i < w; i++) m[i] = m[i + w] > m[i] ? m[i + w] : m[i];
+    return m[0];
+}
+
 /* max, dot product and sum of a row with 16 partial results, so that they vectorise
  * without -ffast-math (which would let the compiler reorder the sum). */
 FO_INLINE float row_max(const float *x, int n, float init) {
@@ -1022,9 +1036,7 @@ FO_INLINE float row_max(const float *x, int n, float init) {
     for (; c + 16 <= n; c += 16)
         for (int i = 0; i < 16; i++) m[i] = x[c + i] > m[i] ? x[c + i] : m[i];
     for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
-    float r = m[0];
-    for (int i = 1; i < 16; i++) r = m[i] > r ? m[i] : r;
-    return r;
+    return tree_max16(m);
 }
 FO_INLINE float row_dot(const float *x, const float *y, int n) {
     float s[16] = {0};
@@ -1032,9 +1044,7 @@ FO_INLINE float row_dot(const float *x, const float *y, int n) {
     for (; c + 16 <= n; c += 16)
         for (int i = 0; i < 16; i++) s[i] += x[c + i] * y[c + i];
     for (; c < n; c++) s[0] += x[c] * y[c];
-    float r = 0.0f;
-    for (int i = 0; i < 16; i++) r += s[i];
-    return r;
+    return tree_sum16(s);
 }
 FO_INLINE float row_sum(const float *x, int n) {
     float s[16] = {0};
@@ -1042,9 +1052,7 @@ FO_INLINE float row_sum(const float *x, int n) {
     for (; c + 16 <= n; c += 16)
         for (int i = 0; i < 16; i++) s[i] += x[c + i];
     for (; c < n; c++) s[0] += x[c];
-    float r = 0.0f;
-    for (int i = 0; i < 16; i++) r += s[i];
-    return r;
+    return tree_sum16(s);
 }
 
 /* dst = src * s, n floats (restrict: so that it vectorises) */
@@ -1438,9 +1446,7 @@ FO_INLINE void ln_fwd_row(const float *x, const float *w, const float *b, float 
     for (; c + 16 <= C; c += 16)
         for (int i = 0; i < 16; i++) { float d = x[c + i] - m; s[i] += d * d; }
     for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
-    float var = 0.0f;
-    for (int i = 0; i < 16; i++) var += s[i];
-    float r = 1.0f / sqrtf(var / (float)C + eps);
+    float r = 1.0f / sqrtf(tree_sum16(s) / (float)C + eps);
     for (c = 0; c < C; c++) y[c] = (x[c] - m) * r * w[c] + b[c];
     *mean = m;
     *rstd = r;
@@ -1461,10 +1467,7 @@ FO_INLINE void ln_bwd_row(const float *FO_RESTRICT dy, const float *FO_RESTRICT 
     for (c = 0; c + 16 <= C; c += 16)
         for (int i = 0; i < 16; i++) s2[i] += dy[c + i] * w[c + i] * ((x[c + i] - mean) * rstd);
     for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
-    float m1 = 0.0f, m2 = 0.0f;
-    for (int i = 0; i < 16; i++) { m1 += s1[i]; m2 += s2[i]; }
-    m1 /= (float)C;
-    m2 /= (float)C;
+    float m1 = tree_sum16(s1) / (float)C, m2 = tree_sum16(s2) / (float)C;
     for (c = 0; c < C; c++) {
         float xh = (x[c] - mean) * rstd;
         dx[c] = rstd * (dy[c] * w[c] - m1 - xh * m2);
@@ -1793,6 +1796,51 @@ void fo_cross_entropy(const float *logits, const int64_t *targets, const float *
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
         rows(logits + (size_t)r0 * V, targets + r0, weights ? weights + r0 : NULL, loss + r0,
              dlogits + (size_t)r0 * V, r1 - r0, V, dscale);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* The token embedding's backward: dwte[idx[n]] += dx[n] for n = 0, 1, ...   */
+/* in that order, as NumPy's add.at (the same sums: the same bits), each     */
+/* thread on its own columns, so repeated tokens never race.                 */
+/* ------------------------------------------------------------------------ */
+FO_INLINE void add_row(float *FO_RESTRICT acc, const float *FO_RESTRICT d, int n) {
+    for (int j = 0; j < n; j++) acc[j] += d[j];
+}
+
+#define DEFINE_EMB(SUFFIX, TARGET)                                                            \
+    TARGET static void emb_cols##SUFFIX(float *dwte, const int64_t *idx, const float *dx,     \
+                                        long N, int C, int j0, int j1) {                      \
+        for (long n = 0; n < N; n++)                                                          \
+            add_row(dwte + (size_t)idx[n] * C + j0, dx + (size_t)n * C + j0, j1 - j0); }
+DEFINE_EMB(_generic, )
+#if FO_X86
+DEFINE_EMB(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_EMB(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+/* dwte[V,C] (accumulated into), idx[N] in 0..V-1 (checked by the caller), dx[N,C] */
+void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, long N, int C) {
+    void (*cols)(float *, const int64_t *, const float *, long, int, int, int) = emb_cols_generic;
+#if FO_X86
+    const kern_t *kn = kern();
+    if (kn == &KERN_AVX512) cols = emb_cols_avx512;
+    if (kn == &KERN_AVX2) cols = emb_cols_avx2;
+#endif
+    int strips = ceil_div(C, 16); /* 16 columns: a cache line of each row */
+    int nth = (double)N * C > 65536 ? imin(fo_nthreads(), strips) : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int j0 = imin(C, (int)((long)strips * tid / nt) * 16);
+        int j1 = imin(C, (int)((long)strips * (tid + 1) / nt) * 16);
+        if (j0 < j1) cols(dwte, idx, dx, N, C, j0, j1);
     }
 }
 

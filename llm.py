@@ -2357,6 +2357,25 @@ def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
     return _done(loss, dlogits)
 
 
+def fo_embedding_backward(dwte, idx, dx):
+    """dwte (V, C) += each position's dx (..., C) at the row of its token
+    idx (...), in place, as numpy.add.at. -> dwte."""
+    dwte = _f32_inplace("dwte", dwte)
+    if dwte.ndim != 2:
+        raise ValueError(f"dwte: expected a (V, C) array, got shape {dwte.shape}")
+    V, C = dwte.shape
+    t = numpy.asarray(idx)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"idx: expected integer token ids, got dtype {t.dtype}")
+    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"idx: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
+    dx = _f32("dx", dx, shape=(*t.shape, C))
+    t = numpy.ascontiguousarray(t, dtype=numpy.int64)
+    ffi = _fastops.ffi
+    _fastops.lib.fo_embedding_backward(_ptr(dwte), ffi.cast("int64_t *", ffi.from_buffer(t)), _ptr(dx), t.size, C)
+    return _done(dwte)
+
+
 # ---- the fast layers, for `ops` --------------------------------------------------
 # Each is section 2's layer where the kernel applies, and hands the work back
 # to the NumPy function where it does not. A cache from a kernel is marked,
@@ -2437,6 +2456,12 @@ def _cross_entropy_backward(cache):
     return cache[0] if isinstance(cache, _Kernel) else cross_entropy_backward(cache)
 
 
+def _embedding_backward(dwte, idx, dx):
+    if not (xp is numpy and _f32s(dwte, dx) and dwte.flags.c_contiguous and _use("embedding")):
+        return embedding_backward(dwte, idx, dx)
+    return fo_embedding_backward(dwte, idx, dx)
+
+
 def _on_cpu(arrays):                 # the optimizer's kernels: float32 NumPy arrays (a 0-d one too)
     return xp is numpy and all(isinstance(a, (numpy.ndarray, numpy.float32)) and a.dtype == numpy.float32
                                for a in arrays)
@@ -2486,6 +2511,8 @@ def _calibration_work():
             "gelu": [layer("gelu", f32(768, 512)), layer("gelu", f32(512, 1536))],
             "cross_entropy": [lambda z=f32(12, 64, 260), t=r.integers(0, 260, (12, 64)):
                               ops.cross_entropy_forward(z, t)],
+            "embedding": [lambda d=f32(1844, 192), t=r.integers(0, 1844, (16, 64)), dx=f32(16, 64, 192):
+                          ops.embedding_backward(d, t, dx)],
             "adamw": [lambda: (ops.sum_of_squares(grads.values()),
                                ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))],
             "linear": [lambda: (model.forward(ids[:, :-1], ids[:, 1:]), model.backward())]}   # last: a step
@@ -2528,7 +2555,8 @@ def calibrate() -> dict:
 
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
-FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "adamw")
+FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "embedding",
+            "adamw")
 
 
 def kernel_choice() -> dict:
@@ -2560,8 +2588,8 @@ def kernels_in_use() -> dict:
 
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,
                                    _layernorm_forward, _layernorm_backward, _gelu_forward, _gelu_backward,
-                                   _cross_entropy_forward, _cross_entropy_backward, _adamw_update,
-                                   _sum_of_squares)}
+                                   _cross_entropy_forward, _cross_entropy_backward, _embedding_backward,
+                                   _adamw_update, _sum_of_squares)}
 _install()
 
 

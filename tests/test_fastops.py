@@ -555,6 +555,41 @@ def test_cross_entropy_bad_input():
         llm.fo_cross_entropy(x.astype(np.float64), np.array([0, 1, 2, 3]))
 
 
+# ---- the token embedding's backward -------------------------------------------------
+
+@FAST
+@given(V=st.sampled_from([1, 2, 5, 260, 1844]), C=DIMS, B=st.sampled_from([1, 3, 16]),
+       T=st.sampled_from([1, 7, 64]), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(V=2, C=192, B=16, T=64, path=ISAS[0], seed=0)              # every token repeated hundreds of times
+def test_embedding_backward_equals_numpy_add_at_bit_for_bit(V, C, B, T, path, seed):
+    """The same additions in the same order (position by position) as
+    numpy.add.at: the same bits, however often a token repeats."""
+    rng = np.random.default_rng(seed)
+    dwte, idx, dx = randn(rng, V, C), rng.integers(0, V, (B, T)), randn(rng, B, T, C)
+    ref = dwte.copy()
+    np.add.at(ref, idx, dx)
+    with isa(path):
+        out = llm.fo_embedding_backward(dwte, idx, dx)
+    assert out is dwte                                  # in place
+    assert np.array_equal(out, ref)
+
+
+def test_embedding_backward_bad_input():
+    w, dx = np.zeros((5, 3), np.float32), np.ones((2, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="idx"):
+        llm.fo_embedding_backward(w, np.full((2, 4), 5), dx)
+    with pytest.raises(ValueError, match="idx"):
+        llm.fo_embedding_backward(w, np.full((2, 4), -1), dx)
+    with pytest.raises(TypeError, match="idx"):
+        llm.fo_embedding_backward(w, np.zeros((2, 4)), dx)
+    with pytest.raises(ValueError, match="dx"):
+        llm.fo_embedding_backward(w, np.zeros((2, 3), np.int64), dx)
+    with pytest.raises(ValueError, match="dwte"):
+        llm.fo_embedding_backward(np.zeros((5, 6), np.float32)[:, ::2], np.zeros((2, 4), np.int64), dx)
+    with pytest.raises(TypeError, match="dwte"):
+        llm.fo_embedding_backward(w.astype(np.float64), np.zeros((2, 4), np.int64), dx)
+
+
 # ---- the 'auto' backend: each kernel where it beats NumPy here ---------------------
 
 def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch):
