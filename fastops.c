@@ -159,13 +159,14 @@ static void fo_free(float *p) {
 /* ------------------------------------------------------------------------ */
 typedef void (*ukern_fn)(int kc, const float *a, const float *b, float *c,
                          ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias);
-/* packbt: pack_b's transposed case (B = W^T, rsb = 1), per ISA */
-typedef void (*packbt_fn)(float *dst, const float *B, ptrdiff_t csb, int nr, int kc, int NR);
+/* packing a micro-panel of A (mr rows x kc) or of B (kc x nr), per ISA */
+typedef void (*pack_fn)(float *dst, const float *src, ptrdiff_t rs, ptrdiff_t cs, int n, int kc,
+                        int width);
 typedef struct {
     const char *name;
     int mr, nr;
     ukern_fn fn;
-    packbt_fn packbt;
+    pack_fn pack_a, pack_b;
 } kern_t;
 
 /* Portable micro-kernel: fixed-size loops the compiler can vectorise. */
@@ -437,10 +438,92 @@ static void packbt_avx512(float *dst, const float *B, ptrdiff_t csb, int nr, int
 }
 #endif
 
-static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic, packbt_generic};
+/* ------------------------------------------------------------------------ */
+/* Packing. A general (row stride, column stride) view lets one GEMM serve   */
+/* X.W, dY.W^T and X^T.dY: the transposes are absorbed here, at O(n^2) cost. */
+/* ------------------------------------------------------------------------ */
+
+/* n floats: a copy of a tile's width (known size) is inlined, not a call to
+ * memcpy for every 24 or 64 bytes of a packed panel */
+FO_INLINE void copy_floats(float *d, const float *src, int n) {
+    switch (n) {
+    case 4: memcpy(d, src, 4 * sizeof(float)); break;
+    case 6: memcpy(d, src, 6 * sizeof(float)); break;
+    case 12: memcpy(d, src, 12 * sizeof(float)); break;
+    case 16: memcpy(d, src, 16 * sizeof(float)); break;
+    case 32: memcpy(d, src, 32 * sizeof(float)); break;
+    case 64: memcpy(d, src, 64 * sizeof(float)); break;
+    default: memcpy(d, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* A micro-panel: rows [0, mr) x k [0, kc) of A  ->  dst[p*MR + r], zero padded */
+FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                   int mr, int kc, int MR) {
+    if (rsa == 1) { /* A^T case: each k step reads mr contiguous floats */
+        for (int p = 0; p < kc; p++) {
+            float *d = dst + p * MR;
+            copy_floats(d, A + p * csa, mr);
+            for (int r = mr; r < MR; r++) d[r] = 0.0f;
+        }
+    } else { /* row-major A: read each row along k, write with stride MR */
+        for (int r = 0; r < MR; r++) {
+            float *d = dst + r;
+            if (r < mr) {
+                const float *src = A + r * rsa;
+                for (int p = 0; p < kc; p++) d[p * MR] = src[p * csa];
+            } else {
+                for (int p = 0; p < kc; p++) d[p * MR] = 0.0f;
+            }
+        }
+    }
+}
+
+/* B micro-panel: k [0, kc) x columns [0, nr) of B  ->  dst[p*NR + j], zero padded */
+FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+                   int nr, int kc, int NR) {
+    if (csb == 1) { /* row-major B: copy nr contiguous floats per k step */
+        for (int p = 0; p < kc; p++) {
+            const float *src = B + p * rsb;
+            float *d = dst + p * NR;
+            copy_floats(d, src, nr);
+            for (int j = nr; j < NR; j++) d[j] = 0.0f;
+        }
+    } else { /* B = W^T: read W's rows contiguously, scatter with stride NR */
+        for (int j = 0; j < NR; j++) {
+            float *d = dst + j;
+            if (j < nr) {
+                const float *src = B + j * csb;
+                for (int p = 0; p < kc; p++) d[p * NR] = src[p * rsb];
+            } else {
+                for (int p = 0; p < kc; p++) d[p * NR] = 0.0f;
+            }
+        }
+    }
+}
+
+/* per-ISA copies of both (their copies in the ISA's widest moves); B = W^T
+ * (rsb = 1) goes to packbt, blocks transposed in registers */
+#define DEFINE_PACK(SUFFIX, TARGET)                                                          \
+    TARGET static void pack_a##SUFFIX(float *dst, const float *A, ptrdiff_t rsa,             \
+                                      ptrdiff_t csa, int mr, int kc, int MR) {               \
+        pack_a(dst, A, rsa, csa, mr, kc, MR); }                                              \
+    TARGET static void pack_b##SUFFIX(float *dst, const float *B, ptrdiff_t rsb,             \
+                                      ptrdiff_t csb, int nr, int kc, int NR) {               \
+        if (rsb == 1 && csb != 1) packbt##SUFFIX(dst, B, csb, nr, kc, NR);                   \
+        else pack_b(dst, B, rsb, csb, nr, kc, NR); }
+DEFINE_PACK(_generic, )
 #if FO_X86
-static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512, packbt_avx512};
-static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, packbt_avx2};
+DEFINE_PACK(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_PACK(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic, pack_a_generic,
+                                    pack_b_generic};
+#if FO_X86
+static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512, pack_a_avx512,
+                                   pack_b_avx512};
+static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_avx2, pack_b_avx2};
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
 
@@ -486,74 +569,6 @@ int fo_set_isa(const char *name) {
     }
 #endif
     return -1;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Packing. A general (row stride, column stride) view lets one GEMM serve   */
-/* X.W, dY.W^T and X^T.dY: the transposes are absorbed here, at O(n^2) cost. */
-/* ------------------------------------------------------------------------ */
-
-/* n floats: a copy of a tile's width (known size) is inlined, not a call to
- * memcpy for every 24 or 64 bytes of a packed panel */
-FO_INLINE void copy_floats(float *d, const float *src, int n) {
-    switch (n) {
-    case 4: memcpy(d, src, 4 * sizeof(float)); break;
-    case 6: memcpy(d, src, 6 * sizeof(float)); break;
-    case 12: memcpy(d, src, 12 * sizeof(float)); break;
-    case 16: memcpy(d, src, 16 * sizeof(float)); break;
-    case 32: memcpy(d, src, 32 * sizeof(float)); break;
-    case 64: memcpy(d, src, 64 * sizeof(float)); break;
-    default: memcpy(d, src, (size_t)n * sizeof(float));
-    }
-}
-
-/* A micro-panel: rows [0, mr) x k [0, kc) of A  ->  dst[p*MR + r], zero padded */
-FO_INLINE void pack_a(float *dst, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-                   int mr, int kc, int MR) {
-    if (rsa == 1) { /* A^T case: each k step reads mr contiguous floats */
-        for (int p = 0; p < kc; p++) {
-            float *d = dst + p * MR;
-            copy_floats(d, A + p * csa, mr);
-            for (int r = mr; r < MR; r++) d[r] = 0.0f;
-        }
-    } else { /* row-major A: read each row along k, write with stride MR */
-        for (int r = 0; r < MR; r++) {
-            float *d = dst + r;
-            if (r < mr) {
-                const float *src = A + r * rsa;
-                for (int p = 0; p < kc; p++) d[p * MR] = src[p * csa];
-            } else {
-                for (int p = 0; p < kc; p++) d[p * MR] = 0.0f;
-            }
-        }
-    }
-}
-
-/* B micro-panel: k [0, kc) x columns [0, nr) of B  ->  dst[p*NR + j], zero padded */
-FO_INLINE void pack_b(const kern_t *kn, float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
-                   int nr, int kc, int NR) {
-    if (rsb == 1 && csb != 1) { /* B = W^T: blocks of W transposed */
-        kn->packbt(dst, B, csb, nr, kc, NR);
-        return;
-    }
-    if (csb == 1) { /* row-major B: copy nr contiguous floats per k step */
-        for (int p = 0; p < kc; p++) {
-            const float *src = B + p * rsb;
-            float *d = dst + p * NR;
-            copy_floats(d, src, nr);
-            for (int j = nr; j < NR; j++) d[j] = 0.0f;
-        }
-    } else { /* B = W^T: read W's rows contiguously, scatter with stride NR */
-        for (int j = 0; j < NR; j++) {
-            float *d = dst + j;
-            if (j < nr) {
-                const float *src = B + j * csb;
-                for (int p = 0; p < kc; p++) d[p * NR] = src[p * rsb];
-            } else {
-                for (int p = 0; p < kc; p++) d[p * NR] = 0.0f;
-            }
-        }
-    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -609,7 +624,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #endif
                 for (int jp = 0; jp < npanels; jp++) {
                     int j = jp * NR;
-                    pack_b(kn, bpack + (size_t)jp * NR * kc, B + pc * rsb + (jc + j) * csb,
+                    kn->pack_b(bpack + (size_t)jp * NR * kc, B + pc * rsb + (jc + j) * csb,
                            rsb, csb, imin(NR, nc - j), kc, NR);
                 }
                 /* (implicit barrier: B block packed) */
@@ -630,7 +645,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                         }
                         continue;
                     }
-                    pack_a(apack, A + i * rsa + pc * csa, rsa, csa, mr, kc, MR);
+                    kn->pack_a(apack, A + i * rsa + pc * csa, rsa, csa, mr, kc, MR);
                     for (int jp = jp0; jp < jp1; jp++) {
                         int j = jp * NR;
                         kn->fn(kc, apack, bpack + (size_t)jp * NR * kc,
@@ -1069,7 +1084,7 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
     for (int jp = 0; jp < npanels; jp++)
-        pack_b(kn, bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
+        kn->pack_b(bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
                imin(NR, N - jp * NR), K, NR);
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
     for (int i = 0; i < M; i += MR) {
@@ -1080,7 +1095,7 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
                         ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
-        pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
+        kn->pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
         for (int jp = 0; jp < npanels; jp++)
             kn->fn(K, apack, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
                    mr, imin(NR, N - jp * NR), load_c, NULL);
