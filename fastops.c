@@ -580,7 +580,9 @@ int fo_set_isa(const char *name) {
 /* thread then takes (MR-row panel, column chunk) tasks, packs the MR x kc   */
 /* panel of A (stays in L1) and sweeps the micro-kernel over the chunk.      */
 /* ------------------------------------------------------------------------ */
+#ifndef KC_MAX
 #define KC_MAX 384
+#endif
 #define B_BLOCK_FLOATS (160 * 1024) /* packed B block: 640 KB, fits L2 */
 
 static void gemm_blocked(const kern_t *kn, int M, int N, int K,
@@ -931,6 +933,61 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
 }
 #endif /* FO_X86 */
 
+/* ------------------------------------------------------------------------ */
+/* The weight gradients (X^T.dY): A is an activation read across its rows,  */
+/* so it is packed, and B (dY) is as large as A. gemm_blocked would copy B  */
+/* into one block that both threads pack and read, half of it from the      */
+/* other core. Here threads split the columns instead: each packs its own   */
+/* B strips (kc x NR, read from L1) and its own copy of the A block (MC x   */
+/* kc, in its L2), and never waits for the other. The k blocks are          */
+/* gemm_blocked's, so every tile sums in the same order: the same bits.     */
+/* ------------------------------------------------------------------------ */
+#ifndef MC_COLS
+#define MC_COLS 384
+#endif
+
+static void gemm_cols(const kern_t *kn, int M, int N, int K,
+                      const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                      const float *B, ptrdiff_t rsb, ptrdiff_t csb,
+                      float *C, ptrdiff_t ldc, int accumulate, const float *bias, int nthreads) {
+    const int MR = kn->mr, NR = kn->nr;
+    int KC = ceil_div(K, ceil_div(K, KC_MAX));
+    int MC = imin(ceil_div(M, MR), ceil_div(MC_COLS, MR)) * MR;
+    int npanels = ceil_div(N, NR);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int s0 = (int)((long)npanels * tid / nt), s1 = (int)((long)npanels * (tid + 1) / nt);
+        float *ablock = fo_alloc((size_t)MC * KC), *bstrip = fo_alloc((size_t)KC * NR);
+        for (int ic = 0; ic < M && ablock && bstrip && s0 < s1; ic += MC) {
+            int mc = imin(MC, M - ic), mp = ceil_div(mc, MR);
+            for (int pc = 0; pc < K; pc += KC) {
+                int kc = imin(KC, K - pc), first = (pc == 0);
+                for (int ip = 0; ip < mp; ip++)
+                    kn->pack_a(ablock + (size_t)ip * MR * kc, A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa,
+                               rsa, csa, imin(MR, mc - ip * MR), kc, MR);
+                for (int jp = s0; jp < s1; jp++) {
+                    int j = jp * NR, nr = imin(NR, N - j);
+                    kn->pack_b(bstrip, B + pc * rsb + j * csb, rsb, csb, nr, kc, NR);
+                    for (int ip = 0; ip < mp; ip++) {
+                        int i = ic + ip * MR;
+                        kn->fn(kc, ablock + (size_t)ip * MR * kc, bstrip, C + (ptrdiff_t)i * ldc + j, ldc,
+                               imin(MR, M - i), nr, accumulate || !first, (first && bias) ? bias + j : NULL);
+                    }
+                }
+            }
+        }
+        fo_free(ablock);
+        fo_free(bstrip);
+    }
+}
+
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
 
@@ -960,7 +1017,13 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         return;
     }
 #endif
-    gemm_blocked(kern(), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
+    const kern_t *kn = kern();
+    int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
+    if (csa != 1 && ceil_div(N, kn->nr) >= 2 * nthreads) {  /* A packed: X^T.dY */
+        gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads);
+        return;
+    }
+    gemm_blocked(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
 
