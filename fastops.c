@@ -946,10 +946,20 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
 #define MC_COLS 384
 #endif
 
+/* sum[0..nr) = (first ? 0 : sum) + rows 0..kc of a packed B strip, in order */
+static void add_rows(float *sum, int first, const float *b, int kc, int nr, int NR) {
+    float acc[64];
+    for (int c = 0; c < nr; c++) acc[c] = first ? 0.0f : sum[c];
+    for (int p = 0; p < kc; p++)
+        for (int c = 0; c < nr; c++) acc[c] += b[p * NR + c];
+    for (int c = 0; c < nr; c++) sum[c] = acc[c];
+}
+
 static void gemm_cols(const kern_t *kn, int M, int N, int K,
                       const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                       const float *B, ptrdiff_t rsb, ptrdiff_t csb,
-                      float *C, ptrdiff_t ldc, int accumulate, const float *bias, int nthreads) {
+                      float *C, ptrdiff_t ldc, int accumulate, const float *bias, int nthreads,
+                      float *colsum) {
     const int MR = kn->mr, NR = kn->nr;
     int KC = ceil_div(K, ceil_div(K, KC_MAX));
     int MC = imin(ceil_div(M, MR), ceil_div(MC_COLS, MR)) * MR;
@@ -975,6 +985,8 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                 for (int jp = s0; jp < s1; jp++) {
                     int j = jp * NR, nr = imin(NR, N - j);
                     kn->pack_b(bstrip, B + pc * rsb + j * csb, rsb, csb, nr, kc, NR);
+                    if (colsum && ic == 0) /* B's column sums, row after row as fo_colsum */
+                        add_rows(colsum + j, first, bstrip, kc, nr, NR);
                     for (int ip = 0; ip < mp; ip++) {
                         int i = ic + ip * MR;
                         kn->fn(kc, ablock + (size_t)ip * MR * kc, bstrip, C + (ptrdiff_t)i * ldc + j, ldc,
@@ -1020,7 +1032,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
     const kern_t *kn = kern();
     int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
     if (csa != 1 && ceil_div(N, kn->nr) >= 2 * nthreads) {  /* A packed: X^T.dY */
-        gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads);
+        gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads, NULL);
         return;
     }
     gemm_blocked(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
@@ -1058,6 +1070,12 @@ void fo_colsum(const float *dy, float *db, int M, int N) {
 void fo_linear_backward(const float *dy, const float *x, const float *w, float *dx,
                         float *dw, float *db, int M, int K, int N) {
     if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
+    const kern_t *kn = kern();
+    int nthreads = 2.0 * M * N * K >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
+    if (K > SM_MAX_M && M > 0 && ceil_div(N, kn->nr) >= 2 * nthreads) { /* db while packing dy */
+        gemm_cols(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL, nthreads, db);
+        return;
+    }
     fo_sgemm(K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL);
     if (db) fo_colsum(dy, db, M, N);
 }

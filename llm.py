@@ -2168,16 +2168,15 @@ def fo_linear_backward(dy, x, w):
     dx, db = xp.empty((M, K), numpy.float32), xp.empty(N, numpy.float32)
     rs, cs = _strides(w)
     lib, ffi = _kernels()
-    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
-    if w.flags.c_contiguous:
+    if w.flags.c_contiguous:                                  # (db summed as dy is packed)
         dw = xp.empty((K, N), numpy.float32)
-        lib.fo_sgemm(K, N, M, _ptr(x), 1, K, _ptr(dy), N, 1, _ptr(dw), N, 0, ffi.NULL)
-    else:
-        dw = xp.empty((N, K), numpy.float32)
-        lib.fo_sgemm(N, K, M, _ptr(dy), 1, N, _ptr(x), K, 1, _ptr(dw), K, 0, ffi.NULL)
-        dw = dw.T
+        lib.fo_linear_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(dx), _ptr(dw), _ptr(db), M, K, N)
+        return _done(dx, dw, db)
+    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
+    dw = xp.empty((N, K), numpy.float32)
+    lib.fo_sgemm(N, K, M, _ptr(dy), 1, N, _ptr(x), K, 1, _ptr(dw), K, 0, ffi.NULL)
     lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
-    return _done(dx, dw, db)
+    return _done(dx, dw.T, db)
 
 
 def fo_linear_backward_input(dy, w):
