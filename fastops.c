@@ -1247,12 +1247,12 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
 FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
                            const float *V, const float *dY, const float *LSE,
                            const float *Di, float *dQ, float *dK, float *dV, int T,
-                           int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldq, int j0,
-                           float scale, float *P, float *dP, float *apack, float *bpack) {
+                           int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldk, ptrdiff_t ldq,
+                           int j0, float scale, float *P, float *dP, float *apack, float *bpack) {
     int nk = imin(BK, T - j0);
     for (int r = j0; r < j0 + nk; r++) {
-        memset(dK + r * ldy, 0, sizeof(float) * D);
-        memset(dV + r * ldy, 0, sizeof(float) * D);
+        memset(dK + r * ldk, 0, sizeof(float) * D);
+        memset(dV + r * ldk, 0, sizeof(float) * D);
     }
     for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
         int nq = imin(BQ, T - i0);
@@ -1270,9 +1270,9 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int c = 0; c < nk; c++) dp[c] = p[c] * (dp[c] - di) * scale;
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
-        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldy, ldy, 1, apack, bpack);
+        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldk, ldk, 1, apack, bpack);
         /* dK_j += dS^T . Q_i */
-        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldy, ldy, 1, apack, bpack);
+        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldk, ldk, 1, apack, bpack);
         /* dQ_i += dS . K_j */
         small_gemm(kn, nq, D, nk, dP, BK, 1, K + j0 * ld, ld, 1, dQ + i0 * ldq, ldq, 1, apack,
                    bpack);
@@ -1296,9 +1296,9 @@ static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int
 #define FWD_CALL kn, Q, K, V, Y, LSE, T, D, ld, ldy, i0, scale, S, acc, mrow, lrow, apack, bpack
 #define BWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
     const float *dY, const float *LSE, const float *Di, float *dQ, float *dK, float *dV, \
-    int T, int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldq, int j0, float scale, float *P, \
+    int T, int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldk, ptrdiff_t ldq, int j0, float scale, float *P, \
     float *dP, float *apack, float *bpack
-#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldq, j0, scale, P, dP, \
+#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldk, ldq, j0, scale, P, dP, \
     apack, bpack
 typedef void (*attn_fwd_fn)(FWD_ARGS);
 typedef void (*attn_bwd_fn)(BWD_ARGS);
@@ -1325,10 +1325,11 @@ static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd, attn
 #endif
 }
 
-/* q, k, v are (B, H, T, D) with element strides (sb, sh, st, 1); y, dy and
- * dq, dk, dv with (yb, yh, yt, 1): the heads are read where the model keeps
- * them (side by side in each row of c_attn's output) and written side by
- * side in rows, as c_proj reads them, not copied to (B, H, T, D) and back. */
+/* q, k, v and their gradients dq, dk, dv are (B, H, T, D) with element
+ * strides (sb, sh, st, 1); y and dy with (yb, yh, yt, 1): the heads are read
+ * where the model keeps them (side by side in each row of c_attn's output),
+ * y is written side by side in rows, as c_proj reads it, and dq, dk, dv
+ * where c_attn's backward reads them, not copied to (B, H, T, D) and back. */
 void fo_attention_forward(const float *q, const float *k, const float *v, float *y,
                           float *lse, int B, int H, int T, int D, ptrdiff_t sb, ptrdiff_t sh,
                           ptrdiff_t st, ptrdiff_t yb, ptrdiff_t yh, ptrdiff_t yt) {
@@ -1430,7 +1431,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #endif
             for (long row = 0; row < (long)BH * T; row++) {
                 int bh = (int)(row / T), t = (int)(row % T);
-                memset(dq + (bh / H) * yb + (bh % H) * yh + t * yt, 0, sizeof(float) * D);
+                memset(dq + (bh / H) * sb + (bh % H) * sh + t * st, 0, sizeof(float) * D);
             }
         }
         /* Tasks in turn to the threads, not to whichever is free: which
@@ -1445,13 +1446,13 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             int bh = (int)(t % BH), jb_first = (int)(t / BH);
             int jb_last = split ? jb_first : nkb - 1;
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
-            float *dqh = split ? dqt + (size_t)bh * T * D : dq + yoff;
+            float *dqh = split ? dqt + (size_t)bh * T * D : dq + off;
             if (!ok) continue;
             if (!gather) {
                 for (int jb = jb_first; jb <= jb_last; jb++)
                     bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
-                              Di + (size_t)bh * T, dqh, dk + yoff, dv + yoff, T, D, st, yt,
-                              split ? D : yt, jb * BK, scale, P, dP, apack, bpack);
+                              Di + (size_t)bh * T, dqh, dk + off, dv + off, T, D, st, yt, st,
+                              split ? D : st, jb * BK, scale, P, dP, apack, bpack);
                 continue;
             }
             float *g[7];                            /* the whole head (one task, not split) */
@@ -1463,10 +1464,10 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             memset(g[4], 0, sizeof(float) * T * D);
             for (int jb = 0; jb < nkb; jb++)
                 bwd_block(kn, g[0], g[1], g[2], g[3], lse + (size_t)bh * T, Di + (size_t)bh * T,
-                          g[4], g[5], g[6], T, D, D, D, D, jb * BK, scale, P, dP, apack, bpack);
-            scatter_rows(dq + yoff, yt, g[4], 0, T, D);
-            scatter_rows(dk + yoff, yt, g[5], 0, T, D);
-            scatter_rows(dv + yoff, yt, g[6], 0, T, D);
+                          g[4], g[5], g[6], T, D, D, D, D, D, jb * BK, scale, P, dP, apack, bpack);
+            scatter_rows(dq + off, st, g[4], 0, T, D);
+            scatter_rows(dk + off, st, g[5], 0, T, D);
+            scatter_rows(dv + off, st, g[6], 0, T, D);
         }
         if (split) {
             /* (implicit barrier above) sum the private dQ copies */
@@ -1475,7 +1476,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #endif
             for (long row = 0; row < (long)BH * T; row++) {
                 int bh = (int)(row / T), t = (int)(row % T);
-                float *d = dq + (bh / H) * yb + (bh % H) * yh + t * yt;
+                float *d = dq + (bh / H) * sb + (bh % H) * sh + t * st;
                 for (int c = 0; c < D; c++) {
                     float s = 0.0f;
                     for (int th = 0; th < nthreads; th++) s += dqpriv[n * th + row * D + c];

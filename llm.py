@@ -388,6 +388,18 @@ def attention_backward(dy, cache):
     return (ds @ k) * scale, (ds.swapaxes(-1, -2) @ q) * scale, dv
 
 
+def join_heads(dq, dk, dv):
+    """The split of c_attn's output into q, k, v, undone: 3 x (B, H, T, D)
+    -> (B, T, 3, H, D). Nothing is copied when they are already views of one
+    such array (the fast kernels write them there)."""
+    g = dq.base
+    views = isinstance(g, numpy.ndarray) and g.ndim == 5 and g.shape[2] == 3 and all(
+        d.base is g and d.ctypes.data == g.ctypes.data + i * g.strides[2]
+        and d.shape == (g.shape[0], g.shape[3], g.shape[1], g.shape[4])
+        and d.strides == (g.strides[0], g.strides[3], g.strides[1], g.strides[4]) for i, d in enumerate((dq, dk, dv)))
+    return g if views else xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)
+
+
 # ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
 
 def layernorm_forward(x, w, b, eps=1e-5):
@@ -688,8 +700,7 @@ class GPT:
         # x + attn(ln_1(x))
         dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
         dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
-        dq, dk, dv = ops.attention_backward(dy, c[n + "attn"])
-        dqkv = xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        dqkv = join_heads(*ops.attention_backward(dy, c[n + "attn"]))       # (B, T, 3, H, D)
         da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
         da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
         return dx + da
@@ -2225,10 +2236,18 @@ def fo_attention_forward(q, k, v):
 
 
 def fo_attention_backward(dy, q, k, v, y, lse):
-    """-> dq, dk, dv (B, H, T, D), heads side by side as y (else packed)."""
+    """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
+    are views of c_attn's output (B, T, 3, H, D), views of one such array
+    (join_heads then copies nothing); else packed."""
     (q, k, v), s = _heads("qkv", q, k, v)
-    out = (_side_by_side(*q.shape) for _ in range(3))
-    (y, dy, dq, dk, dv), sy = _heads(("y", "dy", "dq", "dk", "dv"), y, dy, *out, shape=q.shape)
+    B, H, T, D = q.shape
+    if xp is numpy and s == [T * 3 * H * D, D, 3 * H * D]:
+        g = xp.empty((B, T, 3, H, D), numpy.float32)
+        dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    else:
+        (q, k, v), s = [xp.ascontiguousarray(a) for a in (q, k, v)], [H * T * D, T * D, D]
+        dq, dk, dv = (xp.empty(q.shape, numpy.float32) for _ in range(3))
+    (y, dy), sy = _heads(("y", "dy"), y, dy, shape=q.shape)
     lse = _f32("lse", lse, shape=q.shape[:3])
     _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
                                         _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)

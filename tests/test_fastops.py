@@ -127,7 +127,9 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
     """q, k, v as views of c_attn's output rows (B, T, 3C, with `pad` more
     floats per row), dy as a view of c_proj's (B, T, C): the kernels read
     them in place and give the same bits as on packed (B, H, T, D) copies,
-    y and the gradients laid out as c_proj reads them (heads side by side)."""
+    y laid out as c_proj reads it (heads side by side), the gradients as
+    c_attn's backward reads them: views of one (B, T, 3, H, D) array, which
+    join_heads hands on without a copy (with padded rows: packed)."""
     rng = np.random.default_rng(seed)
     rows = randn(rng, B, T, 3 * H * D + pad)
     q, k, v = rows[..., :3 * H * D].reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
@@ -138,9 +140,14 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
         packed = [np.ascontiguousarray(a) for a in (q, k, v)]
         y2, lse2 = llm.fo_attention_forward(*packed)
         grads2 = llm.fo_attention_backward(np.ascontiguousarray(dy), *packed, np.ascontiguousarray(y2), lse2)
-    for a in (y, *grads):
-        assert a.transpose(0, 2, 1, 3).flags.c_contiguous             # (B, T, H, D) in memory
-    assert grads2[0].flags.c_contiguous                                 # as the packed y passed in
+    assert y.transpose(0, 2, 1, 3).flags.c_contiguous                  # (B, T, H, D) in memory
+    dqkv = llm.join_heads(*grads)
+    if pad == 0:
+        assert dqkv is grads[0].base and dqkv.flags.c_contiguous        # (B, T, 3, H, D), not copied
+    else:
+        assert all(g.flags.c_contiguous for g in grads)
+    assert all(g.flags.c_contiguous for g in grads2)                    # as the packed q, k, v passed in
+    np.testing.assert_array_equal(dqkv, np.stack([g.transpose(0, 2, 1, 3) for g in grads], axis=2))
     for got, want in zip((y, lse, *grads), (y2, lse2, *grads2)):
         np.testing.assert_array_equal(got, want)
     close(y, attention_reference(q, k, v, dy)[0], D)
