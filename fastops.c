@@ -167,6 +167,7 @@ typedef struct {
     int mr, nr;
     ukern_fn fn;
     pack_fn pack_a, pack_b;
+    void (*pack_at)(float *dst, const float *A, ptrdiff_t csa, int mc, int kc, int MR);
 } kern_t;
 
 /* Portable micro-kernel: fixed-size loops the compiler can vectorise. */
@@ -502,7 +503,24 @@ FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
     }
 }
 
-/* per-ISA copies of both (their copies in the ISA's widest moves); B = W^T
+/* A block of mc rows of A^T (rsa = 1: X^T, each k step a row of X) into
+ * ceil(mc / MR) micro-panels of kc steps, one row of X after another:
+ * read in order, not a few floats from each of kc rows per panel, which
+ * waits on the cache at every row. */
+FO_INLINE void pack_at_block(float *dst, const float *A, ptrdiff_t csa, int mc, int kc, int MR) {
+    int mp = ceil_div(mc, MR);
+    for (int p = 0; p < kc; p++) {
+        const float *src = A + p * csa;
+        for (int ip = 0; ip < mp; ip++) {
+            float *d = dst + ((size_t)ip * kc + p) * MR;
+            int mr = imin(MR, mc - ip * MR);
+            copy_floats(d, src + ip * MR, mr);
+            for (int r = mr; r < MR; r++) d[r] = 0.0f;
+        }
+    }
+}
+
+/* per-ISA copies of these (their copies in the ISA's widest moves); B = W^T
  * (rsb = 1) goes to packbt, blocks transposed in registers */
 #define DEFINE_PACK(SUFFIX, TARGET)                                                          \
     TARGET static void pack_a##SUFFIX(float *dst, const float *A, ptrdiff_t rsa,             \
@@ -511,7 +529,10 @@ FO_INLINE void pack_b(float *dst, const float *B, ptrdiff_t rsb, ptrdiff_t csb,
     TARGET static void pack_b##SUFFIX(float *dst, const float *B, ptrdiff_t rsb,             \
                                       ptrdiff_t csb, int nr, int kc, int NR) {               \
         if (rsb == 1 && csb != 1) packbt##SUFFIX(dst, B, csb, nr, kc, NR);                   \
-        else pack_b(dst, B, rsb, csb, nr, kc, NR); }
+        else pack_b(dst, B, rsb, csb, nr, kc, NR); }                                         \
+    TARGET static void pack_at##SUFFIX(float *dst, const float *A, ptrdiff_t csa, int mc,     \
+                                       int kc, int MR) {                                     \
+        pack_at_block(dst, A, csa, mc, kc, MR); }
 DEFINE_PACK(_generic, )
 #if FO_X86
 DEFINE_PACK(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
@@ -519,11 +540,12 @@ DEFINE_PACK(_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic, pack_a_generic,
-                                    pack_b_generic};
+                                    pack_b_generic, pack_at_generic};
 #if FO_X86
 static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512, pack_a_avx512,
-                                   pack_b_avx512};
-static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_avx2, pack_b_avx2};
+                                   pack_b_avx512, pack_at_avx512};
+static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_avx2, pack_b_avx2,
+                                 pack_at_avx2};
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
 
@@ -937,10 +959,11 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
 /* The weight gradients (X^T.dY): A is an activation read across its rows,  */
 /* so it is packed, and B (dY) is as large as A. gemm_blocked would copy B  */
 /* into one block that both threads pack and read, half of it from the      */
-/* other core. Here threads split the columns instead: each packs its own   */
-/* B strips (kc x NR, read from L1) and its own copy of the A block (MC x   */
-/* kc, in its L2), and never waits for the other. The k blocks are          */
-/* gemm_blocked's, so every tile sums in the same order: the same bits.     */
+/* other core. Here threads split the columns (or, when C is taller than    */
+/* wide, the rows) instead: each packs its own B strips (kc x NR, read from */
+/* L1) and A blocks (MC x kc, in its L2), the other side in full, and never */
+/* waits for the other. The k blocks are gemm_blocked's, so every tile sums */
+/* in the same order: the same bits.                                        */
 /* ------------------------------------------------------------------------ */
 #ifndef MC_COLS
 #define MC_COLS 384
@@ -953,6 +976,11 @@ static void add_rows(float *sum, int first, const float *b, int kc, int nr, int 
     for (int p = 0; p < kc; p++)
         for (int c = 0; c < nr; c++) acc[c] += b[p * NR + c];
     for (int c = 0; c < nr; c++) sum[c] = acc[c];
+}
+
+/* whether gemm_cols gives every thread at least two micro-panels */
+static int cols_fit(const kern_t *kn, int M, int N, int nthreads) {
+    return M > N ? ceil_div(M, kn->mr) >= 2 * nthreads : ceil_div(N, kn->nr) >= 2 * nthreads;
 }
 
 static void gemm_cols(const kern_t *kn, int M, int N, int K,
@@ -973,15 +1001,28 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
         nt = omp_get_num_threads();
         tid = omp_get_thread_num();
 #endif
-        int s0 = (int)((long)npanels * tid / nt), s1 = (int)((long)npanels * (tid + 1) / nt);
+        /* split the wider side: each thread packs all of the other operand */
+        int s0 = 0, s1 = npanels, m0 = 0, m1 = M;
+        if (M > N) {
+            int mpanels = ceil_div(M, MR);
+            m0 = imin(M, (int)((long)mpanels * tid / nt) * MR);
+            m1 = imin(M, (int)((long)mpanels * (tid + 1) / nt) * MR);
+        } else {
+            s0 = (int)((long)npanels * tid / nt);
+            s1 = (int)((long)npanels * (tid + 1) / nt);
+        }
         float *ablock = fo_alloc((size_t)MC * KC), *bstrip = fo_alloc((size_t)KC * NR);
-        for (int ic = 0; ic < M && ablock && bstrip && s0 < s1; ic += MC) {
-            int mc = imin(MC, M - ic), mp = ceil_div(mc, MR);
+        for (int ic = m0; ic < m1 && ablock && bstrip && s0 < s1; ic += MC) {
+            int mc = imin(MC, m1 - ic), mp = ceil_div(mc, MR);
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = imin(KC, K - pc), first = (pc == 0);
-                for (int ip = 0; ip < mp; ip++)
-                    kn->pack_a(ablock + (size_t)ip * MR * kc, A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa,
-                               rsa, csa, imin(MR, mc - ip * MR), kc, MR);
+                if (rsa == 1)
+                    kn->pack_at(ablock, A + ic + pc * csa, csa, mc, kc, MR);
+                else
+                    for (int ip = 0; ip < mp; ip++)
+                        kn->pack_a(ablock + (size_t)ip * MR * kc,
+                                   A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa, rsa, csa,
+                                   imin(MR, mc - ip * MR), kc, MR);
                 for (int jp = s0; jp < s1; jp++) {
                     int j = jp * NR, nr = imin(NR, N - j);
                     kn->pack_b(bstrip, B + pc * rsb + j * csb, rsb, csb, nr, kc, NR);
@@ -1031,7 +1072,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
 #endif
     const kern_t *kn = kern();
     int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
-    if (csa != 1 && ceil_div(N, kn->nr) >= 2 * nthreads) {  /* A packed: X^T.dY */
+    if (csa != 1 && cols_fit(kn, M, N, nthreads)) {  /* A packed: X^T.dY */
         gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads, NULL);
         return;
     }
@@ -1072,7 +1113,7 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
     if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
     const kern_t *kn = kern();
     int nthreads = 2.0 * M * N * K >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
-    if (K > SM_MAX_M && M > 0 && ceil_div(N, kn->nr) >= 2 * nthreads) { /* db while packing dy */
+    if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads)) { /* db while packing dy */
         gemm_cols(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL, nthreads, db);
         return;
     }
