@@ -702,6 +702,12 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #ifndef SM_KB
 #define SM_KB 32
 #endif
+#ifndef SM_PF
+#define SM_PF SM_KB
+#endif
+#ifndef SM_PF_HINT
+#define SM_PF_HINT _MM_HINT_T1
+#endif
 
 typedef void (*smk_fn)(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb,
                        int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,
@@ -754,12 +760,13 @@ SM_DEF_GENERIC(4)
     for (int p = 0; p < kc; p++) {                                                         \
         const float *bp = b + p * rsb;                                                     \
         if (pf) {                                                                          \
-            _mm_prefetch((const char *)(bp + SM512_NR), _MM_HINT_T0);                      \
-            _mm_prefetch((const char *)(bp + SM512_NR + 16), _MM_HINT_T0);                 \
+            _mm_prefetch((const char *)(bp + SM_PF * rsb), SM_PF_HINT);                    \
+            _mm_prefetch((const char *)(bp + SM_PF * rsb + 16), SM_PF_HINT);               \
         }                                                                                  \
         __m512 b0 = LOAD0, b1 = LOAD1;                                                     \
+        const float *ap = at + (size_t)p * MP; /* constant offsets: no index arithmetic */ \
         for (int r = 0; r < R; r++) {                                                      \
-            __m512 ar = _mm512_set1_ps(at[p * MP + r]);                                    \
+            __m512 ar = _mm512_set1_ps(ap[r]);                                             \
             acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                    \
             acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                    \
         }                                                                                  \
@@ -805,8 +812,9 @@ SM_DEF_AVX512(8)
         const float *bp = b + p * rsb;                                                     \
         if (pf) _mm_prefetch((const char *)(bp + SM256_NR), _MM_HINT_T0);                  \
         __m256 b0 = LOAD0, b1 = LOAD1;                                                     \
+        const float *ap = at + (size_t)p * MP;                                             \
         for (int r = 0; r < R; r++) {                                                      \
-            __m256 ar = _mm256_set1_ps(at[p * MP + r]);                                    \
+            __m256 ar = _mm256_set1_ps(ap[r]);                                             \
             acc0[r] = _mm256_fmadd_ps(ar, b0, acc0[r]);                                    \
             acc1[r] = _mm256_fmadd_ps(ar, b1, acc1[r]);                                    \
         }                                                                                  \
@@ -875,7 +883,7 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
             int kc = imin(SM_KB, K - pc);
             for (int s = s0; s < s1; s++) {
                 int j = s * NR, nr = imin(NR, N - j);
-                int pf = s + 1 < s1; /* prefetch the next strip's rows of this k block */
+                int pf = 1; /* prefetch this strip's rows of the next k block (into L2) */
                 for (int i = 0; i < M; i += R) {
                     int mr = imin(R, M - i);
                     smk_fn f = mr == 1 ? ks.k1 : mr == 2 ? ks.k2 : mr <= 4 ? ks.k4 : ks.k8;
