@@ -1206,11 +1206,17 @@ FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src,
 }
 
 /* Single-threaded small GEMM on per-thread scratch (packs, then micro-kernel).
- * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked. */
+ * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked.
+ * diag, for attention's tiles on the diagonal (row r of the queries sees
+ * keys c <= r): DIAG_COLS, C's columns past a panel's last row are left
+ * (the softmax masks them); DIAG_K_TO_ROW, A's columns (k) past a panel's
+ * last row are zero and not summed; DIAG_K_FROM_ROW, those before its first
+ * row. Only masked entries and exact zeros are skipped: the same sums. */
+enum { DIAG_NONE, DIAG_COLS, DIAG_K_TO_ROW, DIAG_K_FROM_ROW };
 FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
                        const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                        const float *B, ptrdiff_t rsb, ptrdiff_t csb,
-                       float *C, ptrdiff_t ldc, int load_c, float *apack, float *bpack) {
+                       float *C, ptrdiff_t ldc, int load_c, float *apack, float *bpack, int diag) {
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
     for (int jp = 0; jp < npanels; jp++)
@@ -1219,15 +1225,22 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
-        if (rows_fn) {
-            for (int jp = 0; jp < npanels; jp++)
-                rows_fn(K, A + i * rsa, rsa, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR,
-                        ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
+        int np = diag == DIAG_COLS ? imin(npanels, ceil_div(i + mr, NR)) : npanels;
+        int k0 = diag == DIAG_K_FROM_ROW ? imin(i, K) : 0;
+        int k1 = diag == DIAG_K_TO_ROW ? imin(K, i + mr) : K;
+        if (k1 == k0) { /* nothing to sum: C = 0, or C as it is */
+            for (int r = 0; r < mr && !load_c; r++) memset(C + (i + r) * ldc, 0, sizeof(float) * N);
             continue;
         }
-        kn->pack_a(apack, A + i * rsa, rsa, csa, mr, K, MR);
-        for (int jp = 0; jp < npanels; jp++)
-            kn->fn(K, apack, bpack + (size_t)jp * NR * K, C + i * ldc + jp * NR, ldc,
+        if (rows_fn) {
+            for (int jp = 0; jp < np; jp++)
+                rows_fn(k1 - k0, A + i * rsa + k0, rsa, bpack + ((size_t)jp * K + k0) * NR,
+                        C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
+            continue;
+        }
+        kn->pack_a(apack, A + i * rsa + k0 * csa, rsa, csa, mr, k1 - k0, MR);
+        for (int jp = 0; jp < np; jp++)
+            kn->fn(k1 - k0, apack, bpack + ((size_t)jp * K + k0) * NR, C + i * ldc + jp * NR, ldc,
                    mr, imin(NR, N - jp * NR), load_c, NULL);
     }
 }
@@ -1256,8 +1269,9 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
     for (int j0 = 0; j0 < jend; j0 += BK) {
         int nk = imin(BK, jend - j0);
         /* S = Q_i . K_j^T  (nq x nk), K_j^T read through strides */
+        int diag = j0 == i0; /* the tile on the diagonal: half of it masked */
         small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, K + j0 * ld, 1, ld, S, BK, 0, apack,
-                   bpack);
+                   bpack, diag ? DIAG_COLS : DIAG_NONE);
         for (int r = 0; r < nq; r++) {
             float *s = S + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
@@ -1278,7 +1292,8 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int d = 0; d < D; d++) a[d] *= alpha;
         }
         /* acc += P . V_j */
-        small_gemm(kn, nq, D, nk, S, BK, 1, V + j0 * ld, ld, 1, acc, D, 1, apack, bpack);
+        small_gemm(kn, nq, D, nk, S, BK, 1, V + j0 * ld, ld, 1, acc, D, 1, apack, bpack,
+                   diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
     for (int r = 0; r < nq; r++) {
         scaled_copy(Y + (i0 + r) * ldy, acc + r * D, 1.0f / lrow[r], D);
@@ -1306,8 +1321,9 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
     for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
         int nq = imin(BQ, T - i0);
         const float *Qi = Q + i0 * ld, *dYi = dY + i0 * ldy;
-        small_gemm(kn, nq, nk, D, Qi, ld, 1, K + j0 * ld, 1, ld, P, BK, 0, apack, bpack);
-        small_gemm(kn, nq, nk, D, dYi, ldy, 1, V + j0 * ld, 1, ld, dP, BK, 0, apack, bpack);
+        int diag = i0 == j0 ? DIAG_COLS : DIAG_NONE; /* the tile on the diagonal */
+        small_gemm(kn, nq, nk, D, Qi, ld, 1, K + j0 * ld, 1, ld, P, BK, 0, apack, bpack, diag);
+        small_gemm(kn, nq, nk, D, dYi, ldy, 1, V + j0 * ld, 1, ld, dP, BK, 0, apack, bpack, diag);
         for (int r = 0; r < nq; r++) {
             float *p = P + r * BK, *dp = dP + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1);
@@ -1315,16 +1331,18 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
             float l = LSE[i0 + r], di = Di[i0 + r];
             for (int c = 0; c < valid; c++) p[c] = p[c] * scale - l;
             exp_inplace(p, valid);
-            for (int c = valid; c < nk; c++) p[c] = 0.0f;
-            for (int c = 0; c < nk; c++) dp[c] = p[c] * (dp[c] - di) * scale;
+            for (int c = 0; c < valid; c++) dp[c] = p[c] * (dp[c] - di) * scale;
+            for (int c = valid; c < nk; c++) p[c] = dp[c] = 0.0f; /* masked, maybe never computed */
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
-        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldk, ldk, 1, apack, bpack);
+        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldk, ldk, 1, apack, bpack,
+                   diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dK_j += dS^T . Q_i */
-        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldk, ldk, 1, apack, bpack);
+        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldk, ldk, 1, apack, bpack,
+                   diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dQ_i += dS . K_j */
         small_gemm(kn, nq, D, nk, dP, BK, 1, K + j0 * ld, ld, 1, dQ + i0 * ldq, ldq, 1, apack,
-                   bpack);
+                   bpack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
 }
 
