@@ -77,6 +77,50 @@ static void check_gemm(int M, int N, int K, int ta, int tb, int accumulate, int 
     free(A); free(B); free(C); free(bias); free(ref);
 }
 
+/* ---- the linear layer's backward: dx, dw and db (summed as dy is packed) -- */
+static void check_linear_backward(int M, int K, int N) {
+    float *x = frand((size_t)M * K, 1.0), *w = frand((size_t)K * N, 1.0), *dy = frand((size_t)M * N, 1.0);
+    float *dx = frand((size_t)M * K, 1.0), *dw = frand((size_t)K * N, 1.0), *db = frand(N, 1.0);
+    double *rx = (double *)calloc((size_t)M * K, sizeof(double));
+    double *rw = (double *)calloc((size_t)K * N, sizeof(double)), *rb = (double *)calloc(N, sizeof(double));
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double g = dy[(size_t)i * N + j];
+            rb[j] += g;
+            for (int p = 0; p < K; p++) {
+                rx[(size_t)i * K + p] += g * w[(size_t)p * N + j];
+                rw[(size_t)p * N + j] += g * x[(size_t)i * K + p];
+            }
+        }
+    fo_linear_backward(dy, x, w, dx, dw, db, M, K, N);
+    char what[96];
+    snprintf(what, sizeof what, "linear_backward[%s] M=%d K=%d N=%d: dx", fo_isa(), M, K, N);
+    check(what, dx, rx, (size_t)M * K, 1e-4, ktol(N));
+    snprintf(what, sizeof what, "linear_backward[%s] M=%d K=%d N=%d: dw", fo_isa(), M, K, N);
+    check(what, dw, rw, (size_t)K * N, 1e-4, ktol(M));
+    snprintf(what, sizeof what, "linear_backward[%s] M=%d K=%d N=%d: db", fo_isa(), M, K, N);
+    check(what, db, rb, N, 1e-4, ktol(M));
+    free(x); free(w); free(dy); free(dx); free(dw); free(db); free(rx); free(rw); free(rb);
+}
+
+/* ---- the token embedding's backward: add.at's sums, in its order ---------- */
+static void check_embedding(int V, int C, int N) {
+    float *dwte = frand((size_t)V * C, 1.0), *dx = frand((size_t)N * C, 1.0);
+    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (N + 1));
+    double *ref = (double *)malloc(sizeof(double) * V * C);
+    float *seq = (float *)malloc(sizeof(float) * V * C + 64);
+    for (int n = 0; n < N; n++) idx[n] = (int64_t)((urand() + 1.0) * 0.5 * V) % V;
+    memcpy(seq, dwte, sizeof(float) * V * C);
+    for (int n = 0; n < N; n++) /* float sums position after position: exact to the bit */
+        for (int c = 0; c < C; c++) seq[(size_t)idx[n] * C + c] += dx[(size_t)n * C + c];
+    for (size_t i = 0; i < (size_t)V * C; i++) ref[i] = seq[i];
+    fo_embedding_backward(dwte, idx, dx, N, C);
+    char what[96];
+    snprintf(what, sizeof what, "embedding_backward[%s] V=%d C=%d N=%d", fo_isa(), V, C, N);
+    check(what, dwte, ref, (size_t)V * C, 0.0, 0.0);
+    free(dwte); free(dx); free(idx); free(ref); free(seq);
+}
+
 /* ---- attention ------------------------------------------------------------ */
 static void check_attention(int BH, int T, int D) {
     size_t n = (size_t)BH * T * D;
@@ -282,6 +326,13 @@ static void check_all(void) {
     check_gemm(257, 129, 383, 0, 0, 0, 1);  /* blocked, several k blocks */
     check_gemm(130, 70, 400, 1, 0, 0, 0);   /* X^T . dY */
     check_gemm(100, 90, 80, 0, 1, 1, 0);    /* dY . W^T */
+    check_gemm(768, 128, 384, 1, 0, 0, 0);  /* X^T . dY, threads split the columns */
+    check_gemm(130, 600, 70, 1, 0, 0, 0);   /* ... and the rows (C taller than wide) */
+    static const int lb[][3] = {{1, 1, 1}, {7, 17, 3}, {64, 33, 130}, {200, 130, 65}, {300, 40, 600}};
+    for (int i = 0; i < 5; i++) check_linear_backward(lb[i][0], lb[i][1], lb[i][2]);
+    check_embedding(1, 1, 1);
+    check_embedding(5, 17, 300);
+    check_embedding(260, 130, 1024);
     static const int ts[] = {1, 7, 64, 65, 130}, ds[] = {1, 8, 17, 64};
     for (int i = 0; i < 5; i++)
         for (int j = 0; j < 4; j++) check_attention(1 + (i + j) % 3, ts[i], ds[j]);
