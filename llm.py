@@ -1340,6 +1340,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     temperature: float = 1.0
+    ptx_coef: float = 1.0          # weight of the pretraining loss in each update (PPO-ptx; 0: none)
+    ptx_batch: int = 8             # pretraining windows per update
     seed: int = 0
 
 
@@ -1432,7 +1434,24 @@ def adapt_kl_coef(kl_coef, kl, target_kl, k_beta=0.1):
     return kl_coef * (1 + k_beta * float(numpy.clip(kl / target_kl - 1, -0.2, 0.2)))
 
 
-def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None) -> list:
+def ptx_grads(policy: GPT, replay, grads, pc: PPOConfig, rng) -> float:
+    """PPO-ptx (Ouyang et al., 2022): add ptx_coef times the gradient of the
+    pretraining loss on ptx_batch random windows of replay (token ids) to
+    grads, so that chasing the reward model does not unlearn the facts
+    pretraining taught (the reward model cannot catch every wrong one).
+    -> that loss (this rank's share of the windows)."""
+    x, y = get_batch(replay, policy.config.block_size, pc.ptx_batch, rng)
+    rows = numpy.arange(pc.ptx_batch)[world.rank::world.size]      # several ranks: each its share
+    if len(rows) == 0:
+        return 0.0
+    _, loss = policy.forward(x[rows], y[rows])
+    for k, g in policy.backward().items():
+        grads[k] = grads[k] + g * (pc.ptx_coef * len(rows) / pc.ptx_batch)
+    return loss * len(rows) / pc.ptx_batch
+
+
+def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None,
+        replay=None) -> list:
     """Proximal policy optimisation: rollout, then several epochs of
     minibatch updates on it, again and again. The policy gets a value head
     for it, removed at the end. Returns one dict per rollout."""
@@ -1464,6 +1483,8 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
                 mine = xp.asarray(part[world.rank::world.size])  # several ranks: each takes its share
                 mb = {k: ro[k][mine] for k in ("x", "y", "mask", "lengths", "logp", "values", "adv", "ret")}
                 loss, grads, s = ppo_loss(policy, mb, pc, n)
+                if replay is not None and pc.ptx_coef:
+                    s["ptx_loss"] = ptx_grads(policy, replay, grads, pc, rng)
                 s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)

@@ -448,14 +448,15 @@ def rlhf_picks(before, after, right0, right1):
 
 def run_ppo(a):
     pc = llm.PPOConfig(iters=a.ppo_iters, learning_rate=a.ppo_lr, kl_coef=a.kl_coef,
-                       target_kl=a.target_kl, seed=a.seed)
+                       target_kl=a.target_kl, ptx_coef=a.ptx_coef, seed=a.seed)
 
     def log(row, elapsed):
         print(f"  ppo iter {row['iter']}/{pc.iters} reward {row['reward']:+.3f} kl {row['kl']:.3f} "
               f"clip {row['clip_frac']:.2f} value loss {row['vf_loss']:.4f} entropy {row['entropy']:.3f}"
               f" | {elapsed:.0f}s", flush=True)
     return rlhf_stage(a, "ppo", lambda policy, ref, rm, tok, train: llm.ppo(
-        policy, ref, rm, tok, sorted({r["prompt"] for r in train}), pc, log=log))
+        policy, ref, rm, tok, sorted({r["prompt"] for r in train}), pc, log=log,
+        replay=corpus_ids(a, tok) if pc.ptx_coef else None))
 
 
 def run_dpo(a):
@@ -1101,6 +1102,8 @@ def training_flags(sizes):
         ("ppo stage", "--ppo-iters", dict(type=int, default=sizes["ppo_iters"]), ("ppo",)),
         ("ppo stage", "--ppo-lr", dict(type=float, default=llm.PPOConfig.learning_rate), ("ppo",)),
         ("ppo stage", "--kl-coef", dict(type=float, default=llm.PPOConfig.kl_coef), ("ppo",)),
+        ("ppo stage", "--ptx-coef", dict(type=float, default=llm.PPOConfig.ptx_coef,
+                                         help="weight of the pretraining loss in PPO's updates (PPO-ptx; 0: none)"), ("ppo",)),
         ("ppo stage", "--target-kl", dict(type=float, default=llm.PPOConfig.target_kl,
                                          help="adapt kl-coef toward this KL per answer (0: keep kl-coef fixed)"), ("ppo",)),
         ("dpo stage", "--dpo-beta", dict(type=float, default=0.1), ("dpo",)),

@@ -1,7 +1,8 @@
 """The training stages after pretraining (llm.py sections 6 to 8).
 Instruction tuning: the chat template trains on the answer and <|end|>
 only, long conversations keep their answer. RLHF: the reward, PPO and DPO
-losses' gradients against central finite differences in float64, GAE, the
+losses' gradients against central finite differences in float64 (PPO's with
+its pretraining term, PPO-ptx), GAE, the
 reward model reading the last token, unended rejections, the KL controller. LoRA: it starts at
 the base model and trains only A and B, its gradients (with and without
 dropout) against finite differences, merging, unmerging and saving."""
@@ -52,6 +53,27 @@ def test_ppo_loss_gradient():
               values=v + r.normal(0, 0.3, v.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
     pc = llm.PPOConfig()
     check_grads(m, lambda: llm.ppo_loss(m, mb, pc)[:2])
+
+
+def test_ppo_ptx_adds_the_pretraining_losss_gradient():
+    """PPO-ptx: the update's gradients are those of the PPO loss plus
+    ptx_coef times the pretraining loss on the replayed windows."""
+    m = tiny()
+    llm.add_head(m, "value", np.random.default_rng(0))
+    r = np.random.default_rng(2)
+    x, y = r.integers(0, 11, (3, 6)), r.integers(0, 11, (3, 6))
+    lengths, mask = np.array([6, 6, 6]), (np.arange(6) >= 2) * np.ones((3, 1))
+    logp, _, h = llm.sequence_logprobs(m, x, y, lengths)
+    mb = dict(x=x, y=y, mask=mask, lengths=lengths, logp=logp + r.normal(0, 0.3, logp.shape),
+              values=r.normal(size=x.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
+    replay = r.integers(0, 11, 100)
+    pc = llm.PPOConfig(ptx_coef=0.7, ptx_batch=3)
+
+    def total():
+        loss, grads, _ = llm.ppo_loss(m, mb, pc)
+        ptx = llm.ptx_grads(m, replay, grads, pc, np.random.default_rng(5))
+        return loss + pc.ptx_coef * ptx, grads
+    check_grads(m, total)
 
 
 def test_gae_with_lambda_one_is_the_return_minus_value():
