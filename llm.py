@@ -1434,20 +1434,16 @@ def adapt_kl_coef(kl_coef, kl, target_kl, k_beta=0.1):
     return kl_coef * (1 + k_beta * float(numpy.clip(kl / target_kl - 1, -0.2, 0.2)))
 
 
-def ptx_grads(policy: GPT, replay, grads, pc: PPOConfig, rng) -> float:
-    """PPO-ptx (Ouyang et al., 2022): add ptx_coef times the gradient of the
-    pretraining loss on ptx_batch random windows of replay (token ids) to
-    grads, so that chasing the reward model does not unlearn the facts
-    pretraining taught (the reward model cannot catch every wrong one).
-    -> that loss (this rank's share of the windows)."""
-    x, y = get_batch(replay, policy.config.block_size, pc.ptx_batch, rng)
-    rows = numpy.arange(pc.ptx_batch)[world.rank::world.size]      # several ranks: each its share
-    if len(rows) == 0:
-        return 0.0
-    _, loss = policy.forward(x[rows], y[rows])
+def ptx_grads(policy: GPT, x, y, grads, coef: float, share: float = 1.0) -> float:
+    """The pretraining term of PPO-ptx (Ouyang et al., 2022): add coef times
+    the gradient of the pretraining loss on windows x -> y to grads, so that
+    chasing the reward model does not unlearn the facts pretraining taught
+    (the reward model cannot catch every wrong one). share: these rows'
+    part of all the windows (several ranks). -> its loss."""
+    _, loss = policy.forward(x, y)
     for k, g in policy.backward().items():
-        grads[k] = grads[k] + g * (pc.ptx_coef * len(rows) / pc.ptx_batch)
-    return loss * len(rows) / pc.ptx_batch
+        grads[k] = grads[k] + g * (coef * share)
+    return loss * share
 
 
 def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, log=None,
@@ -1484,7 +1480,10 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
                 mb = {k: ro[k][mine] for k in ("x", "y", "mask", "lengths", "logp", "values", "adv", "ret")}
                 loss, grads, s = ppo_loss(policy, mb, pc, n)
                 if replay is not None and pc.ptx_coef:
-                    s["ptx_loss"] = ptx_grads(policy, replay, grads, pc, rng)
+                    x, y = get_batch(replay, policy.config.block_size, pc.ptx_batch, rng)
+                    rows = numpy.arange(pc.ptx_batch)[world.rank::world.size]   # each rank its share
+                    s["ptx_loss"] = ptx_grads(policy, x[rows], y[rows], grads, pc.ptx_coef,
+                                              len(rows) / pc.ptx_batch) if len(rows) else 0.0
                 s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)

@@ -66,13 +66,11 @@ def test_ppo_ptx_adds_the_pretraining_losss_gradient():
     logp, _, h = llm.sequence_logprobs(m, x, y, lengths)
     mb = dict(x=x, y=y, mask=mask, lengths=lengths, logp=logp + r.normal(0, 0.3, logp.shape),
               values=r.normal(size=x.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
-    replay = r.integers(0, 11, 100)
-    pc = llm.PPOConfig(ptx_coef=0.7, ptx_batch=3)
+    wx, wy = llm.get_batch(r.integers(0, 11, 100), 6, 3, r)
 
     def total():
-        loss, grads, _ = llm.ppo_loss(m, mb, pc)
-        ptx = llm.ptx_grads(m, replay, grads, pc, np.random.default_rng(5))
-        return loss + pc.ptx_coef * ptx, grads
+        loss, grads, _ = llm.ppo_loss(m, mb, llm.PPOConfig())
+        return loss + 0.7 * llm.ptx_grads(m, wx, wy, grads, 0.7), grads
     check_grads(m, total)
 
 
