@@ -1106,8 +1106,8 @@ def training_flags(sizes):
                                          help="weight of the pretraining loss in PPO's updates (PPO-ptx; 0: none)"), ("ppo",)),
         ("ppo stage", "--target-kl", dict(type=float, default=llm.PPOConfig.target_kl,
                                          help="adapt kl-coef toward this KL per answer (0: keep kl-coef fixed)"), ("ppo",)),
-        ("dpo stage", "--dpo-beta", dict(type=float, default=0.3, help="how hard the reference holds the policy"
-                                         " back (DPO's beta; 0.3 broke fewer right answers here than 0.1)"), ("dpo",)),
+        ("dpo stage", "--dpo-beta", dict(type=float, default=0.5, help="how hard the reference holds the policy"
+                                         " back (DPO's beta; 0.5 broke fewer right answers here than 0.1)"), ("dpo",)),
         ("finetune stage", "--finetune-replay", dict(
             type=float, default=0.0, help="the share of each fine-tuning batch that is pretraining text (0: only "
                                           "the general conversations mixed in; 0.25 costs ~12 points of general "
