@@ -1481,9 +1481,9 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
                 loss, grads, s = ppo_loss(policy, mb, pc, n)
                 if replay is not None and pc.ptx_coef:
                     x, y = get_batch(replay, policy.config.block_size, pc.ptx_batch, rng)
-                    rows = numpy.arange(pc.ptx_batch)[world.rank::world.size]   # each rank its share
-                    s["ptx_loss"] = ptx_grads(policy, x[rows], y[rows], grads, pc.ptx_coef,
-                                              len(rows) / pc.ptx_batch) if len(rows) else 0.0
+                    x, y = x[world.rank::world.size], y[world.rank::world.size]   # each rank its share
+                    s["ptx_loss"] = ptx_grads(policy, x, y, grads, pc.ptx_coef,
+                                              len(x) / pc.ptx_batch) if len(x) else 0.0
                 s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
                 clip_grad_norm(grads, 1.0)
                 opt.step(policy.params, grads)
