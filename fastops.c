@@ -361,6 +361,14 @@ static void packbt_generic(float *dst, const float *B, ptrdiff_t csb, int nr, in
     }
 }
 
+/* columns [j0, j0 + w) of the panel from row p on, one float at a time:
+ * what a register transpose leaves (the last rows, or a ragged edge) */
+FO_INLINE void packbt_rest(float *dst, const float *B, ptrdiff_t csb, int nr, int NR, int j0, int w,
+                           int p, int kc) {
+    for (; p < kc; p++)
+        for (int j = j0; j < j0 + w; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
+}
+
 #if FO_X86
 /* The same with 8 x 8 (AVX2) or 16 x 16 (AVX-512) blocks transposed in
  * registers: each row of B^T read 8 or 16 floats at a time, each row of the
@@ -394,8 +402,7 @@ static void packbt_avx2(float *dst, const float *B, ptrdiff_t csb, int nr, int k
                 }
             }
         }
-        for (; p < kc; p++)
-            for (int j = j0; j < j0 + 8; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
+        packbt_rest(dst, B, csb, nr, NR, j0, 8, p, kc);
     }
 }
 
@@ -433,8 +440,7 @@ static void packbt_avx512(float *dst, const float *B, ptrdiff_t csb, int nr, int
                 }
             }
         }
-        for (; p < kc; p++)
-            for (int j = j0; j < j0 + 16; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
+        packbt_rest(dst, B, csb, nr, NR, j0, 16, p, kc);
     }
 }
 #endif
@@ -702,12 +708,6 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #ifndef SM_KB
 #define SM_KB 32
 #endif
-#ifndef SM_PF
-#define SM_PF SM_KB
-#endif
-#ifndef SM_PF_HINT
-#define SM_PF_HINT _MM_HINT_T1
-#endif
 
 typedef void (*smk_fn)(int kc, const float *at, int MP, const float *b, ptrdiff_t rsb,
                        int pf, float *c, ptrdiff_t ldc, int mr, int nr, int load_c,
@@ -760,8 +760,8 @@ SM_DEF_GENERIC(4)
     for (int p = 0; p < kc; p++) {                                                         \
         const float *bp = b + p * rsb;                                                     \
         if (pf) {                                                                          \
-            _mm_prefetch((const char *)(bp + SM_PF * rsb), SM_PF_HINT);                    \
-            _mm_prefetch((const char *)(bp + SM_PF * rsb + 16), SM_PF_HINT);               \
+            _mm_prefetch((const char *)(bp + SM_KB * rsb), _MM_HINT_T1);                   \
+            _mm_prefetch((const char *)(bp + SM_KB * rsb + 16), _MM_HINT_T1);              \
         }                                                                                  \
         __m512 b0 = LOAD0, b1 = LOAD1;                                                     \
         const float *ap = at + (size_t)p * MP; /* constant offsets: no index arithmetic */ \

@@ -390,14 +390,8 @@ def attention_backward(dy, cache):
 
 def join_heads(dq, dk, dv):
     """The split of c_attn's output into q, k, v, undone: 3 x (B, H, T, D)
-    -> (B, T, 3, H, D). Nothing is copied when they are already views of one
-    such array (the fast kernels write them there)."""
-    g = dq.base
-    views = isinstance(g, numpy.ndarray) and g.ndim == 5 and g.shape[2] == 3 and all(
-        d.base is g and d.ctypes.data == g.ctypes.data + i * g.strides[2]
-        and d.shape == (g.shape[0], g.shape[3], g.shape[1], g.shape[4])
-        and d.strides == (g.strides[0], g.strides[3], g.strides[1], g.strides[4]) for i, d in enumerate((dq, dk, dv)))
-    return g if views else xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)
+    -> (B, T, 3, H, D), the gradient at c_attn's output."""
+    return xp.stack([d.transpose(0, 2, 1, 3) for d in (dq, dk, dv)], axis=2)
 
 
 # ---- LayerNorm: normalise each vector to mean 0, variance 1, then scale -----
@@ -480,9 +474,9 @@ def logprob_backward(logp, targets, dlogp):
 # functions; section 10 puts faster ones in their place, with the same
 # arguments and results, so nothing below changes when it does.
 ops = types.SimpleNamespace(**{f.__name__: f for f in (
-    linear_forward, linear_backward, attention_forward, attention_backward, layernorm_forward,
-    layernorm_backward, gelu_forward, gelu_backward, embedding_backward, cross_entropy_forward,
-    cross_entropy_backward)})
+    linear_forward, linear_backward, attention_forward, attention_backward, join_heads,
+    layernorm_forward, layernorm_backward, gelu_forward, gelu_backward, embedding_backward,
+    cross_entropy_forward, cross_entropy_backward)})
 
 
 # ---- the whole model ---------------------------------------------------------
@@ -700,7 +694,7 @@ class GPT:
         # x + attn(ln_1(x))
         dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
         dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
-        dqkv = join_heads(*ops.attention_backward(dy, c[n + "attn"]))       # (B, T, 3, H, D)
+        dqkv = ops.join_heads(*ops.attention_backward(dy, c[n + "attn"]))   # (B, T, 3, H, D)
         da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
         da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
         return dx + da
@@ -1450,7 +1444,8 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
         replay=None) -> list:
     """Proximal policy optimisation: rollout, then several epochs of
     minibatch updates on it, again and again. The policy gets a value head
-    for it, removed at the end. Returns one dict per rollout."""
+    for it, removed at the end. replay: pretraining token ids for
+    pc.ptx_coef's term (none without them). Returns one dict per rollout."""
     if not prompts:
         raise ValueError("prompts: expected at least one prompt")
     if world.size > 1 and pc.prompts_per_iter // pc.minibatches < world.size:
@@ -1912,7 +1907,8 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # Everything above is complete in NumPy and calls its layers through `ops`
 # (section 2). This section loads fastops.c's kernels (`python build_ext.py`;
 # `--cuda` for the GPU's) and puts them in `ops` in the place of the matrix
-# products, attention, LayerNorm and GELU, forward and backward. Every array
+# products, attention, LayerNorm, GELU, cross-entropy, the embedding's
+# backward and AdamW. Every array
 # is checked before a pointer to it crosses into C. LLM_NUMPY=1 in the
 # environment, or set_backend("numpy"), keeps the NumPy code everywhere.
 
@@ -2132,6 +2128,21 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     return xp.ascontiguousarray(a)
 
 
+def _ids(name, a, V, shape=None):
+    """Token ids for C: integers in 0..V-1 (of `shape`), as C-ordered int64."""
+    t = numpy.asarray(a)
+    if t.dtype.kind not in "iu" or (shape is not None and t.shape != shape):
+        raise ValueError(f"{name}: expected integer ids{'' if shape is None else f' of shape {shape}'},"
+                         f" got shape {t.shape} dtype {t.dtype}")
+    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"{name}: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
+    return numpy.ascontiguousarray(t, dtype=numpy.int64)
+
+
+def _ids_ptr(t):
+    return _fastops.ffi.cast("int64_t *", _fastops.ffi.from_buffer(t))
+
+
 def _match(name, a, shape, other):
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape} to match {other.shape}, got {a.shape}")
@@ -2258,7 +2269,7 @@ def fo_attention_forward(q, k, v):
 def fo_attention_backward(dy, q, k, v, y, lse):
     """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
     are views of c_attn's output (B, T, 3, H, D), views of one such array
-    (join_heads then copies nothing); else packed."""
+    (ops.join_heads then copies nothing); else packed."""
     (q, k, v), s = _heads("qkv", q, k, v)
     B, H, T, D = q.shape
     if xp is numpy and s == [T * 3 * H * D, D, 3 * H * D]:
@@ -2380,18 +2391,12 @@ def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
     dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale."""
     logits = _f32("logits", logits, 2)
     M, V = logits.shape
-    t = numpy.asarray(targets)
-    if t.shape != (M,) or t.dtype.kind not in "iu":
-        raise ValueError(f"targets: expected ({M},) integer ids, got shape {t.shape} dtype {t.dtype}")
-    if M and (int(t.min()) < 0 or int(t.max()) >= V):
-        raise ValueError(f"targets: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
-    t = numpy.ascontiguousarray(t, dtype=numpy.int64)
+    t = _ids("targets", targets, V, shape=(M,))
     weights = None if weights is None else _f32("weights", weights, shape=(M,))
     loss, dlogits = numpy.empty(M, numpy.float32), numpy.empty((M, V), numpy.float32)
     ffi, lib = _fastops.ffi, _fastops.lib
-    lib.fo_cross_entropy(_ptr(logits), ffi.cast("int64_t *", ffi.from_buffer(t)),
-                         ffi.NULL if weights is None else _ptr(weights), _ptr(loss),
-                         _ptr(dlogits), float(dscale), M, V)
+    lib.fo_cross_entropy(_ptr(logits), _ids_ptr(t), ffi.NULL if weights is None else _ptr(weights),
+                         _ptr(loss), _ptr(dlogits), float(dscale), M, V)
     return _done(loss, dlogits)
 
 
@@ -2402,15 +2407,9 @@ def fo_embedding_backward(dwte, idx, dx):
     if dwte.ndim != 2:
         raise ValueError(f"dwte: expected a (V, C) array, got shape {dwte.shape}")
     V, C = dwte.shape
-    t = numpy.asarray(idx)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"idx: expected integer token ids, got dtype {t.dtype}")
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
-        raise ValueError(f"idx: ids must be in 0..{V - 1}, got {int(t.min())}..{int(t.max())}")
+    t = _ids("idx", idx, V)
     dx = _f32("dx", dx, shape=(*t.shape, C))
-    t = numpy.ascontiguousarray(t, dtype=numpy.int64)
-    ffi = _fastops.ffi
-    _fastops.lib.fo_embedding_backward(_ptr(dwte), ffi.cast("int64_t *", ffi.from_buffer(t)), _ptr(dx), t.size, C)
+    _fastops.lib.fo_embedding_backward(_ptr(dwte), _ids_ptr(t), _ptr(dx), t.size, C)
     return _done(dwte)
 
 
@@ -2455,6 +2454,17 @@ def _attention_forward(q, k, v, dropout=0.0, rng=None):
 
 def _attention_backward(dy, cache):
     return fo_attention_backward(dy, *cache) if isinstance(cache, _Kernel) else attention_backward(dy, cache)
+
+
+def _join_heads(dq, dk, dv):
+    # fo_attention_backward writes dq, dk, dv as views of one (B, T, 3, H, D)
+    # array: hand that on instead of stacking a copy
+    g = dq.base
+    views = isinstance(g, numpy.ndarray) and g.ndim == 5 and g.shape[2] == 3 and all(
+        d.base is g and d.ctypes.data == g.ctypes.data + i * g.strides[2]
+        and d.shape == (g.shape[0], g.shape[3], g.shape[1], g.shape[4])
+        and d.strides == (g.strides[0], g.strides[3], g.strides[1], g.strides[4]) for i, d in enumerate((dq, dk, dv)))
+    return g if views else join_heads(dq, dk, dv)
 
 
 def _layernorm_forward(x, w, b, eps=1e-5):
@@ -2625,7 +2635,8 @@ def kernels_in_use() -> dict:
 
 
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,
-                                   _layernorm_forward, _layernorm_backward, _gelu_forward, _gelu_backward,
+                                   _join_heads, _layernorm_forward, _layernorm_backward, _gelu_forward,
+                                   _gelu_backward,
                                    _cross_entropy_forward, _cross_entropy_backward, _embedding_backward,
                                    _adamw_update, _sum_of_squares)}
 _install()
