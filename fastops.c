@@ -69,6 +69,10 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
                            float *dq, float *dk, float *dv, int B, int H, int T, int D,
                            ptrdiff_t sb, ptrdiff_t sh, ptrdiff_t st, ptrdiff_t yb,
                            ptrdiff_t yh, ptrdiff_t yt);
+void fo_attention_decode(const float *q, const float *k, const float *v, float *y, int B, int H,
+                         int Tq, int Tk, int D, ptrdiff_t qb, ptrdiff_t qh, ptrdiff_t qt,
+                         ptrdiff_t kb, ptrdiff_t kh, ptrdiff_t kt, ptrdiff_t yb, ptrdiff_t yh,
+                         ptrdiff_t yt);
 void fo_gelu_forward(const float *x, float *y, long n);
 void fo_gelu_backward(const float *dy, const float *x, float *dx, long n);
 void fo_layernorm_forward(const float *x, const float *w, const float *b, float *y,
@@ -767,16 +771,21 @@ SM_DEF_GENERIC(4)
         const float *ap = at + (size_t)p * MP; /* constant offsets: no index arithmetic */ \
         for (int r = 0; r < R; r++) {                                                      \
             __m512 ar = _mm512_set1_ps(ap[r]);                                             \
-            acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                    \
-            acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                    \
+            if (R <= 2 && (p & 1)) { /* odd k apart: 4R chains of FMAs, not 2R */          \
+                acc2[r] = _mm512_fmadd_ps(ar, b0, acc2[r]);                                \
+                acc3[r] = _mm512_fmadd_ps(ar, b1, acc3[r]);                                \
+            } else {                                                                       \
+                acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                \
+                acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                \
+            }                                                                              \
         }                                                                                  \
     }
 #define SM_DEF_AVX512(R)                                                                   \
     __attribute__((target("avx512f"))) static void smk_512_##R(                            \
         int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
-        __m512 acc0[R], acc1[R];                                                           \
-        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();               \
+        __m512 acc0[R], acc1[R], acc2[R], acc3[R];                                         \
+        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_ps(); \
         __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);         \
         __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF                                        \
                        : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;      \
@@ -784,6 +793,10 @@ SM_DEF_GENERIC(4)
             SMK_512_LOOP(R, _mm512_loadu_ps(bp), _mm512_loadu_ps(bp + 16))                 \
         else                                                                               \
             SMK_512_LOOP(R, _mm512_maskz_loadu_ps(m0, bp), _mm512_maskz_loadu_ps(m1, bp + 16)) \
+        for (int r = 0; r < R && R <= 2; r++) {                                            \
+            acc0[r] = _mm512_add_ps(acc0[r], acc2[r]);                                     \
+            acc1[r] = _mm512_add_ps(acc1[r], acc3[r]);                                     \
+        }                                                                                  \
         __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();                   \
         if (bias) {                                                                        \
             bias0 = _mm512_maskz_loadu_ps(m0, bias);                                       \
@@ -862,7 +875,8 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
                          const float *B, ptrdiff_t rsb, float *C, ptrdiff_t ldc,
                          int accumulate, const float *bias, int parallel) {
     smk_set ks = smk_pick(kn);
-    const int NR = ks.nr, R = ks.rmax, MP = ceil_div(M, R) * R;
+    const int NR = ks.nr, R = ks.rmax, last = (M - 1) / R * R, mr = M - last;
+    const int MP = last + (mr == 1 ? 1 : mr == 2 ? 2 : mr <= 4 ? 4 : R); /* rows the kernels read */
     float *at = fo_alloc((size_t)K * MP);
     if (!at) return; /* out of memory: recorded by fo_alloc */
     for (int p = 0; p < K; p++)
@@ -904,7 +918,7 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
  * zmm accumulators; per 16 values of k: 4 loads of W, 4 of A, 16 FMAs. */
 __attribute__((target("avx512f"))) static void smt_512(int K, const float *a, int Kp,
                                                        const float *w, ptrdiff_t ldw, int nj,
-                                                       float *out) {
+                                                       int pf, float *out) {
     __m512 acc[4][4];
     const float *wr[4];
     for (int jj = 0; jj < 4; jj++) {
@@ -914,6 +928,8 @@ __attribute__((target("avx512f"))) static void smt_512(int K, const float *a, in
     int p = 0;
     for (; p + 16 <= K; p += 16) {
         __m512 av[4];
+        if (pf) /* the next 4 rows of W, while these are summed */
+            for (int jj = 0; jj < 4; jj++) _mm_prefetch((const char *)(wr[jj] + 4 * ldw + p), _MM_HINT_T0);
         for (int ii = 0; ii < 4; ii++) av[ii] = _mm512_load_ps(a + (size_t)ii * Kp + p);
         for (int jj = 0; jj < 4; jj++) {
             __m512 wv = _mm512_loadu_ps(wr[jj] + p);
@@ -951,12 +967,73 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
         int j = (int)jb * 4, nj = imin(4, N - j);
         float out[16];
         for (int i0 = 0; i0 < M; i0 += 4) {
-            smt_512(K, at + (size_t)i0 * Kp, Kp, W + (size_t)j * ldw, ldw, nj, out);
+            smt_512(K, at + (size_t)i0 * Kp, Kp, W + (size_t)j * ldw, ldw, nj, i0 == 0 && jb + 1 < nblocks, out);
             for (int ii = 0; ii < imin(4, M - i0); ii++) {
                 float *c = C + (size_t)(i0 + ii) * ldc + j;
                 for (int jj = 0; jj < nj; jj++)
                     c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 4 + ii] + (bias ? bias[j + jj] : 0.0f);
             }
+        }
+    }
+    fo_free(at);
+}
+
+/* The same product for 5 to 16 rows, as C^T = W . A^T: the batch is a
+ * vector's 16 lanes. A^T is packed [K][16] (zero lanes past M); per k, one
+ * load of it and 16 broadcasts of W[j, k] (16 rows of W, each read along k)
+ * into 16 accumulators: no horizontal sums, and A^T streams from L2 once
+ * per 16 rows. The next 16 rows are prefetched meanwhile, two lines a k. */
+__attribute__((target("avx512f"))) static void smtc_512(int K, const float *at, const float *w,
+                                                        ptrdiff_t ldw, const char *pf,
+                                                        size_t pfbytes, float *out) {
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    /* row r of W at base[r / 3] + (r % 3) rows: six pointers and one stride,
+     * so that each broadcast is one addressing mode, no arithmetic */
+    const char *base[6];
+    ptrdiff_t X = ldw * (ptrdiff_t)sizeof(float);
+    for (int q = 0; q < 6; q++) base[q] = (const char *)w + 3 * q * X;
+    for (int p = 0; p < K; p++) {
+        size_t l0 = (size_t)p * 64, l1 = ((size_t)p + K) * 64;
+        if (l0 < pfbytes) _mm_prefetch(pf + l0, _MM_HINT_T1);
+        if (l1 < pfbytes) _mm_prefetch(pf + l1, _MM_HINT_T1);
+        __m512 a = _mm512_load_ps(at + (size_t)p * 16);
+        for (int r = 0; r < 16; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*(const float *)(base[r / 3] + (r % 3) * X)), a, acc[r]);
+        for (int q = 0; q < 6; q++) base[q] += sizeof(float);
+    }
+    for (int r = 0; r < 16; r++) _mm512_store_ps(out + r * 16, acc[r]);
+}
+
+static void gemm_small_m_tc(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                            const float *W, ptrdiff_t ldw, float *C, ptrdiff_t ldc,
+                            int accumulate, const float *bias, int parallel) {
+    float *at = fo_alloc((size_t)K * 32), *last = at + (size_t)K * 16; /* A^T, the last rows */
+    if (!at) return;
+    for (int p = 0; p < K; p++)
+        for (int i = 0; i < 16; i++) at[(size_t)p * 16 + i] = i < M ? A[i * rsa + p * csa] : 0.0f;
+    long nblocks = ceil_div(N, 16);
+    int nthreads = parallel ? fo_nthreads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (long jb = 0; jb < nblocks; jb++) {
+        int j = (int)jb * 16, nj = imin(16, N - j);
+        float out[16 * 16] __attribute__((aligned(64)));
+        int next = imin(16, N - j - nj); /* rows of the next block, prefetched meanwhile */
+        const float *w = W + (size_t)j * ldw;
+        ptrdiff_t lw = ldw;
+        if (nj < 16) { /* the last rows (one thread's), copied with zero rows after them */
+            for (int r = 0; r < 16; r++)
+                for (int p = 0; p < K; p++) last[(size_t)r * K + p] = r < nj ? w[(size_t)r * ldw + p] : 0.0f;
+            w = last, lw = K;
+        }
+        smtc_512(K, at, w, lw, (const char *)(W + (size_t)(j + nj) * ldw),
+                 next > 0 ? (size_t)next * ldw * sizeof(float) : 0, out);
+        for (int i = 0; i < M; i++) {
+            float *c = C + (size_t)i * ldc + j;
+            for (int jj = 0; jj < nj; jj++)
+                c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 16 + i] + (bias ? bias[j + jj] : 0.0f);
         }
     }
     fo_free(at);
@@ -1073,7 +1150,10 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
     }
 #if FO_X86
     if (M <= SM_MAX_M && rsb == 1 && kern() == &KERN_AVX512) {
-        gemm_small_m_t(M, N, K, A, rsa, csa, B, csb, C, ldc, accumulate, bias,
+        if (M > 4) /* the batch fills a vector's lanes enough */
+            gemm_small_m_tc(M, N, K, A, rsa, csa, B, csb, C, ldc, accumulate, bias, flops >= PAR_MIN_FLOPS);
+        else
+            gemm_small_m_t(M, N, K, A, rsa, csa, B, csb, C, ldc, accumulate, bias,
                        flops >= PAR_MIN_FLOPS);
         return;
     }
@@ -1367,6 +1447,25 @@ static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int
     float *dP, float *apack, float *bpack
 #define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldk, ldq, j0, scale, P, dP, \
     apack, bpack
+/* One new position (generation) against a KV cache: the scores of its n
+ * visible keys (rows kt apart), their softmax, the weighted sum of values. */
+#define DEC_ARGS const float *qr, const float *k, const float *v, ptrdiff_t kt, int n, int D, \
+                 float scale, float *s, float *yr
+#define DEC_CALL qr, k, v, kt, n, D, scale, s, yr
+FO_INLINE void attn_decode_row(DEC_ARGS) {
+    for (int j = 0; j < n; j++) s[j] = row_dot(qr, k + j * kt, D) * scale;
+    float m = row_max(s, n, -INFINITY);
+    for (int j = 0; j < n; j++) s[j] -= m;
+    exp_inplace(s, n);
+    float r = 1.0f / row_sum(s, n);
+    for (int c = 0; c < D; c++) yr[c] = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float *vr = v + j * kt;
+        float p = s[j] * r;
+        for (int c = 0; c < D; c++) yr[c] += p * vr[c];
+    }
+}
+typedef void (*attn_dec_fn)(DEC_ARGS);
 typedef void (*attn_fwd_fn)(FWD_ARGS);
 typedef void (*attn_bwd_fn)(BWD_ARGS);
 typedef void (*attn_di_fn)(const float *dy, const float *y, ptrdiff_t ldy, float *Di, int T, int D);
@@ -1375,12 +1474,22 @@ typedef void (*attn_di_fn)(const float *dy, const float *y, ptrdiff_t ldy, float
     TARGET static void attn_bwd##SUFFIX(BWD_ARGS) { attn_bwd_block(BWD_CALL); } \
     TARGET static void attn_di##SUFFIX(const float *dy, const float *y, ptrdiff_t ldy, float *Di, \
                                        int T, int D) {                                        \
-        for (int t = 0; t < T; t++) Di[t] = row_dot(dy + t * ldy, y + t * ldy, D); }
+        for (int t = 0; t < T; t++) Di[t] = row_dot(dy + t * ldy, y + t * ldy, D); } \
+    TARGET static void attn_dec##SUFFIX(DEC_ARGS) { attn_decode_row(DEC_CALL); }
 DEFINE_ATTN(_generic, )
 #if FO_X86
 DEFINE_ATTN(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
 DEFINE_ATTN(_avx2, __attribute__((target("avx2,fma"))))
 #endif
+
+static attn_dec_fn attn_dec_pick(const kern_t *kn) {
+#if FO_X86
+    if (kn == &KERN_AVX512) return attn_dec_avx512;
+    if (kn == &KERN_AVX2) return attn_dec_avx2;
+#endif
+    (void)kn;
+    return attn_dec_generic;
+}
 
 static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd, attn_di_fn *di) {
     *fwd = attn_fwd_generic;
@@ -1390,6 +1499,35 @@ static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd, attn
     if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; *di = attn_di_avx512; }
     if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; *di = attn_di_avx2; }
 #endif
+}
+
+/* Generation: q (B, H, Tq, D) are the last Tq of the Tk positions whose keys
+ * and values k, v (B, H, Tk, D) the KV cache holds; query i sees keys
+ * 0..Tk-Tq+i. Strides in floats: q (qb, qh, qt), k and v (kb, kh, kt), y
+ * (yb, yh, yt); each row of D contiguous. No backward: nothing is kept. */
+void fo_attention_decode(const float *q, const float *k, const float *v, float *y, int B, int H,
+                         int Tq, int Tk, int D, ptrdiff_t qb, ptrdiff_t qh, ptrdiff_t qt,
+                         ptrdiff_t kb, ptrdiff_t kh, ptrdiff_t kt, ptrdiff_t yb, ptrdiff_t yh,
+                         ptrdiff_t yt) {
+    attn_dec_fn row = attn_dec_pick(kern());
+    long rows = (long)B * H * Tq;
+    float scale = 1.0f / sqrtf((float)D);
+#ifdef _OPENMP
+#pragma omp parallel if (rows > 1 && (double)rows * Tk * D > 1e5)
+#endif
+    {
+        float *s = fo_alloc((size_t)Tk);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (long r = 0; r < rows; r++) {
+            int b = (int)(r / ((long)H * Tq)), h = (int)(r / Tq % H), i = (int)(r % Tq);
+            if (s)
+                row(q + b * qb + h * qh + i * qt, k + b * kb + h * kh, v + b * kb + h * kh, kt,
+                    Tk - Tq + i + 1, D, scale, s, y + b * yb + h * yh + i * yt);
+        }
+        fo_free(s);
+    }
 }
 
 /* q, k, v and their gradients dq, dk, dv are (B, H, T, D) with element

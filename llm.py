@@ -820,11 +820,13 @@ def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int
 # the whole prefix each time is wasteful: the keys and values of earlier
 # positions never change (attention is causal), so a KV cache keeps them,
 # the prompt is processed once ("prefill"), and each new token costs one
-# position's work: model.forward(new_ids, kv_cache=kv).
+# position's work: model.hidden(new_ids, kv_cache=kv), then the output head.
 
 def next_logits(model: GPT, ids, kv: KVCache):
-    """The logits of the token after each row of ids (B, T) -> (B, V)."""
-    return model.forward(xp.asarray(ids), kv_cache=kv)[0][:, -1]
+    """The logits of the token after each row of ids (B, T) -> (B, V): the
+    output head on each row's last position only, the one sampling reads."""
+    h = model.hidden(xp.asarray(ids), kv_cache=kv)[:, -1]                      # (B, C)
+    return ops.linear_forward(h, model.params["wte.weight"].T, None)[0]
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
@@ -2266,6 +2268,21 @@ def fo_attention_forward(q, k, v):
     return _done(y, lse)
 
 
+def fo_attention_decode(q, k, v):
+    """Generation's attention (CPU): q (B, H, Tq, D), the last Tq of the Tk
+    positions whose keys and values k, v (B, H, Tk, D) the KV cache holds ->
+    y (B, H, Tq, D), a view of (B, Tq, H, D), as c_proj reads it."""
+    q = _f32("q", q, 4, strided=True)
+    (k, v), sk = _heads("kv", k, v)
+    B, H, Tq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D or k.shape[2] < Tq:
+        raise ValueError(f"k: expected shape ({B}, {H}, Tk >= {Tq}, {D}) to match q {q.shape}, got {k.shape}")
+    y = _side_by_side(B, H, Tq, D)
+    _fastops.lib.fo_attention_decode(_ptr(q), _ptr(k), _ptr(v), _ptr(y), B, H, Tq, k.shape[2], D,
+                                     *[st // 4 for st in q.strides[:3]], *sk, *[st // 4 for st in y.strides[:3]])
+    return _done(y)
+
+
 def fo_attention_backward(dy, q, k, v, y, lse):
     """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
     are views of c_attn's output (B, T, 3, H, D), views of one such array
@@ -2442,8 +2459,10 @@ def _linear_backward(dy, cache, frozen=False):
 
 
 def _attention_forward(q, k, v, dropout=0.0, rng=None):
-    # not with a KV cache (q shorter than k) or dropout; on a GPU the kernel
-    # keeps a query's row in registers: heads up to 128 wide
+    if (xp is numpy and _f32s(q, k, v) and q.shape[-2] < k.shape[-2] and (dropout == 0.0 or rng is None)
+            and _use("decode")):                                    # generation, with a KV cache
+        return fo_attention_decode(q, k, v), None                   # (nothing kept: no backward)
+    # not with dropout; on a GPU the kernel keeps a query's row in registers: heads up to 128 wide
     if not (_f32s(q, k, v) and q.shape == k.shape and (dropout == 0.0 or rng is None)
             and (xp is numpy or q.shape[-1] <= 128) and _use("attention")):
         return attention_forward(q, k, v, dropout, rng)
@@ -2555,6 +2574,7 @@ def _calibration_work():
     return {"linear_one": [lambda x=f32(1, 768): [ops.linear_forward(x, w, None) for w in ws]],
             "linear_small": [lambda x=f32(16, 768): [ops.linear_forward(x, w, None) for w in ws]],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
+            "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
             "gelu": [layer("gelu", f32(768, 512)), layer("gelu", f32(512, 1536))],
             "cross_entropy": [lambda z=f32(12, 64, 260), t=r.integers(0, 260, (12, 64)):
@@ -2603,7 +2623,7 @@ def calibrate() -> dict:
 
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
-FAMILIES = ("linear", "linear_one", "linear_small", "attention", "layernorm", "gelu", "cross_entropy", "embedding",
+FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "layernorm", "gelu", "cross_entropy", "embedding",
             "adamw")
 
 

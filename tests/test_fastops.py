@@ -181,6 +181,26 @@ def test_attention_is_causal(T, D, data):
     np.testing.assert_array_equal(lse2[:, :, :t0 + 1], lse[:, :, :t0 + 1])
 
 
+@FAST
+@given(B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 4), past=st.sampled_from([1, 2, 15, 16, 17, 63, 200]),
+       D=D_SIZES, room=st.integers(0, 3), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(B=16, H=12, Tq=1, past=57, D=64, room=7, path=ISAS[0], seed=0)    # GPT-2 124M, batch 16
+def test_attention_with_a_kv_cache_matches_float64_reference(B, H, Tq, past, D, room, path, seed):
+    """Generation: the new positions' queries (views of c_attn's rows) against
+    the keys and values a KVCache holds (views of storage with room for more);
+    query i sees the past and the new positions up to itself."""
+    rng = np.random.default_rng(seed)
+    Tk = past + Tq
+    q = randn(rng, B, Tq, 3, H, D)[:, :, 0].transpose(0, 2, 1, 3)
+    k, v = (randn(rng, B, H, Tk + room, D)[:, :, :Tk] for _ in range(2))
+    with isa(path):
+        y = llm.fo_attention_decode(q, k, v)
+    assert y.transpose(0, 2, 1, 3).flags.c_contiguous                  # (B, Tq, H, D): as c_proj reads it
+    close(y, llm.attention_forward(*(a.astype(np.float64) for a in (q, k, v)))[0], max(D, Tk))
+    with pytest.raises(ValueError, match="k: expected shape"):
+        llm.fo_attention_decode(q, k[:, :, :Tq - 1], v[:, :, :Tq - 1])
+
+
 # ---- GELU and LayerNorm ------------------------------------------------------------
 
 N_SIZES = st.sampled_from([1, 2, 3, 7, 13, 15, 16, 17, 31, 97, 511, 512, 513, 1000, 4099,
