@@ -87,9 +87,11 @@ def compile_flags(openmp, platform=None):
     multiply-adds too (NEON on ARM); -fno-math-errno lets sqrtf vectorise (fastops
     never reads errno), -fno-trapping-math the clamps in exp's loops (without
     it GCC leaves exp scalar for AVX2: fastops never enables FP traps; no
-    result changes); FO_EXTRA_CFLAGS is added everywhere."""
+    result changes); -fno-wrapv undoes Python's -fwrapv (with it GCC must
+    allow for wrapping indices and left LayerNorm's rows 4x slower; fastops
+    never overflows an int); FO_EXTRA_CFLAGS is added everywhere."""
     platform = platform or sys.platform
-    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
+    cflags = ["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fno-wrapv"]
     ldflags = []
     if openmp and platform == "darwin":        # Apple clang: libomp's driver flags
         cflags += ["-Xpreprocessor", "-fopenmp"]

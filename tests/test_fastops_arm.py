@@ -82,7 +82,7 @@ def test_build_flags(monkeypatch):
     monkeypatch.setattr(build_ext, "_libomp_prefixes", lambda: ["/opt/homebrew/opt/libomp"])
     for platform in ("linux", "darwin", "win32"):
         cflags, ldflags = build_ext.compile_flags(True, platform)
-        assert "-ffp-contract=fast" in cflags and "-std=gnu99" in cflags, platform
+        assert "-ffp-contract=fast" in cflags and "-std=gnu99" in cflags and "-fno-wrapv" in cflags, platform
         assert cflags[-2:] == ["-DX=1", "-g"], platform        # honoured everywhere
     cflags, ldflags = build_ext.compile_flags(True, "darwin")
     assert "-I/opt/homebrew/opt/libomp/include" in cflags and "-Xpreprocessor" in cflags
