@@ -168,6 +168,17 @@ static void check_attention(int BH, int T, int D) {
     fo_attention_forward(q, k, v, y, lse, 1, BH, T, D, n, T * D, D, n, T * D, D);
     fo_attention_backward(dy, q, k, v, y, lse, dq, dk, dv, 1, BH, T, D, n, T * D, D, n, T * D, D);
     char what[120];
+    /* generation: the last Tq queries against all T keys (a KV cache) are y's last rows */
+    int Tq = T < 3 ? T : 3;
+    float *yd = frand((size_t)BH * Tq * D, 1.0);
+    double *rd = (double *)malloc(sizeof(double) * BH * Tq * D);
+    for (int h = 0; h < BH; h++)
+        for (int x = 0; x < Tq * D; x++) rd[(size_t)h * Tq * D + x] = ry[(size_t)h * T * D + (size_t)(T - Tq) * D + x];
+    fo_attention_decode(q + (size_t)(T - Tq) * D, k, v, yd, 1, BH, Tq, T, D, n, T * D, D, n, T * D, D,
+                        (ptrdiff_t)BH * Tq * D, Tq * D, D);
+    snprintf(what, sizeof what, "attention decode[%s] BH=%d Tq=%d T=%d D=%d", fo_isa(), BH, Tq, T, D);
+    check(what, yd, rd, (size_t)BH * Tq * D, 1e-4, ktol(D > T ? D : T));
+    free(yd); free(rd);
     double tol = ktol(D > T ? D : T);
     snprintf(what, sizeof what, "attention[%s] BH=%d T=%d D=%d: y", fo_isa(), BH, T, D);
     check(what, y, ry, n, 1e-4, tol);
@@ -326,6 +337,8 @@ static void check_all(void) {
     check_gemm(257, 129, 383, 0, 0, 0, 1);  /* blocked, several k blocks */
     check_gemm(130, 70, 400, 1, 0, 0, 0);   /* X^T . dY */
     check_gemm(100, 90, 80, 0, 1, 1, 0);    /* dY . W^T */
+    check_gemm(3, 77, 50, 0, 1, 0, 1);      /* the tied head, few rows: dot products */
+    check_gemm(13, 1000, 300, 0, 1, 1, 1);  /* ... 5 to 16 rows: C^T = W . A^T, ragged N */
     check_gemm(768, 128, 384, 1, 0, 0, 0);  /* X^T . dY, threads split the columns */
     check_gemm(130, 600, 70, 1, 0, 0, 0);   /* ... and the rows (C taller than wide) */
     static const int lb[][3] = {{1, 1, 1}, {7, 17, 3}, {64, 33, 130}, {200, 130, 65}, {300, 40, 600}};
