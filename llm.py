@@ -1778,6 +1778,8 @@ def load_checkpoint(path: str):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
     params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
+        raise ValueError(f"{path}: its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
     C, expected = config.n_embd, param_shapes(config)
     expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
     for name in lora:
@@ -1813,7 +1815,7 @@ def load_checkpoint(path: str):
             raise ValueError(f"step {state.step!r} or optimizer {s['opt']!r}: expected counts and numbers")
         if state.rng_state is not None:
             numpy.random.default_rng().bit_generator.state = state.rng_state
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:   # (an RNG word out of range: OverflowError)
         raise ValueError(f"{path}: corrupt training state ({type(e).__name__}: {e})") from None
     return model, tokenizer, state, info
 

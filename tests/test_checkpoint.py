@@ -3,8 +3,8 @@
 atomically; a resumed run, from its end or from any evaluation's
 checkpoint, ends with the uninterrupted run's weights bit for bit;
 pretraining lowers the loss and writes its metrics; the safetensors layout
-is the standard one, and bad, truncated or foreign files are clear errors
-naming the file; GPT-2's layout as Hugging Face stores it: export then load
+is the standard one, and bad, truncated or foreign files, or impossible
+metadata, are clear errors naming the file; GPT-2's layout as Hugging Face stores it: export then load
 gives the same model, the prefix, mask buffers, tied head and half
 precision (F16, BF16) are read, an untied head or a missing tensor is
 refused, and GPT-2's head width is inferred."""
@@ -130,6 +130,26 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
     llm.save_safetensors(str(tmp_path / "foreign.safetensors"), {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="foreign.safetensors.*not an llm checkpoint"):
         llm.load_checkpoint(str(tmp_path / "foreign.safetensors"))
+
+
+def test_impossible_metadata_is_a_clear_error_at_once(tmp_path):
+    """Found by test_fuzz: a config of 2**60 layers (the names of their
+    tensors were being listed until memory ran out) and an RNG word out of
+    range (numpy's OverflowError) are ValueErrors naming the file."""
+    cfg, _ = small()
+    tok = llm.byte_tokenizer()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": tok.vocab_size}))
+    state = llm.TrainState(1, None, np.random.default_rng(0).bit_generator.state, [])
+    llm.save_checkpoint(str(tmp_path / "c.safetensors"), m, tok, state)
+    tensors, meta = llm.load_safetensors(str(tmp_path / "c.safetensors"))
+    for key, edit, match in (("config", lambda d: d.update(n_layer=2**60), "n_layer=1152921504606846976"),
+                             ("state", lambda d: d["rng_state"]["state"].update(inc=-1), "corrupt training state")):
+        d = json.loads(meta[key])
+        edit(d)
+        bad = tmp_path / f"bad_{key}.safetensors"
+        llm.save_safetensors(str(bad), tensors, {**meta, key: json.dumps(d)})
+        with pytest.raises(ValueError, match=f"bad_{key}.safetensors.*{match}"):
+            llm.load_checkpoint(str(bad))
 
 
 # ---- GPT-2's layout -------------------------------------------------------------
