@@ -2274,6 +2274,8 @@ def fo_attention_decode(q, k, v):
     """Generation's attention (CPU): q (B, H, Tq, D), the last Tq of the Tk
     positions whose keys and values k, v (B, H, Tk, D) the KV cache holds ->
     y (B, H, Tq, D), a view of (B, Tq, H, D), as c_proj reads it."""
+    if xp is not numpy:
+        raise RuntimeError("fo_attention_decode: a CPU kernel (on the GPU, generation's attention runs in CuPy)")
     q = _f32("q", q, 4, strided=True)
     (k, v), sk = _heads("kv", k, v)
     B, H, Tq, D = q.shape
@@ -2625,8 +2627,8 @@ def calibrate() -> dict:
 
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
-FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "layernorm", "gelu", "cross_entropy", "embedding",
-            "adamw")
+FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "layernorm", "gelu", "cross_entropy",
+            "embedding", "adamw")
 
 
 def kernel_choice() -> dict:
