@@ -1607,10 +1607,10 @@ def unmerge_lora(model: GPT):
 
 
 def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = None, general=(),
-             replay=None, replay_fraction=0.0, log=None) -> TrainState:
+             replay=None, replay_fraction=0.0, log=None, general_share=0.35) -> TrainState:
     """Task fine-tuning on conversations: instruction tuning (sft()) on the
-    task's, with one general conversation (from `general`) mixed in for
-    every five, so the old skill is not overwritten. With LoRA adapters
+    task's, with general conversations (from `general`) mixed in, as many as
+    general_share of the task's, so the old skill is not overwritten. With LoRA adapters
     (lora: add_lora's keyword arguments) the adapters train and are merged
     into their weights at the end (save_lora still writes them); with
     lora=None every weight trains."""
@@ -1619,7 +1619,7 @@ def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = 
     rng = numpy.random.default_rng(tc.seed)
     mixed = list(records)
     if general:
-        mixed += [general[i] for i in rng.choice(len(general), len(records) // 5, replace=False)]
+        mixed += [general[i] for i in rng.choice(len(general), int(len(records) * general_share), replace=False)]
     state = sft(model, tok, mixed, tc, replay, replay_fraction, log)
     merge_lora(model)
     return state
