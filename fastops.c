@@ -870,13 +870,16 @@ static smk_set smk_pick(const kern_t *kn) {
     return s;
 }
 
+/* A group of mr rows takes the kernel for 1, 2, 4 or R rows, and it reads that many */
+static int smk_rows(int mr, int R) { return mr <= 2 ? mr : mr <= 4 ? 4 : R; }
+
 static void gemm_small_m(const kern_t *kn, int M, int N, int K,
                          const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                          const float *B, ptrdiff_t rsb, float *C, ptrdiff_t ldc,
                          int accumulate, const float *bias, int parallel) {
     smk_set ks = smk_pick(kn);
-    const int NR = ks.nr, R = ks.rmax, last = (M - 1) / R * R, mr = M - last;
-    const int MP = last + (mr == 1 ? 1 : mr == 2 ? 2 : mr <= 4 ? 4 : R); /* rows the kernels read */
+    const int NR = ks.nr, R = ks.rmax, last = (M - 1) / R * R;
+    const int MP = last + smk_rows(M - last, R); /* the rows the kernels read */
     float *at = fo_alloc((size_t)K * MP);
     if (!at) return; /* out of memory: recorded by fo_alloc */
     for (int p = 0; p < K; p++)
@@ -900,7 +903,8 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
                 int pf = 1; /* prefetch this strip's rows of the next k block (into L2) */
                 for (int i = 0; i < M; i += R) {
                     int mr = imin(R, M - i);
-                    smk_fn f = mr == 1 ? ks.k1 : mr == 2 ? ks.k2 : mr <= 4 ? ks.k4 : ks.k8;
+                    int kr = smk_rows(mr, R);
+                    smk_fn f = kr == 1 ? ks.k1 : kr == 2 ? ks.k2 : kr == 4 ? ks.k4 : ks.k8;
                     f(kc, at + (size_t)pc * MP + i, MP, B + (size_t)pc * rsb + j, rsb,
                       pf && i == 0, C + (size_t)i * ldc + j, ldc, mr, nr,
                       accumulate || pc > 0, (pc == 0 && bias) ? bias + j : NULL);

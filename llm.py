@@ -2276,14 +2276,14 @@ def fo_attention_decode(q, k, v):
     y (B, H, Tq, D), a view of (B, Tq, H, D), as c_proj reads it."""
     if xp is not numpy:
         raise RuntimeError("fo_attention_decode: a CPU kernel (on the GPU, generation's attention runs in CuPy)")
-    q = _f32("q", q, 4, strided=True)
+    (q,), sq = _heads("q", q)
     (k, v), sk = _heads("kv", k, v)
     B, H, Tq, D = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != D or k.shape[2] < Tq:
         raise ValueError(f"k: expected shape ({B}, {H}, Tk >= {Tq}, {D}) to match q {q.shape}, got {k.shape}")
     y = _side_by_side(B, H, Tq, D)
     _fastops.lib.fo_attention_decode(_ptr(q), _ptr(k), _ptr(v), _ptr(y), B, H, Tq, k.shape[2], D,
-                                     *[st // 4 for st in q.strides[:3]], *sk, *[st // 4 for st in y.strides[:3]])
+                                     *sq, *sk, *[st // 4 for st in y.strides[:3]])
     return _done(y)
 
 
@@ -2463,9 +2463,10 @@ def _linear_backward(dy, cache, frozen=False):
 
 
 def _attention_forward(q, k, v, dropout=0.0, rng=None):
-    if (xp is numpy and _f32s(q, k, v) and q.shape[-2] < k.shape[-2] and (dropout == 0.0 or rng is None)
-            and _use("decode")):                                    # generation, with a KV cache
-        return fo_attention_decode(q, k, v), None                   # (nothing kept: no backward)
+    if q.shape[-2] < k.shape[-2]:                                   # generation, with a KV cache
+        if xp is numpy and _f32s(q, k, v) and (dropout == 0.0 or rng is None) and _use("decode"):
+            return fo_attention_decode(q, k, v), None               # (nothing kept: no backward)
+        return attention_forward(q, k, v, dropout, rng)
     # not with dropout; on a GPU the kernel keeps a query's row in registers: heads up to 128 wide
     if not (_f32s(q, k, v) and q.shape == k.shape and (dropout == 0.0 or rng is None)
             and (xp is numpy or q.shape[-1] <= 128) and _use("attention")):
