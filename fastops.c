@@ -1045,6 +1045,87 @@ static void gemm_small_m_tc(int M, int N, int K, const float *A, ptrdiff_t rsa, 
 #endif /* FO_X86 */
 
 /* ------------------------------------------------------------------------ */
+/* One row against a row-major B [K, N] of 2 MB or more (generation at      */
+/* batch 1): each element of B is used once, so the product runs at the     */
+/* speed memory delivers B, and the best way to read it is whole rows in    */
+/* order, the hardware prefetcher's easiest case. The k range is cut into   */
+/* chunks of STREAM_KC rows, each one contiguous block of B; a thread adds  */
+/* its chunks' rows, 4 at a time, into one partial row per chunk, and the   */
+/* partials are summed in chunk order: the same bits for any thread count.  */
+/* (From 2 rows on the strip kernels above are faster.)                     */
+/* ------------------------------------------------------------------------ */
+#define STREAM_KC 128
+#define STREAM_MIN (1 << 19) /* B's floats: 2 MB, past a core's L2 */
+
+/* y (N) = a[0:kc] . B[0:kc, :], a with stride csa */
+FO_INLINE void stream_chunk(int kc, int N, const float *a, ptrdiff_t csa, const float *B,
+                            ptrdiff_t rsb, float *FO_RESTRICT y) {
+    for (int j = 0; j < N; j++) y[j] = 0.0f;
+    int p = 0;
+    for (; p + 4 <= kc; p += 4) {
+        const float *b0 = B + p * rsb, *b1 = b0 + rsb, *b2 = b1 + rsb, *b3 = b2 + rsb;
+        float a0 = a[p * csa], a1 = a[(p + 1) * csa], a2 = a[(p + 2) * csa], a3 = a[(p + 3) * csa];
+        for (int j = 0; j < N; j++) y[j] += a0 * b0[j] + a1 * b1[j] + a2 * b2[j] + a3 * b3[j];
+    }
+    for (; p < kc; p++) { /* the chunk's last 1-3 rows */
+        float ap = a[p * csa];
+        const float *bp = B + p * rsb;
+        for (int j = 0; j < N; j++) y[j] += ap * bp[j];
+    }
+}
+typedef void (*stream_fn)(int, int, const float *, ptrdiff_t, const float *, ptrdiff_t, float *);
+#define DEFINE_STREAM(SUFFIX, TARGET)                                                      \
+    TARGET static void stream##SUFFIX(int kc, int N, const float *a, ptrdiff_t csa,         \
+                                      const float *B, ptrdiff_t rsb, float *y) {            \
+        stream_chunk(kc, N, a, csa, B, rsb, y); }
+DEFINE_STREAM(_generic, )
+#if FO_X86
+DEFINE_STREAM(_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))))
+DEFINE_STREAM(_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+/* C (1 x N) (+)= A (1 x K) . B + bias */
+static void gemm_stream(const kern_t *kn, int N, int K, const float *A, ptrdiff_t csa,
+                        const float *B, ptrdiff_t rsb, float *C, int accumulate, const float *bias) {
+    stream_fn f = stream_generic;
+#if FO_X86
+    if (kn == &KERN_AVX512) f = stream_avx512;
+    if (kn == &KERN_AVX2) f = stream_avx2;
+#else
+    (void)kn;
+#endif
+    int nch = ceil_div(K, STREAM_KC), nb = ceil_div(N, 64);
+    float *part = fo_alloc((size_t)nch * N);
+    if (!part) return; /* out of memory: recorded by fo_alloc */
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int c = 0; c < nch; c++) {
+            int k0 = c * STREAM_KC;
+            f(imin(STREAM_KC, K - k0), N, A + k0 * csa, csa, B + (size_t)k0 * rsb, rsb,
+              part + (size_t)c * N);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int jb = 0; jb < nb; jb++) { /* C = the partials' sum, in chunk order */
+            int j0 = jb * 64, j1 = imin(N, j0 + 64);
+            float s[64];
+            for (int j = j0; j < j1; j++) s[j - j0] = part[j];
+            for (int c = 1; c < nch; c++)
+                for (int j = j0; j < j1; j++) s[j - j0] += part[(size_t)c * N + j];
+            for (int j = j0; j < j1; j++)
+                C[j] = (accumulate ? C[j] : 0.0f) + s[j - j0] + (bias ? bias[j] : 0.0f);
+        }
+    }
+    fo_free(part);
+}
+
+/* ------------------------------------------------------------------------ */
 /* The weight gradients (X^T.dY): A is an activation read across its rows,  */
 /* so it is packed, and B (dY) is as large as A. gemm_blocked would copy B  */
 /* into one block that both threads pack and read, half of it from the      */
@@ -1147,6 +1228,10 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         return;
     }
     double flops = 2.0 * M * N * K;
+    if (M == 1 && csb == 1 && (double)K * N >= STREAM_MIN) {
+        gemm_stream(kern(), N, K, A, csa, B, rsb, C, accumulate, bias);
+        return;
+    }
     if (M <= SM_MAX_M && csb == 1) {
         gemm_small_m(kern(), M, N, K, A, rsa, csa, B, rsb, C, ldc, accumulate, bias,
                      flops >= PAR_MIN_FLOPS);

@@ -334,6 +334,7 @@ static void check_all(void) {
             }
     check_gemm(1, 2304, 768, 0, 0, 0, 1);   /* generation: c_attn at batch 1 */
     check_gemm(16, 769, 300, 0, 0, 1, 1);   /* the small-M path at its limit, ragged N */
+    check_gemm(1, 700, 777, 1, 0, 1, 1);    /* one row, a 2 MB weight: k split into chunks */
     check_gemm(257, 129, 383, 0, 0, 0, 1);  /* blocked, several k blocks */
     check_gemm(130, 70, 400, 1, 0, 0, 0);   /* X^T . dY */
     check_gemm(100, 90, 80, 0, 1, 1, 0);    /* dY . W^T */

@@ -92,6 +92,26 @@ def test_sgemm_accumulates():
     close(c, expect, 50)
 
 
+@settings(deadline=None, max_examples=25)
+@given(M=st.integers(1, 2), K=st.sampled_from([513, 640, 777, 1031]), N=st.sampled_from([1023, 1024, 1031]),
+       trans_a=st.booleans(), accumulate=st.booleans(), bias=st.booleans(), path=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+def test_sgemm_few_rows_streamed(M, K, N, trans_a, accumulate, bias, path, seed):
+    """One row against a weight of 2 MB or more (generation at batch 1): the
+    path that splits k into chunks of rows, with ragged chunks and columns
+    (and two rows, on the strip kernels)."""
+    rng = np.random.default_rng(seed)
+    a = randn(rng, K, M) if trans_a else randn(rng, M, K)
+    b, c, bb = randn(rng, K, N), randn(rng, M, N), randn(rng, N)
+    a64 = (a.T if trans_a else a).astype(np.float64)
+    expect = a64 @ b + (c if accumulate else 0) + (bb if bias else 0)
+    rsa, csa = (1, M) if trans_a else (K, 1)
+    with isa(path):
+        lib.fo_sgemm(M, N, K, llm._ptr(a), rsa, csa, llm._ptr(b), N, 1, llm._ptr(c), N, int(accumulate),
+                     llm._ptr(bb) if bias else llm._fastops.ffi.NULL)
+    close(c, expect, K)
+
+
 # ---- attention ------------------------------------------------------------------
 
 T_SIZES = st.sampled_from([1, 2, 3, 7, 16, 31, 63, 64, 65, 100, 128, 130, 200])
