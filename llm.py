@@ -2610,8 +2610,10 @@ def calibrate() -> dict:
                     _install()
                     if arm == "fastops":
                         time.sleep(0.2)
-                    for f in runs:                          # warm-up
-                        f()
+                    t0 = time.perf_counter()
+                    while time.perf_counter() - t0 < 0.02:  # warm-up: after a pause the cores take
+                        for f in runs:                      # a few ms to come back to speed
+                            f()
                     t0 = time.perf_counter()
                     for _ in range(3):
                         for f in runs:
