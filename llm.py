@@ -2564,9 +2564,10 @@ def _sum_of_squares(arrays):
 
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
-    shapes of the models here; generation's products (1 and 16 rows) on
-    weights read from memory, not cache, as generation reads them; the
-    products in a training step of a small GPT of the default model's width."""
+    shapes of the models here; generation's products (1 and 16 rows) in
+    generation itself, of a GPT 768 wide (57 MB of weights, more than a
+    laptop's caches), with the other kernels between them; the products in a
+    training step of a small GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
@@ -2575,9 +2576,14 @@ def _calibration_work():
     m, v = {k: numpy.zeros_like(p) for k, p in params.items()}, {k: numpy.ones_like(p) for k, p in params.items()}
     model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=192, block_size=64, vocab_size=512), seed=0)
     ids = r.integers(0, 512, (8, 65))
-    ws = [f32(768, 2304) for _ in range(8)]       # 57 MB, past the caches: generation reads its weights from memory
-    return {"linear_one": [lambda x=f32(1, 768): [ops.linear_forward(x, w, None) for w in ws]],
-            "linear_small": [lambda x=f32(16, 768): [ops.linear_forward(x, w, None) for w in ws]],
+    gen = GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
+
+    def generation(rows, tokens):                 # one token at a time, with the KV cache
+        kv = KVCache()
+        for t in range(tokens):
+            next_logits(gen, [[t]] * rows, kv)
+    return {"linear_one": [lambda: generation(1, 16)],
+            "linear_small": [lambda: generation(16, 6)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
