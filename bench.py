@@ -675,6 +675,26 @@ def bench_vs_torch(quick, python):
                   + ", ".join(f"PyTorch{' (HF generate)' if s == 'hf' else ' (KV-cache loop)'} "
                               f"{B * GEN_NEW / res['gen', B, s]:6.1f} tok/s"
                               for s in ("torch", "hf") if ("gen", B, s) in res), flush=True)
+            if B == 1:
+                # A token at batch 1 reads every weight once: no implementation can be
+                # faster than one pass over them (fastops' multi-threaded sum of squares).
+                weights = [a for k, a in gmodel.params.items() if k != "wpe.weight"]
+                read = best_of(lambda: llm.fo_grad_sumsq(weights), 3)
+                gb = sum(a.nbytes for a in weights) / 1e9
+                torch_s = min(res[k] for k in (("gen", 1, "torch"), ("gen", 1, "hf")) if k in res) / GEN_NEW
+                res["gen_floor"] = read
+                print(f"  one pass over the {gb:.2f} GB of weights: {read * 1e3:.1f} ms ({gb / read:.1f} GB/s),"
+                      f" the floor of a token; PyTorch's token over it: {torch_s / read:.2f}x,"
+                      f" the most any implementation could reach against it here", flush=True)
+                if llm.kernels_in_use()["linear_one"] == "numpy":
+                    llm.set_backend("fastops")        # the calibration keeps NumPy's products: fastops' for comparison
+                    settle()
+                    run()
+                    res["gen", 1, "llm fastops"] = best_of(run, 1 if quick else 2, warm=0)
+                    llm.set_backend("auto")
+                    settle()
+                    print(f"  llm with fastops' products (auto keeps NumPy's for one row here):"
+                          f" {GEN_NEW / res['gen', 1, 'llm fastops']:6.1f} tok/s", flush=True)
         del gmodel
     finally:
         worker.close()
@@ -895,6 +915,8 @@ def main():
             vs[f"generate_vs_pytorch_b{B}"] = best / pt["gen", B, "llm"]
             vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
                                           for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
+        vs["generate_vs_pytorch_b1_limit"] = min(pt[k] for k in (("gen", 1, "torch"), ("gen", 1, "hf"))
+                                                 if k in pt) / GEN_NEW / pt["gen_floor"]
         why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
               f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
 
@@ -910,7 +932,7 @@ def main():
         "ms_per_step_large": round(tr[("large", "fastops")] * 1e3, 2),
     }
     for key in ("train_step_vs_pytorch_small", "train_step_vs_pytorch_large",
-                "generate_vs_pytorch_b1", "generate_vs_pytorch_b16"):
+                "generate_vs_pytorch_b1", "generate_vs_pytorch_b1_limit", "generate_vs_pytorch_b16"):
         result[key] = round(vs[key], 3) if key in vs else None
     for key in ("generate_tok_s_b1", "generate_tok_s_b16"):
         if key in vs:
