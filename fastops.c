@@ -915,6 +915,17 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
     fo_free(at);
 }
 
+/* A block of results computed apart, into C: C[i, j0 + jj] = (C's value if
+ * accumulating) + out[i * si + jj * sj] + bias[j0 + jj], i < rows, jj < nj */
+static void put_block(float *C, ptrdiff_t ldc, int rows, int j0, int nj, const float *out,
+                      int si, int sj, int accumulate, const float *bias) {
+    for (int i = 0; i < rows; i++) {
+        float *c = C + (size_t)i * ldc + j0;
+        for (int jj = 0; jj < nj; jj++)
+            c[jj] = (accumulate ? c[jj] : 0.0f) + out[i * si + jj * sj] + (bias ? bias[j0 + jj] : 0.0f);
+    }
+}
+
 #if FO_X86
 /* Small M with B = W^T, W row-major [N, K] (the tied head's wte.T: rsb = 1):
  * C[i, j] = dot(A[i, :], W[j, :]), each row of W read once, contiguously,
@@ -972,11 +983,7 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
         float out[16];
         for (int i0 = 0; i0 < M; i0 += 4) {
             smt_512(K, at + (size_t)i0 * Kp, Kp, W + (size_t)j * ldw, ldw, nj, i0 == 0 && jb + 1 < nblocks, out);
-            for (int ii = 0; ii < imin(4, M - i0); ii++) {
-                float *c = C + (size_t)(i0 + ii) * ldc + j;
-                for (int jj = 0; jj < nj; jj++)
-                    c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 4 + ii] + (bias ? bias[j + jj] : 0.0f);
-            }
+            put_block(C + (size_t)i0 * ldc, ldc, imin(4, M - i0), j, nj, out, 1, 4, accumulate, bias);
         }
     }
     fo_free(at);
@@ -1034,11 +1041,7 @@ static void gemm_small_m_tc(int M, int N, int K, const float *A, ptrdiff_t rsa, 
         }
         smtc_512(K, at, w, lw, (const char *)(W + (size_t)(j + nj) * ldw),
                  next > 0 ? (size_t)next * ldw * sizeof(float) : 0, out);
-        for (int i = 0; i < M; i++) {
-            float *c = C + (size_t)i * ldc + j;
-            for (int jj = 0; jj < nj; jj++)
-                c[jj] = (accumulate ? c[jj] : 0.0f) + out[jj * 16 + i] + (bias ? bias[j + jj] : 0.0f);
-        }
+        put_block(C, ldc, M, j, nj, out, 1, 16, accumulate, bias);
     }
     fo_free(at);
 }
@@ -1118,8 +1121,7 @@ static void gemm_stream(const kern_t *kn, int N, int K, const float *A, ptrdiff_
             for (int j = j0; j < j1; j++) s[j - j0] = part[j];
             for (int c = 1; c < nch; c++)
                 for (int j = j0; j < j1; j++) s[j - j0] += part[(size_t)c * N + j];
-            for (int j = j0; j < j1; j++)
-                C[j] = (accumulate ? C[j] : 0.0f) + s[j - j0] + (bias ? bias[j] : 0.0f);
+            put_block(C, 0, 1, j0, j1 - j0, s, 0, 1, accumulate, bias);
         }
     }
     fo_free(part);
