@@ -1416,6 +1416,21 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     }
 }
 
+/* A head's rows lie a whole row of c_attn's output (or of y) apart, each on
+ * its own 4 KB page, where the hardware prefetchers do not follow: loops
+ * that copy them ask for the row PF_AHEAD ahead themselves. */
+#define PF_AHEAD 8
+FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (int c = 0; c < n; c += 16) { /* one cache line */
+        if (for_write) __builtin_prefetch(p + c, 1, 3);
+        else __builtin_prefetch(p + c, 0, 3);
+    }
+#else
+    (void)p, (void)n, (void)for_write;
+#endif
+}
+
 /* Block sizes: queries and keys are processed in tiles of BQ x BK. */
 #define BQ 64
 #define BK 64
@@ -1467,6 +1482,7 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
                    diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
     for (int r = 0; r < nq; r++) {
+        if (r + PF_AHEAD < nq) prefetch_row(Y + (i0 + r + PF_AHEAD) * ldy, D, 1);
         scaled_copy(Y + (i0 + r) * ldy, acc + r * D, 1.0f / lrow[r], D);
         LSE[i0 + r] = mrow[r] + logf(lrow[r]);
     }
@@ -1519,10 +1535,16 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
 
 /* rows [r0, r1) of D floats, ld apart, to or from packed rows (D apart) */
 static void gather_rows(float *dst, const float *src, int r0, int r1, int D, ptrdiff_t ld) {
-    for (int r = r0; r < r1; r++) copy_floats(dst + (size_t)r * D, src + r * ld, D);
+    for (int r = r0; r < r1; r++) {
+        if (r + PF_AHEAD < r1) prefetch_row(src + (r + PF_AHEAD) * ld, D, 0);
+        copy_floats(dst + (size_t)r * D, src + r * ld, D);
+    }
 }
 static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int r1, int D) {
-    for (int r = r0; r < r1; r++) copy_floats(dst + r * ld, src + (size_t)r * D, D);
+    for (int r = r0; r < r1; r++) {
+        if (r + PF_AHEAD < r1) prefetch_row(dst + (r + PF_AHEAD) * ld, D, 1);
+        copy_floats(dst + r * ld, src + (size_t)r * D, D);
+    }
 }
 
 /* ---- per-ISA attention: the block functions above, inlined into copies
@@ -1636,7 +1658,11 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     attn_pick(kn, &fwd_block, &bwd_block, &di_rows);
     int BH = B * H, nqb = ceil_div(T, BQ);
     float scale = 1.0f / sqrtf((float)D);
-    long ntasks = (long)BH * nqb;
+    /* Tasks = heads, each gathering its rows once; with few heads (B*H
+     * under 4 per thread), (head, query block), the costliest (last) blocks
+     * first so that the dynamic schedule ends balanced. */
+    int split = BH < 4 * fo_nthreads();
+    long ntasks = (long)BH * (split ? nqb : 1);
     int gather = st != D; /* q, k, v not packed: each task gathers its rows */
 #ifdef _OPENMP
 #pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
@@ -1650,26 +1676,26 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         float *hq = gather ? fo_alloc((size_t)3 * T * D) : NULL;
         float *hk = hq ? hq + (size_t)T * D : NULL, *hv = hq ? hk + (size_t)T * D : NULL;
         int ok = S && acc && mrow && lrow && apack && bpack && (!gather || hq);
-        /* Tasks = (head, query block), the costliest (last) blocks first so
-         * the dynamic schedule ends balanced. */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (long t = 0; t < ntasks; t++) {
-            int ib = nqb - 1 - (int)(t / BH), bh = (int)(t % BH);
+            int bh = (int)(t % BH), ib1 = split ? nqb - 1 - (int)(t / BH) : nqb - 1;
+            int ib0 = split ? ib1 : 0; /* the task's query blocks */
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
-            int i0 = ib * BQ, i1 = imin(T, i0 + BQ);
+            int i1 = imin(T, (ib1 + 1) * BQ);
             if (!ok) continue;
-            if (!gather) {
-                fwd_block(kn, q + off, k + off, v + off, y + yoff, lse + (size_t)bh * T, T,
-                          D, st, yt, i0, scale, S, acc, mrow, lrow, apack, bpack);
-                continue;
+            const float *qh = q + off, *kh = k + off, *vh = v + off; /* the head, or its copy */
+            ptrdiff_t ldh = st;
+            if (gather) { /* keys and values up to the last query */
+                gather_rows(hq, q + off, ib0 * BQ, i1, D, st);
+                gather_rows(hk, k + off, 0, i1, D, st);
+                gather_rows(hv, v + off, 0, i1, D, st);
+                qh = hq, kh = hk, vh = hv, ldh = D;
             }
-            gather_rows(hq, q + off, i0, i1, D, st); /* keys and values up to the last query */
-            gather_rows(hk, k + off, 0, i1, D, st);
-            gather_rows(hv, v + off, 0, i1, D, st);
-            fwd_block(kn, hq, hk, hv, y + yoff, lse + (size_t)bh * T, T, D, D, yt, i0, scale,
-                      S, acc, mrow, lrow, apack, bpack);
+            for (int ib = ib0; ib <= ib1; ib++)
+                fwd_block(kn, qh, kh, vh, y + yoff, lse + (size_t)bh * T, T, D, ldh, yt, ib * BQ,
+                          scale, S, acc, mrow, lrow, apack, bpack);
         }
         fo_free(hq);
         fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
@@ -1721,7 +1747,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             di_rows(dy + o, y + o, yt, Di + (size_t)bh * T, T, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
-        else {
+        else if (!gather) { /* (gathered heads write all of dq from their packed copy) */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
