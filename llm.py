@@ -627,12 +627,12 @@ class GPT:
         y, c[n + "attn"] = ops.attention_forward(q, k, v, drop, rng)
         y = self._tokens(y.transpose(0, 2, 1, 3).reshape(B, T, C))           # (N, C), heads side by side
         y, c[n + "attn.drop"] = dropout_forward(self.linear(n + "attn.c_proj", y), drop, rng)
-        x = x + y
+        x = xp.add(x, y, out=y)         # x + y, into y's memory (a fresh array): no new array to fill
         # the MLP: each position on its own
         m, c[n + "ln_2"] = ops.layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"])
         f, c[n + "mlp.gelu"] = ops.gelu_forward(self.linear(n + "mlp.c_fc", m))
         f, c[n + "mlp.drop"] = dropout_forward(self.linear(n + "mlp.c_proj", f), drop, rng)
-        return x + f
+        return xp.add(x, f, out=f)
 
     def linear(self, name, x):
         """Layer `name` ("h.0.attn.c_attn"): x W + b, plus its LoRA adapter's share."""
@@ -690,14 +690,14 @@ class GPT:
         df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx, c[n + "mlp.drop"]), grads)
         dm = self.linear_backward(n + "mlp.c_fc", ops.gelu_backward(df, c[n + "mlp.gelu"]), grads)
         dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm, c[n + "ln_2"])
-        dx = dx + dm
+        dx = xp.add(dx, dm, out=dm)    # (into dm's memory, as the forward's residual)
         # x + attn(ln_1(x))
         dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
         dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
         dqkv = ops.join_heads(*ops.attention_backward(dy, c[n + "attn"]))   # (B, T, 3, H, D)
         da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
         da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
-        return dx + da
+        return xp.add(dx, da, out=da)
 
     def linear_backward(self, name, dy, grads):
         """Layer `name`'s backward: its gradients into grads -> dx."""
