@@ -2348,12 +2348,11 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
     return _done(dx, dw, db)
 
 
-# The optimizer in C: the global gradient norm (for clipping) and the AdamW
-# update of every parameter, each one multi-threaded pass over all arrays
-# (fo_adamw_step can also scale the gradients on the fly, gscale; the steps
-# here clip in clip_grad_norm, section 3). On the CPU only; they update p, m,
-# v in place, so these must be float32, C-contiguous and of the parameter's
-# shape (no copies).
+# The optimizer in C: the global gradient norm (for clipping) and the AdamW update
+# of every parameter, each one multi-threaded pass over all arrays (gscale can scale
+# the gradients on the fly; the steps here clip in clip_grad_norm, section 3). On the
+# CPU only; they update p, m, v in place, so these must be float32, C-contiguous
+# and of the parameter's shape (no copies).
 
 def _f32_inplace(name, a, shape=None):
     """As _f32, but the array itself, updated in place: it must be C-contiguous already."""
