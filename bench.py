@@ -8,8 +8,9 @@
 
 Everything is measured in the same run: matmul GFLOP/s on the two models'
 real shapes, fused attention vs the NumPy reference (time and memory),
-training ms/step, and a profile of one training step. Timings are the
-minimum (kernels) or median (training steps) of several runs; NumPy and
+training ms/step, a profile of one training step and, when torch can be
+imported, the products, steps and generation beside PyTorch's. Timings are
+the minimum (kernels) or median (training steps) of several runs; NumPy and
 fastops are timed in separate phases with a pause between them, because
 OpenBLAS's and OpenMP's idle threads spin for a while after each call and
 would otherwise steal the other's cores. The last line is one JSON object.
@@ -84,33 +85,38 @@ def matmul_shapes(cfg, batch):
     return M, layers
 
 
-def bench_matmul(quick):
+def matmul_cases(model):
+    """The model's products, three per layer: -> [(label, flops, numpy fn, fastops fn)]."""
     rng = np.random.default_rng(0)
     lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
+    cases = []
+    M, layers = matmul_shapes(*MODELS[model])
+    for layer, K, N in layers:
+        x, dy = rng.standard_normal((M, K), np.float32), rng.standard_normal((M, N), np.float32)
+        if layer == "lm_head":   # tied head: w = wte.T, a transposed view, as llm.py passes it
+            w = rng.standard_normal((N, K), np.float32).T
+        else:
+            w = rng.standard_normal((K, N), np.float32)
+        y, dx, dw = np.empty((M, N), np.float32), np.empty((M, K), np.float32), np.empty((K, N), np.float32)
+        rs, cs = llm._strides(w)
+        fl = 2.0 * M * N * K
+        cases += [
+            (f"{model} {layer} fwd  X.W    {M}x{K}x{N}", fl, lambda x=x, w=w, y=y: np.matmul(x, w, out=y),
+             lambda x=x, w=w, y=y, M=M, N=N, K=K, rs=rs, cs=cs:
+             lib.fo_sgemm(M, N, K, ptr(x), K, 1, ptr(w), rs, cs, ptr(y), N, 0, NULL)),
+            (f"{model} {layer} bwd  dY.W^T {M}x{N}x{K}", fl, lambda dy=dy, w=w, dx=dx: np.matmul(dy, w.T, out=dx),
+             lambda dy=dy, w=w, dx=dx, M=M, N=N, K=K, rs=rs, cs=cs:
+             lib.fo_sgemm(M, K, N, ptr(dy), N, 1, ptr(w), cs, rs, ptr(dx), K, 0, NULL)),
+            (f"{model} {layer} bwd  X^T.dY {K}x{M}x{N}", fl, lambda x=x, dy=dy, dw=dw: np.matmul(x.T, dy, out=dw),
+             lambda x=x, dy=dy, dw=dw, M=M, N=N, K=K:
+             lib.fo_sgemm(K, N, M, ptr(x), 1, K, ptr(dy), N, 1, ptr(dw), N, 0, NULL)),
+        ]
+    return cases
+
+
+def bench_matmul(quick):
     reps = 3 if quick else 20
-    cases = []  # (label, flops, numpy fn, fastops fn)
-    for model in MODELS:
-        M, layers = matmul_shapes(*MODELS[model])
-        for layer, K, N in layers:
-            x, dy = rng.standard_normal((M, K), np.float32), rng.standard_normal((M, N), np.float32)
-            if layer == "lm_head":   # tied head: w = wte.T, a transposed view, as llm.py passes it
-                w = rng.standard_normal((N, K), np.float32).T
-            else:
-                w = rng.standard_normal((K, N), np.float32)
-            y, dx, dw = np.empty((M, N), np.float32), np.empty((M, K), np.float32), np.empty((K, N), np.float32)
-            rs, cs = llm._strides(w)
-            fl = 2.0 * M * N * K
-            cases += [
-                (f"{model} {layer} fwd  X.W    {M}x{K}x{N}", fl, lambda x=x, w=w, y=y: np.matmul(x, w, out=y),
-                 lambda x=x, w=w, y=y, M=M, N=N, K=K, rs=rs, cs=cs:
-                 lib.fo_sgemm(M, N, K, ptr(x), K, 1, ptr(w), rs, cs, ptr(y), N, 0, NULL)),
-                (f"{model} {layer} bwd  dY.W^T {M}x{N}x{K}", fl, lambda dy=dy, w=w, dx=dx: np.matmul(dy, w.T, out=dx),
-                 lambda dy=dy, w=w, dx=dx, M=M, N=N, K=K, rs=rs, cs=cs:
-                 lib.fo_sgemm(M, K, N, ptr(dy), N, 1, ptr(w), cs, rs, ptr(dx), K, 0, NULL)),
-                (f"{model} {layer} bwd  X^T.dY {K}x{M}x{N}", fl, lambda x=x, dy=dy, dw=dw: np.matmul(x.T, dy, out=dw),
-                 lambda x=x, dy=dy, dw=dw, M=M, N=N, K=K:
-                 lib.fo_sgemm(K, N, M, ptr(x), 1, K, ptr(dy), N, 1, ptr(dw), N, 0, NULL)),
-            ]
+    cases = [c for model in MODELS for c in matmul_cases(model)]
     t_np = [best_of(c[2], reps) for c in cases]
     settle()
     t_fo = [best_of(c[3], reps) for c in cases]
@@ -456,10 +462,12 @@ def bench_cuda(steps):
 
 
 # ---- 6. PyTorch side by side, on the CPU -------------------------------------------
-# The same training step (the MODELS above, forward + backward + clip 1.0 +
-# AdamW with llm.AdamW's settings, fp32, tied head) and greedy generation
-# with a KV cache on a GPT-2 124M-shaped model (random weights), in PyTorch
-# with its default threads. PyTorch runs in a worker process (this file with
+# The models' products alone (section 1's shapes, fastops' against PyTorch's
+# own BLAS, best of each: how the step's main cost compares), the same
+# training step (the MODELS above, forward + backward + clip 1.0 + AdamW with
+# llm.AdamW's settings, fp32, tied head) and greedy generation with a KV
+# cache on a GPT-2 124M-shaped model (random weights), in PyTorch with its
+# default threads. PyTorch runs in a worker process (this file with
 # --torch-worker) that waits on a pipe while llm runs, so the two never share
 # an OpenMP runtime or compete for the cores; rounds alternate llm, PyTorch,
 # llm, PyTorch... and each side's figure is the median over its rounds.
@@ -582,6 +590,16 @@ def torch_worker():
                 step()
                 times.append(time.perf_counter() - t)
             ans = {"times": times}
+        elif cmd == "matmul":                         # a model's products alone, as matmul_cases
+            M, times = msg["rows"], []
+            for layer, K, N in msg["layers"]:
+                x, dy = torch.randn(M, K), torch.randn(M, N)
+                w = torch.randn(N, K).T if layer == "lm_head" else torch.randn(K, N)
+                y, dx, dw = torch.empty(M, N), torch.empty(M, K), torch.empty(K, N)
+                times += [best_of(lambda: torch.mm(x, w, out=y), msg["reps"]),
+                          best_of(lambda: torch.mm(dy, w.T, out=dx), msg["reps"]),
+                          best_of(lambda: torch.mm(x.T, dy, out=dw), msg["reps"])]
+            ans = {"times": times}
         elif cmd == "generate":
             impl, B = msg["impl"], msg["batch"]
             g = torch.Generator().manual_seed(1)
@@ -624,12 +642,27 @@ def find_torch_python(arg):
 
 def bench_vs_torch(quick, python):
     """-> dict of medians: ('train', model, side) and ('gen', batch, side) in
-    seconds (side: 'llm', 'torch', 'hf'), plus 'info'."""
+    seconds (side: 'llm', 'torch', 'hf'), ('matmul', model): PyTorch's time
+    over ours for the model's products alone, plus 'info'."""
     worker = TorchWorker(python)
     res = {"info": worker.info}
     rounds = 1 if quick else 3
     previous = llm.set_backend("auto")                # what a user's run uses: each kernel where it wins here
     try:
+        for name in MODELS:                           # the products alone: best of each, rounds alternated
+            cases, (M, layers) = matmul_cases(name), matmul_shapes(*MODELS[name])
+            mine, theirs = [math.inf] * len(cases), [math.inf] * len(cases)
+            for _ in range(rounds):
+                mine = [min(t, best_of(c[3], 3 if quick else 10)) for t, c in zip(mine, cases)]
+                settle()
+                ts = worker.ask(cmd="matmul", rows=M, layers=layers, reps=3 if quick else 10)["times"]
+                theirs = [min(a, b) for a, b in zip(theirs, ts)]
+                settle()
+            res["matmul", name] = sum(theirs) / sum(mine)
+            print(f"{'products alone, GFLOP/s (best of each)':44s} {'llm':>8s} {'PyTorch':>8s} {'ratio':>6s}")
+            for c, a, b in zip(cases, mine, theirs):
+                print(f"{c[0]:44s} {c[1] / a / 1e9:8.1f} {c[1] / b / 1e9:8.1f} {b / a:6.2f}")
+            print(f"{name} products, total time: PyTorch / llm = {res['matmul', name]:.2f}", flush=True)
         for name in MODELS:
             model, opt, idx, tgt = make_model(name)
             steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
@@ -909,6 +942,7 @@ def main():
         print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
               f"transformers {info['transformers'] or 'not installed'}")
         for name in MODELS:
+            vs[f"matmul_vs_pytorch_{name}"] = pt["matmul", name]
             vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
         for B in (1, 16):
             best = min(pt[k] for k in (("gen", B, "torch"), ("gen", B, "hf")) if k in pt)
@@ -931,7 +965,8 @@ def main():
         "ms_per_step_small": round(tr[("small", "fastops")] * 1e3, 2),
         "ms_per_step_large": round(tr[("large", "fastops")] * 1e3, 2),
     }
-    for key in ("train_step_vs_pytorch_small", "train_step_vs_pytorch_large",
+    for key in ("matmul_vs_pytorch_small", "matmul_vs_pytorch_large",
+                "train_step_vs_pytorch_small", "train_step_vs_pytorch_large",
                 "generate_vs_pytorch_b1", "generate_vs_pytorch_b1_limit", "generate_vs_pytorch_b16"):
         result[key] = round(vs[key], 3) if key in vs else None
     for key in ("generate_tok_s_b1", "generate_tok_s_b16"):
