@@ -1,7 +1,7 @@
 """Benchmark fastops (the C kernels) against the NumPy code of llm.py.
 
     python bench.py            # full run (a few minutes)
-    python bench.py --quick    # under a minute
+    python bench.py --quick    # fewer repetitions: about a minute, half without PyTorch
     python bench.py --device cuda   # GPU: training tokens/s, llm.py vs PyTorch fp32 (~3 min)
     python bench.py --mpi      # training tokens/s: 1 process x 2 threads vs 2 ranks x 1 thread (mpirun)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench.py   # NumPy's BLAS at its best
@@ -808,7 +808,7 @@ def main_mpi(quick):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute; half without PyTorch)")
     ap.add_argument("--mhz", type=float, help="clock for the peak estimate (default: /proc/cpuinfo)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
