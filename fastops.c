@@ -1369,6 +1369,58 @@ FO_INLINE float tree_max16(float *m) {
     return m[0];
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+/* The same, with the 16 partial results in a vector (gcc's and clang's
+ * vector extension): they stay in registers, where the array above went
+ * through memory at every fold of a short row. The same sums, in the same order. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int v16i __attribute__((vector_size(64)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef int v4i __attribute__((vector_size(16)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned loads */
+#define load16(x) (*(const v16u *)(x))
+#define VSEL(T, IT, c, a, b) ((T)(((IT)(a) & (c)) | ((IT)(b) & ~(c)))) /* c ? a : b, lane by lane */
+/* (vectors by pointer: passed by value they would change the ABI of the baseline copies) */
+FO_INLINE float vsum16(const v16f *s) {
+    v8f a, b;
+    v4f c, d;
+    memcpy(&a, s, 32); memcpy(&b, (const float *)s + 8, 32); a += b;
+    memcpy(&c, &a, 16); memcpy(&d, (float *)&a + 4, 16); c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+FO_INLINE float vmax16(const v16f *m) {
+    v8f a, b;
+    v4f c, d;
+    memcpy(&a, m, 32); memcpy(&b, (const float *)m + 8, 32); a = VSEL(v8f, v8i, b > a, b, a);
+    memcpy(&c, &a, 16); memcpy(&d, (float *)&a + 4, 16); c = VSEL(v4f, v4i, d > c, d, c);
+    float m0 = c[2] > c[0] ? c[2] : c[0], m1 = c[3] > c[1] ? c[3] : c[1];
+    return m1 > m0 ? m1 : m0;
+}
+FO_INLINE float row_max(const float *x, int n, float init) {
+    v16f m = {init, init, init, init, init, init, init, init,
+              init, init, init, init, init, init, init, init};
+    int c = 0;
+    for (; c + 16 <= n; c += 16) { v16f v = load16(x + c); m = VSEL(v16f, v16i, v > m, v, m); }
+    for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
+    return vmax16(&m);
+}
+FO_INLINE float row_dot(const float *x, const float *y, int n) {
+    v16f s = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16) s += load16(x + c) * load16(y + c);
+    for (; c < n; c++) s[0] += x[c] * y[c];
+    return vsum16(&s);
+}
+FO_INLINE float row_sum(const float *x, int n) {
+    v16f s = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16) s += load16(x + c);
+    for (; c < n; c++) s[0] += x[c];
+    return vsum16(&s);
+}
+#else
 /* max, dot product and sum of a row with 16 partial results, so that they vectorise
  * without -ffast-math (which would let the compiler reorder the sum). */
 FO_INLINE float row_max(const float *x, int n, float init) {
@@ -1396,29 +1448,38 @@ FO_INLINE float row_sum(const float *x, int n) {
     for (; c < n; c++) s[0] += x[c];
     return tree_sum16(s);
 }
+#endif
 
 /* dst = src * s, n floats (restrict: so that it vectorises) */
 FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src, float s, int n) {
     for (int i = 0; i < n; i++) dst[i] = src[i] * s;
 }
 
-/* Single-threaded small GEMM on per-thread scratch (packs, then micro-kernel).
- * C[M,N] (+)= A[M,K] . B[K,N] with general strides, as in gemm_blocked.
- * diag, for attention's tiles on the diagonal (row r of the queries sees
+/* Single-threaded small GEMM for attention's tiles: C[M,N] (+)= A[M,K] . B[K,N],
+ * A with general strides (packed here on per-thread scratch unless row-major),
+ * B packed by pack_panels (below): panel jp at bp + jp * pstride. diag, for attention's tiles on the diagonal (row r of the queries sees
  * keys c <= r): DIAG_COLS, C's columns past a panel's last row are left
  * (the softmax masks them); DIAG_K_TO_ROW, A's columns (k) past a panel's
  * last row are zero and not summed; DIAG_K_FROM_ROW, those before its first
  * row. Only masked entries and exact zeros are skipped: the same sums. */
 enum { DIAG_NONE, DIAG_COLS, DIAG_K_TO_ROW, DIAG_K_FROM_ROW };
+
+/* B's N columns in panels of NR, K rows each: panel jp at bp + jp * pstride,
+ * its row k at + k * NR. Attention packs a head's keys, values and rows once
+ * and hands each tile its panels (pstride the whole head's), not a copy a tile. */
+FO_INLINE void pack_panels(const kern_t *kn, float *bp, size_t pstride, const float *B,
+                           ptrdiff_t rsb, ptrdiff_t csb, int N, int K) {
+    const int NR = kn->nr;
+    for (int jp = 0; jp < ceil_div(N, NR); jp++)
+        kn->pack_b(bp + jp * pstride, B + jp * NR * csb, rsb, csb, imin(NR, N - jp * NR), K, NR);
+}
+
 FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
-                       const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-                       const float *B, ptrdiff_t rsb, ptrdiff_t csb,
-                       float *C, ptrdiff_t ldc, int load_c, float *apack, float *bpack, int diag) {
+                                 const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                                 const float *bp, size_t pstride, float *C, ptrdiff_t ldc,
+                                 int load_c, float *apack, int diag) {
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
-    for (int jp = 0; jp < npanels; jp++)
-        kn->pack_b(bpack + (size_t)jp * NR * K, B + jp * NR * csb, rsb, csb,
-               imin(NR, N - jp * NR), K, NR);
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
@@ -1433,20 +1494,20 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
         if (mr <= 4 && kn == &KERN_AVX512) { /* a tile's last 4 rows (64 = 5 x 12 + 4) */
             for (int jp = 0; jp < np; jp++)
                 ukern_avx512_4(k1 - k0, A + i * rsa + k0 * csa, rsa, csa,
-                               bpack + ((size_t)jp * K + k0) * NR, C + i * ldc + jp * NR, ldc, mr,
+                               bp + jp * pstride + (size_t)k0 * NR, C + i * ldc + jp * NR, ldc, mr,
                                imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
 #endif
         if (rows_fn) {
             for (int jp = 0; jp < np; jp++)
-                rows_fn(k1 - k0, A + i * rsa + k0, rsa, bpack + ((size_t)jp * K + k0) * NR,
+                rows_fn(k1 - k0, A + i * rsa + k0, rsa, bp + jp * pstride + (size_t)k0 * NR,
                         C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
         kn->pack_a(apack, A + i * rsa + k0 * csa, rsa, csa, mr, k1 - k0, MR);
         for (int jp = 0; jp < np; jp++)
-            kn->fn(k1 - k0, apack, bpack + ((size_t)jp * K + k0) * NR, C + i * ldc + jp * NR, ldc,
+            kn->fn(k1 - k0, apack, bp + jp * pstride + (size_t)k0 * NR, C + i * ldc + jp * NR, ldc,
                    mr, imin(NR, N - jp * NR), load_c, NULL);
     }
 }
@@ -1466,11 +1527,12 @@ FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
 #endif
 }
 
-/* Block sizes: queries and keys are processed in tiles of BQ x BK. */
+/* Block sizes: queries and keys are processed in tiles of BQ x BK (BK a
+ * multiple of every kernel's NR, 16 or 32: a key block starts a panel). */
 #define BQ 64
 #define BK 64
 
-/* scratch for small_gemm: packs of up to max(BQ,BK) x max(D,BK) */
+/* scratch for small_gemm's A: packs of up to max(BQ,BK) x max(D,BK) */
 static size_t pack_floats(int D) {
     int m = imax(imax(BQ, BK), D) + 32; /* + room for padding to MR / NR */
     return (size_t)m * m;
@@ -1479,20 +1541,21 @@ static size_t pack_floats(int D) {
 /* Forward for the query rows [i0, i0+nq) of one head.
  * Online softmax: per row keep the running max m, the running sum l of
  * exp(s - m) and the unnormalised output acc; rescale when m grows. */
-FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
-                           const float *V, float *Y, float *LSE, int T, int D,
+FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float *LSE, int T, int D,
                            ptrdiff_t ld, ptrdiff_t ldy, int i0, float scale, float *S,
-                           float *acc, float *mrow, float *lrow, float *apack, float *bpack) {
+                           float *acc, float *mrow, float *lrow, float *apack, const float *kt,
+                           const float *vp) {
+    const int NR = kn->nr;
     int nq = imin(BQ, T - i0);
     for (int r = 0; r < nq; r++) { mrow[r] = -INFINITY; lrow[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * nq * D);
     int jend = i0 + nq; /* causal: keys < jend only */
     for (int j0 = 0; j0 < jend; j0 += BK) {
         int nk = imin(BK, jend - j0);
-        /* S = Q_i . K_j^T  (nq x nk), K_j^T read through strides */
+        /* S = Q_i . K_j^T  (nq x nk), K_j^T from the head's panels */
         int diag = j0 == i0; /* the tile on the diagonal: half of it masked */
-        small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, K + j0 * ld, 1, ld, S, BK, 0, apack,
-                   bpack, diag ? DIAG_COLS : DIAG_NONE);
+        small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, kt + (size_t)(j0 / NR) * D * NR,
+                          (size_t)D * NR, S, BK, 0, apack, diag ? DIAG_COLS : DIAG_NONE);
         for (int r = 0; r < nq; r++) {
             float *s = S + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
@@ -1513,8 +1576,8 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int d = 0; d < D; d++) a[d] *= alpha;
         }
         /* acc += P . V_j */
-        small_gemm(kn, nq, D, nk, S, BK, 1, V + j0 * ld, ld, 1, acc, D, 1, apack, bpack,
-                   diag ? DIAG_K_TO_ROW : DIAG_NONE);
+        small_gemm(kn, nq, D, nk, S, BK, 1, vp + (size_t)j0 * NR, (size_t)T * NR, acc, D, 1,
+                          apack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
     for (int r = 0; r < nq; r++) {
         if (r + PF_AHEAD < nq) prefetch_row(Y + (i0 + r + PF_AHEAD) * ldy, D, 1);
@@ -1529,13 +1592,25 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, const float *K,
  *   dV_j += P^T . dY_i
  *   dP = dY_i . V_j^T
  *   dS = P * (dP - Di) * scale        with Di = rowsum(dY_i * Y_i)
- *   dK_j += dS^T . Q_i,   dQ_i += dS . K_j                              */
-FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
-                           const float *V, const float *dY, const float *LSE,
-                           const float *Di, float *dQ, float *dK, float *dV, int T,
-                           int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldk, ptrdiff_t ldq,
-                           int j0, float scale, float *P, float *dP, float *apack, float *bpack) {
+ *   dK_j += dS^T . Q_i,   dQ_i += dS . K_j
+ * The B operands come packed once for the task (bwd_panels), not a tile. */
+typedef struct { /* a backward task's operands in panels (pack_panels), rows r0 on */
+    float *kt, *vt;       /* K^T, V^T: panels of NR keys, D x NR each */
+    float *kr, *qr, *dyr; /* K, Q, dY: panels of NR of the D columns, T x NR each */
+    int r0;
+} bwd_panels;
+
+FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *dY,
+                           const float *LSE, const float *Di, float *dQ, float *dK, float *dV,
+                           int T, int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldk, ptrdiff_t ldq,
+                           int j0, float scale, float *P, float *dP, float *apack,
+                           const bwd_panels *bp) {
+    const int NR = kn->nr;
     int nk = imin(BK, T - j0);
+    const float *ktj = bp->kt + (size_t)(j0 - bp->r0) / NR * D * NR;
+    const float *vtj = bp->vt + (size_t)(j0 - bp->r0) / NR * D * NR;
+    const float *krj = bp->kr + (size_t)(j0 - bp->r0) * NR;
+    size_t rs = (size_t)T * NR; /* a row panel's stride */
     for (int r = j0; r < j0 + nk; r++) {
         memset(dK + r * ldk, 0, sizeof(float) * D);
         memset(dV + r * ldk, 0, sizeof(float) * D);
@@ -1544,8 +1619,8 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
         int nq = imin(BQ, T - i0);
         const float *Qi = Q + i0 * ld, *dYi = dY + i0 * ldy;
         int diag = i0 == j0 ? DIAG_COLS : DIAG_NONE; /* the tile on the diagonal */
-        small_gemm(kn, nq, nk, D, Qi, ld, 1, K + j0 * ld, 1, ld, P, BK, 0, apack, bpack, diag);
-        small_gemm(kn, nq, nk, D, dYi, ldy, 1, V + j0 * ld, 1, ld, dP, BK, 0, apack, bpack, diag);
+        small_gemm(kn, nq, nk, D, Qi, ld, 1, ktj, (size_t)D * NR, P, BK, 0, apack, diag);
+        small_gemm(kn, nq, nk, D, dYi, ldy, 1, vtj, (size_t)D * NR, dP, BK, 0, apack, diag);
         for (int r = 0; r < nq; r++) {
             float *p = P + r * BK, *dp = dP + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1);
@@ -1557,14 +1632,14 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *K,
             for (int c = valid; c < nk; c++) p[c] = dp[c] = 0.0f; /* masked, maybe never computed */
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
-        small_gemm(kn, nk, D, nq, P, 1, BK, dYi, ldy, 1, dV + j0 * ldk, ldk, 1, apack, bpack,
-                   diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+        small_gemm(kn, nk, D, nq, P, 1, BK, bp->dyr + (size_t)(i0 - bp->r0) * NR, rs,
+                          dV + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dK_j += dS^T . Q_i */
-        small_gemm(kn, nk, D, nq, dP, 1, BK, Qi, ld, 1, dK + j0 * ldk, ldk, 1, apack, bpack,
-                   diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+        small_gemm(kn, nk, D, nq, dP, 1, BK, bp->qr + (size_t)(i0 - bp->r0) * NR, rs,
+                          dK + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dQ_i += dS . K_j */
-        small_gemm(kn, nq, D, nk, dP, BK, 1, K + j0 * ld, ld, 1, dQ + i0 * ldq, ldq, 1, apack,
-                   bpack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
+        small_gemm(kn, nq, D, nk, dP, BK, 1, krj, rs, dQ + i0 * ldq, ldq, 1, apack,
+                          diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
 }
 
@@ -1585,16 +1660,15 @@ static void scatter_rows(float *dst, ptrdiff_t ld, const float *src, int r0, int
 /* ---- per-ISA attention: the block functions above, inlined into copies
  * compiled for AVX-512 and AVX2 so that their element-wise loops (exp,
  * scaling, max, sum, packing) use the wide vectors too. */
-#define FWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
-    float *Y, float *LSE, int T, int D, ptrdiff_t ld, ptrdiff_t ldy, int i0, float scale, \
-    float *S, float *acc, float *mrow, float *lrow, float *apack, float *bpack
-#define FWD_CALL kn, Q, K, V, Y, LSE, T, D, ld, ldy, i0, scale, S, acc, mrow, lrow, apack, bpack
-#define BWD_ARGS const kern_t *kn, const float *Q, const float *K, const float *V, \
-    const float *dY, const float *LSE, const float *Di, float *dQ, float *dK, float *dV, \
-    int T, int D, ptrdiff_t ld, ptrdiff_t ldy, ptrdiff_t ldk, ptrdiff_t ldq, int j0, float scale, float *P, \
-    float *dP, float *apack, float *bpack
-#define BWD_CALL kn, Q, K, V, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldk, ldq, j0, scale, P, dP, \
-    apack, bpack
+#define FWD_ARGS const kern_t *kn, const float *Q, float *Y, float *LSE, int T, int D, \
+    ptrdiff_t ld, ptrdiff_t ldy, int i0, float scale, float *S, float *acc, float *mrow, \
+    float *lrow, float *apack, const float *kt, const float *vp
+#define FWD_CALL kn, Q, Y, LSE, T, D, ld, ldy, i0, scale, S, acc, mrow, lrow, apack, kt, vp
+#define BWD_ARGS const kern_t *kn, const float *Q, const float *dY, const float *LSE, \
+    const float *Di, float *dQ, float *dK, float *dV, int T, int D, ptrdiff_t ld, ptrdiff_t ldy, \
+    ptrdiff_t ldk, ptrdiff_t ldq, int j0, float scale, float *P, float *dP, float *apack, \
+    const bwd_panels *bp
+#define BWD_CALL kn, Q, dY, LSE, Di, dQ, dK, dV, T, D, ld, ldy, ldk, ldq, j0, scale, P, dP, apack, bp
 /* One new position (generation) against a KV cache: the scores of its n
  * visible keys (rows kt apart), their softmax, the weighted sum of values. */
 #define DEC_ARGS const float *qr, const float *k, const float *v, ptrdiff_t kt, int n, int D, \
@@ -1705,12 +1779,15 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     {
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
         float *mrow = fo_alloc(BQ), *lrow = fo_alloc(BQ);
-        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        /* a head's keys (K^T) and values in panels, packed once for all its query blocks */
+        const int NR = kn->nr;
+        size_t ktf = (size_t)ceil_div(T, NR) * D * NR, vpf = (size_t)ceil_div(D, NR) * T * NR;
+        float *apack = fo_alloc(pack_floats(D)), *kt = fo_alloc(ktf + vpf), *vp = kt ? kt + ktf : NULL;
         /* a head's rows, packed: read from rows a whole c_attn row apart,
          * the tiles' rows share a few cache sets and evict each other */
         float *hq = gather ? fo_alloc((size_t)3 * T * D) : NULL;
         float *hk = hq ? hq + (size_t)T * D : NULL, *hv = hq ? hk + (size_t)T * D : NULL;
-        int ok = S && acc && mrow && lrow && apack && bpack && (!gather || hq);
+        int ok = S && acc && mrow && lrow && apack && kt && (!gather || hq);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -1728,14 +1805,28 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
                 gather_rows(hv, v + off, 0, i1, D, st);
                 qh = hq, kh = hk, vh = hv, ldh = D;
             }
+            pack_panels(kn, kt, (size_t)D * NR, kh, 1, ldh, i1, D); /* K^T: D x i1 */
+            pack_panels(kn, vp, (size_t)T * NR, vh, ldh, 1, D, i1); /* V: i1 x D */
             for (int ib = ib0; ib <= ib1; ib++)
-                fwd_block(kn, qh, kh, vh, y + yoff, lse + (size_t)bh * T, T, D, ldh, yt, ib * BQ,
-                          scale, S, acc, mrow, lrow, apack, bpack);
+                fwd_block(kn, qh, y + yoff, lse + (size_t)bh * T, T, D, ldh, yt, ib * BQ,
+                          scale, S, acc, mrow, lrow, apack, kt, vp);
         }
         fo_free(hq);
         fo_free(S); fo_free(acc); fo_free(mrow); fo_free(lrow);
-        fo_free(apack); fo_free(bpack);
+        fo_free(apack); fo_free(kt);
     }
+}
+
+/* A backward task's panels: keys r0..r0+rk (K^T, V^T, K's rows), queries r0..T (Q, dY) */
+static void pack_task(const kern_t *kn, bwd_panels *bp, const float *q, const float *k,
+                      const float *v, const float *dy, ptrdiff_t ld, ptrdiff_t ldy, int r0, int rk,
+                      int T, int D) {
+    size_t ks = (size_t)D * kn->nr, rs = (size_t)T * kn->nr;
+    pack_panels(kn, bp->kt, ks, k + r0 * ld, 1, ld, rk, D);
+    pack_panels(kn, bp->vt, ks, v + r0 * ld, 1, ld, rk, D);
+    pack_panels(kn, bp->kr, rs, k + r0 * ld, ld, 1, D, rk);
+    pack_panels(kn, bp->qr, rs, q + r0 * ld, ld, 1, D, T - r0);
+    pack_panels(kn, bp->dyr, rs, dy + r0 * ldy, ldy, 1, D, T - r0);
 }
 
 void fo_attention_backward(const float *dy, const float *q, const float *k,
@@ -1769,9 +1860,12 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
 #endif
     {
         float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
-        float *apack = fo_alloc(pack_floats(D)), *bpack = fo_alloc(pack_floats(D));
+        const int NR = kn->nr;
+        size_t ktf = (size_t)ceil_div(T, NR) * D * NR, rowf = (size_t)ceil_div(D, NR) * T * NR;
+        float *apack = fo_alloc(pack_floats(D)), *pk = fo_alloc(2 * ktf + 3 * rowf);
+        bwd_panels bp = {pk, pk + ktf, pk + 2 * ktf, pk + 2 * ktf + rowf, pk + 2 * ktf + 2 * rowf, 0};
         float *h = gather ? fo_alloc((size_t)7 * T * D) : NULL; /* q k v dy dq dk dv */
-        int ok = P && dP && apack && bpack && (!gather || h);
+        int ok = P && dP && apack && pk && (!gather || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
         /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
 #ifdef _OPENMP
@@ -1805,11 +1899,15 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             float *dqh = split ? dqt + (size_t)bh * T * D : dq + off;
             if (!ok) continue;
+            /* the task's keys (blocks jb_first..jb_last) and the queries that see them */
+            int r0 = jb_first * BK, rk = imin(T, (jb_last + 1) * BK) - r0;
+            bp.r0 = r0;
             if (!gather) {
+                pack_task(kn, &bp, q + off, k + off, v + off, dy + yoff, st, yt, r0, rk, T, D);
                 for (int jb = jb_first; jb <= jb_last; jb++)
-                    bwd_block(kn, q + off, k + off, v + off, dy + yoff, lse + (size_t)bh * T,
+                    bwd_block(kn, q + off, dy + yoff, lse + (size_t)bh * T,
                               Di + (size_t)bh * T, dqh, dk + off, dv + off, T, D, st, yt, st,
-                              split ? D : st, jb * BK, scale, P, dP, apack, bpack);
+                              split ? D : st, jb * BK, scale, P, dP, apack, &bp);
                 continue;
             }
             float *g[7];                            /* the whole head (one task, not split) */
@@ -1819,9 +1917,10 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             gather_rows(g[2], v + off, 0, T, D, st);
             gather_rows(g[3], dy + yoff, 0, T, D, yt);
             memset(g[4], 0, sizeof(float) * T * D);
+            pack_task(kn, &bp, g[0], g[1], g[2], g[3], D, D, 0, T, T, D);
             for (int jb = 0; jb < nkb; jb++)
-                bwd_block(kn, g[0], g[1], g[2], g[3], lse + (size_t)bh * T, Di + (size_t)bh * T,
-                          g[4], g[5], g[6], T, D, D, D, D, D, jb * BK, scale, P, dP, apack, bpack);
+                bwd_block(kn, g[0], g[3], lse + (size_t)bh * T, Di + (size_t)bh * T,
+                          g[4], g[5], g[6], T, D, D, D, D, D, jb * BK, scale, P, dP, apack, &bp);
             scatter_rows(dq + off, st, g[4], 0, T, D);
             scatter_rows(dk + off, st, g[5], 0, T, D);
             scatter_rows(dv + off, st, g[6], 0, T, D);
@@ -1841,7 +1940,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
                 }
             }
         }
-        fo_free(P); fo_free(dP); fo_free(apack); fo_free(bpack); fo_free(h);
+        fo_free(P); fo_free(dP); fo_free(apack); fo_free(pk); fo_free(h);
     }
     fo_free(Di);
     fo_free(dqpriv);
@@ -1895,12 +1994,19 @@ FO_INLINE void gelu_bwd_block(const float *dy, const float *x, float *dx, int n)
 FO_INLINE void ln_fwd_row(const float *x, const float *w, const float *b, float *y,
                           float *mean, float *rstd, int C, float eps) {
     float m = row_sum(x, C) / (float)C;
-    float s[16] = {0};
     int c = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    v16f s = {0};
+    for (; c + 16 <= C; c += 16) { v16f d = load16(x + c) - m; s += d * d; }
+    for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
+    float r = 1.0f / sqrtf(vsum16(&s) / (float)C + eps);
+#else
+    float s[16] = {0};
     for (; c + 16 <= C; c += 16)
         for (int i = 0; i < 16; i++) { float d = x[c + i] - m; s[i] += d * d; }
     for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
     float r = 1.0f / sqrtf(tree_sum16(s) / (float)C + eps);
+#endif
     for (c = 0; c < C; c++) y[c] = (x[c] - m) * r * w[c] + b[c];
     *mean = m;
     *rstd = r;
@@ -1913,8 +2019,17 @@ FO_INLINE void ln_bwd_row(const float *FO_RESTRICT dy, const float *FO_RESTRICT 
                           const float *FO_RESTRICT w, float mean, float rstd,
                           float *FO_RESTRICT dx, float *FO_RESTRICT dw, float *FO_RESTRICT db,
                           int C) {
-    float s1[16] = {0}, s2[16] = {0};
     int c = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    v16f s1 = {0}, s2 = {0};
+    for (; c + 16 <= C; c += 16) s1 += load16(dy + c) * load16(w + c);
+    for (; c < C; c++) s1[0] += dy[c] * w[c];
+    for (c = 0; c + 16 <= C; c += 16)
+        s2 += load16(dy + c) * load16(w + c) * ((load16(x + c) - mean) * rstd);
+    for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
+    float m1 = vsum16(&s1) / (float)C, m2 = vsum16(&s2) / (float)C;
+#else
+    float s1[16] = {0}, s2[16] = {0};
     for (; c + 16 <= C; c += 16)     /* one sum a loop: two at once defeat gcc's vectoriser */
         for (int i = 0; i < 16; i++) s1[i] += dy[c + i] * w[c + i];
     for (; c < C; c++) s1[0] += dy[c] * w[c];
@@ -1922,6 +2037,7 @@ FO_INLINE void ln_bwd_row(const float *FO_RESTRICT dy, const float *FO_RESTRICT 
         for (int i = 0; i < 16; i++) s2[i] += dy[c + i] * w[c + i] * ((x[c + i] - mean) * rstd);
     for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
     float m1 = tree_sum16(s1) / (float)C, m2 = tree_sum16(s2) / (float)C;
+#endif
     for (c = 0; c < C; c++) {
         float xh = (x[c] - mean) * rstd;
         dx[c] = rstd * (dy[c] * w[c] - m1 - xh * m2);
