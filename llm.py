@@ -761,21 +761,28 @@ class AdamW:
     m: dict = field(default_factory=dict)
     v: dict = field(default_factory=dict)
 
-    def step(self, params: dict, grads: dict, lr: float = None):
+    def step(self, params: dict, grads: dict, lr: float = None, max_norm: float = None):
+        """Step every parameter in grads. With max_norm, the gradients are
+        clipped first (clip_scale), the factor applied as the step reads
+        them, not in a pass of its own. Returns their norm then."""
         self.t += 1
         for name in grads:
             if name not in self.m:
                 self.m[name], self.v[name] = xp.zeros_like(params[name]), xp.zeros_like(params[name])
+        norm, scale = (None, 1.0) if max_norm is None else clip_scale(grads, max_norm)
         ops.adamw_update(params, grads, self.m, self.v, self.lr if lr is None else lr, self.betas, self.eps,
-                         self.weight_decay, self.t)
+                         self.weight_decay, self.t, scale)
+        return norm
 
 
-def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t):
-    """Step t of AdamW for every parameter in grads (params, m, v in place)."""
+def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.0):
+    """Step t of AdamW for every parameter in grads (params, m, v in place),
+    each gradient multiplied by gscale first (clipping)."""
     b1, b2 = betas
     c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t                    # bias corrections
     for name, g in grads.items():
         p, mn, vn = params[name], m[name], v[name]
+        g = g * gscale if gscale != 1.0 else g
         mn *= b1
         mn += (1 - b1) * g
         vn *= b2
@@ -793,14 +800,12 @@ def sum_of_squares(arrays) -> float:
 ops.adamw_update, ops.sum_of_squares = adamw_update, sum_of_squares     # the table of section 2
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> float:
-    """Scale all gradients down together if their global L2 norm exceeds
-    max_norm (one bad batch cannot throw the weights far). Returns the norm."""
+def clip_scale(grads: dict, max_norm: float):
+    """Gradient clipping: when the gradients' global L2 norm exceeds
+    max_norm, all of them are scaled down together to it (one bad batch
+    cannot throw the weights far). -> the norm, and that factor (else 1)."""
     norm = math.sqrt(ops.sum_of_squares(grads.values()))
-    if max_norm and norm > max_norm:
-        for k in grads:              # grads[k] *=: in place, and a 0-d scalar too
-            grads[k] *= max_norm / (norm + 1e-6)
-    return norm
+    return norm, max_norm / (norm + 1e-6) if max_norm and norm > max_norm else 1.0
 
 
 def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int) -> float:
@@ -1022,8 +1027,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
         if n > 1:
             for k in grads:
                 grads[k] /= n
-        clip_grad_norm(grads, tc.grad_clip)
-        state.opt.step(model.params, grads, lr)
+        state.opt.step(model.params, grads, lr, max_norm=tc.grad_clip)     # clipped, then AdamW
         state.step += 1
         state.rng_state = rng.bit_generator.state
         val = None
@@ -1482,8 +1486,7 @@ def ppo(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts, pc: PPOConfig, 
                     s["ptx_loss"] = ptx_grads(policy, x, y, grads, pc.ptx_coef,
                                               len(x) / pc.ptx_batch) if len(x) else 0.0
                 s = dict(zip(s, world.allreduce(grads, *s.values())))  # then the sums, as in train_steps
-                clip_grad_norm(grads, 1.0)
-                opt.step(policy.params, grads)
+                opt.step(policy.params, grads, max_norm=1.0)
                 stats.append(s)
         row = {"iter": it + 1, "reward": float(ro["raw_score"].mean()), "kl": ro["kl"],
                "kl_coef": kl_coef, **{k: float(numpy.mean([s[k] for s in stats])) for k in stats[0]}}
@@ -2349,8 +2352,8 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
 
 
 # The optimizer in C: the global gradient norm (for clipping) and the AdamW update
-# of every parameter, each one multi-threaded pass over all arrays (gscale can scale
-# the gradients on the fly; the steps here clip in clip_grad_norm, section 3). On the
+# of every parameter, each one multi-threaded pass over all arrays (gscale scales
+# the gradients on the fly: AdamW.step's clipping, section 3). On the
 # CPU only; they update p, m, v in place, so these must be float32, C-contiguous
 # and of the parameter's shape (no copies).
 
@@ -2539,11 +2542,11 @@ def _on_cpu(arrays):                 # the optimizer's kernels: float32 NumPy ar
                                for a in arrays)
 
 
-def _adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t):
+def _adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.0):
     if not (_on_cpu([*grads.values()] + [params[k] for k in grads]) and _use("adamw")):
-        return adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t)
+        return adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale)
     fo_adamw_step(params, {k: numpy.asarray(g) for k, g in grads.items()}, m, v,
-                  {k: params[k].ndim >= 2 for k in grads}, lr, betas, eps, weight_decay, t)
+                  {k: params[k].ndim >= 2 for k in grads}, lr, betas, eps, weight_decay, t, gscale)
 
 
 def _sum_of_squares(arrays):

@@ -510,8 +510,7 @@ def test_adamw_equals_llm_adamw_step():
     for step in range(1, 4):
         grads = {k: randn(rng, *p.shape) for k, p in model.params.items()}
         g_np = {k: g.copy() for k, g in grads.items()}
-        norm = llm.clip_grad_norm(g_np, 1.0)
-        opt.step(ref_params, g_np)
+        norm = opt.step(ref_params, g_np, max_norm=1.0)
         fo_norm = math.sqrt(llm.fo_grad_sumsq(grads))
         assert math.isclose(fo_norm, norm, rel_tol=1e-6)
         for k, p in model.params.items():

@@ -174,10 +174,43 @@ def test_adamw_one_step_matches_the_formula():
     assert np.allclose(p["b"], 0.5 + 0.1)                # biases are not decayed
 
 
-def test_clip_grad_norm():
+def test_clip_scale():
     g = {"a": np.array([3.0]), "b": np.array([[4.0]])}
-    assert llm.clip_grad_norm(g, 1.0) == 5.0
-    assert np.isclose(np.sqrt(g["a"] ** 2 + g["b"] ** 2), 1.0, atol=1e-5).all()
+    norm, scale = llm.clip_scale(g, 1.0)
+    assert norm == 5.0 and np.isclose(np.sqrt((g["a"] * scale) ** 2 + (g["b"] * scale) ** 2), 1.0, atol=1e-5).all()
+    assert llm.clip_scale(g, 10.0) == (5.0, 1.0) and llm.clip_scale(g, 0.0) == (5.0, 1.0)   # 0: never
+
+
+@pytest.mark.parametrize("backend", ["numpy", "fastops"])
+def test_adamw_step_with_max_norm_is_clipping_then_the_step(backend):
+    """step(max_norm=) scales the gradients as it reads them: the same
+    parameters and moments, bit for bit, as scaling them first (in place, as
+    PyTorch's clip_grad_norm_), and they themselves are left as they came."""
+    if backend == "fastops" and llm._fastops is None:
+        pytest.skip("fastops is not built")
+    previous = llm.set_backend(backend)
+    try:
+        rng = np.random.default_rng(0)
+        shapes = {"w": (5, 7), "b": (7,), "s": ()}
+        params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        grads = {k: (3 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+        p1, p2 = {k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in params.items()}
+        o1, o2 = llm.AdamW(lr=0.1), llm.AdamW(lr=0.1)
+        for max_norm in (0.5, 100.0, 1.0):                   # clipped, not clipped, clipped
+            g1 = {k: v.copy() for k, v in grads.items()}
+            n1, scale = llm.clip_scale(g1, max_norm)
+            for k in g1:
+                g1[k] *= scale
+            o1.step(p1, g1)
+            g2 = {k: v.copy() for k, v in grads.items()}
+            assert o2.step(p2, g2, max_norm=max_norm) == n1
+            assert all(np.array_equal(g2[k], grads[k]) for k in grads)
+            for k in params:
+                for a, b in ((p1, p2), (o1.m, o2.m), (o1.v, o2.v)):
+                    assert a[k].dtype == b[k].dtype == np.float32 and np.array_equal(a[k], b[k]), k
+        assert o2.step(p2, grads) is None                       # no max_norm: no clipping, no norm
+    finally:
+        llm.set_backend(previous)
 
 
 def test_lr_schedule():
