@@ -2568,8 +2568,9 @@ def _sum_of_squares(arrays):
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
     shapes of the models here; generation's products (1 and 16 rows) in
-    generation itself, of a GPT 768 wide (57 MB of weights, more than a
-    laptop's caches), with the other kernels between them; the products in a
+    generation itself, of a GPT 768 wide (227 MB of weights: from memory, as
+    GPT-2's 0.5 GB; 57 MB stayed in some caches, where one row's product is
+    another race), with the other kernels between them; the products in a
     training step of a small GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
@@ -2579,14 +2580,15 @@ def _calibration_work():
     m, v = {k: numpy.zeros_like(p) for k, p in params.items()}, {k: numpy.ones_like(p) for k, p in params.items()}
     model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=192, block_size=64, vocab_size=512), seed=0)
     ids = r.integers(0, 512, (8, 65))
-    gen = GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
+    gcfg = GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512)
+    gen = GPT(gcfg, {k: f32(*s) * numpy.float32(0.02) for k, s in param_shapes(gcfg).items()})
 
     def generation(rows, tokens):                 # one token at a time, with the KV cache
         kv = KVCache()
         for t in range(tokens):
             next_logits(gen, [[t]] * rows, kv)
-    return {"linear_one": [lambda: generation(1, 16)],
-            "linear_small": [lambda: generation(16, 6)],
+    return {"linear_one": [lambda: generation(1, 4)],
+            "linear_small": [lambda: generation(16, 2)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
