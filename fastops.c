@@ -1772,7 +1772,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
      * first so that the dynamic schedule ends balanced. */
     int split = BH < 4 * fo_nthreads();
     long ntasks = (long)BH * (split ? nqb : 1);
-    int gather = st != D; /* q, k, v not packed: each task gathers its rows */
+    int gather = st != D; /* q not packed: each task gathers its queries */
 #ifdef _OPENMP
 #pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
@@ -1783,10 +1783,10 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         const int NR = kn->nr;
         size_t ktf = (size_t)ceil_div(T, NR) * D * NR, vpf = (size_t)ceil_div(D, NR) * T * NR;
         float *apack = fo_alloc(pack_floats(D)), *kt = fo_alloc(ktf + vpf), *vp = kt ? kt + ktf : NULL;
-        /* a head's rows, packed: read from rows a whole c_attn row apart,
-         * the tiles' rows share a few cache sets and evict each other */
-        float *hq = gather ? fo_alloc((size_t)3 * T * D) : NULL;
-        float *hk = hq ? hq + (size_t)T * D : NULL, *hv = hq ? hk + (size_t)T * D : NULL;
+        /* a head's queries, gathered: read in place by the tiles from rows a
+         * whole c_attn row apart, they share a few cache sets and evict each
+         * other (the keys and values are only packed, straight from there) */
+        float *hq = gather ? fo_alloc((size_t)T * D) : NULL;
         int ok = S && acc && mrow && lrow && apack && kt && (!gather || hq);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -1797,16 +1797,14 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
             int i1 = imin(T, (ib1 + 1) * BQ);
             if (!ok) continue;
-            const float *qh = q + off, *kh = k + off, *vh = v + off; /* the head, or its copy */
+            const float *qh = q + off; /* the head's queries, or their copy */
             ptrdiff_t ldh = st;
-            if (gather) { /* keys and values up to the last query */
+            if (gather) {
                 gather_rows(hq, q + off, ib0 * BQ, i1, D, st);
-                gather_rows(hk, k + off, 0, i1, D, st);
-                gather_rows(hv, v + off, 0, i1, D, st);
-                qh = hq, kh = hk, vh = hv, ldh = D;
+                qh = hq, ldh = D;
             }
-            pack_panels(kn, kt, (size_t)D * NR, kh, 1, ldh, i1, D); /* K^T: D x i1 */
-            pack_panels(kn, vp, (size_t)T * NR, vh, ldh, 1, D, i1); /* V: i1 x D */
+            pack_panels(kn, kt, (size_t)D * NR, k + off, 1, st, i1, D); /* K^T: D x i1 */
+            pack_panels(kn, vp, (size_t)T * NR, v + off, st, 1, D, i1); /* V: i1 x D */
             for (int ib = ib0; ib <= ib1; ib++)
                 fwd_block(kn, qh, y + yoff, lse + (size_t)bh * T, T, D, ldh, yt, ib * BQ,
                           scale, S, acc, mrow, lrow, apack, kt, vp);
@@ -1818,14 +1816,14 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
 }
 
 /* A backward task's panels: keys r0..r0+rk (K^T, V^T, K's rows), queries r0..T (Q, dY) */
-static void pack_task(const kern_t *kn, bwd_panels *bp, const float *q, const float *k,
-                      const float *v, const float *dy, ptrdiff_t ld, ptrdiff_t ldy, int r0, int rk,
-                      int T, int D) {
+static void pack_task(const kern_t *kn, bwd_panels *bp, const float *q, ptrdiff_t ldq,
+                      const float *k, const float *v, ptrdiff_t ld, const float *dy, ptrdiff_t ldy,
+                      int r0, int rk, int T, int D) {
     size_t ks = (size_t)D * kn->nr, rs = (size_t)T * kn->nr;
     pack_panels(kn, bp->kt, ks, k + r0 * ld, 1, ld, rk, D);
     pack_panels(kn, bp->vt, ks, v + r0 * ld, 1, ld, rk, D);
     pack_panels(kn, bp->kr, rs, k + r0 * ld, ld, 1, D, rk);
-    pack_panels(kn, bp->qr, rs, q + r0 * ld, ld, 1, D, T - r0);
+    pack_panels(kn, bp->qr, rs, q + r0 * ldq, ldq, 1, D, T - r0);
     pack_panels(kn, bp->dyr, rs, dy + r0 * ldy, ldy, 1, D, T - r0);
 }
 
@@ -1849,7 +1847,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
      * and each thread accumulates dQ in a private copy ((B*H, T, D), packed),
      * summed at the end: extra memory = nthreads * |q| (still linear in T). */
     int split = nthreads > 1 && BH < 4 * nthreads;
-    int gather = !split && (st != D || yt != D); /* each head's rows, as forward (not split) */
+    int gather = !split && (st != D || yt != D); /* each head's q and dy, as forward (not split) */
     int per_head = split ? nkb : 1;
     float *Di = fo_alloc((size_t)BH * T);
     float *dqpriv = split ? fo_alloc(n * nthreads) : NULL;
@@ -1864,7 +1862,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
         size_t ktf = (size_t)ceil_div(T, NR) * D * NR, rowf = (size_t)ceil_div(D, NR) * T * NR;
         float *apack = fo_alloc(pack_floats(D)), *pk = fo_alloc(2 * ktf + 3 * rowf);
         bwd_panels bp = {pk, pk + ktf, pk + 2 * ktf, pk + 2 * ktf + rowf, pk + 2 * ktf + 2 * rowf, 0};
-        float *h = gather ? fo_alloc((size_t)7 * T * D) : NULL; /* q k v dy dq dk dv */
+        float *h = gather ? fo_alloc((size_t)5 * T * D) : NULL; /* q dy dq dk dv */
         int ok = P && dP && apack && pk && (!gather || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
         /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
@@ -1903,27 +1901,27 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             int r0 = jb_first * BK, rk = imin(T, (jb_last + 1) * BK) - r0;
             bp.r0 = r0;
             if (!gather) {
-                pack_task(kn, &bp, q + off, k + off, v + off, dy + yoff, st, yt, r0, rk, T, D);
+                pack_task(kn, &bp, q + off, st, k + off, v + off, st, dy + yoff, yt, r0, rk, T, D);
                 for (int jb = jb_first; jb <= jb_last; jb++)
                     bwd_block(kn, q + off, dy + yoff, lse + (size_t)bh * T,
                               Di + (size_t)bh * T, dqh, dk + off, dv + off, T, D, st, yt, st,
                               split ? D : st, jb * BK, scale, P, dP, apack, &bp);
                 continue;
             }
-            float *g[7];                            /* the whole head (one task, not split) */
-            for (int i = 0; i < 7; i++) g[i] = h + (size_t)i * T * D;
+            /* the whole head (one task, not split): Q and dY, read in place by the
+             * tiles, gathered; K and V only packed, from where they are */
+            float *g[5];
+            for (int i = 0; i < 5; i++) g[i] = h + (size_t)i * T * D;
             gather_rows(g[0], q + off, 0, T, D, st);
-            gather_rows(g[1], k + off, 0, T, D, st);
-            gather_rows(g[2], v + off, 0, T, D, st);
-            gather_rows(g[3], dy + yoff, 0, T, D, yt);
-            memset(g[4], 0, sizeof(float) * T * D);
-            pack_task(kn, &bp, g[0], g[1], g[2], g[3], D, D, 0, T, T, D);
+            gather_rows(g[1], dy + yoff, 0, T, D, yt);
+            memset(g[2], 0, sizeof(float) * T * D);
+            pack_task(kn, &bp, g[0], D, k + off, v + off, st, g[1], D, 0, T, T, D);
             for (int jb = 0; jb < nkb; jb++)
-                bwd_block(kn, g[0], g[3], lse + (size_t)bh * T, Di + (size_t)bh * T,
-                          g[4], g[5], g[6], T, D, D, D, D, D, jb * BK, scale, P, dP, apack, &bp);
-            scatter_rows(dq + off, st, g[4], 0, T, D);
-            scatter_rows(dk + off, st, g[5], 0, T, D);
-            scatter_rows(dv + off, st, g[6], 0, T, D);
+                bwd_block(kn, g[0], g[1], lse + (size_t)bh * T, Di + (size_t)bh * T,
+                          g[2], g[3], g[4], T, D, D, D, D, D, jb * BK, scale, P, dP, apack, &bp);
+            scatter_rows(dq + off, st, g[2], 0, T, D);
+            scatter_rows(dk + off, st, g[3], 0, T, D);
+            scatter_rows(dv + off, st, g[4], 0, T, D);
         }
         if (split) {
             /* (implicit barrier above) sum the private dQ copies */
