@@ -178,12 +178,17 @@ def bench_matmul_generation(quick):
 # ---- 2. attention ---------------------------------------------------------------
 
 def fused_scratch_bytes(B, H, T, D, threads):
-    """The C kernel's own allocations (see fastops.c): lse, Di, per-thread tiles
-    and packs, a head's rows gathered (q, k, v, dy and its gradients: 7 T x D)
-    and in the few-heads backward a private dQ per thread."""
+    """The C kernel's own allocations (see fastops.c): lse, Di, per-thread tiles,
+    a head's operands in panels (the forward K^T and V, the backward K^T, V^T
+    and the rows of K, Q and dY; NR = 32 at most), a head's rows gathered (the
+    forward q, the backward q, dy and the gradients: 5 T x D) and in the
+    few-heads backward a private dQ per thread."""
     BQ = BK = 64
     pack = (max(BQ, BK, D) + 32) ** 2
-    per_thread = 2 * BQ * BK + BQ * D + 2 * BQ + 2 * pack + 7 * T * D
+    keys, rows = -(-T // 32) * 32 * D, -(-D // 32) * 32 * T            # K^T's panels, a row panel set
+    forward = BQ * BK + BQ * D + 2 * BQ + pack + keys + rows + T * D
+    backward = 2 * BQ * BK + pack + 2 * keys + 3 * rows + 5 * T * D
+    per_thread = max(forward, backward)
     split = threads > 1 and B * H < 4 * threads
     return 4 * (B * H * T * 2 + threads * per_thread + (threads * B * H * T * D if split else 0))
 
