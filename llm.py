@@ -2580,8 +2580,7 @@ def _calibration_work():
     m, v = {k: numpy.zeros_like(p) for k, p in params.items()}, {k: numpy.ones_like(p) for k, p in params.items()}
     model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=192, block_size=64, vocab_size=512), seed=0)
     ids = r.integers(0, 512, (8, 65))
-    gcfg = GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512)
-    gen = GPT(gcfg, {k: f32(*s) * numpy.float32(0.02) for k, s in param_shapes(gcfg).items()})
+    gen = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
 
     def generation(rows, tokens):                 # one token at a time, with the KV cache
         kv = KVCache()
