@@ -1457,7 +1457,8 @@ FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src,
 
 /* Single-threaded small GEMM for attention's tiles: C[M,N] (+)= A[M,K] . B[K,N],
  * A with general strides (packed here on per-thread scratch unless row-major),
- * B packed by pack_panels (below): panel jp at bp + jp * pstride. diag, for attention's tiles on the diagonal (row r of the queries sees
+ * B packed by pack_panels (below): panel jp at bp + jp * pstride.
+ * diag, for attention's tiles on the diagonal (row r of the queries sees
  * keys c <= r): DIAG_COLS, C's columns past a panel's last row are left
  * (the softmax masks them); DIAG_K_TO_ROW, A's columns (k) past a panel's
  * last row are zero and not summed; DIAG_K_FROM_ROW, those before its first
@@ -1555,7 +1556,7 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float 
         /* S = Q_i . K_j^T  (nq x nk), K_j^T from the head's panels */
         int diag = j0 == i0; /* the tile on the diagonal: half of it masked */
         small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, kt + (size_t)(j0 / NR) * D * NR,
-                          (size_t)D * NR, S, BK, 0, apack, diag ? DIAG_COLS : DIAG_NONE);
+                   (size_t)D * NR, S, BK, 0, apack, diag ? DIAG_COLS : DIAG_NONE);
         for (int r = 0; r < nq; r++) {
             float *s = S + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
@@ -1577,7 +1578,7 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float 
         }
         /* acc += P . V_j */
         small_gemm(kn, nq, D, nk, S, BK, 1, vp + (size_t)j0 * NR, (size_t)T * NR, acc, D, 1,
-                          apack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
+                   apack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
     for (int r = 0; r < nq; r++) {
         if (r + PF_AHEAD < nq) prefetch_row(Y + (i0 + r + PF_AHEAD) * ldy, D, 1);
@@ -1633,13 +1634,13 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *dY,
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
         small_gemm(kn, nk, D, nq, P, 1, BK, bp->dyr + (size_t)(i0 - bp->r0) * NR, rs,
-                          dV + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+                   dV + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dK_j += dS^T . Q_i */
         small_gemm(kn, nk, D, nq, dP, 1, BK, bp->qr + (size_t)(i0 - bp->r0) * NR, rs,
-                          dK + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+                   dK + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dQ_i += dS . K_j */
         small_gemm(kn, nq, D, nk, dP, BK, 1, krj, rs, dQ + i0 * ldq, ldq, 1, apack,
-                          diag ? DIAG_K_TO_ROW : DIAG_NONE);
+                   diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
 }
 
