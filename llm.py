@@ -2567,11 +2567,15 @@ def _sum_of_squares(arrays):
 
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
-    shapes of the models here; generation's products (1 and 16 rows) in
-    generation itself, of a GPT 768 wide (227 MB of weights: from memory, as
-    GPT-2's 0.5 GB; 57 MB stayed in some caches, where one row's product is
-    another race), with the other kernels between them; the products in a
-    training step of a small GPT of the default model's width."""
+    shapes of the models here; generation's products on a GPT 768 wide (227 MB
+    of weights: from memory, as GPT-2's 0.5 GB; 57 MB stayed in some caches,
+    where one row's product is another race): 16 rows in generation itself,
+    with the other kernels between them, one row alone, each weight in turn
+    (in generation that verdict moved by about +-6% from one calibration to the
+    next, a coin toss; alone, NumPy is not charged for its threads' spinning
+    beside the other kernels, so fastops wins only where it does in
+    generation too); the products in a training step of a small GPT of the
+    default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
@@ -2586,7 +2590,9 @@ def _calibration_work():
         kv = KVCache()
         for t in range(tokens):
             next_logits(gen, [[t]] * rows, kv)
-    return {"linear_one": [lambda: generation(1, 4)],
+    one_row = [(numpy.ones((1, w.shape[0]), numpy.float32), w) for k, w in gen.params.items()
+               if k.startswith("h.") and w.ndim == 2]
+    return {"linear_one": [lambda: [ops.linear_forward(x, w, None) for x, w in one_row]],
             "linear_small": [lambda: generation(16, 2)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
