@@ -1356,23 +1356,16 @@ FO_INLINE void exp_inplace(float *x, int n) {
     }
 }
 
-/* The 16 partial results folded in halves (8 + 8, 4 + 4, ...): 4 dependent
- * steps, not 15, once per row of a softmax or a LayerNorm. */
-FO_INLINE float tree_sum16(float *s) {
-    for (int w = 8; w >= 1; w >>= 1)
-        for (int i = 0; i < w; i++) s[i] += s[i + w];
-    return s[0];
-}
-FO_INLINE float tree_max16(float *m) {
-    for (int w = 8; w >= 1; w >>= 1)
-        for (int i = 0; i < w; i++) m[i] = m[i + w] > m[i] ? m[i + w] : m[i];
-    return m[0];
-}
-
+/* A row's sum, max or dot product keeps 16 partial results, one per lane of
+ * 16 values (so that it vectorises without -ffast-math, which would let the
+ * compiler reorder the sum), folded in halves at the end (8 + 8, 4 + 4, ...):
+ * 4 dependent steps, not 15. With gcc and clang they are a vector (their
+ * vector extension) and stay in registers: as an array they went through
+ * memory at every fold of a short row. Elsewhere (MSVC) an array, lane by
+ * lane. The same sums in the same order either way. ACC16(s) declares them,
+ * ACC_ADD(s, e) adds e, ACC_MAX(s, e) keeps the larger, e written with
+ * LANES(p) for the 16 values at p. */
 #if defined(__GNUC__) || defined(__clang__)
-/* The same, with the 16 partial results in a vector (gcc's and clang's
- * vector extension): they stay in registers, where the array above went
- * through memory at every fold of a short row. The same sums, in the same order. */
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
@@ -1380,17 +1373,21 @@ typedef int v16i __attribute__((vector_size(64)));
 typedef int v8i __attribute__((vector_size(32)));
 typedef int v4i __attribute__((vector_size(16)));
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned loads */
-#define load16(x) (*(const v16u *)(x))
 #define VSEL(T, IT, c, a, b) ((T)(((IT)(a) & (c)) | ((IT)(b) & ~(c)))) /* c ? a : b, lane by lane */
+#define ACC16(s, init) v16f s = {init, init, init, init, init, init, init, init, \
+                                 init, init, init, init, init, init, init, init}
+#define LANES(p) (*(const v16u *)(p))
+#define ACC_ADD(s, e) ((s) += (e))
+#define ACC_MAX(s, e) do { v16f e_ = (e); (s) = VSEL(v16f, v16i, e_ > (s), e_, s); } while (0)
 /* (vectors by pointer: passed by value they would change the ABI of the baseline copies) */
-FO_INLINE float vsum16(const v16f *s) {
+FO_INLINE float fold_sum16(const v16f *s) {
     v8f a, b;
     v4f c, d;
     memcpy(&a, s, 32); memcpy(&b, (const float *)s + 8, 32); a += b;
     memcpy(&c, &a, 16); memcpy(&d, (float *)&a + 4, 16); c += d;
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
-FO_INLINE float vmax16(const v16f *m) {
+FO_INLINE float fold_max16(const v16f *m) {
     v8f a, b;
     v4f c, d;
     memcpy(&a, m, 32); memcpy(&b, (const float *)m + 8, 32); a = VSEL(v8f, v8i, b > a, b, a);
@@ -1398,57 +1395,50 @@ FO_INLINE float vmax16(const v16f *m) {
     float m0 = c[2] > c[0] ? c[2] : c[0], m1 = c[3] > c[1] ? c[3] : c[1];
     return m1 > m0 ? m1 : m0;
 }
-FO_INLINE float row_max(const float *x, int n, float init) {
-    v16f m = {init, init, init, init, init, init, init, init,
-              init, init, init, init, init, init, init, init};
-    int c = 0;
-    for (; c + 16 <= n; c += 16) { v16f v = load16(x + c); m = VSEL(v16f, v16i, v > m, v, m); }
-    for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
-    return vmax16(&m);
-}
-FO_INLINE float row_dot(const float *x, const float *y, int n) {
-    v16f s = {0};
-    int c = 0;
-    for (; c + 16 <= n; c += 16) s += load16(x + c) * load16(y + c);
-    for (; c < n; c++) s[0] += x[c] * y[c];
-    return vsum16(&s);
-}
-FO_INLINE float row_sum(const float *x, int n) {
-    v16f s = {0};
-    int c = 0;
-    for (; c + 16 <= n; c += 16) s += load16(x + c);
-    for (; c < n; c++) s[0] += x[c];
-    return vsum16(&s);
-}
+#define FOLD_SUM(s) fold_sum16(&(s))
+#define FOLD_MAX(s) fold_max16(&(s))
 #else
-/* max, dot product and sum of a row with 16 partial results, so that they vectorise
- * without -ffast-math (which would let the compiler reorder the sum). */
+#define ACC16(s, init) float s[16] = {init, init, init, init, init, init, init, init, \
+                                      init, init, init, init, init, init, init, init}
+#define LANES(p) ((p)[i_])
+#define ACC_ADD(s, e) do { for (int i_ = 0; i_ < 16; i_++) (s)[i_] += (e); } while (0)
+#define ACC_MAX(s, e) do { for (int i_ = 0; i_ < 16; i_++) { float e_ = (e); \
+                               (s)[i_] = e_ > (s)[i_] ? e_ : (s)[i_]; } } while (0)
+FO_INLINE float fold_sum16(float *s) {
+    for (int w = 8; w >= 1; w >>= 1)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
+FO_INLINE float fold_max16(float *m) {
+    for (int w = 8; w >= 1; w >>= 1)
+        for (int i = 0; i < w; i++) m[i] = m[i + w] > m[i] ? m[i + w] : m[i];
+    return m[0];
+}
+#define FOLD_SUM(s) fold_sum16(s)
+#define FOLD_MAX(s) fold_max16(s)
+#endif
+
 FO_INLINE float row_max(const float *x, int n, float init) {
-    float m[16];
-    for (int i = 0; i < 16; i++) m[i] = init;
+    ACC16(m, init);
     int c = 0;
-    for (; c + 16 <= n; c += 16)
-        for (int i = 0; i < 16; i++) m[i] = x[c + i] > m[i] ? x[c + i] : m[i];
+    for (; c + 16 <= n; c += 16) ACC_MAX(m, LANES(x + c));
     for (; c < n; c++) m[0] = x[c] > m[0] ? x[c] : m[0];
-    return tree_max16(m);
+    return FOLD_MAX(m);
 }
 FO_INLINE float row_dot(const float *x, const float *y, int n) {
-    float s[16] = {0};
+    ACC16(s, 0.0f);
     int c = 0;
-    for (; c + 16 <= n; c += 16)
-        for (int i = 0; i < 16; i++) s[i] += x[c + i] * y[c + i];
+    for (; c + 16 <= n; c += 16) ACC_ADD(s, LANES(x + c) * LANES(y + c));
     for (; c < n; c++) s[0] += x[c] * y[c];
-    return tree_sum16(s);
+    return FOLD_SUM(s);
 }
 FO_INLINE float row_sum(const float *x, int n) {
-    float s[16] = {0};
+    ACC16(s, 0.0f);
     int c = 0;
-    for (; c + 16 <= n; c += 16)
-        for (int i = 0; i < 16; i++) s[i] += x[c + i];
+    for (; c + 16 <= n; c += 16) ACC_ADD(s, LANES(x + c));
     for (; c < n; c++) s[0] += x[c];
-    return tree_sum16(s);
+    return FOLD_SUM(s);
 }
-#endif
 
 /* dst = src * s, n floats (restrict: so that it vectorises) */
 FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src, float s, int n) {
@@ -1993,19 +1983,11 @@ FO_INLINE void gelu_bwd_block(const float *dy, const float *x, float *dx, int n)
 FO_INLINE void ln_fwd_row(const float *x, const float *w, const float *b, float *y,
                           float *mean, float *rstd, int C, float eps) {
     float m = row_sum(x, C) / (float)C;
+    ACC16(s, 0.0f);
     int c = 0;
-#if defined(__GNUC__) || defined(__clang__)
-    v16f s = {0};
-    for (; c + 16 <= C; c += 16) { v16f d = load16(x + c) - m; s += d * d; }
+    for (; c + 16 <= C; c += 16) ACC_ADD(s, (LANES(x + c) - m) * (LANES(x + c) - m));
     for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
-    float r = 1.0f / sqrtf(vsum16(&s) / (float)C + eps);
-#else
-    float s[16] = {0};
-    for (; c + 16 <= C; c += 16)
-        for (int i = 0; i < 16; i++) { float d = x[c + i] - m; s[i] += d * d; }
-    for (; c < C; c++) { float d = x[c] - m; s[0] += d * d; }
-    float r = 1.0f / sqrtf(tree_sum16(s) / (float)C + eps);
-#endif
+    float r = 1.0f / sqrtf(FOLD_SUM(s) / (float)C + eps);
     for (c = 0; c < C; c++) y[c] = (x[c] - m) * r * w[c] + b[c];
     *mean = m;
     *rstd = r;
@@ -2018,25 +2000,16 @@ FO_INLINE void ln_bwd_row(const float *FO_RESTRICT dy, const float *FO_RESTRICT 
                           const float *FO_RESTRICT w, float mean, float rstd,
                           float *FO_RESTRICT dx, float *FO_RESTRICT dw, float *FO_RESTRICT db,
                           int C) {
+    ACC16(s1, 0.0f);
+    ACC16(s2, 0.0f);
     int c = 0;
-#if defined(__GNUC__) || defined(__clang__)
-    v16f s1 = {0}, s2 = {0};
-    for (; c + 16 <= C; c += 16) s1 += load16(dy + c) * load16(w + c);
-    for (; c < C; c++) s1[0] += dy[c] * w[c];
-    for (c = 0; c + 16 <= C; c += 16)
-        s2 += load16(dy + c) * load16(w + c) * ((load16(x + c) - mean) * rstd);
-    for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
-    float m1 = vsum16(&s1) / (float)C, m2 = vsum16(&s2) / (float)C;
-#else
-    float s1[16] = {0}, s2[16] = {0};
     for (; c + 16 <= C; c += 16)     /* one sum a loop: two at once defeat gcc's vectoriser */
-        for (int i = 0; i < 16; i++) s1[i] += dy[c + i] * w[c + i];
+        ACC_ADD(s1, LANES(dy + c) * LANES(w + c));
     for (; c < C; c++) s1[0] += dy[c] * w[c];
     for (c = 0; c + 16 <= C; c += 16)
-        for (int i = 0; i < 16; i++) s2[i] += dy[c + i] * w[c + i] * ((x[c + i] - mean) * rstd);
+        ACC_ADD(s2, LANES(dy + c) * LANES(w + c) * ((LANES(x + c) - mean) * rstd));
     for (; c < C; c++) s2[0] += dy[c] * w[c] * ((x[c] - mean) * rstd);
-    float m1 = tree_sum16(s1) / (float)C, m2 = tree_sum16(s2) / (float)C;
-#endif
+    float m1 = FOLD_SUM(s1) / (float)C, m2 = FOLD_SUM(s2) / (float)C;
     for (c = 0; c < C; c++) {
         float xh = (x[c] - mean) * rstd;
         dx[c] = rstd * (dy[c] * w[c] - m1 - xh * m2);
