@@ -124,24 +124,28 @@ def bench_matmul(quick):
     return [(c[0], c[1], a, b) for c, a, b in zip(cases, t_np, t_fo)]
 
 
-def one_row_products(model):
-    """A function that multiplies one row by each of the model's weight
-    matrices (the tied head as wte^T), as a token at batch 1 does, with
-    fastops' products and nothing else (outputs allocated here, once)."""
+def row_products(ws, M):
+    """A function that multiplies M rows by each matrix in ws (a transposed
+    view passes as it is, as the tied head's wte.T), with fastops' products
+    and nothing else: inputs and outputs allocated here, once."""
     lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
     calls, keep = [], []
-    for name, w in model.params.items():
-        if w.ndim != 2 or name == "wpe.weight":
-            continue
-        K, N, rsb, csb = (w.shape[1], w.shape[0], 1, w.shape[1]) if name == "wte.weight" else (*w.shape, w.shape[1], 1)
-        x, y = np.ones((1, K), np.float32), np.empty((1, N), np.float32)
+    for w in ws:
+        (K, N), (rsb, csb) = w.shape, llm._strides(w)
+        x, y = np.ones((M, K), np.float32), np.empty((M, N), np.float32)
         keep += [x, y]
-        calls.append((1, N, K, ptr(x), K, 1, ptr(w), rsb, csb, ptr(y), N, 0, NULL))
+        calls.append((M, N, K, ptr(x), K, 1, ptr(w), rsb, csb, ptr(y), N, 0, NULL))
 
     def run(keep=keep):
         for c in calls:
             lib.fo_sgemm(*c)
     return run
+
+
+def one_row_products(model):
+    """A token's products at batch 1: one row against each weight matrix (the head as wte.T)."""
+    return row_products([w.T if name == "wte.weight" else w for name, w in model.params.items()
+                         if w.ndim == 2 and name != "wpe.weight"], 1)
 
 
 def bench_matmul_generation(quick):
@@ -150,7 +154,6 @@ def bench_matmul_generation(quick):
     once per token, so its 12 layers' worth of matrices are cycled through
     (340 MB: they come from memory, as in generation, not from the cache)."""
     rng = np.random.default_rng(0)
-    lib, ptr, NULL = llm._fastops.lib, llm._ptr, llm._fastops.ffi.NULL
     C = GEN_MODEL["n_embd"]
     shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
     ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes * GEN_MODEL["n_layer"]]
@@ -158,18 +161,13 @@ def bench_matmul_generation(quick):
     for M in (1, 16):
         xs = {K: rng.standard_normal((M, K), dtype=np.float32) for K in (C, 4 * C)}
         ys = [np.empty((M, w.shape[1]), np.float32) for w in ws]
-        args = [(M, w.shape[1], w.shape[0], ptr(xs[w.shape[0]]), w.shape[0], 1, ptr(w), w.shape[1], 1,
-                 ptr(y), w.shape[1], 0, NULL) for w, y in zip(ws, ys)]
         fl = sum(2.0 * M * w.size for w in ws)
         def np_all():
             for w, y in zip(ws, ys):
                 np.matmul(xs[w.shape[0]], w, out=y)
-        def fo_all():
-            for a in args:
-                lib.fo_sgemm(*a)
         t_np = best_of(np_all, 2 if quick else 5)
         settle()
-        t_fo = best_of(fo_all, 2 if quick else 5)
+        t_fo = best_of(row_products(ws, M), 2 if quick else 5)
         settle()
         rows.append((M, fl, sum(w.nbytes for w in ws), t_np, t_fo))
     return rows
@@ -270,6 +268,7 @@ def bench_train(quick):
 PROFILED = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
             "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "cross_entropy_forward", "cross_entropy_backward"]
+OPTIM_STEP = "adamw_step (clipped)"           # AdamW.step, timed whole: clipping and AdamW
 
 
 class _TimedLib:
@@ -313,7 +312,7 @@ def profile_step(name, backend, reps):
     try:
         for f in PROFILED:
             setattr(home[f], f, wrap(f, saved[f]))
-        llm.AdamW.step = wrap("adamw_step (clipped)", saved_step)
+        llm.AdamW.step = wrap(OPTIM_STEP, saved_step)
         llm._fastops = _TimedModule(saved_mod, acc)
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -938,10 +937,10 @@ def main():
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
                  "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
-        for key in PROFILED + ["adamw_step (clipped)"]:
+        for key in PROFILED + [OPTIM_STEP]:
             if key in acc:
                 print(f"   {key:24s} {acc[key] * 1e3:8.2f} ms {100 * acc[key] / total:5.1f}%")
-        rest = total - sum(acc.get(k, 0.0) for k in PROFILED + ["adamw_step (clipped)"])
+        rest = total - sum(acc.get(k, 0.0) for k in PROFILED + [OPTIM_STEP])
         print(f"   {'other (embed, residual, reshapes, python)':44s} {rest * 1e3:8.2f} ms {100 * rest / total:5.1f}%")
         inside = acc.get("C kernels", 0.0)
         wrappers = sum(acc.get(k, 0.0) for k in heavy)
@@ -958,7 +957,7 @@ def main():
             mixed, _ = profile_step(name, "auto", 1 if args.quick else 5)
         finally:
             llm._CHOICE = saved_choice
-        others = [k for k in heavy + ["cross_entropy_forward", "adamw_step (clipped)"] if not k.startswith("linear")]
+        others = [k for k in heavy + ["cross_entropy_forward", OPTIM_STEP] if not k.startswith("linear")]
         print("   the other kernels when the products are NumPy's (ms, and x their time above): "
               + ", ".join(f"{k} {mixed[k] * 1e3:.2f} ({mixed[k] / acc[k]:.1f}x)" for k in others if k in acc))
 
