@@ -2567,15 +2567,13 @@ def _sum_of_squares(arrays):
 
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
-    shapes of the models here; generation's products on a GPT 768 wide (227 MB
-    of weights: from memory, as GPT-2's 0.5 GB; 57 MB stayed in some caches,
-    where one row's product is another race): 16 rows in generation itself,
-    with the other kernels between them, one row alone, each weight in turn
-    (in generation that verdict moved by about +-6% from one calibration to the
-    next, a coin toss; alone, NumPy is not charged for its threads' spinning
-    beside the other kernels, so fastops wins only where it does in
-    generation too); the products in a training step of a small GPT of the
-    default model's width."""
+    shapes of the models here; generation's products on a GPT 768 wide, 227 MB
+    of weights (read from memory, as GPT-2's), 16 rows in generation itself
+    with the other kernels between them, one row alone, weight after weight
+    (in generation that verdict was a coin toss from one calibration to the
+    next; alone, NumPy is not charged for its threads spinning beside the
+    other kernels, so fastops wins only where it wins in generation too); the
+    products in a training step of a small GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
