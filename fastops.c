@@ -629,6 +629,20 @@ int fo_set_isa(const char *name) {
     return -1;
 }
 
+/* Ask the caches for n floats from p, a cache line at a time, before they
+ * are read (or written): rows that lie a page or more apart, which the
+ * hardware prefetchers do not follow from one to the next. */
+FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (int c = 0; c < n; c += 16) { /* one cache line */
+        if (for_write) __builtin_prefetch(p + c, 1, 3);
+        else __builtin_prefetch(p + c, 0, 3);
+    }
+#else
+    (void)p, (void)n, (void)for_write;
+#endif
+}
+
 /* ------------------------------------------------------------------------ */
 /* GEMM:  C[M,N] = A[M,K] . B[K,N]  (+ C if accumulate) (+ bias[N] if bias)  */
 /* with A[i,p] = A[i*rsa + p*csa] and B[p,j] = B[p*rsb + j*csb].             */
@@ -697,8 +711,15 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                     int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
                     if (jp0 >= jp1 || !apack) continue;
                     if (rows_fn) {
+                        /* meanwhile this thread's likely next panel of A (tasks go out in
+                         * turn), a few rows per tile: its rows come from memory (an
+                         * activation just written), a row apart, each read by broadcasts */
+                        int next = (ip + nthreads) * MR, per = ceil_div(MR, jp1 - jp0);
                         for (int jp = jp0; jp < jp1; jp++) {
                             int j = jp * NR;
+                            for (int r = (jp - jp0) * per; ch == 0 && r < imin(MR, (jp - jp0 + 1) * per)
+                                                           && next + r < M; r++)
+                                prefetch_row(A + (next + r) * rsa + pc, kc, 0);
                             rows_fn(kc, A + i * rsa + pc, rsa, bpack + (size_t)jp * NR * kc,
                                     C + i * ldc + jc + j, ldc, mr, imin(NR, nc - j),
                                     accumulate || !first, (first && bias) ? bias + jc + j : NULL);
@@ -1505,18 +1526,9 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
 
 /* A head's rows lie a whole row of c_attn's output (or of y) apart, each on
  * its own 4 KB page, where the hardware prefetchers do not follow: loops
- * that copy them ask for the row PF_AHEAD ahead themselves. */
+ * that copy them ask for the row PF_AHEAD ahead themselves (prefetch_row,
+ * above gemm_blocked). */
 #define PF_AHEAD 8
-FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
-#if defined(__GNUC__) || defined(__clang__)
-    for (int c = 0; c < n; c += 16) { /* one cache line */
-        if (for_write) __builtin_prefetch(p + c, 1, 3);
-        else __builtin_prefetch(p + c, 0, 3);
-    }
-#else
-    (void)p, (void)n, (void)for_write;
-#endif
-}
 
 /* Block sizes: queries and keys are processed in tiles of BQ x BK (BK a
  * multiple of every kernel's NR, 16 or 32: a key block starts a panel). */
