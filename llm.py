@@ -1953,11 +1953,16 @@ def _others_running(proc="/proc") -> float:
         return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
 
 
+CALIBRATION = 2       # the calibration's version: a new one whenever _calibration_work changes
+
+
 def calibration_path(lib: str = None) -> str:
-    """The verdicts' file, one per build: the same kernels in every run of
-    it, so that a resumed run repeats the uninterrupted one bit for bit."""
+    """The verdicts' file, one per build and version of the calibration: the
+    same kernels in every run of it, so that a resumed run repeats the
+    uninterrupted one bit for bit."""
     lib = lib or _fastops.__file__
-    return os.path.join(os.path.dirname(lib), os.path.basename(lib).split(".")[0] + ".calibration.json")
+    name = os.path.basename(lib).split(".")[0] + f".calibration-{CALIBRATION}.json"
+    return os.path.join(os.path.dirname(lib), name)
 
 
 def _saved_choice(path: str):
@@ -2561,9 +2566,9 @@ def _sum_of_squares(arrays):
 # faster than fastops' portable kernel. Each family of kernels is timed
 # against its NumPy function once, on shapes of the models here, forward
 # and backward, and the verdict is kept beside the library
-# (_fastops_HASH.calibration.json; delete it, or set LLM_CALIBRATE=1, to
-# measure again). bench.py and the report card show it. On a GPU every
-# kernel runs.
+# (_fastops_HASH.calibration-N.json, N the version CALIBRATION, which changes
+# with the work below; delete it, or set LLM_CALIBRATE=1, to measure again).
+# bench.py and the report card show it. On a GPU every kernel runs.
 
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on

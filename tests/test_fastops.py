@@ -692,13 +692,17 @@ def test_the_calibration_is_kept_beside_the_library_and_measured_again_when_aske
     monkeypatch.setenv("LLM_CALIBRATE", "1")
     monkeypatch.setattr(llm, "atomic_write", lambda *a: None)
     assert llm.kernel_choice() == {"linear": {"use": True}} and calls == [1]
-    monkeypatch.delenv("LLM_CALIBRATE")                  # a file from before a family was split off
+    monkeypatch.delenv("LLM_CALIBRATE")
+    monkeypatch.setattr(llm, "CALIBRATION", llm.CALIBRATION + 1)   # another calibration: not its verdicts
+    monkeypatch.setattr(llm, "_CHOICE", None)
+    assert llm.calibration_path() != path and llm.kernel_choice() == {"linear": {"use": True}} and calls == [1, 1]
+    # a file from before a family was split off
     old = tmp_path / "old.calibration.json"
     old.write_text(json.dumps({f: {"use": True} for f in llm.FAMILIES if f != "linear_one"}))
     monkeypatch.setattr(llm, "calibration_path", lambda: str(old))
     monkeypatch.setattr(llm, "_CHOICE", None)
     llm.kernel_choice()
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
 
 
 def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, tmp_path):
