@@ -539,14 +539,20 @@ class KVCache:
             self.n.append(0)
         else:
             T, new = self.n[layer], k.shape[2]
-            for store, x in ((self.k, k), (self.v, v)):
-                if T + new > store[layer].shape[2]:      # full: twice the room, so a position costs O(1)
-                    old = store[layer]
-                    store[layer] = xp.empty(old.shape[:2] + (max(2 * T, T + new),) + old.shape[3:], old.dtype)
-                    store[layer][:, :, :T] = old[:, :, :T]
-                store[layer][:, :, T:T + new] = x
+            self.reserve(layer, T + new)
+            self.k[layer][:, :, T:T + new], self.v[layer][:, :, T:T + new] = k, v
         self.n[layer] += k.shape[2]
         return self.k[layer][:, :, :self.n[layer]], self.v[layer][:, :, :self.n[layer]]
+
+    def reserve(self, layer: int, size: int):
+        """Room for `size` positions in layer's keys and values, each one
+        C-ordered array (when full: twice the room, so a position costs O(1))."""
+        T = self.n[layer]
+        for store in (self.k, self.v):
+            old = store[layer]
+            if size > old.shape[2] or not old.flags.c_contiguous:
+                store[layer] = xp.empty(old.shape[:2] + (max(2 * T, size),) + old.shape[3:], old.dtype)
+                store[layer][:, :, :T] = old[:, :, :T]
 
 
 class GPT:
@@ -834,6 +840,9 @@ def next_logits(model: GPT, ids, kv: KVCache):
     return ops.linear_forward(h, model.params["wte.weight"].T, None)[0]
 
 
+ops.next_logits = next_logits     # in the table too: section 10 runs a token of batch 1 in one call
+
+
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
@@ -877,7 +886,7 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
     block = model.config.block_size
     tokens, kv = prompt[-block:], KVCache()
     for _ in range(max_new_tokens):
-        logits = next_logits(model, [tokens[kv.length:]], kv)[0]     # the tokens it has not seen
+        logits = ops.next_logits(model, [tokens[kv.length:]], kv)[0]     # the tokens it has not seen
         if temperature == 0:
             nxt = int(xp.argmax(logits))
         else:
@@ -908,7 +917,7 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
         kv, done, got = KVCache(), numpy.zeros(len(rows), bool), [[] for _ in rows]
         new = [prompts[i] for i in rows]
         for _ in range(min(max_new_tokens, model.config.block_size - length + 1)):    # to the window's end
-            logits = next_logits(model, new, kv)
+            logits = ops.next_logits(model, new, kv)
             if temperature == 0:
                 nxt = to_numpy(xp.argmax(logits, -1))
             else:
@@ -1953,7 +1962,7 @@ def _others_running(proc="/proc") -> float:
         return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
 
 
-CALIBRATION = 2       # the calibration's version: a new one whenever _calibration_work changes
+CALIBRATION = 3       # the calibration's version: a new one whenever _calibration_work changes
 
 
 def calibration_path(lib: str = None) -> str:
@@ -2295,6 +2304,37 @@ def fo_attention_decode(q, k, v):
     return _done(y)
 
 
+def fo_decode_token(model, kv, token):
+    """Generation at batch 1 (CPU): the logits (1, V) of the token after
+    `token`, which takes the position after the last in the KV cache kv
+    (every layer's already there), the whole model in one call; kv grows by
+    it. The same logits, bit for bit, as next_logits with fastops' kernels."""
+    if xp is not numpy:
+        raise RuntimeError("fo_decode_token: a CPU kernel")
+    cfg, H, past = model.config, model.config.n_head, kv.length
+    (V, C), L = model.params["wte.weight"].shape, cfg.n_layer
+    if not 0 <= token < V:
+        raise ValueError(f"token: expected an id in 0..{V - 1}, got {token}")
+    if kv.n != [past] * L or not 0 < past < cfg.block_size:
+        raise ValueError(f"kv: expected {L} layers of 1..{cfg.block_size - 1} positions, got {kv.n}")
+    ptrs = lambda arrays: _fastops.ffi.new("float *[]", [_ptr(a) for a in arrays])
+    key = tuple(map(id, model.params.values()))      # checked once, kept on the model while they stay
+    if getattr(model, "_decode_params", (None,))[0] != key:
+        params = [_f32(name, model.params[name], shape=shape) for name, shape in param_shapes(cfg).items()]
+        model._decode_params = key, params, ptrs(params[2:-2])
+    _, params, blocks = model._decode_params
+    for i in range(L):
+        kv.reserve(i, past + 1)
+    cap = kv.k[0].shape[2]
+    stores = [_f32("kv", a, shape=(1, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
+    logits = xp.empty((1, V), numpy.float32)
+    _fastops.lib.fo_decode_token(L, C, H, V, token, past, _ptr(params[0]), _ptr(params[1]), blocks,
+                                 _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]), ptrs(stores[L:]), cap,
+                                 *_strides(params[0].T), _ptr(logits))
+    kv.n[:] = [n + 1 for n in kv.n]
+    return _done(logits)
+
+
 def fo_attention_backward(dy, q, k, v, y, lse):
     """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
     are views of c_attn's output (B, T, 3, H, D), views of one such array
@@ -2542,6 +2582,17 @@ def _embedding_backward(dwte, idx, dx):
     return fo_embedding_backward(dwte, idx, dx)
 
 
+def _next_logits(model, ids, kv):
+    # one new token of one row, after a prompt: the whole model in one call
+    # (not with attention maps kept, LoRA adapters beside their weights, or dropout)
+    cfg, ids = model.config, numpy.asarray(ids)
+    if not (xp is numpy and ids.shape == (1, 1) and kv.maps is None and len(kv.n) == cfg.n_layer
+            and 0 < kv.length < cfg.block_size and not model.lora and (cfg.dropout == 0 or model.rng is None)
+            and model.params["wte.weight"].dtype == numpy.float32 and _use("decode_token")):
+        return next_logits(model, ids, kv)
+    return fo_decode_token(model, kv, int(check_ids(ids, cfg.vocab_size, "idx")[0, 0]))
+
+
 def _on_cpu(arrays):                 # the optimizer's kernels: float32 NumPy arrays (a 0-d one too)
     return xp is numpy and all(isinstance(a, (numpy.ndarray, numpy.float32)) and a.dtype == numpy.float32
                                for a in arrays)
@@ -2577,8 +2628,10 @@ def _calibration_work():
     with the other kernels between them, one row alone, weight after weight
     (in generation that verdict was a coin toss from one calibration to the
     next; alone, NumPy is not charged for its threads spinning beside the
-    other kernels, so fastops wins only where it wins in generation too); the
-    products in a training step of a small GPT of the default model's width."""
+    other kernels, so fastops wins only where it wins in generation too); on
+    that GPT, tokens at batch 1 in one call each (decode_token) against the
+    same tokens from Python, with the kernels chosen before; the products in
+    a training step of a small GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
@@ -2589,14 +2642,15 @@ def _calibration_work():
     ids = r.integers(0, 512, (8, 65))
     gen = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
 
-    def generation(rows, tokens):                 # one token at a time, with the KV cache
+    def generation(rows, tokens, prompt=1):       # a prompt, then one token at a time, with the KV cache
         kv = KVCache()
+        ops.next_logits(gen, [list(range(prompt))] * rows, kv)
         for t in range(tokens):
-            next_logits(gen, [[t]] * rows, kv)
+            ops.next_logits(gen, [[t]] * rows, kv)
     one_row = [(numpy.ones((1, w.shape[0]), numpy.float32), w) for k, w in gen.params.items()
                if k.startswith("h.") and w.ndim == 2]
     return {"linear_one": [lambda: [ops.linear_forward(x, w, None) for x, w in one_row]],
-            "linear_small": [lambda: generation(16, 2)],
+            "linear_small": [lambda: generation(16, 1)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
             "layernorm": [layer("layernorm", f32(2048, 384), f32(384), f32(384))],
@@ -2607,6 +2661,7 @@ def _calibration_work():
                           ops.embedding_backward(d, t, dx)],
             "adamw": [lambda: (ops.sum_of_squares(grads.values()),
                                ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))],
+            "decode_token": [lambda: generation(1, 3, prompt=8)],
             "linear": [lambda: (model.forward(ids[:, :-1], ids[:, 1:]), model.backward())]}   # last: a step
 
 
@@ -2650,7 +2705,7 @@ def calibrate() -> dict:
 
 _CHOICE = None                   # calibrate()'s verdicts, read or measured at first use
 FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "layernorm", "gelu", "cross_entropy",
-            "embedding", "adamw")
+            "embedding", "adamw", "decode_token")
 
 
 def kernel_choice() -> dict:
@@ -2684,7 +2739,7 @@ FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attentio
                                    _join_heads, _layernorm_forward, _layernorm_backward, _gelu_forward,
                                    _gelu_backward,
                                    _cross_entropy_forward, _cross_entropy_backward, _embedding_backward,
-                                   _adamw_update, _sum_of_squares)}
+                                   _adamw_update, _sum_of_squares, _next_logits)}
 _install()
 
 

@@ -222,6 +222,57 @@ def test_attention_with_a_kv_cache_matches_float64_reference(B, H, Tq, past, D, 
         llm.fo_attention_decode(q, k[:, :, :Tq - 1], v[:, :, :Tq - 1])
 
 
+@FAST
+@given(L=st.integers(1, 3), H=st.integers(1, 4), D=st.sampled_from([1, 2, 3, 5, 8, 16, 17]), V=st.integers(1, 70),
+       prompt=st.integers(1, 6), new=st.integers(1, 20), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(L=1, H=12, D=64, V=700, prompt=10, new=3, path=ISAS[0], seed=0)     # GPT-2's width
+def test_a_token_in_one_call_is_next_logits_token_bit_for_bit(L, H, D, V, prompt, new, path, seed):
+    """Generation at batch 1: fo_decode_token, the whole model in one call,
+    gives next_logits' logits (fastops' kernels from Python) bit for bit,
+    token after token, as the KV cache fills and grows, to the window's end."""
+    rng = np.random.default_rng(seed)
+    model = llm.GPT(llm.GPTConfig(n_layer=L, n_head=H, n_embd=H * D, block_size=prompt + new, vocab_size=V),
+                    seed=seed)
+    model.params = {k: a * np.float32(rng.uniform(1, 30)) for k, a in model.params.items()}  # not all ~0
+    ids = rng.integers(0, V, prompt + new).tolist()
+    kv, kv_ref = llm.KVCache(), llm.KVCache()
+    with isa(path):
+        np.testing.assert_array_equal(llm.next_logits(model, [ids[:prompt]], kv),
+                                      llm.next_logits(model, [ids[:prompt]], kv_ref))
+        for t in ids[prompt:]:
+            np.testing.assert_array_equal(llm.fo_decode_token(model, kv, t), llm.next_logits(model, [[t]], kv_ref))
+    assert kv.n == kv_ref.n == [prompt + new] * L
+    for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
+        np.testing.assert_array_equal(a[:, :, :prompt + new], b[:, :, :prompt + new])
+
+
+def test_generation_runs_a_token_of_batch_1_in_one_call_where_it_applies(monkeypatch):
+    calls, one_call = [], llm.fo_decode_token
+    monkeypatch.setattr(llm, "fo_decode_token", lambda *a: calls.append(1) or one_call(*a))
+    model = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11), seed=0)
+    assert len(list(llm.generate(model, [1, 2], 10, temperature=0))) == 10 and len(calls) == 6
+    calls.clear()                                  # 6 one-call tokens, then past the window: all recomputed
+    llm.generate_batch(model, [[1, 2], [3, 4]], 3)                  # batch 2
+    llm.ops.next_logits(model, [[1, 2]], kv := llm.KVCache(maps=[]))    # attention maps kept
+    llm.ops.next_logits(model, [[3]], kv)
+    assert not calls
+    with pytest.raises(ValueError, match="idx: token ids must be in 0..10, got 11"):
+        llm.ops.next_logits(model, [[11]], llm.KVCache())
+    kv = llm.KVCache()
+    llm.ops.next_logits(model, [[1, 2]], kv)
+    with pytest.raises(ValueError, match="idx: token ids must be in 0..10, got 11"):
+        llm.ops.next_logits(model, [[11]], kv)
+    with pytest.raises(ValueError, match="kv: expected 2 layers"):
+        llm.fo_decode_token(model, llm.KVCache(), 1)
+    llm.add_lora(model, r=2)                       # adapters beside their weights: from Python, with them
+    for name in [n for n in model.params if n.endswith(".lora_B")]:
+        model.params[name] = randn(np.random.default_rng(0), *model.params[name].shape)
+    calls.clear()
+    with_lora = list(llm.generate(model, [1, 2], 5, temperature=0))
+    assert not calls and with_lora == [int(np.argmax(llm.next_logits(model, [[1, 2] + with_lora[:i]],
+                                                                     llm.KVCache())[0])) for i in range(5)]
+
+
 # ---- GELU and LayerNorm ------------------------------------------------------------
 
 N_SIZES = st.sampled_from([1, 2, 3, 7, 13, 15, 16, 17, 31, 97, 511, 512, 513, 1000, 4099,
@@ -722,7 +773,7 @@ def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, 
         assert llm._omp_env(lib) == env
     monkeypatch.setattr(llm, "_others_running", lambda: 0)
     for products, env in ((True, {}), (False, {"OMP_WAIT_POLICY": "passive"})):   # NumPy's: OpenBLAS spins
-        (tmp_path / "_fastops_abc.calibration.json").write_text(json.dumps({"linear": {"use": products}}))
+        (tmp_path / os.path.basename(llm.calibration_path(lib))).write_text(json.dumps({"linear": {"use": products}}))
         assert llm._omp_env(lib) == env
     def no_way():
         raise AttributeError("os.getloadavg")                         # Windows
