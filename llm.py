@@ -30,6 +30,7 @@ import re
 import struct
 import time
 import types
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy
@@ -2304,11 +2305,15 @@ def fo_attention_decode(q, k, v):
     return _done(y)
 
 
+_DECODE_PARAMS = weakref.WeakKeyDictionary()    # model -> its parameters checked, and their pointers
+
+
 def fo_decode_token(model, kv, token):
     """Generation at batch 1 (CPU): the logits (1, V) of the token after
     `token`, which takes the position after the last in the KV cache kv
     (every layer's already there), the whole model in one call; kv grows by
-    it. The same logits, bit for bit, as next_logits with fastops' kernels."""
+    it. The same logits, bit for bit, as next_logits with fastops' kernels
+    (the weights C-ordered, as the model makes and loads them)."""
     if xp is not numpy:
         raise RuntimeError("fo_decode_token: a CPU kernel")
     cfg, H, past = model.config, model.config.n_head, kv.length
@@ -2318,11 +2323,15 @@ def fo_decode_token(model, kv, token):
     if kv.n != [past] * L or not 0 < past < cfg.block_size:
         raise ValueError(f"kv: expected {L} layers of 1..{cfg.block_size - 1} positions, got {kv.n}")
     ptrs = lambda arrays: _fastops.ffi.new("float *[]", [_ptr(a) for a in arrays])
-    key = tuple(map(id, model.params.values()))      # checked once, kept on the model while they stay
-    if getattr(model, "_decode_params", (None,))[0] != key:
-        params = [_f32(name, model.params[name], shape=shape) for name, shape in param_shapes(cfg).items()]
-        model._decode_params = key, params, ptrs(params[2:-2])
-    _, params, blocks = model._decode_params
+    key = tuple(map(id, model.params.values()))      # checked once, kept while the model's arrays stay
+    kept = _DECODE_PARAMS.get(model)
+    if kept is None or kept[0] != key:
+        names = param_shapes(cfg)
+        params = [_f32(name, model.params[name], shape=shape) for name, shape in names.items()]
+        kept = key, params, ptrs(params[2:-2])
+        if all(a is model.params[name] for a, name in zip(params, names)):   # no copies: they see updates
+            _DECODE_PARAMS[model] = kept
+    _, params, blocks = kept
     for i in range(L):
         kv.reserve(i, past + 1)
     cap = kv.k[0].shape[2]

@@ -14,6 +14,7 @@ LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
 is exercised through fo_set_isa. Speed is measured in bench.py, not here.
 """
 import contextlib
+import copy
 import json
 import math
 
@@ -251,6 +252,7 @@ def test_generation_runs_a_token_of_batch_1_in_one_call_where_it_applies(monkeyp
     monkeypatch.setattr(llm, "fo_decode_token", lambda *a: calls.append(1) or one_call(*a))
     model = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11), seed=0)
     assert len(list(llm.generate(model, [1, 2], 10, temperature=0))) == 10 and len(calls) == 6
+    copy.deepcopy(model)                           # (RLHF copies its policy: nothing uncopyable kept on it)
     calls.clear()                                  # 6 one-call tokens, then past the window: all recomputed
     llm.generate_batch(model, [[1, 2], [3, 4]], 3)                  # batch 2
     llm.ops.next_logits(model, [[1, 2]], kv := llm.KVCache(maps=[]))    # attention maps kept
