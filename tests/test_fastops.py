@@ -251,9 +251,10 @@ def test_generation_runs_a_token_of_batch_1_in_one_call_where_it_applies(monkeyp
     calls, one_call = [], llm.fo_decode_token
     monkeypatch.setattr(llm, "fo_decode_token", lambda *a: calls.append(1) or one_call(*a))
     model = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11), seed=0)
+    # 6 tokens in one call each, then past the window's end: every token from the whole window
     assert len(list(llm.generate(model, [1, 2], 10, temperature=0))) == 10 and len(calls) == 6
     copy.deepcopy(model)                           # (RLHF copies its policy: nothing uncopyable kept on it)
-    calls.clear()                                  # 6 one-call tokens, then past the window: all recomputed
+    calls.clear()
     llm.generate_batch(model, [[1, 2], [3, 4]], 3)                  # batch 2
     llm.ops.next_logits(model, [[1, 2]], kv := llm.KVCache(maps=[]))    # attention maps kept
     llm.ops.next_logits(model, [[3]], kv)
