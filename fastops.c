@@ -87,10 +87,10 @@ void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *c
 void fo_cross_entropy(const float *logits, const int64_t *targets, const float *weights,
                       float *loss, float *dlogits, float dscale, int M, int V);
 void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, long N, int C);
-void fo_decode_token(int L, int C, int H, int V, int64_t token, int past, const float *wte,
-                     const float *wpe, const float *const *w, const float *lnf_w,
-                     const float *lnf_b, float *const *k, float *const *v, int cap,
-                     ptrdiff_t rsh, ptrdiff_t csh, float *logits);
+void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, int past,
+                     const float *wte, const float *wpe, const float *const *w,
+                     const float *lnf_w, const float *lnf_b, float *const *k, float *const *v,
+                     int cap, ptrdiff_t rsh, ptrdiff_t csh, float *logits);
 /* API end */
 #ifdef __cplusplus
 }
@@ -2403,48 +2403,52 @@ void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, lon
 }
 
 /* ------------------------------------------------------------------------ */
-/* Generation at batch 1: a token through the whole model in one call. A    */
-/* token's work is ~100 small calls; from Python each costs 15-40 us more   */
-/* than its arithmetic (the products stream the weights through the caches  */
-/* and evict the interpreter's state in between). Here the kernels above run */
-/* in the order GPT.hidden and next_logits call them, on the same operands:  */
-/* the same logits, bit for bit. w: per layer the 12 arrays of              */
-/* param_shapes, in its order; k, v: per layer the KV cache's (H, cap, D)   */
-/* rows, where position `past` (the new token's) is written; (rsh, csh):    */
-/* wte^T's strides as fo_linear_forward takes them (1, C but for V = 1).    */
+/* Generation: a new token of each of B rows through the whole model in one */
+/* call. A token's work is ~100 small calls; from Python each costs several */
+/* times its own time at batch 1 (the products stream the weights through  */
+/* the caches and evict the interpreter's state in between). Here the       */
+/* kernels above run in the order GPT.hidden and next_logits call them, on  */
+/* the same operands: the same logits (B, V), bit for bit. w: per layer the */
+/* 12 arrays of param_shapes, in its order; k, v: per layer the KV cache's  */
+/* (B, H, cap, D), where position `past` (the new tokens') is written;      */
+/* (rsh, csh): wte^T's strides as fo_linear_forward takes them.             */
 /* ------------------------------------------------------------------------ */
-void fo_decode_token(int L, int C, int H, int V, int64_t token, int past, const float *wte,
-                     const float *wpe, const float *const *w, const float *lnf_w,
-                     const float *lnf_b, float *const *k, float *const *v, int cap,
-                     ptrdiff_t rsh, ptrdiff_t csh, float *logits) {
+void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, int past,
+                     const float *wte, const float *wpe, const float *const *w,
+                     const float *lnf_w, const float *lnf_b, float *const *k, float *const *v,
+                     int cap, ptrdiff_t rsh, ptrdiff_t csh, float *logits) {
     int D = C / H;
-    float *x = fo_alloc((size_t)15 * C + 2);
+    size_t BC = (size_t)B * C;
+    float *x = fo_alloc(15 * BC + 2 * (size_t)B);
     if (!x) return; /* out of memory: recorded by fo_alloc */
-    float *h = x + C, *qkv = h + C, *y = qkv + 3 * C, *y2 = y + C, *f = y2 + C, *g = f + 4 * C;
-    float *mean = g + 4 * C, *rstd = mean + 1;
-    for (int c = 0; c < C; c++) x[c] = wte[token * C + c] + wpe[(size_t)past * C + c];
+    float *h = x + BC, *qkv = h + BC, *y = qkv + 3 * BC, *y2 = y + BC, *f = y2 + BC, *g = f + 4 * BC;
+    float *mean = g + 4 * BC, *rstd = mean + B;
+    for (int b = 0; b < B; b++)
+        for (int c = 0; c < C; c++) x[b * C + c] = wte[tokens[b] * C + c] + wpe[(size_t)past * C + c];
     for (int l = 0; l < L; l++) {
         const float *const *p = w + 12 * l;
         /* x + attn(ln_1(x)) */
-        fo_layernorm_forward(x, p[0], p[1], h, mean, rstd, 1, C, 1e-5f);
-        fo_sgemm(1, 3 * C, C, h, C, 1, p[2], 3 * C, 1, qkv, 3 * C, 0, p[3]);
-        for (int hd = 0; hd < H; hd++) { /* the new position's key and value, into the cache */
-            memcpy(k[l] + ((size_t)hd * cap + past) * D, qkv + C + hd * D, sizeof(float) * D);
-            memcpy(v[l] + ((size_t)hd * cap + past) * D, qkv + 2 * C + hd * D, sizeof(float) * D);
-        }
-        fo_attention_decode(qkv, k[l], v[l], y, 1, H, 1, past + 1, D, 3 * C, D, 3 * C,
+        fo_layernorm_forward(x, p[0], p[1], h, mean, rstd, B, C, 1e-5f);
+        fo_sgemm(B, 3 * C, C, h, C, 1, p[2], 3 * C, 1, qkv, 3 * C, 0, p[3]);
+        for (int b = 0; b < B; b++) /* the new position's keys and values, into the cache */
+            for (int hd = 0; hd < H; hd++) {
+                size_t at = (((size_t)b * H + hd) * cap + past) * D;
+                memcpy(k[l] + at, qkv + (size_t)b * 3 * C + C + hd * D, sizeof(float) * D);
+                memcpy(v[l] + at, qkv + (size_t)b * 3 * C + 2 * C + hd * D, sizeof(float) * D);
+            }
+        fo_attention_decode(qkv, k[l], v[l], y, B, H, 1, past + 1, D, 3 * C, D, 3 * C,
                             (ptrdiff_t)H * cap * D, (ptrdiff_t)cap * D, D, C, D, C);
-        fo_sgemm(1, C, C, y, C, 1, p[4], C, 1, y2, C, 0, p[5]);
-        for (int c = 0; c < C; c++) x[c] += y2[c];
+        fo_sgemm(B, C, C, y, C, 1, p[4], C, 1, y2, C, 0, p[5]);
+        for (size_t i = 0; i < BC; i++) x[i] += y2[i];
         /* x + mlp(ln_2(x)) */
-        fo_layernorm_forward(x, p[6], p[7], h, mean, rstd, 1, C, 1e-5f);
-        fo_sgemm(1, 4 * C, C, h, C, 1, p[8], 4 * C, 1, f, 4 * C, 0, p[9]);
-        fo_gelu_forward(f, g, 4 * C);
-        fo_sgemm(1, C, 4 * C, g, 4 * C, 1, p[10], C, 1, y2, C, 0, p[11]);
-        for (int c = 0; c < C; c++) x[c] += y2[c];
+        fo_layernorm_forward(x, p[6], p[7], h, mean, rstd, B, C, 1e-5f);
+        fo_sgemm(B, 4 * C, C, h, C, 1, p[8], 4 * C, 1, f, 4 * C, 0, p[9]);
+        fo_gelu_forward(f, g, 4 * (long)BC);
+        fo_sgemm(B, C, 4 * C, g, 4 * C, 1, p[10], C, 1, y2, C, 0, p[11]);
+        for (size_t i = 0; i < BC; i++) x[i] += y2[i];
     }
-    fo_layernorm_forward(x, lnf_w, lnf_b, h, mean, rstd, 1, C, 1e-5f);
-    fo_sgemm(1, V, C, h, C, 1, wte, rsh, csh, logits, V, 0, NULL); /* the head: h wte^T */
+    fo_layernorm_forward(x, lnf_w, lnf_b, h, mean, rstd, B, C, 1e-5f);
+    fo_sgemm(B, V, C, h, C, 1, wte, rsh, csh, logits, V, 0, NULL); /* the head: h wte^T */
     fo_free(x);
 }
 

@@ -1963,7 +1963,7 @@ def _others_running(proc="/proc") -> float:
         return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
 
 
-CALIBRATION = 3       # the calibration's version: a new one whenever _calibration_work changes
+CALIBRATION = 4       # the calibration's version: a new one whenever _calibration_work changes
 
 
 def calibration_path(lib: str = None) -> str:
@@ -2308,18 +2308,19 @@ def fo_attention_decode(q, k, v):
 _DECODE_PARAMS = weakref.WeakKeyDictionary()    # model -> its parameters checked, and their pointers
 
 
-def fo_decode_token(model, kv, token):
-    """Generation at batch 1 (CPU): the logits (1, V) of the token after
-    `token`, which takes the position after the last in the KV cache kv
-    (every layer's already there), the whole model in one call; kv grows by
-    it. The same logits, bit for bit, as next_logits with fastops' kernels
-    (the weights C-ordered, as the model makes and loads them)."""
+def fo_decode_token(model, kv, tokens):
+    """Generation (CPU): the logits (B, V) of the token after each of
+    tokens (B,), which take the position after the last in the KV cache kv
+    (every layer's already there, B rows), the whole model in one call; kv
+    grows by it. The same logits, bit for bit, as next_logits with fastops'
+    kernels (the weights C-ordered, as the model makes and loads them)."""
     if xp is not numpy:
         raise RuntimeError("fo_decode_token: a CPU kernel")
     cfg, H, past = model.config, model.config.n_head, kv.length
     (V, C), L = model.params["wte.weight"].shape, cfg.n_layer
-    if not 0 <= token < V:
-        raise ValueError(f"token: expected an id in 0..{V - 1}, got {token}")
+    tokens = _ids("tokens", tokens, V)
+    if tokens.ndim != 1 or not tokens.size:
+        raise ValueError(f"tokens: expected a 1-D array of ids, got shape {tokens.shape}")
     if kv.n != [past] * L or not 0 < past < cfg.block_size:
         raise ValueError(f"kv: expected {L} layers of 1..{cfg.block_size - 1} positions, got {kv.n}")
     ptrs = lambda arrays: _fastops.ffi.new("float *[]", [_ptr(a) for a in arrays])
@@ -2334,12 +2335,12 @@ def fo_decode_token(model, kv, token):
     _, params, blocks = kept
     for i in range(L):
         kv.reserve(i, past + 1)
-    cap = kv.k[0].shape[2]
-    stores = [_f32("kv", a, shape=(1, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
-    logits = xp.empty((1, V), numpy.float32)
-    _fastops.lib.fo_decode_token(L, C, H, V, token, past, _ptr(params[0]), _ptr(params[1]), blocks,
-                                 _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]), ptrs(stores[L:]), cap,
-                                 *_strides(params[0].T), _ptr(logits))
+    B, cap = len(tokens), kv.k[0].shape[2]
+    stores = [_f32("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
+    logits = xp.empty((B, V), numpy.float32)
+    _fastops.lib.fo_decode_token(L, C, H, V, B, _ids_ptr(tokens), past, _ptr(params[0]), _ptr(params[1]),
+                                 blocks, _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]),
+                                 ptrs(stores[L:]), cap, *_strides(params[0].T), _ptr(logits))
     kv.n[:] = [n + 1 for n in kv.n]
     return _done(logits)
 
@@ -2592,14 +2593,15 @@ def _embedding_backward(dwte, idx, dx):
 
 
 def _next_logits(model, ids, kv):
-    # one new token of one row, after a prompt: the whole model in one call
+    # one new token of each row, after a prompt: the whole model in one call
     # (not with attention maps kept, LoRA adapters beside their weights, or dropout)
     cfg, ids = model.config, numpy.asarray(ids)
-    if not (xp is numpy and ids.shape == (1, 1) and kv.maps is None and len(kv.n) == cfg.n_layer
-            and 0 < kv.length < cfg.block_size and not model.lora and (cfg.dropout == 0 or model.rng is None)
+    if not (xp is numpy and ids.ndim == 2 and ids.shape[1] == 1 and kv.maps is None
+            and len(kv.n) == cfg.n_layer and kv.k[0].shape[0] == len(ids) and 0 < kv.length < cfg.block_size
+            and not model.lora and (cfg.dropout == 0 or model.rng is None)
             and model.params["wte.weight"].dtype == numpy.float32 and _use("decode_token")):
         return next_logits(model, ids, kv)
-    return fo_decode_token(model, kv, int(check_ids(ids, cfg.vocab_size, "idx")[0, 0]))
+    return fo_decode_token(model, kv, check_ids(ids, cfg.vocab_size, "idx")[:, 0])
 
 
 def _on_cpu(arrays):                 # the optimizer's kernels: float32 NumPy arrays (a 0-d one too)
@@ -2638,8 +2640,8 @@ def _calibration_work():
     (in generation that verdict was a coin toss from one calibration to the
     next; alone, NumPy is not charged for its threads spinning beside the
     other kernels, so fastops wins only where it wins in generation too); on
-    that GPT, tokens at batch 1 in one call each (decode_token) against the
-    same tokens from Python, with the kernels chosen before; the products in
+    that GPT, tokens at batch 1 and 16 in one call each (decode_token) against
+    the same tokens from Python, with the kernels chosen before; the products in
     a training step of a small GPT of the default model's width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
@@ -2670,7 +2672,7 @@ def _calibration_work():
                           ops.embedding_backward(d, t, dx)],
             "adamw": [lambda: (ops.sum_of_squares(grads.values()),
                                ops.adamw_update(params, grads, m, v, 1e-4, (0.9, 0.99), 1e-8, 0.1, 1))],
-            "decode_token": [lambda: generation(1, 3, prompt=8)],
+            "decode_token": [lambda: generation(1, 3, prompt=8), lambda: generation(16, 3, prompt=8)],
             "linear": [lambda: (model.forward(ids[:, :-1], ids[:, 1:]), model.backward())]}   # last: a step
 
 

@@ -225,29 +225,33 @@ def test_attention_with_a_kv_cache_matches_float64_reference(B, H, Tq, past, D, 
 
 @FAST
 @given(L=st.integers(1, 3), H=st.integers(1, 4), D=st.sampled_from([1, 2, 3, 5, 8, 16, 17]), V=st.integers(1, 70),
-       prompt=st.integers(1, 6), new=st.integers(1, 20), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
-@example(L=1, H=12, D=64, V=700, prompt=10, new=3, path=ISAS[0], seed=0)     # GPT-2's width
-def test_a_token_in_one_call_is_next_logits_token_bit_for_bit(L, H, D, V, prompt, new, path, seed):
-    """Generation at batch 1: fo_decode_token, the whole model in one call,
-    gives next_logits' logits (fastops' kernels from Python) bit for bit,
-    token after token, as the KV cache fills and grows, to the window's end."""
+       B=st.sampled_from([1, 2, 3, 5, 16, 17]), prompt=st.integers(1, 6), new=st.integers(1, 20),
+       path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(L=1, H=12, D=64, V=700, B=1, prompt=10, new=3, path=ISAS[0], seed=0)     # GPT-2's width
+@example(L=1, H=12, D=64, V=700, B=16, prompt=10, new=3, path=ISAS[0], seed=0)
+def test_tokens_in_one_call_are_next_logits_tokens_bit_for_bit(L, H, D, V, B, prompt, new, path, seed):
+    """Generation: fo_decode_token, the whole model in one call for a new
+    token of each of B rows, gives next_logits' logits (fastops' kernels from
+    Python) bit for bit, token after token, as the KV cache fills and grows,
+    to the window's end."""
     rng = np.random.default_rng(seed)
     model = llm.GPT(llm.GPTConfig(n_layer=L, n_head=H, n_embd=H * D, block_size=prompt + new, vocab_size=V),
                     seed=seed)
     model.params = {k: a * np.float32(rng.uniform(1, 30)) for k, a in model.params.items()}  # not all ~0
-    ids = rng.integers(0, V, prompt + new).tolist()
+    ids = rng.integers(0, V, (B, prompt + new))
     kv, kv_ref = llm.KVCache(), llm.KVCache()
     with isa(path):
-        np.testing.assert_array_equal(llm.next_logits(model, [ids[:prompt]], kv),
-                                      llm.next_logits(model, [ids[:prompt]], kv_ref))
-        for t in ids[prompt:]:
-            np.testing.assert_array_equal(llm.fo_decode_token(model, kv, t), llm.next_logits(model, [[t]], kv_ref))
+        np.testing.assert_array_equal(llm.next_logits(model, ids[:, :prompt], kv),
+                                      llm.next_logits(model, ids[:, :prompt], kv_ref))
+        for t in range(prompt, prompt + new):
+            np.testing.assert_array_equal(llm.fo_decode_token(model, kv, ids[:, t]),
+                                          llm.next_logits(model, ids[:, t:t + 1], kv_ref))
     assert kv.n == kv_ref.n == [prompt + new] * L
     for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
         np.testing.assert_array_equal(a[:, :, :prompt + new], b[:, :, :prompt + new])
 
 
-def test_generation_runs_a_token_of_batch_1_in_one_call_where_it_applies(monkeypatch):
+def test_generation_runs_its_new_tokens_in_one_call_where_it_applies(monkeypatch):
     calls, one_call = [], llm.fo_decode_token
     monkeypatch.setattr(llm, "fo_decode_token", lambda *a: calls.append(1) or one_call(*a))
     model = llm.GPT(llm.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11), seed=0)
@@ -255,10 +259,14 @@ def test_generation_runs_a_token_of_batch_1_in_one_call_where_it_applies(monkeyp
     assert len(list(llm.generate(model, [1, 2], 10, temperature=0))) == 10 and len(calls) == 6
     copy.deepcopy(model)                           # (RLHF copies its policy: nothing uncopyable kept on it)
     calls.clear()
-    llm.generate_batch(model, [[1, 2], [3, 4]], 3)                  # batch 2
+    outs, _ = llm.generate_batch(model, [[1, 2], [3, 4], [5, 6]], 3)                # 3 rows at once
+    assert len(calls) == 2 and outs == [list(llm.generate(model, p, 3, temperature=0)) for p in ([1, 2], [3, 4], [5, 6])]
+    calls.clear()
     llm.ops.next_logits(model, [[1, 2]], kv := llm.KVCache(maps=[]))    # attention maps kept
     llm.ops.next_logits(model, [[3]], kv)
     assert not calls
+    with pytest.raises(ValueError, match="tokens: expected a 1-D array of ids"):
+        llm.fo_decode_token(model, kv, [[3]])
     with pytest.raises(ValueError, match="idx: token ids must be in 0..10, got 11"):
         llm.ops.next_logits(model, [[11]], llm.KVCache())
     kv = llm.KVCache()
