@@ -30,7 +30,6 @@ import re
 import struct
 import time
 import types
-import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy
@@ -841,7 +840,7 @@ def next_logits(model: GPT, ids, kv: KVCache):
     return ops.linear_forward(h, model.params["wte.weight"].T, None)[0]
 
 
-ops.next_logits = next_logits     # in the table too: section 10 runs a token of batch 1 in one call
+ops.next_logits = next_logits     # in the table too (section 10's runs a new token per row in one call)
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
@@ -2305,9 +2304,6 @@ def fo_attention_decode(q, k, v):
     return _done(y)
 
 
-_DECODE_PARAMS = weakref.WeakKeyDictionary()    # model -> its parameters checked, and their pointers
-
-
 def fo_decode_token(model, kv, tokens):
     """Generation (CPU): the logits (B, V) of the token after each of
     tokens (B,), which take the position after the last in the KV cache kv
@@ -2324,22 +2320,14 @@ def fo_decode_token(model, kv, tokens):
     if kv.n != [past] * L or not 0 < past < cfg.block_size:
         raise ValueError(f"kv: expected {L} layers of 1..{cfg.block_size - 1} positions, got {kv.n}")
     ptrs = lambda arrays: _fastops.ffi.new("float *[]", [_ptr(a) for a in arrays])
-    key = tuple(map(id, model.params.values()))      # checked once, kept while the model's arrays stay
-    kept = _DECODE_PARAMS.get(model)
-    if kept is None or kept[0] != key:
-        names = param_shapes(cfg)
-        params = [_f32(name, model.params[name], shape=shape) for name, shape in names.items()]
-        kept = key, params, ptrs(params[2:-2])
-        if all(a is model.params[name] for a, name in zip(params, names)):   # no copies: they see updates
-            _DECODE_PARAMS[model] = kept
-    _, params, blocks = kept
+    params = [_f32(name, model.params[name], shape=shape) for name, shape in param_shapes(cfg).items()]
     for i in range(L):
         kv.reserve(i, past + 1)
     B, cap = len(tokens), kv.k[0].shape[2]
     stores = [_f32("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
     logits = xp.empty((B, V), numpy.float32)
     _fastops.lib.fo_decode_token(L, C, H, V, B, _ids_ptr(tokens), past, _ptr(params[0]), _ptr(params[1]),
-                                 blocks, _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]),
+                                 ptrs(params[2:-2]), _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]),
                                  ptrs(stores[L:]), cap, *_strides(params[0].T), _ptr(logits))
     kv.n[:] = [n + 1 for n in kv.n]
     return _done(logits)
@@ -2634,15 +2622,11 @@ def _sum_of_squares(arrays):
 
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
-    shapes of the models here; generation's products on a GPT 768 wide, 227 MB
-    of weights (read from memory, as GPT-2's), 16 rows in generation itself
-    with the other kernels between them, one row alone, weight after weight
-    (in generation that verdict was a coin toss from one calibration to the
-    next; alone, NumPy is not charged for its threads spinning beside the
-    other kernels, so fastops wins only where it wins in generation too); on
-    that GPT, tokens at batch 1 and 16 in one call each (decode_token) against
-    the same tokens from Python, with the kernels chosen before; the products in
-    a training step of a small GPT of the default model's width."""
+    shapes of the models here; on a GPT 768 wide (227 MB of weights, read from
+    memory as GPT-2's): 16 rows in generation, one row's products alone (in
+    generation NumPy's spinning threads made that verdict a coin toss), and
+    tokens at batch 1 and 16 in one call (decode_token) after a prompt of 8;
+    the products in a training step of a small GPT of the default width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
