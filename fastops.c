@@ -653,13 +653,37 @@ FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
 /*                                                                           */
 /* Blocking (BLIS-like): K in blocks of kc, N in blocks of nc. A kc x nc     */
 /* block of B is packed once, shared by all threads (it sits in L2); each    */
-/* thread then takes (MR-row panel, column chunk) tasks, packs the MR x kc   */
-/* panel of A (stays in L1) and sweeps the micro-kernel over the chunk.      */
+/* thread then takes (MR-row panel, column chunk) tasks, its own run of rows */
+/* first (next_task), packs the MR x kc panel of A (stays in L1; or reads it */
+/* in place) and sweeps the micro-kernel over the chunk.                     */
 /* ------------------------------------------------------------------------ */
 #ifndef KC_MAX
 #define KC_MAX 384
 #endif
 #define B_BLOCK_FLOATS (160 * 1024) /* packed B block: 640 KB, fits L2 */
+
+/* gemm_blocked's tasks go out as the element-wise kernels split rows (OpenMP's
+ * static schedule): thread t first takes its own run, tasks [t n / nt, (t + 1)
+ * n / nt), the rows it most likely wrote in the op before, from its own cache;
+ * then it helps the others, from the front of their runs, so that a slower
+ * core is not waited for. head[t * 16]: the next task of run t (one counter
+ * per cache line). -> the next task for thread t, or -1: none left. */
+static int next_task(int *head, int n, int t, int nt) {
+    for (int u = 0; u < nt; u++) {
+        int v = (t + u) % nt, end = (int)((long)n * (v + 1) / nt), k;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+        k = head[v * 16];
+        if (k >= end) continue; /* run v is done */
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+        k = head[v * 16]++;
+        if (k < end) return k;
+    }
+    return -1;
+}
 
 static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                          const float *A, ptrdiff_t rsa, ptrdiff_t csa,
@@ -676,6 +700,8 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 
     float *bpack = fo_alloc((size_t)KC * NC);
     int nthreads = parallel ? fo_nthreads() : 1;
+    int head[16 * 64];
+    if (nthreads > 64) nthreads = 64;
     if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
@@ -685,6 +711,11 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #endif
     {
         float *apack = fo_alloc((size_t)MR * KC);
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
         for (int jc = 0; jc < N; jc += NC) {
             int nc = imin(NC, N - jc);
             int npanels = ceil_div(nc, NR);
@@ -696,7 +727,8 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
             int pchunk = ceil_div(npanels, nchunks);
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = imin(KC, K - pc);
-                int first = (pc == 0);
+                int first = (pc == 0), ntasks = mpanels * nchunks;
+                head[tid * 16] = (int)((long)ntasks * tid / nt); /* (seen after the barrier below) */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -706,19 +738,16 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                            rsb, csb, imin(NR, nc - j), kc, NR);
                 }
                 /* (implicit barrier: B block packed) */
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-                for (int task = 0; task < mpanels * nchunks; task++) {
+                for (int task; (task = next_task(head, ntasks, tid, nt)) >= 0;) {
                     int ip = task / nchunks, ch = task % nchunks;
                     int i = ip * MR, mr = imin(MR, M - i);
                     int jp0 = ch * pchunk, jp1 = imin(npanels, jp0 + pchunk);
                     if (jp0 >= jp1 || !apack) continue;
                     if (rows_fn) {
-                        /* meanwhile this thread's likely next panel of A (tasks go out in
-                         * turn), a few rows per tile: its rows come from memory (an
-                         * activation just written), a row apart, each read by broadcasts */
-                        int next = (ip + nthreads) * MR, per = ceil_div(MR, jp1 - jp0);
+                        /* meanwhile this thread's likely next panel of A (next in its run),
+                         * a few rows per tile: its rows may come from memory (an activation
+                         * just written), a row apart, each read by broadcasts */
+                        int next = (ip + 1) * MR, per = ceil_div(MR, jp1 - jp0);
                         for (int jp = jp0; jp < jp1; jp++) {
                             int j = jp * NR;
                             for (int r = (jp - jp0) * per; ch == 0 && r < imin(MR, (jp - jp0 + 1) * per)
@@ -738,7 +767,9 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
                                accumulate || !first, (first && bias) ? bias + jc + j : NULL);
                     }
                 }
-                /* (implicit barrier: before B block is overwritten) */
+#ifdef _OPENMP
+#pragma omp barrier /* before the B block is overwritten */
+#endif
             }
         }
         fo_free(apack);
