@@ -1586,7 +1586,6 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float 
     const int NR = kn->nr;
     int nq = imin(BQ, T - i0);
     for (int r = 0; r < nq; r++) { mrow[r] = -INFINITY; lrow[r] = 0.0f; }
-    memset(acc, 0, sizeof(float) * nq * D);
     int jend = i0 + nq; /* causal: keys < jend only */
     for (int j0 = 0; j0 < jend; j0 += BK) {
         int nk = imin(BK, jend - j0);
@@ -1611,10 +1610,10 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float 
             lrow[r] = lrow[r] * alpha + sum;
             mrow[r] = mx;
             float *a = acc + r * D;
-            for (int d = 0; d < D; d++) a[d] *= alpha;
+            for (int d = 0; d < D && j0 > 0; d++) a[d] *= alpha;
         }
-        /* acc += P . V_j */
-        small_gemm(kn, nq, D, nk, S, BK, 1, vp + (size_t)j0 * NR, (size_t)T * NR, acc, D, 1,
+        /* acc += P . V_j (acc = P . V_0 first: no zeroing before) */
+        small_gemm(kn, nq, D, nk, S, BK, 1, vp + (size_t)j0 * NR, (size_t)T * NR, acc, D, j0 > 0,
                    apack, diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
     for (int r = 0; r < nq; r++) {
@@ -1636,6 +1635,7 @@ typedef struct { /* a backward task's operands in panels (pack_panels), rows r0 
     float *kt, *vt;       /* K^T, V^T: panels of NR keys, D x NR each */
     float *kr, *qr, *dyr; /* K, Q, dY: panels of NR of the D columns, T x NR each */
     int r0;
+    int dq_fresh;         /* dQ not yet written: key block 0 stores its share */
 } bwd_panels;
 
 FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *dY,
@@ -1649,11 +1649,8 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *dY,
     const float *vtj = bp->vt + (size_t)(j0 - bp->r0) / NR * D * NR;
     const float *krj = bp->kr + (size_t)(j0 - bp->r0) * NR;
     size_t rs = (size_t)T * NR; /* a row panel's stride */
-    for (int r = j0; r < j0 + nk; r++) {
-        memset(dK + r * ldk, 0, sizeof(float) * D);
-        memset(dV + r * ldk, 0, sizeof(float) * D);
-    }
-    for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
+    int first_q = (j0 / BQ) * BQ, dq_add = !(bp->dq_fresh && j0 == 0);
+    for (int i0 = first_q; i0 < T; i0 += BQ) { /* (the first stores dK_j, dV_j: no zeroing) */
         int nq = imin(BQ, T - i0);
         const float *Qi = Q + i0 * ld, *dYi = dY + i0 * ldy;
         int diag = i0 == j0 ? DIAG_COLS : DIAG_NONE; /* the tile on the diagonal */
@@ -1671,12 +1668,12 @@ FO_INLINE void attn_bwd_block(const kern_t *kn, const float *Q, const float *dY,
         }
         /* dV_j += P^T . dY_i   (P^T read through strides) */
         small_gemm(kn, nk, D, nq, P, 1, BK, bp->dyr + (size_t)(i0 - bp->r0) * NR, rs,
-                   dV + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+                   dV + j0 * ldk, ldk, i0 > first_q, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dK_j += dS^T . Q_i */
         small_gemm(kn, nk, D, nq, dP, 1, BK, bp->qr + (size_t)(i0 - bp->r0) * NR, rs,
-                   dK + j0 * ldk, ldk, 1, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
+                   dK + j0 * ldk, ldk, i0 > first_q, apack, diag ? DIAG_K_FROM_ROW : DIAG_NONE);
         /* dQ_i += dS . K_j */
-        small_gemm(kn, nq, D, nk, dP, BK, 1, krj, rs, dQ + i0 * ldq, ldq, 1, apack,
+        small_gemm(kn, nq, D, nk, dP, BK, 1, krj, rs, dQ + i0 * ldq, ldq, dq_add, apack,
                    diag ? DIAG_K_TO_ROW : DIAG_NONE);
     }
 }
@@ -1811,8 +1808,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     int split = BH < 4 * fo_nthreads();
     long ntasks = (long)BH * (split ? nqb : 1);
     int gather = st != D; /* q not packed: each task gathers its queries */
+    int head[16 * 64];
 #ifdef _OPENMP
-#pragma omp parallel if (ntasks > 1 && (double)BH * T * T * D > 1e5)
+#pragma omp parallel num_threads(imin(fo_nthreads(), 64)) if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
     {
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
@@ -1826,10 +1824,20 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
          * other (the keys and values are only packed, straight from there) */
         float *hq = gather ? fo_alloc((size_t)T * D) : NULL;
         int ok = S && acc && mrow && lrow && apack && kt && (!gather || hq);
+        /* whole heads: each thread its own run first (a batch row's heads
+         * read and write the rows the products around split to it); split
+         * heads: one run for all, costliest first (as a dynamic schedule) */
+        int nt = 1, tid = 0;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
 #endif
-        for (long t = 0; t < ntasks; t++) {
+        int runs = split ? 1 : nt;
+        if (tid < runs) head[tid * 16] = (int)(ntasks * tid / runs);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        for (long t; (t = next_task(head, (int)ntasks, split ? 0 : tid, runs)) >= 0;) {
             int bh = (int)(t % BH), ib1 = split ? nqb - 1 - (int)(t / BH) : nqb - 1;
             int ib0 = split ? ib1 : 0; /* the task's query blocks */
             ptrdiff_t off = (bh / H) * sb + (bh % H) * sh, yoff = (bh / H) * yb + (bh % H) * yh;
@@ -1899,7 +1907,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
         const int NR = kn->nr;
         size_t ktf = (size_t)ceil_div(T, NR) * D * NR, rowf = (size_t)ceil_div(D, NR) * T * NR;
         float *apack = fo_alloc(pack_floats(D)), *pk = fo_alloc(2 * ktf + 3 * rowf);
-        bwd_panels bp = {pk, pk + ktf, pk + 2 * ktf, pk + 2 * ktf + rowf, pk + 2 * ktf + 2 * rowf, 0};
+        bwd_panels bp = {pk, pk + ktf, pk + 2 * ktf, pk + 2 * ktf + rowf, pk + 2 * ktf + 2 * rowf, 0,
+                         !split}; /* (split: each thread's dQ copy, zeroed, gets some key blocks) */
         float *h = gather ? fo_alloc((size_t)5 * T * D) : NULL; /* q dy dq dk dv */
         int ok = P && dP && apack && pk && (!gather || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
@@ -1912,21 +1921,14 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             di_rows(dy + o, y + o, yt, Di + (size_t)bh * T, T, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
-        else if (!gather) { /* (gathered heads write all of dq from their packed copy) */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (long row = 0; row < (long)BH * T; row++) {
-                int bh = (int)(row / T), t = (int)(row % T);
-                memset(dq + (bh / H) * sb + (bh % H) * sh + t * st, 0, sizeof(float) * D);
-            }
-        }
         /* Tasks in turn to the threads, not to whichever is free: which
          * key blocks a thread adds into its private dQ, and so the order of
-         * the final sum, must not depend on timing (the same bits every run). */
+         * the final sum, must not depend on timing (the same bits every run).
+         * Whole heads: a run of them each (a batch row's, as forward). */
+        int chunk = split ? 1 : (int)((ntasks + nthreads - 1) / nthreads);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static, chunk)
 #endif
         for (long t = 0; t < ntasks; t++) {
             /* key block 0 sees every query: do the big ones first */
@@ -1952,7 +1954,6 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             for (int i = 0; i < 5; i++) g[i] = h + (size_t)i * T * D;
             gather_rows(g[0], q + off, 0, T, D, st);
             gather_rows(g[1], dy + yoff, 0, T, D, yt);
-            memset(g[2], 0, sizeof(float) * T * D);
             pack_task(kn, &bp, g[0], D, k + off, v + off, st, g[1], D, 0, T, T, D);
             for (int jb = 0; jb < nkb; jb++)
                 bwd_block(kn, g[0], g[1], lse + (size_t)bh * T, Di + (size_t)bh * T,
