@@ -667,7 +667,9 @@ FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
  * n / nt), the rows it most likely wrote in the op before, from its own cache;
  * then it helps the others, from the front of their runs, so that a slower
  * core is not waited for. head[t * 16]: the next task of run t (one counter
- * per cache line). -> the next task for thread t, or -1: none left. */
+ * per cache line), for up to MAX_RUNS threads (16 KB of stack: a caller with
+ * more uses that many). -> the next task for thread t, or -1: none left. */
+#define MAX_RUNS 256
 static int next_task(int *head, int n, int t, int nt) {
     for (int u = 0; u < nt; u++) {
         int v = (t + u) % nt, end = (int)((long)n * (v + 1) / nt), k;
@@ -700,8 +702,8 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 
     float *bpack = fo_alloc((size_t)KC * NC);
     int nthreads = parallel ? fo_nthreads() : 1;
-    int head[16 * 64];
-    if (nthreads > 64) nthreads = 64;
+    int head[16 * MAX_RUNS];
+    if (nthreads > MAX_RUNS) nthreads = MAX_RUNS;
     if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
@@ -1808,9 +1810,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     int split = BH < 4 * fo_nthreads();
     long ntasks = (long)BH * (split ? nqb : 1);
     int gather = st != D; /* q not packed: each task gathers its queries */
-    int head[16 * 64];
+    int head[16 * MAX_RUNS];
 #ifdef _OPENMP
-#pragma omp parallel num_threads(imin(fo_nthreads(), 64)) if (ntasks > 1 && (double)BH * T * T * D > 1e5)
+#pragma omp parallel num_threads(imin(fo_nthreads(), MAX_RUNS)) if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
     {
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
