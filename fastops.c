@@ -108,10 +108,12 @@ void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, i
 #ifdef _OPENMP
 static int fo_nthreads(void) { return omp_get_max_threads(); }
 static int fo_tid(void) { return omp_get_thread_num(); }
+static int fo_team(void) { return omp_get_num_threads(); } /* threads in this parallel region */
 int fo_has_openmp(void) { return 1; }
 #else
 static int fo_nthreads(void) { return 1; }
 static int fo_tid(void) { return 0; }
+static int fo_team(void) { return 1; }
 int fo_has_openmp(void) { return 0; }
 #endif
 int fo_max_threads(void) { return fo_nthreads(); }
@@ -670,6 +672,7 @@ FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
  * per cache line), for up to MAX_RUNS threads (16 KB of stack: a caller with
  * more uses that many). -> the next task for thread t, or -1: none left. */
 #define MAX_RUNS 256
+static void start_run(int *head, int n, int t, int nt) { head[t * 16] = (int)((long)n * t / nt); }
 static int next_task(int *head, int n, int t, int nt) {
     for (int u = 0; u < nt; u++) {
         int v = (t + u) % nt, end = (int)((long)n * (v + 1) / nt), k;
@@ -713,11 +716,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
 #endif
     {
         float *apack = fo_alloc((size_t)MR * KC);
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         for (int jc = 0; jc < N; jc += NC) {
             int nc = imin(NC, N - jc);
             int npanels = ceil_div(nc, NR);
@@ -730,7 +729,7 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = imin(KC, K - pc);
                 int first = (pc == 0), ntasks = mpanels * nchunks;
-                head[tid * 16] = (int)((long)ntasks * tid / nt); /* (seen after the barrier below) */
+                start_run(head, ntasks, tid, nt); /* (seen after the barrier below) */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -974,11 +973,7 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         int s0 = (int)((long)nstrips * tid / nt), s1 = (int)((long)nstrips * (tid + 1) / nt);
         for (int pc = 0; pc < K; pc += SM_KB) {
             int kc = imin(SM_KB, K - pc);
@@ -1252,11 +1247,7 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         /* split the wider side: each thread packs all of the other operand */
         int s0 = 0, s1 = npanels, m0 = 0, m1 = M;
         if (M > N) {
@@ -1829,13 +1820,9 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
         /* whole heads: each thread its own run first (a batch row's heads
          * read and write the rows the products around split to it); split
          * heads: one run for all, costliest first (as a dynamic schedule) */
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         int runs = split ? 1 : nt;
-        if (tid < runs) head[tid * 16] = (int)(ntasks * tid / runs);
+        if (tid < runs) start_run(head, (int)ntasks, tid, runs);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
@@ -2149,11 +2136,7 @@ void fo_layernorm_forward(const float *x, const float *w, const float *b, float 
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
         e.ln_fwd(x + (size_t)r0 * C, w, b, y + (size_t)r0 * C, mean + r0, rstd + r0, r1 - r0,
                  C, eps);
@@ -2173,11 +2156,7 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         float *pw = priv + (size_t)2 * C * tid, *pb = pw + C;
         memset(pw, 0, sizeof(float) * 2 * C);
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
@@ -2291,11 +2270,7 @@ double fo_sumsq(int n, float *const *x, const long *size) {
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         long lo = total * tid / nt, hi = total * (tid + 1) / nt;
         double s = 0.0;
         FO_FOR_SHARE(n, size, lo, hi, s += sq(x[a] + i0, i1 - i0));
@@ -2322,11 +2297,7 @@ void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *c
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         long lo = total * tid / nt, hi = total * (tid + 1) / nt;
         FO_FOR_SHARE(n, size, lo, hi,
                      aw(p[a] + i0, g[a] + i0, m[a] + i0, v[a] + i0, i1 - i0, beta1, beta2, eps,
@@ -2380,11 +2351,7 @@ void fo_cross_entropy(const float *logits, const int64_t *targets, const float *
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
         rows(logits + (size_t)r0 * V, targets + r0, weights ? weights + r0 : NULL, loss + r0,
              dlogits + (size_t)r0 * V, r1 - r0, V, dscale);
@@ -2425,11 +2392,7 @@ void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, lon
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt = fo_team(), tid = fo_tid();
         int j0 = imin(C, (int)((long)strips * tid / nt) * 16);
         int j1 = imin(C, (int)((long)strips * (tid + 1) / nt) * 16);
         if (j0 < j1) cols(dwte, idx, dx, N, C, j0, j1);
@@ -2463,7 +2426,7 @@ void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, i
         const float *const *p = w + 12 * l;
         /* x + attn(ln_1(x)) */
         fo_layernorm_forward(x, p[0], p[1], h, mean, rstd, B, C, 1e-5f);
-        fo_sgemm(B, 3 * C, C, h, C, 1, p[2], 3 * C, 1, qkv, 3 * C, 0, p[3]);
+        fo_linear_forward(h, p[2], p[3], qkv, B, C, 3 * C);
         for (int b = 0; b < B; b++) /* the new position's keys and values, into the cache */
             for (int hd = 0; hd < H; hd++) {
                 size_t at = (((size_t)b * H + hd) * cap + past) * D;
@@ -2472,13 +2435,13 @@ void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, i
             }
         fo_attention_decode(qkv, k[l], v[l], y, B, H, 1, past + 1, D, 3 * C, D, 3 * C,
                             (ptrdiff_t)H * cap * D, (ptrdiff_t)cap * D, D, C, D, C);
-        fo_sgemm(B, C, C, y, C, 1, p[4], C, 1, y2, C, 0, p[5]);
+        fo_linear_forward(y, p[4], p[5], y2, B, C, C);
         for (size_t i = 0; i < BC; i++) x[i] += y2[i];
         /* x + mlp(ln_2(x)) */
         fo_layernorm_forward(x, p[6], p[7], h, mean, rstd, B, C, 1e-5f);
-        fo_sgemm(B, 4 * C, C, h, C, 1, p[8], 4 * C, 1, f, 4 * C, 0, p[9]);
+        fo_linear_forward(h, p[8], p[9], f, B, C, 4 * C);
         fo_gelu_forward(f, g, 4 * (long)BC);
-        fo_sgemm(B, C, 4 * C, g, 4 * C, 1, p[10], C, 1, y2, C, 0, p[11]);
+        fo_linear_forward(g, p[10], p[11], y2, B, 4 * C, C);
         for (size_t i = 0; i < BC; i++) x[i] += y2[i];
     }
     fo_layernorm_forward(x, lnf_w, lnf_b, h, mean, rstd, B, C, 1e-5f);
