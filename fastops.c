@@ -1901,7 +1901,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
         float *h = gather ? fo_alloc((size_t)5 * T * D) : NULL; /* q dy dq dk dv */
         int ok = P && dP && apack && pk && (!gather || h);
         float *dqt = split ? dqpriv + n * fo_tid() : dq;
-        /* Di = rowsum(dY * Y); zero the dQ accumulator(s) */
+        /* Di = rowsum(dY * Y) (a barrier after it); split: each thread's dQ copy zeroed */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -1914,10 +1914,8 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
          * key blocks a thread adds into its private dQ, and so the order of
          * the final sum, must not depend on timing (the same bits every run).
          * Whole heads: a run of them each (a batch row's, as forward). */
-        int chunk = split ? 1 : (int)((ntasks + nthreads - 1) / nthreads);
 #ifdef _OPENMP
-#pragma omp barrier
-#pragma omp for schedule(static, chunk)
+#pragma omp for schedule(static, split ? 1 : (int)((ntasks + nthreads - 1) / nthreads))
 #endif
         for (long t = 0; t < ntasks; t++) {
             /* key block 0 sees every query: do the big ones first */
