@@ -205,32 +205,35 @@ static void ukern_generic(int kc, const float *a, const float *b, float *c,
 }
 
 #if FO_X86
-/* AVX-512: 12 x 32 tile = 24 zmm accumulators + 2 for B + 1 broadcast (of 32).
- * Per k step: 2 loads of B, 12 broadcasts of A, 24 FMAs. */
+/* AVX-512: tiles of MR rows x NV vectors of 16 columns, 24 zmm accumulators:
+ * 12 x 32 (per k step 2 loads of B, 12 broadcasts of A, 24 FMAs) and, for
+ * the blocked GEMM, 6 x 64 (4 loads, 6 broadcasts: fewer loads per FMA; its
+ * 64 columns would waste work on attention's diagonal tiles, and its B
+ * strip would not stay in L1 in gemm_cols). Each C element sums its k steps
+ * in the same order in either tile: the same bits. */
 #define A512_MR 12
 #define A512_NR 32
+#define W512_MR 6
+#define W512_NR 64
 /* C tile = acc (+ C if load_c) (+ bias): only its top-left mr x nr part,
- * the ragged right edge through lane masks */
+ * the ragged right edge through lane masks; acc[r * nv + v] */
 __attribute__((target("avx512f")))
-static inline void store_tile_512(__m512 acc[A512_MR][2], float *c, ptrdiff_t ldc, int mr, int nr,
-                                  int load_c, const float *bias) {
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
-                   : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
-    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-    if (bias) {
-        bias0 = _mm512_maskz_loadu_ps(m0, bias);
-        bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+static inline void store_tile_512(const __m512 *acc, int nv, float *c, ptrdiff_t ldc, int mr,
+                                  int nr, int load_c, const float *bias) {
+    __mmask16 m[4];
+    __m512 bv[4];
+    for (int v = 0; v < nv; v++) {
+        int w = nr - 16 * v;
+        m[v] = w >= 16 ? (__mmask16)0xFFFF : w > 0 ? (__mmask16)((1u << w) - 1) : (__mmask16)0;
+        bv[v] = bias ? _mm512_maskz_loadu_ps(m[v], bias + 16 * v) : _mm512_setzero_ps();
     }
     for (int r = 0; r < mr; r++) {
         float *cr = c + r * ldc;
-        __m512 v0 = _mm512_add_ps(acc[r][0], bias0), v1 = _mm512_add_ps(acc[r][1], bias1);
-        if (load_c) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
+        for (int v = 0; v < nv; v++) {
+            __m512 x = _mm512_add_ps(acc[r * nv + v], bv[v]);
+            if (load_c) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], cr + 16 * v));
+            _mm512_mask_storeu_ps(cr + 16 * v, m[v], x);
         }
-        _mm512_mask_storeu_ps(cr, m0, v0);
-        _mm512_mask_storeu_ps(cr + 16, m1, v1);
     }
 }
 
@@ -241,66 +244,65 @@ __attribute__((target("avx512f"), noinline))
 static void ukern_avx512_4(int kc, const float *a, ptrdiff_t lda, ptrdiff_t rstep, const float *b,
                            float *c, ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     const float *ar[4];
-    __m512 acc[A512_MR][2];
+    __m512 acc[8];
     for (int r = 0; r < 4; r++) {
         ar[r] = a + (r < mr ? r : mr - 1) * lda;
-        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        acc[2 * r] = acc[2 * r + 1] = _mm512_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
         __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
         for (int r = 0; r < 4; r++) {
             __m512 x = _mm512_set1_ps(ar[r][p * rstep]);
-            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+            acc[2 * r] = _mm512_fmadd_ps(x, b0, acc[2 * r]);
+            acc[2 * r + 1] = _mm512_fmadd_ps(x, b1, acc[2 * r + 1]);
         }
         b += A512_NR;
     }
-    store_tile_512(acc, c, ldc, mr, nr, load_c, bias);
+    store_tile_512(acc, 2, c, ldc, mr, nr, load_c, bias);
 }
 
-/* aligned: where the k loop falls in the cache lines must not move with
- * unrelated code (that moved the products' speed by 2-3% here) */
-__attribute__((target("avx512f"), aligned(64)))
-static void ukern_avx512(int kc, const float *a, const float *b, float *c,
-                         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
-    __m512 acc[A512_MR][2];
-    for (int r = 0; r < A512_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int p = 0; p < kc; p++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-        for (int r = 0; r < A512_MR; r++) {
-            __m512 ar = _mm512_set1_ps(a[r]);
-            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
-        }
-        a += A512_MR;
-        b += A512_NR;
+/* The k loop of an MR x 16 NV tile, A_AT(r) the step's element of row r */
+#define UKERN_512_LOOP(MR, NV, A_AT, NEXT_A)                                              \
+    for (int p = 0; p < kc; p++) {                                                        \
+        __m512 bv[NV];                                                                    \
+        for (int v = 0; v < NV; v++) bv[v] = _mm512_load_ps(b + 16 * v);                  \
+        for (int r = 0; r < MR; r++) {                                                    \
+            __m512 x = _mm512_set1_ps(A_AT(r));                                           \
+            for (int v = 0; v < NV; v++) acc[r * NV + v] = _mm512_fmadd_ps(x, bv[v], acc[r * NV + v]); \
+        }                                                                                 \
+        NEXT_A;                                                                           \
+        b += 16 * NV;                                                                     \
     }
-    store_tile_512(acc, c, ldc, mr, nr, load_c, bias);
-}
-
-/* The same tile with A read in place, row by row (row-major A, row stride
- * lda), for attention's small products, where packing A costs about as much
- * as the product. Rows past mr repeat row mr - 1 (computed, not stored). */
-__attribute__((target("avx512f"), aligned(64)))
-static void ukern_avx512_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
-                              ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
-    const float *ar[A512_MR];
-    __m512 acc[A512_MR][2];
-    for (int r = 0; r < A512_MR; r++) {
-        ar[r] = a + (r < mr ? r : mr - 1) * lda;
-        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+#define PACKED_AT(r) a[r]
+#define ROWS_AT(r) ar[r][p]
+/* ukern_512_MRxNV: A packed (MR floats a step). ukern_512_MRxNV_rows: A read
+ * in place, row by row (row-major A, row stride lda), where packing A costs
+ * about as much as the product; rows past mr repeat row mr - 1 (computed,
+ * not stored). aligned: where the k loop falls in the cache lines must not
+ * move with unrelated code (that moved the products' speed by 2-3% here). */
+#define DEFINE_UKERN_512(MR, NV)                                                          \
+    __attribute__((target("avx512f"), aligned(64)))                                       \
+    static void ukern_512_##MR##x##NV(int kc, const float *a, const float *b, float *c,   \
+                                      ptrdiff_t ldc, int mr, int nr, int load_c,          \
+                                      const float *bias) {                                \
+        __m512 acc[MR * NV];                                                              \
+        for (int i = 0; i < MR * NV; i++) acc[i] = _mm512_setzero_ps();                   \
+        UKERN_512_LOOP(MR, NV, PACKED_AT, a += MR)                                        \
+        store_tile_512(acc, NV, c, ldc, mr, nr, load_c, bias);                            \
+    }                                                                                     \
+    __attribute__((target("avx512f"), aligned(64)))                                       \
+    static void ukern_512_##MR##x##NV##_rows(int kc, const float *a, ptrdiff_t lda,       \
+                                             const float *b, float *c, ptrdiff_t ldc,     \
+                                             int mr, int nr, int load_c, const float *bias) { \
+        const float *ar[MR];                                                              \
+        __m512 acc[MR * NV];                                                              \
+        for (int r = 0; r < MR; r++) ar[r] = a + (r < mr ? r : mr - 1) * lda;             \
+        for (int i = 0; i < MR * NV; i++) acc[i] = _mm512_setzero_ps();                   \
+        UKERN_512_LOOP(MR, NV, ROWS_AT, (void)0)                                          \
+        store_tile_512(acc, NV, c, ldc, mr, nr, load_c, bias);                            \
     }
-    for (int p = 0; p < kc; p++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-        for (int r = 0; r < A512_MR; r++) {
-            __m512 x = _mm512_set1_ps(ar[r][p]);
-            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
-        }
-        b += A512_NR;
-    }
-    store_tile_512(acc, c, ldc, mr, nr, load_c, bias);
-}
+DEFINE_UKERN_512(12, 2) /* A512: 12 x 32 */
+DEFINE_UKERN_512(6, 4)  /* W512: 6 x 64 */
 
 /* AVX2 + FMA: the classic 6 x 16 tile = 12 ymm accumulators. */
 #define A256_MR 6
@@ -359,7 +361,7 @@ static void ukern_avx2(int kc, const float *a, const float *b, float *c,
     store_rows_256(acc0, acc1, c, ldc, mr, nr, load_c, bias);
 }
 
-/* A read in place, as ukern_avx512_rows */
+/* A read in place, as ukern_512_12x2_rows */
 __attribute__((target("avx2,fma")))
 static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
                             ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
@@ -584,8 +586,10 @@ DEFINE_PACK(_avx2, __attribute__((target("avx2,fma"))))
 static const kern_t KERN_GENERIC = {"generic", GEN_MR, GEN_NR, ukern_generic, pack_a_generic,
                                     pack_b_generic, pack_at_generic};
 #if FO_X86
-static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_avx512, pack_a_avx512,
+static const kern_t KERN_AVX512 = {"avx512", A512_MR, A512_NR, ukern_512_12x2, pack_a_avx512,
                                    pack_b_avx512, pack_at_avx512};
+static const kern_t KERN_W512 = {"avx512", W512_MR, W512_NR, ukern_512_6x4, pack_a_avx512,
+                                 pack_b_avx512, pack_at_avx512};
 static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_avx2, pack_b_avx2,
                                  pack_at_avx2};
 #endif
@@ -610,11 +614,20 @@ typedef void (*rows_fn_t)(int kc, const float *a, ptrdiff_t lda, const float *b,
                           ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias);
 static rows_fn_t rows_kern(const kern_t *kn) {
 #if FO_X86
-    if (kn == &KERN_AVX512) return ukern_avx512_rows;
+    if (kn == &KERN_AVX512) return ukern_512_12x2_rows;
+    if (kn == &KERN_W512) return ukern_512_6x4_rows;
     if (kn == &KERN_AVX2) return ukern_avx2_rows;
 #endif
     (void)kn;
     return NULL;
+}
+
+/* the blocked GEMM's tile for this ISA: on AVX-512 the wide one */
+static const kern_t *blocked_kern(const kern_t *kn) {
+#if FO_X86
+    if (kn == &KERN_AVX512) return &KERN_W512;
+#endif
+    return kn;
 }
 
 /* Force a kernel ("avx512", "avx2", "generic", or "auto"): used by the tests
@@ -1330,7 +1343,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads, NULL);
         return;
     }
-    gemm_blocked(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
+    gemm_blocked(blocked_kern(kn), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
 
