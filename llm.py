@@ -1962,7 +1962,7 @@ def _others_running(proc="/proc") -> float:
         return os.getloadavg()[0]                     # macOS; Windows has none: AttributeError
 
 
-CALIBRATION = 4       # the calibration's version: a new one whenever _calibration_work changes
+CALIBRATION = 5       # the calibration's version: a new one whenever _calibration_work changes
 
 
 def calibration_path(lib: str = None) -> str:
@@ -2623,10 +2623,12 @@ def _sum_of_squares(arrays):
 def _calibration_work():
     """Family -> the work that times it: each kernel forward and backward on
     shapes of the models here; on a GPT 768 wide (227 MB of weights, read from
-    memory as GPT-2's): 16 rows in generation, one row's products alone (in
-    generation NumPy's spinning threads made that verdict a coin toss), and
-    tokens at batch 1 and 16 in one call (decode_token) after a prompt of 8;
-    the products in a training step of a small GPT of the default width."""
+    memory as GPT-2's): 16 rows in generation, one row's products where they
+    run, in tokens through the layers one op at a time (between fastops'
+    kernels, which NumPy's threads slow as they spin after a product; timed
+    alone, the products tied), and tokens at batch 1 and 16 in one call
+    (decode_token), each after a prompt of 8; the products in a training step
+    of a small GPT of the default width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
@@ -2637,14 +2639,12 @@ def _calibration_work():
     ids = r.integers(0, 512, (8, 65))
     gen = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
 
-    def generation(rows, tokens, prompt=1):       # a prompt, then one token at a time, with the KV cache
-        kv = KVCache()
-        ops.next_logits(gen, [list(range(prompt))] * rows, kv)
+    def generation(rows, tokens, prompt=1, step=None):   # a prompt, then one token at a time, with the KV cache
+        step, kv = step or ops.next_logits, KVCache()         # (next_logits: the layers one op at a time)
+        step(gen, [list(range(prompt))] * rows, kv)
         for t in range(tokens):
-            ops.next_logits(gen, [[t]] * rows, kv)
-    one_row = [(numpy.ones((1, w.shape[0]), numpy.float32), w) for k, w in gen.params.items()
-               if k.startswith("h.") and w.ndim == 2]
-    return {"linear_one": [lambda: [ops.linear_forward(x, w, None) for x, w in one_row]],
+            step(gen, [[t]] * rows, kv)
+    return {"linear_one": [lambda: generation(1, 3, prompt=8, step=next_logits)],
             "linear_small": [lambda: generation(16, 1)],
             "attention": [layer("attention", *(f32(12, 4, 64, 32),) * 3), layer("attention", *(f32(2, 6, 128, 64),) * 3)],
             "decode": [lambda q=f32(16, 6, 1, 32), kv=f32(16, 6, 48, 32): ops.attention_forward(q, kv, kv)],
