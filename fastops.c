@@ -622,11 +622,14 @@ static rows_fn_t rows_kern(const kern_t *kn) {
     return NULL;
 }
 
-/* the blocked GEMM's tile for this ISA: on AVX-512 the wide one */
-static const kern_t *blocked_kern(const kern_t *kn) {
+/* the blocked GEMM's tile for this ISA and N columns: on AVX-512 the wide
+ * one, unless its last panel wastes more columns (N = 260: 320, not 288) */
+static const kern_t *blocked_kern(const kern_t *kn, int N) {
 #if FO_X86
-    if (kn == &KERN_AVX512) return &KERN_W512;
+    if (kn == &KERN_AVX512 && ceil_div(N, W512_NR) * W512_NR <= ceil_div(N, A512_NR) * A512_NR)
+        return &KERN_W512;
 #endif
+    (void)N;
     return kn;
 }
 
@@ -1343,7 +1346,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
         gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads, NULL);
         return;
     }
-    gemm_blocked(blocked_kern(kn), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
+    gemm_blocked(blocked_kern(kn, N), M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias,
                  flops >= PAR_MIN_FLOPS);
 }
 
