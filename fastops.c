@@ -853,63 +853,77 @@ SM_DEF_GENERIC(2)
 SM_DEF_GENERIC(4)
 
 #if FO_X86
-/* AVX-512: R rows x 32 columns (2 zmm per row). Per k step: 2 loads of B
- * (masked at the right edge: never past the row), R broadcasts, 2R FMAs. */
-#define SM512_NR 32
-/* The k loop, once with plain loads of B and once with masked ones for the
- * right edge: gcc keeps the accumulators in registers only in a loop whose
- * loads it can see through (a masked load's pointer might, to it, reach them). */
-#define SMK_512_LOOP(R, LOAD0, LOAD1)                                                      \
+/* AVX-512: R rows x 48 columns (3 zmm per row). Per k step: 3 loads of B,
+ * R broadcasts, 3R FMAs: for 8 rows 24 accumulators. gcc keeps them in
+ * registers only as named vectors in a loop whose loads it can see through:
+ * with masked loads for the right edge (their pointer might, to it, reach
+ * them) it kept them on the stack and stored them at every k step. So the
+ * loop has plain loads only, and the right edge reads its rows from a
+ * zero-padded copy (never past a row of B). */
+#define SM512_NR 48
+#define SMK_512_LOOP(R)                                                                    \
     for (int p = 0; p < kc; p++) {                                                         \
         const float *bp = b + p * rsb;                                                     \
         if (pf) {                                                                          \
             _mm_prefetch((const char *)(bp + SM_KB * rsb), _MM_HINT_T1);                   \
             _mm_prefetch((const char *)(bp + SM_KB * rsb + 16), _MM_HINT_T1);              \
+            _mm_prefetch((const char *)(bp + SM_KB * rsb + 32), _MM_HINT_T1);              \
         }                                                                                  \
-        __m512 b0 = LOAD0, b1 = LOAD1;                                                     \
+        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);                    \
+        __m512 b2 = _mm512_loadu_ps(bp + 32);                                              \
         const float *ap = at + (size_t)p * MP; /* constant offsets: no index arithmetic */ \
         for (int r = 0; r < R; r++) {                                                      \
             __m512 ar = _mm512_set1_ps(ap[r]);                                             \
-            if (R <= 2 && (p & 1)) { /* odd k apart: 4R chains of FMAs, not 2R */          \
-                acc2[r] = _mm512_fmadd_ps(ar, b0, acc2[r]);                                \
-                acc3[r] = _mm512_fmadd_ps(ar, b1, acc3[r]);                                \
+            if (R <= 2 && (p & 1)) { /* odd k apart: 6R chains of FMAs, not 3R */          \
+                acc3[r] = _mm512_fmadd_ps(ar, b0, acc3[r]);                                \
+                acc4[r] = _mm512_fmadd_ps(ar, b1, acc4[r]);                                \
+                acc5[r] = _mm512_fmadd_ps(ar, b2, acc5[r]);                                \
             } else {                                                                       \
                 acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                \
                 acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                \
+                acc2[r] = _mm512_fmadd_ps(ar, b2, acc2[r]);                                \
             }                                                                              \
         }                                                                                  \
     }
+#define SM_MASK(w) ((w) >= 16 ? (__mmask16)0xFFFF : (w) > 0 ? (__mmask16)((1u << (w)) - 1) : (__mmask16)0)
 #define SM_DEF_AVX512(R)                                                                   \
     __attribute__((target("avx512f"))) static void smk_512_##R(                            \
         int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
         ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {                    \
-        __m512 acc0[R], acc1[R], acc2[R], acc3[R];                                         \
-        for (int r = 0; r < R; r++) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_ps(); \
-        __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);         \
-        __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF                                        \
-                       : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;      \
-        if (nr == SM512_NR)                                                                \
-            SMK_512_LOOP(R, _mm512_loadu_ps(bp), _mm512_loadu_ps(bp + 16))                 \
-        else                                                                               \
-            SMK_512_LOOP(R, _mm512_maskz_loadu_ps(m0, bp), _mm512_maskz_loadu_ps(m1, bp + 16)) \
-        for (int r = 0; r < R && R <= 2; r++) {                                            \
-            acc0[r] = _mm512_add_ps(acc0[r], acc2[r]);                                     \
-            acc1[r] = _mm512_add_ps(acc1[r], acc3[r]);                                     \
+        __m512 acc0[R], acc1[R], acc2[R], acc3[R], acc4[R], acc5[R];                       \
+        for (int r = 0; r < R; r++)                                                        \
+            acc0[r] = acc1[r] = acc2[r] = acc3[r] = acc4[r] = acc5[r] = _mm512_setzero_ps(); \
+        __mmask16 m0 = SM_MASK(nr), m1 = SM_MASK(nr - 16), m2 = SM_MASK(nr - 32);          \
+        float edge[SM_KB * SM512_NR]; /* the right edge's rows, zero-padded */             \
+        if (nr < SM512_NR) {                                                               \
+            for (int p = 0; p < kc; p++)                                                   \
+                for (int j = 0; j < SM512_NR; j++) edge[p * SM512_NR + j] = j < nr ? b[p * rsb + j] : 0.0f; \
+            b = edge, rsb = SM512_NR, pf = 0;                                              \
         }                                                                                  \
-        __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();                   \
+        SMK_512_LOOP(R)                                                                    \
+        for (int r = 0; r < R && R <= 2; r++) {                                            \
+            acc0[r] = _mm512_add_ps(acc0[r], acc3[r]);                                     \
+            acc1[r] = _mm512_add_ps(acc1[r], acc4[r]);                                     \
+            acc2[r] = _mm512_add_ps(acc2[r], acc5[r]);                                     \
+        }                                                                                  \
+        __m512 bias0 = _mm512_setzero_ps(), bias1 = bias0, bias2 = bias0;                  \
         if (bias) {                                                                        \
             bias0 = _mm512_maskz_loadu_ps(m0, bias);                                       \
             bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);                                  \
+            bias2 = _mm512_maskz_loadu_ps(m2, bias + 32);                                  \
         }                                                                                  \
         for (int r = 0; r < mr; r++) {                                                     \
             float *cr = c + r * ldc;                                                       \
             __m512 v0 = _mm512_add_ps(acc0[r], bias0), v1 = _mm512_add_ps(acc1[r], bias1); \
+            __m512 v2 = _mm512_add_ps(acc2[r], bias2);                                     \
             if (load_c) {                                                                  \
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));                     \
                 v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));                \
+                v2 = _mm512_add_ps(v2, _mm512_maskz_loadu_ps(m2, cr + 32));                \
             }                                                                              \
             _mm512_mask_storeu_ps(cr, m0, v0);                                             \
             _mm512_mask_storeu_ps(cr + 16, m1, v1);                                        \
+            _mm512_mask_storeu_ps(cr + 32, m2, v2);                                        \
         }                                                                                  \
     }
 SM_DEF_AVX512(1)
