@@ -215,6 +215,8 @@ static void ukern_generic(int kc, const float *a, const float *b, float *c,
 #define A512_NR 32
 #define W512_MR 6
 #define W512_NR 64
+/* the lanes of 16 that hold the first w of them: all, the first w, or none */
+#define LANE_MASK16(w) ((w) >= 16 ? (__mmask16)0xFFFF : (w) > 0 ? (__mmask16)((1u << (w)) - 1) : (__mmask16)0)
 /* C tile = acc (+ C if load_c) (+ bias): only its top-left mr x nr part,
  * the ragged right edge through lane masks; acc[r * nv + v] */
 __attribute__((target("avx512f")))
@@ -223,8 +225,7 @@ static inline void store_tile_512(const __m512 *acc, int nv, float *c, ptrdiff_t
     __mmask16 m[4];
     __m512 bv[4];
     for (int v = 0; v < nv; v++) {
-        int w = nr - 16 * v;
-        m[v] = w >= 16 ? (__mmask16)0xFFFF : w > 0 ? (__mmask16)((1u << w) - 1) : (__mmask16)0;
+        m[v] = LANE_MASK16(nr - 16 * v);
         bv[v] = bias ? _mm512_maskz_loadu_ps(m[v], bias + 16 * v) : _mm512_setzero_ps();
     }
     for (int r = 0; r < mr; r++) {
@@ -885,7 +886,6 @@ SM_DEF_GENERIC(4)
             }                                                                              \
         }                                                                                  \
     }
-#define SM_MASK(w) ((w) >= 16 ? (__mmask16)0xFFFF : (w) > 0 ? (__mmask16)((1u << (w)) - 1) : (__mmask16)0)
 #define SM_DEF_AVX512(R)                                                                   \
     __attribute__((target("avx512f"))) static void smk_512_##R(                            \
         int kc, const float *at, int MP, const float *b, ptrdiff_t rsb, int pf, float *c,  \
@@ -893,7 +893,7 @@ SM_DEF_GENERIC(4)
         __m512 acc0[R], acc1[R], acc2[R], acc3[R], acc4[R], acc5[R];                       \
         for (int r = 0; r < R; r++)                                                        \
             acc0[r] = acc1[r] = acc2[r] = acc3[r] = acc4[r] = acc5[r] = _mm512_setzero_ps(); \
-        __mmask16 m0 = SM_MASK(nr), m1 = SM_MASK(nr - 16), m2 = SM_MASK(nr - 32);          \
+        __mmask16 m0 = LANE_MASK16(nr), m1 = LANE_MASK16(nr - 16), m2 = LANE_MASK16(nr - 32); \
         float edge[SM_KB * SM512_NR]; /* the right edge's rows, zero-padded */             \
         if (nr < SM512_NR) {                                                               \
             for (int p = 0; p < kc; p++)                                                   \
