@@ -840,7 +840,7 @@ def next_logits(model: GPT, ids, kv: KVCache):
     return ops.linear_forward(h, model.params["wte.weight"].T, None)[0]
 
 
-ops.next_logits = next_logits     # in the table too (section 10's runs a new token per row in one call)
+ops.next_logits = next_logits     # in the table too: section 10 runs a new token per row in one call
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
@@ -2640,7 +2640,8 @@ def _calibration_work():
     gen = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=64, vocab_size=512), seed=0)
 
     def generation(rows, tokens, prompt=1, step=None):   # a prompt, then one token at a time, with the KV cache
-        step, kv = step or ops.next_logits, KVCache()         # (next_logits: the layers one op at a time)
+        step = step or ops.next_logits                        # (next_logits: the layers one op at a time)
+        kv = KVCache()
         step(gen, [list(range(prompt))] * rows, kv)
         for t in range(tokens):
             step(gen, [[t]] * rows, kv)
