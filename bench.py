@@ -71,8 +71,9 @@ def cpu_info():
 
 
 def peak_gflops(isa, threads, mhz):
-    """FP32 peak = threads x lanes x 2 (FMA = 2 flops) x 2 FMA units x clock."""
-    lanes = {"avx512": 16, "avx2": 8}.get(isa, 4)
+    """FP32 peak = threads x lanes x 2 (FMA = 2 flops) x 2 FMA units x clock
+    (AMX: AVX-512's; its tile products are not bound by it)."""
+    lanes = {"amx": 16, "avx512": 16, "avx2": 8}.get(isa, 4)
     return threads * lanes * 2 * 2 * mhz / 1e3
 
 
@@ -876,9 +877,10 @@ def main():
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive when the cores were busy as it loaded fastops or NumPy does the products, unless set)")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
-    print(f"# FP32 peak assumption: {threads} cores x {16 if isa == 'avx512' else 8 if isa == 'avx2' else 4}"
+    print(f"# FP32 peak assumption: {threads} cores x {16 if isa in ('amx', 'avx512') else 8 if isa == 'avx2' else 4}"
           f" lanes x 2 flops/FMA x 2 FMA units x {mhz:.0f} MHz (cpu MHz from /proc/cpuinfo; turbo"
-          f" clocks above it can exceed 100%) = {peak:.0f} GFLOP/s")
+          f" clocks above it can exceed 100%) = {peak:.0f} GFLOP/s"
+          + (" (AVX-512's FMAs: AMX's tile products, used for the larger matmuls, exceed it)" if isa == "amx" else ""))
     try:
         load = open("/proc/loadavg").read().split()[0]
         print(f"# load average before the run: {load} (other busy processes distort every number)")

@@ -595,6 +595,8 @@ static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_av
                                  pack_at_avx2};
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
+static int g_amx = -1;              /* products on AMX (below): 1, 0, or -1: not chosen yet */
+static int amx_usable(void);
 
 static const kern_t *best_kern(void) {
 #if FO_X86
@@ -608,7 +610,15 @@ static const kern_t *kern(void) {
     if (!g_kern) g_kern = best_kern(); /* benign race: every thread writes the same */
     return g_kern;
 }
-const char *fo_isa(void) { return kern()->name; }
+static int use_amx(void) {
+#if FO_X86
+    if (g_amx < 0) g_amx = kern() == &KERN_AVX512 && amx_usable();
+#else
+    g_amx = 0;
+#endif
+    return g_amx;
+}
+const char *fo_isa(void) { return use_amx() ? "amx" : kern()->name; }
 
 /* the micro-kernel that reads a row-major A in place, where this ISA has one */
 typedef void (*rows_fn_t)(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
@@ -634,22 +644,24 @@ static const kern_t *blocked_kern(const kern_t *kn, int N) {
     return kn;
 }
 
-/* Force a kernel ("avx512", "avx2", "generic", or "auto"): used by the tests
- * to check every path this CPU can run. Returns 0, or -1 if not supported. */
+/* Force a kernel ("amx", "avx512", "avx2", "generic", or "auto"): used by the
+ * tests to check every path this CPU can run. Returns 0, or -1 if not
+ * supported. ("amx": AVX-512, with the large products on AMX.) */
 int fo_set_isa(const char *name) {
-    if (!strcmp(name, "auto")) { g_kern = best_kern(); return 0; }
-    if (!strcmp(name, "generic")) { g_kern = &KERN_GENERIC; return 0; }
+    const kern_t *kn = NULL;
+    int amx = 0;
+    if (!strcmp(name, "auto")) kn = best_kern(), amx = -1;
+    if (!strcmp(name, "generic")) kn = &KERN_GENERIC;
 #if FO_X86
     __builtin_cpu_init();
-    if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f")) {
-        g_kern = &KERN_AVX512; return 0;
-    }
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-        g_kern = &KERN_AVX2; return 0;
-    }
+    if (!strcmp(name, "amx") && amx_usable()) kn = &KERN_AVX512, amx = 1;
+    if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f")) kn = &KERN_AVX512;
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        kn = &KERN_AVX2;
 #endif
-    return -1;
+    if (!kn) return -1;
+    g_kern = kn, g_amx = amx;
+    return 0;
 }
 
 /* Ask the caches for n floats from p, a cache line at a time, before they
@@ -1318,6 +1330,300 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* AMX (Intel's tile unit, Sapphire Rapids on): the same products at about   */
+/* twice the AVX-512 speed, float32 to float32's accuracy. A tile product    */
+/* multiplies bfloat16 (a float's top 16 bits: 8 significant bits) and sums  */
+/* in float32. Each float is cut into three bfloat16, x = hi + mid + lo: hi  */
+/* its top 8 bits, mid and lo the next 8 and 8, rounded to nearest. That is  */
+/* all 24 of a float's bits: the sum is x exactly. Of the nine products of   */
+/* a = a0+a1+a2 and b = b0+b1+b2, the six down to 2^-16 of a.b are computed; */
+/* the three left out (a1.b2, a2.b1, a2.b2) are below 2^-23 of it, float32's */
+/* own rounding (2^-24), and of either sign. So a product differs from the   */
+/* AVX-512 one about as float32 sums in two orders do; not in its bits.      */
+/* (Tile units flush values below 2^-126, float32's smallest normal number,  */
+/* to zero; a float's lo is that small only when the float is below 2^-110.) */
+/*                                                                           */
+/* A is cut into row tiles (16 rows x 32 k, per piece), B into column tiles  */
+/* (16 k pairs x 16 columns x 2, the tile unit's layout for B), both whole   */
+/* before the products: each is read many times. A thread then takes its run */
+/* of row tiles and sweeps each over a block of B's column tiles (in its L2) */
+/* with C's 16 x 32 tile kept in two tile registers over the whole k range.  */
+/* ------------------------------------------------------------------------ */
+#if FO_X86 && defined(__linux__) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : (defined(__GNUC__) && __GNUC__ >= 11))
+#define FO_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* the CPU has AMX-BF16 and Linux lets this process use the tile registers */
+static int amx_usable(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        unsigned a, b, c, d;
+        ok = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) &&
+             __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1) && /* AVX512-BF16 */
+             __builtin_cpu_supports("avx512f") &&
+             syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    }
+    return ok;
+}
+
+/* x -> hi, mid, lo: bfloat16 in the low half of each 32-bit lane. hi is x's
+ * top 16 bits (cut: it cannot round up past the largest float); mid and lo
+ * rounded to nearest (even), so the parts left out are of either sign.
+ * -> the lanes where x is not finite (the product then goes to AVX-512:
+ * inf . b would meet b's mid and lo, 0 for b = 1, and give NaN, not inf). */
+__attribute__((target("avx512f,avx512bf16")))
+static inline __mmask16 amx_split(__m512 x, __m512i part[3]) {
+    __m512i h = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0xFFFF0000u));
+    h = _mm512_mask_or_epi32(h, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x00400000));
+    __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+    __mmask16 finite = _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q); /* not inf - inf, not NaN */
+    r = _mm512_maskz_mov_ps(finite, r);
+    part[0] = _mm512_srli_epi32(h, 16);
+    part[1] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(r));
+    r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(part[1], 16)));
+    part[2] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(r));
+    return (__mmask16)~finite;
+}
+
+#define AMX_TILE 512 /* bfloat16 in a tile: 16 rows of 64 bytes */
+
+/* the first n of 16 floats at p, the rest 0 (none read past them) */
+__attribute__((target("avx512f")))
+static inline __m512 amx_load16(const float *p, int n) {
+    return _mm512_maskz_loadu_ps(LANE_MASK16(n), p);
+}
+
+/* rows [0, mr) x k [0, K) of A, zero-padded to 16 x Kp -> Kp / 32 k blocks
+ * of three tiles: out[(kb * 3 + s) * AMX_TILE + r * 32 + k % 32]. Read in
+ * place when its rows are rows in memory, else first copied into stage.
+ * -> whether a value was not finite. */
+__attribute__((target("avx512f,avx512bf16")))
+static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
+                      int mr, int K, int Kp) {
+    __mmask16 bad = 0;
+    if (csa != 1) { /* X^T: its rows are columns in memory, transposed in blocks */
+        if (rsa == 1) packbt_avx512(stage, A, csa, K, mr, Kp);
+        else
+            for (int r = 0; r < mr; r++)
+                for (int p = 0; p < K; p++) stage[(size_t)r * Kp + p] = A[r * rsa + p * csa];
+        A = stage, rsa = Kp;
+    }
+    for (int kb = 0; kb < Kp / 32; kb++)
+        for (int r = 0; r < 16; r++)
+            for (int h = 0; h < 2; h++) {
+                int p = kb * 32 + 16 * h;
+                __m512i part[3];
+                bad |= amx_split(r < mr ? amx_load16(A + r * rsa + p, K - p) : _mm512_setzero_ps(), part);
+                for (int s = 0; s < 3; s++)
+                    _mm256_storeu_si256((__m256i *)(out + (kb * 3 + s) * AMX_TILE + r * 32 + 16 * h),
+                                        _mm512_cvtepi32_epi16(part[s]));
+            }
+    return bad != 0;
+}
+
+/* k [0, K) x columns [0, nr) of B, zero-padded to Kp x 32 -> for each
+ * 16-column half h, Kp / 32 k blocks of three tiles, k in pairs:
+ * out[((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32 + 2 j + (k & 1)], k % 32
+ * = 2 q + (k & 1). Read in place when its rows are rows in memory, else
+ * first packed into stage (kc x 32). -> whether a value was not finite. */
+__attribute__((target("avx512f,avx512bf16")))
+static int amx_pack_b(const kern_t *kn, uint16_t *out, float *stage, const float *B,
+                      ptrdiff_t rsb, ptrdiff_t csb, int nr, int K, int Kp) {
+    int nkb = Kp / 32;
+    __mmask16 bad = 0;
+    if (csb != 1) { /* W^T: transposed in blocks */
+        kn->pack_b(stage, B, rsb, csb, nr, K, 32);
+        B = stage, rsb = 32;
+    }
+    for (int h = 0; h < 2; h++)
+        for (int kb = 0; kb < nkb; kb++)
+            for (int q = 0; q < 16; q++) {
+                int k = kb * 32 + 2 * q, n = nr - 16 * h;
+                const float *row = B + (ptrdiff_t)k * rsb + 16 * h;
+                __m512i even[3], odd[3];
+                bad |= amx_split(amx_load16(row, k < K ? n : 0), even);
+                bad |= amx_split(amx_load16(row + rsb, k + 1 < K ? n : 0), odd);
+                for (int s = 0; s < 3; s++)
+                    _mm512_storeu_si512(out + ((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32,
+                                        _mm512_or_si512(even[s], _mm512_slli_epi32(odd[s], 16)));
+            }
+    return bad != 0;
+}
+
+/* every tile register 16 rows x 64 bytes (static: the intrinsic's asm tells
+ * the compiler of only a pointer's worth of the 64 bytes it reads) */
+static const struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+__attribute__((target("amx-tile"))) static void amx_configure(void) { _tile_loadconfig(&amx_config); }
+
+/* c (32 x 32, row stride 32) = two row tiles (a0: rows 0-15, a1: 16-31) .
+ * two column tiles (b0, b1) over nkb k blocks. Tiles 0-3: C's quarters;
+ * 4, 5: a piece of A's two row tiles; 6, 7: a piece of B's two column
+ * tiles. Four independent products at a time; per k block the six terms,
+ * smallest first, in an order that reloads 16 tiles, not 24. */
+#define AMX_DP4(s, t)                                                                     \
+    do {                                                                                  \
+        if (s >= 0) { _tile_loadd(4, a0 + (s) * AMX_TILE, 64); _tile_loadd(5, a1 + (s) * AMX_TILE, 64); } \
+        if (t >= 0) { _tile_loadd(6, b0 + (t) * AMX_TILE, 64); _tile_loadd(7, b1 + (t) * AMX_TILE, 64); } \
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);                                 \
+        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);                                 \
+    } while (0)
+__attribute__((target("amx-tile,amx-bf16")))
+static void amx_kernel(int nkb, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
+                       const uint16_t *b1, float *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int kb = 0; kb < nkb; kb++) {
+        AMX_DP4(2, 0);  /* lo . hi (-1: the tile already loaded) */
+        AMX_DP4(1, -1); /* mid . hi */
+        AMX_DP4(-1, 1); /* mid . mid */
+        AMX_DP4(0, 2);  /* hi . lo */
+        AMX_DP4(-1, 1); /* hi . mid */
+        AMX_DP4(-1, 0); /* hi . hi */
+        a0 += 3 * AMX_TILE, a1 += 3 * AMX_TILE, b0 += 3 * AMX_TILE, b1 += 3 * AMX_TILE;
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+/* C's tile at c (mr x nr of it) = row tiles a0, a1 . column tiles b0, b1 (+ C) (+ bias) */
+__attribute__((target("avx512f,amx-tile,amx-bf16")))
+static void amx_tile(int nkb, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
+                     const uint16_t *b1, float *c, ptrdiff_t ldc, int mr, int nr, int accumulate,
+                     const float *bias) {
+    float acc[32 * 32] __attribute__((aligned(64)));
+    amx_kernel(nkb, a0, a1, b0, b1, acc);
+    store_tile_512((const __m512 *)acc, 2, c, ldc, mr, nr, accumulate, bias);
+}
+__attribute__((target("amx-tile"))) static void amx_release(void) { _tile_release(); }
+
+/* Scratch memory a thread keeps from call to call, in three slots (up to
+ * AMX_KEEP bytes each): blocks of a few hundred KB malloc'ed and freed at
+ * every product came back from the system each time, and their page faults
+ * cost about as much as a small layer's product. */
+#define AMX_KEEP (32 << 20)
+static __thread float *amx_kept[3];
+static __thread size_t amx_kept_n[3];
+static float *amx_scratch(int slot, size_t nfloats) {
+    if (nfloats > AMX_KEEP / sizeof(float)) return fo_alloc(nfloats);
+    if (amx_kept_n[slot] < nfloats) {
+        fo_free(amx_kept[slot]);
+        amx_kept[slot] = fo_alloc(nfloats);
+        amx_kept_n[slot] = amx_kept[slot] ? nfloats : 0;
+    }
+    return amx_kept[slot];
+}
+static void amx_scratch_done(int slot, float *p) {
+    if (p != amx_kept[slot]) fo_free(p);
+}
+
+#define AMX_BLOCK (1 << 20) /* bytes of tiles a thread cuts and sweeps the other side over: L2 */
+#define AMX_KB 16           /* k blocks of 32 per pass over C */
+#define AMX_MIN 32          /* rows and columns of C from which AMX is used */
+
+/* The wider side of C is split among the threads: each cuts its own tiles
+ * of that side's operand (X.W: rows of X) a block at a time into its L2 as
+ * it goes; the other operand (W), cut once before, is swept over them. So
+ * the larger operand is read once and its tiles (1.5 times its bytes) never
+ * go out to memory and back. Tile pairs: 32 rows or columns. C is written
+ * (accumulate = 0). -> 0, or 1 if A or B holds a value that is not finite:
+ * then C is not done (AVX-512 does it, with float32's infinities). */
+static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdiff_t rsa,
+                     ptrdiff_t csa, const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C,
+                    ptrdiff_t ldc, const float *bias, int nthreads) {
+    int Kp = ceil_div(K, 32) * 32, nkb = Kp / 32, rows = M >= N, bad = 0;
+    int mp = ceil_div(M, 32), np = ceil_div(N, 32), nown = rows ? mp : np, nother = rows ? np : mp;
+    size_t whole = (size_t)nkb * 3 * AMX_TILE, part = (size_t)imin(nkb, AMX_KB) * 3 * AMX_TILE;
+    int block = imax(1, (int)(AMX_BLOCK / (2 * part * sizeof(uint16_t)))); /* pairs */
+    uint16_t *other = (uint16_t *)amx_scratch(0, (size_t)nother * whole); /* 2 tiles a pair: floats = halves */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+        int nt = fo_team(), tid = fo_tid();
+        float *stage = amx_scratch(1, (size_t)Kp * 32);
+        int s0 = (int)((long)nown * tid / nt), s1 = (int)((long)nown * (tid + 1) / nt);
+        uint16_t *own = (uint16_t *)amx_scratch(2, (size_t)imax(1, imin(block, s1 - s0)) * part);
+        int ok = stage && own && other;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int x = 0; x < nother; x++) /* the other side, whole */
+            for (int h = 0; h < (rows ? 1 : 2) && ok; h++) {
+                uint16_t *out = other + 2 * x * whole + h * whole;
+                if (rows ? amx_pack_b(kn, out, stage, B + (ptrdiff_t)x * 32 * csb, rsb, csb,
+                                      imin(32, N - x * 32), K, Kp)
+                         : amx_pack_a(out, stage, A + (ptrdiff_t)(x * 32 + h * 16) * rsa, rsa, csa,
+                                      imax(0, imin(16, M - x * 32 - h * 16)), K, Kp)) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                    bad = 1;
+                }
+            }
+        /* (implicit barrier: the other side cut) */
+        amx_configure();
+        for (int b0 = s0; b0 < s1 && ok && !bad; b0 += block) {
+            int b1 = imin(s1, b0 + block);
+            for (int k0 = 0; k0 < nkb; k0 += AMX_KB) { /* C summed from the second on */
+                int kb = imin(AMX_KB, nkb - k0), p0 = k0 * 32, kc = imin(K - p0, kb * 32);
+                size_t ck = (size_t)kb * 3 * AMX_TILE, off = (size_t)k0 * 3 * AMX_TILE;
+                int cut_bad = 0;
+                for (int x = b0; x < b1; x++) { /* this thread's block, this k range */
+                    uint16_t *out = own + 2 * (x - b0) * ck;
+                    if (rows)
+                        for (int h = 0; h < 2; h++)
+                            cut_bad |= amx_pack_a(out + h * ck, stage, A + (ptrdiff_t)(x * 32 + h * 16) * rsa
+                                                  + p0 * csa, rsa, csa, imax(0, imin(16, M - x * 32 - h * 16)),
+                                                  kc, kb * 32);
+                    else
+                        cut_bad |= amx_pack_b(kn, out, stage, B + p0 * rsb + (ptrdiff_t)x * 32 * csb, rsb,
+                                              csb, imin(32, N - x * 32), kc, kb * 32);
+                }
+                if (cut_bad) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                    bad = 1;
+                    break;
+                }
+                for (int y = 0; y < nother; y++) {
+                    const uint16_t *o = other + 2 * y * whole + off;
+                    for (int x = b0; x < b1; x++) {
+                        const uint16_t *w = own + 2 * (x - b0) * ck;
+                        int i = 32 * (rows ? x : y), j = 32 * (rows ? y : x);
+                        amx_tile(kb, rows ? w : o, rows ? w + ck : o + whole, rows ? o : w,
+                                 rows ? o + whole : w + ck, C + (ptrdiff_t)i * ldc + j, ldc,
+                                 imin(32, M - i), imin(32, N - j), k0 > 0,
+                                 (bias && !k0) ? bias + j : NULL);
+                    }
+                }
+            }
+        }
+        amx_release();
+        amx_scratch_done(2, (float *)own);
+        amx_scratch_done(1, stage);
+    }
+    amx_scratch_done(0, (float *)other);
+    return bad;
+}
+#else
+#define FO_AMX 0
+#define AMX_MIN 0
+static int amx_usable(void) { return 0; }
+#endif
+
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
 
@@ -1356,6 +1662,11 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
 #endif
     const kern_t *kn = kern();
     int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
+#if FO_AMX
+    if (M >= AMX_MIN && N >= AMX_MIN && !accumulate && use_amx() &&
+        !gemm_amx(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, bias, nthreads))
+        return;
+#endif
     if (csa != 1 && cols_fit(kn, M, N, nthreads)) {  /* A packed: X^T.dY */
         gemm_cols(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, bias, nthreads, NULL);
         return;
@@ -1397,7 +1708,8 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
     if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
     const kern_t *kn = kern();
     int nthreads = 2.0 * M * N * K >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
-    if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads)) { /* db while packing dy */
+    if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads) &&
+        !(FO_AMX && K >= AMX_MIN && N >= AMX_MIN && use_amx())) { /* db while packing dy */
         gemm_cols(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL, nthreads, db);
         return;
     }

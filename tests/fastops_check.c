@@ -366,9 +366,9 @@ static void check_all(void) {
 }
 
 int main(void) {
-    static const char *isas[] = {"avx512", "avx2", "generic"};
+    static const char *isas[] = {"amx", "avx512", "avx2", "generic"};
     int ran = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         if (fo_set_isa(isas[i]) != 0) continue;
         check_all();
         ran++;

@@ -31,7 +31,7 @@ if llm._fastops is None:
                 allow_module_level=True)
 
 lib = llm._fastops.lib
-ISAS = [name for name in ("avx512", "avx2", "generic") if lib.fo_set_isa(name.encode()) == 0]
+ISAS = [name for name in ("amx", "avx512", "avx2", "generic") if lib.fo_set_isa(name.encode()) == 0]
 lib.fo_set_isa(b"auto")
 
 FAST = settings(deadline=None, max_examples=60,
@@ -112,6 +112,47 @@ def test_sgemm_few_rows_streamed(M, K, N, trans_a, accumulate, bias, path, seed)
         lib.fo_sgemm(M, N, K, llm._ptr(a), rsa, csa, llm._ptr(b), N, 1, llm._ptr(c), N, int(accumulate),
                      llm._ptr(bb) if bias else llm._fastops.ffi.NULL)
     close(c, expect, K)
+
+
+@settings(deadline=None, max_examples=40)
+@given(M=DIMS, K=st.sampled_from([1, 2, 31, 33, 129, 520, 2048]), N=DIMS, trans_a=st.booleans(),
+       trans_b=st.booleans(), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(M=129, K=2048, N=97, trans_a=True, trans_b=False, path=ISAS[0], seed=0)  # X^T.dY, k in blocks
+@example(M=65, K=1, N=64, trans_a=False, trans_b=True, path=ISAS[0], seed=0)      # one term: a single product
+def test_sgemm_error_is_float32s(M, K, N, trans_a, trans_b, path, seed):
+    """Every product path errs by no more than float32 summation may: each
+    element within (K + 8) 2^-24 sum_k |a_ik b_kj| of the exact sum. AMX's
+    products are made of bfloat16 parts (see fastops.c): with the parts this
+    bound allows, an fp32 product; with fewer (bfloat16 x3, 2^-16 per term)
+    this test fails."""
+    rng = np.random.default_rng(seed)
+    a = randn(rng, K, M).T if trans_a else randn(rng, M, K)
+    b = randn(rng, N, K).T if trans_b else randn(rng, K, N)
+    a *= np.float32(2.0) ** rng.integers(-20, 20, size=a.shape).astype(np.float32)  # many exponents
+    with isa(path):
+        c = llm.fo_linear_forward(a, b, None)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = (K + 8) * 2.0**-24 * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    assert np.all(np.abs(c - exact) <= bound)
+
+
+@pytest.mark.parametrize("path", ISAS)
+def test_sgemm_not_finite_as_float32(path):
+    """inf and NaN in either operand come out as float32's products make them
+    (inf . 1 = inf, inf . 0 = NaN), on every path: AMX hands such products
+    to AVX-512, as its bfloat16 parts would turn inf . 1 into NaN."""
+    rng = np.random.default_rng(0)
+    x, w = randn(rng, 70, 64), np.ones((64, 40), np.float32)
+    x[3, 5], x[7, 1], w[9, 2] = np.inf, np.nan, -np.inf
+    with isa(path):
+        y = llm.fo_linear_forward(x, w, None)
+        dx, dw, _ = llm.fo_linear_backward(np.ones_like(y), x, w)
+    with np.errstate(invalid="ignore"):
+        for got, want in ((y, x.astype(np.float64) @ w), (dw, x.T.astype(np.float64) @ np.ones_like(y))):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+            ok = np.isfinite(want)
+            close(got[ok], want[ok], 70)
 
 
 # ---- attention ------------------------------------------------------------------
