@@ -595,7 +595,7 @@ static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_av
                                  pack_at_avx2};
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
-static int g_amx = -1;              /* products on AMX (below): 1, 0, or -1: not chosen yet */
+static int g_amx = -1; /* products on AMX (below): 0 no, 1 where it pays, 2 all (tests), -1 not chosen yet */
 static int amx_usable(void);
 
 static const kern_t *best_kern(void) {
@@ -646,7 +646,8 @@ static const kern_t *blocked_kern(const kern_t *kn, int N) {
 
 /* Force a kernel ("amx", "avx512", "avx2", "generic", or "auto"): used by the
  * tests to check every path this CPU can run. Returns 0, or -1 if not
- * supported. ("amx": AVX-512, with the large products on AMX.) */
+ * supported. ("amx": AVX-512, and every product that can on AMX; "auto"
+ * puts only the larger ones there.) */
 int fo_set_isa(const char *name) {
     const kern_t *kn = NULL;
     int amx = 0;
@@ -654,7 +655,7 @@ int fo_set_isa(const char *name) {
     if (!strcmp(name, "generic")) kn = &KERN_GENERIC;
 #if FO_X86
     __builtin_cpu_init();
-    if (!strcmp(name, "amx") && amx_usable()) kn = &KERN_AVX512, amx = 1;
+    if (!strcmp(name, "amx") && amx_usable()) kn = &KERN_AVX512, amx = 2;
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f")) kn = &KERN_AVX512;
     if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         kn = &KERN_AVX2;
@@ -1497,12 +1498,15 @@ static void amx_kernel(int nkb, const uint16_t *a0, const uint16_t *a1, const ui
     _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-/* C's tile at c (mr x nr of it) = row tiles a0, a1 . column tiles b0, b1 (+ C) (+ bias) */
-__attribute__((target("avx512f,amx-tile,amx-bf16")))
+/* C's tile at c (mr x nr of it) = row tiles a0, a1 . column tiles b0, b1 (+ C) (+ bias).
+ * C's rows are asked for first, to be written: a fresh activation's rows are
+ * cold, and the tile's 4 KB of stores at its end waited on memory. */
+__attribute__((target("avx512f,amx-tile,amx-bf16,prfchw")))
 static void amx_tile(int nkb, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
                      const uint16_t *b1, float *c, ptrdiff_t ldc, int mr, int nr, int accumulate,
                      const float *bias) {
     float acc[32 * 32] __attribute__((aligned(64)));
+    for (int r = 0; r < mr; r++) prefetch_row(c + r * ldc, nr, 1);
     amx_kernel(nkb, a0, a1, b0, b1, acc);
     store_tile_512((const __m512 *)acc, 2, c, ldc, mr, nr, accumulate, bias);
 }
@@ -1530,7 +1534,10 @@ static void amx_scratch_done(int slot, float *p) {
 
 #define AMX_BLOCK (1 << 20) /* bytes of tiles a thread cuts and sweeps the other side over: L2 */
 #define AMX_KB 16           /* k blocks of 32 per pass over C */
-#define AMX_MIN 32          /* rows and columns of C from which AMX is used */
+#define AMX_MIN 32          /* rows and columns of C from which AMX is used, */
+#define AMX_MIN_K 320       /* and k: a tile's fixed costs (its 4 KB of C written) need
+                             * 10 k blocks of work to hide behind (in a training step,
+                             * k = 192: 0.8x AVX-512's time; k = 384: 1.1-1.3x) */
 
 /* The wider side of C is split among the threads: each cuts its own tiles
  * of that side's operand (X.W: rows of X) a block at a time into its L2 as
@@ -1620,9 +1627,19 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
 }
 #else
 #define FO_AMX 0
-#define AMX_MIN 0
 static int amx_usable(void) { return 0; }
 #endif
+
+/* whether C[M,N] = A[M,K] . B[K,N] goes to AMX */
+static int amx_for(int M, int N, int K) {
+#if FO_AMX
+    int amx = use_amx();
+    return amx == 2 || (amx == 1 && M >= AMX_MIN && N >= AMX_MIN && K >= AMX_MIN_K);
+#else
+    (void)M, (void)N, (void)K;
+    return 0;
+#endif
+}
 
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
@@ -1663,7 +1680,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
     const kern_t *kn = kern();
     int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
 #if FO_AMX
-    if (M >= AMX_MIN && N >= AMX_MIN && !accumulate && use_amx() &&
+    if (!accumulate && amx_for(M, N, K) &&
         !gemm_amx(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, bias, nthreads))
         return;
 #endif
@@ -1709,7 +1726,7 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
     const kern_t *kn = kern();
     int nthreads = 2.0 * M * N * K >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
     if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads) &&
-        !(FO_AMX && K >= AMX_MIN && N >= AMX_MIN && use_amx())) { /* db while packing dy */
+        !amx_for(K, N, M)) { /* db while packing dy */
         gemm_cols(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL, nthreads, db);
         return;
     }
