@@ -1365,28 +1365,32 @@ static int amx_usable(void) {
         unsigned a, b, c, d;
         ok = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) &&
              __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1) && /* AVX512-BF16 */
-             __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     }
     return ok;
 }
 
-/* x -> hi, mid, lo: bfloat16 in the low half of each 32-bit lane. hi is x's
- * top 16 bits (cut: it cannot round up past the largest float); mid and lo
- * rounded to nearest (even), so the parts left out are of either sign.
- * -> the lanes where x is not finite (the product then goes to AVX-512:
- * inf . b would meet b's mid and lo, 0 for b = 1, and give NaN, not inf). */
-__attribute__((target("avx512f,avx512bf16")))
-static inline __mmask16 amx_split(__m512 x, __m512i part[3]) {
-    __m512i h = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0xFFFF0000u));
-    h = _mm512_mask_or_epi32(h, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x00400000));
-    __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
-    __mmask16 finite = _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q); /* not inf - inf, not NaN */
-    r = _mm512_maskz_mov_ps(finite, r);
-    part[0] = _mm512_srli_epi32(h, 16);
-    part[1] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(r));
-    r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(part[1], 16)));
-    part[2] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(r));
+/* 32 floats, x0 then x1, -> hi, mid, lo: 32 bfloat16 each, in that order.
+ * hi is x's top 16 bits (cut: it cannot round up past the largest float);
+ * mid and lo rounded to nearest (even), so the parts left out are of either
+ * sign. -> the lanes where x0 or x1 is not finite: then the product goes to
+ * AVX-512 (inf . b would meet b's mid and lo, 0 for b = 1, and give NaN). */
+#define AMX_ISA "avx512f,avx512bw,avx512bf16"
+__attribute__((target(AMX_ISA)))
+static inline __mmask16 amx_split(__m512 x0, __m512 x1, __m512i part[3]) {
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 h0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x0), top));
+    __m512 h1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x1), top));
+    __m512 r0 = _mm512_sub_ps(x0, h0), r1 = _mm512_sub_ps(x1, h1); /* exact; NaN if not finite */
+    __mmask16 finite = _mm512_cmp_ps_mask(r0, r0, _CMP_ORD_Q) & _mm512_cmp_ps_mask(r1, r1, _CMP_ORD_Q);
+    part[0] = (__m512i)_mm512_cvtne2ps_pbh(h1, h0); /* exact */
+    part[1] = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
+    __m512i m0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(part[1]));
+    __m512i m1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(part[1], 1));
+    r0 = _mm512_sub_ps(r0, _mm512_castsi512_ps(_mm512_slli_epi32(m0, 16)));
+    r1 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_slli_epi32(m1, 16)));
+    part[2] = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
     return (__mmask16)~finite;
 }
 
@@ -1402,7 +1406,7 @@ static inline __m512 amx_load16(const float *p, int n) {
  * of three tiles: out[(kb * 3 + s) * AMX_TILE + r * 32 + k % 32]. Read in
  * place when its rows are rows in memory, else first copied into stage.
  * -> whether a value was not finite. */
-__attribute__((target("avx512f,avx512bf16")))
+__attribute__((target(AMX_ISA)))
 static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                       int mr, int K, int Kp) {
     __mmask16 bad = 0;
@@ -1414,15 +1418,14 @@ static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa
         A = stage, rsa = Kp;
     }
     for (int kb = 0; kb < Kp / 32; kb++)
-        for (int r = 0; r < 16; r++)
-            for (int h = 0; h < 2; h++) {
-                int p = kb * 32 + 16 * h;
-                __m512i part[3];
-                bad |= amx_split(r < mr ? amx_load16(A + r * rsa + p, K - p) : _mm512_setzero_ps(), part);
-                for (int s = 0; s < 3; s++)
-                    _mm256_storeu_si256((__m256i *)(out + (kb * 3 + s) * AMX_TILE + r * 32 + 16 * h),
-                                        _mm512_cvtepi32_epi16(part[s]));
-            }
+        for (int r = 0; r < 16; r++) {
+            const float *row = A + r * rsa + kb * 32;
+            int n = r < mr ? K - kb * 32 : 0;
+            __m512i part[3];
+            bad |= amx_split(amx_load16(row, n), amx_load16(row + 16, n - 16), part);
+            for (int s = 0; s < 3; s++)
+                _mm512_storeu_si512(out + (kb * 3 + s) * AMX_TILE + r * 32, part[s]);
+        }
     return bad != 0;
 }
 
@@ -1431,7 +1434,7 @@ static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa
  * out[((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32 + 2 j + (k & 1)], k % 32
  * = 2 q + (k & 1). Read in place when its rows are rows in memory, else
  * first packed into stage (kc x 32). -> whether a value was not finite. */
-__attribute__((target("avx512f,avx512bf16")))
+__attribute__((target(AMX_ISA)))
 static int amx_pack_b(const kern_t *kn, uint16_t *out, float *stage, const float *B,
                       ptrdiff_t rsb, ptrdiff_t csb, int nr, int K, int Kp) {
     int nkb = Kp / 32;
@@ -1440,17 +1443,19 @@ static int amx_pack_b(const kern_t *kn, uint16_t *out, float *stage, const float
         kn->pack_b(stage, B, rsb, csb, nr, K, 32);
         B = stage, rsb = 32;
     }
+    /* rows k, k + 1 -> column j's pair at 2 j, 2 j + 1 */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int h = 0; h < 2; h++)
         for (int kb = 0; kb < nkb; kb++)
             for (int q = 0; q < 16; q++) {
                 int k = kb * 32 + 2 * q, n = nr - 16 * h;
                 const float *row = B + (ptrdiff_t)k * rsb + 16 * h;
-                __m512i even[3], odd[3];
-                bad |= amx_split(amx_load16(row, k < K ? n : 0), even);
-                bad |= amx_split(amx_load16(row + rsb, k + 1 < K ? n : 0), odd);
+                __m512i part[3];
+                bad |= amx_split(amx_load16(row, k < K ? n : 0), amx_load16(row + rsb, k + 1 < K ? n : 0), part);
                 for (int s = 0; s < 3; s++)
                     _mm512_storeu_si512(out + ((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32,
-                                        _mm512_or_si512(even[s], _mm512_slli_epi32(odd[s], 16)));
+                                        _mm512_permutexvar_epi16(pairs, part[s]));
             }
     return bad != 0;
 }
