@@ -264,6 +264,38 @@ def bench_train(quick):
     return out
 
 
+def bench_amx(quick):
+    """Where the CPU has AMX: this build's default (the larger products on
+    AMX) against AVX-512 alone (fo_set_isa), every kernel fastops: the
+    training shapes' products alone (best of each) and the two steps
+    (medians), the two taken in turn. -> (products, steps)."""
+    lib, reps = llm._fastops.lib, 3 if quick else 10
+    isas = {"amx": b"auto", "avx512": b"avx512"}
+    products, steps = [], {}
+    llm.set_backend("fastops")
+    try:
+        for label, fl, _, fo in (c for model in MODELS for c in matmul_cases(model)):
+            t = {}
+            for isa, name in isas.items():
+                lib.fo_set_isa(name)
+                t[isa] = best_of(fo, reps)
+            products.append((label, fl, t["amx"], t["avx512"]))
+        for model_name in MODELS:
+            model, opt, idx, tgt = make_model(model_name)
+            times = {isa: [] for isa in isas}
+            for _ in range({"small": 5 if quick else 20, "large": 1 if quick else 6}[model_name] + 1):
+                for isa, name in isas.items():
+                    lib.fo_set_isa(name)
+                    t = time.perf_counter()
+                    train_step(model, opt, idx, tgt)
+                    times[isa].append(time.perf_counter() - t)
+            steps[model_name] = {isa: statistics.median(v[1:]) for isa, v in times.items()}  # (a warm-up each)
+    finally:
+        lib.fo_set_isa(b"auto")
+        llm.set_backend("auto")
+    return products, steps
+
+
 # ---- 4. profile of one step ---------------------------------------------------------
 
 PROFILED = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
@@ -928,6 +960,18 @@ def main():
         print(f"{name:6s} {tn * 1e3:9.1f} {ta * 1e3:8.1f} {tf * 1e3:10.1f} {tn / tf:8.2f} {tok / tn:12.0f}"
               f" {tok / tf:14.0f}")
 
+    amx_steps = {}
+    if isa == "amx":
+        print("\n## AMX: this build's default (the larger products on AMX) against AVX-512 alone,"
+              " every kernel fastops, taken in turn")
+        print(f"{'shape (M x K x N)':44s} {'AMX':>8s} {'AVX-512':>8s} {'ratio':>6s}   (GFLOP/s, best of each)")
+        products, amx_steps = bench_amx(args.quick)
+        for label, fl, ta, tv in products:
+            print(f"{label:44s} {fl / ta / 1e9:8.1f} {fl / tv / 1e9:8.1f} {tv / ta:6.2f}")
+        for name, t in amx_steps.items():
+            print(f"{name} step: AMX {t['amx'] * 1e3:.1f} ms, AVX-512 {t['avx512'] * 1e3:.1f} ms:"
+                  f" {t['avx512'] / t['amx']:.2f}x")
+
     print("\n## profile of one training step (fastops path), ms and share of the step")
     in_step = {}
     for name in MODELS:
@@ -997,6 +1041,7 @@ def main():
         "train_step_vs_numpy_large": round(tr[("large", "numpy")] / tr[("large", "fastops")], 3),
         "ms_per_step_small": round(tr[("small", "fastops")] * 1e3, 2),
         "ms_per_step_large": round(tr[("large", "fastops")] * 1e3, 2),
+        **{f"train_step_amx_vs_avx512_{n}": round(t["avx512"] / t["amx"], 3) for n, t in amx_steps.items()},
     }
     for key in ("matmul_vs_pytorch_small", "matmul_vs_pytorch_large",
                 "train_step_vs_pytorch_small", "train_step_vs_pytorch_large",

@@ -8,7 +8,8 @@
  *      NumPy or CuPy would make several, each with its temporary array)
  *
  * The CPU code is plain C99 + OpenMP. The GEMM micro-kernel has AVX-512 and
- * AVX2+FMA versions written with intrinsics; each carries its own
+ * AVX2+FMA versions written with intrinsics (and the larger products an AMX
+ * path, for Xeons that have Intel's tile unit); each carries its own
  * __attribute__((target(...))) so the file compiles with plain -O3 and runs on
  * any x86-64 (the kernel is picked at run time from the CPU's features).
  * Other CPUs (ARM, ...) get a portable C micro-kernel the compiler vectorises
@@ -1333,13 +1334,13 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
 
 /* ------------------------------------------------------------------------ */
 /* AMX (Intel's tile unit, Xeons from Sapphire Rapids on): the larger       */
-/* products, float32 in and out, to float32's accuracy, 1.4-1.6 times as    */
-/* fast as AVX-512 alone here (1.1-1.3 inside a training step). A tile      */
-/* product multiplies bfloat16 (a float's top 16 bits: 8 significant bits)  */
-/* and sums in float32. Each float is cut into three bfloat16, x = hi + mid */
-/* + lo: hi its top 8 bits, mid and lo the next 8 and 8, rounded to nearest */
-/* (lo takes what is left exactly): all 24 of a float's bits, so the sum is */
-/* x exactly. Of the nine products of a = a0+a1+a2 and b = b0+b1+b2 the six */
+/* products, float32 in and out, to float32's accuracy, faster than on      */
+/* AVX-512 (bench.py's section "AMX" compares them). A tile product         */
+/* multiplies bfloat16 (a float's top 16 bits: 8 significant bits) and sums */
+/* in float32. Each float is cut into three bfloat16, x = hi + mid + lo:    */
+/* hi its top 8 bits, mid and lo the next 8 and 8, rounded to nearest (lo   */
+/* takes what is left exactly): all 24 of a float's bits, so the sum is x   */
+/* exactly. Of the nine products of a = a0+a1+a2 and b = b0+b1+b2 the six   */
 /* down to 2^-16 of a.b are computed; each of the three left out (a1.b2,    */
 /* a2.b1, a2.b2) is below 2^-23 of it, float32's own rounding (2^-24), and  */
 /* of either sign. So a product differs from the AVX-512 one about as       */
@@ -1519,32 +1520,12 @@ static void amx_tile(int nkb, const uint16_t *a0, const uint16_t *a1, const uint
 }
 __attribute__((target("amx-tile"))) static void amx_release(void) { _tile_release(); }
 
-/* Scratch memory a thread keeps from call to call, in three slots (up to
- * AMX_KEEP bytes each): blocks of a few hundred KB malloc'ed and freed at
- * every product came back from the system each time, and their page faults
- * cost about as much as a small layer's product. */
-#define AMX_KEEP (32 << 20)
-static __thread float *amx_kept[3];
-static __thread size_t amx_kept_n[3];
-static float *amx_scratch(int slot, size_t nfloats) {
-    if (nfloats > AMX_KEEP / sizeof(float)) return fo_alloc(nfloats);
-    if (amx_kept_n[slot] < nfloats) {
-        fo_free(amx_kept[slot]);
-        amx_kept[slot] = fo_alloc(nfloats);
-        amx_kept_n[slot] = amx_kept[slot] ? nfloats : 0;
-    }
-    return amx_kept[slot];
-}
-static void amx_scratch_done(int slot, float *p) {
-    if (p != amx_kept[slot]) fo_free(p);
-}
-
 #define AMX_BLOCK (1 << 20) /* bytes of tiles a thread cuts and sweeps the other side over: L2 */
 #define AMX_KB 16           /* k blocks of 32 per pass over C */
 #define AMX_MIN 32          /* rows and columns of C from which AMX is used, */
 #define AMX_MIN_K 320       /* and k: a tile's fixed costs (its 4 KB of C written) need
-                             * 10 k blocks of work to hide behind (in a training step,
-                             * k = 192: 0.8x AVX-512's time; k = 384: 1.1-1.3x) */
+                             * 10 k blocks of work to hide behind (in a training step
+                             * products with k = 192 were slower than on AVX-512) */
 
 /* The wider side of C is split among the threads: each cuts its own tiles
  * of that side's operand (X.W: rows of X) a block at a time into its L2 as
@@ -1560,15 +1541,15 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
     int mp = ceil_div(M, 32), np = ceil_div(N, 32), nown = rows ? mp : np, nother = rows ? np : mp;
     size_t whole = (size_t)nkb * 3 * AMX_TILE, part = (size_t)imin(nkb, AMX_KB) * 3 * AMX_TILE;
     int block = imax(1, (int)(AMX_BLOCK / (2 * part * sizeof(uint16_t)))); /* pairs */
-    uint16_t *other = (uint16_t *)amx_scratch(0, (size_t)nother * whole); /* 2 tiles a pair: floats = halves */
+    uint16_t *other = (uint16_t *)fo_alloc((size_t)nother * whole); /* 2 tiles a pair: floats = halves */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
         int nt = fo_team(), tid = fo_tid();
-        float *stage = amx_scratch(1, (size_t)Kp * 32);
+        float *stage = fo_alloc((size_t)Kp * 32);
         int s0 = (int)((long)nown * tid / nt), s1 = (int)((long)nown * (tid + 1) / nt);
-        uint16_t *own = (uint16_t *)amx_scratch(2, (size_t)imax(1, imin(block, s1 - s0)) * part);
+        uint16_t *own = (uint16_t *)fo_alloc((size_t)imax(1, imin(block, s1 - s0)) * part);
         int ok = stage && own && other;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -1587,10 +1568,15 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
                 }
             }
         /* (implicit barrier: the other side cut) */
+        int skip;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+        skip = bad;
         amx_configure();
-        for (int b0 = s0; b0 < s1 && ok && !bad; b0 += block) {
+        for (int b0 = s0; b0 < s1 && ok && !skip; b0 += block) {
             int b1 = imin(s1, b0 + block);
-            for (int k0 = 0; k0 < nkb; k0 += AMX_KB) { /* C summed from the second on */
+            for (int k0 = 0; k0 < nkb && !skip; k0 += AMX_KB) { /* C summed from the second on */
                 int kb = imin(AMX_KB, nkb - k0), p0 = k0 * 32, kc = imin(K - p0, kb * 32);
                 size_t ck = (size_t)kb * 3 * AMX_TILE, off = (size_t)k0 * 3 * AMX_TILE;
                 int cut_bad = 0;
@@ -1605,12 +1591,13 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
                         cut_bad |= amx_pack_b(kn, out, stage, B + p0 * rsb + (ptrdiff_t)x * 32 * csb, rsb,
                                               csb, imin(32, N - x * 32), kc, kb * 32);
                 }
-                if (cut_bad) {
+                if (cut_bad) { /* this thread stops; the others finish their runs */
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
                     bad = 1;
-                    break;
+                    skip = 1;
+                    continue;
                 }
                 for (int y = 0; y < nother; y++) {
                     const uint16_t *o = other + 2 * y * whole + off;
@@ -1626,10 +1613,10 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
             }
         }
         amx_release();
-        amx_scratch_done(2, (float *)own);
-        amx_scratch_done(1, stage);
+        fo_free((float *)own);
+        fo_free(stage);
     }
-    amx_scratch_done(0, (float *)other);
+    fo_free((float *)other);
     return bad;
 }
 #else
