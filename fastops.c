@@ -1407,17 +1407,15 @@ static inline __m512 amx_load16(const float *p, int n) {
 
 /* rows [0, mr) x k [0, K) of A, zero-padded to 16 x Kp -> Kp / 32 k blocks
  * of three tiles: out[(kb * 3 + s) * AMX_TILE + r * 32 + k % 32]. Read in
- * place when its rows are rows in memory, else first copied into stage.
+ * place when its rows are rows in memory, else first copied into stage
+ * (X^T: packed as a B panel of Kp columns, transposed in blocks).
  * -> whether a value was not finite. */
 __attribute__((target(AMX_ISA)))
-static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
-                      int mr, int K, int Kp) {
+static int amx_pack_a(const kern_t *kn, uint16_t *out, float *stage, const float *A, ptrdiff_t rsa,
+                      ptrdiff_t csa, int mr, int K, int Kp) {
     __mmask16 bad = 0;
-    if (csa != 1) { /* X^T: its rows are columns in memory, transposed in blocks */
-        if (rsa == 1) packbt_avx512(stage, A, csa, K, mr, Kp);
-        else
-            for (int r = 0; r < mr; r++)
-                for (int p = 0; p < K; p++) stage[(size_t)r * Kp + p] = A[r * rsa + p * csa];
+    if (csa != 1) {
+        kn->pack_b(stage, A, rsa, csa, K, mr, Kp);
         A = stage, rsa = Kp;
     }
     for (int kb = 0; kb < Kp / 32; kb++)
@@ -1436,10 +1434,12 @@ static int amx_pack_a(uint16_t *out, float *stage, const float *A, ptrdiff_t rsa
  * 16-column half h, Kp / 32 k blocks of three tiles, k in pairs:
  * out[((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32 + 2 j + (k & 1)], k % 32
  * = 2 q + (k & 1). Read in place when its rows are rows in memory, else
- * first packed into stage (kc x 32). -> whether a value was not finite. */
+ * first packed into stage (kc x 32). With colsum, the columns' sums of the
+ * K rows are added to it, row after row as fo_colsum adds them (the bias's
+ * gradient while dY is cut). -> whether a value was not finite. */
 __attribute__((target(AMX_ISA)))
 static int amx_pack_b(const kern_t *kn, uint16_t *out, float *stage, const float *B,
-                      ptrdiff_t rsb, ptrdiff_t csb, int nr, int K, int Kp) {
+                      ptrdiff_t rsb, ptrdiff_t csb, int nr, int K, int Kp, float *colsum) {
     int nkb = Kp / 32;
     __mmask16 bad = 0;
     if (csb != 1) { /* W^T: transposed in blocks */
@@ -1449,17 +1449,23 @@ static int amx_pack_b(const kern_t *kn, uint16_t *out, float *stage, const float
     /* rows k, k + 1 -> column j's pair at 2 j, 2 j + 1 */
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int h = 0; h < 2; h++)
+    for (int h = 0; h < 2; h++) {
+        int n = nr - 16 * h;
+        __m512 sum = colsum ? amx_load16(colsum + 16 * h, n) : _mm512_setzero_ps();
         for (int kb = 0; kb < nkb; kb++)
             for (int q = 0; q < 16; q++) {
-                int k = kb * 32 + 2 * q, n = nr - 16 * h;
+                int k = kb * 32 + 2 * q;
                 const float *row = B + (ptrdiff_t)k * rsb + 16 * h;
+                __m512 even = amx_load16(row, k < K ? n : 0), odd = amx_load16(row + rsb, k + 1 < K ? n : 0);
                 __m512i part[3];
-                bad |= amx_split(amx_load16(row, k < K ? n : 0), amx_load16(row + rsb, k + 1 < K ? n : 0), part);
+                bad |= amx_split(even, odd, part);
                 for (int s = 0; s < 3; s++)
                     _mm512_storeu_si512(out + ((h * nkb + kb) * 3 + s) * AMX_TILE + q * 32,
                                         _mm512_permutexvar_epi16(pairs, part[s]));
+                if (colsum) sum = _mm512_add_ps(_mm512_add_ps(sum, even), odd);
             }
+        if (colsum) _mm512_mask_storeu_ps(colsum + 16 * h, LANE_MASK16(n), sum);
+    }
     return bad != 0;
 }
 
@@ -1520,6 +1526,36 @@ static void amx_tile(int nkb, const uint16_t *a0, const uint16_t *a1, const uint
 }
 __attribute__((target("amx-tile"))) static void amx_release(void) { _tile_release(); }
 
+/* A product's operands, as gemm_amx cuts them (colsum: B's column sums, or NULL) */
+typedef struct {
+    const kern_t *kn;
+    const float *A, *B;
+    ptrdiff_t rsa, csa, rsb, csb;
+    int M, N;
+    float *colsum;
+} amx_operands;
+
+/* Pair x of one side (A's rows 32 x.., or B's columns) over k [p0, p0 + kc),
+ * zero-padded to kp, into out: its two tiles kp / 32 * 3 tiles apart. B's
+ * column sums go on from p0 > 0 (chunks in order). -> whether a value was
+ * not finite. */
+static int amx_cut(const amx_operands *o, int b_side, int x, int p0, int kc, int kp, uint16_t *out,
+                   float *stage) {
+    if (b_side) {
+        int nr = imin(32, o->N - x * 32);
+        float *sum = o->colsum ? o->colsum + x * 32 : NULL;
+        if (sum && !p0) memset(sum, 0, nr * sizeof(float));
+        return amx_pack_b(o->kn, out, stage, o->B + p0 * o->rsb + (ptrdiff_t)x * 32 * o->csb, o->rsb,
+                          o->csb, nr, kc, kp, sum);
+    }
+    int bad = 0;
+    for (int h = 0; h < 2; h++)
+        bad |= amx_pack_a(o->kn, out + (size_t)h * (kp / 32) * 3 * AMX_TILE, stage,
+                          o->A + (ptrdiff_t)(x * 32 + h * 16) * o->rsa + p0 * o->csa, o->rsa, o->csa,
+                          imax(0, imin(16, o->M - x * 32 - h * 16)), kc, kp);
+    return bad;
+}
+
 #define AMX_BLOCK (1 << 20) /* bytes of tiles a thread cuts and sweeps the other side over: L2 */
 #define AMX_KB 16           /* k blocks of 32 per pass over C */
 #define AMX_MIN 32          /* rows and columns of C from which AMX is used, */
@@ -1532,11 +1568,13 @@ __attribute__((target("amx-tile"))) static void amx_release(void) { _tile_releas
  * it goes; the other operand (W), cut once before, is swept over them. So
  * the larger operand is read once and its tiles (1.5 times its bytes) never
  * go out to memory and back. Tile pairs: 32 rows or columns. C is written
- * (accumulate = 0). -> 0, or 1 if A or B holds a value that is not finite:
- * then C is not done (AVX-512 does it, with float32's infinities). */
+ * (accumulate = 0); with colsum, B's column sums too (X^T.dY: the bias's
+ * gradient). -> 0, or 1 if A or B holds a value that is not finite: then C
+ * is not done (AVX-512 does it, with float32's infinities). */
 static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdiff_t rsa,
-                     ptrdiff_t csa, const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C,
-                    ptrdiff_t ldc, const float *bias, int nthreads) {
+                    ptrdiff_t csa, const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C,
+                    ptrdiff_t ldc, const float *bias, int nthreads, float *colsum) {
+    const amx_operands ops = {kn, A, B, rsa, csa, rsb, csb, M, N, colsum};
     int Kp = ceil_div(K, 32) * 32, nkb = Kp / 32, rows = M >= N, bad = 0;
     int mp = ceil_div(M, 32), np = ceil_div(N, 32), nown = rows ? mp : np, nother = rows ? np : mp;
     size_t whole = (size_t)nkb * 3 * AMX_TILE, part = (size_t)imin(nkb, AMX_KB) * 3 * AMX_TILE;
@@ -1555,17 +1593,11 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
 #pragma omp for schedule(static)
 #endif
         for (int x = 0; x < nother; x++) /* the other side, whole */
-            for (int h = 0; h < (rows ? 1 : 2) && ok; h++) {
-                uint16_t *out = other + 2 * x * whole + h * whole;
-                if (rows ? amx_pack_b(kn, out, stage, B + (ptrdiff_t)x * 32 * csb, rsb, csb,
-                                      imin(32, N - x * 32), K, Kp)
-                         : amx_pack_a(out, stage, A + (ptrdiff_t)(x * 32 + h * 16) * rsa, rsa, csa,
-                                      imax(0, imin(16, M - x * 32 - h * 16)), K, Kp)) {
+            if (ok && amx_cut(&ops, rows, x, 0, K, Kp, other + 2 * x * whole, stage)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-                    bad = 1;
-                }
+                bad = 1;
             }
         /* (implicit barrier: the other side cut) */
         int skip;
@@ -1580,17 +1612,8 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
                 int kb = imin(AMX_KB, nkb - k0), p0 = k0 * 32, kc = imin(K - p0, kb * 32);
                 size_t ck = (size_t)kb * 3 * AMX_TILE, off = (size_t)k0 * 3 * AMX_TILE;
                 int cut_bad = 0;
-                for (int x = b0; x < b1; x++) { /* this thread's block, this k range */
-                    uint16_t *out = own + 2 * (x - b0) * ck;
-                    if (rows)
-                        for (int h = 0; h < 2; h++)
-                            cut_bad |= amx_pack_a(out + h * ck, stage, A + (ptrdiff_t)(x * 32 + h * 16) * rsa
-                                                  + p0 * csa, rsa, csa, imax(0, imin(16, M - x * 32 - h * 16)),
-                                                  kc, kb * 32);
-                    else
-                        cut_bad |= amx_pack_b(kn, out, stage, B + p0 * rsb + (ptrdiff_t)x * 32 * csb, rsb,
-                                              csb, imin(32, N - x * 32), kc, kb * 32);
-                }
+                for (int x = b0; x < b1; x++) /* this thread's block, this k range */
+                    cut_bad |= amx_cut(&ops, !rows, x, p0, kc, kb * 32, own + 2 * (x - b0) * ck, stage);
                 if (cut_bad) { /* this thread stops; the others finish their runs */
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -1675,7 +1698,7 @@ void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
     int nthreads = flops >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
 #if FO_AMX
     if (!accumulate && amx_for(M, N, K) &&
-        !gemm_amx(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, bias, nthreads))
+        !gemm_amx(kn, M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, bias, nthreads, NULL))
         return;
 #endif
     if (csa != 1 && cols_fit(kn, M, N, nthreads)) {  /* A packed: X^T.dY */
@@ -1719,8 +1742,11 @@ void fo_linear_backward(const float *dy, const float *x, const float *w, float *
     if (dx) fo_sgemm(M, K, N, dy, N, 1, w, 1, N, dx, K, 0, NULL);
     const kern_t *kn = kern();
     int nthreads = 2.0 * M * N * K >= PAR_MIN_FLOPS ? fo_nthreads() : 1;
-    if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads) &&
-        !amx_for(K, N, M)) { /* db while packing dy */
+#if FO_AMX /* db while cutting dy */
+    if (amx_for(K, N, M) && !gemm_amx(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, NULL, nthreads, db))
+        return;
+#endif
+    if (K > SM_MAX_M && M > 0 && cols_fit(kn, K, N, nthreads)) { /* db while packing dy */
         gemm_cols(kn, K, N, M, x, 1, K, dy, N, 1, dw, N, 0, NULL, nthreads, db);
         return;
     }
