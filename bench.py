@@ -70,11 +70,15 @@ def cpu_info():
     return model, mhz
 
 
+def fp32_lanes(isa):
+    """Floats in a vector of this kernel's FMAs (AMX: AVX-512's, beside its tiles)."""
+    return {"amx": 16, "avx512": 16, "avx2": 8}.get(isa, 4)
+
+
 def peak_gflops(isa, threads, mhz):
     """FP32 peak = threads x lanes x 2 (FMA = 2 flops) x 2 FMA units x clock
     (AMX: AVX-512's; its tile products are not bound by it)."""
-    lanes = {"amx": 16, "avx512": 16, "avx2": 8}.get(isa, 4)
-    return threads * lanes * 2 * 2 * mhz / 1e3
+    return threads * fp32_lanes(isa) * 2 * 2 * mhz / 1e3
 
 
 # ---- 1. matmul ----------------------------------------------------------------
@@ -246,11 +250,16 @@ def train_step(model, opt, idx, tgt):
     opt.step(model.params, grads, max_norm=1.0)
 
 
+def step_count(name, quick):
+    """Training steps timed per backend and model."""
+    return {"small": 5 if quick else 20, "large": 1 if quick else 6}[name]
+
+
 def bench_train(quick):
     out = {}
     for name in MODELS:
         model, opt, idx, tgt = make_model(name)
-        steps = {"small": 5 if quick else 20, "large": 1 if quick else 6}[name]
+        steps = step_count(name, quick)
         for backend in ("numpy", "auto", "fastops"):
             llm.set_backend(backend)
             train_step(model, opt, idx, tgt)                      # warm-up
@@ -283,7 +292,7 @@ def bench_amx(quick):
         for model_name in MODELS:
             model, opt, idx, tgt = make_model(model_name)
             times = {isa: [] for isa in isas}
-            for _ in range({"small": 5 if quick else 20, "large": 1 if quick else 6}[model_name] + 1):
+            for _ in range(step_count(model_name, quick) + 1):
                 for isa, name in isas.items():
                     lib.fo_set_isa(name)
                     t = time.perf_counter()
@@ -909,7 +918,7 @@ def main():
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive when the cores were busy as it loaded fastops or NumPy does the products, unless set)")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
-    print(f"# FP32 peak assumption: {threads} cores x {16 if isa in ('amx', 'avx512') else 8 if isa == 'avx2' else 4}"
+    print(f"# FP32 peak assumption: {threads} cores x {fp32_lanes(isa)}"
           f" lanes x 2 flops/FMA x 2 FMA units x {mhz:.0f} MHz (cpu MHz from /proc/cpuinfo; turbo"
           f" clocks above it can exceed 100%) = {peak:.0f} GFLOP/s"
           + (" (AVX-512's FMAs: AMX's tile products, used for the larger matmuls, exceed it)" if isa == "amx" else ""))

@@ -148,7 +148,8 @@ def test_sgemm_not_finite_as_float32(path):
         y = llm.fo_linear_forward(x, w, None)
         dx, dw, _ = llm.fo_linear_backward(np.ones_like(y), x, w)
     with np.errstate(invalid="ignore"):
-        for got, want in ((y, x.astype(np.float64) @ w), (dw, x.T.astype(np.float64) @ np.ones_like(y))):
+        for got, want in ((y, x.astype(np.float64) @ w), (dx, np.ones_like(y) @ w.T.astype(np.float64)),
+                          (dw, x.T.astype(np.float64) @ np.ones_like(y))):
             np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
             np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
             ok = np.isfinite(want)
