@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -56,29 +57,30 @@ def settle():
     time.sleep(0.3)
 
 
-def cpu_info():
-    mhz, model = None, "unknown CPU"
+def cpu_model():
+    """'model name (family F, model M)' from /proc/cpuinfo, where there is one."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("cpu MHz") and mhz is None:
-                    mhz = float(line.split(":")[1])
-                elif line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":")[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return model, mhz
+        return platform.processor() or "unknown CPU"
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')},"
+            f" model {fields.get('model', '?')})")
 
 
-def fp32_lanes(isa):
-    """Floats in a vector of this kernel's FMAs (AMX: AVX-512's, beside its tiles)."""
-    return {"amx": 16, "avx512": 16, "avx2": 8}.get(isa, 4)
-
-
-def peak_gflops(isa, threads, mhz):
-    """FP32 peak = threads x lanes x 2 (FMA = 2 flops) x 2 FMA units x clock
-    (AMX: AVX-512's; its tile products are not bound by it)."""
-    return threads * fp32_lanes(isa) * 2 * 2 * mhz / 1e3
+def fma_peak_gflops(lib):
+    """This machine's FP32 FMA peak, measured: fastops' chains of FMAs in
+    registers on every thread (no memory), best of 5; the products' %peak."""
+    steps = 2_000_000
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        flops = lib.fo_fma_peak(steps)
+        best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9
 
 
 # ---- 1. matmul ----------------------------------------------------------------
@@ -884,7 +886,6 @@ def main_mpi(quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute; half without PyTorch)")
-    ap.add_argument("--mhz", type=float, help="clock for the peak estimate (default: /proc/cpuinfo)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
     ap.add_argument("--torch-python", metavar="PYTHON",
@@ -909,18 +910,16 @@ def main():
     lib = llm._fastops.lib
     isa = llm._fastops.ffi.string(lib.fo_isa()).decode()
     threads = lib.fo_max_threads()
-    model, mhz = cpu_info()
-    mhz = args.mhz or mhz or 3000.0
-    peak = peak_gflops(isa, threads, mhz)
+    model = cpu_model()
+    peak = fma_peak_gflops(lib)
     t_start = time.perf_counter()
     print(f"# {model}; fastops kernel: {isa}; OpenMP threads: {threads}; numpy {np.__version__}")
     print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive when the cores were busy as it loaded fastops or NumPy does the products, unless set)")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
-    print(f"# FP32 peak assumption: {threads} cores x {fp32_lanes(isa)}"
-          f" lanes x 2 flops/FMA x 2 FMA units x {mhz:.0f} MHz (cpu MHz from /proc/cpuinfo; turbo"
-          f" clocks above it can exceed 100%) = {peak:.0f} GFLOP/s"
+    print(f"# FP32 peak, measured: {peak:.0f} GFLOP/s ({threads} threads, each 12 independent chains"
+          f" of this kernel's FMAs in registers: the products' ceiling, the column %peak)"
           + (" (AVX-512's FMAs: AMX's tile products, used for the larger matmuls, exceed it)" if isa == "amx" else ""))
     try:
         load = open("/proc/loadavg").read().split()[0]

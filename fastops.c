@@ -52,6 +52,7 @@ extern "C" {
 const char *fo_isa(void);
 int fo_set_isa(const char *name);
 int fo_max_threads(void);
+double fo_fma_peak(long steps);
 int fo_has_openmp(void);
 int fo_out_of_memory(void);
 void fo_sgemm(int M, int N, int K, const float *A, ptrdiff_t rsa, ptrdiff_t csa,
@@ -664,6 +665,63 @@ int fo_set_isa(const char *name) {
     if (!kn) return -1;
     g_kern = kn, g_amx = amx;
     return 0;
+}
+
+/* The FMA peak of this ISA's vectors, measured rather than assumed (how many
+ * FMA units, how wide, at what clock differ from CPU to CPU: AMD's Zen 4
+ * runs a 512-bit FMA as two 256-bit halves): on every thread, 12 independent
+ * chains of fused multiply-adds in registers (enough to keep two units busy
+ * through their latency), `steps` long. Returns the flops done; bench.py
+ * times the call. */
+#define PEAK_CHAINS 12
+#define DEFINE_PEAK(SUFFIX, TARGET, V, LANES, SET1, FMA)                              \
+    TARGET static float fma_chains##SUFFIX(long steps) {                              \
+        V a[PEAK_CHAINS], b = SET1(0.999999f), c = SET1(1e-7f);                       \
+        for (int i = 0; i < PEAK_CHAINS; i++) a[i] = SET1((float)i);                  \
+        for (long t = 0; t < steps; t++)                                              \
+            for (int i = 0; i < PEAK_CHAINS; i++) a[i] = FMA(a[i], b, c);             \
+        float out[LANES], s = 0.0f;                                                   \
+        for (int i = 0; i < PEAK_CHAINS; i++) {                                       \
+            memcpy(out, &a[i], sizeof out);                                           \
+            s += out[0];                                                              \
+        }                                                                             \
+        return s;                                                                     \
+    }
+typedef struct { float x[8]; } gen_vec; /* 12 of them fit NEON's 32 registers */
+static gen_vec gen_set1(float v) { gen_vec r; for (int j = 0; j < 8; j++) r.x[j] = v; return r; }
+static gen_vec gen_fma(gen_vec a, gen_vec b, gen_vec c) {
+    for (int j = 0; j < 8; j++) a.x[j] = a.x[j] * b.x[j] + c.x[j];
+    return a;
+}
+DEFINE_PEAK(_generic, , gen_vec, 8, gen_set1, gen_fma)
+#if FO_X86
+DEFINE_PEAK(_avx512, __attribute__((target("avx512f"))), __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps)
+DEFINE_PEAK(_avx2, __attribute__((target("avx2,fma"))), __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps)
+#endif
+static volatile float g_peak_sink; /* keeps the chains from being optimised away */
+
+double fo_fma_peak(long steps) {
+    const kern_t *kn = kern();
+    int lanes = 8, nt = 1;
+#if FO_X86
+    if (kn == &KERN_AVX512) lanes = 16;
+#endif
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+    {
+        float s;
+#if FO_X86
+        if (kn == &KERN_AVX512) s = fma_chains_avx512(steps);
+        else if (kn == &KERN_AVX2) s = fma_chains_avx2(steps);
+        else
+#endif
+            s = fma_chains_generic(steps);
+        g_peak_sink = s;
+        if (fo_tid() == 0) nt = fo_team();
+    }
+    (void)kn;
+    return 2.0 * PEAK_CHAINS * lanes * (double)steps * nt;
 }
 
 /* Ask the caches for n floats from p, a cache line at a time, before they

@@ -741,6 +741,15 @@ def test_embedding_backward_bad_input():
         llm.fo_embedding_backward(w.astype(np.float64), np.zeros((2, 4), np.int64), dx)
 
 
+@pytest.mark.parametrize("path", ISAS)
+def test_fma_peak_counts_the_flops_it_does(path):
+    # bench.py's %peak divides by this count: 12 chains x the ISA's lanes x 2
+    # flops, on every thread (AMX's probe is AVX-512's)
+    lanes = 16 if path in ("amx", "avx512") else 8
+    with isa(path):
+        assert lib.fo_fma_peak(1000) == 2 * 12 * lanes * 1000 * lib.fo_max_threads()
+
+
 # ---- the 'auto' backend: each kernel where it beats NumPy here ---------------------
 
 def test_auto_uses_a_kernel_only_where_the_calibration_says_it_wins(monkeypatch):
