@@ -703,23 +703,23 @@ static volatile float g_peak_sink; /* keeps the chains from being optimised away
 double fo_fma_peak(long steps) {
     const kern_t *kn = kern();
     int lanes = 8, nt = 1;
+    float sum = 0.0f;
 #if FO_X86
     if (kn == &KERN_AVX512) lanes = 16;
 #endif
 #ifdef _OPENMP
-#pragma omp parallel
+#pragma omp parallel reduction(+ : sum)
 #endif
     {
-        float s;
 #if FO_X86
-        if (kn == &KERN_AVX512) s = fma_chains_avx512(steps);
-        else if (kn == &KERN_AVX2) s = fma_chains_avx2(steps);
+        if (kn == &KERN_AVX512) sum += fma_chains_avx512(steps);
+        else if (kn == &KERN_AVX2) sum += fma_chains_avx2(steps);
         else
 #endif
-            s = fma_chains_generic(steps);
-        g_peak_sink = s;
+            sum += fma_chains_generic(steps);
         if (fo_tid() == 0) nt = fo_team();
     }
+    g_peak_sink = sum;
     (void)kn;
     return 2.0 * PEAK_CHAINS * lanes * (double)steps * nt;
 }
