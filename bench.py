@@ -73,10 +73,10 @@ def cpu_model():
 
 def fma_peak_gflops(lib):
     """This machine's FP32 FMA peak, measured: fastops' chains of FMAs in
-    registers on every thread (no memory), best of 5; the products' %peak."""
+    registers on every thread (no memory), best of 10; the products' %peak."""
     steps = 2_000_000
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         flops = lib.fo_fma_peak(steps)
         best = min(best, time.perf_counter() - t)
