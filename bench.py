@@ -58,7 +58,8 @@ def settle():
 
 
 def cpu_model():
-    """'model name (family F, model M)' from /proc/cpuinfo, where there is one."""
+    """'model name (family F, model M)' from /proc/cpuinfo (x86 Linux), else
+    what the platform module says."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,9 +67,10 @@ def cpu_model():
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or "unknown CPU"
-    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')},"
-            f" model {fields.get('model', '?')})")
+        pass
+    if "model name" not in fields or "cpu family" not in fields:
+        return fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{fields['model name']} (family {fields['cpu family']}, model {fields.get('model', '?')})"
 
 
 def fma_peak_gflops(lib):
