@@ -598,7 +598,9 @@ static const kern_t KERN_AVX2 = {"avx2", A256_MR, A256_NR, ukern_avx2, pack_a_av
 #endif
 static const kern_t *g_kern = NULL; /* chosen on first use */
 static int g_amx = -1; /* products on AMX (below): 0 no, 1 where it pays, 2 all (tests), -1 not chosen yet */
+#if FO_X86
 static int amx_usable(void);
+#endif
 
 static const kern_t *best_kern(void) {
 #if FO_X86
@@ -674,18 +676,19 @@ int fo_set_isa(const char *name) {
  * through their latency), `steps` long. Returns the flops done; bench.py
  * times the call. */
 #define PEAK_CHAINS 12
-#define DEFINE_PEAK(SUFFIX, TARGET, V, LANES, SET1, FMA)                              \
-    TARGET static float fma_chains##SUFFIX(long steps) {                              \
+#define DEFINE_PEAK(SUFFIX, TARGET, V, SET1, FMA)                                     \
+    TARGET static double fma_chains##SUFFIX(long steps, float *sink) {                \
         V a[PEAK_CHAINS], b = SET1(0.999999f), c = SET1(1e-7f);                       \
         for (int i = 0; i < PEAK_CHAINS; i++) a[i] = SET1((float)i);                  \
         for (long t = 0; t < steps; t++)                                              \
             for (int i = 0; i < PEAK_CHAINS; i++) a[i] = FMA(a[i], b, c);             \
-        float out[LANES], s = 0.0f;                                                   \
+        float s = 0.0f, lane0; /* every chain feeds the sink, or it is dead code */   \
         for (int i = 0; i < PEAK_CHAINS; i++) {                                       \
-            memcpy(out, &a[i], sizeof out);                                           \
-            s += out[0];                                                              \
+            memcpy(&lane0, &a[i], sizeof lane0);                                      \
+            s += lane0;                                                               \
         }                                                                             \
-        return s;                                                                     \
+        *sink = s;                                                                    \
+        return 2.0 * PEAK_CHAINS * (sizeof(V) / sizeof(float)) * (double)steps;      \
     }
 typedef struct { float x[8]; } gen_vec; /* 12 of them fit NEON's 32 registers */
 static gen_vec gen_set1(float v) { gen_vec r; for (int j = 0; j < 8; j++) r.x[j] = v; return r; }
@@ -693,35 +696,34 @@ static gen_vec gen_fma(gen_vec a, gen_vec b, gen_vec c) {
     for (int j = 0; j < 8; j++) a.x[j] = a.x[j] * b.x[j] + c.x[j];
     return a;
 }
-DEFINE_PEAK(_generic, , gen_vec, 8, gen_set1, gen_fma)
+DEFINE_PEAK(_generic, , gen_vec, gen_set1, gen_fma)
 #if FO_X86
-DEFINE_PEAK(_avx512, __attribute__((target("avx512f"))), __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps)
-DEFINE_PEAK(_avx2, __attribute__((target("avx2,fma"))), __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps)
+DEFINE_PEAK(_avx512, __attribute__((target("avx512f"))), __m512, _mm512_set1_ps, _mm512_fmadd_ps)
+DEFINE_PEAK(_avx2, __attribute__((target("avx2,fma"))), __m256, _mm256_set1_ps, _mm256_fmadd_ps)
 #endif
+
 static volatile float g_peak_sink; /* keeps the chains from being optimised away */
 
 double fo_fma_peak(long steps) {
     const kern_t *kn = kern();
-    int lanes = 8, nt = 1;
-    float sum = 0.0f;
-#if FO_X86
-    if (kn == &KERN_AVX512) lanes = 16;
-#endif
+    double flops = 0.0;
+    float sink = 0.0f;
 #ifdef _OPENMP
-#pragma omp parallel reduction(+ : sum)
+#pragma omp parallel reduction(+ : flops, sink)
 #endif
     {
+        float s;
 #if FO_X86
-        if (kn == &KERN_AVX512) sum += fma_chains_avx512(steps);
-        else if (kn == &KERN_AVX2) sum += fma_chains_avx2(steps);
+        if (kn == &KERN_AVX512) flops += fma_chains_avx512(steps, &s);
+        else if (kn == &KERN_AVX2) flops += fma_chains_avx2(steps, &s);
         else
 #endif
-            sum += fma_chains_generic(steps);
-        if (fo_tid() == 0) nt = fo_team();
+            flops += fma_chains_generic(steps, &s);
+        sink += s;
     }
-    g_peak_sink = sum;
+    g_peak_sink = sink;
     (void)kn;
-    return 2.0 * PEAK_CHAINS * lanes * (double)steps * nt;
+    return flops;
 }
 
 /* Ask the caches for n floats from p, a cache line at a time, before they
@@ -1700,21 +1702,18 @@ static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdi
     fo_free((float *)other);
     return bad;
 }
-#else
-#define FO_AMX 0
-static int amx_usable(void) { return 0; }
-#endif
 
 /* whether C[M,N] = A[M,K] . B[K,N] goes to AMX */
 static int amx_for(int M, int N, int K) {
-#if FO_AMX
     int amx = use_amx();
     return amx == 2 || (amx == 1 && M >= AMX_MIN && N >= AMX_MIN && K >= AMX_MIN_K);
-#else
-    (void)M, (void)N, (void)K;
-    return 0;
-#endif
 }
+#else
+#define FO_AMX 0
+#if FO_X86
+static int amx_usable(void) { return 0; }
+#endif
+#endif
 
 /* Below this many flops the OpenMP fork/join costs more than it saves. */
 #define PAR_MIN_FLOPS (1 << 18)
