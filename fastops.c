@@ -308,8 +308,8 @@ DEFINE_UKERN_512(12, 2) /* A512: 12 x 32 */
 DEFINE_UKERN_512(6, 4)  /* W512: 6 x 64 */
 /* ...and A^T read in place (X^T of the weight gradients: row r, step p at
  * a[r + p * lda], a step's 12 floats side by side in a row of X), a whole
- * tile (mr = 12): no pack of X, which each thread of gemm_cols made in full
- * (the large training step ~1% faster here) */
+ * tile (mr = 12): no pack of X, which each thread of gemm_cols made in full,
+ * reading X from memory (in a training step it is cold) to write it again */
 __attribute__((target("avx512f"), aligned(64)))
 static void ukern_512_12x2_cols(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
                                 ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
@@ -763,8 +763,8 @@ FO_INLINE void prefetch_row(const float *p, int n, int for_write) {
 
 /* C's tile (mr rows of nr), asked for before the micro-kernel sums it: an
  * activation or gradient just allocated is cold, and the tile's stores at
- * the kernel's end waited on memory (about 1% of a large training step on
- * an AMD EPYC, in the products that write fresh arrays) */
+ * the kernel's end waited on memory (a training step's products, not those
+ * timed alone, whose C stays in the caches from one call to the next) */
 FO_INLINE void prefetch_tile(float *c, ptrdiff_t ldc, int mr, int nr) {
     for (int r = 0; r < mr; r++) prefetch_row(c + r * ldc, nr, 1);
 }
