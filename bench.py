@@ -743,20 +743,24 @@ def bench_vs_torch(quick, python):
             model, opt, idx, tgt = make_model(name)
             steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
             train_step(model, opt, idx, tgt)          # warm-up
-            mine, theirs = [], []
+            mine, theirs, each = [], [], []           # each: a round's ratio, to show the spread
             for _ in range(rounds):
+                ours = []
                 for _ in range(steps):
                     t = time.perf_counter()
                     train_step(model, opt, idx, tgt)
-                    mine.append(time.perf_counter() - t)
+                    ours.append(time.perf_counter() - t)
                 settle()
-                theirs += worker.ask(cmd="train", model=name, steps=steps)["times"]
+                times = worker.ask(cmd="train", model=name, steps=steps)["times"]
                 settle()
+                mine, theirs = mine + ours, theirs + times
+                each.append(statistics.median(times) / statistics.median(ours))
             res["train", name, "llm"] = statistics.median(mine)
             res["train", name, "torch"] = statistics.median(theirs)
             print(f"{name:6s} step: llm {res['train', name, 'llm'] * 1e3:8.1f} ms, PyTorch "
                   f"{res['train', name, 'torch'] * 1e3:8.1f} ms: PyTorch / llm = "
-                  f"{res['train', name, 'torch'] / res['train', name, 'llm']:.2f}", flush=True)
+                  f"{res['train', name, 'torch'] / res['train', name, 'llm']:.2f} (its rounds: "
+                  f"{', '.join(f'{r:.2f}' for r in each)})", flush=True)
             del model, opt
         gmodel = llm.GPT(llm.GPTConfig(**GEN_MODEL, dtype="float32"), seed=0)
         rng = np.random.default_rng(1)
