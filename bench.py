@@ -545,6 +545,8 @@ def bench_cuda(steps):
 
 GEN_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
 GEN_PROMPT, GEN_NEW = 10, 48
+WARM_STEPS = 3   # untimed steps of a model just made, each side: PyTorch's first steps after
+                 # one were still its slowest (glibc's heap settling into its sizes)
 
 
 def torch_optimizer(model, lr=1e-4):
@@ -637,8 +639,9 @@ def torch_worker():
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                    "transformers": getattr(transformers, "__version__", None)}
         elif cmd == "train":
-            name = msg["model"]
+            name, warm = msg["model"], 1
             if name not in models:
+                warm = WARM_STEPS
                 cfg, batch = MODELS[name]
                 m = torch_gpt2(cfg, "cpu")
                 g = torch.Generator().manual_seed(0)
@@ -652,7 +655,8 @@ def torch_worker():
                 m(idx, tgt).backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
                 opt.step()
-            step()                                    # warm-up
+            for _ in range(warm):                     # warm-up
+                step()
             times = []
             for _ in range(msg["steps"]):
                 t = time.perf_counter()
@@ -742,7 +746,8 @@ def bench_vs_torch(quick, python):
         for name in MODELS:
             model, opt, idx, tgt = make_model(name)
             steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
-            train_step(model, opt, idx, tgt)          # warm-up
+            for _ in range(WARM_STEPS):               # warm-up
+                train_step(model, opt, idx, tgt)
             mine, theirs, each = [], [], []           # each: a round's ratio, to show the spread
             for _ in range(rounds):
                 ours = []
