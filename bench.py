@@ -73,6 +73,17 @@ def cpu_model():
     return f"{fields['model name']} (family {fields['cpu family']}, model {fields.get('model', '?')})"
 
 
+def steal_seconds():
+    """Seconds the hypervisor has run others on this machine's cores so far
+    (Linux's /proc/stat, all CPUs), or None elsewhere: time in which a
+    virtual machine's benchmark did not run, though its clock went on."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def fma_peak_gflops(lib):
     """This machine's FP32 FMA peak, measured: fastops' chains of FMAs in
     registers on every thread (no memory), best of 10; the products' %peak."""
@@ -923,7 +934,7 @@ def main():
     threads = lib.fo_max_threads()
     model = cpu_model()
     peak = fma_peak_gflops(lib)
-    t_start = time.perf_counter()
+    t_start, steal_start = time.perf_counter(), steal_seconds()
     print(f"# {model}; fastops kernel: {isa}; OpenMP threads: {threads}; numpy {np.__version__}")
     print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (llm.py sets passive when the cores were busy as it loaded fastops or NumPy does the products, unless set)")
@@ -1051,6 +1062,9 @@ def main():
               f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
 
     print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
+    if steal_start is not None:
+        print(f"# the hypervisor ran others on these cores for {steal_seconds() - steal_start:.1f} s of it"
+              " (steal time: any figure measured then is distorted)")
     result = {
         "matmul_vs_blas": round(matmul_ratio, 3),
         **{f"matmul_generation_vs_blas_b{M}": round(tn / tf, 3) for M, _, _, tn, tf in mmg},
