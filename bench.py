@@ -556,8 +556,8 @@ def bench_cuda(steps):
 
 GEN_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
 GEN_PROMPT, GEN_NEW = 10, 48
-WARM_STEPS = 3   # untimed steps of a model just made, each side: PyTorch's first steps after
-                 # one were still its slowest (glibc's heap settling into its sizes)
+WARM_STEPS = 3   # untimed steps of a model just made, each side: after one, PyTorch's
+                 # first timed steps were still its slowest
 
 
 def torch_optimizer(model, lr=1e-4):
