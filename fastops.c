@@ -1394,8 +1394,8 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
             s0 = (int)((long)npanels * tid / nt);
             s1 = (int)((long)npanels * (tid + 1) / nt);
         }
-        float *ablock = fo_alloc((size_t)MC * KC), *bstrip = fo_alloc((size_t)KC * NR);
-        rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL;
+        rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL; /* (then A's block: one ragged tile) */
+        float *ablock = fo_alloc((size_t)(cols_fn ? MR : MC) * KC), *bstrip = fo_alloc((size_t)KC * NR);
         for (int ic = m0; ic < m1 && ablock && bstrip && s0 < s1; ic += MC) {
             int mc = imin(MC, m1 - ic), mp = ceil_div(mc, MR);
             int inplace = cols_fn ? mc / MR : 0; /* tiles of A^T read in place: the whole ones */
@@ -1403,8 +1403,8 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                 int kc = imin(KC, K - pc), first = (pc == 0);
                 if (cols_fn) {
                     if (inplace < mp) /* (a ragged last one packed) */
-                        kn->pack_a(ablock + (size_t)inplace * MR * kc, A + ic + inplace * MR + pc * csa,
-                                   1, csa, mc - inplace * MR, kc, MR);
+                        kn->pack_a(ablock, A + ic + inplace * MR + pc * csa, 1, csa, mc - inplace * MR,
+                                   kc, MR);
                 } else if (rsa == 1)
                     kn->pack_at(ablock, A + ic + pc * csa, csa, mc, kc, MR);
                 else
@@ -1424,9 +1424,9 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                             cols_fn(kc, A + i + pc * csa, csa, bstrip, C + (ptrdiff_t)i * ldc + j, ldc, MR,
                                     nr, accumulate || !first, (first && bias) ? bias + j : NULL);
                         else
-                            kn->fn(kc, ablock + (size_t)ip * MR * kc, bstrip, C + (ptrdiff_t)i * ldc + j,
-                                   ldc, imin(MR, M - i), nr, accumulate || !first,
-                                   (first && bias) ? bias + j : NULL);
+                            kn->fn(kc, ablock + (size_t)(ip - inplace) * MR * kc, bstrip,
+                                   C + (ptrdiff_t)i * ldc + j, ldc, imin(MR, M - i), nr,
+                                   accumulate || !first, (first && bias) ? bias + j : NULL);
                     }
                 }
             }
