@@ -2000,6 +2000,7 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
+    rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL;  /* P^T, dS^T: whole tiles, so too */
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
         int np = diag == DIAG_COLS ? imin(npanels, ceil_div(i + mr, NR)) : npanels;
@@ -2021,6 +2022,12 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
         if (rows_fn) {
             for (int jp = 0; jp < np; jp++)
                 rows_fn(k1 - k0, A + i * rsa + k0, rsa, bp + jp * pstride + (size_t)k0 * NR,
+                        C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
+            continue;
+        }
+        if (cols_fn && mr == MR) {
+            for (int jp = 0; jp < np; jp++)
+                cols_fn(k1 - k0, A + i + k0 * csa, csa, bp + jp * pstride + (size_t)k0 * NR,
                         C + i * ldc + jp * NR, ldc, mr, imin(NR, N - jp * NR), load_c, NULL);
             continue;
         }
@@ -2065,22 +2072,31 @@ FO_INLINE void attn_fwd_block(const kern_t *kn, const float *Q, float *Y, float 
         int diag = j0 == i0; /* the tile on the diagonal: half of it masked */
         small_gemm(kn, nq, nk, D, Q + i0 * ld, ld, 1, kt + (size_t)(j0 / NR) * D * NR,
                    (size_t)D * NR, S, BK, 0, apack, diag ? DIAG_COLS : DIAG_NONE);
+        /* the softmax's running max, sum and rescale, in two sweeps over the
+         * rows: a row's chain of dependent steps is long, and rows side by
+         * side in one sweep overlap */
+        float mx[BQ];
         for (int r = 0; r < nq; r++) {
             float *s = S + r * BK;
             int valid = imin(nk, i0 + r - j0 + 1); /* keys j0..i only */
+            if (valid <= 0) continue;
+            for (int c = 0; c < valid; c++) s[c] *= scale;
+            mx[r] = row_max(s, valid, mrow[r]);
+        }
+        for (int r = 0; r < nq; r++) {
+            float *s = S + r * BK;
+            int valid = imin(nk, i0 + r - j0 + 1);
             if (valid <= 0) { /* whole tile is in this row's future */
                 memset(s, 0, sizeof(float) * nk);
                 continue;
             }
-            for (int c = 0; c < valid; c++) s[c] *= scale;
-            float mx = row_max(s, valid, mrow[r]);
-            for (int c = 0; c < valid; c++) s[c] -= mx;
+            for (int c = 0; c < valid; c++) s[c] -= mx[r];
             exp_inplace(s, valid);
             float sum = row_sum(s, valid);
             for (int c = valid; c < nk; c++) s[c] = 0.0f;
-            float alpha = expf(mrow[r] - mx); /* 0 on the first tile (m = -inf) */
+            float alpha = expf(mrow[r] - mx[r]); /* 0 on the first tile (m = -inf) */
             lrow[r] = lrow[r] * alpha + sum;
-            mrow[r] = mx;
+            mrow[r] = mx[r];
             float *a = acc + r * D;
             for (int d = 0; d < D && j0 > 0; d++) a[d] *= alpha;
         }
