@@ -1974,7 +1974,8 @@ FO_INLINE void scaled_copy(float *FO_RESTRICT dst, const float *FO_RESTRICT src,
 }
 
 /* Single-threaded small GEMM for attention's tiles: C[M,N] (+)= A[M,K] . B[K,N],
- * A with general strides (packed here on per-thread scratch unless row-major),
+ * A with general strides (packed here on per-thread scratch unless row-major,
+ * or on AVX-512 a whole tile of a column-major one: the backward's P^T, dS^T),
  * B packed by pack_panels (below): panel jp at bp + jp * pstride.
  * diag, for attention's tiles on the diagonal (row r of the queries sees
  * keys c <= r): DIAG_COLS, C's columns past a panel's last row are left
@@ -2000,7 +2001,7 @@ FO_INLINE void small_gemm(const kern_t *kn, int M, int N, int K,
     const int MR = kn->mr, NR = kn->nr;
     int npanels = ceil_div(N, NR);
     rows_fn_t rows_fn = csa == 1 ? rows_kern(kn) : NULL;  /* row-major A: read in place */
-    rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL;  /* P^T, dS^T: whole tiles, so too */
+    rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL;  /* column-major A: so too */
     for (int i = 0; i < M; i += MR) {
         int mr = imin(MR, M - i);
         int np = diag == DIAG_COLS ? imin(npanels, ceil_div(i + mr, NR)) : npanels;
