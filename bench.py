@@ -349,6 +349,10 @@ class _TimedModule:
         self.ffi, self.lib = mod.ffi, _TimedLib(mod.lib, acc)
 
 
+PROFILE_ROUNDS = 5                      # the step's profile: NumPy's products and fastops'
+PROFILE_REPS = {"small": 3, "large": 1}  # alternated; steps a round, each side (after one untimed)
+
+
 def profile_step(name, backend, reps):
     model, opt, idx, tgt = make_model(name)
     llm.set_backend(backend)
@@ -1004,12 +1008,20 @@ def main():
 
     print("\n## profile of one training step (fastops path), ms and share of the step")
     in_step = {}
+    lin = lambda a: a.get("linear_forward", 0.0) + a.get("linear_backward", 0.0)
     for name in MODELS:
-        acc_np, _ = profile_step(name, "numpy", 1 if args.quick else 3)
-        settle()
-        acc, total = profile_step(name, "fastops", 1 if args.quick else 5)
-        lin = lambda a: a.get("linear_forward", 0.0) + a.get("linear_backward", 0.0)
-        in_step[name] = lin(acc_np) / lin(acc)
+        # NumPy's products and fastops' inside the step in alternated rounds (a slow
+        # moment of the machine falls on one round, not on one side), each side's
+        # median; the breakdown below is fastops' median round
+        np_lin, fo_runs = [], []
+        for _ in range(1 if args.quick else PROFILE_ROUNDS):
+            np_lin.append(lin(profile_step(name, "numpy", PROFILE_REPS[name])[0]))
+            settle()
+            fo_runs.append(profile_step(name, "fastops", PROFILE_REPS[name]))
+            settle()
+        fo_lin = [lin(acc) for acc, _ in fo_runs]
+        in_step[name] = statistics.median(np_lin) / statistics.median(fo_lin)
+        acc, total = sorted(fo_runs, key=lambda run: run[1])[len(fo_runs) // 2]
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
                  "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward"]
         print(f"-- {name}: {total * 1e3:.1f} ms per step (timed with wrappers)")
@@ -1023,8 +1035,9 @@ def main():
         print(f"   of the {len(heavy)} functions with C kernels' {wrappers * 1e3:.2f} ms, {inside * 1e3:.2f} ms is inside C;"
               f" Python overhead (checks, copies, allocation) {(wrappers - inside) * 1e3:.2f} ms"
               f" = {100 * (wrappers - inside) / total:.1f}% of the step")
-        print(f"   the linear layers inside the step: NumPy's BLAS {lin(acc_np) * 1e3:.2f} ms, fastops"
-              f" {lin(acc) * 1e3:.2f} ms: {in_step[name]:.2f}x")
+        print(f"   the linear layers inside the step: NumPy's BLAS {statistics.median(np_lin) * 1e3:.2f} ms,"
+              f" fastops {statistics.median(fo_lin) * 1e3:.2f} ms: {in_step[name]:.2f}x (its rounds:"
+              f" {', '.join(f'{n / f:.2f}' for n, f in zip(np_lin, fo_lin))})")
         # The other kernels beside NumPy's products (OpenBLAS's threads spin after each one).
         saved_choice = llm.kernel_choice()
         llm._CHOICE = {**saved_choice, "linear": {**saved_choice["linear"], "use": False}, "step": {"use": True}}
