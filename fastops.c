@@ -2245,6 +2245,7 @@ static void attn_pick(const kern_t *kn, attn_fwd_fn *fwd, attn_bwd_fn *bwd, attn
     if (kn == &KERN_AVX512) { *fwd = attn_fwd_avx512; *bwd = attn_bwd_avx512; *di = attn_di_avx512; }
     if (kn == &KERN_AVX2) { *fwd = attn_fwd_avx2; *bwd = attn_bwd_avx2; *di = attn_di_avx2; }
 #endif
+    (void)kn;
 }
 
 /* Generation: q (B, H, Tq, D) are the last Tq of the Tk positions whose keys
