@@ -271,20 +271,24 @@ def step_count(name, quick):
 
 
 def bench_train(quick):
+    """Each model's step per backend, median: the backends in turn, in rounds
+    (a slow moment of the machine falls on one round, not on one backend),
+    each backend's steps in a round after one untimed."""
     out = {}
     for name in MODELS:
         model, opt, idx, tgt = make_model(name)
-        steps = step_count(name, quick)
-        for backend in ("numpy", "auto", "fastops"):
-            llm.set_backend(backend)
-            train_step(model, opt, idx, tgt)                      # warm-up
-            times = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                train_step(model, opt, idx, tgt)
-                times.append(time.perf_counter() - t)
-            out[(name, backend)] = statistics.median(times)
-            settle()
+        rounds = 1 if quick else 3
+        times = {}
+        for _ in range(rounds):
+            for backend in ("numpy", "auto", "fastops"):
+                llm.set_backend(backend)
+                train_step(model, opt, idx, tgt)                  # warm-up
+                for _ in range(math.ceil(step_count(name, quick) / rounds)):
+                    t = time.perf_counter()
+                    train_step(model, opt, idx, tgt)
+                    times.setdefault(backend, []).append(time.perf_counter() - t)
+                settle()
+        out.update({(name, backend): statistics.median(t) for backend, t in times.items()})
     return out
 
 
