@@ -57,6 +57,28 @@ def settle():
     time.sleep(0.3)
 
 
+def in_turn(rounds, sides):
+    """{side: its measure's result in each round}: the sides (name: measure)
+    taken in turn, round after round, each followed by settle(), so that a
+    slow moment of the machine falls on one round, not on one side."""
+    out = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, measure in sides.items():
+            out[side].append(measure())
+            settle()
+    return out
+
+
+def step_times(model, opt, idx, tgt, steps):
+    """Seconds of each of `steps` training steps."""
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        train_step(model, opt, idx, tgt)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def cpu_model():
     """'model name (family F, model M)' from /proc/cpuinfo (x86 Linux), else
     what the platform module says."""
@@ -278,17 +300,13 @@ def bench_train(quick):
     for name in MODELS:
         model, opt, idx, tgt = make_model(name)
         rounds = 1 if quick else 3
-        times = {}
-        for _ in range(rounds):
-            for backend in ("numpy", "auto", "fastops"):
-                llm.set_backend(backend)
-                train_step(model, opt, idx, tgt)                  # warm-up
-                for _ in range(math.ceil(step_count(name, quick) / rounds)):
-                    t = time.perf_counter()
-                    train_step(model, opt, idx, tgt)
-                    times.setdefault(backend, []).append(time.perf_counter() - t)
-                settle()
-        out.update({(name, backend): statistics.median(t) for backend, t in times.items()})
+
+        def steps_on(backend):
+            llm.set_backend(backend)
+            train_step(model, opt, idx, tgt)                      # warm-up
+            return step_times(model, opt, idx, tgt, math.ceil(step_count(name, quick) / rounds))
+        times = in_turn(rounds, {b: lambda b=b: steps_on(b) for b in ("numpy", "auto", "fastops")})
+        out.update({(name, b): statistics.median(sum(t, [])) for b, t in times.items()})
     return out
 
 
@@ -751,13 +769,10 @@ def bench_vs_torch(quick, python):
     try:
         for name in MODELS:                           # the products alone: best of each, rounds alternated
             cases, (M, layers) = matmul_cases(name), matmul_shapes(*MODELS[name])
-            mine, theirs = [math.inf] * len(cases), [math.inf] * len(cases)
-            for _ in range(rounds):
-                mine = [min(t, best_of(c[3], 3 if quick else 10)) for t, c in zip(mine, cases)]
-                settle()
-                ts = worker.ask(cmd="matmul", rows=M, layers=layers, reps=3 if quick else 10)["times"]
-                theirs = [min(a, b) for a, b in zip(theirs, ts)]
-                settle()
+            got = in_turn(rounds, {
+                "llm": lambda: [best_of(c[3], 3 if quick else 10) for c in cases],
+                "torch": lambda: worker.ask(cmd="matmul", rows=M, layers=layers, reps=3 if quick else 10)["times"]})
+            mine, theirs = ([min(ts) for ts in zip(*got[side])] for side in ("llm", "torch"))
             res["matmul", name] = sum(theirs) / sum(mine)
             print(f"{'products alone, GFLOP/s (best of each)':44s} {'llm':>8s} {'PyTorch':>8s} {'ratio':>6s}")
             for c, a, b in zip(cases, mine, theirs):
@@ -768,20 +783,12 @@ def bench_vs_torch(quick, python):
             steps = {"small": 5 if quick else 15, "large": 1 if quick else 3}[name]
             for _ in range(WARM_STEPS):               # warm-up
                 train_step(model, opt, idx, tgt)
-            mine, theirs, each = [], [], []           # each: a round's ratio, to show the spread
-            for _ in range(rounds):
-                ours = []
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    train_step(model, opt, idx, tgt)
-                    ours.append(time.perf_counter() - t)
-                settle()
-                times = worker.ask(cmd="train", model=name, steps=steps)["times"]
-                settle()
-                mine, theirs = mine + ours, theirs + times
-                each.append(statistics.median(times) / statistics.median(ours))
-            res["train", name, "llm"] = statistics.median(mine)
-            res["train", name, "torch"] = statistics.median(theirs)
+            got = in_turn(rounds, {
+                "llm": lambda: step_times(model, opt, idx, tgt, steps),
+                "torch": lambda: worker.ask(cmd="train", model=name, steps=steps)["times"]})
+            for side, times in got.items():
+                res["train", name, side] = statistics.median(sum(times, []))
+            each = [statistics.median(t) / statistics.median(o) for o, t in zip(got["llm"], got["torch"])]
             print(f"{name:6s} step: llm {res['train', name, 'llm'] * 1e3:8.1f} ms, PyTorch "
                   f"{res['train', name, 'torch'] * 1e3:8.1f} ms: PyTorch / llm = "
                   f"{res['train', name, 'torch'] / res['train', name, 'llm']:.2f} (its rounds: "
@@ -797,17 +804,11 @@ def bench_vs_torch(quick, python):
             else:
                 run = lambda: llm.generate_batch(gmodel, prompts, GEN_NEW, temperature=0)
             run()                                     # warm-up
-            times = {"llm": []}
-            for _ in range(1 if quick else 2):
-                t = time.perf_counter()
-                run()
-                times["llm"].append(time.perf_counter() - t)
-                settle()
-                for impl in impls:
-                    times.setdefault(impl, []).extend(
-                        worker.ask(cmd="generate", impl=impl, batch=B, reps=1)["times"])
-                    settle()
-            for side, ts in times.items():
+            got = in_turn(1 if quick else 2, {
+                "llm": lambda: best_of(run, 1, warm=0),
+                **{impl: lambda impl=impl: worker.ask(cmd="generate", impl=impl, batch=B, reps=1)["times"][0]
+                   for impl in impls}})
+            for side, ts in got.items():
                 res["gen", B, {"kv": "torch"}.get(side, side)] = statistics.median(ts)
             print(f"generate batch {B:2d}: llm {B * GEN_NEW / res['gen', B, 'llm']:6.1f} tok/s, "
                   + ", ".join(f"PyTorch{' (HF generate)' if s == 'hf' else ' (KV-cache loop)'} "
@@ -1018,13 +1019,10 @@ def main():
         # NumPy's products and fastops' inside the step in alternated rounds (a slow
         # moment of the machine falls on one round, not on one side), each side's
         # median; the breakdown below is fastops' median round
-        np_lin, fo_runs = [], []
-        for _ in range(1 if args.quick else PROFILE_ROUNDS):
-            np_lin.append(lin(profile_step(name, "numpy", PROFILE_REPS[name])[0]))
-            settle()
-            fo_runs.append(profile_step(name, "fastops", PROFILE_REPS[name]))
-            settle()
-        fo_lin = [lin(acc) for acc, _ in fo_runs]
+        got = in_turn(1 if args.quick else PROFILE_ROUNDS,
+                      {b: lambda b=b: profile_step(name, b, PROFILE_REPS[name]) for b in ("numpy", "fastops")})
+        fo_runs = got["fastops"]
+        np_lin, fo_lin = [lin(acc) for acc, _ in got["numpy"]], [lin(acc) for acc, _ in fo_runs]
         in_step[name] = statistics.median(np_lin) / statistics.median(fo_lin)
         acc, total = sorted(fo_runs, key=lambda run: run[1])[len(fo_runs) // 2]
         heavy = ["linear_forward", "linear_backward", "attention_forward", "attention_backward",
