@@ -70,7 +70,9 @@ def in_turn(rounds, sides):
 
 
 def step_times(model, opt, idx, tgt, steps):
-    """Seconds of each of `steps` training steps."""
+    """Seconds of each of `steps` training steps, after one untimed: the first
+    after a pause finds cold caches and sleeping threads (as PyTorch's worker)."""
+    train_step(model, opt, idx, tgt)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -303,7 +305,6 @@ def bench_train(quick):
 
         def steps_on(backend):
             llm.set_backend(backend)
-            train_step(model, opt, idx, tgt)                      # warm-up
             return step_times(model, opt, idx, tgt, math.ceil(step_count(name, quick) / rounds))
         times = in_turn(rounds, {b: lambda b=b: steps_on(b) for b in ("numpy", "auto", "fastops")})
         out.update({(name, b): statistics.median(sum(t, [])) for b, t in times.items()})
