@@ -1379,40 +1379,47 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
     int KC = ceil_div(K, ceil_div(K, KC_MAX));
     int MC = imin(ceil_div(M, MR), ceil_div(MC_COLS, MR)) * MR;
     int npanels = ceil_div(N, NR);
+    int split_m = M > N; /* split the wider side: each thread packs all of the other operand */
+    int head[2][16 * MAX_RUNS]; /* split columns: a k block's runs of panels, two blocks in turn */
+    if (nthreads > MAX_RUNS) nthreads = MAX_RUNS;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        int nt = fo_team(), tid = fo_tid();
-        /* split the wider side: each thread packs all of the other operand */
+        int nt = fo_team(), tid = fo_tid(), blk = 0;
         int s0 = 0, s1 = npanels, m0 = 0, m1 = M;
-        if (M > N) {
+        if (split_m) {
             int mpanels = ceil_div(M, MR);
             m0 = imin(M, (int)((long)mpanels * tid / nt) * MR);
             m1 = imin(M, (int)((long)mpanels * (tid + 1) / nt) * MR);
-        } else {
-            s0 = (int)((long)npanels * tid / nt);
-            s1 = (int)((long)npanels * (tid + 1) / nt);
+        } else { /* each thread its own run of panels first, then helps the others */
+            start_run(head[0], npanels, tid, nt);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
         }
         rows_fn_t cols_fn = rsa == 1 ? cols_kern(kn) : NULL; /* (then A's block: one ragged tile) */
         float *ablock = fo_alloc((size_t)(cols_fn ? MR : MC) * KC), *bstrip = fo_alloc((size_t)KC * NR);
-        for (int ic = m0; ic < m1 && ablock && bstrip && s0 < s1; ic += MC) {
+        int ok = ablock && bstrip;
+        for (int ic = m0; ic < m1; ic += MC) { /* (the same blocks in every thread: barriers) */
             int mc = imin(MC, m1 - ic), mp = ceil_div(mc, MR);
             int inplace = cols_fn ? mc / MR : 0; /* tiles of A^T read in place: the whole ones */
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = imin(KC, K - pc), first = (pc == 0);
-                if (cols_fn) {
+                if (ok && cols_fn) {
                     if (inplace < mp) /* (a ragged last one packed) */
                         kn->pack_a(ablock, A + ic + inplace * MR + pc * csa, 1, csa, mc - inplace * MR,
                                    kc, MR);
-                } else if (rsa == 1)
+                } else if (ok && rsa == 1)
                     kn->pack_at(ablock, A + ic + pc * csa, csa, mc, kc, MR);
-                else
+                else if (ok)
                     for (int ip = 0; ip < mp; ip++)
                         kn->pack_a(ablock + (size_t)ip * MR * kc,
                                    A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa, rsa, csa,
                                    imin(MR, mc - ip * MR), kc, MR);
-                for (int jp = s0; jp < s1; jp++) {
+                int *run = head[blk & 1];
+                for (int jp = split_m ? s0 : next_task(run, npanels, tid, nt); ok && jp >= 0 && jp < s1;
+                     jp = split_m ? jp + 1 : next_task(run, npanels, tid, nt)) {
                     int j = jp * NR, nr = imin(NR, N - j);
                     kn->pack_b(bstrip, B + pc * rsb + j * csb, rsb, csb, nr, kc, NR);
                     if (colsum && ic == 0) /* B's column sums, row after row as fo_colsum */
@@ -1428,6 +1435,12 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                                    C + (ptrdiff_t)i * ldc + j, ldc, imin(MR, M - i), nr,
                                    accumulate || !first, (first && bias) ? bias + j : NULL);
                     }
+                }
+                if (!split_m) { /* a panel's k blocks in order, whichever thread takes each */
+                    start_run(head[++blk & 1], npanels, tid, nt);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
                 }
             }
         }
