@@ -2385,7 +2385,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     int BH = B * H, nkb = ceil_div(T, BK);
     float scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)BH * T * D;
-    int nthreads = fo_nthreads();
+    int nthreads = imin(fo_nthreads(), MAX_RUNS);
     if ((double)BH * T * T * D <= 1e5) nthreads = 1;
     /* With enough heads, one task = one head and dQ is written directly.
      * With few heads (e.g. B*H = 1 at T = 2048) tasks are (head, key block)
@@ -2398,10 +2398,13 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     float *dqpriv = split ? fo_alloc(n * nthreads) : NULL;
     if (!Di || (split && !dqpriv)) { fo_free(Di); fo_free(dqpriv); return; }
     long ntasks = (long)BH * per_head;
+    int head[16 * MAX_RUNS];
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
+        int nt = fo_team(), tid = fo_tid();
+        if (!split) start_run(head, (int)ntasks, tid, nt); /* (seen after Di's barrier) */
         float *P = fo_alloc((size_t)BQ * BK), *dP = fo_alloc((size_t)BQ * BK);
         const int NR = kn->nr;
         size_t ktf = (size_t)ceil_div(T, NR) * D * NR, rowf = (size_t)ceil_div(D, NR) * T * NR;
@@ -2420,14 +2423,13 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             di_rows(dy + o, y + o, yt, Di + (size_t)bh * T, T, D);
         }
         if (split) memset(dqt, 0, sizeof(float) * n);
-        /* Tasks in turn to the threads, not to whichever is free: which
-         * key blocks a thread adds into its private dQ, and so the order of
-         * the final sum, must not depend on timing (the same bits every run).
-         * Whole heads: a run of them each (a batch row's, as forward). */
-#ifdef _OPENMP
-#pragma omp for schedule(static, split ? 1 : (int)((ntasks + nthreads - 1) / nthreads))
-#endif
-        for (long t = 0; t < ntasks; t++) {
+        /* Split: tasks in turn to the threads, not to whichever is free:
+         * which key blocks a thread adds into its private dQ, and so the
+         * order of the final sum, must not depend on timing (the same bits
+         * every run). Whole heads: a run of them each (a batch row's, as
+         * forward), then help the others (a head's sums are its own). */
+        for (long t = split ? tid : next_task(head, (int)ntasks, tid, nt); t >= 0 && t < ntasks;
+             t = split ? t + nt : next_task(head, (int)ntasks, tid, nt)) {
             /* key block 0 sees every query: do the big ones first */
             int bh = (int)(t % BH), jb_first = (int)(t / BH);
             int jb_last = split ? jb_first : nkb - 1;
@@ -2460,8 +2462,9 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             scatter_rows(dv + off, st, g[4], 0, T, D);
         }
         if (split) {
-            /* (implicit barrier above) sum the private dQ copies */
+            /* sum the private dQ copies */
 #ifdef _OPENMP
+#pragma omp barrier
 #pragma omp for schedule(static)
 #endif
             for (long row = 0; row < (long)BH * T; row++) {
