@@ -1346,11 +1346,13 @@ static void gemm_stream(const kern_t *kn, int N, int K, const float *A, ptrdiff_
 /* so it is packed (or, as X^T, read in place by a kernel for it), and B    */
 /* (dY) is as large as A. gemm_blocked would copy B into one block that     */
 /* both threads pack and read, half of it from the other core. Here threads */
-/* split the columns (or, when C is taller than wide, the rows) instead:    */
-/* each packs its own B strips (kc x NR, read from L1) and A blocks (MC x   */
-/* kc, in its L2), the other side in full, and never waits for the other.   */
-/* The k blocks are gemm_blocked's, so every tile sums in the same order:   */
-/* the same bits.                                                           */
+/* split the columns (or, when C is taller than wide, the rows: a fixed     */
+/* share each) instead: each packs its own B strips (kc x NR, read from L1) */
+/* and A blocks (MC x kc, in its L2), the other side in full. Columns go    */
+/* out a k block at a time, each thread's run of panels first, then it     */
+/* helps the others (a fixed half each left the faster core waiting at the */
+/* end of every call). The k blocks are gemm_blocked's, taken in order, so  */
+/* every tile sums in the same order, whichever thread: the same bits.     */
 /* ------------------------------------------------------------------------ */
 #ifndef MC_COLS
 #define MC_COLS 384
