@@ -6,8 +6,8 @@ and LayerNorm, on shapes hypothesis picks around every tile edge; bad input
 is an error naming the argument, or a copy; the layer table `ops` holds the
 kernels, NumPy for float64 or after set_backend("numpy") (which refuses an
 unknown backend); the whole model's loss and gradients equal the NumPy
-path's; and a kernel that cannot get its scratch memory raises MemoryError
-instead of crashing.
+path's; any number of threads gives the same bits; and a kernel that cannot
+get its scratch memory raises MemoryError instead of crashing.
 
 Skipped as a whole when _fastops is not built (`python build_ext.py`) or
 LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
@@ -215,6 +215,36 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
     for got, want in zip((y, lse, *grads), (y2, lse2, *grads2)):
         np.testing.assert_array_equal(got, want)
     close(y, attention_reference(q, k, v, dy)[0], D)
+
+
+# The threads share out the weight gradients' columns (a k block at a time)
+# and attention's heads as they come free; each C tile sums its k blocks in
+# order and each head is one thread's, so any number of threads gives the
+# same bits. Three on a 2-core machine take turns: the shares move.
+THREADS_CHECK = """
+import hashlib, numpy as np, llm
+llm.set_backend("fastops")
+rng = np.random.default_rng(0)
+r = lambda *shape: rng.standard_normal(shape, np.float32)
+out = []
+for M, K, N in [(700, 130, 300), (600, 500, 40)]:     # C = x^T dy split by columns; by rows
+    out += llm.fo_linear_backward(r(M, N), r(M, K), r(K, N))
+q, k, v = r(4, 130, 3, 3, 32).transpose(2, 0, 3, 1, 4)    # 12 whole heads, read in place
+y, lse = llm.fo_attention_forward(q, k, v)
+out += [y, lse, *llm.fo_attention_backward(r(4, 130, 3, 32).transpose(0, 2, 1, 3), q, k, v, y, lse)]
+print(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in out)).hexdigest())
+"""
+
+
+def test_products_and_attention_give_the_same_bits_on_any_number_of_threads():
+    import os
+    import subprocess
+    import sys
+    run = lambda n: subprocess.run([sys.executable, "-c", THREADS_CHECK], cwd=ROOT, check=True,
+                                   capture_output=True, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(n)}).stdout
+    one = run(1)
+    assert len(one) == 65 and run(2) == one and run(3) == one
 
 
 @FAST
