@@ -2464,7 +2464,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
             scatter_rows(dv + off, st, g[4], 0, T, D);
         }
         if (split) {
-            /* sum the private dQ copies */
+            /* sum the team's private dQ copies (each zeroed by its thread) */
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -2474,7 +2474,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
                 float *d = dq + (bh / H) * sb + (bh % H) * sh + t * st;
                 for (int c = 0; c < D; c++) {
                     float s = 0.0f;
-                    for (int th = 0; th < nthreads; th++) s += dqpriv[n * th + row * D + c];
+                    for (int th = 0; th < nt; th++) s += dqpriv[n * th + row * D + c];
                     d[c] = s;
                 }
             }
@@ -2665,13 +2665,13 @@ void fo_layernorm_backward(const float *dy, const float *x, const float *w,
     int nth = (double)M * C > 65536 ? fo_nthreads() : 1;
     float *priv = fo_alloc((size_t)2 * C * nth);
     if (!priv) return;
+    memset(priv, 0, sizeof(float) * 2 * C * nth); /* all: OpenMP may give fewer threads */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
         int nt = fo_team(), tid = fo_tid();
         float *pw = priv + (size_t)2 * C * tid, *pb = pw + C;
-        memset(pw, 0, sizeof(float) * 2 * C);
         int r0 = (int)((long)M * tid / nt), r1 = (int)((long)M * (tid + 1) / nt);
         e.ln_bwd(dy + (size_t)r0 * C, x + (size_t)r0 * C, w, mean + r0, rstd + r0,
                  dx + (size_t)r0 * C, pw, pb, r1 - r0, C);

@@ -6,8 +6,9 @@ and LayerNorm, on shapes hypothesis picks around every tile edge; bad input
 is an error naming the argument, or a copy; the layer table `ops` holds the
 kernels, NumPy for float64 or after set_backend("numpy") (which refuses an
 unknown backend); the whole model's loss and gradients equal the NumPy
-path's; any number of threads gives the same bits; and a kernel that cannot
-get its scratch memory raises MemoryError instead of crashing.
+path's; any number of threads gives the same bits, and a team smaller than
+asked for the team's; and a kernel that cannot get its scratch memory
+raises MemoryError instead of crashing.
 
 Skipped as a whole when _fastops is not built (`python build_ext.py`) or
 LLM_NUMPY=1. Every kernel path this CPU can run (AVX-512, AVX2, portable C)
@@ -217,6 +218,15 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
     close(y, attention_reference(q, k, v, dy)[0], D)
 
 
+def child_output(script, **env):
+    """What `script` prints, run by a fresh Python with these environment variables."""
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True,
+                          text=True, env={**os.environ, **env}).stdout
+
+
 # The threads share out the weight gradients' columns (a k block at a time)
 # and attention's heads as they come free; each C tile sums its k blocks in
 # order and each head is one thread's, so any number of threads gives the
@@ -237,14 +247,36 @@ print(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in out)).h
 
 
 def test_products_and_attention_give_the_same_bits_on_any_number_of_threads():
-    import os
-    import subprocess
-    import sys
-    run = lambda n: subprocess.run([sys.executable, "-c", THREADS_CHECK], cwd=ROOT, check=True,
-                                   capture_output=True, text=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": str(n)}).stdout
-    one = run(1)
-    assert len(one) == 65 and run(2) == one and run(3) == one
+    one = child_output(THREADS_CHECK, OMP_NUM_THREADS="1")
+    assert len(one) == 65
+    assert child_output(THREADS_CHECK, OMP_NUM_THREADS="2") == one
+    assert child_output(THREADS_CHECK, OMP_NUM_THREADS="3") == one
+
+
+# OpenMP may give a parallel region fewer threads than asked for (here
+# OMP_THREAD_LIMIT; also OMP_DYNAMIC, nesting): the kernels that keep a sum
+# per thread (LayerNorm's dw and db; attention's dQ with few heads, one copy
+# a thread) then sum the team's, the result of asking for that many. They
+# once summed as many as asked for, the missing ones never zeroed: with the
+# freed NaNs below, the gradients came out NaN.
+TEAM_CHECK = """
+import hashlib, numpy as np, llm
+llm.set_backend("fastops")
+junk = [np.full(1 << 20, np.nan, np.float32) for _ in range(8)]; del junk
+cfg = llm.GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=256, vocab_size=300, dtype="float32")
+model, rng = llm.GPT(cfg, seed=0), np.random.default_rng(0)
+model.forward(rng.integers(0, 300, (2, 256)), rng.integers(0, 300, (2, 256)))   # 2 heads: split
+grads = model.backward()
+assert all(np.isfinite(g).all() for g in grads.values())
+print(hashlib.sha256(b"".join(np.ascontiguousarray(grads[k]).tobytes() for k in sorted(grads))).hexdigest())
+"""
+
+
+def test_fewer_threads_than_asked_for_give_the_team_s_result():
+    assert (child_output(TEAM_CHECK, OMP_NUM_THREADS="2", OMP_THREAD_LIMIT="1")
+            == child_output(TEAM_CHECK, OMP_NUM_THREADS="1"))
+    assert (child_output(TEAM_CHECK, OMP_NUM_THREADS="3", OMP_THREAD_LIMIT="2")
+            == child_output(TEAM_CHECK, OMP_NUM_THREADS="2"))
 
 
 @FAST
