@@ -807,9 +807,14 @@ def test_embedding_backward_bad_input():
 def test_fma_peak_counts_the_flops_it_does(path):
     # bench.py's %peak divides by this count: 12 chains x the ISA's lanes x 2
     # flops, on every thread (AMX's probe is AVX-512's)
+    # (every thread asked for, unless OpenMP may give fewer: a team's worth then)
+    import os
     lanes = 16 if path in ("amx", "avx512") else 8
     with isa(path):
-        assert lib.fo_fma_peak(1000) == 2 * 12 * lanes * 1000 * lib.fo_max_threads()
+        threads, left = divmod(lib.fo_fma_peak(1000), 2 * 12 * lanes * 1000)
+    assert left == 0 and 1 <= threads <= lib.fo_max_threads()
+    if "OMP_THREAD_LIMIT" not in os.environ and os.environ.get("OMP_DYNAMIC", "").lower() != "true":
+        assert threads == lib.fo_max_threads()
 
 
 # ---- the 'auto' backend: each kernel where it beats NumPy here ---------------------
