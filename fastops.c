@@ -107,8 +107,11 @@ void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, i
 /* CPU section                                                              */
 /* ======================================================================== */
 
+/* The most threads a kernel runs on: its per-thread run counters and
+ * partial sums are arrays of this many (gemm_blocked's below) */
+#define MAX_RUNS 256
 #ifdef _OPENMP
-static int fo_nthreads(void) { return omp_get_max_threads(); }
+static int fo_nthreads(void) { int n = omp_get_max_threads(); return n < MAX_RUNS ? n : MAX_RUNS; }
 static int fo_tid(void) { return omp_get_thread_num(); }
 static int fo_team(void) { return omp_get_num_threads(); } /* threads in this parallel region */
 int fo_has_openmp(void) { return 1; }
@@ -730,7 +733,7 @@ double fo_fma_peak(long steps) {
     double flops = 0.0;
     float sink = 0.0f;
 #ifdef _OPENMP
-#pragma omp parallel reduction(+ : flops, sink)
+#pragma omp parallel num_threads(fo_nthreads()) reduction(+ : flops, sink)
 #endif
     {
         float s;
@@ -789,9 +792,8 @@ FO_INLINE void prefetch_tile(float *c, ptrdiff_t ldc, int mr, int nr) {
  * n / nt), the rows it most likely wrote in the op before, from its own cache;
  * then it helps the others, from the front of their runs, so that a slower
  * core is not waited for. head[t * 16]: the next task of run t (one counter
- * per cache line), for up to MAX_RUNS threads (16 KB of stack: a caller with
- * more uses that many). -> the next task for thread t, or -1: none left. */
-#define MAX_RUNS 256
+ * per cache line), for up to MAX_RUNS threads (16 KB of stack). -> the next
+ * task for thread t, or -1: none left. */
 static void start_run(int *head, int n, int t, int nt) { head[t * 16] = (int)((long)n * t / nt); }
 static int next_task(int *head, int n, int t, int nt) {
     for (int u = 0; u < nt; u++) {
@@ -826,7 +828,6 @@ static void gemm_blocked(const kern_t *kn, int M, int N, int K,
     float *bpack = fo_alloc((size_t)KC * NC);
     int nthreads = parallel ? fo_nthreads() : 1;
     int head[16 * MAX_RUNS];
-    if (nthreads > MAX_RUNS) nthreads = MAX_RUNS;
     if (!bpack) return; /* out of memory: recorded by fo_alloc */
 
     int mpanels = ceil_div(M, MR);
@@ -1383,7 +1384,6 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
     int npanels = ceil_div(N, NR);
     int split_m = M > N; /* split the wider side: each thread packs all of the other operand */
     int head[2][16 * MAX_RUNS]; /* split columns: a k block's runs of panels, two blocks in turn */
-    if (nthreads > MAX_RUNS) nthreads = MAX_RUNS;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -2315,7 +2315,7 @@ void fo_attention_forward(const float *q, const float *k, const float *v, float 
     int gather = st != D; /* q not packed: each task gathers its queries */
     int head[16 * MAX_RUNS];
 #ifdef _OPENMP
-#pragma omp parallel num_threads(imin(fo_nthreads(), MAX_RUNS)) if (ntasks > 1 && (double)BH * T * T * D > 1e5)
+#pragma omp parallel num_threads(fo_nthreads()) if (ntasks > 1 && (double)BH * T * T * D > 1e5)
 #endif
     {
         float *S = fo_alloc((size_t)BQ * BK), *acc = fo_alloc((size_t)BQ * D);
@@ -2387,7 +2387,7 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
     int BH = B * H, nkb = ceil_div(T, BK);
     float scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)BH * T * D;
-    int nthreads = imin(fo_nthreads(), MAX_RUNS);
+    int nthreads = fo_nthreads();
     if ((double)BH * T * T * D <= 1e5) nthreads = 1;
     /* With enough heads, one task = one head and dQ is written directly.
      * With few heads (e.g. B*H = 1 at T = 2048) tasks are (head, key block)
@@ -2777,8 +2777,7 @@ double fo_sumsq(int n, float *const *x, const long *size) {
     optim_pick(&sq, &aw);
     long total = total_size(n, size);
     int nth = total > 65536 ? fo_nthreads() : 1;
-    double part[256] = {0};
-    if (nth > 256) nth = 256;
+    double part[MAX_RUNS] = {0};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
