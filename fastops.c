@@ -1408,13 +1408,15 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
             int inplace = cols_fn ? mc / MR : 0; /* tiles of A^T read in place: the whole ones */
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = imin(KC, K - pc), first = (pc == 0);
-                if (ok && cols_fn) {
+                if (!ok) /* (no scratch: no work, but every barrier) */
+                    ;
+                else if (cols_fn) {
                     if (inplace < mp) /* (a ragged last one packed) */
                         kn->pack_a(ablock, A + ic + inplace * MR + pc * csa, 1, csa, mc - inplace * MR,
                                    kc, MR);
-                } else if (ok && rsa == 1)
+                } else if (rsa == 1)
                     kn->pack_at(ablock, A + ic + pc * csa, csa, mc, kc, MR);
-                else if (ok)
+                else
                     for (int ip = 0; ip < mp; ip++)
                         kn->pack_a(ablock + (size_t)ip * MR * kc,
                                    A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa, rsa, csa,
