@@ -2220,28 +2220,6 @@ def fo_linear_forward(x, w, b):
     return _done(y)
 
 
-def fo_linear_backward(dy, x, w):
-    """-> dx = dy w^T, dw = x^T dy (in w's layout: a transposed w, the tied
-    lm_head's, gets dw^T = dy^T x, made so), db = the column sums of dy."""
-    x = _f32("x", x, 2)
-    (M, K), w = x.shape, _f32("w", w, 2, allow_transposed=True)
-    N = w.shape[1]
-    _match("w", w, (K, N), x)
-    dy = _f32("dy", dy, shape=(M, N))
-    dx, db = xp.empty((M, K), numpy.float32), xp.empty(N, numpy.float32)
-    rs, cs = _strides(w)
-    lib, ffi = _kernels()
-    if w.flags.c_contiguous:                                  # (db summed as dy is packed)
-        dw = xp.empty((K, N), numpy.float32)
-        lib.fo_linear_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(dx), _ptr(dw), _ptr(db), M, K, N)
-        return _done(dx, dw, db)
-    lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
-    dw = xp.empty((N, K), numpy.float32)
-    lib.fo_sgemm(N, K, M, _ptr(dy), 1, N, _ptr(x), K, 1, _ptr(dw), K, 0, ffi.NULL)
-    lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
-    return _done(dx, dw.T, db)
-
-
 def fo_linear_backward_input(dy, w):
     """-> dx = dy w^T alone (a frozen weight)."""
     dy = _f32("dy", dy, 2)
@@ -2253,6 +2231,26 @@ def fo_linear_backward_input(dy, w):
     lib, ffi = _kernels()
     lib.fo_sgemm(M, K, N, _ptr(dy), N, 1, _ptr(w), cs, rs, _ptr(dx), K, 0, ffi.NULL)
     return _done(dx)
+
+
+def fo_linear_backward(dy, x, w):
+    """-> dx = dy w^T, dw = x^T dy (in w's layout: a transposed w, the tied
+    lm_head's, gets dw^T = dy^T x, made so), db = the column sums of dy."""
+    x = _f32("x", x, 2)
+    (M, K), w = x.shape, _f32("w", w, 2, allow_transposed=True)
+    N = w.shape[1]
+    _match("w", w, (K, N), x)
+    dy = _f32("dy", dy, shape=(M, N))
+    db = xp.empty(N, numpy.float32)
+    lib, ffi = _kernels()
+    if w.flags.c_contiguous:                                  # (db summed as dy is packed)
+        dx, dw = xp.empty((M, K), numpy.float32), xp.empty((K, N), numpy.float32)
+        lib.fo_linear_backward(_ptr(dy), _ptr(x), _ptr(w), _ptr(dx), _ptr(dw), _ptr(db), M, K, N)
+        return _done(dx, dw, db)
+    dx, dw = fo_linear_backward_input(dy, w), xp.empty((N, K), numpy.float32)
+    lib.fo_sgemm(N, K, M, _ptr(dy), 1, N, _ptr(x), K, 1, _ptr(dw), K, 0, ffi.NULL)
+    lib.fo_colsum(_ptr(dy), _ptr(db), M, N)
+    return _done(dx, dw.T, db)
 
 
 def _heads(names, *arrays, shape=None):
