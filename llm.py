@@ -2188,6 +2188,12 @@ def _ptr(a):
     return _fastops.ffi.cast("float *", _fastops.ffi.from_buffer(a if a.flags.c_contiguous else a.T))
 
 
+def _ptrs(arrays):
+    """A C array of pointers to C-ordered arrays on the CPU, for the kernels that take many."""
+    ffi = _fastops.ffi
+    return ffi.new("float *[]", [ffi.cast("float *", ffi.from_buffer(a)) for a in arrays])
+
+
 def _strides(a):
     """(row stride, column stride) in elements of a C- or F-contiguous matrix."""
     return (a.shape[1], 1) if a.flags.c_contiguous else (1, a.shape[0])
@@ -2317,7 +2323,6 @@ def fo_decode_token(model, kv, tokens):
         raise ValueError(f"tokens: expected a 1-D array of ids, got shape {tokens.shape}")
     if kv.n != [past] * L or not 0 < past < cfg.block_size:
         raise ValueError(f"kv: expected {L} layers of 1..{cfg.block_size - 1} positions, got {kv.n}")
-    ptrs = lambda arrays: _fastops.ffi.new("float *[]", [_ptr(a) for a in arrays])
     params = [_f32(name, model.params[name], shape=shape) for name, shape in param_shapes(cfg).items()]
     for i in range(L):
         kv.reserve(i, past + 1)
@@ -2325,8 +2330,8 @@ def fo_decode_token(model, kv, tokens):
     stores = [_f32("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
     logits = xp.empty((B, V), numpy.float32)
     _fastops.lib.fo_decode_token(L, C, H, V, B, _ids_ptr(tokens), past, _ptr(params[0]), _ptr(params[1]),
-                                 ptrs(params[2:-2]), _ptr(params[-2]), _ptr(params[-1]), ptrs(stores[:L]),
-                                 ptrs(stores[L:]), cap, *_strides(params[0].T), _ptr(logits))
+                                 _ptrs(params[2:-2]), _ptr(params[-2]), _ptr(params[-1]), _ptrs(stores[:L]),
+                                 _ptrs(stores[L:]), cap, *_strides(params[0].T), _ptr(logits))
     kv.n[:] = [n + 1 for n in kv.n]
     return _done(logits)
 
@@ -2405,21 +2410,14 @@ def _f32_inplace(name, a, shape=None):
     return _f32(name, a, shape=shape)
 
 
-def _ptr_array(arrays):
-    ffi = _fastops.ffi
-    keep = [ffi.from_buffer(a) for a in arrays]
-    return ffi.new("float *[]", [ffi.cast("float *", k) for k in keep]), keep
-
-
 def fo_grad_sumsq(grads) -> float:
     """Sum of squares of every array in `grads` (a dict or a list), in float64."""
     items = grads.items() if isinstance(grads, dict) else enumerate(grads)
     arrays = [_f32("grads[%r]" % (k,), g) for k, g in items]
     if not arrays:
         return 0.0
-    ptrs, keep = _ptr_array(arrays)
     sizes = _fastops.ffi.new("long[]", [a.size for a in arrays])
-    return _done(_fastops.lib.fo_sumsq(len(arrays), ptrs, sizes))
+    return _done(_fastops.lib.fo_sumsq(len(arrays), _ptrs(arrays), sizes))
 
 
 def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, gscale=1.0):
@@ -2438,12 +2436,10 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     if not names:
         return
     ffi, lib = _fastops.ffi, _fastops.lib
-    (pp, k1), (gp, k2), (mp, k3), (vp, k4) = (_ptr_array(a) for a in (ps, gs, ms, vs))
     b1, b2 = betas
-    lib.fo_adamw(len(names), pp, gp, mp, vp, ffi.new("long[]", [p.size for p in ps]),
-                 ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1),
-                 float(b2), float(eps), float(weight_decay), float(1.0 - b1 ** t),
-                 float(1.0 - b2 ** t), float(gscale))
+    lib.fo_adamw(len(names), _ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), ffi.new("long[]", [p.size for p in ps]),
+                 ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1), float(b2),
+                 float(eps), float(weight_decay), float(1.0 - b1 ** t), float(1.0 - b2 ** t), float(gscale))
     _done()
 
 
