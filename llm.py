@@ -1581,9 +1581,13 @@ def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp
         model.params[name + ".lora_A"] = xp.asarray(rng.normal(0, 1 / math.sqrt(k), (k, r))).astype(dtype)
         model.params[name + ".lora_B"] = xp.zeros((r, n), dtype)
         model.lora[name] = {"scale": alpha / r, "dropout": dropout, "r": r, "alpha": alpha}
-    trainable = [n for n in model.params if ".lora_" in n]
-    model.frozen = set(model.params) - set(trainable)
-    return trainable
+    freeze_base(model)
+    return [n for n in model.params if ".lora_" in n]
+
+
+def freeze_base(model: GPT):
+    """With LoRA only the adapters train: every other parameter is frozen."""
+    model.frozen = {n for n in model.params if ".lora_" not in n}
 
 
 def lora_forward(model, name, x):
@@ -1661,7 +1665,7 @@ def load_lora(path: str, model: GPT):
             raise ValueError(f"{path}: adapter tensor {k!r} has no weight {base!r} in the model")
     model.params.update(tensors)
     model.lora = json.loads(meta["lora"])
-    model.frozen = {n for n in model.params if ".lora_" not in n}
+    freeze_base(model)
 
 
 # =============================================================================
@@ -1809,7 +1813,7 @@ def load_checkpoint(path: str):
     model = GPT(config, params)
     model.lora = lora
     if lora:
-        model.frozen = {n for n in params if ".lora_" not in n}
+        freeze_base(model)
     if s is None:
         return model, tokenizer, None, info
     try:
