@@ -1024,12 +1024,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
             l, g = loss_fn(model, batch)
             loss += l / n
             grads = g if grads is None else {k: v + g[k] for k, v in grads.items()}
-        # Data parallelism, the way LLMs are trained at scale: every rank (a
-        # process, on this machine or another) holds the whole model and has
-        # the gradients of its share of the batch; allreduce sums them over
-        # the ranks, and every rank takes the same AdamW step. The model must
-        # fit on each machine: tensor and pipeline parallelism split larger ones.
-        loss = world.allreduce(grads, loss)[0]
+        loss = world.allreduce(grads, loss)[0]         # summed over the ranks (data parallelism, section 10)
         if not math.isfinite(loss):                    # stop before the weights are harmed
             raise FloatingPointError(f"loss: {loss} at step {state.step + 1}; the weights are those of step"
                                      f" {state.step} (try a lower learning rate)")
@@ -1928,9 +1923,9 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # (section 2). This section loads fastops.c's kernels (`python build_ext.py`;
 # `--cuda` for the GPU's) and puts them in `ops` in the place of the matrix
 # products, attention, LayerNorm, GELU, cross-entropy, the embedding's
-# backward and AdamW. Every array
-# is checked before a pointer to it crosses into C. LLM_NUMPY=1 in the
-# environment, or set_backend("numpy"), keeps the NumPy code everywhere.
+# backward and AdamW. Every array is checked before a pointer to it crosses
+# into C. LLM_NUMPY=1 in the environment, or set_backend("numpy"), keeps the
+# NumPy code everywhere.
 
 def _import(name, path):
     import importlib.util
@@ -1943,9 +1938,9 @@ def _import(name, path):
 # How OpenMP's waiting threads wait (OMP_WAIT_POLICY, read when fastops
 # loads; a value in the environment wins). Alone on the machine the default
 # (spin a while, then sleep) is fastest; beside busy processes, or beside
-# OpenBLAS's own spinning threads, a spinning thread holds a core another
-# needs, so then they sleep at once ("passive"). No result changes (README,
-# "Speed: fastops").
+# OpenBLAS's threads (which spin a while after each of NumPy's products), a
+# spinning thread holds a core another needs, so then they sleep at once
+# ("passive"). No result changes (README, "Speed: fastops").
 def _others_running(proc="/proc") -> float:
     """How many tasks of other processes want a core now: on Linux the
     runnable tasks less this process's own (NumPy's OpenBLAS threads spin for
@@ -1988,9 +1983,8 @@ def _saved_choice(path: str):
 
 
 def _omp_env(lib: str) -> dict:
-    """Passive when other processes are busy, or when this build's
-    calibration put the products in NumPy (OpenBLAS's threads spin too:
-    beside spinning OpenMP threads the rest of a step ran 2-28x slower)."""
+    """Passive when other processes are busy, or when this build's calibration
+    put the products in NumPy, on OpenBLAS's threads (the rest of a step ran 2-28x slower)."""
     numpy_products = not (_saved_choice(calibration_path(lib)) or {}).get("linear", {}).get("use", True)
     try:
         busy = numpy_products or _others_running() >= 0.5 * (os.cpu_count() or 1)
@@ -2612,21 +2606,20 @@ def _sum_of_squares(arrays):
 # With the 'auto' backend a kernel runs only where it beats NumPy on this
 # machine: on an Apple M-series Mac, NumPy multiplies matrices on Accelerate,
 # faster than fastops' portable kernel. Each family of kernels is timed
-# against its NumPy function once, on shapes of the models here, forward
-# and backward, and the verdict is kept beside the library
-# (_fastops_HASH.calibration-N.json, N the version CALIBRATION, which changes
-# with the work below; delete it, or set LLM_CALIBRATE=1, to measure again).
-# bench.py and the report card show it. On a GPU every kernel runs.
+# against its NumPy function once, forward and backward on shapes of the
+# models here, and the verdict is kept beside the library (calibration_path;
+# delete the file, or set LLM_CALIBRATE=1, to measure again). The products
+# are timed amid the work around them, not alone: OpenBLAS's spinning threads
+# slow the kernels after each product (timed alone, one row's products tied).
+# bench.py and the report card show the verdicts. On a GPU every kernel runs.
 
 def _calibration_work():
-    """Family -> the work that times it: each kernel forward and backward on
-    shapes of the models here; on a GPT 768 wide (227 MB of weights, read from
-    memory as GPT-2's): 16 rows in generation, one row's products where they
-    run, in tokens through the layers one op at a time (between fastops'
-    kernels, which NumPy's threads slow as they spin after a product; timed
-    alone, the products tied), and tokens at batch 1 and 16 in one call
-    (decode_token), each after a prompt of 8; the products in a training step
-    of a small GPT of the default width."""
+    """Family -> the work that times it. On a GPT 768 wide (227 MB of
+    weights, read from memory as GPT-2's): 16 rows in generation, one row's
+    products where they run, in tokens through the layers one op at a time,
+    and tokens at batch 1 and 16 in one call (decode_token), each after a
+    prompt of 8; the products in a training step of a small GPT of the
+    default width."""
     r = numpy.random.default_rng(0)
     f32 = lambda *shape: r.standard_normal(shape).astype(numpy.float32)
     layer = lambda name, *a: lambda: getattr(ops, name + "_backward")(a[0], getattr(ops, name + "_forward")(*a)[1])
@@ -2661,10 +2654,9 @@ def _calibration_work():
 
 def calibrate() -> dict:
     """Family -> {"fastops": s, "numpy": s, "use": bool}: the best of five
-    blocks of runs per backend, taken in turn. The products are timed in a
-    whole training step (OpenBLAS's threads spin after each product and slow
-    the OpenMP kernels after it), a fastops block after a pause; "step" is
-    the step so chosen against it all in NumPy, which wins where it is faster."""
+    blocks of runs per backend, taken in turn, a fastops block after a pause;
+    "step" is the training step so chosen against it all in NumPy, which wins
+    where it is faster."""
     global _chosen, _CHOICE
     saved, result = (_chosen, _CHOICE), {}
     try:
@@ -2738,15 +2730,19 @@ _install()
 
 
 # ---- several processes: data parallelism over MPI --------------------------------
-# `mpirun -n N python train.py` starts N copies of the program, ranks 0 to
-# N-1, on one machine or several. `world` is what they share: train_steps
-# sums their gradients with world.allreduce (section 5); estimate_loss, PPO
-# and the held-out answers split their work with world.map; rank 0 alone
-# writes files. Without mpirun the world is this one process, its methods
-# return at once, and mpi4py (an optional dependency) is never imported. MPI
-# waits for ever for a rank that died or hangs: a watchdog stops every rank,
-# saying why, once a collective call has waited LLM_MPI_TIMEOUT seconds
-# (300). On GPUs NCCL sums the gradients where CuPy has it (never run here).
+# Data parallelism, the way LLMs are trained at scale: `mpirun -n N python
+# train.py` starts N copies of the program, ranks 0 to N-1, on one machine or
+# several. Each holds the whole model and has the gradients of its share of
+# the batch; train_steps (section 5) sums them with world.allreduce, and
+# every rank takes the same AdamW step. (The model must fit on each machine:
+# tensor and pipeline parallelism split larger ones.) `world` is what the
+# ranks share: estimate_loss, PPO and the held-out answers also split their
+# work with world.map; rank 0 alone writes files. Without mpirun the world is
+# this one process, its methods return at once, and mpi4py (an optional
+# dependency) is never imported. MPI waits for ever for a rank that died or
+# hangs: a watchdog stops every rank, saying why, once a collective call has
+# waited LLM_MPI_TIMEOUT seconds (300). On GPUs NCCL sums the gradients where
+# CuPy has it (never run here).
 
 class RanksDiffer(ValueError):
     """Raised on every rank alike when the ranks are not running the same thing."""
