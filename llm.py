@@ -1638,7 +1638,7 @@ def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = 
 
 def trainable_fraction(model: GPT) -> float:
     """The share of the model's parameters that fine-tuning changes."""
-    base = sum(v.size for k, v in model.params.items() if ".lora_" not in k and k in param_shapes(model.config))
+    base = sum(v.size for k, v in model.params.items() if k in param_shapes(model.config))
     train = sum(v.size for k, v in model.params.items() if k not in model.frozen and ".lora_" in k)
     return train / base if model.lora or model.merged_lora else 1.0
 
