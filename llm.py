@@ -2723,9 +2723,8 @@ def kernels_in_use() -> dict:
 
 FAST = {f.__name__[1:]: f for f in (_linear_forward, _linear_backward, _attention_forward, _attention_backward,
                                    _join_heads, _layernorm_forward, _layernorm_backward, _gelu_forward,
-                                   _gelu_backward,
-                                   _cross_entropy_forward, _cross_entropy_backward, _embedding_backward,
-                                   _adamw_update, _sum_of_squares, _next_logits)}
+                                   _gelu_backward, _cross_entropy_forward, _cross_entropy_backward,
+                                   _embedding_backward, _adamw_update, _sum_of_squares, _next_logits)}
 _install()
 
 
