@@ -1024,7 +1024,12 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
             l, g = loss_fn(model, batch)
             loss += l / n
             grads = g if grads is None else {k: v + g[k] for k, v in grads.items()}
-        loss = world.allreduce(grads, loss)[0]         # summed over the ranks (data parallelism, section 10)
+        # Data parallelism, the way LLMs are trained at scale: every rank (a
+        # process, on this machine or another) holds the whole model and has
+        # the gradients of its share of the batch; allreduce sums them over
+        # the ranks, and every rank takes the same AdamW step. The model must
+        # fit on each machine: tensor and pipeline parallelism split larger ones.
+        loss = world.allreduce(grads, loss)[0]
         if not math.isfinite(loss):                    # stop before the weights are harmed
             raise FloatingPointError(f"loss: {loss} at step {state.step + 1}; the weights are those of step"
                                      f" {state.step} (try a lower learning rate)")
@@ -2729,19 +2734,16 @@ _install()
 
 
 # ---- several processes: data parallelism over MPI --------------------------------
-# Data parallelism, the way LLMs are trained at scale: `mpirun -n N python
-# train.py` starts N copies of the program, ranks 0 to N-1, on one machine or
-# several. Each holds the whole model and has the gradients of its share of
-# the batch; train_steps (section 5) sums them with world.allreduce, and
-# every rank takes the same AdamW step. (The model must fit on each machine:
-# tensor and pipeline parallelism split larger ones.) `world` is what the
-# ranks share: estimate_loss, PPO and the held-out answers also split their
-# work with world.map; rank 0 alone writes files. Without mpirun the world is
-# this one process, its methods return at once, and mpi4py (an optional
-# dependency) is never imported. MPI waits for ever for a rank that died or
-# hangs: a watchdog stops every rank, saying why, once a collective call has
-# waited LLM_MPI_TIMEOUT seconds (300). On GPUs NCCL sums the gradients where
-# CuPy has it (never run here).
+# `mpirun -n N python train.py` starts N copies of the program, ranks 0 to
+# N-1, on one machine or several. `world` is what they share: train_steps
+# sums their gradients with world.allreduce (section 5, where data
+# parallelism is explained); estimate_loss, PPO and the held-out answers split
+# their work with world.map; rank 0 alone writes files. Without mpirun the
+# world is this one process, its methods return at once, and mpi4py (an
+# optional dependency) is never imported. MPI waits for ever for a rank that
+# died or hangs: a watchdog stops every rank, saying why, once a collective
+# call has waited LLM_MPI_TIMEOUT seconds (300). On GPUs NCCL sums the
+# gradients where CuPy has it (never run here).
 
 class RanksDiffer(ValueError):
     """Raised on every rank alike when the ranks are not running the same thing."""
