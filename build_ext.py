@@ -56,9 +56,9 @@ def _remove_stale(keep):
 
 HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
            "(Debian/Ubuntu), `xcode-select --install` (macOS)")
-HINT_OMP = ("OpenMP not available, building single-threaded fastops. For threads install "
+HINT_OMP = ("OpenMP not available, fastops built single-threaded. For threads install "
             "it: `apt-get install libgomp1` (gcc) or `libomp-dev` (clang), "
-            "on macOS `brew install libomp`")
+            "on macOS `brew install libomp`; MSVC (Windows) ignores -fopenmp")
 
 
 def _libomp_prefixes():
@@ -127,6 +127,20 @@ def _compile(openmp, verbose):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _threaded(path):
+    """Whether the library at path runs on OpenMP's threads: a compiler that
+    does not know -fopenmp (MSVC's spelling is /openmp) may only warn, and
+    build it single-threaded."""
+    import importlib.util
+    try:
+        spec = importlib.util.spec_from_file_location(MODULE, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError):
+        return True                    # one that does not load, llm.py reports when it tries
+    return bool(module.lib.fo_has_openmp())
+
+
 def build(verbose=False):
     """Build _fastops next to this file. Returns True on success, False (with a
     message saying what to install) if no compiler works."""
@@ -144,7 +158,7 @@ def build(verbose=False):
                 print(f"fastops: build failed ({'with' if openmp else 'without'} OpenMP): {err}",
                       file=sys.stderr)
             continue
-        if not openmp:
+        if not openmp or not _threaded(path):
             warnings.warn(HINT_OMP)
         if verbose:
             print(f"fastops: built {path}")

@@ -1,7 +1,8 @@
 """The build of fastops.c: a library is named after the source it was built
 from, so one built before fastops.c changed is never loaded (llm.py warns
 and runs NumPy; train.py rebuilds); a build that failed says what to do
-once and is not retried on every command; a new build removes old ones."""
+once and is not retried on every command; a new build removes old ones; a
+build without OpenMP's threads says so."""
 import os
 import shutil
 import subprocess
@@ -52,3 +53,18 @@ def test_a_new_build_removes_the_old_ones(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(b"")
     build_ext._remove_stale(keep=("_fastops_bbbbbbbbbbbb", "_fastops_cuda_bbbbbbbbbbbb"))
     assert sorted(os.listdir(tmp_path)) == ["_fastops_bbbbbbbbbbbb.cpython-311.so", "_fastops_cuda_bbbbbbbbbbbb.so"]
+
+
+def test_a_build_without_threads_says_so(tmp_path):
+    """A compiler that does not know -fopenmp and only warns (MSVC) builds
+    fastops single-threaded: the build must say so, not pass it in silence."""
+    d = copy_project(tmp_path)
+    r = python(d, "import warnings, build_ext\n"
+                  "flags = build_ext.compile_flags\n"
+                  "build_ext.compile_flags = lambda openmp, platform=None: flags(False, platform)\n"
+                  "with warnings.catch_warnings(record=True) as caught:\n"
+                  "    warnings.simplefilter('always')\n"
+                  "    assert build_ext.build()\n"
+                  "print([str(w.message) for w in caught])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fastops built single-threaded" in r.stdout
