@@ -1389,7 +1389,7 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
 #endif
     {
         int nt = fo_team(), tid = fo_tid(), blk = 0;
-        int s0 = 0, s1 = npanels, m0 = 0, m1 = M;
+        int m0 = 0, m1 = M;
         if (split_m) {
             int mpanels = ceil_div(M, MR);
             m0 = imin(M, (int)((long)mpanels * tid / nt) * MR);
@@ -1422,7 +1422,7 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                                    A + (ptrdiff_t)(ic + ip * MR) * rsa + pc * csa, rsa, csa,
                                    imin(MR, mc - ip * MR), kc, MR);
                 int *run = head[blk & 1];
-                for (int jp = split_m ? s0 : next_task(run, npanels, tid, nt); ok && jp >= 0 && jp < s1;
+                for (int jp = split_m ? 0 : next_task(run, npanels, tid, nt); ok && jp >= 0 && jp < npanels;
                      jp = split_m ? jp + 1 : next_task(run, npanels, tid, nt)) {
                     int j = jp * NR, nr = imin(NR, N - j);
                     kn->pack_b(bstrip, B + pc * rsb + j * csb, rsb, csb, nr, kc, NR);
