@@ -914,9 +914,6 @@ def test_openmp_threads_sleep_at_once_only_when_the_cores_are_busy(monkeypatch, 
 def test_a_step_s_freed_activations_come_back_without_page_faults():
     # A step holds its activations, then frees them all: by glibc's default
     # the heap's top goes back to the system, and each fresh page faults.
-    import subprocess
-    import sys
-
     churn = ("import numpy, resource\n"
              "def step():\n"
              "    acts = [numpy.ones((1024, 768), numpy.float32) for _ in range(24)]   # 3 MB each\n"
@@ -925,7 +922,6 @@ def test_a_step_s_freed_activations_come_back_without_page_faults():
              "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "for _ in range(5): step()\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n")
-    run = lambda pre: int(subprocess.run([sys.executable, "-c", pre + churn], cwd=ROOT, check=True,
-                                         capture_output=True, text=True).stdout)
+    run = lambda pre: int(child_output(pre + churn))
     assert run("") > 5 * 24 * 700               # the default: every page of every array, every step
     assert run("import llm\n") < 100            # llm keeps the freed memory
