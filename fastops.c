@@ -210,6 +210,16 @@ static void ukern_generic(int kc, const float *a, const float *b, float *c,
 }
 
 #if FO_X86
+/* acc[0..n) = zero, in registers: zeros the compiler can see it turned into
+ * a memset of the array on the stack (rep stos, a fixed cost on every tile),
+ * and that kept the array in memory as well */
+#define ZERO_ACC(acc, n, zero)                                                            \
+    do {                                                                                  \
+        __typeof__((acc)[0]) z_ = (zero);                                                 \
+        __asm__("" : "+v"(z_));                                                           \
+        for (int i_ = 0; i_ < (n); i_++) (acc)[i_] = z_;                                  \
+    } while (0)
+
 /* AVX-512: tiles of MR rows x NV vectors of 16 columns, 24 zmm accumulators:
  * 12 x 32 (per k step 2 loads of B, 12 broadcasts of A, 24 FMAs) and, for
  * the blocked GEMM, 6 x 64 (4 loads, 6 broadcasts: fewer loads per FMA; its
@@ -281,6 +291,16 @@ static void ukern_avx512_4(int kc, const float *a, ptrdiff_t lda, ptrdiff_t rste
     }
 #define PACKED_AT(r) a[r]
 #define ROWS_AT(r) ar[r][p]
+/* a whole tile's row r, step p: row 4 q + s at a4[q] + s lda, the 12 rows'
+ * addresses from three pointers and two strides (lda, 3 lda), as x86 forms
+ * them in the load itself; with a pointer a row GCC ran out of registers and
+ * moved pointers in and out of vector ones in the k loop (4% slower alone) */
+#define STRIDED_AT(r) a4[(r) >> 2][((r) & 3) == 3 ? l3 : ((r) & 3) * l1]
+#define STRIDED_NEXT                                                                      \
+    do {                                                                                  \
+        for (int q_ = 0; q_ < 3; q_++) a4[q_]++;                                          \
+        __asm__("" : "+r"(l1), "+r"(l3)); /* kept opaque: not one pointer a row again */  \
+    } while (0)
 /* ukern_512_MRxNV: A packed (MR floats a step). ukern_512_MRxNV_rows: A read
  * in place, row by row (row-major A, row stride lda), where packing A costs
  * about as much as the product; rows past mr repeat row mr - 1 (computed,
@@ -292,7 +312,7 @@ static void ukern_avx512_4(int kc, const float *a, ptrdiff_t lda, ptrdiff_t rste
                                       ptrdiff_t ldc, int mr, int nr, int load_c,          \
                                       const float *bias) {                                \
         __m512 acc[MR * NV];                                                              \
-        for (int i = 0; i < MR * NV; i++) acc[i] = _mm512_setzero_ps();                   \
+        ZERO_ACC(acc, MR * NV, _mm512_setzero_ps());                                      \
         UKERN_512_LOOP(MR, NV, PACKED_AT, a += MR)                                        \
         store_tile_512(acc, NV, c, ldc, mr, nr, load_c, bias);                            \
     }                                                                                     \
@@ -302,9 +322,15 @@ static void ukern_avx512_4(int kc, const float *a, ptrdiff_t lda, ptrdiff_t rste
                                              int mr, int nr, int load_c, const float *bias) { \
         const float *ar[MR];                                                              \
         __m512 acc[MR * NV];                                                              \
-        for (int r = 0; r < MR; r++) ar[r] = a + (r < mr ? r : mr - 1) * lda;             \
-        for (int i = 0; i < MR * NV; i++) acc[i] = _mm512_setzero_ps();                   \
-        UKERN_512_LOOP(MR, NV, ROWS_AT, (void)0)                                          \
+        ZERO_ACC(acc, MR * NV, _mm512_setzero_ps());                                      \
+        if (mr == MR) {                                                                   \
+            const float *a4[3] = {a, a + (MR > 4) * 4 * lda, a + (MR > 8) * 8 * lda};     \
+            ptrdiff_t l1 = lda, l3 = 3 * lda;                                             \
+            UKERN_512_LOOP(MR, NV, STRIDED_AT, STRIDED_NEXT)                              \
+        } else {                                                                          \
+            for (int r = 0; r < MR; r++) ar[r] = a + (r < mr ? r : mr - 1) * lda;         \
+            UKERN_512_LOOP(MR, NV, ROWS_AT, (void)0)                                      \
+        }                                                                                 \
         store_tile_512(acc, NV, c, ldc, mr, nr, load_c, bias);                            \
     }
 DEFINE_UKERN_512(12, 2) /* A512: 12 x 32 */
@@ -317,7 +343,7 @@ __attribute__((target("avx512f"), aligned(64)))
 static void ukern_512_12x2_cols(int kc, const float *a, ptrdiff_t lda, const float *b, float *c,
                                 ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     __m512 acc[24];
-    for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_ps();
+    ZERO_ACC(acc, 24, _mm512_setzero_ps());
     UKERN_512_LOOP(12, 2, PACKED_AT, a += lda)
     store_tile_512(acc, 2, c, ldc, mr, nr, load_c, bias);
 }
@@ -364,7 +390,8 @@ __attribute__((target("avx2,fma")))
 static void ukern_avx2(int kc, const float *a, const float *b, float *c,
                        ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     __m256 acc0[A256_MR], acc1[A256_MR];
-    for (int r = 0; r < A256_MR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    ZERO_ACC(acc0, A256_MR, _mm256_setzero_ps());
+    ZERO_ACC(acc1, A256_MR, _mm256_setzero_ps());
 #pragma GCC unroll 4   /* 12 FMAs a k step: the loop's own work counts (+10% on Zen 3) */
     for (int p = 0; p < kc; p++) {
         __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
@@ -385,10 +412,9 @@ static void ukern_avx2_rows(int kc, const float *a, ptrdiff_t lda, const float *
                             ptrdiff_t ldc, int mr, int nr, int load_c, const float *bias) {
     const float *ar[A256_MR];
     __m256 acc0[A256_MR], acc1[A256_MR];
-    for (int r = 0; r < A256_MR; r++) {
-        ar[r] = a + (r < mr ? r : mr - 1) * lda;
-        acc0[r] = acc1[r] = _mm256_setzero_ps();
-    }
+    for (int r = 0; r < A256_MR; r++) ar[r] = a + (r < mr ? r : mr - 1) * lda;
+    ZERO_ACC(acc0, A256_MR, _mm256_setzero_ps());
+    ZERO_ACC(acc1, A256_MR, _mm256_setzero_ps());
 #pragma GCC unroll 4
     for (int p = 0; p < kc; p++) {
         __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
