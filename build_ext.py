@@ -11,6 +11,7 @@ next build.
 No -march=native: fastops.c chooses AVX-512 / AVX2 / portable code at run
 time, so the .so runs on any x86-64 (and builds on ARM).
 """
+import contextlib
 import glob
 import hashlib
 import os
@@ -106,6 +107,29 @@ def compile_flags(openmp, platform=None):
     return cflags, ldflags
 
 
+@contextlib.contextmanager
+def _quiet_compiler():
+    """The compiler, a child process, writes to this process's stdout and
+    stderr: into a file, thrown away, while it runs, so that a first use
+    shows one warning, not a failed OpenMP attempt's errors (Apple's clang
+    without libomp) or a compiler's warnings (`python build_ext.py` shows
+    them all)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def _compile(openmp, verbose):
     """Compile fastops.c with cffi in a temp dir; copy the .so to ROOT."""
     import cffi
@@ -117,7 +141,8 @@ def _compile(openmp, verbose):
     ffi.set_source(MODULE, src, extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = tempfile.mkdtemp(prefix="fastops_build_")
     try:
-        so = ffi.compile(tmpdir=tmp, verbose=verbose)
+        with (contextlib.nullcontext() if verbose else _quiet_compiler()):
+            so = ffi.compile(tmpdir=tmp, verbose=verbose)
         dest = os.path.join(ROOT, os.path.basename(so))
         tmp_dest = f"{dest}.tmp-{os.getpid()}"   # several builders at once (mpirun's ranks) each write their own
         shutil.copy(so, tmp_dest)

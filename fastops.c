@@ -122,6 +122,8 @@ static int fo_team(void) { return 1; }
 int fo_has_openmp(void) { return 0; }
 #endif
 int fo_max_threads(void) { return fo_nthreads(); }
+/* a thread count that only OpenMP's pragmas read (unused in a build without them) */
+#define OMP_ONLY(n) (void)(n)
 
 /* Helpers marked FO_INLINE are inlined into per-ISA copies of the attention
  * code (see "per-ISA attention" below), so their plain C loops get compiled
@@ -443,6 +445,7 @@ static void packbt_generic(float *dst, const float *B, ptrdiff_t csb, int nr, in
     }
 }
 
+#if FO_X86
 /* columns [j0, j0 + w) of the panel from row p on, one float at a time:
  * what a register transpose leaves (the last rows, or a ragged edge) */
 FO_INLINE void packbt_rest(float *dst, const float *B, ptrdiff_t csb, int nr, int NR, int j0, int w,
@@ -451,7 +454,6 @@ FO_INLINE void packbt_rest(float *dst, const float *B, ptrdiff_t csb, int nr, in
         for (int j = j0; j < j0 + w; j++) dst[(size_t)p * NR + j] = j < nr ? B[j * csb + p] : 0.0f;
 }
 
-#if FO_X86
 /* The same with 8 x 8 (AVX2) or 16 x 16 (AVX-512) blocks transposed in
  * registers: each row of B^T read 8 or 16 floats at a time, each row of the
  * panel written whole. Past nr the panel is zero; past kc nothing is read. */
@@ -1131,6 +1133,7 @@ static void gemm_small_m(const kern_t *kn, int M, int N, int K,
         for (int i = 0; i < MP; i++) at[(size_t)p * MP + i] = i < M ? A[i * rsa + p * csa] : 0.0f;
     int nstrips = ceil_div(N, NR);
     int nthreads = parallel ? imin(fo_nthreads(), nstrips) : 1;
+    OMP_ONLY(nthreads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -1216,6 +1219,7 @@ static void gemm_small_m_t(int M, int N, int K, const float *A, ptrdiff_t rsa, p
             at[(size_t)i * Kp + p] = (i < M && p < K) ? A[i * rsa + p * csa] : 0.0f;
     long nblocks = ceil_div(N, 4);
     int nthreads = parallel ? fo_nthreads() : 1;
+    OMP_ONLY(nthreads);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -1266,6 +1270,7 @@ static void gemm_small_m_tc(int M, int N, int K, const float *A, ptrdiff_t rsa, 
         for (int i = 0; i < 16; i++) at[(size_t)p * 16 + i] = i < M ? A[i * rsa + p * csa] : 0.0f;
     long nblocks = ceil_div(N, 16);
     int nthreads = parallel ? fo_nthreads() : 1;
+    OMP_ONLY(nthreads);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -1404,6 +1409,7 @@ static void gemm_cols(const kern_t *kn, int M, int N, int K,
                       const float *B, ptrdiff_t rsb, ptrdiff_t csb,
                       float *C, ptrdiff_t ldc, int accumulate, const float *bias, int nthreads,
                       float *colsum) {
+    OMP_ONLY(nthreads);
     const int MR = kn->mr, NR = kn->nr;
     int KC = ceil_div(K, ceil_div(K, KC_MAX));
     int MC = imin(ceil_div(M, MR), ceil_div(MC_COLS, MR)) * MR;
@@ -1720,6 +1726,7 @@ static int amx_cut(const amx_operands *o, int b_side, int x, int p0, int kc, int
 static int gemm_amx(const kern_t *kn, int M, int N, int K, const float *A, ptrdiff_t rsa,
                     ptrdiff_t csa, const float *B, ptrdiff_t rsb, ptrdiff_t csb, float *C,
                     ptrdiff_t ldc, const float *bias, int nthreads, float *colsum) {
+    OMP_ONLY(nthreads);
     const amx_operands ops = {kn, A, B, rsa, csa, rsb, csb, M, N, colsum};
     int Kp = ceil_div(K, 32) * 32, nkb = Kp / 32, rows = M >= N, bad = 0;
     int mp = ceil_div(M, 32), np = ceil_div(N, 32), nown = rows ? mp : np, nother = rows ? np : mp;
@@ -2673,6 +2680,7 @@ void fo_layernorm_forward(const float *x, const float *w, const float *b, float 
                           float *mean, float *rstd, int M, int C, float eps) {
     elem_t e = elem_pick();
     int nth = (double)M * C > 65536 ? fo_nthreads() : 1;
+    OMP_ONLY(nth);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -2832,6 +2840,7 @@ void fo_adamw(int n, float *const *p, float *const *g, float *const *m, float *c
     optim_pick(&sq, &aw);
     long total = total_size(n, size);
     int nth = total > 32768 ? fo_nthreads() : 1;
+    OMP_ONLY(nth);
     float step = lr / c1, shrink = 1.0f - lr * weight_decay;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -2887,6 +2896,7 @@ void fo_cross_entropy(const float *logits, const int64_t *targets, const float *
     if (kn == &KERN_AVX2) rows = ce_rows_avx2;
 #endif
     int nth = (double)M * V > 65536 ? fo_nthreads() : 1;
+    OMP_ONLY(nth);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -2928,6 +2938,7 @@ void fo_embedding_backward(float *dwte, const int64_t *idx, const float *dx, lon
 #endif
     int strips = ceil_div(C, 16); /* 16 columns: a cache line of each row */
     int nth = (double)N * C > 65536 ? imin(fo_nthreads(), strips) : 1;
+    OMP_ONLY(nth);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif

@@ -2,7 +2,7 @@
 from, so one built before fastops.c changed is never loaded (llm.py warns
 and runs NumPy; train.py rebuilds); a build that failed says what to do
 once and is not retried on every command; a new build removes old ones; a
-build without OpenMP's threads says so."""
+build without OpenMP's threads says so, in one warning, without the compiler's output."""
 import os
 import shutil
 import subprocess
@@ -68,3 +68,24 @@ def test_a_build_without_threads_says_so(tmp_path):
                   "print([str(w.message) for w in caught])")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "fastops built single-threaded" in r.stdout
+
+
+def test_a_first_use_without_openmp_shows_one_warning_not_the_compiler(tmp_path):
+    """Apple's clang without Homebrew's libomp (most Macs): the OpenMP attempt
+    fails on omp.h and the build without it succeeds. A first `python train.py`
+    must show one warning that says what to install, not the failed attempt's
+    errors and the compiler's warnings."""
+    d = copy_project(tmp_path)
+    r = python(d, "import build_ext\n"
+                  "flags = build_ext.compile_flags\n"
+                  "def no_libomp(openmp, platform=None):\n"
+                  "    c, l = flags(openmp, platform)\n"
+                  "    return (c + ['-include', 'omp_not_installed.h'] if openmp else c), l\n"
+                  "build_ext.compile_flags = no_libomp\n"
+                  "import train\n"
+                  "print(build_ext.built() is not None)")
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr[-2000:]
+    assert "fastops built single-threaded" in r.stderr
+    shown = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(shown) <= 2, r.stderr[-3000:]                   # the warning, and the line that warns
+    assert "omp_not_installed" not in r.stderr and "warning:" not in r.stderr
