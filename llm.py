@@ -2699,13 +2699,16 @@ FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "laye
             "embedding", "adamw", "decode_token")
 
 
-def kernel_choice() -> dict:
-    """Which kernels the 'auto' backend uses here (measured once per build)."""
+def kernel_choice(say=None) -> dict:
+    """Which kernels the 'auto' backend uses here (measured once per build,
+    about 30 s: say(message) first, where given)."""
     global _CHOICE
     if _CHOICE is None:
         path = calibration_path()
         _CHOICE = None if os.environ.get("LLM_CALIBRATE") == "1" else _saved_choice(path)
         if _CHOICE is None or not set(FAMILIES) <= set(_CHOICE):     # a file from before a family
+            if say:
+                say("fastops: timing each kernel against NumPy on this machine, once for this build (about 30 s) ...")
             _CHOICE = calibrate()
             try:
                 atomic_write(path, json.dumps(_CHOICE, indent=1).encode())

@@ -155,3 +155,22 @@ def test_eta_counts_this_runs_own_steps():
     p = train.Progress("x", stream=s)
     p(110, 200, 1.0, 0.5, 100.0, 10.0, 100)      # 10 steps in 10 s since the resume at 100
     assert "ETA 90s" in s.getvalue()
+
+
+@pytest.mark.skipif(llm._fastops is None, reason="fastops not built: no kernels to time")
+def test_a_build_s_first_use_says_it_times_the_kernels_before_training_starts(tmp_path, monkeypatch, capsys):
+    """The first use of a build times each kernel against NumPy (about 30 s):
+    train.py says so, and does it before a stage's clock starts (it had been
+    inside pretraining's first step: 30 s of silence, then an ETA of hours)."""
+    said = []                                                   # what was printed when the timing began
+    monkeypatch.setattr(llm, "_CHOICE", None)
+    monkeypatch.setattr(llm, "calibration_path", lambda lib=None: str(tmp_path / "calibration.json"))
+    monkeypatch.setattr(llm, "calibrate", lambda: said.append(capsys.readouterr().out) or
+                        {f: {"use": True} for f in llm.FAMILIES})
+    train.main(["tokens", "--text", "hello"])                   # no kernels: nothing timed
+    assert said == []
+    train.main(["pretrain", "--out", str(tmp_path / "run")] + TINY)
+    assert len(said) == 1 and said[0].rstrip().endswith("(about 30 s) ...") and "[pretrain]" not in said[0]
+    assert "[pretrain]" in capsys.readouterr().out
+    train.main(["pretrain", "--out", str(tmp_path / "again")] + TINY)
+    assert len(said) == 1                                       # kept beside the library: once a build
