@@ -114,6 +114,9 @@ def _quiet_compiler():
     shows one warning, not a failed OpenMP attempt's errors (Apple's clang
     without libomp) or a compiler's warnings (`python build_ext.py` shows
     them all)."""
+    if sys.stdout is None or sys.stderr is None:     # pythonw: no console to keep quiet
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
