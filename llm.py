@@ -211,10 +211,7 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list:
         """Text -> ids: "Hello world!" -> [15496, 995, 0] with GPT-2's merges."""
-        ids = []
-        for _, chunk_ids in self.chunks(text, allow_special):
-            ids += chunk_ids
-        return ids
+        return [i for _, chunk_ids in self.chunks(text, allow_special) for i in chunk_ids]
 
     def decode_bytes(self, ids) -> bytes:
         try:
