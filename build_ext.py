@@ -187,7 +187,7 @@ def build(verbose=False):
                       file=sys.stderr)
             continue
         if not openmp or not _threaded(path):
-            warnings.warn(HINT_OMP)
+            warnings.warn_explicit(HINT_OMP, UserWarning, "build_ext.py", 0)   # one line, as llm.py's
         if verbose:
             print(f"fastops: built {path}")
         _remove_stale(keep=(MODULE, "_fastops_cuda_" + source_hash()))
