@@ -962,7 +962,7 @@ def main():
 
     print("\n## which kernels the default ('auto') backend uses here, measured once per build"
           " (llm.kernel_choice(); s for the same work)")
-    choice = llm.kernel_choice()
+    choice = llm.kernel_choice(say=print)
     for family, c in choice.items():
         print(f"{family:14s} fastops {c['fastops'] * 1e3:8.2f} ms  numpy {c['numpy'] * 1e3:8.2f} ms  ->"
               f" {'fastops' if c['use'] else 'numpy'}")

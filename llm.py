@@ -2698,8 +2698,10 @@ FAMILIES = ("linear", "linear_one", "linear_small", "attention", "decode", "laye
 
 def kernel_choice(say=None) -> dict:
     """Which kernels the 'auto' backend uses here (measured once per build,
-    about 30 s: say(message) first, where given)."""
+    about 30 s: say(message) first, where given); {} without fastops."""
     global _CHOICE
+    if _fastops is None:
+        return {}
     if _CHOICE is None:
         path = calibration_path()
         _CHOICE = None if os.environ.get("LLM_CALIBRATE") == "1" else _saved_choice(path)

@@ -1266,7 +1266,7 @@ def command(argv):
             llm.use_device(getattr(a, "device", "cpu"))   # before any model is built
         except RuntimeError as e:
             raise UserError(f"--device: {e}") from None
-        if llm._fastops is not None and llm.xp is numpy and getattr(a, "explain", None) is not cmd_tokens:
+        if llm.xp is numpy and getattr(a, "explain", None) is not cmd_tokens:
             llm.kernel_choice(say=print)    # a build's first use times its kernels: said, and before any clock starts
         if hasattr(a, "explain"):
             return a.explain(a)
