@@ -852,10 +852,13 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
-    sharpens it, top-k keeps the k likeliest tokens, top-p (nucleus) keeps the
-    smallest set whose probability reaches p."""
+    sharpens it (0: all on the likeliest token), top-k keeps the k likeliest
+    tokens, top-p (nucleus) keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
-    logits = xp.asarray(logits, dtype=xp.float64) / temperature
+    logits = xp.asarray(logits, dtype=xp.float64)
+    if temperature == 0:
+        return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
+    logits = logits / temperature
     if top_k is not None and top_k < logits.size:
         kth = xp.sort(logits)[-top_k]
         logits = xp.where(logits < kth, -xp.inf, logits)

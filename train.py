@@ -624,11 +624,7 @@ def cmd_sample(a):
     logits = llm.to_numpy(llm.next_logits(model, [ids[-block:]], llm.KVCache())[0])
     p_model = numpy.asarray(llm.next_token_probs(logits))
     changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
-    if a.temperature == 0:
-        p_used = numpy.zeros_like(p_model)
-        p_used[int(numpy.argmax(logits))] = 1.0
-    else:
-        p_used = numpy.asarray(llm.next_token_probs(logits, a.temperature, a.top_k, a.top_p))
+    p_used = numpy.asarray(llm.next_token_probs(logits, a.temperature, a.top_k, a.top_p))
     print(f"\nprompt: {a.prompt!r} = {len(ids)} tokens {ids[-12:]}{' ...' if len(ids) > 12 else ''}")
     print(f"the model's probabilities for the next token (top {a.top} of {p_model.size:,}):")
     rows = [(str(r + 1), piece(tok, int(i)), str(int(i)), f"{p_model[i]:.4f}", f"{p_used[i]:.4f}")

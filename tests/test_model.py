@@ -286,6 +286,11 @@ def test_sampling_distribution_properties(temp, k, p, seed):
     assert full[np.argsort(-full)][:len(kept) - 1].sum() < p + 1e-9
 
 
+def test_temperature_zero_puts_all_the_mass_on_the_likeliest_token():
+    logits = np.array([0.5, 3.0, -1.0, 2.9])
+    assert llm.next_token_probs(logits, 0.0).tolist() == [0.0, 1.0, 0.0, 0.0]   # was NaN: logits / 0
+
+
 def test_stop_tokens_max_tokens_and_streaming():
     m = tiny(dtype="float32")
     greedy = list(llm.generate(m, [1], 6, temperature=0))
