@@ -247,9 +247,9 @@ class Tokenizer:
     def to_json(self) -> str:
         """A human-readable, versioned description: tokens in id order, each
         token's bytes shown as latin-1 characters (one character per byte)."""
-        tokens = [self.decoder[i].decode("latin-1") for i in range(len(self.ranks))]
         if sorted(self.ranks.values()) != list(range(len(self.ranks))):
             raise ValueError("tokenizer: ranks must be the ids 0..n-1")
+        tokens = [self.decoder[i].decode("latin-1") for i in range(len(self.ranks))]
         return json.dumps({"format": TOKENIZER_FORMAT, "pattern": self.pattern,
                            "special": self.special, "tokens": tokens}, ensure_ascii=True, indent=0)
 
@@ -812,7 +812,7 @@ def clip_scale(grads: dict, max_norm: float):
 
 
 def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int) -> float:
-    """Linear warmup from 0 to lr, then cosine decay down to min_lr."""
+    """Linear warmup up to lr (lr / warmup at step 0), then cosine decay down to min_lr."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if step >= max_iters:
@@ -1105,8 +1105,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
                "val_loss": val, "bits_per_byte": bits_per_byte(val, bpt),
-               "steps": state.step, "wall_seconds": wall,   # tokens: every rank's micro-batches
-               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,
+               "steps": state.step, "wall_seconds": wall,
+               "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,  # every rank's
                "params": model.num_params(), "bytes_per_token": bpt}
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
@@ -1562,7 +1562,7 @@ def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: flo
 # =============================================================================
 # Fine-tuning every weight for one task is costly and can erase what the
 # model knew. LoRA freezes the model and learns a low-rank correction for
-# chosen matrices: W x becomes W x + (alpha/r) B(A x), with A (in, r) and
+# chosen matrices: x W becomes x W + (alpha/r) (x A) B, with A (in, r) and
 # B (r, out), r small. B starts at zero, so training starts exactly at the
 # base model; only A and B (a few percent of the parameters) are trained.
 
@@ -2424,7 +2424,7 @@ def fo_grad_sumsq(grads) -> float:
 
 
 def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, gscale=1.0):
-    """One AdamW step (llm.AdamW.step's arithmetic) for every name in `grads`:
+    """One AdamW step (adamw_update's arithmetic) for every name in `grads`:
     params[name], m[name], v[name] updated in place; decay[name] true for the
     arrays that are weight-decayed; t the step count after this step (for the
     bias corrections); every gradient multiplied by gscale (clipping) first."""

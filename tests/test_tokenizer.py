@@ -130,3 +130,8 @@ def test_gpt2_tinyshakespeare_token_count(gpt2):
     ids = gpt2.encode(text)
     assert len(ids) == 338_025
     assert gpt2.decode(ids) == text
+
+
+def test_a_tokenizer_whose_ranks_have_a_gap_is_refused_when_saved():
+    with pytest.raises(ValueError, match="ranks must be the ids 0..n-1"):     # was KeyError: 1
+        llm.Tokenizer({b"a": 0, b"b": 2}, {}).to_json()
