@@ -2057,13 +2057,15 @@ def _load_fastops():
 # ABI mode; its functions take device pointers. Without it CuPy's own math runs.
 
 def _load_cuda():
+    if os.environ.get("LLM_NUMPY") == "1":        # asked for: CuPy's own math, as NumPy's on the CPU
+        return None
     import cffi
     here = os.path.dirname(os.path.abspath(__file__))
     build_ext = _import("build_ext", os.path.join(here, "build_ext.py"))   # the API, from fastops.c
     path = os.path.join(here, build_ext.CUDA_LIB)
-    if os.environ.get("LLM_NUMPY") == "1" or not os.path.exists(path):
+    if not os.path.exists(path):
         warn("fastops' CUDA kernels are not built (for this fastops.c): using CuPy's own math. "
-                      "Build them with `python build_ext.py --cuda`.")
+             "Build them with `python build_ext.py --cuda`.")
         return None
     ffi = cffi.FFI()
     ffi.cdef(build_ext.CUDA_CDEF)
@@ -2071,7 +2073,7 @@ def _load_cuda():
     msg = lib.fo_cuda_sync()            # its CUDA runtime starts (or the driver is too old)
     if msg != ffi.NULL:
         warn(f"fastops' CUDA kernels cannot run here ({ffi.string(msg).decode()}): "
-                      "using CuPy's own math. Rebuild them with this machine's nvcc.")
+             "using CuPy's own math. Rebuild them with this machine's nvcc.")
         return None
     return types.SimpleNamespace(ffi=ffi, lib=lib)
 
