@@ -1523,17 +1523,11 @@ def kl_to_reference(policy: GPT, ref: GPT, tok: Tokenizer, prompts, answers):
 # reward; the Bradley-Terry loss on it trains the policy directly:
 #   loss = -log sigmoid(beta [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))])
 
-def answer_logprob(model: GPT, x, y, mask, lengths=None):
-    """Sum of log-probabilities of each row's answer tokens -> (B,)."""
-    logp, logp_all, _ = sequence_logprobs(model, x, y, lengths)
-    return (logp * mask).sum(1), logp_all
-
-
 def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
     """batch = pad_batch(pair_examples(...)): chosen rows first."""
     x, y, mask, lengths = batch
-    ref_lp, _ = answer_logprob(ref, x, y, mask, lengths)
-    lp, logp_all = answer_logprob(policy, x, y, mask, lengths)
+    (ref_logp, _, _), (logp, logp_all, _) = (sequence_logprobs(m, x, y, lengths) for m in (ref, policy))
+    ref_lp, lp = (ref_logp * mask).sum(1), (logp * mask).sum(1)     # each row's answer's log-probability
     n = len(lp) // 2
     z = beta * ((lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:]))
     loss = float(xp.logaddexp(0.0, -z).mean())
