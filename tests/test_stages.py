@@ -17,6 +17,8 @@ from helpers import GRAD_TOL, numerical_grad, rel_error, tiny
 
 def check_grads(model, loss_and_grads, names=None, tol=GRAD_TOL):
     loss, grads = loss_and_grads()
+    if names is None:               # every trainable parameter gets its gradient, none is left out
+        assert set(grads) == set(model.params) - model.frozen
     for name in names or grads:
         num = numerical_grad(lambda: loss_and_grads()[0], model.params[name], max_coords=25)
         assert rel_error(grads[name], num) < tol, name
@@ -53,11 +55,17 @@ def test_ppo_loss_gradient():
               values=v + r.normal(0, 0.3, v.shape), adv=r.normal(size=x.shape), ret=r.normal(size=x.shape))
     pc = llm.PPOConfig()
     check_grads(m, lambda: llm.ppo_loss(m, mb, pc)[:2])
+    # n: the answer tokens of every rank's minibatch, which the loss is averaged over
+    (l1, g1, _), (l7, g7, _) = llm.ppo_loss(m, mb, pc), llm.ppo_loss(m, mb, pc, n=7.0)
+    assert np.isclose(l7, l1 * mask.sum() / 7)
+    assert all(np.allclose(g7[k], g1[k] * mask.sum() / 7, rtol=1e-6, atol=1e-12) for k in g1)
 
 
-def test_ppo_ptx_adds_the_pretraining_losss_gradient():
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_ppo_ptx_adds_the_pretraining_losss_gradient(share):
     """PPO-ptx: the update's gradients are those of the PPO loss plus
-    ptx_coef times the pretraining loss on the replayed windows."""
+    ptx_coef times the pretraining loss on the replayed windows (times these
+    rows' share of all the windows, with several ranks)."""
     m = tiny()
     llm.add_head(m, "value", np.random.default_rng(0))
     r = np.random.default_rng(2)
@@ -70,8 +78,12 @@ def test_ppo_ptx_adds_the_pretraining_losss_gradient():
 
     def total():
         loss, grads, _ = llm.ppo_loss(m, mb, llm.PPOConfig())
-        return loss + 0.7 * llm.ptx_grads(m, wx, wy, grads, 0.7), grads
+        return loss + 0.7 * llm.ptx_grads(m, wx, wy, grads, 0.7, share), grads
     check_grads(m, total)
+    zero = {k: 0.0 for k in m.params}
+    assert np.isclose(llm.ptx_grads(m, wx, wy, zero, 0.7, share), share * m.forward(wx, wy)[1])
+    lm = m.backward()                                       # (the value head has none: 0 stays)
+    assert all(np.allclose(g, 0.7 * share * lm.get(k, 0.0)) for k, g in zero.items())
 
 
 def test_gae_with_lambda_one_is_the_return_minus_value():
