@@ -160,13 +160,17 @@ def test_a_kill_during_checkpoint_writes_leaves_the_file_whole_or_absent(tmp_pat
     path = str(tmp_path / "c.safetensors")
     rnd = random.Random(0)
     for attempt in range(6):
+        if os.path.exists(path):
+            os.remove(path)
         p = subprocess.Popen([sys.executable, "-c", WRITER, path], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
-        time.sleep(1.0 + rnd.random())
+        deadline = time.time() + 120
+        while not os.path.exists(path) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.01)                     # killed amid the writes, not before the first one
+        time.sleep(rnd.random() / 2)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        if os.path.exists(path):                 # the last whole checkpoint: every value its own write's
-            model, _, _, info = llm.load_checkpoint(path)
-            assert all((v == float(info["stage"])).all() for v in model.params.values())
+        model, _, _, info = llm.load_checkpoint(path)       # the last whole one: every value its own write's
+        assert all((v == float(info["stage"])).all() for v in model.params.values())
     leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     m = llm.GPT(llm.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=260))
     llm.save_checkpoint(path, m, llm.byte_tokenizer())

