@@ -139,7 +139,7 @@ class Tokenizer:
             negc, pair = heapq.heappop(heap)
             if pair_count.get(pair, 0) != -negc or negc == 0:
                 continue
-            new = len(pieces)
+            new, changed = len(pieces), set()
             pieces.append(pieces[pair[0]] + pieces[pair[1]])
             for w in where.pop(pair, ()):
                 word, f = words[w], freqs[w]
@@ -157,8 +157,11 @@ class Tokenizer:
                 for p in zip(merged, merged[1:]):     # and add the new ones
                     pair_count[p] = pair_count.get(p, 0) + f
                     where.setdefault(p, set()).add(w)
-                    heapq.heappush(heap, (-pair_count[p], p))
+                changed.update(zip(word, word[1:]), zip(merged, merged[1:]))
             pair_count.pop(pair, None)
+            for p in changed - {pair}:                # each changed count anew: the old entry is stale
+                if pair_count[p] > 0:
+                    heapq.heappush(heap, (-pair_count[p], p))
         ranks = {b: i for i, b in enumerate(pieces)}
         special = {s: len(pieces) + i for i, s in enumerate(special)}
         return cls(ranks, special)

@@ -34,6 +34,39 @@ def test_training_is_deterministic(tok):
     assert again.ranks == tok.ranks and again.special == tok.special
 
 
+def naive_bpe(text, n_merges):
+    """Byte-pair training as its definition says: count every pair anew
+    before each merge, merge the most frequent (ties: the smaller pair)."""
+    words = [list(c.encode()) for c in llm.re.findall(llm.GPT2_SPLIT, text)]
+    pieces = [bytes([i]) for i in range(256)]
+    for _ in range(n_merges):
+        counts = {}
+        for w in words:
+            for p in zip(w, w[1:]):
+                counts[p] = counts.get(p, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        pieces.append(pieces[best[0]] + pieces[best[1]])
+        for k, w in enumerate(words):
+            out, i = [], 0
+            while i < len(w):
+                two = i + 1 < len(w) and (w[i], w[i + 1]) == best
+                out.append(len(pieces) - 1 if two else w[i])
+                i += 2 if two else 1
+            words[k] = out
+    return pieces
+
+
+@settings(deadline=None, max_examples=60)
+@given(text=st.text(st.sampled_from("ab cd\n"), min_size=100, max_size=400), n_merges=st.integers(0, 40))
+def test_training_makes_the_merges_of_the_definition(text, n_merges):
+    """The incremental counts (each merge updates only the words it touches)
+    give the merges of recounting everything each time."""
+    tok = llm.Tokenizer.train(text, 256 + len(llm.SPECIAL_TOKENS) + n_merges)
+    assert sorted(tok.ranks, key=tok.ranks.get) == naive_bpe(text, n_merges)
+
+
 def test_merges_never_cross_chunk_boundaries(tok):
     for b in tok.ranks:
         s = b.decode("utf-8", errors="ignore")
