@@ -119,10 +119,14 @@ def save_stage(a, stage, model, tok, **info):
     llm.save_checkpoint(os.path.join(a.out, f"{stage}.safetensors"), model, tok, stage=stage, **info)
 
 
+OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's groups (data/world.py)
+
+
 def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields and a
-    "split" of "train" (the default) or "test". A malformed line is a
-    ValueError naming the file and the line."""
+    """One JSON object per line, each with the given string fields (and the
+    OPTIONAL ones strings where present) and a "split" of "train" (the
+    default) or "test". A malformed line is a ValueError naming the file and
+    the line."""
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -135,7 +139,7 @@ def read_jsonl(path: str, fields) -> list:
                 continue
             if not isinstance(r, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
-            for k in fields:
+            for k in (*fields, *(k for k in OPTIONAL if k in r)):
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
             if r.get("split", "train") not in ("train", "test"):
@@ -208,7 +212,7 @@ def show_samples(title, prompts, before, after, picks=None):
 
 # ---- the stages -------------------------------------------------------------
 # Each: load the previous stage's model, measure, train (one call of llm.py),
-# measure again, save.
+# save, measure again.
 
 class Progress:
     """One updating line: step, loss, val loss, bits per byte, tokens/s,
@@ -342,6 +346,7 @@ def run_sft(a):
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
     state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), corpus_ids(a, tok), a.replay,
                     log=Progress("sft"))
+    save_stage(a, "sft", model, tok)              # before anything that reports on it
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
     groups = world().breakdown(test, [exact(r, t) for r, t in zip(test, texts1)])
@@ -349,7 +354,6 @@ def run_sft(a):
     novel = novel_records(a)
     novel_acc, novel_texts = accuracy(model, tok, novel, exact)
     print(f"  questions in wordings no data file uses: exact match {novel_acc:.1%} ({len(novel)})")
-    save_stage(a, "sft", model, tok)
     return {"accuracy_before": before, "accuracy_after": after, "n_test": len(test),
             "novel_accuracy": novel_acc, "n_novel": len(novel),
             "by_group": {g: r / n for g, (r, n) in groups.items()},
@@ -375,13 +379,13 @@ def run_reward(a):
                 seed=a.seed) if a.reward_lora else None
     state = llm.train_reward_model(model, tok, train, train_config(a, a.reward_iters, a.reward_lr, 16), lora,
                                    log=Progress("reward"))
+    save_stage(a, "reward", model, tok)
     acc = llm.reward_accuracy(model, tok, test)
     flaws = {}
     for f in sorted({r.get("flaw", "") for r in test}):
         flaws[f] = llm.reward_accuracy(model, tok, [r for r in test if r.get("flaw", "") == f])
     print(f"  held-out pair accuracy: {before:.1%} -> {acc:.1%}; by flaw: "
           + ", ".join(f"{k} {v:.0%}" for k, v in flaws.items()))
-    save_stage(a, "reward", model, tok)
     return {"accuracy_before": before, "accuracy": acc, "by_flaw": flaws, "n_test": len(test),
             "history": state.history}
 
@@ -416,6 +420,7 @@ def rlhf_stage(a, name, train_policy):
     novel = [r["prompt"] for r in novel_records(a)]
     n0, _ = judge_answers(policy, tok, rm, novel)
     history = train_policy(policy, ref, rm, tok, train)
+    save_stage(a, name, policy, tok)
     m1, texts1 = judge_answers(policy, tok, rm, held)
     n1, _ = judge_answers(policy, tok, rm, novel)
     kl = float(llm.kl_to_reference(policy, ref, tok, held, texts1).mean())
@@ -428,7 +433,6 @@ def rlhf_stage(a, name, train_policy):
     made_wrong = sum(r0 and not r1 for r0, r1 in zip(right0, right1))
     made_right = sum(r1 and not r0 for r0, r1 in zip(right0, right1))
     print(f"  of {len(held)} held-out answers, {made_wrong} right ones made wrong, {made_right} wrong ones made right")
-    save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
             "kl": kl, "n_test": len(held), "made_wrong": made_wrong, "made_right": made_right, "history": history,
@@ -484,13 +488,13 @@ def run_finetune(a):
     frac = llm.trainable_fraction(model)
     if lora:
         llm.save_lora(os.path.join(a.out, "finetune.lora.safetensors"), model)
+    save_stage(a, "finetune", model, tok, base=base)      # the adapter's model, before anything reports on it
     dom1, texts1 = accuracy(model, tok, test, correct)
     gen1, _ = accuracy(model, tok, general, correct)
     print(f"  trained {frac:.2%} of the parameters; held-out domain accuracy {dom0:.1%} -> {dom1:.1%}, "
           f"general {gen0:.1%} -> {gen1:.1%}")
     groups = world().breakdown(test, [correct(r, t) for r, t in zip(test, texts1)])
     print("  domain, by what is held out and by kind: " + ", ".join(f"{g} {r}/{n}" for g, (r, n) in groups.items()))
-    save_stage(a, "finetune", model, tok, base=base)
     return {"domain_accuracy_before": dom0, "domain_accuracy_after": dom1, "trainable_fraction": frac,
             "general_accuracy_before": gen0, "general_accuracy_after": gen1, "base": base,
             "history": state.history,

@@ -2,6 +2,7 @@
 names the flag or file, exit status 2, no traceback; and what it says and
 keeps when a run is resumed, interrupted, or its loss turns to NaN."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def folder(tmp_path_factory):
              "empty.jsonl": b"", "testonly.jsonl": b'{"prompt": "a", "response": "b", "split": "test"}\n',
              "split.jsonl": b'{"prompt": "a", "response": "b", "split": "dev"}\n',
              "nonutf8.jsonl": b'{"prompt": "\xff", "response": "b"}\n',
-             "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64}
+             "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64,
+             "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n'}
     for name, data in files.items():
         (d / name).write_bytes(data)
     (d / "bad_resume").mkdir()
@@ -49,7 +51,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sft --sft-data {d}/bad.jsonl", "bad.jsonl:2"), ("sft --sft-data {d}/empty.jsonl", "--sft-data"),
     ("sft --sft-data {d}/testonly.jsonl", '"split": "train"'), ("sft --sft-data {d}/split.jsonl", "split.jsonl:1"),
     ("sft --sft-data {d}/nonutf8.jsonl", "nonutf8.jsonl:1"), ("sft --sft-data {d}/nofield.jsonl", "'response'"),
-    ("sft --sft-data {d}/missing.jsonl", "--sft-data"), ("reward --preferences-data {d}/bad.jsonl", "bad.jsonl:1: expected a string field 'chosen'"),
+    ("sft --sft-data {d}/missing.jsonl", "--sft-data"), ("sft --sft-data {d}/kindlist.jsonl", "kindlist.jsonl:1"), ("reward --preferences-data {d}/bad.jsonl", "bad.jsonl:1: expected a string field 'chosen'"),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
     ("sft --out {d}/empty_run", "pretrain.safetensors"),
     ("pretrain --resume --out {d}/bad_resume", "--resume"),
@@ -72,6 +74,41 @@ def test_a_mistake_is_one_line_naming_it_and_exit_status_2(folder, capsys, args,
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2, (args, err)
     assert len(err.splitlines()) == 1 and names in err and "Traceback" not in err, (args, err)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """A tiny run folder with every stage's checkpoint."""
+    d = tmp_path_factory.mktemp("whole")
+    train.main(["--quick"] + TINY + ["--sft-iters", "2", "--reward-iters", "2", "--ppo-iters", "1", "--dpo-iters", "2",
+                                     "--finetune-iters", "2", "--eval-limit", "3", "--out", str(d)])
+    return d
+
+
+def copy_of(whole, tmp_path):
+    return str(shutil.copytree(whole, tmp_path / "run"))
+
+
+def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_fail(whole, tmp_path, monkeypatch):
+    """The judge's breakdown by kind needs no "kind" (README's format has none); and a stage keeps
+    what it trained (finetune: its checkpoint and adapter together) should its report fail."""
+    run, data = copy_of(whole, tmp_path), tmp_path / "nokind.jsonl"
+    data.write_text('{"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima.",'
+                    ' "split": "train"}\n{"prompt": "What is the capital of Peru?", "response": "Lima.",'
+                    ' "split": "test"}\n')
+    for stage, flag in (("sft", "--sft-data"), ("finetune", "--domain-data")):
+        train.main([stage, "--out", run, flag, str(data), f"--{stage}-iters", "1", "--eval-limit", "2"])
+    from data import world
+
+    def fail(*args):
+        raise RuntimeError("the report failed")
+    monkeypatch.setattr(world, "breakdown", fail)
+    for stage, files in (("sft", ["sft"]), ("finetune", ["finetune", "finetune.lora"])):
+        for f in files:
+            os.remove(os.path.join(run, f + ".safetensors"))
+        with pytest.raises(RuntimeError):
+            train.main([stage, "--out", run, f"--{stage}-iters", "1", "--eval-limit", "2"])
+        assert all(os.path.exists(os.path.join(run, f + ".safetensors")) for f in files), stage
 
 
 def test_the_whole_process_says_one_line_without_a_traceback(folder):
