@@ -132,16 +132,23 @@ def read_jsonl(path: str, fields) -> list:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-                r = json.loads(line) if line.strip() else None
+                if not line.strip():
+                    continue
+                r = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON in UTF-8 ({e})") from None
-            if r is None:
-                continue
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(r, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {'null' if r is None else type(r).__name__}")
             for k in (*fields, *(k for k in OPTIONAL if k in r)):
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+                try:
+                    r[k].encode("utf-8")
+                except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
+                    raise ValueError(f"{path}:{n}: field {k!r} cannot be encoded as UTF-8 ({e.reason} at"
+                                     f" character {e.start})") from None
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)
