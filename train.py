@@ -1164,7 +1164,8 @@ RANGES = [
      f"at least {256 + len(llm.SPECIAL_TOKENS)} (256 bytes + {len(llm.SPECIAL_TOKENS)} special tokens)"),
     (("learning_rate", "sft_lr", "reward_lr", "dpo_lr", "finetune_lr", "ppo_lr", "lora_alpha", "dpo_beta"),
      lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    (("min_lr", "weight_decay", "grad_clip", "kl_coef", "target_kl"), lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    (("min_lr", "weight_decay", "grad_clip", "kl_coef", "target_kl", "ptx_coef"), lambda v: math.isfinite(v) and v >= 0,
+     "a number >= 0"),
     (("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     (("replay", "finetune_replay"), lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
 ]
