@@ -1181,6 +1181,8 @@ def check_args(a):
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
+    if getattr(a, "min_lr", None) is not None and a.min_lr > a.learning_rate:     # (the decay would raise it)
+        raise UserError(f"--min-lr: expected at most --learning-rate {a.learning_rate:g}, got {a.min_lr:g}")
     if not hasattr(a, "explain") and llm.world.rank == 0:     # (rank 0 alone writes)
         if os.path.exists(a.out) and not os.path.isdir(a.out):
             raise UserError(f"--out: expected a folder, got the file {a.out}")

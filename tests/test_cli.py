@@ -61,6 +61,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sample --out {d}/run --max-tokens -2", "--max-tokens"), ("sample --ckpt {d}/garbage.safetensors", "garbage"),
     ("attention --out {d}/run --svg {d}/short.txt/x.svg", "--svg"), ("attention --out {d}/run --layer 9", "--layer"),
     ("chat --out {d}/empty_run", "no stage checkpoint"), ("sft --kl-coef 1", "--kl-coef"),
+    ("pretrain --min-lr 0.01 --learning-rate 0.001 --data {d}/nothing.txt", "--min-lr: expected at most --learning-rate"),
     ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
