@@ -59,6 +59,7 @@ DATA = os.path.join(HERE, "data")
 DEFAULT_OUT = os.path.join("runs", "default")
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")   # a block's linear layers
 
 # Sized for the stages to do their jobs (README: the figures, over seeds);
 # about 9 minutes on this project's 2-core machine, within the 10 it aims
@@ -1126,7 +1127,8 @@ def training_flags(sizes):
         ("finetune stage", "--lora-r", dict(type=int, default=4), ("finetune",)),
         ("finetune stage", "--lora-alpha", dict(type=float, default=16.0), ("finetune",)),
         ("finetune stage", "--lora-dropout", dict(type=float, default=0.0), ("finetune",)),
-        ("finetune stage", "--lora-targets", dict(default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
+        ("finetune stage", "--lora-targets", dict(default=",".join(LORA_TARGETS), help="the linear layers that"
+                                                  " get adapters (a name's end, e.g. c_proj, picks both)"),
          ("finetune",)),
     ]
 
@@ -1181,6 +1183,9 @@ def check_args(a):
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
+    targets = getattr(a, "lora_targets", None)
+    if targets is not None and not all(any(("." + n).endswith("." + t) for n in LORA_TARGETS) for t in targets.split(",")):
+        raise UserError(f"--lora-targets: expected linear layers from {','.join(LORA_TARGETS)}, got {targets!r}")
     if getattr(a, "min_lr", None) is not None and a.min_lr > a.learning_rate:     # (the decay would raise it)
         raise UserError(f"--min-lr: expected at most --learning-rate {a.learning_rate:g}, got {a.min_lr:g}")
     if not hasattr(a, "explain") and llm.world.rank == 0:     # (rank 0 alone writes)
