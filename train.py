@@ -1183,6 +1183,8 @@ def check_args(a):
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
+    if getattr(a, "seeds", None) and "seed" in a.given:
+        raise UserError("--seed: --seeds runs each of its seeds in turn: give one or the other")
     targets = getattr(a, "lora_targets", None)
     if targets is not None and not all(any(("." + n).endswith("." + t) for n in LORA_TARGETS) for t in targets.split(",")):
         raise UserError(f"--lora-targets: expected linear layers from {','.join(LORA_TARGETS)}, got {targets!r}")

@@ -64,6 +64,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("pretrain --min-lr 0.01 --learning-rate 0.001 --data {d}/nothing.txt", "--min-lr: expected at most --learning-rate"),
     ("finetune --lora-targets= --out {d}/run", "--lora-targets"), ("finetune --lora-targets ln_1 --out {d}/run", "--lora-targets"),
     ("finetune --lora-targets bogus --out {d}/run", "--lora-targets"), ("--reward-lora 2 --lora-targets ln_1 --data {d}/nothing.txt", "--lora-targets"),
+    ("--seeds 0,1 --seed 3 --data {d}/nothing.txt", "--seeds"),
     ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
