@@ -322,17 +322,21 @@ def run_pretrain(a):
     if not m:
         return None
     model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
-    prompt = "The capital of France is"
+    prompt, block = "The capital of France is", model.config.block_size
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
-    ids = ids[-max(1, model.config.block_size - len(paris) + 1):]     # what a small context window holds
-    logits, _ = model.forward([ids + paris[:-1]])
-    probs = llm.next_token_probs(logits[0, len(ids) - 1])
-    top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
+    ids = ids[-max(1, block - len(paris) + 1):]     # what a small context window holds
     # " Paris" may be several tokens: its probability is the product of each
-    # token's probability given the ones before (the chain rule).
+    # token's probability given the ones before (the chain rule), read at once
+    # where the window holds them all, else each from the window before it.
+    if len(ids) + len(paris) - 1 <= block:
+        logits = model.forward([ids + paris[:-1]])[0][0, len(ids) - 1:]
+    else:
+        logits = [model.forward([(ids + paris[:j])[-block:]])[0][0, -1] for j in range(len(paris))]
+    probs = llm.next_token_probs(logits[0])
+    top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
     p_word = 1.0
     for j, t in enumerate(paris):
-        p_word *= float(llm.next_token_probs(logits[0, len(ids) - 1 + j])[t])
+        p_word *= float(llm.next_token_probs(logits[j])[t])
     greedy = tok.decode(llm.generate(model, ids, len(paris), temperature=0))
     m.update(prompt=prompt, top5=top, paris_prob=p_word, paris_tokens=[tok.decode([t]) for t in paris],
              greedy=greedy, paris_is_top=greedy == " Paris", history=state.history)

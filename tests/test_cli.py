@@ -1,6 +1,7 @@
 """The command line's answer to a user's mistake: one line on stderr that
 names the flag or file, exit status 2, no traceback; and what it says and
 keeps when a run is resumed, interrupted, or its loss turns to NaN."""
+import json
 import os
 import shutil
 import signal
@@ -130,6 +131,15 @@ def test_resume_says_what_it_does(folder, tmp_path, capsys):
     train.main(["pretrain", "--resume", "--out", str(tmp_path / "new")] + TINY[:-6] + ["--max-iters", "6"])
     out = capsys.readouterr().out
     assert "resuming" in out and "--max-iters 6 replaces the checkpoint's 4" in out
+
+
+def test_a_context_window_shorter_than_the_paris_probe_trains_and_resumes(tmp_path, capsys):
+    """" Paris" is 6 byte tokens: a window of 3 reads each from the tokens just before it."""
+    args = ["pretrain", "--out", str(tmp_path)] + TINY[:6] + ["--block-size", "3"] + TINY[8:]
+    train.main(args)
+    train.main(args + ["--resume"])
+    m = json.load(open(tmp_path / "pretrain.json"))
+    assert len(m["paris_tokens"]) == 6 and 0 < m["paris_prob"] < 1
 
 
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
