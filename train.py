@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -1266,9 +1267,11 @@ def parse(argv):
         add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage",
                                  allow_abbrev=False), sizes, name)
     add_explain_commands(sub)
+    typed = argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv
     a = p.parse_args(argv)
+    a.argv = typed                                  # for the command that resumes it
     a.given = {t.split("=")[0][2:].replace("-", "_") for t in argv if t.startswith("--")}   # typed, not defaults
     return a
 
@@ -1342,7 +1345,7 @@ def same_on_every_rank(a):
         return
     if hasattr(a, "explain"):
         raise UserError(f"{a.cmd} runs in one process: start it without mpirun")
-    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k != "given"}
+    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k not in ("given", "argv")}
     paths = [os.path.join(HERE, f) for f in ("llm.py", "train.py", "fastops.c", os.path.join("data", "world.py"))]
     paths += [getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
         ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
@@ -1386,10 +1389,11 @@ RUNNING = None                          # (args, stage) while a stage runs
 
 
 def resume_hint(a, stage) -> str:
-    """What an interrupted stage left, and the command that carries on."""
+    """What an interrupted stage left, and the command that carries on: the
+    same one, with --resume where it has that flag."""
     ckpt = os.path.join(a.out, "pretrain.safetensors")
-    cmd = {"all": "python train.py --resume", "pretrain": "python train.py pretrain --resume"}.get(
-        a.cmd, f"python train.py {a.cmd}") + f" --out {a.out}"
+    resume = a.cmd in ("all", "pretrain") and "--resume" not in a.argv
+    cmd = "python train.py " + shlex.join(a.argv + ["--resume"] * resume)
     if stage == "pretrain" and os.path.exists(ckpt):
         return f"The last checkpoint is {ckpt}: `{cmd}` continues from it."
     return (f"The {stage} stage had not finished, the earlier stages' files are kept:"

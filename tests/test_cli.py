@@ -176,6 +176,15 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     assert "pretrain.safetensors" in err and "--resume" in err
 
 
+def test_the_ctrl_c_hint_repeats_the_command_and_its_flags_with_resume_once(tmp_path):
+    out = str(tmp_path / "a run")                                 # (quoted for the shell)
+    for argv, hint in ((["--quick", "--out", out], f"--quick --out '{out}' --resume"),
+                       (["pretrain", "--resume", "--max-iters", "5"], "pretrain --resume --max-iters 5"),
+                       (["--seeds", "0,1", "--out", out], f"--seeds 0,1 --out '{out}' --resume"),
+                       (["sft", "--sft-iters", "3", "--out", out], f"sft --sft-iters 3 --out '{out}'")):
+        assert f"`python train.py {hint}`" in train.resume_hint(train.parse(argv), "sft"), argv
+
+
 def test_chat_leaves_on_ctrl_c_at_the_prompt_and_stops_an_answer_on_ctrl_c():
     model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16))
     tok = llm.byte_tokenizer()
