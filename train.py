@@ -185,9 +185,17 @@ def read_text(a):
         raise UserError(f"--data: cannot read {path} as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
 
 
-def corpus_ids(a, tok):
-    """The pretraining text as token ids, replayed by the later stages."""
-    return numpy.asarray(tok.encode(read_text(a)[1]), numpy.int64)
+def corpus_ids(a, tok, block_size, used):
+    """The pretraining text as token ids, replayed by the later stages in
+    windows of the context window and one token more (None where not used)."""
+    if not used:
+        return None
+    path, text = read_text(a)
+    ids = numpy.asarray(tok.encode(text), numpy.int64)
+    if len(ids) < block_size + 2:
+        raise UserError(f"--data: {path} has {len(ids)} tokens; replaying it needs at least {block_size + 2}"
+                        f" (the context window {block_size} and 2)")
+    return ids
 
 
 def world():
@@ -354,11 +362,11 @@ def run_pretrain(a):
 def run_sft(a):
     train, test = read_data(a, "sft", ("prompt", "response"))
     model, tok, _ = load_stage(a, "pretrain")
+    replay = corpus_ids(a, tok, model.config.block_size, a.replay)
     exact = lambda r, t: world().exact_match(r["response"], t)
     before, texts0 = accuracy(model, tok, test, exact)
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
-    state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), corpus_ids(a, tok), a.replay,
-                    log=Progress("sft"))
+    state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), replay, a.replay, log=Progress("sft"))
     save_stage(a, "sft", model, tok)              # before anything that reports on it
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
@@ -419,11 +427,14 @@ def judge_answers(model, tok, rm, prompts):
     return m, texts
 
 
-def rlhf_stage(a, name, train_policy):
+def rlhf_stage(a, name, method):
     """PPO and DPO alike: start from the instruction-tuned model, measure its
-    held-out answers, train, measure again, and the KL to where it started."""
+    held-out answers, train, measure again, and the KL to where it started.
+    method(policy, tok, train) checks what it needs, before anything is
+    measured, and returns the training: (policy, ref, rm) -> its history."""
     train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
     policy, tok, _ = load_stage(a, "sft")
+    train_policy = method(policy, tok, train)
     ref = copy.deepcopy(policy)
     rm, _, _ = load_stage(a, "reward")
     held = sorted({r["prompt"] for r in test})
@@ -432,7 +443,7 @@ def rlhf_stage(a, name, train_policy):
           f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
     novel = [r["prompt"] for r in novel_records(a)]
     n0, _ = judge_answers(policy, tok, rm, novel)
-    history = train_policy(policy, ref, rm, tok, train)
+    history = train_policy(policy, ref, rm)
     save_stage(a, name, policy, tok)
     m1, texts1 = judge_answers(policy, tok, rm, held)
     n1, _ = judge_answers(policy, tok, rm, novel)
@@ -471,13 +482,18 @@ def run_ppo(a):
         print(f"  ppo iter {row['iter']}/{pc.iters} reward {row['reward']:+.3f} kl {row['kl']:.3f} "
               f"clip {row['clip_frac']:.2f} value loss {row['vf_loss']:.4f} entropy {row['entropy']:.3f}"
               f" | {elapsed:.0f}s", flush=True)
-    return rlhf_stage(a, "ppo", lambda policy, ref, rm, tok, train: llm.ppo(
-        policy, ref, rm, tok, sorted({r["prompt"] for r in train}), pc, log=log,
-        replay=corpus_ids(a, tok) if pc.ptx_coef else None))
+    def method(policy, tok, train):
+        prompts = sorted({r["prompt"] for r in train})
+        if len(prompts) < pc.prompts_per_iter:
+            raise UserError(f"--preferences-data: PPO samples {pc.prompts_per_iter} training prompts per rollout,"
+                            f" the file has {len(prompts)} different ones")
+        replay = corpus_ids(a, tok, policy.config.block_size, pc.ptx_coef)
+        return lambda policy, ref, rm: llm.ppo(policy, ref, rm, tok, prompts, pc, log=log, replay=replay)
+    return rlhf_stage(a, "ppo", method)
 
 
 def run_dpo(a):
-    return rlhf_stage(a, "dpo", lambda policy, ref, rm, tok, train: llm.dpo(
+    return rlhf_stage(a, "dpo", lambda _, tok, train: lambda policy, ref, rm: llm.dpo(
         policy, ref, tok, train, train_config(a, a.dpo_iters, a.dpo_lr, 8), a.dpo_beta,
         log=Progress("dpo")).history)
 
@@ -485,18 +501,22 @@ def run_dpo(a):
 def run_finetune(a):
     train, test = read_data(a, "domain", ("prompt", "response"))
     general_train, general = read_data(a, "sft", ("prompt", "response"))
+    share = 0.35                    # general conversations per domain one (0.2 lost up to 2.8 points of general)
+    if len(general_train) < int(len(train) * share):
+        raise UserError(f"--sft-data: fine-tuning mixes in {int(len(train) * share)} general conversations ({share} per"
+                        f" domain one), the file has {len(general_train)} for training")
     model, tok, base = load_stage(a, "ppo", "sft")
+    replay = corpus_ids(a, tok, model.config.block_size, a.finetune_replay)
     correct = lambda r, t: world().is_correct(r["prompt"], t)
     dom0, texts0 = accuracy(model, tok, test, correct)
     gen0, _ = accuracy(model, tok, general, correct)
     lora = None if a.full else dict(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
                                      targets=tuple(a.lora_targets.split(",")))
-    share = 0.35                    # general conversations per domain one (0.2 lost up to 2.8 points of general)
     print(f"[finetune] base: {base}; {len(train)} domain conversations (+{int(len(train) * share)} general); "
           + ("all weights" if a.full else f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}")
           + f"; held-out domain accuracy before {dom0:.1%}, general {gen0:.1%}")
     state = llm.finetune(model, tok, train, train_config(a, a.finetune_iters, a.finetune_lr), lora,
-                         general_train, corpus_ids(a, tok), a.finetune_replay, log=Progress("finetune"),
+                         general_train, replay, a.finetune_replay, log=Progress("finetune"),
                          general_share=share)
     frac = llm.trainable_fraction(model)
     if lora:

@@ -30,7 +30,10 @@ def folder(tmp_path_factory):
              "split.jsonl": b'{"prompt": "a", "response": "b", "split": "dev"}\n',
              "nonutf8.jsonl": b'{"prompt": "\xff", "response": "b"}\n',
              "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64,
-             "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n'}
+             "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n',
+             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "split": "test"}\n',
+             "few.jsonl": b"".join(b'{"prompt": "%d?", "chosen": "Sure! %d.", "rejected": "%d.", "flaw": "plain", '
+                                   b'"split": "%s"}\n' % (i, i, i, b"test" if i == 3 else b"train") for i in range(4))}
     for name, data in files.items():
         (d / name).write_bytes(data)
     (d / "bad_resume").mkdir()
@@ -93,6 +96,22 @@ def whole(tmp_path_factory):
 
 def copy_of(whole, tmp_path):
     return str(shutil.copytree(whole, tmp_path / "run"))
+
+
+LATER_BAD = [  # (arguments, what the one line names), on a run folder with every stage
+    ("sft --data {d}/short.txt", "--data"), ("finetune --finetune-replay 0.5 --data {d}/short.txt", "--data"),
+    ("ppo --preferences-data {d}/few.jsonl", "--preferences-data: PPO samples 16"),
+    ("finetune --sft-data {d}/pair.jsonl", "--sft-data: fine-tuning mixes in"),
+]
+
+
+@pytest.mark.parametrize("args,names", LATER_BAD)
+def test_a_later_stage_s_mistake_is_said_before_it_measures_or_trains(folder, whole, tmp_path, capsys, args, names):
+    with pytest.raises(SystemExit) as e:
+        train.main(args.format(d=folder).split() + ["--out", copy_of(whole, tmp_path), "--eval-limit", "2"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and names in err, (args, err)
+    assert "accuracy" not in out and "judge" not in out, out       # nothing measured yet
 
 
 def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_fail(whole, tmp_path, monkeypatch):
