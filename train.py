@@ -584,6 +584,14 @@ def as_flag(error) -> str:
     return f"--{ {'max_new_tokens': 'max_tokens'}.get(name, name).replace('_', '-')}: {rest}"
 
 
+def check_sampling_flags(a):
+    """--temperature, --top-k, --top-p and --max-tokens, before any model is loaded."""
+    try:
+        llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
+    except ValueError as e:
+        raise UserError(as_flag(e)) from None
+
+
 # ---- tokens: how the tokenizer cuts text -------------------------------------
 
 def load_tokenizer(a):
@@ -647,6 +655,7 @@ def stream_tokens(tok, ids, write, seen=None):
 
 
 def cmd_sample(a):
+    check_sampling_flags(a)
     model, tok = load_model(a, ("pretrain",), "sample continues text, so it takes the pretrained model")
     ids = tok.encode(a.prompt)
     if not ids:
@@ -654,10 +663,6 @@ def cmd_sample(a):
     block = model.config.block_size
     if len(ids) > block:
         print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
-    try:
-        llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
-    except ValueError as e:
-        raise UserError(as_flag(e))
     logits = llm.to_numpy(llm.next_logits(model, [ids[-block:]], llm.KVCache())[0])
     p_model = numpy.asarray(llm.next_token_probs(logits))
     changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
@@ -806,6 +811,11 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
             continue
         if not msg:
             continue
+        try:
+            msg.encode("utf-8")
+        except UnicodeEncodeError:          # bytes that are not UTF-8, as input() reads them
+            write("(the line is not valid UTF-8 text: type it again)\n")
+            continue
         turns = list(history)
         ids = llm.chat_prompt(tok, msg, turns)
         while len(ids) > budget and turns:
@@ -841,6 +851,7 @@ def cmd_chat(a):
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
+    check_sampling_flags(a)
     model, tok = load_model(a, ("sft", "dpo", "ppo"), "chat takes the instruction-tuned model")
     try:
         chat_loop(model, tok, input, sys.stdout, a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed)

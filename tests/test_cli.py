@@ -69,6 +69,8 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("finetune --lora-targets= --out {d}/run", "--lora-targets"), ("finetune --lora-targets ln_1 --out {d}/run", "--lora-targets"),
     ("finetune --lora-targets bogus --out {d}/run", "--lora-targets"), ("--reward-lora 2 --lora-targets ln_1 --data {d}/nothing.txt", "--lora-targets"),
     ("--seeds 0,1 --seed 3 --data {d}/nothing.txt", "--seeds"),
+    ("chat --out {d}/run --max-tokens -1", "--max-tokens"), ("chat --out {d}/run --temperature -1", "--temperature"),
+    ("chat --out {d}/run --top-p 5", "--top-p"), ("chat --out {d}/run --top-k 0", "--top-k"),
     ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
