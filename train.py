@@ -266,6 +266,14 @@ class Progress:
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
+def capped(a, vocab_size) -> bool:
+    """Whether --vocab-size asks for more tokens than the text has pairs to
+    merge for, vocab_size: a new run would train the checkpoint's tokenizer
+    (on the first 90% of the text, as llm.pretrain does)."""
+    text = read_text(a)[1]
+    return a.vocab_size > vocab_size == llm.Tokenizer.train(text[:int(len(text) * 0.9)], a.vocab_size).vocab_size
+
+
 def resume_settings(a, ckpt):
     """--resume continues the checkpoint as it is: a model flag that says
     otherwise is an error; the training settings are the checkpoint's, save
@@ -276,7 +284,7 @@ def resume_settings(a, ckpt):
         raise UserError(f"--resume: {e}") from None
     c = model.config
     for k in MODEL_FLAGS:
-        if k in a.given and getattr(a, k) != getattr(c, k):
+        if k in a.given and getattr(a, k) != getattr(c, k) and not (k == "vocab_size" and capped(a, c.vocab_size)):
             raise UserError(f"--{k.replace('_', '-')}: {ckpt} has {k} {getattr(c, k)}, not {getattr(a, k)}: --resume"
                             f" continues it as it is (drop --{k.replace('_', '-')}, or start a new --out)")
         setattr(a, k, getattr(c, k))

@@ -163,6 +163,17 @@ def test_a_context_window_shorter_than_the_paris_probe_trains_and_resumes(tmp_pa
     assert len(m["paris_tokens"]) == 6 and 0 < m["paris_prob"] < 1
 
 
+def test_resume_takes_the_vocab_size_the_run_was_given_where_the_text_had_pairs_for_fewer(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)                  # pairs for 272 tokens, not 2048
+    args = ["pretrain", "--out", str(tmp_path / "run"), "--data", str(text)] + TINY[:8] + TINY[10:]
+    train.main(args + ["--vocab-size", "2048"])
+    train.main(args + ["--vocab-size", "2048", "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--vocab-size: .* has vocab_size 272, not 270"):
+        train.main(args + ["--vocab-size", "270", "--resume"])
+
+
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     train.main(["pretrain", "--resume", "--out", str(tmp_path)] + TINY)
     assert "there is no" in capsys.readouterr().out and (tmp_path / "pretrain.safetensors").exists()
