@@ -1343,6 +1343,9 @@ def command(argv):
     except (ValueError, OSError, FloatingPointError, MemoryError) as e:
         if os.environ.get("LLM_DEBUG") == "1":
             raise
+        if isinstance(e, MemoryError):                      # (its message may be empty)
+            e = (f"out of memory{f' ({e})' if str(e) else ''}: a smaller --n-layer, --n-embd, --batch-size"
+                 " or --block-size needs less")
         print(f"train.py: error: {e} (LLM_DEBUG=1 shows where)", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -146,6 +146,16 @@ def test_the_whole_process_says_one_line_without_a_traceback(folder):
         assert "Traceback" not in r.stderr
 
 
+def test_running_out_of_memory_says_so_and_which_flags_shrink_the_run(tmp_path, monkeypatch, capsys):
+    def pretrain(*args, **kw):
+        raise MemoryError()                # (its message is empty, as for --n-layer 100000000)
+    monkeypatch.setattr(llm, "pretrain", pretrain)
+    with pytest.raises(SystemExit) as e:
+        train.main(["pretrain", "--out", str(tmp_path)] + TINY)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "out of memory" in err and "--n-layer" in err and "--batch-size" in err, err
+
+
 def test_resume_says_what_it_does(folder, tmp_path, capsys):
     train.main(["pretrain", "--out", str(tmp_path / "new")] + TINY)
     capsys.readouterr()
