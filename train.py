@@ -891,9 +891,10 @@ SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures
 def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     """report.md and report.json: one run's, or with spread = {figure: (min,
     max)} the mean of several seeds' (flat) and how far they moved. A single
-    run's card gives the spread the default run had over seeds, when known."""
+    run's card gives the spread the default run had over seeds, when known:
+    a run of every stage at the default sizes, all trained by this command."""
     flat = flat or flat_report(report, wall)
-    default = not getattr(a, "quick", False) and not getattr(a, "given", set()) - {"out", "seed", "resume", "device"}
+    default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (--quick and --resume are given)
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         with open(SPREAD) as fh:

@@ -156,6 +156,15 @@ def test_running_out_of_memory_says_so_and_which_flags_shrink_the_run(tmp_path, 
     assert e.value.code == 2 and "out of memory" in err and "--n-layer" in err and "--batch-size" in err, err
 
 
+def test_the_card_quotes_the_default_run_s_spread_only_for_a_default_run(tmp_path, capsys):
+    d = str(tmp_path)
+    for argv, quoted in ((["--out", d], True), (["--seed", "3", "--out", d], True), (["sft", "--out", d], False),
+                         (["pretrain", "--resume", "--out", d], False), (["--resume", "--out", d], False),
+                         (["--quick", "--out", d], False), (["--sft-iters", "5", "--out", d], False)):
+        train.write_report_card(train.parse(argv), {}, 1.0)
+        assert ("(±x)" in (tmp_path / "report.md").read_text(encoding="utf-8")) == quoted, argv
+
+
 def test_resume_says_what_it_does(folder, tmp_path, capsys):
     train.main(["pretrain", "--out", str(tmp_path / "new")] + TINY)
     capsys.readouterr()
