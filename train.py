@@ -175,6 +175,22 @@ def read_data(a, name, fields):
     return train, test[:a.eval_limit] if a.eval_limit else test
 
 
+def read_json(path, keys=()) -> dict:
+    """A JSON object that a run folder (or data/) keeps, with these keys: a
+    damaged file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: damaged: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise UserError(f"{path}: damaged: it lacks {', '.join(missing)}")
+    return d
+
+
 def read_text(a):
     """The pretraining text (--data, else the embedded corpus) -> (path, text)."""
     path = a.data or os.path.join(DATA, "corpus.txt")
@@ -869,16 +885,18 @@ def cmd_chat(a):
 
 # ---- the report card and its pictures -----------------------------------------
 
+FIGURES = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),        # each stage's headline numbers
+           "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
+           "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
+                   "polite_before", "polite_after", "correct_before", "correct_after"),
+           "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
+           "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
+                        "general_accuracy_before", "general_accuracy_after")}
+
+
 def flat_report(report, wall):
     """The headline numbers, under the names README and the tests use."""
-    keys = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),
-            "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
-            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
-                    "polite_before", "polite_after", "correct_before", "correct_after"),
-            "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
-            "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
-                         "general_accuracy_before", "general_accuracy_after")}
-    flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
+    flat = {f"{s}.{k}": report[s][k] for s, ks in FIGURES.items() if s in report for k in ks}
     flat.update({f"{s}.seconds": m["seconds"] for s, m in report.items() if "seconds" in m})
     flat["wall_seconds"] = wall
     flat["kernels"] = llm.kernels_in_use()          # where fastops ran, where NumPy (measured per machine)
@@ -897,8 +915,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (--quick and --resume are given)
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
-        with open(SPREAD) as fh:
-            known = json.load(fh)
+        known = read_json(SPREAD, ("seeds", "spread"))
     full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread} if spread else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
 
@@ -1364,8 +1381,7 @@ def run_seeds(a):
         if not (a.resume and os.path.exists(os.path.join(b.out, "report.json"))):   # --resume keeps a seed done
             run(b)
         llm.world.barrier()                       # several ranks: rank 0 has written it
-        with open(os.path.join(b.out, "report.json")) as fh:
-            full = json.load(fh)
+        full = read_json(os.path.join(b.out, "report.json"), ("stages", *(flats[0] if flats else ("wall_seconds",))))
         reports[f"seed {seed}"] = full.pop("stages")
         flats.append(full)
     numbers = [k for k, v in flats[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -1468,8 +1484,7 @@ def run(a):
     for s in STAGES:
         path = os.path.join(a.out, f"{s}.json")
         if os.path.exists(path):
-            with open(path) as f:
-                report[s] = json.load(f)
+            report[s] = read_json(path, FIGURES[s] + ("seconds",))
     wall = time.time() - t0 if a.cmd == "all" else sum(m["seconds"] for m in report.values())
     write_report_card(a, report, wall)
 

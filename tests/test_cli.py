@@ -116,6 +116,23 @@ def test_a_later_stage_s_mistake_is_said_before_it_measures_or_trains(folder, wh
     assert "accuracy" not in out and "judge" not in out, out       # nothing measured yet
 
 
+def test_a_damaged_json_file_of_the_run_folder_is_named(whole, tmp_path, monkeypatch, capsys):
+    run = copy_of(whole, tmp_path)
+    (tmp_path / "run" / "sft.json").write_text("garbage")
+    (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed-0" / "report.json").write_text("{}")
+    for argv, name in ((["dpo", "--out", run, "--dpo-iters", "1", "--eval-limit", "2"], "sft.json"),
+                       (["--seeds", "0", "--resume", "--out", str(tmp_path / "seeds")], "seed-0/report.json")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and name in err and "Traceback" not in err, err
+    (tmp_path / "spread.json").write_text("[]")                  # the default run's spread, for a default card
+    monkeypatch.setattr(train, "SPREAD", str(tmp_path / "spread.json"))
+    with pytest.raises(SystemExit, match="spread.json"):
+        train.write_report_card(train.parse(["--out", str(tmp_path)]), {}, 1.0)
+
+
 def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_fail(whole, tmp_path, monkeypatch):
     """The judge's breakdown by kind needs no "kind" (README's format has none); and a stage keeps
     what it trained (finetune: its checkpoint and adapter together) should its report fail."""
