@@ -113,8 +113,13 @@ def load_stage(a, *stages):
     path, missing = find_checkpoint(a, stages, newest=False)
     if path is None:
         raise UserError(f"{missing}; run `python train.py {stages[-1]} --out {a.out}` first")
-    model, tok, _, _ = llm.load_checkpoint(path)
-    return model, tok, os.path.basename(path)[:-len(".safetensors")]
+    model, tok, _, info = llm.load_checkpoint(path)
+    stage, scores = os.path.basename(path)[:-len(".safetensors")], "score.weight" in model.params
+    if (info.get("stage"), scores) != (stage, stage == "reward"):          # a reward model has its score head
+        raise UserError(f"{path}: expected a {stage} checkpoint, got one of stage {info.get('stage')!r}"
+                        f" {'with' if scores else 'without'} a score head; `python train.py {stage} --out {a.out}`"
+                        " writes it again")
+    return model, tok, stage
 
 
 def save_stage(a, stage, model, tok, **info):

@@ -133,6 +133,17 @@ def test_a_damaged_json_file_of_the_run_folder_is_named(whole, tmp_path, monkeyp
         train.write_report_card(train.parse(["--out", str(tmp_path)]), {}, 1.0)
 
 
+def test_a_stage_checkpoint_that_is_another_stage_s_is_named(whole, tmp_path, capsys):
+    run = copy_of(whole, tmp_path)
+    for src, dst, stage in (("sft", "reward", "dpo"), ("reward", "sft", "ppo"), ("sft", "pretrain", "sft")):
+        shutil.copy(os.path.join(whole, src + ".safetensors"), os.path.join(run, dst + ".safetensors"))
+        with pytest.raises(SystemExit) as e:
+            train.main([stage, "--quick", "--out", run, "--eval-limit", "2"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"{dst}.safetensors: expected a {dst} checkpoint" in err, err
+        shutil.copy(os.path.join(whole, dst + ".safetensors"), os.path.join(run, dst + ".safetensors"))
+
+
 def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_fail(whole, tmp_path, monkeypatch):
     """The judge's breakdown by kind needs no "kind" (README's format has none); and a stage keeps
     what it trained (finetune: its checkpoint and adapter together) should its report fail."""
