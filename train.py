@@ -638,6 +638,8 @@ def load_tokenizer(a):
                                       f" checkpoint in {out} and no --gpt2")
     try:
         _, meta = llm.load_safetensors(path)
+        if meta.get("format") == "llm-lora-v1":
+            raise ValueError("a LoRA adapter, not a checkpoint: its model's checkpoint has the tokenizer")
         return llm.Tokenizer.from_json(meta["tokenizer"], path), f"the tokenizer of {path} ({reason})"
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read the tokenizer of {path}: {e}")

@@ -36,6 +36,8 @@ def folder(tmp_path_factory):
                                    b'"split": "%s"}\n' % (i, i, i, b"test" if i == 3 else b"train") for i in range(4))}
     for name, data in files.items():
         (d / name).write_bytes(data)
+    llm.save_safetensors(str(d / "adapter.lora.safetensors"), {"h.0.attn.c_attn.lora_A": np.zeros((16, 2), np.float32)},
+                         {"format": "llm-lora-v1", "lora": "{}"})
     (d / "bad_resume").mkdir()
     (d / "bad_resume" / "pretrain.safetensors").write_bytes(b"\x00" * 100)
     train.main(["pretrain", "--out", str(d / "run")] + TINY)
@@ -71,6 +73,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("--seeds 0,1 --seed 3 --data {d}/nothing.txt", "--seeds"),
     ("chat --out {d}/run --max-tokens -1", "--max-tokens"), ("chat --out {d}/run --temperature -1", "--temperature"),
     ("chat --out {d}/run --top-p 5", "--top-p"), ("chat --out {d}/run --top-k 0", "--top-k"),
+    ("tokens --ckpt {d}/adapter.lora.safetensors", "a LoRA adapter, not a checkpoint"),
     ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
