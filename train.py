@@ -214,8 +214,8 @@ def corpus_ids(a, tok, block_size, used):
     path, text = read_text(a)
     ids = numpy.asarray(tok.encode(text), numpy.int64)
     if len(ids) < block_size + 2:
-        raise UserError(f"--data: {path} has {len(ids)} tokens; replaying it needs at least {block_size + 2}"
-                        f" (the context window {block_size} and 2)")
+        raise UserError(f"--data: {path} has {len(ids)} tokens; replaying windows of the context window"
+                        f" ({block_size}) needs at least {block_size + 2}")
     return ids
 
 
@@ -919,7 +919,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     run's card gives the spread the default run had over seeds, when known:
     a run of every stage at the default sizes, all trained by this command."""
     flat = flat or flat_report(report, wall)
-    default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (--quick and --resume are given)
+    default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (not --quick, --resume, a size...)
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         known = read_json(SPREAD, ("seeds", "spread"))
@@ -1255,7 +1255,8 @@ def check_args(a):
     if getattr(a, "seeds", None) and "seed" in a.given:
         raise UserError("--seed: --seeds runs each of its seeds in turn: give one or the other")
     targets = getattr(a, "lora_targets", None)
-    if targets is not None and not all(any(("." + n).endswith("." + t) for n in LORA_TARGETS) for t in targets.split(",")):
+    if targets is not None and not all(any(("." + n).endswith("." + t) for n in LORA_TARGETS)
+                                       for t in targets.split(",")):
         raise UserError(f"--lora-targets: expected linear layers from {','.join(LORA_TARGETS)}, got {targets!r}")
     if getattr(a, "min_lr", None) is not None and a.min_lr > a.learning_rate:     # (the decay would raise it)
         raise UserError(f"--min-lr: expected at most --learning-rate {a.learning_rate:g}, got {a.min_lr:g}")
