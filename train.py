@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -59,6 +60,7 @@ DATA = os.path.join(HERE, "data")
 DEFAULT_OUT = os.path.join("runs", "default")
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "finetune")
 MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that write a GPT
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")   # a block's linear layers
 
 # Sized for the stages to do their jobs (README: the figures, over seeds);
 # about 9 minutes on this project's 2-core machine, within the 10 it aims
@@ -111,33 +113,49 @@ def load_stage(a, *stages):
     path, missing = find_checkpoint(a, stages, newest=False)
     if path is None:
         raise UserError(f"{missing}; run `python train.py {stages[-1]} --out {a.out}` first")
-    model, tok, _, _ = llm.load_checkpoint(path)
-    return model, tok, os.path.basename(path)[:-len(".safetensors")]
+    model, tok, _, info = llm.load_checkpoint(path)
+    stage, scores = os.path.basename(path)[:-len(".safetensors")], "score.weight" in model.params
+    if (info.get("stage"), scores) != (stage, stage == "reward"):          # a reward model has its score head
+        raise UserError(f"{path}: expected a {stage} checkpoint, got one of stage {info.get('stage')!r}"
+                        f" {'with' if scores else 'without'} a score head; `python train.py {stage} --out {a.out}`"
+                        " writes it again")
+    return model, tok, stage
 
 
 def save_stage(a, stage, model, tok, **info):
     llm.save_checkpoint(os.path.join(a.out, f"{stage}.safetensors"), model, tok, stage=stage, **info)
 
 
+OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's groups (data/world.py)
+
+
 def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields and a
-    "split" of "train" (the default) or "test". A malformed line is a
-    ValueError naming the file and the line."""
+    """One JSON object per line, each with the given string fields (and the
+    OPTIONAL ones strings where present) and a "split" of "train" (the
+    default) or "test". A malformed line is a ValueError naming the file and
+    the line."""
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-                r = json.loads(line) if line.strip() else None
+                if not line.strip():
+                    continue
+                r = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON in UTF-8 ({e})") from None
-            if r is None:
-                continue
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(r, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
-            for k in fields:
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {'null' if r is None else type(r).__name__}")
+            for k in (*fields, *(k for k in OPTIONAL if k in r)):
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+                try:
+                    r[k].encode("utf-8")
+                except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
+                    raise ValueError(f"{path}:{n}: field {k!r} cannot be encoded as UTF-8 ({e.reason} at"
+                                     f" character {e.start})") from None
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)
@@ -162,6 +180,22 @@ def read_data(a, name, fields):
     return train, test[:a.eval_limit] if a.eval_limit else test
 
 
+def read_json(path, keys=()) -> dict:
+    """A JSON object that a run folder (or data/) keeps, with these keys: a
+    damaged file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: damaged: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise UserError(f"{path}: damaged: it lacks {', '.join(missing)}")
+    return d
+
+
 def read_text(a):
     """The pretraining text (--data, else the embedded corpus) -> (path, text)."""
     path = a.data or os.path.join(DATA, "corpus.txt")
@@ -172,9 +206,17 @@ def read_text(a):
         raise UserError(f"--data: cannot read {path} as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
 
 
-def corpus_ids(a, tok):
-    """The pretraining text as token ids, replayed by the later stages."""
-    return numpy.asarray(tok.encode(read_text(a)[1]), numpy.int64)
+def corpus_ids(a, tok, block_size, used):
+    """The pretraining text as token ids, replayed by the later stages in
+    windows of the context window and one token more (None where not used)."""
+    if not used:
+        return None
+    path, text = read_text(a)
+    ids = numpy.asarray(tok.encode(text), numpy.int64)
+    if len(ids) < block_size + 2:
+        raise UserError(f"--data: {path} has {len(ids)} tokens; replaying windows of the context window"
+                        f" ({block_size}) needs at least {block_size + 2}")
+    return ids
 
 
 def world():
@@ -208,7 +250,7 @@ def show_samples(title, prompts, before, after, picks=None):
 
 # ---- the stages -------------------------------------------------------------
 # Each: load the previous stage's model, measure, train (one call of llm.py),
-# measure again, save.
+# save, measure again.
 
 class Progress:
     """One updating line: step, loss, val loss, bits per byte, tokens/s,
@@ -245,6 +287,14 @@ class Progress:
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
+def capped(a, vocab_size) -> bool:
+    """Whether --vocab-size asks for more tokens than the text has pairs to
+    merge for, vocab_size: a new run would train the checkpoint's tokenizer
+    (on the first 90% of the text, as llm.pretrain does)."""
+    text = read_text(a)[1]
+    return a.vocab_size > vocab_size == llm.Tokenizer.train(text[:int(len(text) * 0.9)], a.vocab_size).vocab_size
+
+
 def resume_settings(a, ckpt):
     """--resume continues the checkpoint as it is: a model flag that says
     otherwise is an error; the training settings are the checkpoint's, save
@@ -255,7 +305,7 @@ def resume_settings(a, ckpt):
         raise UserError(f"--resume: {e}") from None
     c = model.config
     for k in MODEL_FLAGS:
-        if k in a.given and getattr(a, k) != getattr(c, k):
+        if k in a.given and getattr(a, k) != getattr(c, k) and not (k == "vocab_size" and capped(a, c.vocab_size)):
             raise UserError(f"--{k.replace('_', '-')}: {ckpt} has {k} {getattr(c, k)}, not {getattr(a, k)}: --resume"
                             f" continues it as it is (drop --{k.replace('_', '-')}, or start a new --out)")
         setattr(a, k, getattr(c, k))
@@ -310,17 +360,21 @@ def run_pretrain(a):
     if not m:
         return None
     model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
-    prompt = "The capital of France is"
+    prompt, block = "The capital of France is", model.config.block_size
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
-    ids = ids[-max(1, model.config.block_size - len(paris) + 1):]     # what a small context window holds
-    logits, _ = model.forward([ids + paris[:-1]])
-    probs = llm.next_token_probs(logits[0, len(ids) - 1])
-    top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
+    ids = ids[-max(1, block - len(paris) + 1):]     # what a small context window holds
     # " Paris" may be several tokens: its probability is the product of each
-    # token's probability given the ones before (the chain rule).
+    # token's probability given the ones before (the chain rule), read at once
+    # where the window holds them all, else each from the window before it.
+    if len(ids) + len(paris) - 1 <= block:
+        logits = model.forward([ids + paris[:-1]])[0][0, len(ids) - 1:]
+    else:
+        logits = [model.forward([(ids + paris[:j])[-block:]])[0][0, -1] for j in range(len(paris))]
+    probs = llm.next_token_probs(logits[0])
+    top = [(tok.decode([int(i)]), float(probs[i])) for i in llm.xp.argsort(-probs)[:5]]
     p_word = 1.0
     for j, t in enumerate(paris):
-        p_word *= float(llm.next_token_probs(logits[0, len(ids) - 1 + j])[t])
+        p_word *= float(llm.next_token_probs(logits[j])[t])
     greedy = tok.decode(llm.generate(model, ids, len(paris), temperature=0))
     m.update(prompt=prompt, top5=top, paris_prob=p_word, paris_tokens=[tok.decode([t]) for t in paris],
              greedy=greedy, paris_is_top=greedy == " Paris", history=state.history)
@@ -337,11 +391,12 @@ def run_pretrain(a):
 def run_sft(a):
     train, test = read_data(a, "sft", ("prompt", "response"))
     model, tok, _ = load_stage(a, "pretrain")
+    replay = corpus_ids(a, tok, model.config.block_size, a.replay)
     exact = lambda r, t: world().exact_match(r["response"], t)
     before, texts0 = accuracy(model, tok, test, exact)
     print(f"[sft] {len(train)} conversations; held-out exact-match accuracy before: {before:.1%}")
-    state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), corpus_ids(a, tok), a.replay,
-                    log=Progress("sft"))
+    state = llm.sft(model, tok, train, train_config(a, a.sft_iters, a.sft_lr), replay, a.replay, log=Progress("sft"))
+    save_stage(a, "sft", model, tok)              # before anything that reports on it
     after, texts1 = accuracy(model, tok, test, exact)
     print(f"  held-out exact-match accuracy: {before:.1%} -> {after:.1%} ({len(test)} questions)")
     groups = world().breakdown(test, [exact(r, t) for r, t in zip(test, texts1)])
@@ -349,7 +404,6 @@ def run_sft(a):
     novel = novel_records(a)
     novel_acc, novel_texts = accuracy(model, tok, novel, exact)
     print(f"  questions in wordings no data file uses: exact match {novel_acc:.1%} ({len(novel)})")
-    save_stage(a, "sft", model, tok)
     return {"accuracy_before": before, "accuracy_after": after, "n_test": len(test),
             "novel_accuracy": novel_acc, "n_novel": len(novel),
             "by_group": {g: r / n for g, (r, n) in groups.items()},
@@ -375,13 +429,13 @@ def run_reward(a):
                 seed=a.seed) if a.reward_lora else None
     state = llm.train_reward_model(model, tok, train, train_config(a, a.reward_iters, a.reward_lr, 16), lora,
                                    log=Progress("reward"))
+    save_stage(a, "reward", model, tok)
     acc = llm.reward_accuracy(model, tok, test)
     flaws = {}
     for f in sorted({r.get("flaw", "") for r in test}):
         flaws[f] = llm.reward_accuracy(model, tok, [r for r in test if r.get("flaw", "") == f])
     print(f"  held-out pair accuracy: {before:.1%} -> {acc:.1%}; by flaw: "
           + ", ".join(f"{k} {v:.0%}" for k, v in flaws.items()))
-    save_stage(a, "reward", model, tok)
     return {"accuracy_before": before, "accuracy": acc, "by_flaw": flaws, "n_test": len(test),
             "history": state.history}
 
@@ -402,11 +456,14 @@ def judge_answers(model, tok, rm, prompts):
     return m, texts
 
 
-def rlhf_stage(a, name, train_policy):
+def rlhf_stage(a, name, method):
     """PPO and DPO alike: start from the instruction-tuned model, measure its
-    held-out answers, train, measure again, and the KL to where it started."""
+    held-out answers, train, measure again, and the KL to where it started.
+    method(policy, tok, train) checks what it needs, before anything is
+    measured, and returns the training: (policy, ref, rm) -> its history."""
     train, test = read_data(a, "preferences", ("prompt", "chosen", "rejected"))
     policy, tok, _ = load_stage(a, "sft")
+    train_policy = method(policy, tok, train)
     ref = copy.deepcopy(policy)
     rm, _, _ = load_stage(a, "reward")
     held = sorted({r["prompt"] for r in test})
@@ -415,7 +472,8 @@ def rlhf_stage(a, name, train_policy):
           f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
     novel = [r["prompt"] for r in novel_records(a)]
     n0, _ = judge_answers(policy, tok, rm, novel)
-    history = train_policy(policy, ref, rm, tok, train)
+    history = train_policy(policy, ref, rm)
+    save_stage(a, name, policy, tok)
     m1, texts1 = judge_answers(policy, tok, rm, held)
     n1, _ = judge_answers(policy, tok, rm, novel)
     kl = float(llm.kl_to_reference(policy, ref, tok, held, texts1).mean())
@@ -428,7 +486,6 @@ def rlhf_stage(a, name, train_policy):
     made_wrong = sum(r0 and not r1 for r0, r1 in zip(right0, right1))
     made_right = sum(r1 and not r0 for r0, r1 in zip(right0, right1))
     print(f"  of {len(held)} held-out answers, {made_wrong} right ones made wrong, {made_right} wrong ones made right")
-    save_stage(a, name, policy, tok)
     return {**{f"{k}_before": v for k, v in m0.items()}, **{f"{k}_after": v for k, v in m1.items()},
             **{f"novel_{k}_before": v for k, v in n0.items()}, **{f"novel_{k}_after": v for k, v in n1.items()},
             "kl": kl, "n_test": len(held), "made_wrong": made_wrong, "made_right": made_right, "history": history,
@@ -454,13 +511,18 @@ def run_ppo(a):
         print(f"  ppo iter {row['iter']}/{pc.iters} reward {row['reward']:+.3f} kl {row['kl']:.3f} "
               f"clip {row['clip_frac']:.2f} value loss {row['vf_loss']:.4f} entropy {row['entropy']:.3f}"
               f" | {elapsed:.0f}s", flush=True)
-    return rlhf_stage(a, "ppo", lambda policy, ref, rm, tok, train: llm.ppo(
-        policy, ref, rm, tok, sorted({r["prompt"] for r in train}), pc, log=log,
-        replay=corpus_ids(a, tok) if pc.ptx_coef else None))
+    def method(policy, tok, train):
+        prompts = sorted({r["prompt"] for r in train})
+        if len(prompts) < pc.prompts_per_iter:
+            raise UserError(f"--preferences-data: PPO samples {pc.prompts_per_iter} training prompts per rollout,"
+                            f" the file has {len(prompts)} different ones")
+        replay = corpus_ids(a, tok, policy.config.block_size, pc.ptx_coef)
+        return lambda policy, ref, rm: llm.ppo(policy, ref, rm, tok, prompts, pc, log=log, replay=replay)
+    return rlhf_stage(a, "ppo", method)
 
 
 def run_dpo(a):
-    return rlhf_stage(a, "dpo", lambda policy, ref, rm, tok, train: llm.dpo(
+    return rlhf_stage(a, "dpo", lambda _, tok, train: lambda policy, ref, rm: llm.dpo(
         policy, ref, tok, train, train_config(a, a.dpo_iters, a.dpo_lr, 8), a.dpo_beta,
         log=Progress("dpo")).history)
 
@@ -468,29 +530,33 @@ def run_dpo(a):
 def run_finetune(a):
     train, test = read_data(a, "domain", ("prompt", "response"))
     general_train, general = read_data(a, "sft", ("prompt", "response"))
+    share = 0.35                    # general conversations per domain one (0.2 lost up to 2.8 points of general)
+    if len(general_train) < int(len(train) * share):
+        raise UserError(f"--sft-data: fine-tuning mixes in {int(len(train) * share)} general conversations ({share} per"
+                        f" domain one), the file has {len(general_train)} for training")
     model, tok, base = load_stage(a, "ppo", "sft")
+    replay = corpus_ids(a, tok, model.config.block_size, a.finetune_replay)
     correct = lambda r, t: world().is_correct(r["prompt"], t)
     dom0, texts0 = accuracy(model, tok, test, correct)
     gen0, _ = accuracy(model, tok, general, correct)
     lora = None if a.full else dict(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
                                      targets=tuple(a.lora_targets.split(",")))
-    share = 0.35                    # general conversations per domain one (0.2 lost up to 2.8 points of general)
     print(f"[finetune] base: {base}; {len(train)} domain conversations (+{int(len(train) * share)} general); "
           + ("all weights" if a.full else f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}")
           + f"; held-out domain accuracy before {dom0:.1%}, general {gen0:.1%}")
     state = llm.finetune(model, tok, train, train_config(a, a.finetune_iters, a.finetune_lr), lora,
-                         general_train, corpus_ids(a, tok), a.finetune_replay, log=Progress("finetune"),
+                         general_train, replay, a.finetune_replay, log=Progress("finetune"),
                          general_share=share)
     frac = llm.trainable_fraction(model)
     if lora:
         llm.save_lora(os.path.join(a.out, "finetune.lora.safetensors"), model)
+    save_stage(a, "finetune", model, tok, base=base)      # the adapter's model, before anything reports on it
     dom1, texts1 = accuracy(model, tok, test, correct)
     gen1, _ = accuracy(model, tok, general, correct)
     print(f"  trained {frac:.2%} of the parameters; held-out domain accuracy {dom0:.1%} -> {dom1:.1%}, "
           f"general {gen0:.1%} -> {gen1:.1%}")
     groups = world().breakdown(test, [correct(r, t) for r, t in zip(test, texts1)])
     print("  domain, by what is held out and by kind: " + ", ".join(f"{g} {r}/{n}" for g, (r, n) in groups.items()))
-    save_stage(a, "finetune", model, tok, base=base)
     return {"domain_accuracy_before": dom0, "domain_accuracy_after": dom1, "trainable_fraction": frac,
             "general_accuracy_before": gen0, "general_accuracy_after": gen1, "base": base,
             "history": state.history,
@@ -547,6 +613,14 @@ def as_flag(error) -> str:
     return f"--{ {'max_new_tokens': 'max_tokens'}.get(name, name).replace('_', '-')}: {rest}"
 
 
+def check_sampling_flags(a):
+    """--temperature, --top-k, --top-p and --max-tokens, before any model is loaded."""
+    try:
+        llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
+    except ValueError as e:
+        raise UserError(as_flag(e)) from None
+
+
 # ---- tokens: how the tokenizer cuts text -------------------------------------
 
 def load_tokenizer(a):
@@ -564,6 +638,8 @@ def load_tokenizer(a):
                                       f" checkpoint in {out} and no --gpt2")
     try:
         _, meta = llm.load_safetensors(path)
+        if meta.get("format") == "llm-lora-v1":
+            raise ValueError("a LoRA adapter, not a checkpoint: its model's checkpoint has the tokenizer")
         return llm.Tokenizer.from_json(meta["tokenizer"], path), f"the tokenizer of {path} ({reason})"
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read the tokenizer of {path}: {e}")
@@ -610,6 +686,7 @@ def stream_tokens(tok, ids, write, seen=None):
 
 
 def cmd_sample(a):
+    check_sampling_flags(a)
     model, tok = load_model(a, ("pretrain",), "sample continues text, so it takes the pretrained model")
     ids = tok.encode(a.prompt)
     if not ids:
@@ -617,10 +694,6 @@ def cmd_sample(a):
     block = model.config.block_size
     if len(ids) > block:
         print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
-    try:
-        llm.check_sampling(a.temperature, a.top_k, a.top_p, a.max_tokens)
-    except ValueError as e:
-        raise UserError(as_flag(e))
     logits = llm.to_numpy(llm.next_logits(model, [ids[-block:]], llm.KVCache())[0])
     p_model = numpy.asarray(llm.next_token_probs(logits))
     changed = a.temperature != 1.0 or a.top_k is not None or a.top_p is not None
@@ -769,6 +842,11 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
             continue
         if not msg:
             continue
+        try:
+            msg.encode("utf-8")
+        except UnicodeEncodeError:          # bytes that are not UTF-8, as input() reads them
+            write("(the line is not valid UTF-8 text: type it again)\n")
+            continue
         turns = list(history)
         ids = llm.chat_prompt(tok, msg, turns)
         while len(ids) > budget and turns:
@@ -804,6 +882,7 @@ def cmd_chat(a):
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
+    check_sampling_flags(a)
     model, tok = load_model(a, ("sft", "dpo", "ppo"), "chat takes the instruction-tuned model")
     try:
         chat_loop(model, tok, input, sys.stdout, a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed)
@@ -813,16 +892,18 @@ def cmd_chat(a):
 
 # ---- the report card and its pictures -----------------------------------------
 
+FIGURES = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),        # each stage's headline numbers
+           "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
+           "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
+                   "polite_before", "polite_after", "correct_before", "correct_after"),
+           "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
+           "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
+                        "general_accuracy_before", "general_accuracy_after")}
+
+
 def flat_report(report, wall):
     """The headline numbers, under the names README and the tests use."""
-    keys = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),
-            "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
-            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
-                    "polite_before", "polite_after", "correct_before", "correct_after"),
-            "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
-            "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
-                         "general_accuracy_before", "general_accuracy_after")}
-    flat = {f"{s}.{k}": report[s][k] for s, ks in keys.items() if s in report for k in ks}
+    flat = {f"{s}.{k}": report[s][k] for s, ks in FIGURES.items() if s in report for k in ks}
     flat.update({f"{s}.seconds": m["seconds"] for s, m in report.items() if "seconds" in m})
     flat["wall_seconds"] = wall
     flat["kernels"] = llm.kernels_in_use()          # where fastops ran, where NumPy (measured per machine)
@@ -835,13 +916,13 @@ SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures
 def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     """report.md and report.json: one run's, or with spread = {figure: (min,
     max)} the mean of several seeds' (flat) and how far they moved. A single
-    run's card gives the spread the default run had over seeds, when known."""
+    run's card gives the spread the default run had over seeds, when known:
+    a run of every stage at the default sizes, all trained by this command."""
     flat = flat or flat_report(report, wall)
-    default = not getattr(a, "quick", False) and not getattr(a, "given", set()) - {"out", "seed", "resume", "device"}
+    default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (not --quick, --resume, a size...)
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
-        with open(SPREAD) as fh:
-            known = json.load(fh)
+        known = read_json(SPREAD, ("seeds", "spread"))
     full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread} if spread else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
 
@@ -1115,7 +1196,8 @@ def training_flags(sizes):
         ("finetune stage", "--lora-r", dict(type=int, default=4), ("finetune",)),
         ("finetune stage", "--lora-alpha", dict(type=float, default=16.0), ("finetune",)),
         ("finetune stage", "--lora-dropout", dict(type=float, default=0.0), ("finetune",)),
-        ("finetune stage", "--lora-targets", dict(default="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"),
+        ("finetune stage", "--lora-targets", dict(default=",".join(LORA_TARGETS), help="the linear layers that"
+                                                  " get adapters (a name's end, e.g. c_proj, picks both)"),
          ("finetune",)),
     ]
 
@@ -1153,7 +1235,8 @@ RANGES = [
      f"at least {256 + len(llm.SPECIAL_TOKENS)} (256 bytes + {len(llm.SPECIAL_TOKENS)} special tokens)"),
     (("learning_rate", "sft_lr", "reward_lr", "dpo_lr", "finetune_lr", "ppo_lr", "lora_alpha", "dpo_beta"),
      lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    (("min_lr", "weight_decay", "grad_clip", "kl_coef", "target_kl"), lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    (("min_lr", "weight_decay", "grad_clip", "kl_coef", "target_kl", "ptx_coef"), lambda v: math.isfinite(v) and v >= 0,
+     "a number >= 0"),
     (("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     (("replay", "finetune_replay"), lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
 ]
@@ -1169,6 +1252,14 @@ def check_args(a):
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
+    if getattr(a, "seeds", None) and "seed" in a.given:
+        raise UserError("--seed: --seeds runs each of its seeds in turn: give one or the other")
+    targets = getattr(a, "lora_targets", None)
+    if targets is not None and not all(any(("." + n).endswith("." + t) for n in LORA_TARGETS)
+                                       for t in targets.split(",")):
+        raise UserError(f"--lora-targets: expected linear layers from {','.join(LORA_TARGETS)}, got {targets!r}")
+    if getattr(a, "min_lr", None) is not None and a.min_lr > a.learning_rate:     # (the decay would raise it)
+        raise UserError(f"--min-lr: expected at most --learning-rate {a.learning_rate:g}, got {a.min_lr:g}")
     if not hasattr(a, "explain") and llm.world.rank == 0:     # (rank 0 alone writes)
         if os.path.exists(a.out) and not os.path.isdir(a.out):
             raise UserError(f"--out: expected a folder, got the file {a.out}")
@@ -1241,9 +1332,11 @@ def parse(argv):
         add_flags(sub.add_parser(name, help="every stage" if name == "all" else f"the {name} stage",
                                  allow_abbrev=False), sizes, name)
     add_explain_commands(sub)
+    typed = argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv
     a = p.parse_args(argv)
+    a.argv = typed                                  # for the command that resumes it
     a.given = {t.split("=")[0][2:].replace("-", "_") for t in argv if t.startswith("--")}   # typed, not defaults
     return a
 
@@ -1276,6 +1369,9 @@ def command(argv):
     except (ValueError, OSError, FloatingPointError, MemoryError) as e:
         if os.environ.get("LLM_DEBUG") == "1":
             raise
+        if isinstance(e, MemoryError):                      # (its message may be empty)
+            e = (f"out of memory{f' ({e})' if str(e) else ''}: a smaller --n-layer, --n-embd, --batch-size"
+                 " or --block-size needs less")
         print(f"train.py: error: {e} (LLM_DEBUG=1 shows where)", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -1293,8 +1389,7 @@ def run_seeds(a):
         if not (a.resume and os.path.exists(os.path.join(b.out, "report.json"))):   # --resume keeps a seed done
             run(b)
         llm.world.barrier()                       # several ranks: rank 0 has written it
-        with open(os.path.join(b.out, "report.json")) as fh:
-            full = json.load(fh)
+        full = read_json(os.path.join(b.out, "report.json"), ("stages", *(flats[0] if flats else ("wall_seconds",))))
         reports[f"seed {seed}"] = full.pop("stages")
         flats.append(full)
     numbers = [k for k, v in flats[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -1317,7 +1412,7 @@ def same_on_every_rank(a):
         return
     if hasattr(a, "explain"):
         raise UserError(f"{a.cmd} runs in one process: start it without mpirun")
-    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k != "given"}
+    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k not in ("given", "argv")}
     paths = [os.path.join(HERE, f) for f in ("llm.py", "train.py", "fastops.c", os.path.join("data", "world.py"))]
     paths += [getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
         ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
@@ -1361,10 +1456,11 @@ RUNNING = None                          # (args, stage) while a stage runs
 
 
 def resume_hint(a, stage) -> str:
-    """What an interrupted stage left, and the command that carries on."""
+    """What an interrupted stage left, and the command that carries on: the
+    same one, with --resume where it has that flag."""
     ckpt = os.path.join(a.out, "pretrain.safetensors")
-    cmd = {"all": "python train.py --resume", "pretrain": "python train.py pretrain --resume"}.get(
-        a.cmd, f"python train.py {a.cmd}") + f" --out {a.out}"
+    resume = a.cmd in ("all", "pretrain") and "--resume" not in a.argv
+    cmd = "python train.py " + shlex.join(a.argv + ["--resume"] * resume)
     if stage == "pretrain" and os.path.exists(ckpt):
         return f"The last checkpoint is {ckpt}: `{cmd}` continues from it."
     return (f"The {stage} stage had not finished, the earlier stages' files are kept:"
@@ -1396,8 +1492,7 @@ def run(a):
     for s in STAGES:
         path = os.path.join(a.out, f"{s}.json")
         if os.path.exists(path):
-            with open(path) as f:
-                report[s] = json.load(f)
+            report[s] = read_json(path, FIGURES[s] + ("seconds",))
     wall = time.time() - t0 if a.cmd == "all" else sum(m["seconds"] for m in report.values())
     write_report_card(a, report, wall)
 

@@ -1067,10 +1067,13 @@ def novel_records():
 def breakdown(records, oks):
     """Accuracy per group of test records: by what is held out ("subject",
     "wording", "both") and by question kind. oks[i] says whether records[i]
-    was answered right. -> {group: (right, total)}"""
+    was answered right (a record without a "kind" counts by what is held out
+    only). -> {group: (right, total)}"""
     groups = {}
     for r, ok in zip(records, oks):
-        for g in (r.get("held_out", "-"), r["kind"]):
+        for g in (r.get("held_out", "-"), r.get("kind")):
+            if g is None:
+                continue
             right, total = groups.get(g, (0, 0))
             groups[g] = (right + bool(ok), total + 1)
     return groups

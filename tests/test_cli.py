@@ -1,7 +1,9 @@
 """The command line's answer to a user's mistake: one line on stderr that
 names the flag or file, exit status 2, no traceback; and what it says and
 keeps when a run is resumed, interrupted, or its loss turns to NaN."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +29,15 @@ def folder(tmp_path_factory):
              "empty.jsonl": b"", "testonly.jsonl": b'{"prompt": "a", "response": "b", "split": "test"}\n',
              "split.jsonl": b'{"prompt": "a", "response": "b", "split": "dev"}\n',
              "nonutf8.jsonl": b'{"prompt": "\xff", "response": "b"}\n',
-             "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64}
+             "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64,
+             "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n',
+             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "split": "test"}\n',
+             "few.jsonl": b"".join(b'{"prompt": "%d?", "chosen": "Sure! %d.", "rejected": "%d.", "flaw": "plain", '
+                                   b'"split": "%s"}\n' % (i, i, i, b"test" if i == 3 else b"train") for i in range(4))}
     for name, data in files.items():
         (d / name).write_bytes(data)
+    llm.save_safetensors(str(d / "adapter.lora.safetensors"), {"h.0.attn.c_attn.lora_A": np.zeros((16, 2), np.float32)},
+                         {"format": "llm-lora-v1", "lora": "{}"})
     (d / "bad_resume").mkdir()
     (d / "bad_resume" / "pretrain.safetensors").write_bytes(b"\x00" * 100)
     train.main(["pretrain", "--out", str(d / "run")] + TINY)
@@ -50,6 +58,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sft --sft-data {d}/testonly.jsonl", '"split": "train"'), ("sft --sft-data {d}/split.jsonl", "split.jsonl:1"),
     ("sft --sft-data {d}/nonutf8.jsonl", "nonutf8.jsonl:1"), ("sft --sft-data {d}/nofield.jsonl", "'response'"),
     ("sft --sft-data {d}/missing.jsonl", "--sft-data"), ("reward --preferences-data {d}/bad.jsonl", "bad.jsonl:1: expected a string field 'chosen'"),
+    ("sft --sft-data {d}/kindlist.jsonl", "kindlist.jsonl:1"),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
     ("sft --out {d}/empty_run", "pretrain.safetensors"),
     ("pretrain --resume --out {d}/bad_resume", "--resume"),
@@ -59,6 +68,17 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sample --out {d}/run --max-tokens -2", "--max-tokens"), ("sample --ckpt {d}/garbage.safetensors", "garbage"),
     ("attention --out {d}/run --svg {d}/short.txt/x.svg", "--svg"), ("attention --out {d}/run --layer 9", "--layer"),
     ("chat --out {d}/empty_run", "no stage checkpoint"), ("sft --kl-coef 1", "--kl-coef"),
+    ("pretrain --min-lr 0.01 --learning-rate 0.001 --data {d}/nothing.txt",
+     "--min-lr: expected at most --learning-rate"),
+    ("finetune --lora-targets= --out {d}/run", "--lora-targets"),
+    ("finetune --lora-targets ln_1 --out {d}/run", "--lora-targets"),
+    ("finetune --lora-targets bogus --out {d}/run", "--lora-targets"),
+    ("--reward-lora 2 --lora-targets ln_1 --data {d}/nothing.txt", "--lora-targets"),
+    ("--seeds 0,1 --seed 3 --data {d}/nothing.txt", "--seeds"),
+    ("chat --out {d}/run --max-tokens -1", "--max-tokens"), ("chat --out {d}/run --temperature -1", "--temperature"),
+    ("chat --out {d}/run --top-p 5", "--top-p"), ("chat --out {d}/run --top-k 0", "--top-k"),
+    ("tokens --ckpt {d}/adapter.lora.safetensors", "a LoRA adapter, not a checkpoint"),
+    ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
 
@@ -74,6 +94,85 @@ def test_a_mistake_is_one_line_naming_it_and_exit_status_2(folder, capsys, args,
     assert len(err.splitlines()) == 1 and names in err and "Traceback" not in err, (args, err)
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """A tiny run folder with every stage's checkpoint."""
+    d = tmp_path_factory.mktemp("whole")
+    train.main(["--quick"] + TINY + ["--sft-iters", "2", "--reward-iters", "2", "--ppo-iters", "1", "--dpo-iters", "2",
+                                     "--finetune-iters", "2", "--eval-limit", "3", "--out", str(d)])
+    return d
+
+
+def copy_of(whole, tmp_path):
+    return str(shutil.copytree(whole, tmp_path / "run"))
+
+
+LATER_BAD = [  # (arguments, what the one line names), on a run folder with every stage
+    ("sft --data {d}/short.txt", "--data"), ("finetune --finetune-replay 0.5 --data {d}/short.txt", "--data"),
+    ("ppo --preferences-data {d}/few.jsonl", "--preferences-data: PPO samples 16"),
+    ("finetune --sft-data {d}/pair.jsonl", "--sft-data: fine-tuning mixes in"),
+]
+
+
+@pytest.mark.parametrize("args,names", LATER_BAD)
+def test_a_later_stage_s_mistake_is_said_before_it_measures_or_trains(folder, whole, tmp_path, capsys, args, names):
+    with pytest.raises(SystemExit) as e:
+        train.main(args.format(d=folder).split() + ["--out", copy_of(whole, tmp_path), "--eval-limit", "2"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and names in err, (args, err)
+    assert "accuracy" not in out and "judge" not in out, out       # nothing measured yet
+
+
+def test_a_damaged_json_file_of_the_run_folder_is_named(whole, tmp_path, monkeypatch, capsys):
+    run = copy_of(whole, tmp_path)
+    (tmp_path / "run" / "sft.json").write_text("garbage")
+    (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed-0" / "report.json").write_text("{}")
+    for argv, name in ((["dpo", "--out", run, "--dpo-iters", "1", "--eval-limit", "2"], "sft.json"),
+                       (["--seeds", "0", "--resume", "--out", str(tmp_path / "seeds")], "seed-0/report.json")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and name in err and "Traceback" not in err, err
+    (tmp_path / "spread.json").write_text("[]")                  # the default run's spread, for a default card
+    monkeypatch.setattr(train, "SPREAD", str(tmp_path / "spread.json"))
+    with pytest.raises(SystemExit, match="spread.json"):
+        train.write_report_card(train.parse(["--out", str(tmp_path)]), {}, 1.0)
+
+
+def test_a_stage_checkpoint_that_is_another_stage_s_is_named(whole, tmp_path, capsys):
+    run = copy_of(whole, tmp_path)
+    for src, dst, stage in (("sft", "reward", "dpo"), ("reward", "sft", "ppo"), ("sft", "pretrain", "sft")):
+        shutil.copy(os.path.join(whole, src + ".safetensors"), os.path.join(run, dst + ".safetensors"))
+        with pytest.raises(SystemExit) as e:
+            train.main([stage, "--quick", "--out", run, "--eval-limit", "2"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"{dst}.safetensors: expected a {dst} checkpoint" in err, err
+        shutil.copy(os.path.join(whole, dst + ".safetensors"), os.path.join(run, dst + ".safetensors"))
+
+
+def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_fail(whole, tmp_path, monkeypatch):
+    """The judge's breakdown by kind needs no "kind" (README's format has none); and a stage keeps
+    what it trained (finetune: its checkpoint and adapter together) should its report fail."""
+    run, data = copy_of(whole, tmp_path), tmp_path / "nokind.jsonl"
+    data.write_text('{"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima.",'
+                    ' "split": "train"}\n{"prompt": "What is the capital of Peru?", "response": "Lima.",'
+                    ' "split": "test"}\n')
+    for stage, flag in (("sft", "--sft-data"), ("finetune", "--domain-data")):
+        train.main([stage, "--out", run, flag, str(data), f"--{stage}-iters", "1", "--eval-limit", "2"])
+    from data import world
+
+    def fail(*args):
+        raise RuntimeError("the report failed")
+    monkeypatch.setattr(world, "breakdown", fail)
+    for stage, files in (("sft", ["sft"]), ("finetune", ["finetune", "finetune.lora"])):
+        for f in files:
+            os.remove(os.path.join(run, f + ".safetensors"))
+        with pytest.raises(RuntimeError):
+            train.main([stage, "--out", run, f"--{stage}-iters", "1", "--eval-limit", "2"])
+        assert all(os.path.exists(os.path.join(run, f + ".safetensors")) for f in files), stage
+
+
 def test_the_whole_process_says_one_line_without_a_traceback(folder):
     for args in ("--n-layer 0", f"sft --sft-data {folder}/bad.jsonl --out {folder}/out"):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args.split(),
@@ -82,12 +181,51 @@ def test_the_whole_process_says_one_line_without_a_traceback(folder):
         assert "Traceback" not in r.stderr
 
 
+def test_running_out_of_memory_says_so_and_which_flags_shrink_the_run(tmp_path, monkeypatch, capsys):
+    def pretrain(*args, **kw):
+        raise MemoryError()                # (its message is empty, as for --n-layer 100000000)
+    monkeypatch.setattr(llm, "pretrain", pretrain)
+    with pytest.raises(SystemExit) as e:
+        train.main(["pretrain", "--out", str(tmp_path)] + TINY)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "out of memory" in err and "--n-layer" in err and "--batch-size" in err, err
+
+
+def test_the_card_quotes_the_default_run_s_spread_only_for_a_default_run(tmp_path, capsys):
+    d = str(tmp_path)
+    for argv, quoted in ((["--out", d], True), (["--seed", "3", "--out", d], True), (["sft", "--out", d], False),
+                         (["pretrain", "--resume", "--out", d], False), (["--resume", "--out", d], False),
+                         (["--quick", "--out", d], False), (["--sft-iters", "5", "--out", d], False)):
+        train.write_report_card(train.parse(argv), {}, 1.0)
+        assert ("(±x)" in (tmp_path / "report.md").read_text(encoding="utf-8")) == quoted, argv
+
+
 def test_resume_says_what_it_does(folder, tmp_path, capsys):
     train.main(["pretrain", "--out", str(tmp_path / "new")] + TINY)
     capsys.readouterr()
     train.main(["pretrain", "--resume", "--out", str(tmp_path / "new")] + TINY[:-6] + ["--max-iters", "6"])
     out = capsys.readouterr().out
     assert "resuming" in out and "--max-iters 6 replaces the checkpoint's 4" in out
+
+
+def test_a_context_window_shorter_than_the_paris_probe_trains_and_resumes(tmp_path, capsys):
+    """" Paris" is 6 byte tokens: a window of 3 reads each from the tokens just before it."""
+    args = ["pretrain", "--out", str(tmp_path)] + TINY[:6] + ["--block-size", "3"] + TINY[8:]
+    train.main(args)
+    train.main(args + ["--resume"])
+    m = json.load(open(tmp_path / "pretrain.json"))
+    assert len(m["paris_tokens"]) == 6 and 0 < m["paris_prob"] < 1
+
+
+def test_resume_takes_the_vocab_size_the_run_was_given_where_the_text_had_pairs_for_fewer(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)                  # pairs for 272 tokens, not 2048
+    args = ["pretrain", "--out", str(tmp_path / "run"), "--data", str(text)] + TINY[:8] + TINY[10:]
+    train.main(args + ["--vocab-size", "2048"])
+    train.main(args + ["--vocab-size", "2048", "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--vocab-size: .* has vocab_size 272, not 270"):
+        train.main(args + ["--vocab-size", "270", "--resume"])
 
 
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
@@ -122,6 +260,15 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert "pretrain.safetensors" in err and "--resume" in err
+
+
+def test_the_ctrl_c_hint_repeats_the_command_and_its_flags_with_resume_once(tmp_path):
+    out = str(tmp_path / "a run")                                 # (quoted for the shell)
+    for argv, hint in ((["--quick", "--out", out], f"--quick --out '{out}' --resume"),
+                       (["pretrain", "--resume", "--max-iters", "5"], "pretrain --resume --max-iters 5"),
+                       (["--seeds", "0,1", "--out", out], f"--seeds 0,1 --out '{out}' --resume"),
+                       (["sft", "--sft-iters", "3", "--out", out], f"sft --sft-iters 3 --out '{out}'")):
+        assert f"`python train.py {hint}`" in train.resume_hint(train.parse(argv), "sft"), argv
 
 
 def test_chat_leaves_on_ctrl_c_at_the_prompt_and_stops_an_answer_on_ctrl_c():

@@ -188,6 +188,12 @@ def test_chat_loop_with_reset_and_quit():
     assert text.endswith("bot> " + history[0][1] + "\n")     # the answer as streamed
 
 
+def test_chat_says_a_line_that_is_not_utf8_and_goes_on():
+    out = io.StringIO()                  # (input() reads the bytes b"\xff" as "\udcff")
+    history = train.chat_loop(untrained(TOK.vocab_size), TOK, scripted(["\udcff", "hi"]), out, max_tokens=2, seed=0)
+    assert "not valid UTF-8" in out.getvalue() and [u for u, _ in history] == ["hi"]
+
+
 def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
     seen = []
     real = llm.generate

@@ -82,6 +82,12 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
     p.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
         train.read_jsonl(str(p), ("prompt",))
+    ok = b'{"prompt": "a", "response": "b"}\n'
+    for bad, says in ((b"[" * 100000 + b"]" * 100000, "nested"), (b"null", "expected a JSON object, got null"),
+                      (b'{"prompt": "a\\ud800", "response": "b"}', "UTF-8")):
+        p.write_bytes(ok + bad + b"\n")             # (a deep line was a RecursionError; null was skipped;
+        with pytest.raises(ValueError, match=r"d.jsonl:2: .*" + says):  # a lone surrogate failed later, unnamed)
+            train.read_jsonl(str(p), ("prompt", "response"))
 
 
 TINY = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "260", "--max-iters", "4",
