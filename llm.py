@@ -2148,6 +2148,14 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     return xp.ascontiguousarray(a)
 
 
+def _f32_inplace(name, a, shape=None):
+    """As _f32, but the array itself, updated in place: it must be C-contiguous and writeable already."""
+    if isinstance(a, numpy.ndarray) and not (a.flags.c_contiguous and a.flags.writeable):
+        raise ValueError(f"{name}: expected a writeable C-contiguous array (updated in place), got a"
+                         f" {'read-only' if a.flags.c_contiguous else 'non-contiguous'} one")
+    return _f32(name, a, shape=shape)
+
+
 def _ids(name, a, V, shape=None):
     """Token ids for C: integers in 0..V-1 (of `shape`), as C-ordered int64."""
     t = numpy.asarray(a)
@@ -2326,7 +2334,7 @@ def fo_decode_token(model, kv, tokens):
     for i in range(L):
         kv.reserve(i, past + 1)
     B, cap = len(tokens), kv.k[0].shape[2]
-    stores = [_f32("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
+    stores = [_f32_inplace("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
     logits = xp.empty((B, V), numpy.float32)
     _fastops.lib.fo_decode_token(L, C, H, V, B, _ids_ptr(tokens), past, _ptr(params[0]), _ptr(params[1]),
                                  _ptrs(params[2:-2]), _ptr(params[-2]), _ptr(params[-1]), _ptrs(stores[:L]),
@@ -2399,15 +2407,8 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
 # The optimizer in C: the global gradient norm (for clipping) and the AdamW update
 # of every parameter, each one multi-threaded pass over all arrays (gscale scales
 # the gradients on the fly: AdamW.step's clipping, section 3). On the
-# CPU only; they update p, m, v in place, so these must be float32, C-contiguous
-# and of the parameter's shape (no copies).
-
-def _f32_inplace(name, a, shape=None):
-    """As _f32, but the array itself, updated in place: it must be C-contiguous already."""
-    if isinstance(a, numpy.ndarray) and not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array (updated in place)")
-    return _f32(name, a, shape=shape)
-
+# CPU only; they update p, m, v in place, so these must be float32, C-contiguous,
+# writeable and of the parameter's shape (no copies).
 
 def fo_grad_sumsq(grads) -> float:
     """Sum of squares of every array in `grads` (a dict or a list), in float64."""

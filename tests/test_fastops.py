@@ -803,6 +803,46 @@ def test_embedding_backward_bad_input():
         llm.fo_embedding_backward(w.astype(np.float64), np.zeros((2, 4), np.int64), dx)
 
 
+
+# A kernel that updates an array in place is never handed a read-only one:
+# a memmap opened "r" crashed the interpreter; bytes, or writeable=False,
+# were changed silently.
+READ_ONLY_CHECK = """
+import tempfile, numpy as np, llm
+path = tempfile.mktemp()
+np.zeros((5, 3), np.float32).tofile(path)
+ro, z = np.memmap(path, np.float32, "r", shape=(5, 3)), lambda: {"w": np.zeros((5, 3), np.float32)}
+adamw = lambda p, m: llm.fo_adamw_step(p, z(), m, z(), {"w": True}, 1e-3, (0.9, 0.95), 1e-8, 0.1, 1)
+emb = lambda d: llm.fo_embedding_backward(d, np.zeros((1, 2), np.int64), np.ones((1, 2, 3), np.float32))
+for name, call in [("dwte", lambda: emb(ro)), ("params", lambda: adamw({"w": ro}, z())),
+                   ("m", lambda: adamw(z(), {"w": ro}))]:
+    try:
+        call()
+        raise SystemExit(name + ": no error")
+    except ValueError as e:
+        assert str(e).startswith(name) and "read-only" in str(e), e
+print("ok")
+"""
+
+
+def test_read_only_arrays_are_never_written_in_place():
+    assert child_output(READ_ONLY_CHECK).split() == ["ok"]
+    locked = np.ones((3, 4), np.float32)
+    locked.flags.writeable = False
+    for p in (np.frombuffer(np.ones(12, np.float32).tobytes(), np.float32).reshape(3, 4), locked):
+        with pytest.raises(ValueError, match=r"params\['w'\]: .*read-only"):
+            llm.AdamW().step({"w": p}, {"w": np.ones((3, 4), np.float32)})
+        assert (p == 1).all()
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    kv = llm.KVCache()
+    llm.next_logits(model, [[1, 2]], kv)
+    kv.reserve(0, 4)                                    # room for the next token: no new arrays
+    for a in kv.k + kv.v:
+        a.flags.writeable = False
+    with pytest.raises(ValueError, match="kv: .*read-only"):
+        llm.fo_decode_token(model, kv, [3])
+    assert kv.n == [2]
+
 @pytest.mark.parametrize("path", ISAS)
 def test_fma_peak_counts_the_flops_it_does(path):
     # bench.py's %peak divides by this count: 12 chains x the ISA's lanes x 2
