@@ -2133,7 +2133,8 @@ def _install():
 def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     """A float32 array of `ndim` dims (or of `shape`), C-contiguous (copied if
     not; a transposed matrix, Fortran-ordered, passes as is if allowed; with
-    strided, on the CPU, any array whose last axis is contiguous)."""
+    strided, on the CPU, any array whose last axis is contiguous and whose
+    strides are whole floats, as the kernels count them)."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
     if a.dtype != numpy.float32:
@@ -2143,7 +2144,7 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
     if a.flags.c_contiguous or (allow_transposed and a.flags.f_contiguous) or (
-            strided and xp is numpy and a.strides[-1] == 4 and min(a.strides) >= 0):
+            strided and xp is numpy and a.strides[-1] == 4 and all(s >= 0 and s % 4 == 0 for s in a.strides)):
         return a                                        # (0-d arrays too: ascontiguousarray makes them 1-D)
     return xp.ascontiguousarray(a)
 

@@ -218,6 +218,24 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
     close(y, attention_reference(q, k, v, dy)[0], D)
 
 
+
+def test_attention_copies_views_whose_strides_are_not_whole_floats():
+    """A field of a structured array: rows 18 bytes apart, each contiguous.
+    The kernels count strides in floats, so it is copied (it was read at
+    18 // 4 floats: NaN, or 1e35)."""
+    rec = np.zeros((1, 2, 5), dtype=[("a", "<f4", (4,)), ("pad", "<i2")])
+    rec["a"] = randn(np.random.default_rng(0), 1, 2, 5, 4)
+    q, packed = rec["a"], rec["a"].copy()
+    assert q.strides == (180, 90, 18, 4)
+    y, lse = llm.fo_attention_forward(q, q, q)
+    want = llm.fo_attention_forward(packed, packed, packed)
+    for got, ref in zip((y, lse, *llm.fo_attention_backward(q, q, q, q, y, lse)),
+                        (*want, *llm.fo_attention_backward(packed, packed, packed, packed, *want))):
+        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(llm.fo_attention_decode(q[:, :, 3:], q, q),
+                                  llm.fo_attention_decode(packed[:, :, 3:], packed, packed))
+
+
 def child_output(script, **env):
     """What `script` prints, run by a fresh Python with these environment variables."""
     import os
