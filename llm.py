@@ -852,11 +852,12 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
-    sharpens it (0: all on the likeliest token), top-k keeps the k likeliest
-    tokens, top-p (nucleus) keeps the smallest set whose probability reaches p."""
+    sharpens it (0, or so near 0 that logits / T overflow: all on the
+    likeliest token), top-k keeps the k likeliest tokens, top-p (nucleus)
+    keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64)
-    if temperature == 0:
+    if temperature == 0 or not math.isfinite(float(logits.max()) / temperature):
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size:
@@ -907,6 +908,7 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
     logits/T plus Gumbel noise draws from softmax(logits/T)). A row ends at a
     stop token (ended) or when max_new_tokens or the context window runs out;
     a prompt longer than the window keeps its last block_size tokens."""
+    check_sampling(temperature, max_new_tokens=max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(0)
     prompts = [list(p)[-model.config.block_size:] for p in prompts]
     outs, ended = [None] * len(prompts), [False] * len(prompts)
@@ -921,8 +923,10 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
             if temperature == 0:
                 nxt = to_numpy(xp.argmax(logits, -1))
             else:
-                g = -numpy.log(-numpy.log(rng.random(logits.shape)))
-                nxt = numpy.argmax(to_numpy(logits) / temperature + g, -1)
+                g, z = -numpy.log(-numpy.log(rng.random(logits.shape))), to_numpy(logits)
+                with numpy.errstate(all="ignore"):
+                    zt = z / temperature                # T so near 0 that this overflows: that row greedy
+                nxt = numpy.where(numpy.isfinite(zt.max(-1)), numpy.argmax(zt + g, -1), z.argmax(-1))
             for j, t in enumerate(nxt):
                 if not done[j]:
                     if int(t) in stop:

@@ -321,6 +321,27 @@ def test_bad_sampling_arguments():
         list(llm.generate(m, [99], 2))
 
 
+
+def test_batched_generation_checks_its_sampling_arguments():
+    m = tiny(dtype="float32")
+    for kw, name in [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                     ({"max_new_tokens": -3}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            llm.generate_batch(m, [[1, 2]], **kw)
+
+
+def test_a_temperature_near_zero_is_greedy():
+    """T -> 0 is greedy, however small T is (logits / T overflowed: token 0,
+    or NaN probabilities)."""
+    m = tiny(dtype="float32")
+    prompts = [[1, 2], [3, 4], [5]]
+    greedy = llm.generate_batch(m, prompts, 4)
+    for t in (1e-40, 1e-300, 5e-324):
+        assert llm.generate_batch(m, prompts, 4, temperature=t) == greedy
+        assert list(llm.generate(m, [1, 2], 4, temperature=t)) == greedy[0][0]
+        assert llm.next_token_probs(np.array([-3.0, -1.0, -2.0]), t).tolist() == [0, 1, 0]
+
+
 def test_batched_generation_equals_one_at_a_time():
     m = tiny(dtype="float32")
     prompts = [[1, 2], [3, 4], [5], [2, 2, 2], [7, 1]]
