@@ -530,6 +530,8 @@ class KVCache:
 
     def extend(self, layer: int, k, v):
         """Append the new positions' keys and values -> all of them so far."""
+        if not 0 <= layer <= len(self.k):
+            raise ValueError(f"layer: expected 0..{len(self.k)} (a layer stored, or the next), got {layer}")
         if layer == len(self.k):
             self.k.append(k)
             self.v.append(v)
@@ -592,6 +594,11 @@ class GPT:
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > cfg.block_size:
             raise ValueError(f"idx: {past + T} positions exceed the context window block_size={cfg.block_size}")
+        if kv_cache is not None and kv_cache.k:          # filled by this model, for these rows?
+            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(kv_cache.n, kv_cache.k)], cfg.n_head
+            if got != [(past, B, H, cfg.n_embd // H)] * cfg.n_layer:
+                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
+                                 f" {(past, B, H, cfg.n_embd // H)}, got {got}")
         self._cache = {"idx": idx, "rows": (B, T, real_tokens(lengths, B, T))}
         x = self._tokens(p["wte.weight"][idx] + p["wpe.weight"][past:past + T])      # (N, C)
         x, self._cache["wte.drop"] = dropout_forward(x, cfg.dropout, self.rng)

@@ -258,6 +258,29 @@ def test_kv_cache_equals_full_forward_at_every_position():
     assert np.allclose(cached, full, atol=1e-5)
 
 
+
+def test_a_kv_cache_of_another_model_or_batch_is_a_clear_error():
+    """(Another number of layers or rows was used silently: a row broadcast
+    into every row of the cache, a layer left behind.)"""
+    ids = np.array([[1, 2]])
+    kv = llm.KVCache()
+    tiny(dtype="float32").forward(ids, kv_cache=kv)                      # 2 layers, 2 heads, 1 row
+    for model, x in [(tiny(dtype="float32", n_layer=1), ids), (tiny(dtype="float32", n_layer=3), ids),
+                     (tiny(dtype="float32", n_head=4), ids), (tiny(dtype="float32"), np.array([[1], [2]]))]:
+        with pytest.raises(ValueError, match="kv_cache"):
+            model.forward(x, kv_cache=kv)
+    two = llm.KVCache()
+    tiny(dtype="float32").forward(np.array([[1, 2], [3, 4]]), kv_cache=two)
+    with pytest.raises(ValueError, match="kv_cache"):
+        tiny(dtype="float32").forward(np.array([[5]]), kv_cache=two)
+    two.n[1] -= 1                                                        # layers at different positions
+    with pytest.raises(ValueError, match="kv_cache"):
+        tiny(dtype="float32").forward(np.array([[5], [6]]), kv_cache=two)
+    k = np.zeros((1, 2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="layer"):
+        llm.KVCache().extend(1, k, k)
+
+
 def test_greedy_is_argmax_and_seeds_repeat():
     m = tiny(dtype="float32")
     out = list(llm.generate(m, [1, 2], max_new_tokens=4, temperature=0))
