@@ -861,6 +861,30 @@ def test_read_only_arrays_are_never_written_in_place():
         llm.fo_decode_token(model, kv, [3])
     assert kv.n == [2]
 
+
+def test_in_place_kernels_read_their_inputs_as_they_came():
+    """An input that shares memory with an array a kernel updates in place is
+    read as it came (copied first, as NumPy's ufuncs do); two updated arrays
+    that share memory are an error (their updates would race)."""
+    d = np.arange(12, dtype=np.float32).reshape(6, 2)
+    idx, ref = np.arange(6)[::-1][None], d.copy()
+    np.add.at(ref, idx, d[None].copy())
+    np.testing.assert_array_equal(llm.fo_embedding_backward(d, idx, d[None]), ref)
+    rng = np.random.default_rng(0)
+    adamw = lambda p, g, m, v: llm.fo_adamw_step(p, g, m, v, dict.fromkeys(g, True), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1)
+    zeros, ones = lambda *keys: {k: np.zeros(5, np.float32) for k in keys}, lambda: {"w": np.ones(5, np.float32)}
+    buf = randn(rng, 6)
+    want = buf.copy()
+    adamw({"w": buf[1:]}, {"w": buf[:-1]}, ones(), ones())                # the gradient overlaps its parameter
+    adamw({"w": want[1:]}, {"w": want[:-1].copy()}, ones(), ones())
+    np.testing.assert_array_equal(buf, want)
+    mv = zeros("w")
+    with pytest.raises(ValueError, match=r"m\['w'\].*v\['w'\]|v\['w'\].*m\['w'\]"):
+        adamw(zeros("w"), zeros("w"), mv, mv)                               # m is v
+    with pytest.raises(ValueError, match=r"params\['[ab]'\]"):
+        adamw({"a": buf[:5], "b": buf[1:]}, zeros("a", "b"), zeros("a", "b"), zeros("a", "b"))
+
+
 @pytest.mark.parametrize("path", ISAS)
 def test_fma_peak_counts_the_flops_it_does(path):
     # bench.py's %peak divides by this count: 12 chains x the ISA's lanes x 2
