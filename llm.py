@@ -771,6 +771,9 @@ class AdamW:
     m: dict = field(default_factory=dict)
     v: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        bias_corrections(self.betas, 1)                        # betas in [0, 1)
+
     def step(self, params: dict, grads: dict, lr: float = None, max_norm: float = None):
         """Step every parameter in grads. With max_norm, the gradients are
         clipped first (clip_scale), the factor applied as the step reads
@@ -789,7 +792,7 @@ def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.
     """Step t of AdamW for every parameter in grads (params, m, v in place),
     each gradient multiplied by gscale first (clipping)."""
     b1, b2 = betas
-    c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t                    # bias corrections
+    c1, c2 = bias_corrections(betas, t)
     for name, g in grads.items():
         p, mn, vn = params[name], m[name], v[name]
         g = g * gscale if gscale != 1.0 else g
@@ -800,6 +803,17 @@ def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.
         if p.ndim >= 2 and weight_decay:
             p *= 1.0 - lr * weight_decay
         p -= (lr / c1) * mn / (xp.sqrt(vn / c2) + eps)
+
+
+def bias_corrections(betas, t):
+    """Adam's bias corrections 1 - beta^t: m and v start at 0, so after t
+    steps they are that fraction of what they estimate. For betas in [0, 1)
+    and steps t >= 1 only (else 0, and the step m / 0)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas}")
+    if not t >= 1:
+        raise ValueError(f"t: expected a step count >= 1, got {t}")
+    return 1.0 - betas[0] ** t, 1.0 - betas[1] ** t
 
 
 def sum_of_squares(arrays) -> float:
@@ -2456,7 +2470,7 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     params[name], m[name], v[name] updated in place; decay[name] true for the
     arrays that are weight-decayed; t the step count after this step (for the
     bias corrections); every gradient multiplied by gscale (clipping) first."""
-    names = list(grads)
+    names, (c1, c2) = list(grads), bias_corrections(betas, t)
     ps, gs, ms, vs = [], [], [], []
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
@@ -2472,7 +2486,7 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     b1, b2 = betas
     lib.fo_adamw(len(names), _ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), ffi.new("long[]", [p.size for p in ps]),
                  ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1), float(b2),
-                 float(eps), float(weight_decay), float(1.0 - b1 ** t), float(1.0 - b2 ** t), float(gscale))
+                 float(eps), float(weight_decay), float(c1), float(c2), float(gscale))
     _done()
 
 

@@ -213,6 +213,29 @@ def test_adamw_step_with_max_norm_is_clipping_then_the_step(backend):
         llm.set_backend(previous)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "fastops"])
+def test_adamw_bad_betas_or_step_are_clear_errors(backend):
+    """beta = 1 or a step t < 1 divide by 1 - beta^t = 0 (NaN weights in C,
+    ZeroDivisionError in NumPy)."""
+    if backend == "fastops" and llm._fastops is None:
+        pytest.skip("fastops is not built")
+    for betas in [(1.0, 0.95), (0.9, 1.0), (-0.1, 0.95), (0.9, float("nan"))]:
+        with pytest.raises(ValueError, match="betas"):
+            llm.AdamW(betas=betas)
+    previous = llm.set_backend(backend)
+    try:
+        p, g = {"w": np.ones((2, 3), np.float32)}, {"w": np.ones((2, 3), np.float32)}
+        with pytest.raises(ValueError, match="^t: "):
+            llm.AdamW(t=-1).step(p, g)                          # this step would be t = 0
+        opt = llm.AdamW()
+        opt.betas = (1.0, 0.95)
+        with pytest.raises(ValueError, match="betas"):
+            opt.step(p, g)
+        assert (p["w"] == 1).all()
+    finally:
+        llm.set_backend(previous)
+
+
 def test_lr_schedule():
     s = [llm.lr_schedule(i, 1e-3, 1e-4, 10, 100) for i in range(120)]
     assert s[0] == 1e-4 and np.isclose(s[9], 1e-3) and max(s) <= 1e-3
