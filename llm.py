@@ -444,7 +444,17 @@ def log_softmax(logits):
     return z - xp.log(xp.exp(z).sum(-1, keepdims=True))
 
 
+def check_targets(logits, targets, mask=None):
+    """targets, and mask if given, as arrays of the logits' shape less the last axis."""
+    targets, mask = xp.asarray(targets), None if mask is None else xp.asarray(mask)
+    for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
+        if a.shape != logits.shape[:-1]:
+            raise ValueError(f"{name}: expected shape {logits.shape[:-1]}, got {a.shape}")
+    return targets, mask
+
+
 def cross_entropy_forward(logits, targets, mask=None):
+    targets, mask = check_targets(logits, targets, mask)
     logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
@@ -576,10 +586,7 @@ class GPT:
         if targets is None:
             return logits, None
         targets = check_ids(targets, self.config.vocab_size, "targets")
-        for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
-            if xp.shape(a) != logits.shape[:2]:
-                raise ValueError(f"{name}: expected shape {logits.shape[:2]}, got {xp.shape(a)}")
-        loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)
+        loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)     # (checks the shapes)
         return logits, float(loss)
 
     def hidden(self, idx, kv_cache=None, lengths=None):
@@ -2604,7 +2611,7 @@ def _gelu_backward(dy, cache):
 def _cross_entropy_forward(logits, targets, mask=None):
     if not (xp is numpy and _f32s(logits) and _use("cross_entropy")):
         return cross_entropy_forward(logits, targets, mask)
-    V = logits.shape[-1]
+    (targets, mask), V = check_targets(logits, targets, mask), logits.shape[-1]
     w = numpy.ones(targets.size, numpy.float32) if mask is None else numpy.asarray(mask, numpy.float32).ravel()
     n = max(float(w.sum()), 1.0)
     rows, dlogits = fo_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), w, 1.0 / n)
