@@ -878,6 +878,14 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
 
 
+def check_prompt(prompt, vocab_size, name) -> list:
+    """One prompt: integer token ids in 0..vocab_size-1 -> a list of ints."""
+    ids = check_ids(prompt, vocab_size, name)
+    if len(ids) != 1:
+        raise ValueError(f"{name}: expected one sequence of token ids, got shape {ids.shape}")
+    return ids[0].tolist()
+
+
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
     sharpens it (0, or so near 0 that logits / T overflow: all on the
@@ -908,8 +916,7 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
     A prompt longer than the context window is cropped to its last block_size
     tokens; once the window is full, each step re-reads the last block_size
     tokens, as the model only ever saw that many."""
-    prompt = [int(t) for t in prompt]
-    check_ids(prompt, model.config.vocab_size, "prompt")
+    prompt = check_prompt(prompt, model.config.vocab_size, "prompt")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(seed)
     block = model.config.block_size
@@ -938,7 +945,8 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
     a prompt longer than the window keeps its last block_size tokens."""
     check_sampling(temperature, max_new_tokens=max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(0)
-    prompts = [list(p)[-model.config.block_size:] for p in prompts]
+    prompts = [check_prompt(p, model.config.vocab_size, f"prompts[{i}]")[-model.config.block_size:]
+               for i, p in enumerate(prompts)]
     outs, ended = [None] * len(prompts), [False] * len(prompts)
     groups = {}
     for i, p in enumerate(prompts):

@@ -388,6 +388,18 @@ def test_a_temperature_near_zero_is_greedy():
         assert llm.next_token_probs(np.array([-3.0, -1.0, -2.0]), t).tolist() == [0, 1, 0]
 
 
+def test_prompts_are_integer_token_ids():
+    """(generate ran [1.9, 2.7] as [1, 2] and [True] as [1]; generate_batch
+    named a bad prompt `idx`.)"""
+    m = tiny(dtype="float32")
+    for bad in ([1.9, 2.7], [True], np.array([1.0, 2.0]), [[1, 2], [3, 4]], [], [11]):
+        with pytest.raises((TypeError, ValueError), match="prompt: "):
+            list(llm.generate(m, bad, 2))
+        with pytest.raises((TypeError, ValueError), match=r"prompts\[1\]: "):
+            llm.generate_batch(m, [[1], bad], 2)
+    assert list(llm.generate(m, np.array([1, 2]), 3, temperature=0)) == list(llm.generate(m, (1, 2), 3, temperature=0))
+
+
 def test_batched_generation_equals_one_at_a_time():
     m = tiny(dtype="float32")
     prompts = [[1, 2], [3, 4], [5], [2, 2, 2], [7, 1]]
