@@ -446,6 +446,18 @@ def test_gelu_extremes_and_shapes():
                                rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("path", ISAS)
+def test_gelu_of_a_huge_negative_input_is_minus_zero(path):
+    """exp(2u) is clamped at e^-87: times x, that gave -1.6e-3 at x = -1e35
+    and -4.9 at -3e38 (the reference, and the limit: -0)."""
+    x = np.array([-1e31, -1e35, -3e38, -np.finfo(np.float32).max, -np.inf], np.float32)
+    with isa(path):
+        y, dx = llm.fo_gelu_forward(x), llm.fo_gelu_backward(np.ones_like(x), x)
+    assert (y == 0).all() and np.signbit(y).all() and (np.abs(dx) < 1e-30).all()
+    with np.errstate(over="ignore"):                    # (x^3 overflows, and tanh(-inf) is -1)
+        np.testing.assert_array_equal(y[:-1], llm.gelu_forward(x[:-1])[0])
+
+
 @FAST
 @given(M=st.sampled_from([1, 2, 3, 7, 17, 64, 97, 768, 1031]), C=C_SIZES,
        shift=st.sampled_from([0.0, 3.0]), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
