@@ -675,8 +675,11 @@ class GPT:
         cfg, c = self.config, self._cache
         if dlogits is None and "loss" in c:
             dlogits = ops.cross_entropy_backward(c["loss"])
-        if dlogits is None and dh is None:
+        if (dlogits is None and dh is None) or "rows" not in c:
             raise RuntimeError("backward: call forward() with targets first")
+        for name, d, width in (("dlogits", dlogits, cfg.vocab_size), ("dh", dh, cfg.n_embd)):
+            if d is not None and xp.shape(d) != c["rows"][:2] + (width,):
+                raise ValueError(f"{name}: expected shape {c['rows'][:2] + (width,)}, got {xp.shape(d)}")
         grads = {} if grads is None else grads
         dh = None if dh is None else self._tokens(dh)                        # (N, C), as dx below
         if dlogits is not None:
@@ -872,8 +875,8 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
             raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and top_k >= 1):
+        raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
 
@@ -2486,6 +2489,9 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     arrays that are weight-decayed; t the step count after this step (for the
     bias corrections); every gradient multiplied by gscale (clipping) first."""
     names, (c1, c2) = list(grads), bias_corrections(betas, t)
+    for label, d in (("params", params), ("m", m), ("v", v), ("decay", decay)):
+        if missing := [k for k in names if k not in d]:
+            raise ValueError(f"{label}: expected an entry for each gradient, missing {missing}")
     ps, gs, ms, vs = [], [], [], []
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
@@ -2530,8 +2536,8 @@ def fo_embedding_backward(dwte, idx, dx):
     if dwte.ndim != 2:
         raise ValueError(f"dwte: expected a (V, C) array, got shape {dwte.shape}")
     V, C = dwte.shape
-    t = _ids("idx", idx, V)
-    dx = _apart({"dwte": dwte}, {"dx": _f32("dx", dx, shape=(*t.shape, C))})["dx"]
+    t = _ids("idx", idx, V)                                    # (1-D if idx is 0-d: then dx is (C,))
+    dx = _apart({"dwte": dwte}, {"dx": _f32("dx", dx, shape=(*numpy.shape(idx), C))})["dx"]
     _fastops.lib.fo_embedding_backward(_ptr(dwte), _ids_ptr(t), _ptr(dx), t.size, C)
     return _done(dwte)
 

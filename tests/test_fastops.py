@@ -738,6 +738,10 @@ def test_optimizer_bad_input():
                           (0.9, 0.95), 1e-8, 0.1, 1)
     with pytest.raises(TypeError, match=r"grads\['w'\]"):
         llm.fo_grad_sumsq({"w": g["w"].astype(np.float16)})
+    for name in ("params", "m", "v", "decay"):                # (a bare KeyError)
+        args = {"params": p, "m": mv()[0], "v": mv()[1], "decay": {"w": True}, name: {}}
+        with pytest.raises(ValueError, match=f"{name}: .*'w'"):
+            llm.fo_adamw_step(args["params"], g, args["m"], args["v"], args["decay"], 1e-3, (0.9, 0.95), 1e-8, 0.1, 1)
     assert llm.fo_grad_sumsq({}) == 0.0
 
 
@@ -831,6 +835,9 @@ def test_embedding_backward_bad_input():
         llm.fo_embedding_backward(np.zeros((5, 6), np.float32)[:, ::2], np.zeros((2, 4), np.int64), dx)
     with pytest.raises(TypeError, match="dwte"):
         llm.fo_embedding_backward(w.astype(np.float64), np.zeros((2, 4), np.int64), dx)
+    ref = w.copy()                                           # one token, as numpy.add.at takes it
+    np.add.at(ref, 2, dx[0, 0])                              # (dx was asked to be (1, C))
+    np.testing.assert_array_equal(llm.fo_embedding_backward(w, np.int64(2), dx[0, 0]), ref)
 
 
 

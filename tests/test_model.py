@@ -162,6 +162,18 @@ def test_bad_config_is_a_clear_error():
         llm.GPTConfig(dtype="float16")
 
 
+def test_backward_names_a_gradient_of_the_wrong_shape():
+    """(It said "cannot reshape".)"""
+    m = tiny()
+    m.forward(np.array([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"dlogits: expected shape \(1, 3, 11\)"):
+        m.backward(dlogits=np.ones((1, 3, 5)))
+    with pytest.raises(ValueError, match=r"dh: expected shape \(1, 3, 8\)"):
+        m.backward(dh=np.ones((3, 8)))
+    with pytest.raises(RuntimeError, match="forward"):
+        tiny().backward(dh=np.ones((1, 3, 8)))                        # no forward yet
+
+
 # ---- optimizer -----------------------------------------------------------
 
 def test_adamw_one_step_matches_the_formula():
@@ -398,6 +410,14 @@ def test_prompts_are_integer_token_ids():
         with pytest.raises((TypeError, ValueError), match=r"prompts\[1\]: "):
             llm.generate_batch(m, [[1], bad], 2)
     assert list(llm.generate(m, np.array([1, 2]), 3, temperature=0)) == list(llm.generate(m, (1, 2), 3, temperature=0))
+
+
+def test_top_k_is_a_positive_integer():
+    """(2.5 was an IndexError, NaN was ignored, "3" a TypeError.)"""
+    for k in (2.5, float("nan"), "3", 0, -1):
+        with pytest.raises(ValueError, match="top_k"):
+            llm.next_token_probs(np.zeros(5), 1.0, k)
+    assert llm.next_token_probs(np.arange(5.0), 1.0, np.int64(2))[:3].tolist() == [0, 0, 0]
 
 
 def test_batched_generation_equals_one_at_a_time():
