@@ -101,6 +101,7 @@ void fo_decode_token(int L, int C, int H, int V, int B, const int64_t *tokens, i
 /* GELU's constants, for both sections: gelu(x) = 0.5 x (1 + tanh(C (x + A x^3))) */
 #define GELU_C 0.7978845608028654f /* sqrt(2/pi) */
 #define GELU_A 0.044715f
+#define GELU_ZERO_BELOW -1e30f /* y = -0 there (see gelu_fwd_block) */
 
 #ifndef __CUDACC__
 /* ======================================================================== */
@@ -2528,7 +2529,9 @@ void fo_attention_backward(const float *dy, const float *q, const float *k,
  * With e = exp(2u) and s = 2 / (e + 1): 1 - tanh(u) = s and 1 + tanh(u) = e s,
  * both without cancellation (so 1 - tanh^2 = s e s stays accurate where tanh
  * is near +-1). exp_inplace clamps 2u to [-87, 88], where tanh is already
- * +-1 in float32, so large |x| cannot overflow. The element-wise loops work
+ * +-1 in float32, so large |x| cannot overflow; but then y = x e^-87, not
+ * the -0 it rounds to, and below x = -1e30 that is more than 1e-8 (-4.9 at
+ * -3e38): there y is -0, GELU_ZERO_BELOW. The element-wise loops work
  * on chunks of GELU_CHUNK values, the exps of a chunk in a stack buffer, so
  * that every loop vectorises. */
 #define GELU_CHUNK 512
@@ -2546,7 +2549,7 @@ FO_INLINE void gelu_fwd_block(const float *x, float *y, int n) {
     gelu_exp_chunk(x, e, n);
     for (int i = 0; i < n; i++) {
         float s = 2.0f / (e[i] + 1.0f);
-        y[i] = 0.5f * x[i] * (e[i] * s);
+        y[i] = x[i] < GELU_ZERO_BELOW ? -0.0f : 0.5f * x[i] * (e[i] * s);
     }
 }
 
@@ -3474,7 +3477,7 @@ __device__ __forceinline__ float gelu_e(float v) { /* exp(2u), clamped as on the
 __global__ void gelu_fwd_kernel(const float *__restrict__ x, float *y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const float e = gelu_e(x[i]), s = 2.0f / (e + 1.0f);
-        y[i] = 0.5f * x[i] * (e * s);
+        y[i] = x[i] < GELU_ZERO_BELOW ? -0.0f : 0.5f * x[i] * (e * s);
     }
 }
 

@@ -447,7 +447,17 @@ def log_softmax(logits):
     return z - xp.log(xp.exp(z).sum(-1, keepdims=True))
 
 
+def check_targets(logits, targets, mask=None):
+    """targets, and mask if given, as arrays of the logits' shape less the last axis."""
+    targets, mask = xp.asarray(targets), None if mask is None else xp.asarray(mask)
+    for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
+        if a.shape != logits.shape[:-1]:
+            raise ValueError(f"{name}: expected shape {logits.shape[:-1]}, got {a.shape}")
+    return targets, mask
+
+
 def cross_entropy_forward(logits, targets, mask=None):
+    targets, mask = check_targets(logits, targets, mask)
     logp = log_softmax(logits)
     nll = -xp.take_along_axis(logp, targets[..., None], -1)[..., 0]  # (B, T)
     w = xp.ones(targets.shape, logits.dtype) if mask is None else mask.astype(logits.dtype)
@@ -533,6 +543,8 @@ class KVCache:
 
     def extend(self, layer: int, k, v):
         """Append the new positions' keys and values -> all of them so far."""
+        if not 0 <= layer <= len(self.k):
+            raise ValueError(f"layer: expected 0..{len(self.k)} (a layer stored, or the next), got {layer}")
         if layer == len(self.k):
             self.k.append(k)
             self.v.append(v)
@@ -577,10 +589,7 @@ class GPT:
         if targets is None:
             return logits, None
         targets = check_ids(targets, self.config.vocab_size, "targets")
-        for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
-            if xp.shape(a) != logits.shape[:2]:
-                raise ValueError(f"{name}: expected shape {logits.shape[:2]}, got {xp.shape(a)}")
-        loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)
+        loss, self._cache["loss"] = ops.cross_entropy_forward(logits, targets, mask)     # (checks the shapes)
         return logits, float(loss)
 
     def hidden(self, idx, kv_cache=None, lengths=None):
@@ -595,6 +604,11 @@ class GPT:
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > cfg.block_size:
             raise ValueError(f"idx: {past + T} positions exceed the context window block_size={cfg.block_size}")
+        if kv_cache is not None and kv_cache.k:          # filled by this model, for these rows?
+            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(kv_cache.n, kv_cache.k)], cfg.n_head
+            if got != [(past, B, H, cfg.n_embd // H)] * cfg.n_layer:
+                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
+                                 f" {(past, B, H, cfg.n_embd // H)}, got {got}")
         self._cache = {"idx": idx, "rows": (B, T, real_tokens(lengths, B, T))}
         x = self._tokens(p["wte.weight"][idx] + p["wpe.weight"][past:past + T])      # (N, C)
         x, self._cache["wte.drop"] = dropout_forward(x, cfg.dropout, self.rng)
@@ -664,8 +678,11 @@ class GPT:
         cfg, c = self.config, self._cache
         if dlogits is None and "loss" in c:
             dlogits = ops.cross_entropy_backward(c["loss"])
-        if dlogits is None and dh is None:
+        if (dlogits is None and dh is None) or "rows" not in c:
             raise RuntimeError("backward: call forward() with targets first")
+        for name, d, width in (("dlogits", dlogits, cfg.vocab_size), ("dh", dh, cfg.n_embd)):
+            if d is not None and xp.shape(d) != c["rows"][:2] + (width,):
+                raise ValueError(f"{name}: expected shape {c['rows'][:2] + (width,)}, got {xp.shape(d)}")
         grads = {} if grads is None else grads
         dh = None if dh is None else self._tokens(dh)                        # (N, C), as dx below
         if dlogits is not None:
@@ -767,6 +784,9 @@ class AdamW:
     m: dict = field(default_factory=dict)
     v: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        bias_corrections(self.betas, 1)                        # betas in [0, 1)
+
     def step(self, params: dict, grads: dict, lr: float = None, max_norm: float = None):
         """Step every parameter in grads. With max_norm, the gradients are
         clipped first (clip_scale), the factor applied as the step reads
@@ -785,7 +805,7 @@ def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.
     """Step t of AdamW for every parameter in grads (params, m, v in place),
     each gradient multiplied by gscale first (clipping)."""
     b1, b2 = betas
-    c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t                    # bias corrections
+    c1, c2 = bias_corrections(betas, t)
     for name, g in grads.items():
         p, mn, vn = params[name], m[name], v[name]
         g = g * gscale if gscale != 1.0 else g
@@ -796,6 +816,17 @@ def adamw_update(params, grads, m, v, lr, betas, eps, weight_decay, t, gscale=1.
         if p.ndim >= 2 and weight_decay:
             p *= 1.0 - lr * weight_decay
         p -= (lr / c1) * mn / (xp.sqrt(vn / c2) + eps)
+
+
+def bias_corrections(betas, t):
+    """Adam's bias corrections 1 - beta^t: m and v start at 0, so after t
+    steps they are that fraction of what they estimate. For betas in [0, 1)
+    and steps t >= 1 only (else 0, and the step m / 0)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas}")
+    if not t >= 1:
+        raise ValueError(f"t: expected a step count >= 1, got {t}")
+    return 1.0 - betas[0] ** t, 1.0 - betas[1] ** t
 
 
 def sum_of_squares(arrays) -> float:
@@ -847,19 +878,28 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
             raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and top_k >= 1):
+        raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
 
 
+def check_prompt(prompt, vocab_size, name) -> list:
+    """One prompt: integer token ids in 0..vocab_size-1 -> a list of ints."""
+    ids = check_ids(prompt, vocab_size, name)
+    if len(ids) != 1:
+        raise ValueError(f"{name}: expected one sequence of token ids, got shape {ids.shape}")
+    return ids[0].tolist()
+
+
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
-    sharpens it (0: all on the likeliest token), top-k keeps the k likeliest
-    tokens, top-p (nucleus) keeps the smallest set whose probability reaches p."""
+    sharpens it (0, or so near 0 that logits / T overflow: all on the
+    likeliest token), top-k keeps the k likeliest tokens, top-p (nucleus)
+    keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64)
-    if temperature == 0:
+    if temperature == 0 or not math.isfinite(float(logits.max()) / temperature):
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size:
@@ -882,8 +922,7 @@ def generate(model: GPT, prompt, max_new_tokens=100, temperature=1.0, top_k=None
     A prompt longer than the context window is cropped to its last block_size
     tokens; once the window is full, each step re-reads the last block_size
     tokens, as the model only ever saw that many."""
-    prompt = [int(t) for t in prompt]
-    check_ids(prompt, model.config.vocab_size, "prompt")
+    prompt = check_prompt(prompt, model.config.vocab_size, "prompt")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(seed)
     block = model.config.block_size
@@ -910,8 +949,10 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
     logits/T plus Gumbel noise draws from softmax(logits/T)). A row ends at a
     stop token (ended) or when max_new_tokens or the context window runs out;
     a prompt longer than the window keeps its last block_size tokens."""
+    check_sampling(temperature, max_new_tokens=max_new_tokens)
     rng = rng if rng is not None else numpy.random.default_rng(0)
-    prompts = [list(p)[-model.config.block_size:] for p in prompts]
+    prompts = [check_prompt(p, model.config.vocab_size, f"prompts[{i}]")[-model.config.block_size:]
+               for i, p in enumerate(prompts)]
     outs, ended = [None] * len(prompts), [False] * len(prompts)
     groups = {}
     for i, p in enumerate(prompts):
@@ -924,8 +965,10 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
             if temperature == 0:
                 nxt = to_numpy(xp.argmax(logits, -1))
             else:
-                g = -numpy.log(-numpy.log(rng.random(logits.shape)))
-                nxt = numpy.argmax(to_numpy(logits) / temperature + g, -1)
+                g, z = -numpy.log(-numpy.log(rng.random(logits.shape))), to_numpy(logits)
+                with numpy.errstate(all="ignore"):
+                    zt = z / temperature                # T so near 0 that this overflows: that row greedy
+                nxt = numpy.where(numpy.isfinite(zt.max(-1)), numpy.argmax(zt + g, -1), z.argmax(-1))
             for j, t in enumerate(nxt):
                 if not done[j]:
                     if int(t) in stop:
@@ -2136,7 +2179,8 @@ def _install():
 def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     """A float32 array of `ndim` dims (or of `shape`), C-contiguous (copied if
     not; a transposed matrix, Fortran-ordered, passes as is if allowed; with
-    strided, on the CPU, any array whose last axis is contiguous)."""
+    strided, on the CPU, any array whose last axis is contiguous and whose
+    strides are whole floats, as the kernels count them)."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
     if a.dtype != numpy.float32:
@@ -2146,9 +2190,36 @@ def _f32(name, a, ndim=None, shape=None, allow_transposed=False, strided=False):
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
     if a.flags.c_contiguous or (allow_transposed and a.flags.f_contiguous) or (
-            strided and xp is numpy and a.strides[-1] == 4 and min(a.strides) >= 0):
+            strided and xp is numpy and a.strides[-1] == 4 and all(s >= 0 and s % 4 == 0 for s in a.strides)):
         return a                                        # (0-d arrays too: ascontiguousarray makes them 1-D)
     return xp.ascontiguousarray(a)
+
+
+def _f32_inplace(name, a, shape=None):
+    """As _f32, but the array itself, updated in place: it must be C-contiguous and writeable already."""
+    if isinstance(a, numpy.ndarray) and not (a.flags.c_contiguous and a.flags.writeable):
+        raise ValueError(f"{name}: expected a writeable C-contiguous array (updated in place), got a"
+                         f" {'read-only' if a.flags.c_contiguous else 'non-contiguous'} one")
+    return _f32(name, a, shape=shape)
+
+
+def _apart(written: dict, read: dict) -> dict:
+    """For a kernel that updates the arrays `written` in place while it reads
+    `read` (each name -> C-ordered array): two updated arrays that share
+    memory are an error (their updates would race); a read array that shares
+    memory with an updated one is copied first, so it is read as it came (as
+    NumPy's ufuncs read theirs) -> read. (Sorted by address, one pass.)"""
+    spans, near, copy = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, k, k in written)
+                               for k, a in [*written.items(), *read.items()] if a.nbytes), [], set()
+    for start, end, k, w in spans:
+        near = [s for s in near if s[0] > start]              # the spans before this one that reach into it
+        for _, other, other_w in near:
+            if w and other_w:
+                raise ValueError(f"{k}: shares memory with {other}, both updated in place: expected separate arrays")
+            if w or other_w:
+                copy.add(k if other_w else other)               # the one read
+        near.append((end, k, w))
+    return {k: a.copy() if k in copy else a for k, a in read.items()}
 
 
 def _ids(name, a, V, shape=None):
@@ -2329,7 +2400,7 @@ def fo_decode_token(model, kv, tokens):
     for i in range(L):
         kv.reserve(i, past + 1)
     B, cap = len(tokens), kv.k[0].shape[2]
-    stores = [_f32("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
+    stores = [_f32_inplace("kv", a, shape=(B, H, cap, C // H)) for a in kv.k + kv.v]   # (C-ordered: reserve)
     logits = xp.empty((B, V), numpy.float32)
     _fastops.lib.fo_decode_token(L, C, H, V, B, _ids_ptr(tokens), past, _ptr(params[0]), _ptr(params[1]),
                                  _ptrs(params[2:-2]), _ptr(params[-2]), _ptr(params[-1]), _ptrs(stores[:L]),
@@ -2402,15 +2473,8 @@ def fo_layernorm_backward(dy, x, w, mean, rstd):
 # The optimizer in C: the global gradient norm (for clipping) and the AdamW update
 # of every parameter, each one multi-threaded pass over all arrays (gscale scales
 # the gradients on the fly: AdamW.step's clipping, section 3). On the
-# CPU only; they update p, m, v in place, so these must be float32, C-contiguous
-# and of the parameter's shape (no copies).
-
-def _f32_inplace(name, a, shape=None):
-    """As _f32, but the array itself, updated in place: it must be C-contiguous already."""
-    if isinstance(a, numpy.ndarray) and not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array (updated in place)")
-    return _f32(name, a, shape=shape)
-
+# CPU only; they update p, m, v in place, so these must be float32, C-contiguous,
+# writeable and of the parameter's shape (no copies).
 
 def fo_grad_sumsq(grads) -> float:
     """Sum of squares of every array in `grads` (a dict or a list), in float64."""
@@ -2427,7 +2491,10 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     params[name], m[name], v[name] updated in place; decay[name] true for the
     arrays that are weight-decayed; t the step count after this step (for the
     bias corrections); every gradient multiplied by gscale (clipping) first."""
-    names = list(grads)
+    names, (c1, c2) = list(grads), bias_corrections(betas, t)
+    for label, d in (("params", params), ("m", m), ("v", v), ("decay", decay)):
+        if missing := [k for k in names if k not in d]:
+            raise ValueError(f"{label}: expected an entry for each gradient, missing {missing}")
     ps, gs, ms, vs = [], [], [], []
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
@@ -2437,11 +2504,13 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
         vs.append(_f32_inplace(f"v[{k!r}]", v[k], p.shape))
     if not names:
         return
+    updated = {f"{n}[{k!r}]": a for n, arrays in (("params", ps), ("m", ms), ("v", vs)) for k, a in zip(names, arrays)}
+    gs = list(_apart(updated, {f"grads[{k!r}]": g for k, g in zip(names, gs)}).values())
     ffi, lib = _fastops.ffi, _fastops.lib
     b1, b2 = betas
     lib.fo_adamw(len(names), _ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), ffi.new("long[]", [p.size for p in ps]),
                  ffi.new("int[]", [1 if decay[k] else 0 for k in names]), float(lr), float(b1), float(b2),
-                 float(eps), float(weight_decay), float(1.0 - b1 ** t), float(1.0 - b2 ** t), float(gscale))
+                 float(eps), float(weight_decay), float(c1), float(c2), float(gscale))
     _done()
 
 
@@ -2470,8 +2539,8 @@ def fo_embedding_backward(dwte, idx, dx):
     if dwte.ndim != 2:
         raise ValueError(f"dwte: expected a (V, C) array, got shape {dwte.shape}")
     V, C = dwte.shape
-    t = _ids("idx", idx, V)
-    dx = _f32("dx", dx, shape=(*t.shape, C))
+    t = _ids("idx", idx, V)                                    # (1-D if idx is 0-d: then dx is (C,))
+    dx = _apart({"dwte": dwte}, {"dx": _f32("dx", dx, shape=(*numpy.shape(idx), C))})["dx"]
     _fastops.lib.fo_embedding_backward(_ptr(dwte), _ids_ptr(t), _ptr(dx), t.size, C)
     return _done(dwte)
 
@@ -2559,7 +2628,7 @@ def _gelu_backward(dy, cache):
 def _cross_entropy_forward(logits, targets, mask=None):
     if not (xp is numpy and _f32s(logits) and _use("cross_entropy")):
         return cross_entropy_forward(logits, targets, mask)
-    V = logits.shape[-1]
+    (targets, mask), V = check_targets(logits, targets, mask), logits.shape[-1]
     w = numpy.ones(targets.size, numpy.float32) if mask is None else numpy.asarray(mask, numpy.float32).ravel()
     n = max(float(w.sum()), 1.0)
     rows, dlogits = fo_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), w, 1.0 / n)

@@ -233,6 +233,24 @@ def test_attention_reads_heads_where_the_model_keeps_them(B, H, T, D, pad, path,
     close(y, attention_reference(q, k, v, dy)[0], D)
 
 
+
+def test_attention_copies_views_whose_strides_are_not_whole_floats():
+    """A field of a structured array: rows 18 bytes apart, each contiguous.
+    The kernels count strides in floats, so it is copied (it was read at
+    18 // 4 floats: NaN, or 1e35)."""
+    rec = np.zeros((1, 2, 5), dtype=[("a", "<f4", (4,)), ("pad", "<i2")])
+    rec["a"] = randn(np.random.default_rng(0), 1, 2, 5, 4)
+    q, packed = rec["a"], rec["a"].copy()
+    assert q.strides == (180, 90, 18, 4)
+    y, lse = llm.fo_attention_forward(q, q, q)
+    want = llm.fo_attention_forward(packed, packed, packed)
+    for got, ref in zip((y, lse, *llm.fo_attention_backward(q, q, q, q, y, lse)),
+                        (*want, *llm.fo_attention_backward(packed, packed, packed, packed, *want))):
+        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(llm.fo_attention_decode(q[:, :, 3:], q, q),
+                                  llm.fo_attention_decode(packed[:, :, 3:], packed, packed))
+
+
 def child_output(script, **env):
     """What `script` prints, run by a fresh Python with these environment variables."""
     import os
@@ -441,6 +459,18 @@ def test_gelu_extremes_and_shapes():
     assert isinstance(c3, llm._Kernel) and y3.shape == x3.shape
     np.testing.assert_allclose(llm.ops.gelu_backward(x3, c3), gelu_reference(x3, x3)[1],
                                rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("path", ISAS)
+def test_gelu_of_a_huge_negative_input_is_minus_zero(path):
+    """exp(2u) is clamped at e^-87: times x, that gave -1.6e-3 at x = -1e35
+    and -4.9 at -3e38 (the reference, and the limit: -0)."""
+    x = np.array([-1e31, -1e35, -3e38, -np.finfo(np.float32).max, -np.inf], np.float32)
+    with isa(path):
+        y, dx = llm.fo_gelu_forward(x), llm.fo_gelu_backward(np.ones_like(x), x)
+    assert (y == 0).all() and np.signbit(y).all() and (np.abs(dx) < 1e-30).all()
+    with np.errstate(over="ignore"):                    # (x^3 overflows, and tanh(-inf) is -1)
+        np.testing.assert_array_equal(y[:-1], llm.gelu_forward(x[:-1])[0])
 
 
 @FAST
@@ -726,6 +756,10 @@ def test_optimizer_bad_input():
                           (0.9, 0.95), 1e-8, 0.1, 1)
     with pytest.raises(TypeError, match=r"grads\['w'\]"):
         llm.fo_grad_sumsq({"w": g["w"].astype(np.float16)})
+    for name in ("params", "m", "v", "decay"):                # (a bare KeyError)
+        args = {"params": p, "m": mv()[0], "v": mv()[1], "decay": {"w": True}, name: {}}
+        with pytest.raises(ValueError, match=f"{name}: .*'w'"):
+            llm.fo_adamw_step(args["params"], g, args["m"], args["v"], args["decay"], 1e-3, (0.9, 0.95), 1e-8, 0.1, 1)
     assert llm.fo_grad_sumsq({}) == 0.0
 
 
@@ -819,6 +853,73 @@ def test_embedding_backward_bad_input():
         llm.fo_embedding_backward(np.zeros((5, 6), np.float32)[:, ::2], np.zeros((2, 4), np.int64), dx)
     with pytest.raises(TypeError, match="dwte"):
         llm.fo_embedding_backward(w.astype(np.float64), np.zeros((2, 4), np.int64), dx)
+    ref = w.copy()                                           # one token, as numpy.add.at takes it
+    np.add.at(ref, 2, dx[0, 0])                              # (dx was asked to be (1, C))
+    np.testing.assert_array_equal(llm.fo_embedding_backward(w, np.int64(2), dx[0, 0]), ref)
+
+
+
+# A kernel that updates an array in place is never handed a read-only one:
+# a memmap opened "r" crashed the interpreter; bytes, or writeable=False,
+# were changed silently.
+READ_ONLY_CHECK = """
+import tempfile, numpy as np, llm
+path = tempfile.mktemp()
+np.zeros((5, 3), np.float32).tofile(path)
+ro, z = np.memmap(path, np.float32, "r", shape=(5, 3)), lambda: {"w": np.zeros((5, 3), np.float32)}
+adamw = lambda p, m: llm.fo_adamw_step(p, z(), m, z(), {"w": True}, 1e-3, (0.9, 0.95), 1e-8, 0.1, 1)
+emb = lambda d: llm.fo_embedding_backward(d, np.zeros((1, 2), np.int64), np.ones((1, 2, 3), np.float32))
+for name, call in [("dwte", lambda: emb(ro)), ("params", lambda: adamw({"w": ro}, z())),
+                   ("m", lambda: adamw(z(), {"w": ro}))]:
+    try:
+        call()
+        raise SystemExit(name + ": no error")
+    except ValueError as e:
+        assert str(e).startswith(name) and "read-only" in str(e), e
+print("ok")
+"""
+
+
+def test_read_only_arrays_are_never_written_in_place():
+    assert child_output(READ_ONLY_CHECK).split() == ["ok"]
+    locked = np.ones((3, 4), np.float32)
+    locked.flags.writeable = False
+    for p in (np.frombuffer(np.ones(12, np.float32).tobytes(), np.float32).reshape(3, 4), locked):
+        with pytest.raises(ValueError, match=r"params\['w'\]: .*read-only"):
+            llm.AdamW().step({"w": p}, {"w": np.ones((3, 4), np.float32)})
+        assert (p == 1).all()
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    kv = llm.KVCache()
+    llm.next_logits(model, [[1, 2]], kv)
+    kv.reserve(0, 4)                                    # room for the next token: no new arrays
+    for a in kv.k + kv.v:
+        a.flags.writeable = False
+    with pytest.raises(ValueError, match="kv: .*read-only"):
+        llm.fo_decode_token(model, kv, [3])
+    assert kv.n == [2]
+
+
+def test_in_place_kernels_read_their_inputs_as_they_came():
+    """An input that shares memory with an array a kernel updates in place is
+    read as it came (copied first, as NumPy's ufuncs do); two updated arrays
+    that share memory are an error (their updates would race)."""
+    d = np.arange(12, dtype=np.float32).reshape(6, 2)
+    idx, ref = np.arange(6)[::-1][None], d.copy()
+    np.add.at(ref, idx, d[None].copy())
+    np.testing.assert_array_equal(llm.fo_embedding_backward(d, idx, d[None]), ref)
+    rng = np.random.default_rng(0)
+    adamw = lambda p, g, m, v: llm.fo_adamw_step(p, g, m, v, dict.fromkeys(g, True), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1)
+    zeros, ones = lambda *keys: {k: np.zeros(5, np.float32) for k in keys}, lambda: {"w": np.ones(5, np.float32)}
+    buf = randn(rng, 6)
+    want = buf.copy()
+    adamw({"w": buf[1:]}, {"w": buf[:-1]}, ones(), ones())                # the gradient overlaps its parameter
+    adamw({"w": want[1:]}, {"w": want[:-1].copy()}, ones(), ones())
+    np.testing.assert_array_equal(buf, want)
+    mv = zeros("w")
+    with pytest.raises(ValueError, match=r"m\['w'\].*v\['w'\]|v\['w'\].*m\['w'\]"):
+        adamw(zeros("w"), zeros("w"), mv, mv)                               # m is v
+    with pytest.raises(ValueError, match=r"params\['[ab]'\]"):
+        adamw({"a": buf[:5], "b": buf[1:]}, zeros("a", "b"), zeros("a", "b"), zeros("a", "b"))
 
 
 @pytest.mark.parametrize("path", ISAS)

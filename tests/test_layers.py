@@ -6,6 +6,7 @@ variance 1, attention is causal, a fully masked cross-entropy is 0 (not
 NaN) with a zero gradient, a uniform one is log V, dropout keeps and scales
 what it does not zero."""
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import llm
@@ -109,6 +110,28 @@ def test_cross_entropy_all_masked_is_zero_not_nan():
 def test_cross_entropy_of_uniform_is_log_v():
     loss, _ = llm.cross_entropy_forward(np.zeros((1, 4, 7)), np.arange(4)[None])
     assert np.isclose(loss, np.log(7))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "fastops"])
+def test_cross_entropy_checks_shapes_and_takes_lists(backend):
+    """The layer table's cross-entropy, on either backend: targets and mask
+    of the logits' shape less the last axis (fastops flattened any shape of
+    as many; NumPy broadcast), given as arrays or lists."""
+    if backend == "fastops" and llm._fastops is None:
+        pytest.skip("fastops is not built")
+    previous = llm.set_backend(backend)
+    try:
+        logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+        targets = np.arange(6).reshape(2, 3) % 5
+        for t, mask, name in [(targets.reshape(3, 2), None, "targets"), (targets[:, :1], None, "targets"),
+                              (targets, np.ones((3, 2)), "mask"), (targets, np.ones(3), "mask")]:
+            with pytest.raises(ValueError, match=name):
+                llm.ops.cross_entropy_forward(logits, t, mask)
+        mask = [[1, 0, 1], [1, 1, 0]]
+        want = llm.ops.cross_entropy_forward(logits, targets, np.array(mask))[0]
+        assert llm.ops.cross_entropy_forward(logits, targets.tolist(), mask)[0] == want
+    finally:
+        llm.set_backend(previous)
 
 
 @settings(max_examples=10, deadline=None)

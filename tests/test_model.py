@@ -162,6 +162,18 @@ def test_bad_config_is_a_clear_error():
         llm.GPTConfig(dtype="float16")
 
 
+def test_backward_names_a_gradient_of_the_wrong_shape():
+    """(It said "cannot reshape".)"""
+    m = tiny()
+    m.forward(np.array([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"dlogits: expected shape \(1, 3, 11\)"):
+        m.backward(dlogits=np.ones((1, 3, 5)))
+    with pytest.raises(ValueError, match=r"dh: expected shape \(1, 3, 8\)"):
+        m.backward(dh=np.ones((3, 8)))
+    with pytest.raises(RuntimeError, match="forward"):
+        tiny().backward(dh=np.ones((1, 3, 8)))                        # no forward yet
+
+
 # ---- optimizer -----------------------------------------------------------
 
 def test_adamw_one_step_matches_the_formula():
@@ -213,6 +225,29 @@ def test_adamw_step_with_max_norm_is_clipping_then_the_step(backend):
         llm.set_backend(previous)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "fastops"])
+def test_adamw_bad_betas_or_step_are_clear_errors(backend):
+    """beta = 1 or a step t < 1 divide by 1 - beta^t = 0 (NaN weights in C,
+    ZeroDivisionError in NumPy)."""
+    if backend == "fastops" and llm._fastops is None:
+        pytest.skip("fastops is not built")
+    for betas in [(1.0, 0.95), (0.9, 1.0), (-0.1, 0.95), (0.9, float("nan"))]:
+        with pytest.raises(ValueError, match="betas"):
+            llm.AdamW(betas=betas)
+    previous = llm.set_backend(backend)
+    try:
+        p, g = {"w": np.ones((2, 3), np.float32)}, {"w": np.ones((2, 3), np.float32)}
+        with pytest.raises(ValueError, match="^t: "):
+            llm.AdamW(t=-1).step(p, g)                          # this step would be t = 0
+        opt = llm.AdamW()
+        opt.betas = (1.0, 0.95)
+        with pytest.raises(ValueError, match="betas"):
+            opt.step(p, g)
+        assert (p["w"] == 1).all()
+    finally:
+        llm.set_backend(previous)
+
+
 def test_lr_schedule():
     s = [llm.lr_schedule(i, 1e-3, 1e-4, 10, 100) for i in range(120)]
     assert s[0] == 1e-4 and np.isclose(s[9], 1e-3) and max(s) <= 1e-3
@@ -256,6 +291,29 @@ def test_kv_cache_equals_full_forward_at_every_position():
     steps = [m.forward(ids[:, t:t + 1], kv_cache=kv)[0] for t in range(3, 6)]
     cached = np.concatenate([pre] + steps, 1)
     assert np.allclose(cached, full, atol=1e-5)
+
+
+
+def test_a_kv_cache_of_another_model_or_batch_is_a_clear_error():
+    """(Another number of layers or rows was used silently: a row broadcast
+    into every row of the cache, a layer left behind.)"""
+    ids = np.array([[1, 2]])
+    kv = llm.KVCache()
+    tiny(dtype="float32").forward(ids, kv_cache=kv)                      # 2 layers, 2 heads, 1 row
+    for model, x in [(tiny(dtype="float32", n_layer=1), ids), (tiny(dtype="float32", n_layer=3), ids),
+                     (tiny(dtype="float32", n_head=4), ids), (tiny(dtype="float32"), np.array([[1], [2]]))]:
+        with pytest.raises(ValueError, match="kv_cache"):
+            model.forward(x, kv_cache=kv)
+    two = llm.KVCache()
+    tiny(dtype="float32").forward(np.array([[1, 2], [3, 4]]), kv_cache=two)
+    with pytest.raises(ValueError, match="kv_cache"):
+        tiny(dtype="float32").forward(np.array([[5]]), kv_cache=two)
+    two.n[1] -= 1                                                        # layers at different positions
+    with pytest.raises(ValueError, match="kv_cache"):
+        tiny(dtype="float32").forward(np.array([[5], [6]]), kv_cache=two)
+    k = np.zeros((1, 2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="layer"):
+        llm.KVCache().extend(1, k, k)
 
 
 def test_greedy_is_argmax_and_seeds_repeat():
@@ -319,6 +377,47 @@ def test_bad_sampling_arguments():
         list(llm.generate(m, [], 2))
     with pytest.raises(ValueError, match="prompt"):
         list(llm.generate(m, [99], 2))
+
+
+
+def test_batched_generation_checks_its_sampling_arguments():
+    m = tiny(dtype="float32")
+    for kw, name in [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                     ({"max_new_tokens": -3}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            llm.generate_batch(m, [[1, 2]], **kw)
+
+
+def test_a_temperature_near_zero_is_greedy():
+    """T -> 0 is greedy, however small T is (logits / T overflowed: token 0,
+    or NaN probabilities)."""
+    m = tiny(dtype="float32")
+    prompts = [[1, 2], [3, 4], [5]]
+    greedy = llm.generate_batch(m, prompts, 4)
+    for t in (1e-40, 1e-300, 5e-324):
+        assert llm.generate_batch(m, prompts, 4, temperature=t) == greedy
+        assert list(llm.generate(m, [1, 2], 4, temperature=t)) == greedy[0][0]
+        assert llm.next_token_probs(np.array([-3.0, -1.0, -2.0]), t).tolist() == [0, 1, 0]
+
+
+def test_prompts_are_integer_token_ids():
+    """(generate ran [1.9, 2.7] as [1, 2] and [True] as [1]; generate_batch
+    named a bad prompt `idx`.)"""
+    m = tiny(dtype="float32")
+    for bad in ([1.9, 2.7], [True], np.array([1.0, 2.0]), [[1, 2], [3, 4]], [], [11]):
+        with pytest.raises((TypeError, ValueError), match="prompt: "):
+            list(llm.generate(m, bad, 2))
+        with pytest.raises((TypeError, ValueError), match=r"prompts\[1\]: "):
+            llm.generate_batch(m, [[1], bad], 2)
+    assert list(llm.generate(m, np.array([1, 2]), 3, temperature=0)) == list(llm.generate(m, (1, 2), 3, temperature=0))
+
+
+def test_top_k_is_a_positive_integer():
+    """(2.5 was an IndexError, NaN was ignored, "3" a TypeError.)"""
+    for k in (2.5, float("nan"), "3", 0, -1):
+        with pytest.raises(ValueError, match="top_k"):
+            llm.next_token_probs(np.zeros(5), 1.0, k)
+    assert llm.next_token_probs(np.arange(5.0), 1.0, np.int64(2))[:3].tolist() == [0, 0, 0]
 
 
 def test_batched_generation_equals_one_at_a_time():
