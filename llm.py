@@ -2203,25 +2203,6 @@ def _f32_inplace(name, a, shape=None):
     return _f32(name, a, shape=shape)
 
 
-def _apart(written: dict, read: dict) -> dict:
-    """For a kernel that updates the arrays `written` in place while it reads
-    `read` (each name -> C-ordered array): two updated arrays that share
-    memory are an error (their updates would race); a read array that shares
-    memory with an updated one is copied first, so it is read as it came (as
-    NumPy's ufuncs read theirs) -> read. (Sorted by address, one pass.)"""
-    spans, near, copy = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, k, k in written)
-                               for k, a in [*written.items(), *read.items()] if a.nbytes), [], set()
-    for start, end, k, w in spans:
-        near = [s for s in near if s[0] > start]              # the spans before this one that reach into it
-        for _, other, other_w in near:
-            if w and other_w:
-                raise ValueError(f"{k}: shares memory with {other}, both updated in place: expected separate arrays")
-            if w or other_w:
-                copy.add(k if other_w else other)               # the one read
-        near.append((end, k, w))
-    return {k: a.copy() if k in copy else a for k, a in read.items()}
-
-
 def _ids(name, a, V, shape=None):
     """Token ids for C: integers in 0..V-1 (of `shape`), as C-ordered int64."""
     t = numpy.asarray(a)
@@ -2498,14 +2479,14 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     ps, gs, ms, vs = [], [], [], []
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
-        ps.append(p)
-        gs.append(_f32(f"grads[{k!r}]", grads[k], shape=p.shape))
-        ms.append(_f32_inplace(f"m[{k!r}]", m[k], p.shape))
-        vs.append(_f32_inplace(f"v[{k!r}]", v[k], p.shape))
+        mk, vk = (_f32_inplace(f"{n}[{k!r}]", d[k], p.shape) for n, d in (("m", m), ("v", v)))
+        if numpy.may_share_memory(mk, vk):
+            raise ValueError(f"m[{k!r}], v[{k!r}]: expected two arrays, got one memory (both updated in place)")
+        g = _f32(f"grads[{k!r}]", grads[k], shape=p.shape)
+        overlaps = any(numpy.may_share_memory(g, a) for a in (p, mk, vk))
+        ps.append(p), ms.append(mk), vs.append(vk), gs.append(g.copy() if overlaps else g)   # read as it came
     if not names:
         return
-    updated = {f"{n}[{k!r}]": a for n, arrays in (("params", ps), ("m", ms), ("v", vs)) for k, a in zip(names, arrays)}
-    gs = list(_apart(updated, {f"grads[{k!r}]": g for k, g in zip(names, gs)}).values())
     ffi, lib = _fastops.ffi, _fastops.lib
     b1, b2 = betas
     lib.fo_adamw(len(names), _ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), ffi.new("long[]", [p.size for p in ps]),
@@ -2540,7 +2521,8 @@ def fo_embedding_backward(dwte, idx, dx):
         raise ValueError(f"dwte: expected a (V, C) array, got shape {dwte.shape}")
     V, C = dwte.shape
     t = _ids("idx", idx, V)                                    # (1-D if idx is 0-d: then dx is (C,))
-    dx = _apart({"dwte": dwte}, {"dx": _f32("dx", dx, shape=(*numpy.shape(idx), C))})["dx"]
+    dx = _f32("dx", dx, shape=(*numpy.shape(idx), C))
+    dx = dx.copy() if numpy.may_share_memory(dx, dwte) else dx         # read as it came, as numpy.add.at does
     _fastops.lib.fo_embedding_backward(_ptr(dwte), _ids_ptr(t), _ptr(dx), t.size, C)
     return _done(dwte)
 
