@@ -21,6 +21,7 @@ C kernels on the CPU, its CUDA kernels on a GPU); nothing above it changes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import heapq
 import json
@@ -61,11 +62,21 @@ def atomic_write(path: str, data: bytes):
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a writer that was killed
         os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):                       # the write or the rename failed
+            os.remove(tmp)
+    with contextlib.suppress(OSError):                # the rename on disk too (Windows cannot open a folder)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 # =============================================================================

@@ -260,3 +260,20 @@ def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
     write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
     loaded, _ = llm.load_gpt2(str(tmp_path))
     assert loaded.config == model.config                  # 128 wide: 2 heads of 64
+
+
+def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
+    import stat
+    path = str(tmp_path / "f.bin")
+    with pytest.raises(TypeError):
+        llm.atomic_write(path, "not bytes")                          # the write fails
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no")))
+    with pytest.raises(OSError):
+        llm.atomic_write(path, b"data")                               # the rename fails
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+    llm.atomic_write(path, b"data")
+    assert open(path, "rb").read() == b"data"
+    assert synced == [False, True] or os.name == "nt"                 # the file, then its folder

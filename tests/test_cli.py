@@ -90,6 +90,13 @@ def test_resume_says_what_it_does(folder, tmp_path, capsys):
     assert "resuming" in out and "--max-iters 6 replaces the checkpoint's 4" in out
 
 
+def test_svg_pictures_are_written_atomically(tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr(llm, "atomic_write", lambda path, data: written.append((path, data)))
+    path = train.svg_line_chart({"loss": [(1, 2.0), (2, 1.0)]}, str(tmp_path / "c.svg"), "t", "step", "loss")
+    assert [p for p, _ in written] == [path] and written[0][1].startswith(b"<svg")
+
+
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     train.main(["pretrain", "--resume", "--out", str(tmp_path)] + TINY)
     assert "there is no" in capsys.readouterr().out and (tmp_path / "pretrain.safetensors").exists()
