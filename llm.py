@@ -110,10 +110,28 @@ class Tokenizer:
     how GPT-2's tiktoken encodes)."""
 
     def __init__(self, ranks: dict, special: dict, pattern: str = GPT2_SPLIT):
+        # Checked here, where every tokenizer is made (trained, or read from a file).
+        n = len(ranks)
+        bad = [f"{b!r}: {i!r}" for b, i in ranks.items() if not (isinstance(b, bytes) and b and type(i) is int)]
+        if bad or set(ranks.values()) != set(range(n)):
+            raise ValueError(f"ranks: expected the ids 0..{n - 1}, each once, of tokens (bytes), got "
+                             + (bad[0] if bad else f"ids {min(ranks.values())}..{max(ranks.values())}"))
+        lacking = [b for b in range(256) if bytes([b]) not in ranks]
+        if lacking:
+            raise ValueError(f"ranks: expected every single byte (byte-level BPE), got none for bytes {lacking[:8]}")
+        if not all(isinstance(s, str) and s and type(i) is int and i >= n for s, i in special.items()) \
+                or len(set(special.values())) != len(special):
+            raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
+                             f" got {str(special)[:80]}")
+        try:
+            self._split = re.compile(pattern)
+            if not isinstance(pattern, str) or not pattern or self._split.groups:
+                raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
+        except (TypeError, ValueError, re.error) as e:
+            raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
         self.ranks = ranks
         self.special = special                        # "<|end|>" -> id
         self.pattern = pattern
-        self._split = re.compile(pattern)
         self.decoder = {i: b for b, i in ranks.items()}
         self.decoder.update({i: s.encode() for s, i in special.items()})
         self.vocab_size = max(self.decoder) + 1
@@ -225,6 +243,10 @@ class Tokenizer:
         return [i for _, chunk_ids in self.chunks(text, allow_special) for i in chunk_ids]
 
     def decode_bytes(self, ids) -> bytes:
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, numpy.integer))]
+        if bad:                                       # (65.9 would be 65, True 1)
+            raise TypeError(f"ids: expected integer token ids, got {bad[0]!r}")
         try:
             return b"".join(self.decoder[int(i)] for i in ids)
         except KeyError as e:
@@ -253,13 +275,14 @@ class Tokenizer:
                     raise ValueError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
         if special is None:
             special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
-        return cls(ranks, special)
+        try:
+            return cls(ranks, special)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         """A human-readable, versioned description: tokens in id order, each
         token's bytes shown as latin-1 characters (one character per byte)."""
-        if sorted(self.ranks.values()) != list(range(len(self.ranks))):
-            raise ValueError("tokenizer: ranks must be the ids 0..n-1")
         tokens = [self.decoder[i].decode("latin-1") for i in range(len(self.ranks))]
         return json.dumps({"format": TOKENIZER_FORMAT, "pattern": self.pattern,
                            "special": self.special, "tokens": tokens}, ensure_ascii=True, indent=0)
@@ -271,8 +294,8 @@ class Tokenizer:
             if d.get("format") != TOKENIZER_FORMAT:
                 raise ValueError(f"expected format {TOKENIZER_FORMAT!r}, got {d.get('format')!r}")
             ranks = {t.encode("latin-1"): i for i, t in enumerate(d["tokens"])}
-            return cls(ranks, {s: int(i) for s, i in d["special"].items()}, d["pattern"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return cls(ranks, d["special"], d["pattern"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{source}: not a tokenizer file ({e})") from None
 
     def save(self, path: str):
@@ -280,7 +303,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:                   # (bytes: from_json names the file of bad UTF-8)
             return cls.from_json(f.read(), path)
 
 
