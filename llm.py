@@ -1720,17 +1720,22 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
         blobs.append(blob)
         offset += len(blob)
     data = b"".join(blobs)
-    # a checksum of the tensor bytes: a file damaged on disk is refused, not trained on
-    header["__metadata__"] = {**{k: str(v) for k, v in (metadata or {}).items()},
-                              "sha256": hashlib.sha256(data).hexdigest()}
+    # A checksum of the whole file: a file damaged on disk is refused, not
+    # trained on. It is the sha256 of the file with the checksum's own 64
+    # digits as zeros (the last thing in the header), written in their place.
+    header["__metadata__"] = {**{k: str(v) for k, v in (metadata or {}).items() if k != "checksum"},
+                              "checksum": "0" * 64}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                  # align the data to 8 bytes
-    atomic_write(path, struct.pack("<Q", len(head)) + head + data)
+    head = struct.pack("<Q", len(head)) + head
+    checksum, at = hashlib.sha256(head), head.rindex(b"0" * 64)
+    checksum.update(data)
+    atomic_write(path, head[:at] + checksum.hexdigest().encode() + head[at + 64:] + data)
 
 
 def load_safetensors(path: str):
-    """-> (tensors, metadata). A missing, truncated or foreign file is a
-    ValueError naming the file."""
+    """-> (tensors, metadata). A missing, truncated, damaged or foreign file
+    is a ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
@@ -1768,10 +1773,19 @@ def load_safetensors(path: str):
         arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
                                count=count, offset=begin).reshape(shape).astype(dtype)
         tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
-    if "sha256" not in meta:
+    if "checksum" in meta:                          # save_safetensors' (its digits as zeros, as it was taken)
+        digits = meta["checksum"].encode()
+        checksum = hashlib.sha256(raw[:8 + n].replace(digits, b"0" * len(digits), 1))
+        checksum.update(memoryview(raw)[8 + n:])
+        if checksum.hexdigest().encode() != digits:
+            raise ValueError(f"{path}: corrupt: the file's bytes do not match its checksum")
+    elif "sha256" in meta:                          # earlier versions': the tensor bytes alone
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
+    elif meta.get("format") in ("llm-checkpoint-v1", "llm-lora-v1"):
+        raise ValueError(f"{path}: no checksum, though llm writes one in every file: damaged")
+    else:
         warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
-    elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
     return tensors, meta
 
 

@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import llm
 from helpers import untrained
@@ -96,8 +96,10 @@ def test_safetensors_layout_is_standard(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-    import hashlib
-    assert header["__metadata__"] == {"k": "v", "sha256": hashlib.sha256(raw[8 + n:]).hexdigest()}
+    import hashlib                    # the checksum: of the whole file, with its own digits read as 0s
+    checksum = header["__metadata__"]["checksum"]
+    assert header["__metadata__"] == {"k": "v", "checksum": checksum}
+    assert hashlib.sha256(raw.replace(checksum.encode(), b"0" * 64)).hexdigest() == checksum
     assert (8 + n) % 8 == 0
     assert np.array_equal(np.frombuffer(raw[8 + n:], np.float32), np.arange(6))
 
@@ -260,6 +262,95 @@ def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
     write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
     loaded, _ = llm.load_gpt2(str(tmp_path))
     assert loaded.config == model.config                  # 128 wide: 2 heads of 64
+
+
+# ---- damaged and impossible files: a ValueError naming the file ------------------
+
+def stepped_checkpoint(tmp_path, lora=False, name="c.safetensors"):
+    """A checkpoint with a trained tokenizer and a training state whose
+    optimizer has stepped (with LoRA: the adapters alone train) -> its path."""
+    cfg, _ = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    if lora:
+        llm.add_lora(m, r=2)
+    state = llm.TrainState(10, llm.AdamW(), np.random.default_rng(0).bit_generator.state, [(10, 2.0, None)])
+    state.opt.step(m.params, {k: np.ones_like(v) for k, v in m.params.items() if k not in m.frozen})
+    path = str(tmp_path / name)
+    llm.save_checkpoint(path, m, TOK, state, stage="pretrain")
+    return path
+
+
+def parts(path):
+    """A safetensors file -> (its header, as JSON, and its data bytes)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_raw(path, header, data=b""):
+    """A safetensors file of this header (a dict, or the bytes themselves) and data, no checksum added."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + data)
+
+
+@pytest.mark.parametrize("old,new", [(b'\\"step\\": 10', b'\\"step\\": 11'),         # the training state
+                                     (b'"optimizer.v.wte.weight"', b'"optimizer.v,wte.weight"'),
+                                     (b'\\" symbol\\"', b'\\" symbox\\"'),               # a token's bytes
+                                     (b'"checksum"', b'"checksun"')])                # the checksum's own key
+def test_the_checksum_covers_the_whole_file(tmp_path, old, new):
+    """It covered the tensor bytes alone: a header edited (here by hand, as a
+    bit flip could) loaded, and resumed at the wrong step, or with zero
+    moments for a tensor the file still held."""
+    path = stepped_checkpoint(tmp_path)
+    raw = open(path, "rb").read()
+    if old == b'"checksum"' and old not in raw:             # (the key of before: still a key of the checksum)
+        old, new = b'"sha256"', b'"sha257"'
+    assert raw.count(old) == 1
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw.replace(old, new))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        llm.load_checkpoint(str(bad))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_bit_flipped_is_refused(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("flip")
+    path = stepped_checkpoint(tmp, lora=True)
+    raw = bytearray(open(path, "rb").read())
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    (tmp / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        llm.load_checkpoint(str(tmp / "bad.safetensors"))
+
+
+def test_files_of_earlier_versions_load_and_a_checkpoint_without_a_checksum_is_refused(tmp_path):
+    """Earlier versions' "sha256" covered the tensor bytes alone: such files
+    load, checked as before. An llm checkpoint or adapter with no checksum at
+    all is damaged; a foreign file (GPT-2's) without one is only warned of."""
+    import hashlib
+    path = stepped_checkpoint(tmp_path)
+    header, data = parts(path)
+    meta = header["__metadata__"]
+    meta.pop("checksum", None)
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    write_raw(tmp_path / "old.safetensors", header, data)
+    assert llm.load_checkpoint(str(tmp_path / "old.safetensors"))[2].step == 10
+    write_raw(tmp_path / "old.safetensors", header, data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="old.safetensors: corrupt"):
+        llm.load_checkpoint(str(tmp_path / "old.safetensors"))
+    del meta["sha256"]
+    for fmt in ("llm-checkpoint-v1", "llm-lora-v1"):
+        meta["format"] = fmt
+        write_raw(tmp_path / "none.safetensors", header, data)
+        with pytest.raises(ValueError, match="none.safetensors: no checksum"):
+            llm.load_safetensors(str(tmp_path / "none.safetensors"))
+    meta["format"] = "pt"
+    write_raw(tmp_path / "foreign.safetensors", header, data)
+    with pytest.warns(UserWarning, match="no checksum"):
+        llm.load_safetensors(str(tmp_path / "foreign.safetensors"))
 
 
 def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
