@@ -1749,12 +1749,12 @@ def load_safetensors(path: str):
         header = json.loads(raw[8:8 + n])
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError(f"{path}: __metadata__ must map names to strings, got {str(meta)[:80]!r}")
-    data, tensors = raw[8 + n:], {}
+    data, tensors, spans = raw[8 + n:], {}, []
     for name, t in header.items():
         try:
             dtype = _ST_DTYPES[t["dtype"]]
@@ -1770,9 +1770,17 @@ def load_safetensors(path: str):
         if not 0 <= begin <= end <= len(data) or end - begin != count * numpy.dtype(dtype).itemsize:
             raise ValueError(f"{path}: truncated or corrupt (tensor {name!r} wants bytes"
                              f" {begin}..{end} of {len(data)})")
-        arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
-                               count=count, offset=begin).reshape(shape).astype(dtype)
+        try:
+            arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
+                                   count=count, offset=begin).reshape(shape).astype(dtype)
+        except ValueError as e:                     # no bytes, but more dimensions than NumPy's, or huge ones
+            raise ValueError(f"{path}: tensor {name!r} has an impossible shape ({e})") from None
         tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
+        spans.append((begin, end))
+    spans.sort()                                    # the byte ranges must tile the data: 0..e0, e0..e1, ...
+    if [0] + [end for _, end in spans] != [begin for begin, _ in spans] + [len(data)]:
+        raise ValueError(f"{path}: corrupt: the tensors' byte ranges do not tile its {len(data)} bytes of data"
+                         " (they overlap, or leave bytes unread)")
     if "checksum" in meta:                          # save_safetensors' (its digits as zeros, as it was taken)
         digits = meta["checksum"].encode()
         checksum = hashlib.sha256(raw[:8 + n].replace(digits, b"0" * len(digits), 1))

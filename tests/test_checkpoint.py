@@ -353,6 +353,28 @@ def test_files_of_earlier_versions_load_and_a_checkpoint_without_a_checksum_is_r
         llm.load_safetensors(str(tmp_path / "foreign.safetensors"))
 
 
+F32 = lambda shape, begin, end: {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}  # noqa: E731
+
+
+@pytest.mark.filterwarnings("ignore:.*no checksum")
+@pytest.mark.parametrize("header,data,match", [
+    (b"[" * 100000 + b"]" * 100000, b"", "bad header"),                        # was RecursionError
+    ({"a": F32([0, 2**63], 0, 0)}, b"", "shape"),                               # numpy's errors, unnamed
+    ({"a": F32([1] * 70, 0, 4)}, b"\0" * 4, "shape"),
+    ({"a": F32([2], 0, 8), "b": F32([2], 4, 12)}, b"\0" * 12, "do not tile"),   # overlapping
+    ({"a": F32([1], 0, 4), "b": F32([1], 8, 12)}, b"\0" * 12, "do not tile"),   # a gap
+    ({"a": F32([1], 0, 4)}, b"\0" * 8, "do not tile"),                          # bytes after the last
+    ({"__metadata__": [], "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),    # were taken for {}
+    ({"__metadata__": "", "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+    ({"__metadata__": 0, "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+    ({"__metadata__": None, "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+], ids=["nested", "2**63", "70-dims", "overlap", "gap", "after", "meta-list", "meta-str", "meta-0", "meta-null"])
+def test_malformed_safetensors_headers_name_the_file(tmp_path, header, data, match):
+    write_raw(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(ValueError, match=f"x.safetensors: .*{match}"):
+        llm.load_safetensors(str(tmp_path / "x.safetensors"))
+
+
 def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
     import stat
     path = str(tmp_path / "f.bin")
