@@ -1797,6 +1797,28 @@ def load_safetensors(path: str):
     return tensors, meta
 
 
+def is_number(v) -> bool:
+    """A finite int or float, as JSON gives them (not a bool: True is 1 to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def lora_shapes(lora, shapes: dict) -> dict:
+    """LoRA metadata, {layer: {"scale", "dropout", "r", "alpha"}}, checked
+    against the shapes of the model's parameters -> the adapter tensors it
+    needs, {layer.lora_A: (in, r), layer.lora_B: (r, out)}."""
+    if not (isinstance(lora, dict) and all(
+            isinstance(s, dict) and all(is_number(s.get(k)) for k in ("scale", "dropout", "r", "alpha"))
+            and 0 <= s["dropout"] < 1 and type(s["r"]) is int and s["r"] >= 1 for s in lora.values())):
+        raise ValueError(f"lora: expected {{layer: {{scale, dropout in [0, 1), r >= 1, alpha}}}}, got {str(lora)[:80]}")
+    adapters = {}
+    for name, s in lora.items():
+        w = shapes.get(name + ".weight", ())
+        if not name.startswith("h.") or len(w) != 2:            # (add_lora adapts the blocks' linear layers)
+            raise ValueError(f"lora: {name!r} is not a linear layer of the model")
+        adapters.update({name + ".lora_A": (w[0], s["r"]), name + ".lora_B": (s["r"], w[1])})
+    return adapters
+
+
 def bf16_to_float32(words):
     """bfloat16 is the top 16 bits of a float32 (same sign and exponent, a
     shorter mantissa): shifting the words back up gives the float32 exactly."""
@@ -1807,6 +1829,8 @@ def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainSta
     """Weights, config, tokenizer, optimizer state, step and RNG state in one
     file. `info` adds JSON-able metadata (the stage, training settings...).
     A merged LoRA adapter is part of its weight now: it is not written."""
+    if tokenizer.vocab_size != model.config.vocab_size:      # (load_checkpoint would refuse the file)
+        raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids; the model's vocab_size is {model.config.vocab_size}")
     merged = {name + part for name in model.merged_lora for part in (".lora_A", ".lora_B")}
     tensors = {k: v for k, v in model.params.items() if k not in merged}
     meta = {"format": "llm-checkpoint-v1", "config": json.dumps(asdict(model.config)),
@@ -1831,32 +1855,30 @@ def load_checkpoint(path: str):
     if meta.get("format") != "llm-checkpoint-v1":
         raise ValueError(f"{path}: a safetensors file, but not an llm checkpoint"
                          f" (metadata format {meta.get('format')!r})")
+    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     try:
         config = GPTConfig(**json.loads(meta["config"]))
-        tokenizer = Tokenizer.from_json(meta["tokenizer"], path)
+        tokenizer = Tokenizer.from_json(meta["tokenizer"], "tokenizer")
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its config's vocab_size"
+                             f" is {config.vocab_size}")
         lora, info = json.loads(meta.get("lora", "{}")), json.loads(meta.get("info", "{}"))
         s = json.loads(meta["state"]) if "state" in meta else None
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not (isinstance(lora, dict) and isinstance(info, dict) and all(
-                isinstance(v, dict) and all(number(v.get(k)) for k in ("scale", "dropout", "r", "alpha"))
-                and 0 <= v["dropout"] < 1 for v in lora.values())):
-            raise ValueError("lora and info must be JSON objects, each adapter with its numbers")
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if not isinstance(info, dict):
+            raise ValueError(f"info: expected a JSON object, got {str(info)[:80]}")
+        if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
+            raise ValueError(f"its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
+        C, expected = config.n_embd, param_shapes(config)
+        expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
+        adapters = lora_shapes(lora, expected)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
-    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
-    if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
-        raise ValueError(f"{path}: its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
-    C, expected = config.n_embd, param_shapes(config)
-    expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
-    for name in lora:
-        k, n = expected.get(name + ".weight", (0, 0))
-        r = params[name + ".lora_A"].shape[-1] if name + ".lora_A" in params else 0
-        expected.update({name + ".lora_A": (k, r), name + ".lora_B": (r, n)})
-    missing = set(param_shapes(config)) - set(params)
+    expected.update(adapters)
+    missing = (set(param_shapes(config)) | set(adapters)) - set(params)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensors {sorted(missing)[:5]}")
     for k, v in tensors.items():
-        want = expected.get(k[len("optimizer.m."):] if k.startswith("optimizer.") else k)
+        want = expected.get(re.sub(r"^optimizer\.[mv]\.", "", k) if s else k)   # AdamW's moments: their parameter's
         if want is None or tuple(v.shape) != want or v.dtype != config.dtype:
             raise ValueError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}; the config the file"
                              f" carries expects " + ("no such tensor" if want is None else f"{config.dtype} {want}"))
@@ -1873,12 +1895,17 @@ def load_checkpoint(path: str):
             opt.m = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.m.")}
             opt.v = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.v.")}
         state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
-        if not all(len(h) == 3 and type(h[0]) is int and number(h[1]) and (h[2] is None or number(h[2]))
+        if not all(len(h) == 3 and type(h[0]) is int and is_number(h[1]) and (h[2] is None or is_number(h[2]))
                    for h in state.history):
             raise ValueError("history: expected (step, loss, validation loss or None) rows")
-        if type(state.step) is not int or state.step < 0 or opt and not (
-                type(opt.t) is int and all(map(number, (opt.lr, opt.eps, opt.weight_decay, *opt.betas)))):
+        if type(state.step) is not int or state.step < 0 or opt and not (type(opt.t) is int and opt.t >= 0 and all(
+                map(is_number, (opt.lr, opt.eps, opt.weight_decay, *opt.betas)))):
             raise ValueError(f"step {state.step!r} or optimizer {s['opt']!r}: expected counts and numbers")
+        moments = {k for k in tensors if k.startswith("optimizer.")}
+        trained = set(params) - model.frozen if opt and (opt.t or moments) else ()    # none before a step
+        if moments != {f"optimizer.{mv}.{k}" for mv in "mv" for k in trained}:
+            raise ValueError(f"optimizer: expected the moments m and v of its {len(trained)} trainable"
+                             f" parameters, got {len(moments)} tensors ({sorted(moments)[:2]}...)")
         if state.rng_state is not None:
             numpy.random.default_rng().bit_generator.state = state.rng_state
     except (KeyError, TypeError, ValueError, OverflowError) as e:   # (an RNG word out of range: OverflowError)

@@ -375,6 +375,70 @@ def test_malformed_safetensors_headers_name_the_file(tmp_path, header, data, mat
         llm.load_safetensors(str(tmp_path / "x.safetensors"))
 
 
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def drop(*names):
+    return lambda t, m: [t.pop(n) for n in names]
+
+
+def set_state(**changes):
+    def edit(t, m):
+        s = json.loads(m["state"])
+        s["opt"].update(changes)
+        m["state"] = json.dumps(s)
+    return edit
+
+
+def set_lora(value):
+    def edit(t, m):
+        lora = json.loads(m["lora"])
+        m["lora"] = json.dumps(value(lora) if callable(value) else value)
+    return edit
+
+
+def first_adapter(lora):
+    return next(iter(lora))
+
+
+@pytest.mark.parametrize("lora,edit,match", [
+    (False, lambda t, m: m.update(info=NESTED), "recursion"),                   # was RecursionError
+    (False, lambda t, m: m.update(config=NESTED), "recursion"),
+    (False, lambda t, m: m.update(tokenizer=llm.byte_tokenizer().to_json()), "vocab_size"),
+    (False, lambda t, m: m.update(tokenizer=m["tokenizer"].replace('" symbol"', '" the"')), "ranks"),
+    (False, drop("optimizer.v.wte.weight"), "optimizer"),                       # m without v
+    (False, drop("optimizer.m.wte.weight", "optimizer.v.wte.weight"), "optimizer"),   # neither
+    (False, lambda t, m: t.update({"optimizer.x.wte.weight": t.pop("optimizer.m.wte.weight")}), "optimizer.x"),
+    (False, set_state(t=-1), "optimizer"),
+    (True, lambda t, m: t.update({"optimizer.m.wte.weight": t["wte.weight"],        # a frozen weight's
+                                  "optimizer.v.wte.weight": t["wte.weight"]}), "optimizer"),
+    (True, drop("h.0.attn.c_attn.lora_A", "h.0.attn.c_attn.lora_B",
+                "optimizer.m.h.0.attn.c_attn.lora_A", "optimizer.v.h.0.attn.c_attn.lora_A",
+                "optimizer.m.h.0.attn.c_attn.lora_B", "optimizer.v.h.0.attn.c_attn.lora_B"), "lora_A"),
+    (True, set_lora(lambda d: {k: {**v, "dropout": 2.0} for k, v in d.items()}), "lora"),
+    (True, set_lora([]), "lora"),
+    (True, set_lora(lambda d: {k: {"r": 2} for k in d}), "lora"),
+    (True, set_lora(lambda d: {**d, "wte": d[first_adapter(d)]}), "lora"),      # not a linear layer
+])
+def test_impossible_checkpoints_are_refused_at_load(tmp_path, lora, edit, match):
+    """Each was loaded (or failed later, or with a traceback): moments missing
+    or for a frozen weight, a negative AdamW step, a tokenizer that does not
+    fit the config, adapters without their tensors."""
+    tensors, meta = llm.load_safetensors(stepped_checkpoint(tmp_path, lora))
+    edit(tensors, meta)
+    bad = str(tmp_path / "bad.safetensors")
+    llm.save_safetensors(bad, tensors, meta)
+    with pytest.raises(ValueError, match=f"(?i)bad.safetensors: .*{match}"):
+        llm.load_checkpoint(bad)
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_not_written(tmp_path):
+    cfg, _ = small()
+    with pytest.raises(ValueError, match="tokenizer: has 260 ids; the model's vocab_size is 300"):
+        llm.save_checkpoint(str(tmp_path / "c.safetensors"), llm.GPT(cfg), llm.byte_tokenizer())
+    assert not os.listdir(tmp_path)
+
+
 def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
     import stat
     path = str(tmp_path / "f.bin")
