@@ -1680,19 +1680,35 @@ def save_lora(path: str, model: GPT):
     """The adapter alone: A and B of every adapted layer, a few percent of
     the model, applied later to the same base model with load_lora()."""
     save_safetensors(path, {k: v for k, v in model.params.items() if ".lora_" in k},
-                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **model.merged_lora})})
+                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **model.merged_lora}),
+                      "config": json.dumps(asdict(model.config))})
 
 
 def load_lora(path: str, model: GPT):
+    """save_lora's adapters, applied to `model`: the base model they were
+    trained on (its config, if the file records it, and its weights' shapes)."""
+    if model.merged_lora:
+        raise ValueError(f"model: its adapters are merged into its weights: {path}'s would add to them"
+                         " (unmerge_lora(model) first)")
     tensors, meta = load_safetensors(path)
-    if meta.get("format") != "llm-lora-v1":
-        raise ValueError(f"{path}: not an llm LoRA adapter (metadata format {meta.get('format')!r})")
-    for k, v in tensors.items():
-        base = k.rsplit(".lora_", 1)[0] + ".weight"
-        if base not in model.params:
-            raise ValueError(f"{path}: adapter tensor {k!r} has no weight {base!r} in the model")
+    try:
+        if meta.get("format") != "llm-lora-v1":
+            raise ValueError(f"not an llm LoRA adapter (metadata format {meta.get('format')!r})")
+        base = json.loads(meta.get("config", "{}"))                     # (earlier files have none)
+        if any(base.get(k, v) != v for k, v in asdict(model.config).items() if k != "dropout"):
+            raise ValueError(f"adapters of another model ({meta['config']}), not of {model.config}")
+        lora = json.loads(meta.get("lora", "null"))
+        want = lora_shapes(lora, {k: v.shape for k, v in model.params.items()})
+        want = {k: (model.config.dtype, shape) for k, shape in want.items()}
+        got = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        if got != want:
+            k = min(set(got) ^ set(want) or {k for k in got if got[k] != want[k]})
+            raise ValueError(f"adapter tensor {k!r} is {got.get(k, 'missing')}; the model needs"
+                             f" {want.get(k, 'no such tensor')}")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{path}: {e}") from None
     model.params.update(tensors)
-    model.lora = json.loads(meta["lora"])
+    model.lora = lora
     freeze_base(model)
 
 

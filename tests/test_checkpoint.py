@@ -454,3 +454,48 @@ def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path
     llm.atomic_write(path, b"data")
     assert open(path, "rb").read() == b"data"
     assert synced == [False, True] or os.name == "nt"                 # the file, then its folder
+
+
+# ---- LoRA adapters: load_lora checks them against the model ----------------------
+
+def adapter_file(tmp_path, cfg=None, name="a.safetensors"):
+    m = llm.GPT(cfg or small()[0])
+    llm.add_lora(m, r=2)
+    llm.save_lora(str(tmp_path / name), m)
+    return str(tmp_path / name)
+
+
+def resaved(tmp_path, path, edit):
+    tensors, meta = llm.load_safetensors(path)
+    edit(tensors, meta)
+    llm.save_safetensors(str(tmp_path / "bad.safetensors"), tensors, meta)
+    return str(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("source,edit,match", [
+    (dict(n_embd=32), None, "another model"),                                   # other widths
+    (dict(n_layer=1), None, "another model"),                                   # h.1 left without
+    (dict(n_embd=32), lambda t, m: m.pop("config", None), "lora_A"),                # a file of before: the shapes
+    ({}, set_lora([]), "lora"),
+    ({}, set_lora(lambda d: {k: {"r": 2} for k in d}), "lora"),
+    ({}, set_lora(lambda d: {k: {**v, "dropout": 2.0} for k, v in d.items()}), "lora"),
+    ({}, lambda t, m: m.pop("lora"), "lora"),                                   # was KeyError
+    ({}, drop("h.1.mlp.c_fc.lora_B"), "h.1.mlp.c_fc.lora_B"),
+    ({}, lambda t, m: t.update({"h.0.ln_1.lora_A": np.zeros((16, 2), np.float32)}), "h.0.ln_1.lora_A"),
+])
+def test_load_lora_checks_the_adapters_against_the_model(tmp_path, source, edit, match):
+    """An adapter of another model loaded: unchecked shapes, or layers left
+    without one (and frozen); malformed metadata, or tensors it does not list."""
+    path = adapter_file(tmp_path, llm.GPTConfig(**{**small()[0].__dict__, **source}))
+    if edit is not None:
+        path = resaved(tmp_path, path, edit)
+    with pytest.raises(ValueError, match=f"{os.path.basename(path)}: .*{match}"):
+        llm.load_lora(path, llm.GPT(small()[0]))
+
+
+def test_load_lora_refuses_a_model_whose_adapters_are_merged(tmp_path):
+    m = llm.GPT(small()[0])
+    llm.add_lora(m, r=2)
+    llm.merge_lora(m)
+    with pytest.raises(ValueError, match="merged"):                   # were applied twice
+        llm.load_lora(adapter_file(tmp_path), m)
