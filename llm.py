@@ -1957,23 +1957,32 @@ def load_gpt2(path_or_dir: str, n_head: int = None):
     folder = os.path.dirname(os.path.abspath(path))
     tensors, _ = load_safetensors(path)
     params = {re.sub(r"^transformer\.", "", k): v for k, v in tensors.items() if not _HF_BUFFER.search(k)}
-    if "wte.weight" not in params or "wpe.weight" not in params:
-        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight tensors)")
+    if not all(getattr(params.get(k), "ndim", 0) == 2 for k in ("wte.weight", "wpe.weight")):
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight matrices)")
     head = params.pop("lm_head.weight", None)
     if head is not None and not (head.shape == params["wte.weight"].shape
                                  and xp.array_equal(head, params["wte.weight"])):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; llm ties them")
-    if n_head is None and os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            n_head = json.load(f).get("n_head")
     (V, C), T = params["wte.weight"].shape, params["wpe.weight"].shape[0]
+    where, config = "n_head", os.path.join(folder, "config.json")
+    if n_head is None and os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                where, n_head = f"{config}: n_head", json.load(f).get("n_head")
+        except (ValueError, AttributeError, RecursionError) as e:     # (not UTF-8, not JSON, not an object)
+            raise ValueError(f"{config}: expected a JSON object ({type(e).__name__}: {e})") from None
     if n_head is None:
         if C % 64:
             raise ValueError(f"{path}: cannot infer n_head for n_embd={C}; pass n_head"
                              " or put a config.json with n_head beside the file")
         n_head = C // 64
+    if isinstance(n_head, bool) or not isinstance(n_head, (int, numpy.integer)) or n_head < 1 or C % n_head:
+        raise ValueError(f"{where}: expected a positive integer that divides n_embd={C}, got {n_head!r}")
     n_layer = len({name.split(".")[1] for name in params if name.startswith("h.")})
-    cfg = GPTConfig(n_layer=n_layer, n_head=int(n_head), n_embd=C, block_size=T, vocab_size=V)
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=int(n_head), n_embd=C, block_size=T, vocab_size=V)
+    except ValueError as e:                                             # (an empty wte or wpe)
+        raise ValueError(f"{path}: {e}") from None
     shapes = param_shapes(cfg)
     missing, extra = set(shapes) - set(params), set(params) - set(shapes)
     if missing or extra:

@@ -250,6 +250,29 @@ def test_load_gpt2_widens_half_precision(tmp_path, kind):
     assert np.array_equal(want.argmax(-1), got.argmax(-1)) or kind == "BF16"
 
 
+def flat_wte(t):
+    t["lm_head.weight"] = t["transformer.wte.weight"] = t["transformer.wte.weight"].reshape(-1)
+
+
+@pytest.mark.parametrize("config,edit,match", [
+    ("not JSON", None, "config.json"), ("[2]", None, "config.json"), ("[" * 100000 + "]" * 100000, None, "config.json"),
+    ('{"n_head": 3}', None, "config.json: n_head"),                    # 16 wide: not a divisor
+    ('{"n_head": 0}', None, "config.json: n_head"), ('{"n_head": "2"}', None, "config.json: n_head"),
+    ('{"n_head": 2.5}', None, "config.json: n_head"),                  # int() made it 2
+    ('{"n_head": 2}', flat_wte, "model.safetensors: .*wte"),             # "not enough values to unpack"
+    ('{"n_head": 2}', lambda t: t.update({"transformer.wpe.weight": np.array(1.0, np.float32)}),
+     "model.safetensors: .*wpe"),                                        # IndexError
+], ids=["text", "list", "nested", "3-heads", "0-heads", "heads-text", "heads-float", "wte-1d", "wpe-0d"])
+def test_load_gpt2_names_the_file_of_a_mistake(tmp_path, config, edit, match):
+    t = hf_tensors(untrained(TOK.vocab_size))
+    if edit:
+        edit(t)
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=match):
+        llm.load_gpt2(str(tmp_path))
+
+
 @given(st.floats(width=32, allow_nan=False))
 def test_bf16_is_the_top_half_of_float32(x):
     word = np.array([x], np.float32).view(np.uint32) >> 16
