@@ -1105,6 +1105,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     text_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     if resume and os.path.exists(ckpt):
         model, tokenizer, state, info = load_checkpoint(ckpt)
+        if state is None:
+            raise ValueError(f"{ckpt}: no training state to resume (a checkpoint of another stage?)")
         if info.get("text", text_id) != text_id:
             raise ValueError(f"text: not the text {ckpt} was trained on: resuming needs the same text")
     else:

@@ -248,9 +248,18 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropo
 def resume_settings(a, ckpt):
     """--resume continues the checkpoint as it is: a model flag that says
     otherwise is an error; the training settings are the checkpoint's, save
-    the ones given on the command line, which are said."""
+    the ones given on the command line, which are said, each checked as its
+    flag is."""
     try:
         model, _, state, info = llm.load_checkpoint(ckpt)
+        train, ranks, t = info.get("train", {}), info.get("ranks", 1), vars(llm.TrainConfig())
+        if state is None:
+            raise ValueError(f"{ckpt}: no training state to resume (a checkpoint of another stage?)")
+        bad = ({k: v for k, v in train.items() if k not in t or type(v) not in (type(t[k]), int)}
+               if isinstance(train, dict) else {"train": train})
+        if bad or type(ranks) is not int or ranks < 1:
+            raise ValueError(f"{ckpt}: expected TrainConfig's settings, of its types, and ranks >= 1;"
+                             f" got {str(bad)[:80]}, ranks {ranks!r}")
     except ValueError as e:
         raise UserError(f"--resume: {e}") from None
     c = model.config
@@ -259,15 +268,16 @@ def resume_settings(a, ckpt):
             raise UserError(f"--{k.replace('_', '-')}: {ckpt} has {k} {getattr(c, k)}, not {getattr(a, k)}: --resume"
                             f" continues it as it is (drop --{k.replace('_', '-')}, or start a new --out)")
         setattr(a, k, getattr(c, k))
-    for k, v in info.get("train", {}).items():
+    for k, v in train.items():
         if k in a.given and getattr(a, k) != v:
             print(f"  --{k.replace('_', '-')} {getattr(a, k)} replaces the checkpoint's {v}: the run no longer"
                   " continues exactly as it started")
         elif hasattr(a, k):
             setattr(a, k, v)
-    ranks, n = info.get("ranks", 1), llm.world.size        # processes (mpirun -n) then and now
+    check_ranges(a, train, f" (from {ckpt})")
+    n = llm.world.size                                     # processes (mpirun -n) then and now
     if ranks != n:
-        per_step = ranks * info.get("train", {}).get("grad_accum", 1)       # micro-batches per step
+        per_step = ranks * train.get("grad_accum", 1)      # micro-batches per step
         if "grad_accum" not in a.given:
             a.grad_accum = max(1, round(per_step / n))
         keeps = n * a.grad_accum == per_step
@@ -1157,14 +1167,19 @@ RANGES = [
 ]
 
 
+def check_ranges(a, names, source=""):
+    """The flags `names` in their RANGES: a mistake is one line naming the flag (and where its value came from)."""
+    for flags, ok, what in RANGES:
+        for name in flags:
+            v = getattr(a, name, None)
+            if name in names and v is not None and not ok(v):
+                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}{source}")
+
+
 def check_args(a):
     """Every flag in its range, and a run folder that can be written: a
     mistake is one line naming the flag, before anything runs."""
-    for names, ok, what in RANGES:
-        for name in names:
-            v = getattr(a, name, None)
-            if v is not None and not ok(v):
-                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
+    check_ranges(a, vars(a))
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
     if not hasattr(a, "explain") and llm.world.rank == 0:     # (rank 0 alone writes)

@@ -462,6 +462,14 @@ def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_not_written(tmp_
     assert not os.listdir(tmp_path)
 
 
+def test_resuming_needs_a_training_state(tmp_path):
+    cfg, tc = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    llm.save_checkpoint(str(tmp_path / "pretrain.safetensors"), m, TOK)        # no state: was AttributeError
+    with pytest.raises(ValueError, match="pretrain.safetensors: .*training state"):
+        llm.pretrain(TEXT, str(tmp_path), cfg, tc, resume=True)
+
+
 def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
     import stat
     path = str(tmp_path / "f.bin")
