@@ -1137,6 +1137,10 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     if state.step < tc.max_iters:                   # stopped early: keep the state
         save()
         return {}
+    done = os.path.join(out, "metrics.json")
+    if state.step == first and os.path.exists(done):    # resumed when finished: no step ran, the figures stand
+        with open(done) as f:
+            return json.load(f)
     val = next(v for _, _, v in reversed(state.history) if v is not None)
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
@@ -1144,7 +1148,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                "steps": state.step, "wall_seconds": wall,
                "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,  # every rank's
                "params": model.num_params(), "bytes_per_token": bpt}
-    atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    atomic_write(done, json.dumps(metrics, indent=2).encode())
     return metrics
 
 

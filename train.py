@@ -249,7 +249,7 @@ def resume_settings(a, ckpt):
     """--resume continues the checkpoint as it is: a model flag that says
     otherwise is an error; the training settings are the checkpoint's, save
     the ones given on the command line, which are said, each checked as its
-    flag is."""
+    flag is. -> the step it resumes at."""
     try:
         model, _, state, info = llm.load_checkpoint(ckpt)
         train, ranks, t = info.get("train", {}), info.get("ranks", 1), vars(llm.TrainConfig())
@@ -286,13 +286,14 @@ def resume_settings(a, ckpt):
                                                   f"makes {n * a.grad_accum} micro-batches per step, not {per_step}:"
                                                   " the run no longer continues exactly as it started"))
     print(f"[pretrain] resuming {ckpt} at step {state.step}")
+    return state.step
 
 
 def run_pretrain(a):
     path, text = read_text(a)
-    ckpt = os.path.join(a.out, "pretrain.safetensors")
+    ckpt, first = os.path.join(a.out, "pretrain.safetensors"), 0
     if a.resume and os.path.exists(ckpt):
-        resume_settings(a, ckpt)
+        first = resume_settings(a, ckpt)
     elif a.resume:
         print(f"--resume: there is no {ckpt} yet: starting a new run")
     cfg = llm.GPTConfig(a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size, dropout=a.dropout)
@@ -319,6 +320,10 @@ def run_pretrain(a):
         raise UserError(f"pretraining stopped: {e}; {last}") from None
     if not m:
         return None
+    done = os.path.join(a.out, "pretrain.json")
+    if m["steps"] == first and os.path.exists(done):     # resumed when finished: no step ran, the results stand
+        with open(done) as f:
+            return json.load(f)
     model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
     prompt = "The capital of France is"
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
@@ -1400,7 +1405,7 @@ def run(a):
         RUNNING = None
         if m is None:                    # pretraining stopped before its end
             return
-        m["seconds"] = time.time() - t
+        m.setdefault("seconds", time.time() - t)       # (pretraining resumed when finished keeps its own)
         llm.atomic_write(done, json.dumps(m, indent=2).encode())
     if llm.world.rank:                   # rank 0 writes the report card
         return

@@ -470,6 +470,14 @@ def test_resuming_needs_a_training_state(tmp_path):
         llm.pretrain(TEXT, str(tmp_path), cfg, tc, resume=True)
 
 
+def test_resuming_a_finished_run_keeps_its_figures(tmp_path):
+    """No step runs: the figures are the run's, not 0 tokens/s in no time."""
+    cfg, tc = small()
+    first = llm.pretrain(TEXT, str(tmp_path), cfg, tc)
+    assert llm.pretrain(TEXT, str(tmp_path), cfg, tc, resume=True) == first
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first
+
+
 def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
     import stat
     path = str(tmp_path / "f.bin")

@@ -1,6 +1,7 @@
 """The command line's answer to a user's mistake: one line on stderr that
 names the flag or file, exit status 2, no traceback; and what it says and
 keeps when a run is resumed, interrupted, or its loss turns to NaN."""
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,17 @@ def test_resume_checks_the_checkpoint_s_settings(folder, tmp_path, capsys, info,
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert names in err and "pretrain.safetensors" in err and "Traceback" not in err, err
+
+
+def test_resuming_a_finished_pretraining_keeps_its_figures(tmp_path, capsys):
+    """No step runs: its pretrain.json and metrics.json stay (they said 0
+    tokens/s in no time)."""
+    train.main(["pretrain", "--out", str(tmp_path)] + TINY)
+    kept = {f: (tmp_path / f).read_text() for f in ("pretrain.json", "metrics.json")}
+    capsys.readouterr()
+    train.main(["pretrain", "--resume", "--out", str(tmp_path)])
+    assert " 0 tokens/s" not in capsys.readouterr().out
+    assert {f: json.loads((tmp_path / f).read_text()) for f in kept} == {f: json.loads(t) for f, t in kept.items()}
 
 
 def test_svg_pictures_are_written_atomically(tmp_path, monkeypatch):
