@@ -21,6 +21,7 @@ C kernels on the CPU, its CUDA kernels on a GPU); nothing above it changes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import heapq
 import json
@@ -61,11 +62,21 @@ def atomic_write(path: str, data: bytes):
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a writer that was killed
         os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):                       # the write or the rename failed
+            os.remove(tmp)
+    with contextlib.suppress(OSError):                # the rename on disk too (Windows cannot open a folder)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 # =============================================================================
@@ -99,10 +110,28 @@ class Tokenizer:
     how GPT-2's tiktoken encodes)."""
 
     def __init__(self, ranks: dict, special: dict, pattern: str = GPT2_SPLIT):
+        # Checked here, where every tokenizer is made (trained, or read from a file).
+        n = len(ranks)
+        bad = [f"{b!r}: {i!r}" for b, i in ranks.items() if not (isinstance(b, bytes) and b and type(i) is int)]
+        if bad or set(ranks.values()) != set(range(n)):
+            raise ValueError(f"ranks: expected the ids 0..{n - 1}, each once, of tokens (bytes), got "
+                             + (bad[0] if bad else f"ids {min(ranks.values())}..{max(ranks.values())}"))
+        lacking = [b for b in range(256) if bytes([b]) not in ranks]
+        if lacking:
+            raise ValueError(f"ranks: expected every single byte (byte-level BPE), got none for bytes {lacking[:8]}")
+        if not all(isinstance(s, str) and s and type(i) is int and i >= n for s, i in special.items()) \
+                or len(set(special.values())) != len(special):
+            raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
+                             f" got {str(special)[:80]}")
+        try:
+            self._split = re.compile(pattern)
+            if not isinstance(pattern, str) or not pattern or self._split.groups:
+                raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
+        except (TypeError, ValueError, re.error) as e:
+            raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
         self.ranks = ranks
         self.special = special                        # "<|end|>" -> id
         self.pattern = pattern
-        self._split = re.compile(pattern)
         self.decoder = {i: b for b, i in ranks.items()}
         self.decoder.update({i: s.encode() for s, i in special.items()})
         self.vocab_size = max(self.decoder) + 1
@@ -217,6 +246,10 @@ class Tokenizer:
         return [i for _, chunk_ids in self.chunks(text, allow_special) for i in chunk_ids]
 
     def decode_bytes(self, ids) -> bytes:
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, numpy.integer))]
+        if bad:                                       # (65.9 would be 65, True 1)
+            raise TypeError(f"ids: expected integer token ids, got {bad[0]!r}")
         try:
             return b"".join(self.decoder[int(i)] for i in ids)
         except KeyError as e:
@@ -245,13 +278,14 @@ class Tokenizer:
                     raise ValueError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
         if special is None:
             special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
-        return cls(ranks, special)
+        try:
+            return cls(ranks, special)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         """A human-readable, versioned description: tokens in id order, each
         token's bytes shown as latin-1 characters (one character per byte)."""
-        if sorted(self.ranks.values()) != list(range(len(self.ranks))):
-            raise ValueError("tokenizer: ranks must be the ids 0..n-1")
         tokens = [self.decoder[i].decode("latin-1") for i in range(len(self.ranks))]
         return json.dumps({"format": TOKENIZER_FORMAT, "pattern": self.pattern,
                            "special": self.special, "tokens": tokens}, ensure_ascii=True, indent=0)
@@ -263,8 +297,8 @@ class Tokenizer:
             if d.get("format") != TOKENIZER_FORMAT:
                 raise ValueError(f"expected format {TOKENIZER_FORMAT!r}, got {d.get('format')!r}")
             ranks = {t.encode("latin-1"): i for i, t in enumerate(d["tokens"])}
-            return cls(ranks, {s: int(i) for s, i in d["special"].items()}, d["pattern"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return cls(ranks, d["special"], d["pattern"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{source}: not a tokenizer file ({e})") from None
 
     def save(self, path: str):
@@ -272,7 +306,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:                   # (bytes: from_json names the file of bad UTF-8)
             return cls.from_json(f.read(), path)
 
 
@@ -1117,6 +1151,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     text_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     if resume and os.path.exists(ckpt):
         model, tokenizer, state, info = load_checkpoint(ckpt)
+        if state is None:
+            raise ValueError(f"{ckpt}: no training state to resume (a checkpoint of another stage?)")
         if info.get("text", text_id) != text_id:
             raise ValueError(f"text: not the text {ckpt} was trained on: resuming needs the same text")
     else:
@@ -1147,6 +1183,10 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
     if state.step < tc.max_iters:                   # stopped early: keep the state
         save()
         return {}
+    done = os.path.join(out, "metrics.json")
+    if state.step == first and os.path.exists(done):    # resumed when finished: no step ran, the figures stand
+        with open(done) as f:
+            return json.load(f)
     val = next(v for _, _, v in reversed(state.history) if v is not None)
     wall = time.time() - t0
     metrics = {"train_loss": estimate_loss(model, train_ids, B, tc.eval_iters),
@@ -1154,7 +1194,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                "steps": state.step, "wall_seconds": wall,
                "tokens_per_second": (state.step - first) * tc.grad_accum * world.size * B * T / wall,  # every rank's
                "params": model.num_params(), "bytes_per_token": bpt}
-    atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    atomic_write(done, json.dumps(metrics, indent=2).encode())
     return metrics
 
 
@@ -1692,19 +1732,35 @@ def save_lora(path: str, model: GPT):
     """The adapter alone: A and B of every adapted layer, a few percent of
     the model, applied later to the same base model with load_lora()."""
     save_safetensors(path, {k: v for k, v in model.params.items() if ".lora_" in k},
-                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **model.merged_lora})})
+                     {"format": "llm-lora-v1", "lora": json.dumps({**model.lora, **model.merged_lora}),
+                      "config": json.dumps(asdict(model.config))})
 
 
 def load_lora(path: str, model: GPT):
+    """save_lora's adapters, applied to `model`: the base model they were
+    trained on (its config, if the file records it, and its weights' shapes)."""
+    if model.merged_lora:
+        raise ValueError(f"model: its adapters are merged into its weights: {path}'s would add to them"
+                         " (unmerge_lora(model) first)")
     tensors, meta = load_safetensors(path)
-    if meta.get("format") != "llm-lora-v1":
-        raise ValueError(f"{path}: not an llm LoRA adapter (metadata format {meta.get('format')!r})")
-    for k, v in tensors.items():
-        base = k.rsplit(".lora_", 1)[0] + ".weight"
-        if base not in model.params:
-            raise ValueError(f"{path}: adapter tensor {k!r} has no weight {base!r} in the model")
+    try:
+        if meta.get("format") != "llm-lora-v1":
+            raise ValueError(f"not an llm LoRA adapter (metadata format {meta.get('format')!r})")
+        base = json.loads(meta.get("config", "{}"))                     # (earlier files have none)
+        if any(base.get(k, v) != v for k, v in asdict(model.config).items() if k != "dropout"):
+            raise ValueError(f"adapters of another model ({meta['config']}), not of {model.config}")
+        lora = json.loads(meta.get("lora", "null"))
+        want = lora_shapes(lora, {k: v.shape for k, v in model.params.items()})
+        want = {k: (model.config.dtype, shape) for k, shape in want.items()}
+        got = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        if got != want:
+            k = min(set(got) ^ set(want) or {k for k in got if got[k] != want[k]})
+            raise ValueError(f"adapter tensor {k!r} is {got.get(k, 'missing')}; the model needs"
+                             f" {want.get(k, 'no such tensor')}")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{path}: {e}") from None
     model.params.update(tensors)
-    model.lora = json.loads(meta["lora"])
+    model.lora = lora
     freeze_base(model)
 
 
@@ -1732,17 +1788,22 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
         blobs.append(blob)
         offset += len(blob)
     data = b"".join(blobs)
-    # a checksum of the tensor bytes: a file damaged on disk is refused, not trained on
-    header["__metadata__"] = {**{k: str(v) for k, v in (metadata or {}).items()},
-                              "sha256": hashlib.sha256(data).hexdigest()}
+    # A checksum of the whole file: a file damaged on disk is refused, not
+    # trained on. It is the sha256 of the file with the checksum's own 64
+    # digits as zeros (the last thing in the header), written in their place.
+    header["__metadata__"] = {**{k: str(v) for k, v in (metadata or {}).items() if k != "checksum"},
+                              "checksum": "0" * 64}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                  # align the data to 8 bytes
-    atomic_write(path, struct.pack("<Q", len(head)) + head + data)
+    head = struct.pack("<Q", len(head)) + head
+    checksum, at = hashlib.sha256(head), head.rindex(b"0" * 64)
+    checksum.update(data)
+    atomic_write(path, head[:at] + checksum.hexdigest().encode() + head[at + 64:] + data)
 
 
 def load_safetensors(path: str):
-    """-> (tensors, metadata). A missing, truncated or foreign file is a
-    ValueError naming the file."""
+    """-> (tensors, metadata). A missing, truncated, damaged or foreign file
+    is a ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
@@ -1756,12 +1817,12 @@ def load_safetensors(path: str):
         header = json.loads(raw[8:8 + n])
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError(f"{path}: __metadata__ must map names to strings, got {str(meta)[:80]!r}")
-    data, tensors = raw[8 + n:], {}
+    data, tensors, spans = raw[8 + n:], {}, []
     for name, t in header.items():
         try:
             dtype = _ST_DTYPES[t["dtype"]]
@@ -1777,14 +1838,53 @@ def load_safetensors(path: str):
         if not 0 <= begin <= end <= len(data) or end - begin != count * numpy.dtype(dtype).itemsize:
             raise ValueError(f"{path}: truncated or corrupt (tensor {name!r} wants bytes"
                              f" {begin}..{end} of {len(data)})")
-        arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
-                               count=count, offset=begin).reshape(shape).astype(dtype)
+        try:
+            arr = numpy.frombuffer(data, dtype=numpy.dtype(dtype).newbyteorder("<"),
+                                   count=count, offset=begin).reshape(shape).astype(dtype)
+        except ValueError as e:                     # no bytes, but more dimensions than NumPy's, or huge ones
+            raise ValueError(f"{path}: tensor {name!r} has an impossible shape ({e})") from None
         tensors[name] = xp.asarray(bf16_to_float32(arr) if bf16 else arr)
-    if "sha256" not in meta:
+        spans.append((begin, end))
+    spans.sort()                                    # the byte ranges must tile the data: 0..e0, e0..e1, ...
+    if [0] + [end for _, end in spans] != [begin for begin, _ in spans] + [len(data)]:
+        raise ValueError(f"{path}: corrupt: the tensors' byte ranges do not tile its {len(data)} bytes of data"
+                         " (they overlap, or leave bytes unread)")
+    if "checksum" in meta:                          # save_safetensors' (its digits as zeros, as it was taken)
+        digits = meta["checksum"].encode()
+        checksum = hashlib.sha256(raw[:8 + n].replace(digits, b"0" * len(digits), 1))
+        checksum.update(memoryview(raw)[8 + n:])
+        if checksum.hexdigest().encode() != digits:
+            raise ValueError(f"{path}: corrupt: the file's bytes do not match its checksum")
+    elif "sha256" in meta:                          # earlier versions': the tensor bytes alone
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
+    elif meta.get("format") in ("llm-checkpoint-v1", "llm-lora-v1"):
+        raise ValueError(f"{path}: no checksum, though llm writes one in every file: damaged")
+    else:
         warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
-    elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
     return tensors, meta
+
+
+def is_number(v) -> bool:
+    """A finite int or float, as JSON gives them (not a bool: True is 1 to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def lora_shapes(lora, shapes: dict) -> dict:
+    """LoRA metadata, {layer: {"scale", "dropout", "r", "alpha"}}, checked
+    against the shapes of the model's parameters -> the adapter tensors it
+    needs, {layer.lora_A: (in, r), layer.lora_B: (r, out)}."""
+    if not (isinstance(lora, dict) and all(
+            isinstance(s, dict) and all(is_number(s.get(k)) for k in ("scale", "dropout", "r", "alpha"))
+            and 0 <= s["dropout"] < 1 and type(s["r"]) is int and s["r"] >= 1 for s in lora.values())):
+        raise ValueError(f"lora: expected {{layer: {{scale, dropout in [0, 1), r >= 1, alpha}}}}, got {str(lora)[:80]}")
+    adapters = {}
+    for name, s in lora.items():
+        w = shapes.get(name + ".weight", ())
+        if not name.startswith("h.") or len(w) != 2:            # (add_lora adapts the blocks' linear layers)
+            raise ValueError(f"lora: {name!r} is not a linear layer of the model")
+        adapters.update({name + ".lora_A": (w[0], s["r"]), name + ".lora_B": (s["r"], w[1])})
+    return adapters
 
 
 def bf16_to_float32(words):
@@ -1797,6 +1897,8 @@ def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainSta
     """Weights, config, tokenizer, optimizer state, step and RNG state in one
     file. `info` adds JSON-able metadata (the stage, training settings...).
     A merged LoRA adapter is part of its weight now: it is not written."""
+    if tokenizer.vocab_size != model.config.vocab_size:      # (load_checkpoint would refuse the file)
+        raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids; the model's vocab_size is {model.config.vocab_size}")
     merged = {name + part for name in model.merged_lora for part in (".lora_A", ".lora_B")}
     tensors = {k: v for k, v in model.params.items() if k not in merged}
     meta = {"format": "llm-checkpoint-v1", "config": json.dumps(asdict(model.config)),
@@ -1821,32 +1923,30 @@ def load_checkpoint(path: str):
     if meta.get("format") != "llm-checkpoint-v1":
         raise ValueError(f"{path}: a safetensors file, but not an llm checkpoint"
                          f" (metadata format {meta.get('format')!r})")
+    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     try:
         config = GPTConfig(**json.loads(meta["config"]))
-        tokenizer = Tokenizer.from_json(meta["tokenizer"], path)
+        tokenizer = Tokenizer.from_json(meta["tokenizer"], "tokenizer")
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its config's vocab_size"
+                             f" is {config.vocab_size}")
         lora, info = json.loads(meta.get("lora", "{}")), json.loads(meta.get("info", "{}"))
         s = json.loads(meta["state"]) if "state" in meta else None
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not (isinstance(lora, dict) and isinstance(info, dict) and all(
-                isinstance(v, dict) and all(number(v.get(k)) for k in ("scale", "dropout", "r", "alpha"))
-                and 0 <= v["dropout"] < 1 for v in lora.values())):
-            raise ValueError("lora and info must be JSON objects, each adapter with its numbers")
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if not isinstance(info, dict):
+            raise ValueError(f"info: expected a JSON object, got {str(info)[:80]}")
+        if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
+            raise ValueError(f"its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
+        C, expected = config.n_embd, param_shapes(config)
+        expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
+        adapters = lora_shapes(lora, expected)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
-    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
-    if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
-        raise ValueError(f"{path}: its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
-    C, expected = config.n_embd, param_shapes(config)
-    expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
-    for name in lora:
-        k, n = expected.get(name + ".weight", (0, 0))
-        r = params[name + ".lora_A"].shape[-1] if name + ".lora_A" in params else 0
-        expected.update({name + ".lora_A": (k, r), name + ".lora_B": (r, n)})
-    missing = set(param_shapes(config)) - set(params)
+    expected.update(adapters)
+    missing = (set(param_shapes(config)) | set(adapters)) - set(params)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensors {sorted(missing)[:5]}")
     for k, v in tensors.items():
-        want = expected.get(k[len("optimizer.m."):] if k.startswith("optimizer.") else k)
+        want = expected.get(re.sub(r"^optimizer\.[mv]\.", "", k) if s else k)   # AdamW's moments: their parameter's
         if want is None or tuple(v.shape) != want or v.dtype != config.dtype:
             raise ValueError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}; the config the file"
                              f" carries expects " + ("no such tensor" if want is None else f"{config.dtype} {want}"))
@@ -1863,12 +1963,17 @@ def load_checkpoint(path: str):
             opt.m = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.m.")}
             opt.v = {k[12:]: v for k, v in tensors.items() if k.startswith("optimizer.v.")}
         state = TrainState(s["step"], opt, s["rng_state"], [tuple(h) for h in s["history"]])
-        if not all(len(h) == 3 and type(h[0]) is int and number(h[1]) and (h[2] is None or number(h[2]))
+        if not all(len(h) == 3 and type(h[0]) is int and is_number(h[1]) and (h[2] is None or is_number(h[2]))
                    for h in state.history):
             raise ValueError("history: expected (step, loss, validation loss or None) rows")
-        if type(state.step) is not int or state.step < 0 or opt and not (
-                type(opt.t) is int and all(map(number, (opt.lr, opt.eps, opt.weight_decay, *opt.betas)))):
+        if type(state.step) is not int or state.step < 0 or opt and not (type(opt.t) is int and opt.t >= 0 and all(
+                map(is_number, (opt.lr, opt.eps, opt.weight_decay, *opt.betas)))):
             raise ValueError(f"step {state.step!r} or optimizer {s['opt']!r}: expected counts and numbers")
+        moments = {k for k in tensors if k.startswith("optimizer.")}
+        trained = set(params) - model.frozen if opt and (opt.t or moments) else ()    # none before a step
+        if moments != {f"optimizer.{mv}.{k}" for mv in "mv" for k in trained}:
+            raise ValueError(f"optimizer: expected the moments m and v of its {len(trained)} trainable"
+                             f" parameters, got {len(moments)} tensors ({sorted(moments)[:2]}...)")
         if state.rng_state is not None:
             numpy.random.default_rng().bit_generator.state = state.rng_state
     except (KeyError, TypeError, ValueError, OverflowError) as e:   # (an RNG word out of range: OverflowError)
@@ -1904,23 +2009,32 @@ def load_gpt2(path_or_dir: str, n_head: int = None):
     folder = os.path.dirname(os.path.abspath(path))
     tensors, _ = load_safetensors(path)
     params = {re.sub(r"^transformer\.", "", k): v for k, v in tensors.items() if not _HF_BUFFER.search(k)}
-    if "wte.weight" not in params or "wpe.weight" not in params:
-        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight tensors)")
+    if not all(getattr(params.get(k), "ndim", 0) == 2 for k in ("wte.weight", "wpe.weight")):
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight/wpe.weight matrices)")
     head = params.pop("lm_head.weight", None)
     if head is not None and not (head.shape == params["wte.weight"].shape
                                  and xp.array_equal(head, params["wte.weight"])):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; llm ties them")
-    if n_head is None and os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            n_head = json.load(f).get("n_head")
     (V, C), T = params["wte.weight"].shape, params["wpe.weight"].shape[0]
+    where, config = "n_head", os.path.join(folder, "config.json")
+    if n_head is None and os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                where, n_head = f"{config}: n_head", json.load(f).get("n_head")
+        except (ValueError, AttributeError, RecursionError) as e:     # (not UTF-8, not JSON, not an object)
+            raise ValueError(f"{config}: expected a JSON object ({type(e).__name__}: {e})") from None
     if n_head is None:
         if C % 64:
             raise ValueError(f"{path}: cannot infer n_head for n_embd={C}; pass n_head"
                              " or put a config.json with n_head beside the file")
         n_head = C // 64
+    if isinstance(n_head, bool) or not isinstance(n_head, (int, numpy.integer)) or n_head < 1 or C % n_head:
+        raise ValueError(f"{where}: expected a positive integer that divides n_embd={C}, got {n_head!r}")
     n_layer = len({name.split(".")[1] for name in params if name.startswith("h.")})
-    cfg = GPTConfig(n_layer=n_layer, n_head=int(n_head), n_embd=C, block_size=T, vocab_size=V)
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=int(n_head), n_embd=C, block_size=T, vocab_size=V)
+    except ValueError as e:                                             # (an empty wte or wpe)
+        raise ValueError(f"{path}: {e}") from None
     shapes = param_shapes(cfg)
     missing, extra = set(shapes) - set(params), set(params) - set(shapes)
     if missing or extra:

@@ -298,9 +298,18 @@ def capped(a, vocab_size) -> bool:
 def resume_settings(a, ckpt):
     """--resume continues the checkpoint as it is: a model flag that says
     otherwise is an error; the training settings are the checkpoint's, save
-    the ones given on the command line, which are said."""
+    the ones given on the command line, which are said, each checked as its
+    flag is. -> the step it resumes at."""
     try:
         model, _, state, info = llm.load_checkpoint(ckpt)
+        train, ranks, t = info.get("train", {}), info.get("ranks", 1), vars(llm.TrainConfig())
+        if state is None:
+            raise ValueError(f"{ckpt}: no training state to resume (a checkpoint of another stage?)")
+        bad = ({k: v for k, v in train.items() if k not in t or type(v) not in (type(t[k]), int)}
+               if isinstance(train, dict) else {"train": train})
+        if bad or type(ranks) is not int or ranks < 1:
+            raise ValueError(f"{ckpt}: expected TrainConfig's settings, of its types, and ranks >= 1;"
+                             f" got {str(bad)[:80]}, ranks {ranks!r}")
     except ValueError as e:
         raise UserError(f"--resume: {e}") from None
     c = model.config
@@ -309,15 +318,16 @@ def resume_settings(a, ckpt):
             raise UserError(f"--{k.replace('_', '-')}: {ckpt} has {k} {getattr(c, k)}, not {getattr(a, k)}: --resume"
                             f" continues it as it is (drop --{k.replace('_', '-')}, or start a new --out)")
         setattr(a, k, getattr(c, k))
-    for k, v in info.get("train", {}).items():
+    for k, v in train.items():
         if k in a.given and getattr(a, k) != v:
             print(f"  --{k.replace('_', '-')} {getattr(a, k)} replaces the checkpoint's {v}: the run no longer"
                   " continues exactly as it started")
         elif hasattr(a, k):
             setattr(a, k, v)
-    ranks, n = info.get("ranks", 1), llm.world.size        # processes (mpirun -n) then and now
+    check_ranges(a, train, f" (from {ckpt})")
+    n = llm.world.size                                     # processes (mpirun -n) then and now
     if ranks != n:
-        per_step = ranks * info.get("train", {}).get("grad_accum", 1)       # micro-batches per step
+        per_step = ranks * train.get("grad_accum", 1)      # micro-batches per step
         if "grad_accum" not in a.given:
             a.grad_accum = max(1, round(per_step / n))
         keeps = n * a.grad_accum == per_step
@@ -326,13 +336,14 @@ def resume_settings(a, ckpt):
                                                   f"makes {n * a.grad_accum} micro-batches per step, not {per_step}:"
                                                   " the run no longer continues exactly as it started"))
     print(f"[pretrain] resuming {ckpt} at step {state.step}")
+    return state.step
 
 
 def run_pretrain(a):
     path, text = read_text(a)
-    ckpt = os.path.join(a.out, "pretrain.safetensors")
+    ckpt, first = os.path.join(a.out, "pretrain.safetensors"), 0
     if a.resume and os.path.exists(ckpt):
-        resume_settings(a, ckpt)
+        first = resume_settings(a, ckpt)
     elif a.resume:
         print(f"--resume: there is no {ckpt} yet: starting a new run")
     cfg = llm.GPTConfig(a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size, dropout=a.dropout)
@@ -359,6 +370,10 @@ def run_pretrain(a):
         raise UserError(f"pretraining stopped: {e}; {last}") from None
     if not m:
         return None
+    done = os.path.join(a.out, "pretrain.json")
+    if m["steps"] == first and os.path.exists(done):     # resumed when finished: no step ran, the results stand
+        with open(done) as f:
+            return json.load(f)
     model, tok, state, _ = llm.load_checkpoint(os.path.join(a.out, "pretrain.safetensors"))
     prompt, block = "The capital of France is", model.config.block_size
     ids, paris = tok.encode(prompt), tok.encode(" Paris")
@@ -1026,9 +1041,7 @@ def _write_svg(path, width, height, body):
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'
            f'<rect width="{width}" height="{height}" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(svg)
+    llm.atomic_write(path, svg.encode("utf-8"))
     return path
 
 
@@ -1242,14 +1255,19 @@ RANGES = [
 ]
 
 
+def check_ranges(a, names, source=""):
+    """The flags `names` in their RANGES: a mistake is one line naming the flag (and where its value came from)."""
+    for flags, ok, what in RANGES:
+        for name in flags:
+            v = getattr(a, name, None)
+            if name in names and v is not None and not ok(v):
+                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}{source}")
+
+
 def check_args(a):
     """Every flag in its range, and a run folder that can be written: a
     mistake is one line naming the flag, before anything runs."""
-    for names, ok, what in RANGES:
-        for name in names:
-            v = getattr(a, name, None)
-            if v is not None and not ok(v):
-                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
+    check_ranges(a, vars(a))
     if getattr(a, "n_embd", None) and a.n_embd % a.n_head:
         raise UserError(f"--n-embd: expected a multiple of --n-head {a.n_head}, got {a.n_embd}")
     if getattr(a, "seeds", None) and "seed" in a.given:
@@ -1483,7 +1501,7 @@ def run(a):
         RUNNING = None
         if m is None:                    # pretraining stopped before its end
             return
-        m["seconds"] = time.time() - t
+        m.setdefault("seconds", time.time() - t)       # (pretraining resumed when finished keeps its own)
         llm.atomic_write(done, json.dumps(m, indent=2).encode())
     if llm.world.rank:                   # rank 0 writes the report card
         return

@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import llm
 from helpers import untrained
@@ -96,8 +96,10 @@ def test_safetensors_layout_is_standard(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-    import hashlib
-    assert header["__metadata__"] == {"k": "v", "sha256": hashlib.sha256(raw[8 + n:]).hexdigest()}
+    import hashlib                    # the checksum: of the whole file, with its own digits read as 0s
+    checksum = header["__metadata__"]["checksum"]
+    assert header["__metadata__"] == {"k": "v", "checksum": checksum}
+    assert hashlib.sha256(raw.replace(checksum.encode(), b"0" * 64)).hexdigest() == checksum
     assert (8 + n) % 8 == 0
     assert np.array_equal(np.frombuffer(raw[8 + n:], np.float32), np.arange(6))
 
@@ -248,6 +250,29 @@ def test_load_gpt2_widens_half_precision(tmp_path, kind):
     assert np.array_equal(want.argmax(-1), got.argmax(-1)) or kind == "BF16"
 
 
+def flat_wte(t):
+    t["lm_head.weight"] = t["transformer.wte.weight"] = t["transformer.wte.weight"].reshape(-1)
+
+
+@pytest.mark.parametrize("config,edit,match", [
+    ("not JSON", None, "config.json"), ("[2]", None, "config.json"), ("[" * 100000 + "]" * 100000, None, "config.json"),
+    ('{"n_head": 3}', None, "config.json: n_head"),                    # 16 wide: not a divisor
+    ('{"n_head": 0}', None, "config.json: n_head"), ('{"n_head": "2"}', None, "config.json: n_head"),
+    ('{"n_head": 2.5}', None, "config.json: n_head"),                  # int() made it 2
+    ('{"n_head": 2}', flat_wte, "model.safetensors: .*wte"),             # "not enough values to unpack"
+    ('{"n_head": 2}', lambda t: t.update({"transformer.wpe.weight": np.array(1.0, np.float32)}),
+     "model.safetensors: .*wpe"),                                        # IndexError
+], ids=["text", "list", "nested", "3-heads", "0-heads", "heads-text", "heads-float", "wte-1d", "wpe-0d"])
+def test_load_gpt2_names_the_file_of_a_mistake(tmp_path, config, edit, match):
+    t = hf_tensors(untrained(TOK.vocab_size))
+    if edit:
+        edit(t)
+    write_safetensors(str(tmp_path / "model.safetensors"), t)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=match):
+        llm.load_gpt2(str(tmp_path))
+
+
 @given(st.floats(width=32, allow_nan=False))
 def test_bf16_is_the_top_half_of_float32(x):
     word = np.array([x], np.float32).view(np.uint32) >> 16
@@ -260,3 +285,256 @@ def test_load_gpt2_infers_gpt2s_head_width(tmp_path):
     write_safetensors(str(tmp_path / "model.safetensors"), hf_tensors(model))   # no config.json
     loaded, _ = llm.load_gpt2(str(tmp_path))
     assert loaded.config == model.config                  # 128 wide: 2 heads of 64
+
+
+# ---- damaged and impossible files: a ValueError naming the file ------------------
+
+def stepped_checkpoint(tmp_path, lora=False, name="c.safetensors"):
+    """A checkpoint with a trained tokenizer and a training state whose
+    optimizer has stepped (with LoRA: the adapters alone train) -> its path."""
+    cfg, _ = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    if lora:
+        llm.add_lora(m, r=2)
+    state = llm.TrainState(10, llm.AdamW(), np.random.default_rng(0).bit_generator.state, [(10, 2.0, None)])
+    state.opt.step(m.params, {k: np.ones_like(v) for k, v in m.params.items() if k not in m.frozen})
+    path = str(tmp_path / name)
+    llm.save_checkpoint(path, m, TOK, state, stage="pretrain")
+    return path
+
+
+def parts(path):
+    """A safetensors file -> (its header, as JSON, and its data bytes)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_raw(path, header, data=b""):
+    """A safetensors file of this header (a dict, or the bytes themselves) and data, no checksum added."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + data)
+
+
+@pytest.mark.parametrize("old,new", [(b'\\"step\\": 10', b'\\"step\\": 11'),         # the training state
+                                     (b'"optimizer.v.wte.weight"', b'"optimizer.v,wte.weight"'),
+                                     (b'\\" symbol\\"', b'\\" symbox\\"'),               # a token's bytes
+                                     (b'"checksum"', b'"checksun"')])                # the checksum's own key
+def test_the_checksum_covers_the_whole_file(tmp_path, old, new):
+    """It covered the tensor bytes alone: a header edited (here by hand, as a
+    bit flip could) loaded, and resumed at the wrong step, or with zero
+    moments for a tensor the file still held."""
+    path = stepped_checkpoint(tmp_path)
+    raw = open(path, "rb").read()
+    if old == b'"checksum"' and old not in raw:             # (the key of before: still a key of the checksum)
+        old, new = b'"sha256"', b'"sha257"'
+    assert raw.count(old) == 1
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw.replace(old, new))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        llm.load_checkpoint(str(bad))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_bit_flipped_is_refused(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("flip")
+    path = stepped_checkpoint(tmp, lora=True)
+    raw = bytearray(open(path, "rb").read())
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    (tmp / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        llm.load_checkpoint(str(tmp / "bad.safetensors"))
+
+
+def test_files_of_earlier_versions_load_and_a_checkpoint_without_a_checksum_is_refused(tmp_path):
+    """Earlier versions' "sha256" covered the tensor bytes alone: such files
+    load, checked as before. An llm checkpoint or adapter with no checksum at
+    all is damaged; a foreign file (GPT-2's) without one is only warned of."""
+    import hashlib
+    path = stepped_checkpoint(tmp_path)
+    header, data = parts(path)
+    meta = header["__metadata__"]
+    meta.pop("checksum", None)
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    write_raw(tmp_path / "old.safetensors", header, data)
+    assert llm.load_checkpoint(str(tmp_path / "old.safetensors"))[2].step == 10
+    write_raw(tmp_path / "old.safetensors", header, data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="old.safetensors: corrupt"):
+        llm.load_checkpoint(str(tmp_path / "old.safetensors"))
+    del meta["sha256"]
+    for fmt in ("llm-checkpoint-v1", "llm-lora-v1"):
+        meta["format"] = fmt
+        write_raw(tmp_path / "none.safetensors", header, data)
+        with pytest.raises(ValueError, match="none.safetensors: no checksum"):
+            llm.load_safetensors(str(tmp_path / "none.safetensors"))
+    meta["format"] = "pt"
+    write_raw(tmp_path / "foreign.safetensors", header, data)
+    with pytest.warns(UserWarning, match="no checksum"):
+        llm.load_safetensors(str(tmp_path / "foreign.safetensors"))
+
+
+F32 = lambda shape, begin, end: {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}  # noqa: E731
+
+
+@pytest.mark.filterwarnings("ignore:.*no checksum")
+@pytest.mark.parametrize("header,data,match", [
+    (b"[" * 100000 + b"]" * 100000, b"", "bad header"),                        # was RecursionError
+    ({"a": F32([0, 2**63], 0, 0)}, b"", "shape"),                               # numpy's errors, unnamed
+    ({"a": F32([1] * 70, 0, 4)}, b"\0" * 4, "shape"),
+    ({"a": F32([2], 0, 8), "b": F32([2], 4, 12)}, b"\0" * 12, "do not tile"),   # overlapping
+    ({"a": F32([1], 0, 4), "b": F32([1], 8, 12)}, b"\0" * 12, "do not tile"),   # a gap
+    ({"a": F32([1], 0, 4)}, b"\0" * 8, "do not tile"),                          # bytes after the last
+    ({"__metadata__": [], "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),    # were taken for {}
+    ({"__metadata__": "", "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+    ({"__metadata__": 0, "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+    ({"__metadata__": None, "a": F32([1], 0, 4)}, b"\0" * 4, "__metadata__"),
+], ids=["nested", "2**63", "70-dims", "overlap", "gap", "after", "meta-list", "meta-str", "meta-0", "meta-null"])
+def test_malformed_safetensors_headers_name_the_file(tmp_path, header, data, match):
+    write_raw(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(ValueError, match=f"x.safetensors: .*{match}"):
+        llm.load_safetensors(str(tmp_path / "x.safetensors"))
+
+
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def drop(*names):
+    return lambda t, m: [t.pop(n) for n in names]
+
+
+def set_state(**changes):
+    def edit(t, m):
+        s = json.loads(m["state"])
+        s["opt"].update(changes)
+        m["state"] = json.dumps(s)
+    return edit
+
+
+def set_lora(value):
+    def edit(t, m):
+        lora = json.loads(m["lora"])
+        m["lora"] = json.dumps(value(lora) if callable(value) else value)
+    return edit
+
+
+def first_adapter(lora):
+    return next(iter(lora))
+
+
+@pytest.mark.parametrize("lora,edit,match", [
+    (False, lambda t, m: m.update(info=NESTED), "recursion"),                   # was RecursionError
+    (False, lambda t, m: m.update(config=NESTED), "recursion"),
+    (False, lambda t, m: m.update(tokenizer=llm.byte_tokenizer().to_json()), "vocab_size"),
+    (False, lambda t, m: m.update(tokenizer=m["tokenizer"].replace('" symbol"', '" the"')), "ranks"),
+    (False, drop("optimizer.v.wte.weight"), "optimizer"),                       # m without v
+    (False, drop("optimizer.m.wte.weight", "optimizer.v.wte.weight"), "optimizer"),   # neither
+    (False, lambda t, m: t.update({"optimizer.x.wte.weight": t.pop("optimizer.m.wte.weight")}), "optimizer.x"),
+    (False, set_state(t=-1), "optimizer"),
+    (True, lambda t, m: t.update({"optimizer.m.wte.weight": t["wte.weight"],        # a frozen weight's
+                                  "optimizer.v.wte.weight": t["wte.weight"]}), "optimizer"),
+    (True, drop("h.0.attn.c_attn.lora_A", "h.0.attn.c_attn.lora_B",
+                "optimizer.m.h.0.attn.c_attn.lora_A", "optimizer.v.h.0.attn.c_attn.lora_A",
+                "optimizer.m.h.0.attn.c_attn.lora_B", "optimizer.v.h.0.attn.c_attn.lora_B"), "lora_A"),
+    (True, set_lora(lambda d: {k: {**v, "dropout": 2.0} for k, v in d.items()}), "lora"),
+    (True, set_lora([]), "lora"),
+    (True, set_lora(lambda d: {k: {"r": 2} for k in d}), "lora"),
+    (True, set_lora(lambda d: {**d, "wte": d[first_adapter(d)]}), "lora"),      # not a linear layer
+])
+def test_impossible_checkpoints_are_refused_at_load(tmp_path, lora, edit, match):
+    """Each was loaded (or failed later, or with a traceback): moments missing
+    or for a frozen weight, a negative AdamW step, a tokenizer that does not
+    fit the config, adapters without their tensors."""
+    tensors, meta = llm.load_safetensors(stepped_checkpoint(tmp_path, lora))
+    edit(tensors, meta)
+    bad = str(tmp_path / "bad.safetensors")
+    llm.save_safetensors(bad, tensors, meta)
+    with pytest.raises(ValueError, match=f"(?i)bad.safetensors: .*{match}"):
+        llm.load_checkpoint(bad)
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_not_written(tmp_path):
+    cfg, _ = small()
+    with pytest.raises(ValueError, match="tokenizer: has 260 ids; the model's vocab_size is 300"):
+        llm.save_checkpoint(str(tmp_path / "c.safetensors"), llm.GPT(cfg), llm.byte_tokenizer())
+    assert not os.listdir(tmp_path)
+
+
+def test_resuming_needs_a_training_state(tmp_path):
+    cfg, tc = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    llm.save_checkpoint(str(tmp_path / "pretrain.safetensors"), m, TOK)        # no state: was AttributeError
+    with pytest.raises(ValueError, match="pretrain.safetensors: .*training state"):
+        llm.pretrain(TEXT, str(tmp_path), cfg, tc, resume=True)
+
+
+def test_resuming_a_finished_run_keeps_its_figures(tmp_path):
+    """No step runs: the figures are the run's, not 0 tokens/s in no time."""
+    cfg, tc = small()
+    first = llm.pretrain(TEXT, str(tmp_path), cfg, tc)
+    assert llm.pretrain(TEXT, str(tmp_path), cfg, tc, resume=True) == first
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first
+
+
+def test_atomic_write_leaves_nothing_when_it_fails_and_syncs_the_folder(tmp_path, monkeypatch):
+    import stat
+    path = str(tmp_path / "f.bin")
+    with pytest.raises(TypeError):
+        llm.atomic_write(path, "not bytes")                          # the write fails
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no")))
+    with pytest.raises(OSError):
+        llm.atomic_write(path, b"data")                               # the rename fails
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+    llm.atomic_write(path, b"data")
+    assert open(path, "rb").read() == b"data"
+    assert synced == [False, True] or os.name == "nt"                 # the file, then its folder
+
+
+# ---- LoRA adapters: load_lora checks them against the model ----------------------
+
+def adapter_file(tmp_path, cfg=None, name="a.safetensors"):
+    m = llm.GPT(cfg or small()[0])
+    llm.add_lora(m, r=2)
+    llm.save_lora(str(tmp_path / name), m)
+    return str(tmp_path / name)
+
+
+def resaved(tmp_path, path, edit):
+    tensors, meta = llm.load_safetensors(path)
+    edit(tensors, meta)
+    llm.save_safetensors(str(tmp_path / "bad.safetensors"), tensors, meta)
+    return str(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("source,edit,match", [
+    (dict(n_embd=32), None, "another model"),                                   # other widths
+    (dict(n_layer=1), None, "another model"),                                   # h.1 left without
+    (dict(n_embd=32), lambda t, m: m.pop("config", None), "lora_A"),                # a file of before: the shapes
+    ({}, set_lora([]), "lora"),
+    ({}, set_lora(lambda d: {k: {"r": 2} for k in d}), "lora"),
+    ({}, set_lora(lambda d: {k: {**v, "dropout": 2.0} for k, v in d.items()}), "lora"),
+    ({}, lambda t, m: m.pop("lora"), "lora"),                                   # was KeyError
+    ({}, drop("h.1.mlp.c_fc.lora_B"), "h.1.mlp.c_fc.lora_B"),
+    ({}, lambda t, m: t.update({"h.0.ln_1.lora_A": np.zeros((16, 2), np.float32)}), "h.0.ln_1.lora_A"),
+])
+def test_load_lora_checks_the_adapters_against_the_model(tmp_path, source, edit, match):
+    """An adapter of another model loaded: unchecked shapes, or layers left
+    without one (and frozen); malformed metadata, or tensors it does not list."""
+    path = adapter_file(tmp_path, llm.GPTConfig(**{**small()[0].__dict__, **source}))
+    if edit is not None:
+        path = resaved(tmp_path, path, edit)
+    with pytest.raises(ValueError, match=f"{os.path.basename(path)}: .*{match}"):
+        llm.load_lora(path, llm.GPT(small()[0]))
+
+
+def test_load_lora_refuses_a_model_whose_adapters_are_merged(tmp_path):
+    m = llm.GPT(small()[0])
+    llm.add_lora(m, r=2)
+    llm.merge_lora(m)
+    with pytest.raises(ValueError, match="merged"):                   # were applied twice
+        llm.load_lora(adapter_file(tmp_path), m)

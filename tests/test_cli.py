@@ -228,6 +228,47 @@ def test_resume_takes_the_vocab_size_the_run_was_given_where_the_text_had_pairs_
         train.main(args + ["--vocab-size", "270", "--resume"])
 
 
+@pytest.mark.parametrize("info,names", [
+    (None, "--resume: "), ({"train": [4]}, "--resume: "), ({"train": {"max_iters": "4"}}, "--resume: "),
+    ({"train": {"max_iters": 4.5}}, "--resume: "), ({"train": {"seed": True}}, "--resume: "),
+    ({"train": {"eval_limit": 3}}, "--resume: "), ({"ranks": "2"}, "--resume: "), ({"ranks": 0}, "--resume: "),
+    ({"train": {"max_iters": 0}}, "--max-iters: "), ({"train": {"beta2": 1.5}}, "--beta2: "),     # as the flags are
+    ({"train": {"learning_rate": float("nan")}}, "--learning-rate: "),
+], ids=["no-state", "train-list", "text", "float", "bool", "not-a-setting", "ranks-text", "ranks-0", "max-iters-0",
+        "beta2", "lr-nan"])
+def test_resume_checks_the_checkpoint_s_settings(folder, tmp_path, capsys, info, names):
+    """A checkpoint with no training state, or with settings of the wrong
+    type or range, was an AttributeError or TypeError (or trained with them)."""
+    model, tok, state, good = llm.load_checkpoint(str(folder / "run" / "pretrain.safetensors"))
+    if info is not None:                                # the good settings, one changed
+        changed = info.get("train", {})
+        info = {**good, **info, "train": {**good["train"], **changed} if isinstance(changed, dict) else changed}
+    llm.save_checkpoint(str(tmp_path / "pretrain.safetensors"), model, tok, state if info else None, **(info or good))
+    with pytest.raises(SystemExit) as e:
+        train.main(["pretrain", "--resume", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert names in err and "pretrain.safetensors" in err and "Traceback" not in err, err
+
+
+def test_resuming_a_finished_pretraining_keeps_its_figures(tmp_path, capsys):
+    """No step runs: its pretrain.json and metrics.json stay (they said 0
+    tokens/s in no time)."""
+    train.main(["pretrain", "--out", str(tmp_path)] + TINY)
+    kept = {f: (tmp_path / f).read_text() for f in ("pretrain.json", "metrics.json")}
+    capsys.readouterr()
+    train.main(["pretrain", "--resume", "--out", str(tmp_path)])
+    assert " 0 tokens/s" not in capsys.readouterr().out
+    assert {f: json.loads((tmp_path / f).read_text()) for f in kept} == {f: json.loads(t) for f, t in kept.items()}
+
+
+def test_svg_pictures_are_written_atomically(tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr(llm, "atomic_write", lambda path, data: written.append((path, data)))
+    path = train.svg_line_chart({"loss": [(1, 2.0), (2, 1.0)]}, str(tmp_path / "c.svg"), "t", "step", "loss")
+    assert [p for p, _ in written] == [path] and written[0][1].startswith(b"<svg")
+
+
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     train.main(["pretrain", "--resume", "--out", str(tmp_path)] + TINY)
     assert "there is no" in capsys.readouterr().out and (tmp_path / "pretrain.safetensors").exists()

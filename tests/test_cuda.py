@@ -214,7 +214,7 @@ def test_cuda_attention_any_shape(gpu, B, H, T, D):
 
 def test_cuda_training_matches_cpu(gpu, tmp_path):
     """The same steps, from the same weights and batches, on both devices."""
-    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=97, dtype="float32")
+    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=260, dtype="float32")
     rng = np.random.default_rng(0)
     data = rng.integers(0, 97, 5000)
     tc = llm.TrainConfig(batch_size=4, max_iters=5, warmup_iters=2, eval_interval=1000)

@@ -43,7 +43,7 @@ def test_the_fake_device_refuses_what_cupy_refuses():
 
 
 def test_training_on_the_device_equals_the_cpu(fake_gpu, monkeypatch, tmp_path):
-    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=53, dtype="float32")
+    cfg = llm.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=260, dtype="float32")
     data = np.random.default_rng(0).integers(0, 53, 3000)
     tc = llm.TrainConfig(batch_size=4, max_iters=4, warmup_iters=2, eval_interval=1000)
     monkeypatch.setattr(llm, "_fastops", None)              # the CPU's NumPy path

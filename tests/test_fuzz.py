@@ -28,7 +28,7 @@ def run_python(code, timeout=600):
 
 
 CHECKPOINT_FUZZ = r'''
-import json, os, struct, tempfile, warnings
+import hashlib, json, os, struct, tempfile, warnings
 import numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 import llm
@@ -68,7 +68,7 @@ def fuzz(data):
         header = json.loads(json.dumps(HEADER))
         if kind == "metadata":      # inside the JSON that the metadata strings hold
             meta = header["__metadata__"]
-            key = data.draw(st.sampled_from(sorted(k for k in meta if k not in ("format", "sha256"))))
+            key = data.draw(st.sampled_from(sorted(k for k in meta if k not in ("format", "checksum"))))
             inner = json.loads(meta[key])
             target = inner
         else:
@@ -86,8 +86,14 @@ def fuzz(data):
             header = value
         if kind == "metadata":
             meta[key] = json.dumps(inner)
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        signed = isinstance(meta, dict) and "checksum" in meta and data.draw(st.booleans())
+        if signed:                  # a checksum made for the edited file, as save_safetensors makes it
+            meta["checksum"] = "0" * 64
         head = json.dumps(header).encode()
         raw = struct.pack("<Q", len(head)) + head + DATA
+        if signed:                  # so the checks behind the checksum are reached
+            raw = raw.replace(b"0" * 64, hashlib.sha256(raw).hexdigest().encode(), 1)
     with open(path_bad, "wb") as f:
         f.write(raw)
     try:

@@ -5,6 +5,9 @@ bytes, bad input (a lone surrogate, out-of-range ids, malformed files) is a
 clear error and invalid UTF-8 decodes to U+FFFD; special tokens only when
 allowed; save and load; and, when ../shared/data holds GPT-2's vocabulary,
 GPT-2's exact ids and tinyshakespeare's token count."""
+import json
+
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -165,6 +168,57 @@ def test_gpt2_tinyshakespeare_token_count(gpt2):
     assert gpt2.decode(ids) == text
 
 
-def test_a_tokenizer_whose_ranks_have_a_gap_is_refused_when_saved():
-    with pytest.raises(ValueError, match="ranks must be the ids 0..n-1"):     # was KeyError: 1
-        llm.Tokenizer({b"a": 0, b"b": 2}, {}).to_json()
+BYTES = {bytes([i]): i for i in range(256)}
+
+
+@pytest.mark.parametrize("ranks,special,pattern,match", [
+    ({**BYTES, b"ab": 255}, {}, llm.GPT2_SPLIT, "ranks"),                      # an id twice
+    ({**BYTES, b"ab": -1}, {}, llm.GPT2_SPLIT, "ranks"),
+    ({**BYTES, b"ab": 10**20}, {}, llm.GPT2_SPLIT, "ranks"),
+    ({**BYTES, b"ab": 257}, {}, llm.GPT2_SPLIT, "ranks"),                      # a gap (was KeyError when saved)
+    ({**BYTES, b"ab": 256.0}, {}, llm.GPT2_SPLIT, "ranks"),
+    ({**BYTES, "ab": 256}, {}, llm.GPT2_SPLIT, "ranks"),                       # text, not bytes
+    ({b: i - 1 for b, i in BYTES.items() if i} | {b"ab": 255}, {}, llm.GPT2_SPLIT, "single byte"),   # encode: KeyError
+    (BYTES, {"<|x|>": "256"}, llm.GPT2_SPLIT, "special"),
+    (BYTES, {"<|x|>": 256.0}, llm.GPT2_SPLIT, "special"),
+    (BYTES, {"<|x|>": True}, llm.GPT2_SPLIT, "special"),
+    (BYTES, {"<|x|>": 65}, llm.GPT2_SPLIT, "special"),                         # an ordinary token's id
+    (BYTES, {"<|x|>": 256, "<|y|>": 256}, llm.GPT2_SPLIT, "special"),
+    (BYTES, {"": 256}, llm.GPT2_SPLIT, "special"),
+    (BYTES, {}, "", "pattern"),
+    (BYTES, {}, r"(\w+)|\s+", "pattern"),                                     # findall: the groups, text lost
+    (BYTES, {}, "(", "pattern"),                                                # was re.error
+    (BYTES, {}, b"\\w+", "pattern"),
+], ids=["twice", "negative", "huge", "gap", "float", "text", "no-byte-0", "special-text", "special-float",
+        "special-bool", "special-taken", "special-twice", "special-unnamed", "pattern-empty", "pattern-group",
+        "pattern-broken", "pattern-bytes"])
+def test_a_malformed_vocabulary_is_refused(ranks, special, pattern, match):
+    with pytest.raises(ValueError, match=match):
+        llm.Tokenizer(ranks, special, pattern)
+
+
+def test_malformed_tokenizer_files_name_the_file(tok, tmp_path):
+    good = json.loads(tok.to_json())
+    bad = tmp_path / "bad.json"
+    for edit in ({"tokens": good["tokens"][:-1] + good["tokens"][-2:-1]},      # a token twice
+                 {"tokens": good["tokens"][1:]}, {"special": {"<|end|>": "349"}},
+                 {"special": {"<|end|>": 3}}, {"pattern": "("}, {"pattern": "(a)|."}):
+        bad.write_text(json.dumps({**good, **edit}))
+        with pytest.raises(ValueError, match="bad.json"):
+            llm.Tokenizer.load(str(bad))
+    for content in (b"[" * 100000 + b"]" * 100000, b'{"format": "\xff"}'):     # RecursionError, UnicodeDecodeError
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="bad.json"):
+            llm.Tokenizer.load(str(bad))
+    p = tmp_path / "x.tiktoken"
+    p.write_text("".join(f"{__import__('base64').b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+                 + "YWI= 255\n")                                               # a rank twice
+    with pytest.raises(ValueError, match="x.tiktoken: ranks"):
+        llm.Tokenizer.from_tiktoken(str(p))
+
+
+@pytest.mark.parametrize("bad", [65.9, 65.0, True, np.bool_(True), "65", None])
+def test_decode_refuses_ids_that_are_not_integers(tok, bad):
+    with pytest.raises(TypeError, match="ids: expected integer token ids"):    # 65.9 was 'A'
+        tok.decode([66, bad])
+    assert tok.decode([np.int64(65), np.int32(66), 67]) == "ABC"
