@@ -110,25 +110,7 @@ class Tokenizer:
     how GPT-2's tiktoken encodes)."""
 
     def __init__(self, ranks: dict, special: dict, pattern: str = GPT2_SPLIT):
-        # Checked here, where every tokenizer is made (trained, or read from a file).
-        n = len(ranks)
-        bad = [f"{b!r}: {i!r}" for b, i in ranks.items() if not (isinstance(b, bytes) and b and type(i) is int)]
-        if bad or set(ranks.values()) != set(range(n)):
-            raise ValueError(f"ranks: expected the ids 0..{n - 1}, each once, of tokens (bytes), got "
-                             + (bad[0] if bad else f"ids {min(ranks.values())}..{max(ranks.values())}"))
-        lacking = [b for b in range(256) if bytes([b]) not in ranks]
-        if lacking:
-            raise ValueError(f"ranks: expected every single byte (byte-level BPE), got none for bytes {lacking[:8]}")
-        if not all(isinstance(s, str) and s and type(i) is int and i >= n for s, i in special.items()) \
-                or len(set(special.values())) != len(special):
-            raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
-                             f" got {str(special)[:80]}")
-        try:
-            self._split = re.compile(pattern)
-            if not isinstance(pattern, str) or not pattern or self._split.groups:
-                raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
-        except (TypeError, ValueError, re.error) as e:
-            raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
+        self._split = check_vocabulary(ranks, special, pattern)     # (every tokenizer, trained or read)
         self.ranks = ranks
         self.special = special                        # "<|end|>" -> id
         self.pattern = pattern
@@ -308,6 +290,31 @@ class Tokenizer:
     def load(cls, path: str):
         with open(path, "rb") as f:                   # (bytes: from_json names the file of bad UTF-8)
             return cls.from_json(f.read(), path)
+
+
+def check_vocabulary(ranks: dict, special: dict, pattern: str):
+    """A tokenizer's parts as BPE needs them -> the compiled pattern: ranks
+    the ids 0..n-1 of distinct tokens including all 256 bytes, special ids
+    distinct and after them, a pattern that splits without dropping text."""
+    n = len(ranks)
+    bad = [f"{b!r}: {i!r}" for b, i in ranks.items() if not (isinstance(b, bytes) and b and type(i) is int)]
+    if bad or set(ranks.values()) != set(range(n)):
+        raise ValueError(f"ranks: expected the ids 0..{n - 1}, each once, of tokens (bytes), got "
+                         + (bad[0] if bad else f"ids {min(ranks.values())}..{max(ranks.values())}"))
+    lacking = [b for b in range(256) if bytes([b]) not in ranks]
+    if lacking:
+        raise ValueError(f"ranks: expected every single byte (byte-level BPE), got none for bytes {lacking[:8]}")
+    if not all(isinstance(s, str) and s and type(i) is int and i >= n for s, i in special.items()) \
+            or len(set(special.values())) != len(special):
+        raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
+                         f" got {str(special)[:80]}")
+    try:
+        split = re.compile(pattern)
+        if not isinstance(pattern, str) or not pattern or split.groups:
+            raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
+    except (TypeError, ValueError, re.error) as e:
+        raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
+    return split
 
 
 def byte_tokenizer() -> "Tokenizer":
