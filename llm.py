@@ -597,6 +597,16 @@ class KVCache:
         self.n[layer] += k.shape[2]
         return self.k[layer][:, :, :self.n[layer]], self.v[layer][:, :, :self.n[layer]]
 
+    def check(self, cfg, B: int) -> int:
+        """-> the positions stored, once the cache is found to be this model's
+        (its layers and heads) for these B rows, every layer as far as the others."""
+        if self.k:
+            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(self.n, self.k)], cfg.n_head
+            if got != [(self.length, B, H, cfg.n_embd // H)] * cfg.n_layer:
+                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
+                                 f" {(self.length, B, H, cfg.n_embd // H)}, got {got}")
+        return self.length
+
     def reserve(self, layer: int, size: int):
         """Room for `size` positions in layer's keys and values, each one
         C-ordered array (when full: twice the room, so a position costs O(1))."""
@@ -642,14 +652,9 @@ class GPT:
         cfg, p = self.config, self.params
         idx = check_ids(idx, cfg.vocab_size, "idx")
         B, T = idx.shape
-        past = 0 if kv_cache is None else kv_cache.length
+        past = 0 if kv_cache is None else kv_cache.check(cfg, B)
         if past + T > cfg.block_size:
             raise ValueError(f"idx: {past + T} positions exceed the context window block_size={cfg.block_size}")
-        if kv_cache is not None and kv_cache.k:          # filled by this model, for these rows?
-            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(kv_cache.n, kv_cache.k)], cfg.n_head
-            if got != [(past, B, H, cfg.n_embd // H)] * cfg.n_layer:
-                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
-                                 f" {(past, B, H, cfg.n_embd // H)}, got {got}")
         self._cache = {"idx": idx, "rows": (B, T, real_tokens(lengths, B, T))}
         x = self._tokens(p["wte.weight"][idx] + p["wpe.weight"][past:past + T])      # (N, C)
         x, self._cache["wte.drop"] = dropout_forward(x, cfg.dropout, self.rng)
