@@ -110,7 +110,8 @@ class Tokenizer:
     how GPT-2's tiktoken encodes)."""
 
     def __init__(self, ranks: dict, special: dict, pattern: str = GPT2_SPLIT):
-        self._split = check_vocabulary(ranks, special, pattern)     # (every tokenizer, trained or read)
+        check_vocabulary(ranks, special, pattern)     # (every tokenizer, trained or read from a file)
+        self._split = re.compile(pattern)
         self.ranks = ranks
         self.special = special                        # "<|end|>" -> id
         self.pattern = pattern
@@ -293,9 +294,9 @@ class Tokenizer:
 
 
 def check_vocabulary(ranks: dict, special: dict, pattern: str):
-    """A tokenizer's parts as BPE needs them -> the compiled pattern: ranks
+    """A tokenizer's parts as BPE needs them (else a ValueError): ranks
     the ids 0..n-1 of distinct tokens including all 256 bytes, special ids
-    distinct and after them, a pattern that splits without dropping text."""
+    distinct and after them, a non-empty pattern without capturing groups."""
     n = len(ranks)
     bad = [f"{b!r}: {i!r}" for b, i in ranks.items() if not (isinstance(b, bytes) and b and type(i) is int)]
     if bad or set(ranks.values()) != set(range(n)):
@@ -309,12 +310,10 @@ def check_vocabulary(ranks: dict, special: dict, pattern: str):
         raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
                          f" got {str(special)[:80]}")
     try:
-        split = re.compile(pattern)
-        if not isinstance(pattern, str) or not pattern or split.groups:
+        if not isinstance(pattern, str) or not pattern or re.compile(pattern).groups:
             raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
     except (TypeError, ValueError, re.error) as e:
         raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
-    return split
 
 
 def byte_tokenizer() -> "Tokenizer":
@@ -940,14 +939,16 @@ def check_prompt(prompt, vocab_size, name) -> list:
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
-    sharpens it (0, or so near 0 that logits / T overflow: all on the
-    likeliest token), top-k keeps the k likeliest tokens, top-p (nucleus)
+    sharpens it (0, or so near 0 that the largest logit / T overflows: all on
+    the likeliest token), top-k keeps the k likeliest tokens, top-p (nucleus)
     keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64)
-    if temperature == 0 or not math.isfinite(float(logits.max()) / temperature):
+    with numpy.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = logits / temperature if temperature else logits
+    if temperature == 0 or not math.isfinite(float(z.max())):
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
-    logits = logits / temperature
+    logits = z
     if top_k is not None and top_k < logits.size:
         kth = xp.sort(logits)[-top_k]
         logits = xp.where(logits < kth, -xp.inf, logits)
@@ -1189,6 +1190,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                         ranks=world.size)
 
     t0, first = time.time(), state.step
+    if first == 0 and tc.max_iters < 1:
+        raise ValueError(f"max_iters: expected at least 1 step, got {tc.max_iters}")
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
                 on_eval=lambda step: estimate_loss(model, val_ids, B, tc.eval_iters),
                 save=save, stop_at=stop_at, log=log)
@@ -1196,7 +1199,7 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
         save()
         return {}
     done = os.path.join(out, "metrics.json")
-    if state.step == first and os.path.exists(done):    # resumed when finished: no step ran, the figures stand
+    if resume and state.step == first and os.path.exists(done):    # resumed when finished: no step ran, the figures stand
         with open(done) as f:
             return json.load(f)
     val = next(v for _, _, v in reversed(state.history) if v is not None)
@@ -1751,9 +1754,9 @@ def save_lora(path: str, model: GPT):
 def load_lora(path: str, model: GPT):
     """save_lora's adapters, applied to `model`: the base model they were
     trained on (its config, if the file records it, and its weights' shapes)."""
-    if model.merged_lora:
-        raise ValueError(f"model: its adapters are merged into its weights: {path}'s would add to them"
-                         " (unmerge_lora(model) first)")
+    if model.lora or model.merged_lora:
+        raise ValueError(f"model: has adapters already ({'merged into its weights' if model.merged_lora else 'unmerged'}):"
+                         f" {path}'s would add to them or leave them behind (load it onto the base model)")
     tensors, meta = load_safetensors(path)
     try:
         if meta.get("format") != "llm-lora-v1":
@@ -1863,7 +1866,9 @@ def load_safetensors(path: str):
                          " (they overlap, or leave bytes unread)")
     if "checksum" in meta:                          # save_safetensors' (its digits as zeros, as it was taken)
         digits = meta["checksum"].encode()
-        checksum = hashlib.sha256(raw[:8 + n].replace(digits, b"0" * len(digits), 1))
+        at = raw.rfind(digits, 0, 8 + n)          # where save_safetensors put them: the last in the header
+        head = raw[:at] + b"0" * len(digits) + raw[at + len(digits):8 + n]
+        checksum = hashlib.sha256(head if at >= 0 else b"")
         checksum.update(memoryview(raw)[8 + n:])
         if checksum.hexdigest().encode() != digits:
             raise ValueError(f"{path}: corrupt: the file's bytes do not match its checksum")
@@ -1871,7 +1876,7 @@ def load_safetensors(path: str):
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError(f"{path}: corrupt: the tensor bytes do not match the file's checksum")
     elif meta.get("format") in ("llm-checkpoint-v1", "llm-lora-v1"):
-        raise ValueError(f"{path}: no checksum, though llm writes one in every file: damaged")
+        raise ValueError(f"{path}: no checksum, which llm has written in every file since a00d981: damaged (or older)")
     else:
         warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
     return tensors, meta
@@ -1949,7 +1954,7 @@ def load_checkpoint(path: str):
         if 12 * config.n_layer + 4 > len(params):        # (before listing the names of 2**60 layers)
             raise ValueError(f"its config's n_layer={config.n_layer} needs more tensors than its {len(params)}")
         C, expected = config.n_embd, param_shapes(config)
-        expected.update({f"{h}.{p}": s for h in ("score", "value") for p, s in (("weight", (C,)), ("bias", ()))})
+        expected.update({f"{h}.{p}": shape for h in ("score", "value") for p, shape in (("weight", (C,)), ("bias", ()))})
         adapters = lora_shapes(lora, expected)
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
@@ -2606,8 +2611,9 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     for k in names:
         p = _f32_inplace(f"params[{k!r}]", params[k])
         mk, vk = (_f32_inplace(f"{n}[{k!r}]", d[k], p.shape) for n, d in (("m", m), ("v", v)))
-        if numpy.may_share_memory(mk, vk):
-            raise ValueError(f"m[{k!r}], v[{k!r}]: expected two arrays, got one memory (both updated in place)")
+        if any(numpy.may_share_memory(a, b) for a, b in ((p, mk), (p, vk), (mk, vk))):
+            raise ValueError(f"params[{k!r}], m[{k!r}], v[{k!r}]: expected three arrays, got shared memory"
+                             " (each updated in place)")
         g = _f32(f"grads[{k!r}]", grads[k], shape=p.shape)
         overlaps = any(numpy.may_share_memory(g, a) for a in (p, mk, vk))
         ps.append(p), ms.append(mk), vs.append(vk), gs.append(g.copy() if overlaps else g)   # read as it came

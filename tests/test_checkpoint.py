@@ -8,6 +8,7 @@ metadata, are clear errors naming the file; GPT-2's layout as Hugging Face store
 gives the same model, the prefix, mask buffers, tied head and half
 precision (F16, BF16) are read, an untied head or a missing tensor is
 refused, and GPT-2's head width is inferred."""
+import dataclasses
 import json
 import os
 import struct
@@ -538,3 +539,15 @@ def test_load_lora_refuses_a_model_whose_adapters_are_merged(tmp_path):
     llm.merge_lora(m)
     with pytest.raises(ValueError, match="merged"):                   # were applied twice
         llm.load_lora(adapter_file(tmp_path), m)
+    m = llm.GPT(small()[0])
+    llm.add_lora(m, r=2, targets=("mlp.c_fc",))
+    with pytest.raises(ValueError, match="adapters already"):         # its own were left behind, unsaveable
+        llm.load_lora(adapter_file(tmp_path), m)
+
+
+def test_a_new_run_of_no_steps_does_not_take_an_old_runs_figures(tmp_path):
+    cfg, tc = small()
+    text = TEXT * 3
+    llm.pretrain(text, str(tmp_path), cfg, tc)
+    with pytest.raises(ValueError, match="max_iters"):       # (it returned the old run's metrics.json)
+        llm.pretrain(text, str(tmp_path), cfg, dataclasses.replace(tc, max_iters=0, seed=9))

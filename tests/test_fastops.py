@@ -918,6 +918,8 @@ def test_in_place_kernels_read_their_inputs_as_they_came():
     mv = zeros("w")
     with pytest.raises(ValueError, match=r"m\['w'\].*v\['w'\]|v\['w'\].*m\['w'\]"):
         adamw(zeros("w"), zeros("w"), mv, mv)                               # m is v
+    with pytest.raises(ValueError, match=r"params\['w'\]"):
+        adamw(mv, zeros("w"), zeros("w"), mv)                               # v is the parameter
 
 
 @pytest.mark.parametrize("path", ISAS)

@@ -8,6 +8,8 @@ learning-rate schedule and gradient accumulation; and sampling: the KV
 cache against the full forward, greedy, seeded, top-k and top-p sampling,
 stop tokens, streaming, cropping of long prompts, argument checks and
 batched generation."""
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -398,6 +400,9 @@ def test_a_temperature_near_zero_is_greedy():
         assert llm.generate_batch(m, prompts, 4, temperature=t) == greedy
         assert list(llm.generate(m, [1, 2], 4, temperature=t)) == greedy[0][0]
         assert llm.next_token_probs(np.array([-3.0, -1.0, -2.0]), t).tolist() == [0, 1, 0]
+        with warnings.catch_warnings():             # no overflow said either, where the largest is 0
+            warnings.simplefilter("error")
+            assert llm.next_token_probs(np.array([0.0, -1.0]), t).tolist() == [1, 0]
 
 
 def test_prompts_are_integer_token_ids():
