@@ -923,7 +923,7 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
             raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and top_k >= 1):
+    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and not isinstance(top_k, bool) and top_k >= 1):
         raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")

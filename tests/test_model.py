@@ -419,7 +419,7 @@ def test_prompts_are_integer_token_ids():
 
 def test_top_k_is_a_positive_integer():
     """(2.5 was an IndexError, NaN was ignored, "3" a TypeError.)"""
-    for k in (2.5, float("nan"), "3", 0, -1):
+    for k in (2.5, float("nan"), "3", 0, -1, True):
         with pytest.raises(ValueError, match="top_k"):
             llm.next_token_probs(np.zeros(5), 1.0, k)
     assert llm.next_token_probs(np.arange(5.0), 1.0, np.int64(2))[:3].tolist() == [0, 0, 0]
