@@ -937,6 +937,15 @@ def check_prompt(prompt, vocab_size, name) -> list:
     return ids[0].tolist()
 
 
+def over_temperature(logits, temperature):
+    """logits / T -> (them, whether each row's largest stayed finite): where
+    it did not, T is 0 or so near it that the division overflowed, and the
+    likeliest token takes all the mass (greedy)."""
+    with numpy.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = logits / temperature
+    return z, abs(z.max(-1)) < math.inf
+
+
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> the distribution to sample from. Temperature < 1
     sharpens it (0, or so near 0 that the largest logit / T overflows: all on
@@ -944,9 +953,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64)
-    with numpy.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        z = logits / temperature if temperature else logits
-    if temperature == 0 or not math.isfinite(float(z.max())):
+    z, finite = over_temperature(logits, temperature)
+    if not finite:
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
     logits = z
     if top_k is not None and top_k < logits.size:
@@ -1013,9 +1021,8 @@ def generate_batch(model: GPT, prompts, max_new_tokens=64, temperature=0.0, stop
                 nxt = to_numpy(xp.argmax(logits, -1))
             else:
                 g, z = -numpy.log(-numpy.log(rng.random(logits.shape))), to_numpy(logits)
-                with numpy.errstate(all="ignore"):
-                    zt = z / temperature                # T so near 0 that this overflows: that row greedy
-                nxt = numpy.where(numpy.isfinite(zt.max(-1)), numpy.argmax(zt + g, -1), z.argmax(-1))
+                zt, finite = over_temperature(z, temperature)
+                nxt = numpy.where(finite, numpy.argmax(zt + g, -1), z.argmax(-1))
             for j, t in enumerate(nxt):
                 if not done[j]:
                     if int(t) in stop:
