@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 import numpy
 
 # The array module. Every array is made through `xp`, so that another module
-# with NumPy's API (CuPy, on a GPU) can take its place (section 10).
+# with NumPy's API (CuPy, on a GPU) can take its place (section 10). `world`,
+# used from section 5 on, is the processes that train together: this one
+# alone, unless mpirun started several (defined in section 10).
 xp = numpy
 
 
@@ -569,7 +571,7 @@ def init_params(cfg: GPTConfig, rng) -> dict:
 @dataclass
 class KVCache:
     """The keys and values of the positions seen so far, per layer, each
-    (B, H, T, D): generation (section 4) feeds the model its new positions
+    (B, H, T, D) with room for more: generation (section 4) feeds the model its new positions
     only, whose attention reads the earlier ones from here. With maps=[],
     every layer's attention probabilities are appended to it as well."""
     k: list = field(default_factory=list)          # per layer: room for (B, H, capacity, D)
@@ -724,7 +726,7 @@ class GPT:
         if dlogits is None and "loss" in c:
             dlogits = ops.cross_entropy_backward(c["loss"])
         if (dlogits is None and dh is None) or "rows" not in c:
-            raise RuntimeError("backward: call forward() with targets first")
+            raise RuntimeError("backward: call forward() with targets first, or pass dlogits or dh")
         for name, d, width in (("dlogits", dlogits, cfg.vocab_size), ("dh", dh, cfg.n_embd)):
             if d is not None and xp.shape(d) != c["rows"][:2] + (width,):
                 raise ValueError(f"{name}: expected shape {c['rows'][:2] + (width,)}, got {xp.shape(d)}")
@@ -782,8 +784,8 @@ class GPT:
 
 
 def check_ids(idx, vocab_size, name):
-    """Token ids must be a 2-D integer array of in-range ids (a negative id
-    would silently pick a row from the end of wte)."""
+    """Token ids must be a (B, T) integer array, or (T,) for one row, of
+    in-range ids (a negative id would silently pick a row from the end of wte)."""
     a = idx if isinstance(idx, xp.ndarray) else numpy.asarray(idx)
     if a.ndim == 1:
         a = a[None]
@@ -835,7 +837,7 @@ class AdamW:
     def step(self, params: dict, grads: dict, lr: float = None, max_norm: float = None):
         """Step every parameter in grads. With max_norm, the gradients are
         clipped first (clip_scale), the factor applied as the step reads
-        them, not in a pass of its own. Returns their norm then."""
+        them, not in a pass of its own. -> their norm then (else None)."""
         self.t += 1
         for name in grads:
             if name not in self.m:
@@ -2106,7 +2108,8 @@ def export_gpt2(model: GPT, path: str, tokenizer: Tokenizer = None):
 # (section 2). This section loads fastops.c's kernels (`python build_ext.py`;
 # `--cuda` for the GPU's) and puts them in `ops` in the place of the matrix
 # products, attention, LayerNorm, GELU, cross-entropy, the embedding's
-# backward and AdamW. Every array is checked before a pointer to it crosses
+# backward, AdamW with its sum of squares, and a generated token's whole
+# pass in one call (next_logits). Every array is checked before a pointer to it crosses
 # into C. LLM_NUMPY=1 in the environment, or set_backend("numpy"), keeps the
 # NumPy code everywhere.
 
@@ -2474,7 +2477,7 @@ def _side_by_side(B, H, T, D):
 def fo_attention_forward(q, k, v):
     """Causal attention, q, k, v (B, H, T, D) -> y (B, H, T, D), on the CPU
     a view of (B, T, H, D) (heads side by side, as c_proj reads them), and
-    each row's log-sum-exp (B, H, T), all the backward needs besides q, k, v."""
+    each row's log-sum-exp (B, H, T), all the backward needs besides q, k, v, y."""
     (q, k, v), s = _heads("qkv", q, k, v)
     B, H, T, D = q.shape
     y, lse = _side_by_side(B, H, T, D), xp.empty((B, H, T), numpy.float32)
