@@ -312,10 +312,12 @@ def check_vocabulary(ranks: dict, special: dict, pattern: str):
         raise ValueError(f"special: expected names with distinct ids >= {n} (after the ranks),"
                          f" got {str(special)[:80]}")
     try:
-        if not isinstance(pattern, str) or not pattern or re.compile(pattern).groups:
-            raise ValueError("expected a non-empty str without capturing groups: use (?:...)")
-    except (TypeError, ValueError, re.error) as e:
-        raise ValueError(f"pattern: {str(pattern)[:60]!r}: {e}") from None
+        groups = re.compile(pattern).groups if isinstance(pattern, str) and pattern else None
+    except re.error as e:
+        raise ValueError(f"pattern: {pattern[:60]!r}: {e}") from None
+    if groups != 0:
+        raise ValueError(f"pattern: expected a non-empty str without capturing groups (use (?:...)),"
+                         f" got {str(pattern)[:60]!r}")
 
 
 def byte_tokenizer() -> "Tokenizer":
@@ -492,8 +494,8 @@ def log_softmax(logits):
 def check_targets(logits, targets, mask=None):
     """targets, and mask if given, as arrays of the logits' shape less the last axis."""
     targets, mask = xp.asarray(targets), None if mask is None else xp.asarray(mask)
-    for name, a in (("targets", targets), ("mask", targets if mask is None else mask)):
-        if a.shape != logits.shape[:-1]:
+    for name, a in (("targets", targets), ("mask", mask)):
+        if a is not None and a.shape != logits.shape[:-1]:
             raise ValueError(f"{name}: expected shape {logits.shape[:-1]}, got {a.shape}")
     return targets, mask
 
@@ -925,7 +927,8 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
             raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and not isinstance(top_k, bool) and top_k >= 1):
+    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and not isinstance(top_k, bool)
+                                  and top_k >= 1):
         raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
@@ -1178,6 +1181,8 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
         if info.get("text", text_id) != text_id:
             raise ValueError(f"text: not the text {ckpt} was trained on: resuming needs the same text")
     else:
+        if tc.max_iters < 1:
+            raise ValueError(f"max_iters: expected at least 1 step, got {tc.max_iters}")
         if tokenizer is None:
             tokenizer = (byte_tokenizer() if cfg.vocab_size <= 256 + len(SPECIAL_TOKENS)
                          else Tokenizer.train(train_text, cfg.vocab_size))
@@ -1199,8 +1204,6 @@ def pretrain(text: str, out: str, cfg: GPTConfig, tc: TrainConfig, resume=False,
                         ranks=world.size)
 
     t0, first = time.time(), state.step
-    if first == 0 and tc.max_iters < 1:
-        raise ValueError(f"max_iters: expected at least 1 step, got {tc.max_iters}")
     train_steps(model, state, tc, lambda rng: get_batch(train_ids, T, B, rng),
                 on_eval=lambda step: estimate_loss(model, val_ids, B, tc.eval_iters),
                 save=save, stop_at=stop_at, log=log)
@@ -1876,10 +1879,9 @@ def load_safetensors(path: str):
     if "checksum" in meta:                          # save_safetensors' (its digits as zeros, as it was taken)
         digits = meta["checksum"].encode()
         at = raw.rfind(digits, 0, 8 + n)          # where save_safetensors put them: the last in the header
-        head = raw[:at] + b"0" * len(digits) + raw[at + len(digits):8 + n]
-        checksum = hashlib.sha256(head if at >= 0 else b"")
+        checksum = hashlib.sha256(raw[:at] + b"0" * len(digits) + raw[at + len(digits):8 + n])
         checksum.update(memoryview(raw)[8 + n:])
-        if checksum.hexdigest().encode() != digits:
+        if at < 0 or checksum.hexdigest().encode() != digits:
             raise ValueError(f"{path}: corrupt: the file's bytes do not match its checksum")
     elif "sha256" in meta:                          # earlier versions': the tensor bytes alone
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
