@@ -47,6 +47,16 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") else numpy.asarray(a)
 
 
+def is_number(v) -> bool:
+    """A finite int or float, as JSON gives them (not a bool: True is 1 to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_count(v) -> bool:
+    """A positive integer, Python's or NumPy's (not a bool)."""
+    return isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) and v >= 1
+
+
 def warn(message: str):
     """A UserWarning of one line (warnings' filters still apply)."""
     import warnings
@@ -352,7 +362,7 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             v = getattr(self, name)
-            if not isinstance(v, (int, numpy.integer)) or v < 1:
+            if not is_count(v):
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd: expected a multiple of n_head={self.n_head}, got {self.n_embd}")
@@ -927,8 +937,7 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
     for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
         if not v >= 0:
             raise ValueError(f"{name}: expected >= 0, got {v}")
-    if top_k is not None and not (isinstance(top_k, (int, numpy.integer)) and not isinstance(top_k, bool)
-                                  and top_k >= 1):
+    if top_k is not None and not is_count(top_k):
         raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
@@ -1893,18 +1902,13 @@ def load_safetensors(path: str):
     return tensors, meta
 
 
-def is_number(v) -> bool:
-    """A finite int or float, as JSON gives them (not a bool: True is 1 to Python)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def lora_shapes(lora, shapes: dict) -> dict:
     """LoRA metadata, {layer: {"scale", "dropout", "r", "alpha"}}, checked
     against the shapes of the model's parameters -> the adapter tensors it
     needs, {layer.lora_A: (in, r), layer.lora_B: (r, out)}."""
     if not (isinstance(lora, dict) and all(
             isinstance(s, dict) and all(is_number(s.get(k)) for k in ("scale", "dropout", "r", "alpha"))
-            and 0 <= s["dropout"] < 1 and type(s["r"]) is int and s["r"] >= 1 for s in lora.values())):
+            and 0 <= s["dropout"] < 1 and is_count(s["r"]) for s in lora.values())):
         raise ValueError(f"lora: expected {{layer: {{scale, dropout in [0, 1), r >= 1, alpha}}}}, got {str(lora)[:80]}")
     adapters = {}
     for name, s in lora.items():
@@ -2056,7 +2060,7 @@ def load_gpt2(path_or_dir: str, n_head: int = None):
             raise ValueError(f"{path}: cannot infer n_head for n_embd={C}; pass n_head"
                              " or put a config.json with n_head beside the file")
         n_head = C // 64
-    if isinstance(n_head, bool) or not isinstance(n_head, (int, numpy.integer)) or n_head < 1 or C % n_head:
+    if not is_count(n_head) or C % n_head:
         raise ValueError(f"{where}: expected a positive integer that divides n_embd={C}, got {n_head!r}")
     n_layer = len({name.split(".")[1] for name in params if name.startswith("h.")})
     try:

@@ -417,6 +417,13 @@ def test_prompts_are_integer_token_ids():
     assert list(llm.generate(m, np.array([1, 2]), 3, temperature=0)) == list(llm.generate(m, (1, 2), 3, temperature=0))
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "4"])
+def test_a_config_s_sizes_are_positive_integers(bad):
+    """(True passed as 1.)"""
+    with pytest.raises(ValueError, match="n_layer: expected a positive integer"):
+        llm.GPTConfig(n_layer=bad)
+
+
 def test_top_k_is_a_positive_integer():
     """(2.5 was an IndexError, NaN was ignored, "3" a TypeError.)"""
     for k in (2.5, float("nan"), "3", 0, -1, True):
