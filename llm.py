@@ -1928,13 +1928,14 @@ def bf16_to_float32(words):
 def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainState = None, **info):
     """Weights, config, tokenizer, optimizer state, step and RNG state in one
     file. `info` adds JSON-able metadata (the stage, training settings...).
-    A merged LoRA adapter is part of its weight now: it is not written."""
+    Merged LoRA adapters are written too, as merged: unmerge_lora() works
+    on the loaded model, and load_lora() will not add them a second time."""
     if tokenizer.vocab_size != model.config.vocab_size:      # (load_checkpoint would refuse the file)
         raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids; the model's vocab_size is {model.config.vocab_size}")
-    merged = {name + part for name in model.merged_lora for part in (".lora_A", ".lora_B")}
-    tensors = {k: v for k, v in model.params.items() if k not in merged}
+    tensors = dict(model.params)
     meta = {"format": "llm-checkpoint-v1", "config": json.dumps(asdict(model.config)),
-            "tokenizer": tokenizer.to_json(), "lora": json.dumps(model.lora), "info": json.dumps(info)}
+            "tokenizer": tokenizer.to_json(), "lora": json.dumps(model.lora),
+            "merged_lora": json.dumps(model.merged_lora), "info": json.dumps(info)}
     if state is not None:
         for name in state.opt.m if state.opt else ():
             tensors["optimizer.m." + name] = state.opt.m[name]
@@ -1963,6 +1964,7 @@ def load_checkpoint(path: str):
             raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its config's vocab_size"
                              f" is {config.vocab_size}")
         lora, info = json.loads(meta.get("lora", "{}")), json.loads(meta.get("info", "{}"))
+        merged = json.loads(meta.get("merged_lora", "{}"))               # (earlier files have none)
         s = json.loads(meta["state"]) if "state" in meta else None
         if not isinstance(info, dict):
             raise ValueError(f"info: expected a JSON object, got {str(info)[:80]}")
@@ -1971,6 +1973,9 @@ def load_checkpoint(path: str):
         C, expected = config.n_embd, param_shapes(config)
         expected.update({f"{h}.{p}": shape for h in ("score", "value") for p, shape in (("weight", (C,)), ("bias", ()))})
         adapters = lora_shapes(lora, expected)
+        adapters.update(lora_shapes(merged, expected))
+        if set(lora) & set(merged):
+            raise ValueError(f"lora: {sorted(set(lora) & set(merged))[0]!r} both merged and not")
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
     expected.update(adapters)
@@ -1983,8 +1988,8 @@ def load_checkpoint(path: str):
             raise ValueError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}; the config the file"
                              f" carries expects " + ("no such tensor" if want is None else f"{config.dtype} {want}"))
     model = GPT(config, params)
-    model.lora = lora
-    if lora:
+    model.lora, model.merged_lora = lora, merged
+    if lora or merged:
         freeze_base(model)
     if s is None:
         return model, tokenizer, None, info

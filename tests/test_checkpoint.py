@@ -443,6 +443,8 @@ def first_adapter(lora):
     (True, set_lora([]), "lora"),
     (True, set_lora(lambda d: {k: {"r": 2} for k in d}), "lora"),
     (True, set_lora(lambda d: {**d, "wte": d[first_adapter(d)]}), "lora"),      # not a linear layer
+    (True, lambda t, m: m.update(merged_lora=m["lora"]), "both merged and not"),
+    (True, lambda t, m: m.update(merged_lora=json.dumps({"h.0.mlp.c_fc": {"r": 2}})), "lora"),
 ])
 def test_impossible_checkpoints_are_refused_at_load(tmp_path, lora, edit, match):
     """Each was loaded (or failed later, or with a traceback): moments missing
@@ -543,6 +545,36 @@ def test_load_lora_refuses_a_model_whose_adapters_are_merged(tmp_path):
     llm.add_lora(m, r=2, targets=("mlp.c_fc",))
     with pytest.raises(ValueError, match="adapters already"):         # its own were left behind, unsaveable
         llm.load_lora(adapter_file(tmp_path), m)
+
+
+def test_a_checkpoint_keeps_its_merged_adapters(tmp_path):
+    """After fine-tuning the adapters are merged into the weights. The
+    checkpoint records them as merged, with their tensors: unmerge_lora()
+    gives the base model back after loading, and load_lora() of the same
+    adapters is refused (it added them a second time). A training state
+    saved after the merge loads too (its moments name the adapters)."""
+    cfg, _ = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    base = {k: v.copy() for k, v in m.params.items()}
+    llm.add_lora(m, r=2)
+    for k in m.params:
+        if k.endswith(".lora_B"):
+            m.params[k] += 0.5                                   # adapters that change the weights
+    state = llm.TrainState(3, llm.AdamW(), None, [])
+    state.opt.step(m.params, {k: np.ones_like(v) for k, v in m.params.items() if k not in m.frozen})
+    llm.save_lora(str(tmp_path / "a.safetensors"), m)
+    llm.merge_lora(m)
+    path = str(tmp_path / "c.safetensors")
+    llm.save_checkpoint(path, m, TOK, state, stage="finetune")
+    m2, _, state2, _ = llm.load_checkpoint(path)
+    assert m2.merged_lora == m.merged_lora and not m2.lora and state2.opt.t == 1
+    for k, v in m.params.items():
+        assert np.array_equal(m2.params[k], v), k
+    with pytest.raises(ValueError, match="merged"):
+        llm.load_lora(str(tmp_path / "a.safetensors"), m2)
+    llm.unmerge_lora(m2)
+    for k, v in base.items():
+        assert np.allclose(m2.params[k], v, atol=1e-6), k
 
 
 def test_a_new_run_of_no_steps_does_not_take_an_old_runs_figures(tmp_path):
