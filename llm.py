@@ -713,6 +713,24 @@ class GPT:
         f, c[n + "mlp.drop"] = dropout_forward(self.linear(n + "mlp.c_proj", f), drop, rng)
         return xp.add(x, f, out=f)
 
+    def block_backward(self, i, dx, grads):
+        """Block i backward: the gradient at its output (N, C) -> at its input."""
+        cfg, c, n = self.config, self._cache, f"h.{i}."
+        (B, T, _), (N, C) = c["rows"], dx.shape
+        H = cfg.n_head
+        # x + mlp(ln_2(x)): the residual passes dx through unchanged, the MLP adds its share
+        df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx, c[n + "mlp.drop"]), grads)
+        dm = self.linear_backward(n + "mlp.c_fc", ops.gelu_backward(df, c[n + "mlp.gelu"]), grads)
+        dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm, c[n + "ln_2"])
+        dx = xp.add(dx, dm, out=dm)    # (into dm's memory, as the forward's residual)
+        # x + attn(ln_1(x))
+        dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
+        dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
+        dqkv = ops.join_heads(*ops.attention_backward(dy, c[n + "attn"]))   # (B, T, 3, H, D)
+        da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
+        da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
+        return xp.add(dx, da, out=da)
+
     def linear(self, name, x):
         """Layer `name` ("h.0.attn.c_attn"): x W + b, plus its LoRA adapter's share."""
         w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
@@ -721,6 +739,16 @@ class GPT:
             y_lora, self._cache[name + ".lora"] = lora_forward(self, name, x)
             y = y + y_lora
         return y
+
+    def linear_backward(self, name, dy, grads):
+        """Layer `name`'s backward: its gradients into grads -> dx."""
+        frozen = name + ".weight" in self.frozen
+        dx, dw, db = ops.linear_backward(dy, self._cache[name], frozen)
+        if not frozen:
+            grads[name + ".weight"], grads[name + ".bias"] = dw, db
+        if name in self.lora:
+            dx = dx + lora_backward(self, name, dy, self._cache[name + ".lora"], grads)
+        return dx
 
     def lm_head(self, h):
         """The output head, tied to the token embedding: logits = h wte^T
@@ -762,34 +790,6 @@ class GPT:
         for name in self.frozen:
             grads.pop(name, None)
         return grads
-
-    def block_backward(self, i, dx, grads):
-        """Block i backward: the gradient at its output (N, C) -> at its input."""
-        cfg, c, n = self.config, self._cache, f"h.{i}."
-        (B, T, _), (N, C) = c["rows"], dx.shape
-        H = cfg.n_head
-        # x + mlp(ln_2(x)): the residual passes dx through unchanged, the MLP adds its share
-        df = self.linear_backward(n + "mlp.c_proj", dropout_backward(dx, c[n + "mlp.drop"]), grads)
-        dm = self.linear_backward(n + "mlp.c_fc", ops.gelu_backward(df, c[n + "mlp.gelu"]), grads)
-        dm, grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = ops.layernorm_backward(dm, c[n + "ln_2"])
-        dx = xp.add(dx, dm, out=dm)    # (into dm's memory, as the forward's residual)
-        # x + attn(ln_1(x))
-        dy = self._rows(self.linear_backward(n + "attn.c_proj", dropout_backward(dx, c[n + "attn.drop"]), grads))
-        dy = dy.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)                # (B, H, T, D)
-        dqkv = ops.join_heads(*ops.attention_backward(dy, c[n + "attn"]))   # (B, T, 3, H, D)
-        da = self.linear_backward(n + "attn.c_attn", self._tokens(dqkv).reshape(N, 3 * C), grads)
-        da, grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = ops.layernorm_backward(da, c[n + "ln_1"])
-        return xp.add(dx, da, out=da)
-
-    def linear_backward(self, name, dy, grads):
-        """Layer `name`'s backward: its gradients into grads -> dx."""
-        frozen = name + ".weight" in self.frozen
-        dx, dw, db = ops.linear_backward(dy, self._cache[name], frozen)
-        if not frozen:
-            grads[name + ".weight"], grads[name + ".bias"] = dw, db
-        if name in self.lora:
-            dx = dx + lora_backward(self, name, dy, self._cache[name + ".lora"], grads)
-        return dx
 
     def num_params(self) -> int:
         return sum(v.size for v in self.params.values())
@@ -2497,6 +2497,25 @@ def fo_attention_forward(q, k, v):
     return _done(y, lse)
 
 
+def fo_attention_backward(dy, q, k, v, y, lse):
+    """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
+    are views of c_attn's output (B, T, 3, H, D), views of one such array
+    (ops.join_heads then copies nothing); else packed."""
+    (q, k, v), s = _heads("qkv", q, k, v)
+    B, H, T, D = q.shape
+    if xp is numpy and s == [T * 3 * H * D, D, 3 * H * D]:
+        g = xp.empty((B, T, 3, H, D), numpy.float32)
+        dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    else:
+        (q, k, v), s = [xp.ascontiguousarray(a) for a in (q, k, v)], [H * T * D, T * D, D]
+        dq, dk, dv = (xp.empty(q.shape, numpy.float32) for _ in range(3))
+    (y, dy), sy = _heads(("y", "dy"), y, dy, shape=q.shape)
+    lse = _f32("lse", lse, shape=q.shape[:3])
+    _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
+                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)
+    return _done(dq, dk, dv)
+
+
 def fo_attention_decode(q, k, v):
     """Generation's attention (CPU): q (B, H, Tq, D), the last Tq of the Tk
     positions whose keys and values k, v (B, H, Tk, D) the KV cache holds ->
@@ -2540,25 +2559,6 @@ def fo_decode_token(model, kv, tokens):
                                  _ptrs(stores[L:]), cap, *_strides(params[0].T), _ptr(logits))
     kv.n[:] = [n + 1 for n in kv.n]
     return _done(logits)
-
-
-def fo_attention_backward(dy, q, k, v, y, lse):
-    """-> dq, dk, dv (B, H, T, D) in q's layout: on the CPU, when q, k, v
-    are views of c_attn's output (B, T, 3, H, D), views of one such array
-    (ops.join_heads then copies nothing); else packed."""
-    (q, k, v), s = _heads("qkv", q, k, v)
-    B, H, T, D = q.shape
-    if xp is numpy and s == [T * 3 * H * D, D, 3 * H * D]:
-        g = xp.empty((B, T, 3, H, D), numpy.float32)
-        dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    else:
-        (q, k, v), s = [xp.ascontiguousarray(a) for a in (q, k, v)], [H * T * D, T * D, D]
-        dq, dk, dv = (xp.empty(q.shape, numpy.float32) for _ in range(3))
-    (y, dy), sy = _heads(("y", "dy"), y, dy, shape=q.shape)
-    lse = _f32("lse", lse, shape=q.shape[:3])
-    _kernels()[0].fo_attention_backward(_ptr(dy), _ptr(q), _ptr(k), _ptr(v), _ptr(y), _ptr(lse),
-                                        _ptr(dq), _ptr(dk), _ptr(dv), *q.shape, *s, *sy)
-    return _done(dq, dk, dv)
 
 
 def fo_gelu_forward(x):
