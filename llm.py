@@ -1764,6 +1764,23 @@ def trainable_fraction(model: GPT) -> float:
     return train / base if model.lora or model.merged_lora else 1.0
 
 
+def lora_shapes(lora, shapes: dict) -> dict:
+    """LoRA metadata, {layer: {"scale", "dropout", "r", "alpha"}}, checked
+    against the shapes of the model's parameters -> the adapter tensors it
+    needs, {layer.lora_A: (in, r), layer.lora_B: (r, out)}."""
+    if not (isinstance(lora, dict) and all(
+            isinstance(s, dict) and all(is_number(s.get(k)) for k in ("scale", "dropout", "r", "alpha"))
+            and 0 <= s["dropout"] < 1 and is_count(s["r"]) for s in lora.values())):
+        raise ValueError(f"lora: expected {{layer: {{scale, dropout in [0, 1), r >= 1, alpha}}}}, got {str(lora)[:80]}")
+    adapters = {}
+    for name, s in lora.items():
+        w = shapes.get(name + ".weight", ())
+        if not name.startswith("h.") or len(w) != 2:            # (add_lora adapts the blocks' linear layers)
+            raise ValueError(f"lora: {name!r} is not a linear layer of the model")
+        adapters.update({name + ".lora_A": (w[0], s["r"]), name + ".lora_B": (s["r"], w[1])})
+    return adapters
+
+
 def save_lora(path: str, model: GPT):
     """The adapter alone: A and B of every adapted layer, a few percent of
     the model, applied later to the same base model with load_lora()."""
@@ -1837,6 +1854,12 @@ def save_safetensors(path: str, tensors: dict, metadata: dict = None):
     atomic_write(path, head[:at] + checksum.hexdigest().encode() + head[at + 64:] + data)
 
 
+def bf16_to_float32(words):
+    """bfloat16 is the top 16 bits of a float32 (same sign and exponent, a
+    shorter mantissa): shifting the words back up gives the float32 exactly."""
+    return (numpy.asarray(words, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
+
+
 def load_safetensors(path: str):
     """-> (tensors, metadata). A missing, truncated, damaged or foreign file
     is a ValueError naming the file."""
@@ -1900,29 +1923,6 @@ def load_safetensors(path: str):
     else:
         warn(f"{path}: no checksum in the file (written by another program?): its bytes are not checked")
     return tensors, meta
-
-
-def lora_shapes(lora, shapes: dict) -> dict:
-    """LoRA metadata, {layer: {"scale", "dropout", "r", "alpha"}}, checked
-    against the shapes of the model's parameters -> the adapter tensors it
-    needs, {layer.lora_A: (in, r), layer.lora_B: (r, out)}."""
-    if not (isinstance(lora, dict) and all(
-            isinstance(s, dict) and all(is_number(s.get(k)) for k in ("scale", "dropout", "r", "alpha"))
-            and 0 <= s["dropout"] < 1 and is_count(s["r"]) for s in lora.values())):
-        raise ValueError(f"lora: expected {{layer: {{scale, dropout in [0, 1), r >= 1, alpha}}}}, got {str(lora)[:80]}")
-    adapters = {}
-    for name, s in lora.items():
-        w = shapes.get(name + ".weight", ())
-        if not name.startswith("h.") or len(w) != 2:            # (add_lora adapts the blocks' linear layers)
-            raise ValueError(f"lora: {name!r} is not a linear layer of the model")
-        adapters.update({name + ".lora_A": (w[0], s["r"]), name + ".lora_B": (s["r"], w[1])})
-    return adapters
-
-
-def bf16_to_float32(words):
-    """bfloat16 is the top 16 bits of a float32 (same sign and exponent, a
-    shorter mantissa): shifting the words back up gives the float32 exactly."""
-    return (numpy.asarray(words, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
 
 
 def save_checkpoint(path: str, model: GPT, tokenizer: Tokenizer, state: TrainState = None, **info):
