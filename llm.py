@@ -1427,7 +1427,6 @@ def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, lora:
         raise ValueError("pairs: expected at least one preference pair")
     if lora is not None:
         add_lora(model, **lora)
-        model.frozen -= {"score.weight", "score.bias"}
     if "score.weight" not in model.params:
         add_head(model, "score", numpy.random.default_rng(tc.seed))
 
@@ -1702,8 +1701,9 @@ def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp
 
 
 def freeze_base(model: GPT):
-    """With LoRA only the adapters train: every other parameter is frozen."""
-    model.frozen = {n for n in model.params if ".lora_" not in n}
+    """With LoRA the transformer's own weights are frozen: only the adapters
+    train (and a head of section 7's, where the model has one)."""
+    model.frozen = set(param_shapes(model.config))
 
 
 def lora_forward(model, name, x):

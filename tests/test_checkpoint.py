@@ -577,6 +577,19 @@ def test_a_checkpoint_keeps_its_merged_adapters(tmp_path):
         assert np.allclose(m2.params[k], v, atol=1e-6), k
 
 
+def test_a_reward_model_trained_with_lora_loads_with_its_training_state(tmp_path):
+    """Its score head trains beside the adapters: the file's moments name
+    it, and the loaded model trains it too (the head was frozen at load)."""
+    cfg, tc = small()
+    m = llm.GPT(llm.GPTConfig(**{**cfg.__dict__, "vocab_size": TOK.vocab_size}))
+    pairs = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}] * 4
+    state = llm.train_reward_model(m, TOK, pairs, dataclasses.replace(tc, max_iters=2), lora=dict(r=2))
+    path = str(tmp_path / "reward.safetensors")
+    llm.save_checkpoint(path, m, TOK, state, stage="reward")
+    m2, _, state2, _ = llm.load_checkpoint(path)
+    assert m2.frozen == m.frozen == set(llm.param_shapes(cfg)) and {"score.weight", "h.0.mlp.c_fc.lora_A"} <= set(state2.opt.m)
+
+
 def test_a_new_run_of_no_steps_does_not_take_an_old_runs_figures(tmp_path):
     cfg, tc = small()
     text = TEXT * 3
