@@ -11,7 +11,8 @@
  * Exit status 0 when every check passes; otherwise each failure is printed.
  * Shapes cover 1, odd sizes, non-multiples of every SIMD width, both sides
  * of the small-M path (M <= 16) and the blocked GEMM, transposed operands,
- * accumulation and bias.
+ * accumulation and bias. fo_decode_token runs small random GPT-2s token by
+ * token against a double-precision model with its own KV cache.
  */
 #include "../fastops.c"
 
@@ -323,6 +324,110 @@ static void check_cross_entropy(int M, int V, double scale) {
     free(x); free(w); free(loss); free(d); free(t); free(rl); free(rd);
 }
 
+/* ---- generation: fo_decode_token against a model and KV cache in double --- */
+static void ref_layernorm(const double *x, const float *w, const float *b, double *y, int C) {
+    double mu = 0.0, var = 0.0;
+    for (int c = 0; c < C; c++) mu += x[c];
+    mu /= C;
+    for (int c = 0; c < C; c++) var += (x[c] - mu) * (x[c] - mu);
+    double r = 1.0 / sqrt(var / C + 1e-5);
+    for (int c = 0; c < C; c++) y[c] = (x[c] - mu) * r * w[c] + b[c];
+}
+
+static void ref_linear(const double *x, const float *W, const float *bias, double *y, int K, int N) {
+    for (int j = 0; j < N; j++) {
+        double s = bias[j];
+        for (int p = 0; p < K; p++) s += x[p] * W[(size_t)p * N + j];
+        y[j] = s;
+    }
+}
+
+/* decodes T tokens of each of B rows, one call a position, into caches of
+ * cap >= T positions (L <= 2); the logits are checked after every call, the caches
+ * (written at positions 0..T-1, garbage elsewhere that must stay) at the end */
+static void check_decode_token(int L, int C, int H, int V, int B, int T, int cap) {
+    int D = C / H;
+    const int size[12] = {C, C, 3 * C * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C};
+    float *w[24], *k[2], *v[2], *wte = frand((size_t)V * C, 1.0), *wpe = frand((size_t)T * C, 0.3);
+    float *lnf_w = frand(C, 0.2), *lnf_b = frand(C, 0.3), *logits = frand((size_t)B * V, 1.0);
+    for (int i = 0; i < 12 * L; i++) {
+        w[i] = frand(size[i % 12], 0.3);
+        if (i % 12 == 0 || i % 12 == 6) /* LayerNorm weights near 1 */
+            for (int c = 0; c < C; c++) w[i][c] += 1.0f;
+    }
+    for (int c = 0; c < C; c++) lnf_w[c] += 1.0f;
+    size_t nkv = (size_t)B * H * cap * D;
+    float *kc = frand(L * nkv, 1.0), *vc = frand(L * nkv, 1.0);
+    double *rk = (double *)malloc(sizeof(double) * L * nkv), *rv = (double *)malloc(sizeof(double) * L * nkv);
+    for (size_t i = 0; i < L * nkv; i++) { rk[i] = kc[i]; rv[i] = vc[i]; }
+    for (int l = 0; l < L; l++) { k[l] = kc + l * nkv; v[l] = vc + l * nkv; }
+    int64_t *tok = (int64_t *)malloc(sizeof(int64_t) * B * T); /* (T, B): each call's B tokens */
+    for (int i = 0; i < B * T; i++) tok[i] = (int64_t)((urand() + 1.0) * 0.5 * V) % V;
+    double *x = (double *)malloc(sizeof(double) * (10 * C + T)), *h = x + C, *qkv = h + C;
+    double *y = qkv + 3 * C, *f = y + C, *s = f + 4 * C, *rl = (double *)malloc(sizeof(double) * B * V);
+    char what[128];
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) {
+            const int64_t tk = tok[t * B + b];
+            for (int c = 0; c < C; c++) x[c] = (double)wte[tk * C + c] + wpe[(size_t)t * C + c];
+            for (int l = 0; l < L; l++) {
+                float *const *p = w + 12 * l;
+                ref_layernorm(x, p[0], p[1], h, C);
+                ref_linear(h, p[2], p[3], qkv, C, 3 * C);
+                for (int hd = 0; hd < H; hd++) {
+                    double *kh = rk + l * nkv + ((size_t)b * H + hd) * cap * D, *vh = rv + (kh - rk);
+                    const double *q = qkv + hd * D;
+                    double mx = -INFINITY, sum = 0.0;
+                    for (int d = 0; d < D; d++) {
+                        kh[(size_t)t * D + d] = qkv[C + hd * D + d];
+                        vh[(size_t)t * D + d] = qkv[2 * C + hd * D + d];
+                    }
+                    for (int j = 0; j <= t; j++) {
+                        s[j] = 0.0;
+                        for (int d = 0; d < D; d++) s[j] += q[d] * kh[(size_t)j * D + d];
+                        s[j] /= sqrt((double)D);
+                        mx = s[j] > mx ? s[j] : mx;
+                    }
+                    for (int j = 0; j <= t; j++) sum += (s[j] = exp(s[j] - mx));
+                    for (int d = 0; d < D; d++) {
+                        double acc = 0.0;
+                        for (int j = 0; j <= t; j++) acc += s[j] * vh[(size_t)j * D + d];
+                        y[hd * D + d] = acc / sum;
+                    }
+                }
+                ref_linear(y, p[4], p[5], h, C, C);
+                for (int c = 0; c < C; c++) x[c] += h[c];
+                ref_layernorm(x, p[6], p[7], h, C);
+                ref_linear(h, p[8], p[9], f, C, 4 * C);
+                for (int i = 0; i < 4 * C; i++)
+                    f[i] = 0.5 * f[i] * (1.0 + tanh(0.7978845608028654 * (f[i] + 0.044715 * f[i] * f[i] * f[i])));
+                ref_linear(f, p[10], p[11], h, 4 * C, C);
+                for (int c = 0; c < C; c++) x[c] += h[c];
+            }
+            ref_layernorm(x, lnf_w, lnf_b, h, C);
+            for (int j = 0; j < V; j++) {
+                double acc = 0.0;
+                for (int c = 0; c < C; c++) acc += h[c] * wte[(size_t)j * C + c];
+                rl[(size_t)b * V + j] = acc;
+            }
+        }
+        fo_decode_token(L, C, H, V, B, tok + t * B, t, wte, wpe, (const float *const *)w, lnf_w,
+                        lnf_b, k, v, cap, 1, C, logits);
+        snprintf(what, sizeof what, "decode_token[%s] L=%d C=%d H=%d V=%d B=%d cap=%d: logits, past=%d",
+                 fo_isa(), L, C, H, V, B, cap, t);
+        check(what, logits, rl, (size_t)B * V, 1e-4, ktol(C));
+    }
+    snprintf(what, sizeof what, "decode_token[%s] L=%d C=%d H=%d V=%d B=%d cap=%d T=%d: k cache",
+             fo_isa(), L, C, H, V, B, cap, T);
+    check(what, kc, rk, L * nkv, 1e-4, ktol(C));
+    snprintf(what, sizeof what, "decode_token[%s] L=%d C=%d H=%d V=%d B=%d cap=%d T=%d: v cache",
+             fo_isa(), L, C, H, V, B, cap, T);
+    check(what, vc, rv, L * nkv, 1e-4, ktol(C));
+    for (int i = 0; i < 12 * L; i++) free(w[i]);
+    free(wte); free(wpe); free(lnf_w); free(lnf_b); free(logits); free(kc); free(vc);
+    free(rk); free(rv); free(tok); free(x); free(rl);
+}
+
 static void check_all(void) {
     static const int dims[] = {1, 2, 3, 7, 15, 16, 17, 31, 33, 65, 130};
     const int nd = (int)(sizeof dims / sizeof dims[0]);
@@ -363,6 +468,11 @@ static void check_all(void) {
     check_cross_entropy(7, 17, 3.0);
     check_cross_entropy(65, 260, 1.0);
     check_cross_entropy(3, 50257, 10.0);
+    check_decode_token(1, 8, 2, 5, 1, 3, 3);    /* tiny */
+    check_decode_token(1, 8, 2, 5, 3, 3, 4);    /* ... B > 1: a token per row */
+    check_decode_token(2, 36, 3, 37, 1, 9, 11); /* D = 12, V = 37: no SIMD multiple; cap > T */
+    check_decode_token(2, 36, 3, 37, 3, 9, 11);
+    check_decode_token(1, 64, 4, 70, 2, 5, 5);  /* D = 16: whole vectors */
 }
 
 int main(void) {
