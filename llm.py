@@ -192,21 +192,30 @@ class Tokenizer:
 
     # ---- encoding and decoding ---------------------------------------------
     def _bpe(self, chunk: bytes) -> list:
-        """Merge the chunk's bytes, lowest-ranked adjacent pair first."""
+        """Merge the chunk's bytes, lowest-ranked adjacent pair first (ties:
+        the leftmost). The pairs wait in a heap, each merge pushes the two it
+        makes: a long unbroken word costs n log n, not n^2 rescans."""
         ids = self._cache.get(chunk)
         if ids is not None:
             return ids
-        parts = [chunk[i:i + 1] for i in range(len(chunk))]
-        while len(parts) > 1:
-            best, best_rank = None, None
-            for i in range(len(parts) - 1):
-                r = self.ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best is None:
-                break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        ids = [self.ranks[p] for p in parts]
+        ranks, n = self.ranks, len(chunk)
+        parts = [chunk[i:i + 1] for i in range(n)]       # parts[i]: the token starting at byte i, b"" inside one
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))       # the neighbouring tokens' starts
+        heap = [(ranks[p], i) for i in range(n - 1) if (p := chunk[i:i + 2]) in ranks]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if not parts[i] or j == n or ranks.get(parts[i] + parts[j]) != r:
+                continue                                  # a pair an earlier merge changed
+            parts[i], parts[j] = parts[i] + parts[j], b""
+            j = nxt[i] = nxt[j]
+            if j < n:
+                prv[j] = i
+            for a, b in ((prv[i], i), (i, j)):            # the new token's pairs
+                if a >= 0 and b < n and (r := ranks.get(parts[a] + parts[b])) is not None:
+                    heapq.heappush(heap, (r, a))
+        ids = [ranks[p] for p in parts if p]
         if len(self._cache) < 200_000:
             self._cache[chunk] = ids
         return ids
