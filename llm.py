@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import json
 import math
+import numbers
 import os
 import re
 import struct
@@ -943,13 +944,15 @@ ops.next_logits = next_logits     # in the table too: section 10 runs a new toke
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
-    for name, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
-        if not v >= 0:
-            raise ValueError(f"{name}: expected >= 0, got {v}")
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)     # NumPy's too; inf, not NaN
+    if not (real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if not (max_new_tokens == 0 or is_count(max_new_tokens)):
+        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
     if top_k is not None and not is_count(top_k):
         raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    if top_p is not None and not (real(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p!r}")
 
 
 def check_prompt(prompt, vocab_size, name) -> list:
@@ -976,19 +979,20 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     keeps the smallest set whose probability reaches p."""
     check_sampling(temperature, top_k, top_p)
     logits = xp.asarray(logits, dtype=xp.float64)
+    if logits.ndim != 1 or not logits.size or xp.isnan(logits).any():
+        raise ValueError(f"logits: expected one row (V,) of numbers, got shape {logits.shape}"
+                         + (" with NaN" if xp.isnan(logits).any() else ""))
     z, finite = over_temperature(logits, temperature)
     if not finite:
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
-    logits = z
-    if top_k is not None and top_k < logits.size:
-        kth = xp.sort(logits)[-top_k]
-        logits = xp.where(logits < kth, -xp.inf, logits)
-    probs = xp.exp(logits - logits.max())
+    order = xp.argsort(-z, kind="stable")                # likeliest first, ties: the lower id
+    if top_k is not None:
+        z[order[top_k:]] = -xp.inf                       # exactly k, ties or not
+    probs = xp.exp(z - z.max())
     probs /= probs.sum()
     if top_p is not None and top_p < 1.0:
-        order = xp.argsort(-probs, kind="stable")
-        keep = xp.cumsum(probs[order]) - probs[order] < top_p   # mass before this token
-        probs[order[~keep]] = 0.0
+        before = xp.cumsum(probs[order]) - probs[order]  # the mass before each token
+        probs[order[before >= top_p * (1 - 1e-12)]] = 0.0    # (1e-12: a mass of exactly p, rounded)
         probs /= probs.sum()
     return probs
 

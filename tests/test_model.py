@@ -346,6 +346,28 @@ def test_sampling_distribution_properties(temp, k, p, seed):
     assert full[np.argsort(-full)][:len(kept) - 1].sum() < p + 1e-9
 
 
+def test_top_k_and_top_p_keep_exactly_their_sets():
+    """Ties: top_k=1 kept every token tied with the largest. A nucleus whose
+    mass is exactly p: the rounding of the sums kept one token more."""
+    assert llm.next_token_probs(np.array([1.0, 1.0, 1.0, 0.0]), top_k=1).tolist() == [1, 0, 0, 0]
+    assert llm.next_token_probs(np.array([0.0, 2.0, 2.0, 2.0]), top_k=2).tolist() == [0, 0.5, 0.5, 0]
+    for n, p, kept in ((10, 0.8, 8), (100, 0.02, 2), (20, 0.4, 8), (20, 0.45, 9), (20, 0.5, 10), (20, 0.55, 11)):
+        assert np.count_nonzero(llm.next_token_probs(np.zeros(n), top_p=p)) == kept, (n, p)
+
+
+def test_bad_logits_and_sampling_settings_are_named():
+    for kw, name in [({"logits": np.zeros((1, 5))}, "logits"), ({"logits": np.array([0.0, np.nan])}, "logits"),
+                     ({"temperature": "1"}, "temperature"), ({"top_p": "0.5"}, "top_p")]:
+        with pytest.raises(ValueError, match=name):
+            llm.next_token_probs(**{"logits": np.zeros(5), **kw})
+    m = tiny(dtype="float32")
+    for n in (2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            list(llm.generate(m, [1], n))
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            llm.generate_batch(m, [[1]], n)
+
+
 def test_temperature_zero_puts_all_the_mass_on_the_likeliest_token():
     logits = np.array([0.5, 3.0, -1.0, 2.9])
     assert llm.next_token_probs(logits, 0.0).tolist() == [0.0, 1.0, 0.0, 0.0]   # was NaN: logits / 0
