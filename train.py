@@ -636,6 +636,22 @@ def check_sampling_flags(a):
         raise UserError(as_flag(e)) from None
 
 
+def fresh_seed(seed):
+    """The seed given, or a fresh one (said, so that --seed repeats the run)."""
+    return seed if seed is not None else int(numpy.random.SeedSequence().entropy % 2**31)
+
+
+def encode_flag(tok, text, flag) -> list:
+    """--prompt's or --text's tokens: text that is not UTF-8 (or no text) is the flag's error."""
+    try:
+        ids = tok.encode(text)
+    except ValueError as e:
+        raise UserError(f"{flag}: {str(e).partition(': ')[2]}") from None
+    if not ids:
+        raise UserError(f"{flag}: expected some text")
+    return ids
+
+
 # ---- tokens: how the tokenizer cuts text -------------------------------------
 
 def load_tokenizer(a):
@@ -703,9 +719,7 @@ def stream_tokens(tok, ids, write, seen=None):
 def cmd_sample(a):
     check_sampling_flags(a)
     model, tok = load_model(a, ("pretrain",), "sample continues text, so it takes the pretrained model")
-    ids = tok.encode(a.prompt)
-    if not ids:
-        raise UserError("--prompt: expected some text")
+    ids = encode_flag(tok, a.prompt, "--prompt")
     block = model.config.block_size
     if len(ids) > block:
         print(f"(the prompt has {len(ids)} tokens; the model sees the last {block})")
@@ -724,7 +738,7 @@ def cmd_sample(a):
         print("  " + "  ".join(f"{v:<{w}}" if k == 1 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(r[:n], widths))))
     if changed:
         print("  (p sampled: after --temperature/--top-k/--top-p)")
-    seed = a.seed if a.seed is not None else int(numpy.random.SeedSequence().entropy % 2**31)
+    seed = fresh_seed(a.seed)
     settings = [f"temperature {a.temperature:g}"] + [f"{k} {v:g}" for k, v in
                                                      (("top-k", a.top_k), ("top-p", a.top_p)) if v is not None]
     print(f"\ncontinuation ({', '.join(settings)}, seed {seed}; --seed {seed} repeats it):")
@@ -782,9 +796,7 @@ SHADES = " .:-=+*#%@"          # 0 .. 1, for the terminal grid
 
 def cmd_attention(a):
     model, tok = load_model(a, ("pretrain",), "attention reads the pretrained model")
-    ids = tok.encode(a.text)
-    if not ids:
-        raise UserError("--text: expected some text")
+    ids = encode_flag(tok, a.text, "--text")
     L, H, block = model.config.n_layer, model.config.n_head, model.config.block_size
     if len(ids) > block:
         print(f"(the text has {len(ids)} tokens; showing the first {block}, the context window)")
@@ -834,6 +846,7 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
     stop = llm.stop_tokens(tok)
     block = model.config.block_size
     budget = max(1, block - min(max_tokens, block // 2))     # the rest is room for the answer
+    seed = fresh_seed(seed)
     rng = numpy.random.default_rng(seed)
     history = []
     output = sys.stdout if output is None else output
@@ -842,7 +855,8 @@ def chat_loop(model, tok, input_fn=input, output=None, max_tokens=200, temperatu
         output.write(s)
         output.flush()
 
-    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer\n")
+    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer\n"
+          + (f"(sampling with seed {seed}: --seed {seed} repeats the conversation)\n" if temperature else ""))
     while True:
         try:
             msg = input_fn("you> ").strip()

@@ -3,6 +3,7 @@ names the flag or file, exit status 2, no traceback; and what it says and
 keeps when a run is resumed, interrupted, or its loss turns to NaN."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,8 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("chat --out {d}/run --max-tokens -1", "--max-tokens"), ("chat --out {d}/run --temperature -1", "--temperature"),
     ("chat --out {d}/run --top-p 5", "--top-p"), ("chat --out {d}/run --top-k 0", "--top-k"),
     ("tokens --ckpt {d}/adapter.lora.safetensors", "a LoRA adapter, not a checkpoint"),
+    ("sample --out {d}/run --prompt ab\udcff", "--prompt: cannot be encoded"),      # bytes not UTF-8, as argv has them
+    ("attention --out {d}/run --text ab\udcff", "--text: cannot be encoded"),
     ("ppo --ptx-coef nan", "--ptx-coef"), ("ppo --ptx-coef -1", "--ptx-coef"), ("ppo --ptx-coef inf", "--ptx-coef"),
 ]
 
@@ -335,6 +338,20 @@ def test_chat_leaves_on_ctrl_c_at_the_prompt_and_stops_an_answer_on_ctrl_c():
             pass
     history = train.chat_loop(model, tok, reader, Out(), max_tokens=10, seed=0)
     assert "(stopped)" in "".join(out) and len(history) == 1
+
+
+def test_chat_says_its_seed_and_the_seed_repeats_the_conversation():
+    model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=32))
+    tok = llm.byte_tokenizer()
+
+    def talk(seed):
+        lines, out = iter(["hello", "again", "/quit"]), []
+        out_file = type("Out", (), {"write": lambda self, s: out.append(s), "flush": lambda self: None})()
+        history = train.chat_loop(model, tok, lambda _: next(lines), out_file, max_tokens=8, temperature=1.0, seed=seed)
+        return history, "".join(out)
+    history, said = talk(None)
+    seed = int(re.search(r"--seed (\d+) repeats", said).group(1))        # (it was never said)
+    assert talk(seed)[0] == history
 
 
 def test_eta_counts_this_runs_own_steps():
