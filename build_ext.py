@@ -49,11 +49,16 @@ def built():
     return found[0] if found else None
 
 
+def _remove(*paths):
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):   # another builder (mpirun's ranks) was first
+            os.remove(path)
+
+
 def _remove_stale(keep):
     """Libraries built from another fastops.c (and their calibrations)."""
-    for path in sum((glob.glob(os.path.join(ROOT, "_fastops*" + e)) for e in (".so", ".pyd", ".json")), []):
-        if not os.path.basename(path).startswith(keep):
-            os.remove(path)
+    found = sum((glob.glob(os.path.join(ROOT, "_fastops*" + e)) for e in (".so", ".pyd", ".json")), [])
+    _remove(*(path for path in found if not os.path.basename(path).startswith(keep)))
 
 HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
            "(Debian/Ubuntu), `xcode-select --install` (macOS)")
@@ -191,8 +196,7 @@ def build(verbose=False):
         if verbose:
             print(f"fastops: built {path}")
         _remove_stale(keep=(MODULE, "_fastops_cuda_" + source_hash()))
-        if os.path.exists(FAILED):
-            os.remove(FAILED)
+        _remove(FAILED)
         return True
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     why = HINT_CC if shutil.which(cc.split()[0]) is None else (

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import build_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +26,18 @@ def python(cwd, code, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("LLM_NUMPY", "PYTHONPATH")}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**e, **env})
+
+
+@pytest.fixture
+def lone_build(tmp_path, monkeypatch):
+    """build() into tmp_path, its compiler a copy of this checkout's library
+    (quick: each test here builds nothing itself)."""
+    lib = build_ext.built() or (build_ext.build() and build_ext.built())
+    shutil.copy(os.path.join(ROOT, "fastops.c"), tmp_path)             # its hash names the build
+    monkeypatch.setattr(build_ext, "ROOT", str(tmp_path))
+    monkeypatch.setattr(build_ext, "FAILED", str(tmp_path / "build" / (build_ext.MODULE + ".failed")))
+    monkeypatch.setattr(build_ext, "_compile", lambda openmp, verbose: shutil.copy(lib, tmp_path))
+    return tmp_path
 
 
 def test_a_library_built_from_an_older_fastops_c_is_not_loaded(tmp_path):
@@ -89,3 +103,20 @@ def test_a_first_use_without_openmp_shows_one_warning_not_the_compiler(tmp_path)
     shown = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(shown) == 1, r.stderr[-3000:]                   # the warning, one line
     assert "omp_not_installed" not in r.stderr and "warning:" not in r.stderr
+
+
+def test_two_builders_at_once(lone_build, monkeypatch):
+    """mpirun's ranks after a pull each build: what one removes, another
+    has just removed."""
+    (lone_build / "_fastops_aaaaaaaaaaaa.so").write_bytes(b"")
+    os.makedirs(os.path.dirname(build_ext.FAILED))
+    open(build_ext.FAILED, "w").close()
+    remove = os.remove
+
+    def raced(path):
+        remove(path)                                 # the other builder, first
+        remove(path)
+    monkeypatch.setattr(os, "remove", raced)
+    assert build_ext.build()
+    assert build_ext.built() and not os.path.exists(build_ext.FAILED)
+    assert not (lone_build / "_fastops_aaaaaaaaaaaa.so").exists()
