@@ -182,6 +182,11 @@ def build(verbose=False):
     except ImportError:
         print("fastops: cffi missing: `pip install cffi`", file=sys.stderr)
         return False
+    # The kernels' verdicts (llm.calibration_path), timed on the library built
+    # before, maybe with other flags or without OpenMP: the next first use
+    # measures again. Removed now, not after the build: another rank building
+    # beside this one may meanwhile have timed its own build of the same flags.
+    _remove(*glob.glob(os.path.join(ROOT, MODULE + ".calibration-*.json")))
     for openmp in (True, False):
         try:
             path = _compile(openmp, verbose)

@@ -120,3 +120,21 @@ def test_two_builders_at_once(lone_build, monkeypatch):
     assert build_ext.build()
     assert build_ext.built() and not os.path.exists(build_ext.FAILED)
     assert not (lone_build / "_fastops_aaaaaaaaaaaa.so").exists()
+
+
+def test_a_new_build_times_its_kernels_again(lone_build, monkeypatch):
+    """The calibration (llm.calibration_path) is named after fastops.c, not
+    after the flags: the one timed on the library built before (another
+    FO_EXTRA_CFLAGS, no OpenMP then) goes. One written while this build ran
+    stays: another rank's, on its build of the same fastops.c and flags."""
+    stale = lone_build / (build_ext.MODULE + ".calibration-5.json")
+    stale.write_text("{}")
+    fresh = lone_build / (build_ext.MODULE + ".calibration-6.json")
+    compile_ = build_ext._compile
+
+    def compile_beside_another_rank(openmp, verbose):
+        fresh.write_text("{}")
+        return compile_(openmp, verbose)
+    monkeypatch.setattr(build_ext, "_compile", compile_beside_another_rank)
+    assert build_ext.build()
+    assert not stale.exists() and fresh.exists()
