@@ -160,23 +160,28 @@ def _compile(openmp, verbose):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _threaded(path):
-    """Whether the library at path runs on OpenMP's threads: a compiler that
-    does not know -fopenmp (MSVC's spelling is /openmp) may only warn, and
-    build it single-threaded."""
+def _load(path):
+    """The built module, loaded as llm.py will: ImportError or OSError if it cannot be."""
     import importlib.util
-    try:
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except (ImportError, OSError):
-        return True                    # one that does not load, llm.py reports when it tries
-    return bool(module.lib.fo_has_openmp())
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _failed(why):
+    """Says why, once: the marker keeps train.py from building again on every command."""
+    print(f"fastops: build failed: {why}", file=sys.stderr)
+    os.makedirs(os.path.dirname(FAILED), exist_ok=True)
+    with open(FAILED, "w") as f:
+        f.write(why + "\n")
+    return False
 
 
 def build(verbose=False):
     """Build _fastops next to this file. Returns True on success, False (with a
-    message saying what to install) if no compiler works."""
+    message saying what to install, or the loader's error) if no compiler
+    works or the library built does not load."""
     try:
         import cffi  # noqa: F401
     except ImportError:
@@ -196,7 +201,14 @@ def build(verbose=False):
                 print(f"fastops: build failed ({'with' if openmp else 'without'} OpenMP): {err}",
                       file=sys.stderr)
             continue
-        if not openmp or not _threaded(path):
+        try:
+            module = _load(path)
+        except (ImportError, OSError) as e:      # e.g. -fsanitize=address: undefined __asan symbols
+            _remove(path)
+            return _failed(f"the library does not load ({e})")
+        # A compiler that does not know -fopenmp (MSVC's spelling is /openmp)
+        # may only warn, and build it single-threaded.
+        if not openmp or not module.lib.fo_has_openmp():
             warnings.warn_explicit(HINT_OMP, UserWarning, "build_ext.py", 0)   # one line, as llm.py's
         if verbose:
             print(f"fastops: built {path}")
@@ -206,11 +218,7 @@ def build(verbose=False):
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     why = HINT_CC if shutil.which(cc.split()[0]) is None else (
         "the compiler reported errors (`python build_ext.py` shows them)")
-    print(f"fastops: build failed: {why}", file=sys.stderr)
-    os.makedirs(os.path.dirname(FAILED), exist_ok=True)
-    with open(FAILED, "w") as f:                        # said once: train.py does not retry
-        f.write(why + "\n")
-    return False
+    return _failed(why)
 
 
 # The CUDA build: the same fastops.c, compiled by nvcc as CUDA (its

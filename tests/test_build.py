@@ -3,6 +3,7 @@ from, so one built before fastops.c changed is never loaded (llm.py warns
 and runs NumPy; train.py rebuilds); a build that failed says what to do
 once and is not retried on every command; a new build removes old ones; a
 build without OpenMP's threads says so, in one warning, without the compiler's output."""
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -138,3 +139,20 @@ def test_a_new_build_times_its_kernels_again(lone_build, monkeypatch):
     monkeypatch.setattr(build_ext, "_compile", compile_beside_another_rank)
     assert build_ext.build()
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_build_that_does_not_load_is_a_failed_build(lone_build, monkeypatch, capsys):
+    """FO_EXTRA_CFLAGS=-fsanitize=address compiles and links, but the library
+    does not load (undefined __asan symbols): the build says why, once, as a
+    failed build, not "built" and then llm.py's "not built"."""
+    def compile_unloadable(openmp, verbose):
+        path = lone_build / (build_ext.MODULE + importlib.machinery.EXTENSION_SUFFIXES[0])
+        path.write_bytes(b"not a library" * 100)
+        return str(path)
+    monkeypatch.setattr(build_ext, "_compile", compile_unloadable)
+    assert build_ext.build(verbose=True) is False
+    out, err = capsys.readouterr()
+    assert "built" not in out and err.count("\n") == 1, (out, err)
+    assert "fastops: build failed" in err and "does not load" in err, err
+    assert sys.platform != "linux" or "invalid ELF header" in err, err           # the loader's own words
+    assert build_ext.built() is None and os.path.exists(build_ext.FAILED)      # not retried by train.py
