@@ -156,3 +156,12 @@ def test_a_build_that_does_not_load_is_a_failed_build(lone_build, monkeypatch, c
     assert "fastops: build failed" in err and "does not load" in err, err
     assert sys.platform != "linux" or "invalid ELF header" in err, err           # the loader's own words
     assert build_ext.built() is None and os.path.exists(build_ext.FAILED)      # not retried by train.py
+
+
+def test_a_cuda_build_alone_is_not_an_older_cpu_build(tmp_path):
+    """`python build_ext.py --cuda` without a CPU build: the CUDA library of
+    this very fastops.c is no sign of an older CPU build."""
+    d = copy_project(tmp_path)
+    (d / build_ext.CUDA_LIB).write_bytes(b"")
+    r = python(d, "import llm")
+    assert "fastops (the C kernels) is not built" in r.stderr and "older" not in r.stderr, r.stderr
