@@ -267,7 +267,12 @@ def build_cuda(verbose=True, dest=None):
 
 
 def main(argv):
-    if "--cuda" in argv:
+    import argparse
+    parser = argparse.ArgumentParser(prog="build_ext.py", description="Build fastops.c's kernels "
+                                     "into _fastops_HASH*.so beside this file (CPU: -O3 -fopenmp).")
+    parser.add_argument("--cuda", action="store_true", help="the CUDA build instead, with nvcc "
+                        "(NVCC, FO_CUDA_GENCODE): _fastops_cuda_HASH.so")
+    if parser.parse_args(argv).cuda:
         return build_cuda()
     ok = build(verbose=True)
     return 0 if ok else 1

@@ -165,3 +165,14 @@ def test_a_cuda_build_alone_is_not_an_older_cpu_build(tmp_path):
     (d / build_ext.CUDA_LIB).write_bytes(b"")
     r = python(d, "import llm")
     assert "fastops (the C kernels) is not built" in r.stderr and "older" not in r.stderr, r.stderr
+
+
+def test_build_ext_knows_its_flags(tmp_path):
+    """--help shows the usage and a typo (--cdua) is an error: neither builds."""
+    d = copy_project(tmp_path)
+    run = [sys.executable, "build_ext.py"]
+    usage = subprocess.run(run + ["--help"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and "--cuda" in usage.stdout, usage
+    typo = subprocess.run(run + ["--cdua"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "unrecognized arguments: --cdua" in typo.stderr, typo
+    assert "Traceback" not in typo.stderr and not [n for n in os.listdir(d) if n.endswith(".so")]
