@@ -237,8 +237,9 @@ CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for
 def build_cuda(verbose=True, dest=None):
     """nvcc fastops.c -> _fastops_cuda_HASH.so next to this file. Returns 0 on
     success, 0 with a message when nvcc is absent (nothing to build), 1 on a
-    compile error. `dest`: another path for the library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value (e.g.
-    "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
+    compile error or an nvcc that does not run. `dest`: another path for the
+    library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value
+    (e.g. "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
     import subprocess
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     if nvcc is None:
@@ -256,7 +257,12 @@ def build_cuda(verbose=True, dest=None):
            os.path.join(ROOT, "fastops.c"), "-o", dest + ".tmp"]
     if verbose:
         print(" ".join(cmd))
-    r = subprocess.run(cmd)
+    try:
+        r = subprocess.run(cmd)
+    except OSError as e:                    # NVCC names no program: missing, a folder, not executable
+        print(f"fastops CUDA build: NVCC={nvcc} does not run ({e.strerror}): expected the path of "
+              "CUDA's nvcc, e.g. /usr/local/cuda/bin/nvcc", file=sys.stderr)
+        return 1
     if r.returncode != 0:
         print(f"fastops CUDA build: nvcc failed (exit {r.returncode})", file=sys.stderr)
         return 1

@@ -176,3 +176,12 @@ def test_build_ext_knows_its_flags(tmp_path):
     typo = subprocess.run(run + ["--cdua"], cwd=d, capture_output=True, text=True, timeout=300)
     assert typo.returncode == 2 and "unrecognized arguments: --cdua" in typo.stderr, typo
     assert "Traceback" not in typo.stderr and not [n for n in os.listdir(d) if n.endswith(".so")]
+
+
+@pytest.mark.parametrize("nvcc", ["/nonexistent/nvcc", "a folder"])
+def test_a_wrong_nvcc_is_named(tmp_path, monkeypatch, capsys, nvcc):
+    nvcc = str(tmp_path) if nvcc == "a folder" else nvcc
+    monkeypatch.setenv("NVCC", nvcc)
+    assert build_ext.build_cuda(verbose=False, dest=str(tmp_path / "lib.so")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"NVCC={nvcc}" in err and "expected" in err, err
