@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import shlex
 import sys
 import shutil
 import sysconfig
@@ -108,7 +109,9 @@ def compile_flags(openmp, platform=None):
     elif openmp:
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    cflags += os.environ.get("FO_EXTRA_CFLAGS", "").split()
+    # As a shell splits it: a quoted value stays one flag. Not POSIX on Windows,
+    # where a backslash separates folders (-IC:\libs), not escapes.
+    cflags += shlex.split(os.environ.get("FO_EXTRA_CFLAGS", ""), posix=platform != "win32")
     return cflags, ldflags
 
 
