@@ -185,3 +185,14 @@ def test_a_wrong_nvcc_is_named(tmp_path, monkeypatch, capsys, nvcc):
     assert build_ext.build_cuda(verbose=False, dest=str(tmp_path / "lib.so")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"NVCC={nvcc}" in err and "expected" in err, err
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                    reason="not a git checkout")
+def test_git_ignores_every_library_and_leftover():
+    """A builder killed between its copy and the rename leaves NAME.tmp-PID
+    (nvcc's NAME.tmp); Windows builds .pyd: none of them is for git status."""
+    names = ["_fastops_0123456789ab.cpython-311-x86_64-linux-gnu.so.tmp-4242", "_fastops_cuda_0123456789ab.so.tmp",
+             "_fastops_0123456789ab.cp311-win_amd64.pyd", "_fastops_0123456789ab.cp311-win_amd64.pyd.tmp-7"]
+    r = subprocess.run(["git", "check-ignore", *names], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.split() == names, r
