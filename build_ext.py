@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import shlex
 import sys
 import shutil
 import sysconfig
@@ -49,11 +50,16 @@ def built():
     return found[0] if found else None
 
 
+def _remove(*paths):
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):   # another builder (mpirun's ranks) was first
+            os.remove(path)
+
+
 def _remove_stale(keep):
     """Libraries built from another fastops.c (and their calibrations)."""
-    for path in sum((glob.glob(os.path.join(ROOT, "_fastops*" + e)) for e in (".so", ".pyd", ".json")), []):
-        if not os.path.basename(path).startswith(keep):
-            os.remove(path)
+    found = sum((glob.glob(os.path.join(ROOT, "_fastops*" + e)) for e in (".so", ".pyd", ".json")), [])
+    _remove(*(path for path in found if not os.path.basename(path).startswith(keep)))
 
 HINT_CC = ("no working C compiler found: install one, e.g. `apt-get install gcc` "
            "(Debian/Ubuntu), `xcode-select --install` (macOS)")
@@ -103,7 +109,9 @@ def compile_flags(openmp, platform=None):
     elif openmp:
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    cflags += os.environ.get("FO_EXTRA_CFLAGS", "").split()
+    # As a shell splits it: a quoted value stays one flag. Not POSIX on Windows,
+    # where a backslash separates folders (-IC:\libs), not escapes.
+    cflags += shlex.split(os.environ.get("FO_EXTRA_CFLAGS", ""), posix=platform != "win32")
     return cflags, ldflags
 
 
@@ -155,28 +163,38 @@ def _compile(openmp, verbose):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _threaded(path):
-    """Whether the library at path runs on OpenMP's threads: a compiler that
-    does not know -fopenmp (MSVC's spelling is /openmp) may only warn, and
-    build it single-threaded."""
+def _load(path):
+    """The built module, loaded as llm.py will: ImportError or OSError if it cannot be."""
     import importlib.util
-    try:
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except (ImportError, OSError):
-        return True                    # one that does not load, llm.py reports when it tries
-    return bool(module.lib.fo_has_openmp())
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _failed(why):
+    """Says why, once: the marker keeps train.py from building again on every command."""
+    print(f"fastops: build failed: {why}", file=sys.stderr)
+    os.makedirs(os.path.dirname(FAILED), exist_ok=True)
+    with open(FAILED, "w") as f:
+        f.write(why + "\n")
+    return False
 
 
 def build(verbose=False):
     """Build _fastops next to this file. Returns True on success, False (with a
-    message saying what to install) if no compiler works."""
+    message saying what to install, or the loader's error) if no compiler
+    works or the library built does not load."""
     try:
         import cffi  # noqa: F401
     except ImportError:
         print("fastops: cffi missing: `pip install cffi`", file=sys.stderr)
         return False
+    # The kernels' verdicts (llm.calibration_path), timed on the library built
+    # before, maybe with other flags or without OpenMP: the next first use
+    # measures again. Removed now, not after the build: another rank building
+    # beside this one may meanwhile have timed its own build of the same flags.
+    _remove(*glob.glob(os.path.join(ROOT, MODULE + ".calibration-*.json")))
     for openmp in (True, False):
         try:
             path = _compile(openmp, verbose)
@@ -186,22 +204,24 @@ def build(verbose=False):
                 print(f"fastops: build failed ({'with' if openmp else 'without'} OpenMP): {err}",
                       file=sys.stderr)
             continue
-        if not openmp or not _threaded(path):
+        try:
+            module = _load(path)
+        except (ImportError, OSError) as e:      # e.g. -fsanitize=address: undefined __asan symbols
+            _remove(path)
+            return _failed(f"the library does not load ({e})")
+        # A compiler that does not know -fopenmp (MSVC's spelling is /openmp)
+        # may only warn, and build it single-threaded.
+        if not openmp or not module.lib.fo_has_openmp():
             warnings.warn_explicit(HINT_OMP, UserWarning, "build_ext.py", 0)   # one line, as llm.py's
         if verbose:
             print(f"fastops: built {path}")
         _remove_stale(keep=(MODULE, "_fastops_cuda_" + source_hash()))
-        if os.path.exists(FAILED):
-            os.remove(FAILED)
+        _remove(FAILED)
         return True
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     why = HINT_CC if shutil.which(cc.split()[0]) is None else (
         "the compiler reported errors (`python build_ext.py` shows them)")
-    print(f"fastops: build failed: {why}", file=sys.stderr)
-    os.makedirs(os.path.dirname(FAILED), exist_ok=True)
-    with open(FAILED, "w") as f:                        # said once: train.py does not retry
-        f.write(why + "\n")
-    return False
+    return _failed(why)
 
 
 # The CUDA build: the same fastops.c, compiled by nvcc as CUDA (its
@@ -220,8 +240,9 @@ CUDA_GENCODE = "arch=compute_90,code=[sm_90,compute_90]"   # H100/H200 + PTX for
 def build_cuda(verbose=True, dest=None):
     """nvcc fastops.c -> _fastops_cuda_HASH.so next to this file. Returns 0 on
     success, 0 with a message when nvcc is absent (nothing to build), 1 on a
-    compile error. `dest`: another path for the library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value (e.g.
-    "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
+    compile error or an nvcc that does not run. `dest`: another path for the
+    library (the tests use it). FO_CUDA_GENCODE replaces the -gencode value
+    (e.g. "arch=compute_80,code=[sm_80,compute_80]" for an A100)."""
     import subprocess
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     if nvcc is None:
@@ -239,7 +260,12 @@ def build_cuda(verbose=True, dest=None):
            os.path.join(ROOT, "fastops.c"), "-o", dest + ".tmp"]
     if verbose:
         print(" ".join(cmd))
-    r = subprocess.run(cmd)
+    try:
+        r = subprocess.run(cmd)
+    except OSError as e:                    # NVCC names no program: missing, a folder, not executable
+        print(f"fastops CUDA build: NVCC={nvcc} does not run ({e.strerror}): expected the path of "
+              "CUDA's nvcc, e.g. /usr/local/cuda/bin/nvcc", file=sys.stderr)
+        return 1
     if r.returncode != 0:
         print(f"fastops CUDA build: nvcc failed (exit {r.returncode})", file=sys.stderr)
         return 1
@@ -250,7 +276,12 @@ def build_cuda(verbose=True, dest=None):
 
 
 def main(argv):
-    if "--cuda" in argv:
+    import argparse
+    parser = argparse.ArgumentParser(prog="build_ext.py", description="Build fastops.c's kernels "
+                                     "into _fastops_HASH*.so beside this file (CPU: -O3 -fopenmp).")
+    parser.add_argument("--cuda", action="store_true", help="the CUDA build instead, with nvcc "
+                        "(NVCC, FO_CUDA_GENCODE): _fastops_cuda_HASH.so")
+    if parser.parse_args(argv).cuda:
         return build_cuda()
     ok = build(verbose=True)
     return 0 if ok else 1

@@ -2248,7 +2248,8 @@ def _load_fastops():
             return _import(build_ext.MODULE, path)
         except ImportError:
             pass                                       # built for another Python
-    old = [p for e in (".so", ".pyd") for p in glob.glob(os.path.join(here, "_fastops_*" + e)) if p != path]
+    old = [p for e in (".so", ".pyd") for p in glob.glob(os.path.join(here, "_fastops_*" + e))
+           if p != path and not os.path.basename(p).startswith("_fastops_cuda_")]   # CUDA: no sign of a CPU build
     warn(("fastops was built from an older fastops.c" if old else "fastops (the C kernels) is not built")
          + ": using the slower NumPy code. Build it with `python build_ext.py` (or set LLM_NUMPY=1 to silence this).")
     return None

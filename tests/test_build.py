@@ -3,10 +3,13 @@ from, so one built before fastops.c changed is never loaded (llm.py warns
 and runs NumPy; train.py rebuilds); a build that failed says what to do
 once and is not retried on every command; a new build removes old ones; a
 build without OpenMP's threads says so, in one warning, without the compiler's output."""
+import importlib.machinery
 import os
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 import build_ext
 
@@ -24,6 +27,18 @@ def python(cwd, code, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("LLM_NUMPY", "PYTHONPATH")}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**e, **env})
+
+
+@pytest.fixture
+def lone_build(tmp_path, monkeypatch):
+    """build() into tmp_path, its compiler a copy of this checkout's library
+    (quick: each test here builds nothing itself)."""
+    lib = build_ext.built() or (build_ext.build() and build_ext.built())
+    shutil.copy(os.path.join(ROOT, "fastops.c"), tmp_path)             # its hash names the build
+    monkeypatch.setattr(build_ext, "ROOT", str(tmp_path))
+    monkeypatch.setattr(build_ext, "FAILED", str(tmp_path / "build" / (build_ext.MODULE + ".failed")))
+    monkeypatch.setattr(build_ext, "_compile", lambda openmp, verbose: shutil.copy(lib, tmp_path))
+    return tmp_path
 
 
 def test_a_library_built_from_an_older_fastops_c_is_not_loaded(tmp_path):
@@ -89,3 +104,95 @@ def test_a_first_use_without_openmp_shows_one_warning_not_the_compiler(tmp_path)
     shown = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(shown) == 1, r.stderr[-3000:]                   # the warning, one line
     assert "omp_not_installed" not in r.stderr and "warning:" not in r.stderr
+
+
+def test_two_builders_at_once(lone_build, monkeypatch):
+    """mpirun's ranks after a pull each build: what one removes, another
+    has just removed."""
+    (lone_build / "_fastops_aaaaaaaaaaaa.so").write_bytes(b"")
+    os.makedirs(os.path.dirname(build_ext.FAILED))
+    open(build_ext.FAILED, "w").close()
+    remove = os.remove
+
+    def raced(path):
+        remove(path)                                 # the other builder, first
+        remove(path)
+    monkeypatch.setattr(os, "remove", raced)
+    assert build_ext.build()
+    assert build_ext.built() and not os.path.exists(build_ext.FAILED)
+    assert not (lone_build / "_fastops_aaaaaaaaaaaa.so").exists()
+
+
+def test_a_new_build_times_its_kernels_again(lone_build, monkeypatch):
+    """The calibration (llm.calibration_path) is named after fastops.c, not
+    after the flags: the one timed on the library built before (another
+    FO_EXTRA_CFLAGS, no OpenMP then) goes. One written while this build ran
+    stays: another rank's, on its build of the same fastops.c and flags."""
+    stale = lone_build / (build_ext.MODULE + ".calibration-5.json")
+    stale.write_text("{}")
+    fresh = lone_build / (build_ext.MODULE + ".calibration-6.json")
+    compile_ = build_ext._compile
+
+    def compile_beside_another_rank(openmp, verbose):
+        fresh.write_text("{}")
+        return compile_(openmp, verbose)
+    monkeypatch.setattr(build_ext, "_compile", compile_beside_another_rank)
+    assert build_ext.build()
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_build_that_does_not_load_is_a_failed_build(lone_build, monkeypatch, capsys):
+    """FO_EXTRA_CFLAGS=-fsanitize=address compiles and links, but the library
+    does not load (undefined __asan symbols): the build says why, once, as a
+    failed build, not "built" and then llm.py's "not built"."""
+    def compile_unloadable(openmp, verbose):
+        path = lone_build / (build_ext.MODULE + importlib.machinery.EXTENSION_SUFFIXES[0])
+        path.write_bytes(b"not a library" * 100)
+        return str(path)
+    monkeypatch.setattr(build_ext, "_compile", compile_unloadable)
+    assert build_ext.build(verbose=True) is False
+    out, err = capsys.readouterr()
+    assert "built" not in out and err.count("\n") == 1, (out, err)
+    assert "fastops: build failed" in err and "does not load" in err, err
+    assert sys.platform != "linux" or "invalid ELF header" in err, err           # the loader's own words
+    assert build_ext.built() is None and os.path.exists(build_ext.FAILED)      # not retried by train.py
+
+
+def test_a_cuda_build_alone_is_not_an_older_cpu_build(tmp_path):
+    """`python build_ext.py --cuda` without a CPU build: the CUDA library of
+    this very fastops.c is no sign of an older CPU build."""
+    d = copy_project(tmp_path)
+    (d / build_ext.CUDA_LIB).write_bytes(b"")
+    r = python(d, "import llm")
+    assert "fastops (the C kernels) is not built" in r.stderr and "older" not in r.stderr, r.stderr
+
+
+def test_build_ext_knows_its_flags(tmp_path):
+    """--help shows the usage and a typo (--cdua) is an error: neither builds."""
+    d = copy_project(tmp_path)
+    run = [sys.executable, "build_ext.py"]
+    usage = subprocess.run(run + ["--help"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and "--cuda" in usage.stdout, usage
+    typo = subprocess.run(run + ["--cdua"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "unrecognized arguments: --cdua" in typo.stderr, typo
+    assert "Traceback" not in typo.stderr and not [n for n in os.listdir(d) if n.endswith(".so")]
+
+
+@pytest.mark.parametrize("nvcc", ["/nonexistent/nvcc", "a folder"])
+def test_a_wrong_nvcc_is_named(tmp_path, monkeypatch, capsys, nvcc):
+    nvcc = str(tmp_path) if nvcc == "a folder" else nvcc
+    monkeypatch.setenv("NVCC", nvcc)
+    assert build_ext.build_cuda(verbose=False, dest=str(tmp_path / "lib.so")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"NVCC={nvcc}" in err and "expected" in err, err
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                    reason="not a git checkout")
+def test_git_ignores_every_library_and_leftover():
+    """A builder killed between its copy and the rename leaves NAME.tmp-PID
+    (nvcc's NAME.tmp); Windows builds .pyd: none of them is for git status."""
+    names = ["_fastops_0123456789ab.cpython-311-x86_64-linux-gnu.so.tmp-4242", "_fastops_cuda_0123456789ab.so.tmp",
+             "_fastops_0123456789ab.cp311-win_amd64.pyd", "_fastops_0123456789ab.cp311-win_amd64.pyd.tmp-7"]
+    r = subprocess.run(["git", "check-ignore", *names], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.split() == names, r

@@ -84,6 +84,11 @@ def test_build_flags(monkeypatch):
         cflags, ldflags = build_ext.compile_flags(True, platform)
         assert "-ffp-contract=fast" in cflags and "-std=gnu99" in cflags and "-fno-wrapv" in cflags, platform
         assert cflags[-2:] == ["-DX=1", "-g"], platform        # honoured everywhere
+    monkeypatch.setenv("FO_EXTRA_CFLAGS", "-I'/opt/my libs/include' -DNAME=\"a b\"")    # quoted, as in a shell
+    for platform in ("linux", "darwin"):
+        assert build_ext.compile_flags(True, platform)[0][-2:] == ["-I/opt/my libs/include", "-DNAME=a b"]
+    monkeypatch.setenv("FO_EXTRA_CFLAGS", r"-IC:\libs\include -DX=1")    # Windows: \ separates folders
+    assert build_ext.compile_flags(True, "win32")[0][-2:] == [r"-IC:\libs\include", "-DX=1"]
     cflags, ldflags = build_ext.compile_flags(True, "darwin")
     assert "-I/opt/homebrew/opt/libomp/include" in cflags and "-Xpreprocessor" in cflags
     assert "-L/opt/homebrew/opt/libomp/lib" in ldflags and "-lomp" in ldflags
