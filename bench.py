@@ -416,7 +416,8 @@ def profile_step(name, backend, reps):
 # Training tokens/s of llm.py with every array on the GPU (CuPy), with the
 # CUDA kernels of fastops.c and with CuPy's own math (cuBLAS matmuls, the
 # NumPy-style attention), against a minimal PyTorch GPT-2 in eager fp32 (TF32
-# off: the same float32 math) on the same GPU, in the same run; then, per
+# off: the same float32 math) on the same GPU, in the same run, its step the
+# CPU worker's (torch_train_step: clipping, llm.AdamW's settings); then, per
 # model, each op's time with both (which of fastops' GEMM and cuBLAS is faster
 # here, and what the fused attention saves). torch is imported only here.
 # Estimated 2-4 minutes on an H200 (never run yet); the last line is JSON.
@@ -546,20 +547,12 @@ def bench_cuda(steps):
         result["torch"] = torch.__version__
         for mname, (cfg, batch) in GPU_MODELS.items():
             model = torch_gpt2(cfg, "cuda")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            g = torch.Generator().manual_seed(0)
-            idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
-                        .cuda() for _ in range(2))
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                model(idx, tgt).backward()
-                opt.step()
+            step = torch_train_step(model, *torch_batch(cfg, batch, "cuda"))
             t = _gpu_time(step, torch.cuda.synchronize, steps)
             tok = batch * cfg["block_size"]
             result[f"{mname}_torch_tok_s"] = round(tok / t)
             print(f"{mname:6s} {'torch':10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
-            del model, opt
+            del model, step
             torch.cuda.empty_cache()
         for mname in GPU_MODELS:
             for key in ("llm_cuda", "llm_cupy"):
@@ -595,6 +588,28 @@ def torch_optimizer(model, lr=1e-4):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def torch_batch(cfg, batch, device):
+    """PyTorch's training batch, inputs and targets: random tokens, seed 0."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g).to(device)
+            for _ in range(2)]
+
+
+def torch_train_step(model, idx, tgt, lr=1e-4):
+    """PyTorch's side of train_step, on the CPU and the GPU alike: forward,
+    backward, clipping at 1.0 and AdamW as llm.AdamW (torch_optimizer). -> step()"""
+    import torch
+    opt = torch_optimizer(model, lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(idx, tgt).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
 
 
 def torch_generate_kv(model, idx, new_tokens):
@@ -683,17 +698,8 @@ def torch_worker():
                 warm = WARM_STEPS
                 cfg, batch = MODELS[name]
                 m = torch_gpt2(cfg, "cpu")
-                g = torch.Generator().manual_seed(0)
-                idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
-                            for _ in range(2))
-                models[name] = (m, torch_optimizer(m), idx, tgt)
-            m, opt, idx, tgt = models[name]
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                m(idx, tgt).backward()
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-                opt.step()
+                models[name] = torch_train_step(m, *torch_batch(cfg, batch, "cpu"))
+            step = models[name]
             for _ in range(warm):                     # warm-up
                 step()
             times = []
