@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 
@@ -646,29 +647,48 @@ def torch_generate_kv(model, idx, new_tokens):
     return torch.cat(out, 1)
 
 
+class WorkerFailed(RuntimeError):
+    """The PyTorch worker did not start, or died: what it said."""
+
+
 class TorchWorker:
-    """bench.py --torch-worker in a child process, driven by JSON lines."""
+    """bench.py --torch-worker in a child process, driven by JSON lines.
+    Started before the first measurement: a Python that cannot run it ends
+    the run at once, with the worker's own last line (WorkerFailed)."""
 
     def __init__(self, python):
-        import subprocess
-        self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env={k: v for k, v in os.environ.items()   # PyTorch's defaults
-                                       if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
+        try:
+            self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env={k: v for k, v in os.environ.items()   # PyTorch's defaults
+                                                      if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
+        except OSError as e:
+            raise WorkerFailed(str(e)) from None
+        self.relay = None
         self.info = self.ask(cmd="hello")
+        self.relay = threading.Thread(target=lambda: sys.stderr.writelines(self.p.stderr), daemon=True)
+        self.relay.start()                            # from now on its stderr is ours
 
     def ask(self, **msg):
-        self.p.stdin.write(json.dumps(msg) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("the PyTorch worker died (its error is above)")
-        return json.loads(line)
+        try:
+            self.p.stdin.write(json.dumps(msg) + "\n")
+            self.p.stdin.flush()
+            line = self.p.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return json.loads(line)
+        if self.relay is None:                        # at the handshake: its last line
+            said = [s for s in self.p.stderr.read().splitlines() if s.strip()]
+            raise WorkerFailed(said[-1] if said else f"exit status {self.p.wait()}")
+        self.relay.join(timeout=10)
+        status = self.p.wait()
+        raise WorkerFailed(f"killed by signal {-status}" if status < 0 else f"exit status {status}, its error above")
 
     def close(self):
         try:
             self.ask(cmd="quit")
-        except Exception:
+        except WorkerFailed:
             pass
         self.p.wait(timeout=30)
 
@@ -763,13 +783,13 @@ def torch_fastest(res, B):
     return min(res[k] for k in (("gen", B, "torch"), ("gen", B, "hf")) if k in res)
 
 
-def bench_vs_torch(quick, python):
+def bench_vs_torch(quick, worker):
     """-> dict of medians: ('train', model, side) and ('gen', batch, side) in
     seconds (side: 'llm', 'torch', 'hf'), ('matmul', model): PyTorch's time
     over ours for the model's products alone, 'gen_limit': PyTorch's token
     over the fastest read of the weights measured (a sum of squares, or the
-    token's products alone), plus 'info'."""
-    worker = TorchWorker(python)
+    token's products alone), plus 'info'. With the TorchWorker given, which
+    it closes; WorkerFailed if it dies."""
     res = {"info": worker.info}
     rounds = 1 if quick else 3
     previous = llm.set_backend("auto")                # what a user's run uses: each kernel where it wins here
@@ -922,7 +942,7 @@ def main_mpi(quick):
     print(json.dumps(result))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute; half without PyTorch)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -935,7 +955,7 @@ def main():
     ap.add_argument("--mpi", action="store_true", help="training tokens/s on 1 process x 2 threads and 2 ranks"
                                                        " x 1 thread (launches mpirun; needs mpi4py)")
     ap.add_argument("--mpi-worker", nargs=2, metavar=("MODEL", "STEPS"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.torch_worker:
         return torch_worker()
     if args.mpi_worker:
@@ -946,6 +966,17 @@ def main():
         return bench_cuda(3 if args.quick else 10)
     if llm._fastops is None:
         sys.exit("fastops is not built: run `python build_ext.py` first (and unset LLM_NUMPY)")
+    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
+    worker = None
+    if torch_python is not None:                      # before the first measurement: a bad one ends the run now
+        try:
+            worker = TorchWorker(torch_python)
+        except WorkerFailed as e:
+            if args.torch_python:
+                sys.exit(f"bench.py --torch-python {torch_python}: expected a Python with torch and numpy;"
+                         f" its worker said: {e}")
+            sys.exit(f"bench.py: this Python finds torch, but its PyTorch worker said: {e}"
+                     " (--torch-python PYTHON names another, --no-torch skips the comparison)")
     lib = llm._fastops.lib
     isa = llm._fastops.ffi.string(lib.fo_isa()).decode()
     threads = lib.fo_max_threads()
@@ -1060,29 +1091,32 @@ def main():
         print("   the other kernels when the products are NumPy's (ms, and x their time above): "
               + ", ".join(f"{k} {mixed[k] * 1e3:.2f} ({mixed[k] / acc[k]:.1f}x)" for k in others if k in acc))
 
-    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
-    vs = {}
-    if torch_python is None:
+    vs, died = {}, None
+    if worker is None:
         why = "skipped (--no-torch)" if args.no_torch else \
             "torch is not importable here (pip install torch, or --torch-python PYTHON)"
         print(f"\n## PyTorch side by side: {why}")
     else:
         print("\n## PyTorch side by side (alternated rounds, medians; PyTorch time / llm time,"
               " > 1: llm is faster)")
-        pt = bench_vs_torch(args.quick, torch_python)
-        info = pt["info"]
-        print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
-              f"transformers {info['transformers'] or 'not installed'}")
-        for name in MODELS:
-            vs[f"matmul_vs_pytorch_{name}"] = pt["matmul", name]
-            vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
-        for B in (1, 16):
-            vs[f"generate_vs_pytorch_b{B}"] = torch_fastest(pt, B) / pt["gen", B, "llm"]
-            vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
-                                          for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
-        vs["generate_vs_pytorch_b1_limit"] = pt["gen_limit"]
-        why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
-              f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
+        try:
+            pt = bench_vs_torch(args.quick, worker)
+        except WorkerFailed as e:
+            died = why = f"the PyTorch worker died mid-run ({e}): the PyTorch figures are null"
+        else:
+            info = pt["info"]
+            print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
+                  f"transformers {info['transformers'] or 'not installed'}")
+            for name in MODELS:
+                vs[f"matmul_vs_pytorch_{name}"] = pt["matmul", name]
+                vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
+            for B in (1, 16):
+                vs[f"generate_vs_pytorch_b{B}"] = torch_fastest(pt, B) / pt["gen", B, "llm"]
+                vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
+                                              for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
+            vs["generate_vs_pytorch_b1_limit"] = pt["gen_limit"]
+            why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
+                  f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
 
     print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
     if steal_start is not None:
@@ -1109,6 +1143,8 @@ def main():
     result["pytorch"] = why
     result["kernels"] = {f: "fastops" if c["use"] else "numpy" for f, c in choice.items()}
     print(json.dumps(result))
+    if died:
+        sys.exit(f"bench.py: {died}")
 
 
 if __name__ == "__main__":
