@@ -506,11 +506,20 @@ def bench_cuda_ops(cfg, batch, backends, sync, steps):
     return times
 
 
-def bench_cuda(steps):
+def bench_cuda(steps, with_torch=True):
     try:
         import cupy
     except ImportError:
         sys.exit("--device cuda needs CuPy (e.g. `pip install cupy-cuda12x`) and a GPU")
+    torch, why = None, "skipped (--no-torch)"
+    if with_torch:                                    # known before measuring, said at the end
+        try:
+            import torch
+        except ImportError:
+            why = "PyTorch is not installed"
+        else:
+            if not torch.cuda.is_available():
+                torch, why = None, f"PyTorch {torch.__version__} here cannot use the GPU"
     llm.use_device("cuda")
     backends = ("fastops", "numpy") if llm._cuda is not None else ("numpy",)
     if llm._cuda is None:
@@ -537,12 +546,9 @@ def bench_cuda(steps):
             result[f"{mname}_op {op}"] = {b: round(t, 3) for b, t in ms.items()}
             print(f"  {op:34s} " + " ".join(f"{b} {t:8.2f} ms" for b, t in ms.items()), flush=True)
         cupy.get_default_memory_pool().free_all_blocks()
-    try:
-        import torch
-    except ImportError:
-        print("# PyTorch is not installed: no comparison")
-        torch = None
-    if torch is not None:
+    if torch is None:
+        print(f"# no PyTorch comparison: {why}")
+    else:
         torch.backends.cuda.matmul.allow_tf32 = False     # fp32, as llm.py computes
         torch.backends.cudnn.allow_tf32 = False
         result["torch"] = torch.__version__
@@ -948,14 +954,19 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
     ap.add_argument("--torch-python", metavar="PYTHON",
-                    help="the interpreter with torch for the side-by-side runs (default: this one,"
-                         " when it can import torch)")
+                    help="the interpreter with torch for the side-by-side runs on the CPU (default: this one,"
+                         " when it can import torch; --device cuda uses this one's)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mpi", action="store_true", help="training tokens/s on 1 process x 2 threads and 2 ranks"
                                                        " x 1 thread (launches mpirun; needs mpi4py)")
     ap.add_argument("--mpi-worker", nargs=2, metavar=("MODEL", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.mpi and args.device == "cuda":
+        ap.error("--mpi times CPU processes under mpirun: it cannot run with --device cuda")
+    for flag, given in (("--no-torch", args.no_torch), ("--mpi", args.mpi), ("--device cuda", args.device == "cuda")):
+        if args.torch_python and given:
+            ap.error(f"--torch-python names the Python of the CPU's PyTorch comparison, which {flag} does not run")
     if args.torch_worker:
         return torch_worker()
     if args.mpi_worker:
@@ -963,7 +974,7 @@ def main(argv=None):
     if args.mpi:
         return main_mpi(args.quick)
     if args.device == "cuda":
-        return bench_cuda(3 if args.quick else 10)
+        return bench_cuda(3 if args.quick else 10, with_torch=not args.no_torch)
     if llm._fastops is None:
         sys.exit("fastops is not built: run `python build_ext.py` first (and unset LLM_NUMPY)")
     torch_python = None if args.no_torch else find_torch_python(args.torch_python)

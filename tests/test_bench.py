@@ -119,3 +119,13 @@ def test_without_torch_the_rest_runs(measured, monkeypatch, capsys):
     bench.main(["--quick"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pytorch"].startswith("torch is not importable here") and result["matmul_vs_pytorch_small"] is None
+
+
+@pytest.mark.parametrize("argv, flag", [("--mpi --device cuda", "--mpi"), ("--no-torch --torch-python p", "--no-torch"),
+                                        ("--mpi --torch-python p", "--mpi"),
+                                        ("--device cuda --torch-python p", "--device cuda")])
+def test_contradictory_flags_are_one_line(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv.split())
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and ": error: " in last and flag in last
