@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 
@@ -416,7 +417,8 @@ def profile_step(name, backend, reps):
 # Training tokens/s of llm.py with every array on the GPU (CuPy), with the
 # CUDA kernels of fastops.c and with CuPy's own math (cuBLAS matmuls, the
 # NumPy-style attention), against a minimal PyTorch GPT-2 in eager fp32 (TF32
-# off: the same float32 math) on the same GPU, in the same run; then, per
+# off: the same float32 math) on the same GPU, in the same run, its step the
+# CPU worker's (torch_train_step: clipping, llm.AdamW's settings); then, per
 # model, each op's time with both (which of fastops' GEMM and cuBLAS is faster
 # here, and what the fused attention saves). torch is imported only here.
 # Estimated 2-4 minutes on an H200 (never run yet); the last line is JSON.
@@ -504,11 +506,20 @@ def bench_cuda_ops(cfg, batch, backends, sync, steps):
     return times
 
 
-def bench_cuda(steps):
+def bench_cuda(steps, with_torch=True):
     try:
         import cupy
     except ImportError:
         sys.exit("--device cuda needs CuPy (e.g. `pip install cupy-cuda12x`) and a GPU")
+    torch, why = None, "skipped (--no-torch)"
+    if with_torch:                                    # known before measuring, said at the end
+        try:
+            import torch
+        except ImportError:
+            why = "PyTorch is not installed"
+        else:
+            if not torch.cuda.is_available():
+                torch, why = None, f"PyTorch {torch.__version__} here cannot use the GPU"
     llm.use_device("cuda")
     backends = ("fastops", "numpy") if llm._cuda is not None else ("numpy",)
     if llm._cuda is None:
@@ -535,31 +546,20 @@ def bench_cuda(steps):
             result[f"{mname}_op {op}"] = {b: round(t, 3) for b, t in ms.items()}
             print(f"  {op:34s} " + " ".join(f"{b} {t:8.2f} ms" for b, t in ms.items()), flush=True)
         cupy.get_default_memory_pool().free_all_blocks()
-    try:
-        import torch
-    except ImportError:
-        print("# PyTorch is not installed: no comparison")
-        torch = None
-    if torch is not None:
+    if torch is None:
+        print(f"# no PyTorch comparison: {why}")
+    else:
         torch.backends.cuda.matmul.allow_tf32 = False     # fp32, as llm.py computes
         torch.backends.cudnn.allow_tf32 = False
         result["torch"] = torch.__version__
         for mname, (cfg, batch) in GPU_MODELS.items():
             model = torch_gpt2(cfg, "cuda")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            g = torch.Generator().manual_seed(0)
-            idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
-                        .cuda() for _ in range(2))
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                model(idx, tgt).backward()
-                opt.step()
+            step = torch_train_step(model, *torch_batch(cfg, batch, "cuda"))
             t = _gpu_time(step, torch.cuda.synchronize, steps)
             tok = batch * cfg["block_size"]
             result[f"{mname}_torch_tok_s"] = round(tok / t)
             print(f"{mname:6s} {'torch':10s} {t * 1e3:9.1f} ms/step {tok / t:12.0f} tok/s", flush=True)
-            del model, opt
+            del model, step
             torch.cuda.empty_cache()
         for mname in GPU_MODELS:
             for key in ("llm_cuda", "llm_cupy"):
@@ -597,6 +597,28 @@ def torch_optimizer(model, lr=1e-4):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def torch_batch(cfg, batch, device):
+    """PyTorch's training batch, inputs and targets: random tokens, seed 0."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g).to(device)
+            for _ in range(2)]
+
+
+def torch_train_step(model, idx, tgt, lr=1e-4):
+    """PyTorch's side of train_step, on the CPU and the GPU alike: forward,
+    backward, clipping at 1.0 and AdamW as llm.AdamW (torch_optimizer). -> step()"""
+    import torch
+    opt = torch_optimizer(model, lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(idx, tgt).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
+
+
 def torch_generate_kv(model, idx, new_tokens):
     """Greedy decoding with a hand-written KV cache over torch_gpt2's modules:
     the prompt in one pass, then one position per token (keys and values
@@ -631,29 +653,48 @@ def torch_generate_kv(model, idx, new_tokens):
     return torch.cat(out, 1)
 
 
+class WorkerFailed(RuntimeError):
+    """The PyTorch worker did not start, or died: what it said."""
+
+
 class TorchWorker:
-    """bench.py --torch-worker in a child process, driven by JSON lines."""
+    """bench.py --torch-worker in a child process, driven by JSON lines.
+    Started before the first measurement: a Python that cannot run it ends
+    the run at once, with the worker's own last line (WorkerFailed)."""
 
     def __init__(self, python):
-        import subprocess
-        self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env={k: v for k, v in os.environ.items()   # PyTorch's defaults
-                                       if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
+        try:
+            self.p = subprocess.Popen([python, os.path.abspath(__file__), "--torch-worker"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env={k: v for k, v in os.environ.items()   # PyTorch's defaults
+                                                      if k != "LLM_NUMPY" and k not in llm._OMP_SET_HERE})
+        except OSError as e:
+            raise WorkerFailed(str(e)) from None
+        self.relay = None
         self.info = self.ask(cmd="hello")
+        self.relay = threading.Thread(target=lambda: sys.stderr.writelines(self.p.stderr), daemon=True)
+        self.relay.start()                            # from now on its stderr is ours
 
     def ask(self, **msg):
-        self.p.stdin.write(json.dumps(msg) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("the PyTorch worker died (its error is above)")
-        return json.loads(line)
+        try:
+            self.p.stdin.write(json.dumps(msg) + "\n")
+            self.p.stdin.flush()
+            line = self.p.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return json.loads(line)
+        if self.relay is None:                        # at the handshake: its last line
+            said = [s for s in self.p.stderr.read().splitlines() if s.strip()]
+            raise WorkerFailed(said[-1] if said else f"exit status {self.p.wait()}")
+        self.relay.join(timeout=10)
+        status = self.p.wait()
+        raise WorkerFailed(f"killed by signal {-status}" if status < 0 else f"exit status {status}, its error above")
 
     def close(self):
         try:
             self.ask(cmd="quit")
-        except Exception:
+        except WorkerFailed:
             pass
         self.p.wait(timeout=30)
 
@@ -683,17 +724,8 @@ def torch_worker():
                 warm = WARM_STEPS
                 cfg, batch = MODELS[name]
                 m = torch_gpt2(cfg, "cpu")
-                g = torch.Generator().manual_seed(0)
-                idx, tgt = (torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]), generator=g)
-                            for _ in range(2))
-                models[name] = (m, torch_optimizer(m), idx, tgt)
-            m, opt, idx, tgt = models[name]
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                m(idx, tgt).backward()
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-                opt.step()
+                models[name] = torch_train_step(m, *torch_batch(cfg, batch, "cpu"))
+            step = models[name]
             for _ in range(warm):                     # warm-up
                 step()
             times = []
@@ -757,13 +789,13 @@ def torch_fastest(res, B):
     return min(res[k] for k in (("gen", B, "torch"), ("gen", B, "hf")) if k in res)
 
 
-def bench_vs_torch(quick, python):
+def bench_vs_torch(quick, worker):
     """-> dict of medians: ('train', model, side) and ('gen', batch, side) in
     seconds (side: 'llm', 'torch', 'hf'), ('matmul', model): PyTorch's time
     over ours for the model's products alone, 'gen_limit': PyTorch's token
     over the fastest read of the weights measured (a sum of squares, or the
-    token's products alone), plus 'info'."""
-    worker = TorchWorker(python)
+    token's products alone), plus 'info'. With the TorchWorker given, which
+    it closes; WorkerFailed if it dies."""
     res = {"info": worker.info}
     rounds = 1 if quick else 3
     previous = llm.set_backend("auto")                # what a user's run uses: each kernel where it wins here
@@ -916,20 +948,25 @@ def main_mpi(quick):
     print(json.dumps(result))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute; half without PyTorch)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: training tokens/s on the GPU, llm.py vs PyTorch (section 5)")
     ap.add_argument("--torch-python", metavar="PYTHON",
-                    help="the interpreter with torch for the side-by-side runs (default: this one,"
-                         " when it can import torch)")
+                    help="the interpreter with torch for the side-by-side runs on the CPU (default: this one,"
+                         " when it can import torch; --device cuda uses this one's)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mpi", action="store_true", help="training tokens/s on 1 process x 2 threads and 2 ranks"
                                                        " x 1 thread (launches mpirun; needs mpi4py)")
     ap.add_argument("--mpi-worker", nargs=2, metavar=("MODEL", "STEPS"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.mpi and args.device == "cuda":
+        ap.error("--mpi times CPU processes under mpirun: it cannot run with --device cuda")
+    for flag, given in (("--no-torch", args.no_torch), ("--mpi", args.mpi), ("--device cuda", args.device == "cuda")):
+        if args.torch_python and given:
+            ap.error(f"--torch-python names the Python of the CPU's PyTorch comparison, which {flag} does not run")
     if args.torch_worker:
         return torch_worker()
     if args.mpi_worker:
@@ -937,9 +974,20 @@ def main():
     if args.mpi:
         return main_mpi(args.quick)
     if args.device == "cuda":
-        return bench_cuda(3 if args.quick else 10)
+        return bench_cuda(3 if args.quick else 10, with_torch=not args.no_torch)
     if llm._fastops is None:
         sys.exit("fastops is not built: run `python build_ext.py` first (and unset LLM_NUMPY)")
+    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
+    worker = None
+    if torch_python is not None:                      # before the first measurement: a bad one ends the run now
+        try:
+            worker = TorchWorker(torch_python)
+        except WorkerFailed as e:
+            if args.torch_python:
+                sys.exit(f"bench.py --torch-python {torch_python}: expected a Python with torch and numpy;"
+                         f" its worker said: {e}")
+            sys.exit(f"bench.py: this Python finds torch, but its PyTorch worker said: {e}"
+                     " (--torch-python PYTHON names another, --no-torch skips the comparison)")
     lib = llm._fastops.lib
     isa = llm._fastops.ffi.string(lib.fo_isa()).decode()
     threads = lib.fo_max_threads()
@@ -1054,29 +1102,32 @@ def main():
         print("   the other kernels when the products are NumPy's (ms, and x their time above): "
               + ", ".join(f"{k} {mixed[k] * 1e3:.2f} ({mixed[k] / acc[k]:.1f}x)" for k in others if k in acc))
 
-    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
-    vs = {}
-    if torch_python is None:
+    vs, died = {}, None
+    if worker is None:
         why = "skipped (--no-torch)" if args.no_torch else \
             "torch is not importable here (pip install torch, or --torch-python PYTHON)"
         print(f"\n## PyTorch side by side: {why}")
     else:
         print("\n## PyTorch side by side (alternated rounds, medians; PyTorch time / llm time,"
               " > 1: llm is faster)")
-        pt = bench_vs_torch(args.quick, torch_python)
-        info = pt["info"]
-        print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
-              f"transformers {info['transformers'] or 'not installed'}")
-        for name in MODELS:
-            vs[f"matmul_vs_pytorch_{name}"] = pt["matmul", name]
-            vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
-        for B in (1, 16):
-            vs[f"generate_vs_pytorch_b{B}"] = torch_fastest(pt, B) / pt["gen", B, "llm"]
-            vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
-                                          for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
-        vs["generate_vs_pytorch_b1_limit"] = pt["gen_limit"]
-        why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
-              f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
+        try:
+            pt = bench_vs_torch(args.quick, worker)
+        except WorkerFailed as e:
+            died = why = f"the PyTorch worker died mid-run ({e}): the PyTorch figures are null"
+        else:
+            info = pt["info"]
+            print(f"# PyTorch {info['torch']} with {info['threads']} threads (its default); "
+                  f"transformers {info['transformers'] or 'not installed'}")
+            for name in MODELS:
+                vs[f"matmul_vs_pytorch_{name}"] = pt["matmul", name]
+                vs[f"train_step_vs_pytorch_{name}"] = pt["train", name, "torch"] / pt["train", name, "llm"]
+            for B in (1, 16):
+                vs[f"generate_vs_pytorch_b{B}"] = torch_fastest(pt, B) / pt["gen", B, "llm"]
+                vs[f"generate_tok_s_b{B}"] = {s: round(B * GEN_NEW / pt["gen", B, s], 1)
+                                              for s in ("llm", "torch", "hf") if ("gen", B, s) in pt}
+            vs["generate_vs_pytorch_b1_limit"] = pt["gen_limit"]
+            why = f"torch {info['torch']}, {info['threads']} threads; generation against the faster of" \
+                  f" a KV-cache loop{' and HF generate' if info['transformers'] else ''}"
 
     print(f"\n# total bench time {time.perf_counter() - t_start:.0f} s")
     if steal_start is not None:
@@ -1103,6 +1154,8 @@ def main():
     result["pytorch"] = why
     result["kernels"] = {f: "fastops" if c["use"] else "numpy" for f, c in choice.items()}
     print(json.dumps(result))
+    if died:
+        sys.exit(f"bench.py: {died}")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,44 @@ def test_the_gpu_benchmark_runs_on_the_device(fake_gpu, monkeypatch, capsys, ker
     ops = {k: v for k, v in result.items() if k.startswith("tiny_op ")}
     assert len(ops) == 6                                    # 5 linear layers, attention
     assert all(set(v) == ({"fastops", "cupy"} if kernels else {"cupy"}) for v in ops.values())
+
+
+
+def stand_in_torch(monkeypatch, gpu=True):
+    """torch as bench_cuda uses it, with no optimizers of its own; its model,
+    batch and step bench's stand-ins. -> the steps taken, each its arguments."""
+    import types
+    import bench
+    steps = []
+    torch = types.SimpleNamespace(__version__="stand-in", backends=types.SimpleNamespace(
+        cuda=types.SimpleNamespace(matmul=types.SimpleNamespace()), cudnn=types.SimpleNamespace()),
+        cuda=types.SimpleNamespace(is_available=lambda: gpu, synchronize=lambda: None, empty_cache=lambda: None))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(bench, "GPU_MODELS", {"tiny": (dict(n_layer=1, n_head=2, n_embd=16, block_size=8,
+                                                            vocab_size=19), 2)})
+    monkeypatch.setattr(bench, "torch_gpt2", lambda cfg, device: ("model", device))
+    monkeypatch.setattr(bench, "torch_batch", lambda cfg, batch, device: (("idx", device), ("tgt", device)))
+    monkeypatch.setattr(bench, "torch_train_step", lambda *args: lambda: steps.append(args))
+    return steps
+
+
+def test_the_gpu_benchmark_trains_pytorch_with_the_cpus_step(fake_gpu, monkeypatch, capsys):
+    """PyTorch's GPU step is bench.torch_train_step, the CPU worker's, on its
+    model and batch on the device (test_bench.py checks that step against llm's)."""
+    import bench
+    steps = stand_in_torch(monkeypatch)
+    bench.bench_cuda(steps=1)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["torch"] == "stand-in" and result["tiny_torch_tok_s"] > 0 and "tiny_llm_cupy_vs_torch" in result
+    assert steps and set(steps) == {(("model", "cuda"), ("idx", "cuda"), ("tgt", "cuda"))}
+
+
+@pytest.mark.parametrize("argv, gpu, said", [(["--no-torch"], True, "skipped (--no-torch)"),
+                                             ([], False, "PyTorch stand-in here cannot use the GPU")])
+def test_the_gpu_benchmark_without_pytorch(fake_gpu, monkeypatch, capsys, argv, gpu, said):
+    """--no-torch holds on the GPU too, and a PyTorch that cannot use the GPU is said, not a traceback."""
+    import bench
+    steps = stand_in_torch(monkeypatch, gpu)
+    bench.main(["--device", "cuda", "--quick"] + argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert f"# no PyTorch comparison: {said}" in out and not steps and "torch" not in json.loads(out[-1])
