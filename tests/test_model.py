@@ -188,6 +188,34 @@ def test_adamw_one_step_matches_the_formula():
     assert np.allclose(p["b"], 0.5 + 0.1)                # biases are not decayed
 
 
+@pytest.mark.parametrize("backend", ["numpy", "fastops"])
+def test_adamw_three_steps_match_the_formula(backend):
+    """m and v each with its own beta (at step 1 a swapped beta changes nothing: m starts at 0)."""
+    if backend == "fastops" and llm._fastops is None:
+        pytest.skip("fastops not built")
+    r = np.random.default_rng(0)
+    dtype = np.float64 if backend == "numpy" else np.float32
+    p = {"w": r.standard_normal((3, 4)).astype(dtype), "b": r.standard_normal(4).astype(dtype)}
+    grads = [{k: r.standard_normal(v.shape).astype(dtype) for k, v in p.items()} for _ in range(3)]
+    want = {k: v.astype(np.float64) for k, v in p.items()}
+    m, v = {k: 0.0 for k in p}, {k: 0.0 for k in p}
+    lr, (b1, b2), eps, wd = 0.01, (0.8, 0.95), 1e-8, 0.1
+    previous = llm.set_backend(backend)
+    try:
+        opt = llm.AdamW(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+        for t, g in enumerate(grads, 1):
+            opt.step(p, g)
+            for k in p:
+                m[k] = b1 * m[k] + (1 - b1) * g[k]
+                v[k] = b2 * v[k] + (1 - b2) * g[k].astype(np.float64) ** 2
+                decayed = want[k] * (1 - lr * wd) if k == "w" else want[k]     # matrices only
+                want[k] = decayed - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+    finally:
+        llm.set_backend(previous)
+    for k in p:
+        np.testing.assert_allclose(p[k], want[k], rtol=1e-5 if backend == "fastops" else 1e-12, atol=1e-6 if backend == "fastops" else 0)
+
+
 def test_clip_scale():
     g = {"a": np.array([3.0]), "b": np.array([[4.0]])}
     norm, scale = llm.clip_scale(g, 1.0)
@@ -255,6 +283,9 @@ def test_lr_schedule():
     assert s[0] == 1e-4 and np.isclose(s[9], 1e-3) and max(s) <= 1e-3
     assert np.isclose(s[99], 1e-4, rtol=1e-2) and s[110] == 1e-4
     assert all(a >= b for a, b in zip(s[10:100], s[11:100]))
+    # the cosine runs from the warmup's end: the peak there, halfway down at the middle
+    assert llm.lr_schedule(10, 1e-3, 1e-4, 10, 110) == pytest.approx(1e-3)
+    assert llm.lr_schedule(60, 1e-3, 1e-4, 10, 110) == pytest.approx(5.5e-4)
 
 
 @settings(max_examples=25, deadline=None)

@@ -7,6 +7,9 @@ reward model reading the last token, unended rejections, the KL controller. LoRA
 the base model and trains only A and B, its gradients (with and without
 dropout) against finite differences, merging, unmerging and saving."""
 
+import copy
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -22,6 +25,8 @@ def check_grads(model, loss_and_grads, names=None, tol=GRAD_TOL):
     for name in names or grads:
         num = numerical_grad(lambda: loss_and_grads()[0], model.params[name], max_coords=25)
         assert rel_error(grads[name], num) < tol, name
+        if name.startswith("h."):     # every block's weights move the loss: 0 = 0 would check nothing
+            assert np.nanmax(np.abs(num)) > 0, f"{name}: the loss does not depend on it"
 
 
 def test_reward_loss_gradient():
@@ -93,6 +98,53 @@ def test_gae_with_lambda_one_is_the_return_minus_value():
     adv, ret = llm.gae(rewards, values, mask, 1.0, 1.0)
     assert np.allclose(ret[0, :3], [3.0, 3.0, 2.0]) and np.allclose(adv[0, :3], [2.5, 2.9, 1.8])
     assert adv[0, 3] == 0
+
+
+def test_gae_follows_its_recursion():
+    """gamma and lambda apart (with both 1 a missing lambda changed nothing):
+    A_t = delta_t + gamma lambda A_t+1, delta_t = r_t + gamma V_t+1 - V_t."""
+    r, v, m = np.array([[1.0, 0.0, 2.0, 0.0]]), np.array([[0.5, 0.2, 0.1, 0.0]]), np.array([[1.0, 1, 1, 0]])
+    g, lam = 0.9, 0.5
+    adv, ret = llm.gae(r, v, m, g, lam)
+    want, a, v_next = np.zeros(4), 0.0, 0.0
+    for t in (2, 1, 0):
+        a = r[0, t] + g * v_next - v[0, t] + g * lam * a
+        want[t], v_next = a, v[0, t]
+    np.testing.assert_allclose(adv[0], want)
+    np.testing.assert_allclose(ret[0, :3], want[:3] + v[0, :3])
+
+
+def test_dpo_loss_is_log_2_at_the_reference():
+    """Policy = reference: every margin is 0 and the loss -log sigmoid(0)
+    (the gradient check alone passes a wrong loss with its own gradient)."""
+    m = tiny()
+    r = np.random.default_rng(1)
+    x, y, lengths = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6)), np.array([6, 4, 5, 3])
+    mask = ((np.arange(6) >= 2) & (np.arange(6) < lengths[:, None])).astype(float)
+    assert llm.dpo_loss(m, copy.deepcopy(m), (x, y, mask, lengths), 0.5)[0] == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_the_reward_model_scores_the_hidden_state_of_each_rows_last_token():
+    m = tiny()
+    llm.add_head(m, "score", np.random.default_rng(0))
+    x, last = np.random.default_rng(1).integers(0, 11, (3, 6)), np.array([5, 2, 0])
+    got, _ = llm.reward_scores(m, x, last)
+    np.testing.assert_allclose(got, llm.head_forward(m, "score", m.hidden(x), last[:, None])[:, 0], rtol=1e-12)
+
+
+def test_a_rollout_gives_each_answer_its_score_at_its_end(monkeypatch):
+    """Without the KL penalty and with gamma = lambda = 1, every answer
+    token's return is the answer's score."""
+    tok = llm.byte_tokenizer()
+    policy = tiny(vocab_size=tok.vocab_size, block_size=32)
+    llm.add_head(policy, "value")
+    examples = [llm.chat_example(tok, "q", "abc"), llm.chat_example(tok, "qq", "de")]
+    monkeypatch.setattr(llm, "sampled_answers", lambda *a: (["abc", "de"], [True, True], examples))
+    monkeypatch.setattr(llm, "score_conversations", lambda *a: np.array([2.0, -1.0]))
+    ro = llm.ppo_rollout(policy, policy, None, tok, ["q", "qq"], llm.PPOConfig(kl_coef=0.0, gamma=1.0, lam=1.0),
+                         np.random.default_rng(0))
+    assert ro["mask"].sum(1).tolist() == [5, 4]                 # " abc", " de" (encode_answer) and their end tokens
+    np.testing.assert_allclose(ro["ret"] * ro["mask"], np.array([[2.0], [-1.0]]) * ro["mask"])
 
 
 @given(kl=st.floats(0, 10), target=st.floats(0.05, 5), coef=st.floats(0.01, 10))
