@@ -197,6 +197,65 @@ def test_attention_matches_float64_reference(B, H, T, D, path, seed):
         close(got, ref, max(D, T))
 
 
+@pytest.mark.parametrize("path", ISAS)
+@pytest.mark.parametrize("T,first", [(40, 16), (130, 64), (130, 100)])
+def test_attention_with_scores_far_apart(path, T, first):
+    """Scores +120 on the first `first` keys, -120 after (exp(240)
+    overflows float32): right only if each row's running maximum carries
+    across the key tiles; random q, k never come near."""
+    q = np.ones((1, 1, T, 16), np.float32)
+    k = np.full((1, 1, T, 16), -30.0, np.float32)
+    k[..., :first, :] = 30.0
+    v, dy = (randn(np.random.default_rng(0), 1, 1, T, 16) for _ in range(2))
+    with isa(path):
+        y, lse = llm.fo_attention_forward(q, k, v)
+        grads = llm.fo_attention_backward(dy, q, k, v, y, lse)
+    y_ref, lse_ref, *grads_ref = attention_reference(q, k, v, dy)
+    close(y, y_ref, T)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5)
+    for got, ref in zip(grads, grads_ref):
+        close(got, ref, T)
+
+
+GUARDED = r"""
+import ctypes, mmap, numpy as np, llm
+libc, PAGE = ctypes.CDLL(None), mmap.PAGESIZE
+
+def at_page_end(a):                    # a copy whose last byte is followed by a page that cannot be read
+    n = -(-a.nbytes // PAGE) * PAGE
+    buf = mmap.mmap(-1, n + PAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(address + n), PAGE, 0) == 0
+    out = np.frombuffer(buf, np.uint8, a.nbytes, n - a.nbytes).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out, buf
+
+r = np.random.default_rng(0)
+for path in %r:
+    assert llm._fastops.lib.fo_set_isa(path.encode()) == 0
+    for M, N, K in ((1, 17, 64), (3, 13, 33), (7, 18, 16), (16, 5, 7), (40, 33, 70)):
+        x = r.standard_normal((M, K)).astype(np.float32)
+        wt, keep = at_page_end(r.standard_normal((N, K)).astype(np.float32))    # as the tied head's wte
+        w, keep2 = at_page_end(r.standard_normal((K, N)).astype(np.float32))
+        for weight in (wt.T, w):
+            np.testing.assert_allclose(llm.fo_linear_forward(x, weight, None), x @ weight.astype(np.float64),
+                                       rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_the_products_never_read_past_their_operands():
+    """Weights flush against an unreadable page: a kernel that reads rows
+    past the end (and throws them away: the results stay right) is killed."""
+    import subprocess
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mprotect through ctypes: Linux")
+    r = subprocess.run([sys.executable, "-c", GUARDED % (ISAS,)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
+
+
 @FAST
 @given(B=st.integers(1, 3), H=st.integers(1, 3), T=T_SIZES, D=D_SIZES, pad=st.integers(0, 5),
        path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))

@@ -100,11 +100,14 @@ def test_cross_entropy_with_mask(B, T, V, seed):
     assert rel_error(g, num) < GRAD_TOL
 
 
-def test_cross_entropy_all_masked_is_zero_not_nan():
-    logits = np.random.default_rng(0).normal(size=(2, 3, 5))
-    loss, cache = llm.cross_entropy_forward(logits, np.zeros((2, 3), int), np.zeros((2, 3)))
-    assert loss == 0 and not np.isnan(loss)
-    assert not llm.cross_entropy_backward(cache).any()
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])     # float32: through llm.ops, fastops where built
+def test_cross_entropy_all_masked_is_zero_not_nan(dtype):
+    logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(dtype)
+    for forward, backward in ((llm.cross_entropy_forward, llm.cross_entropy_backward),
+                              (llm.ops.cross_entropy_forward, llm.ops.cross_entropy_backward)):
+        loss, cache = forward(logits, np.zeros((2, 3), int), np.zeros((2, 3)))
+        assert loss == 0 and not np.isnan(loss)
+        assert not backward(cache).any()
 
 
 def test_cross_entropy_of_uniform_is_log_v():
