@@ -198,20 +198,25 @@ def test_attention_matches_float64_reference(B, H, T, D, path, seed):
 
 
 @pytest.mark.parametrize("path", ISAS)
-@pytest.mark.parametrize("T,first", [(40, 16), (130, 64), (130, 100)])
-def test_attention_with_scores_far_apart(path, T, first):
-    """Scores +120 on the first `first` keys, -120 after (exp(240)
-    overflows float32): right only if each row's running maximum carries
-    across the key tiles; random q, k never come near."""
+@pytest.mark.parametrize("T,first,high,low", [(40, 16, 30, -30), (130, 64, 30, -30), (130, 100, 30, -30),
+                                               (70, 16, -30, -50)])
+def test_attention_with_scores_far_apart(path, T, first, high, low):
+    """Scores from the first `first` keys and from the rest: +120 and -120
+    (exp(240) overflows float32), right only if each row's running maximum
+    carries across the key tiles; or -120 and -200, only if the maximum
+    starts below every score (from 0 both exps underflow, or are clamped
+    alike). Random q, k never come near."""
     q = np.ones((1, 1, T, 16), np.float32)
-    k = np.full((1, 1, T, 16), -30.0, np.float32)
-    k[..., :first, :] = 30.0
+    k = np.full((1, 1, T, 16), low, np.float32)
+    k[..., :first, :] = high
     v, dy = (randn(np.random.default_rng(0), 1, 1, T, 16) for _ in range(2))
     with isa(path):
         y, lse = llm.fo_attention_forward(q, k, v)
         grads = llm.fo_attention_backward(dy, q, k, v, y, lse)
+        y_last = llm.fo_attention_decode(q[..., -3:, :], k, v)          # generation's: the last 3 positions
     y_ref, lse_ref, *grads_ref = attention_reference(q, k, v, dy)
     close(y, y_ref, T)
+    close(y_last, y_ref[..., -3:, :], T)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5)
     for got, ref in zip(grads, grads_ref):
         close(got, ref, T)
