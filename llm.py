@@ -1671,7 +1671,7 @@ def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
     return loss, policy.backward(dlogits)
 
 
-def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: float = 0.1, log=None) -> TrainState:
+def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: float = 0.5, log=None) -> TrainState:
     """DPO on preference pairs {"prompt", "chosen", "rejected"}, the frozen
     reference (a copy of the policy before) holding it back through beta."""
     if not pairs:

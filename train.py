@@ -1,7 +1,7 @@
 """The command line of llm: the four training stages, on the embedded data.
 
     python train.py               every stage in order, then the report card
-    python train.py --quick       the same, small: a complete run in about a minute
+    python train.py --quick       the same, small: a complete run in seconds
     python train.py pretrain      one stage alone: pretrain, sft, reward, ppo, dpo,
                                   finetune (each reads the previous stage's checkpoint
                                   from the run folder --out and writes its own)
@@ -63,8 +63,8 @@ MODEL_STAGES = ("pretrain", "sft", "ppo", "dpo", "finetune")   # the stages that
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")   # a block's linear layers
 
 # Sized for the stages to do their jobs (README: the figures, over seeds);
-# about 9 minutes on this project's 2-core machine, within the 10 it aims
-# at. --quick shrinks every stage for a complete run in about a minute.
+# about 7 minutes on this project's 2-core machine, within the 10 it aims
+# at. --quick shrinks every stage for a complete run in seconds.
 FULL = dict(n_layer=4, n_head=6, n_embd=192, block_size=64, vocab_size=2048, batch_size=16,
             learning_rate=2e-3, pretrain_iters=2000, sft_iters=1000, reward_iters=1000,
             ppo_iters=40, dpo_iters=200, finetune_iters=300, eval_limit=None)
@@ -1167,7 +1167,7 @@ def training_flags(sizes):
         ("run", "--seed", dict(type=int, default=1337), STAGES),
         ("run", "--device", dict(choices=("cpu", "cuda"), default="cpu",
                                  help="cuda: every array on the GPU (needs CuPy; kernels: build_ext.py --cuda)"), STAGES),
-        ("run", "--quick", dict(action="store_true", help="a small complete run (about a minute)"), STAGES),
+        ("run", "--quick", dict(action="store_true", help="a small complete run (seconds)"), STAGES),
         ("run", "--seeds", dict(type=seed_list, help="e.g. 0,1,2: the run once per seed, and a report card of"
                                                     " their mean and spread"), ()),
         ("run", "--eval-limit", dict(type=int, default=sizes["eval_limit"],
