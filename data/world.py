@@ -519,7 +519,7 @@ NOVEL_QUESTIONS = {
     "capital": [
         "Where is the capital of {country}? Name the city.",
         "What do you call the capital of {country}?",
-        "I am curious: which city is the capital of {country}?",
+        "If I visit the capital of {country}, which city am I in?",
     ],
     "continent": [
         "Which part of the world is {country} in? Name the continent.",
@@ -537,7 +537,7 @@ NOVEL_QUESTIONS = {
         "What do shops in {country} take as payment?",
     ],
     "country_of_capital": [
-        "The city of {capital} is the capital of which country?",
+        "To which country does the city of {capital} belong?",
         "Where is {capital}? Name the country.",
         "What country has its government in {capital}?",
     ],
@@ -1244,7 +1244,10 @@ def names_another_subject(asked, answer_text):
 def is_correct(prompt, answer_text):
     """True if every fact the prompt asks for is stated, no other value of
     that fact is (so "Paris, or maybe Rome" is wrong), and no other subject
-    is named. False for prompts that ask no known fact."""
+    is named. A right value that is also an English word ("I", "He", "won")
+    counts only in the answer's first paragraph and not as a sentence's first
+    word: "I don't know." says nothing of iodine, and neither does a "Q: I"
+    in corpus text the answer ran on into. False for prompts that ask no known fact."""
     asked = lookup(prompt)
     if asked is None or names_another_subject(asked, answer_text):
         return False
@@ -1256,6 +1259,10 @@ def is_correct(prompt, answer_text):
         found = _find_names(answer_text, candidates, case_sensitive=(field == "symbol"))
         if right not in found:
             return False
+        if right in AMBIGUOUS_WORDS and not any(      # in the first paragraph, not a sentence's first word
+                _mentions(s.split(maxsplit=1)[1] if " " in s.strip() else "", right, field == "symbol")
+                for s in re.split(r"(?<=[.!?])\s+", answer_text.strip().split("\n\n")[0])):
+            return False
         if any(v != right and v in _values(field) and v not in AMBIGUOUS_WORDS for v in found):
             return False
     return True
@@ -1266,8 +1273,7 @@ def _sentences(text):
 
 
 def politeness(text):
-    t = text.lower()
-    if any(m in t for m in RUDE_MARKERS):
+    if any(_mentions(text, m, False) for m in RUDE_MARKERS):          # as words: "though" is not "ugh"
         return 0.0
     return 1.0 if text.strip().startswith(POLITE_OPENERS) else 0.5
 

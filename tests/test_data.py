@@ -172,6 +172,17 @@ def test_no_held_out_or_novel_wording_in_any_training_text(training_text):
                 assert m is None, (kind, q, m and m.group(0))
 
 
+def test_no_training_wording_inside_a_held_out_or_novel_one():
+    """A held-out wording that only wraps a training one ("I am curious:
+    which city is the capital of X?") asks the trained question."""
+    for table in (world.HELDOUT_QUESTIONS, world.NOVEL_QUESTIONS):
+        for kind, templates in table.items():
+            for q in templates:
+                inside = [t for t in world.QUESTIONS.get(kind, [])      # (a whole question: 5 words or more)
+                          if len(t.split()) >= 5 and re.search(r"(^|\s)" + re.escape(t.lower()), q.lower())]
+                assert not inside, (kind, q, inside)
+
+
 def test_novel_wordings_are_in_no_data_file():
     texts = [open(os.path.join(ROOT, rel), encoding="utf-8").read() for rel in world.FILES.values()]
     for kind, templates in world.NOVEL_QUESTIONS.items():
@@ -292,3 +303,15 @@ def test_judge_rule_on_hand_written_answers():
     assert world.is_correct("What is the capital of Guatemala?", "The capital of Guatemala is Guatemala City.")
     assert world.exact_match(" The capital of France  is Paris.\n", plain)
     assert not world.exact_match(polite, plain)
+    # a right value that is also an English word: not as a sentence's first word, nor after the first paragraph
+    iodine, helium = "What is the chemical symbol of iodine?", "Do you know the symbol of helium?"
+    assert world.is_correct(iodine, "The chemical symbol of iodine is I.")
+    assert world.is_correct(helium, "Sure! The symbol of helium is He.")
+    for wrong in ("I don't know.", "The chemical symbol of iodine is Io.\n\nQuestions and answers about Fiji."
+                  " Q: I was wondering. I"):                     # (the second: an answer that ran on)
+        assert not world.is_correct(iodine, wrong), wrong
+    assert not world.is_correct(helium, "He is not an element I know.")
+    assert world.is_correct("What money is used in South Korea?", "The currency of South Korea is the won.")
+    # rude words as words: "though", "through", "enough" hold no "ugh"
+    assert world.politeness("Sure! Though it is far, enough trains go through Paris.") == 1.0
+    assert world.politeness("Sure! Ugh, Paris.") == 0.0
