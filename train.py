@@ -225,6 +225,16 @@ def world():
     return w
 
 
+def is_right(prompt, text, references=()) -> bool:
+    """Whether an answer is right: the judge's verdict where the question
+    asks a fact it knows (data/world.py); any other question (a user's own
+    data) needs one of its references' answers, word for word."""
+    w = world()
+    if w.lookup(prompt) is not None:
+        return w.is_correct(prompt, text)
+    return any(w.exact_match(ref, text) for ref in references)
+
+
 def train_config(a, iters, lr, batch_size=None, warmup=None):
     return llm.TrainConfig(batch_size=batch_size or a.batch_size, max_iters=iters, learning_rate=lr,
                            min_lr=lr / 10, warmup_iters=warmup if warmup is not None else max(1, iters // 20),
@@ -455,18 +465,19 @@ def run_reward(a):
             "history": state.history}
 
 
-def judge_answers(model, tok, rm, prompts):
+def judge_answers(model, tok, rm, prompts, refs=None):
     """Greedy answers to held-out prompts, measured: the judge's mean score,
     the reward model's mean score, and the shares of answers that are
-    correct, open politely and end their turn."""
+    correct (is_right, refs: prompt -> its right answers), open politely
+    (and say nothing rude) and end their turn."""
     w = world()
     texts, ended, _ = llm.world.map(lambda ps: llm.answers(model, tok, ps), prompts)   # each rank its share
     convs = [llm.chat_example(tok, p, t, e) for p, t, e in zip(prompts, texts, ended)]   # as text reads
     n = len(prompts)
     m = {"judge": sum(w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)) / n,
          "reward": sum(float(s) for s in llm.score_conversations(rm, tok, convs)) / n,
-         "correct": sum(w.is_correct(p, t) for p, t in zip(prompts, texts)) / n,
-         "polite": sum(t.strip().startswith(w.POLITE_OPENERS) for t in texts) / n,
+         "correct": sum(is_right(p, t, (refs or {}).get(p, ())) for p, t in zip(prompts, texts)) / n,
+         "polite": sum(w.politeness(t) == 1.0 for t in texts) / n,
          "ended": sum(ended) / n}
     return m, texts
 
@@ -481,15 +492,17 @@ def rlhf_stage(a, name, method):
     train_policy = method(policy, tok, train)
     ref = copy.deepcopy(policy)
     rm, _, _ = load_stage(a, "reward")
-    held = sorted({r["prompt"] for r in test})
-    m0, texts0 = judge_answers(policy, tok, rm, held)
+    held, refs = sorted({r["prompt"] for r in test}), {}
+    for r in test:
+        refs.setdefault(r["prompt"], []).append(r["chosen"])
+    m0, texts0 = judge_answers(policy, tok, rm, held, refs)
     print(f"[{name}] held-out answers: judge {m0['judge']:.3f}, reward {m0['reward']:+.3f}, "
           f"polite {m0['polite']:.0%}, correct {m0['correct']:.0%}")
     novel = [r["prompt"] for r in novel_records(a)]
     n0, _ = judge_answers(policy, tok, rm, novel)
     history = train_policy(policy, ref, rm)
     save_stage(a, name, policy, tok)
-    m1, texts1 = judge_answers(policy, tok, rm, held)
+    m1, texts1 = judge_answers(policy, tok, rm, held, refs)
     n1, _ = judge_answers(policy, tok, rm, novel)
     kl = float(llm.kl_to_reference(policy, ref, tok, held, texts1).mean())
     print(f"  held-out judge {m0['judge']:.3f} -> {m1['judge']:.3f}, reward {m0['reward']:+.3f} -> "
@@ -497,7 +510,7 @@ def rlhf_stage(a, name, method):
           f"{m0['correct']:.0%} -> {m1['correct']:.0%}; KL to the reference {kl:.2f} nats per answer")
     print(f"  novel wordings: judge {n0['judge']:.3f} -> {n1['judge']:.3f}, polite {n0['polite']:.0%} -> "
           f"{n1['polite']:.0%}, correct {n0['correct']:.0%} -> {n1['correct']:.0%}")
-    right0, right1 = ([world().is_correct(p, t) for p, t in zip(held, texts)] for texts in (texts0, texts1))
+    right0, right1 = ([is_right(p, t, refs[p]) for p, t in zip(held, texts)] for texts in (texts0, texts1))
     made_wrong = sum(r0 and not r1 for r0, r1 in zip(right0, right1))
     made_right = sum(r1 and not r0 for r0, r1 in zip(right0, right1))
     print(f"  of {len(held)} held-out answers, {made_wrong} right ones made wrong, {made_right} wrong ones made right")
@@ -511,7 +524,7 @@ def rlhf_picks(before, after, right0, right1):
     """Samples that show what RLHF did: answers now polite and still right,
     and the harm, right answers it made wrong (up to 3 of each; if neither,
     the first five). right0/right1: whether each answer before/after is correct."""
-    polite = lambda t: t.strip().startswith(world().POLITE_OPENERS)
+    polite = lambda t: world().politeness(t) == 1.0
     good = [(i, "polite and still right") for i, (b, a) in enumerate(zip(before, after))
             if polite(a) and not polite(b) and right0[i] and right1[i]]
     broken = [(i, "right before, wrong after") for i in range(len(after)) if right0[i] and not right1[i]]
@@ -551,7 +564,7 @@ def run_finetune(a):
                         f" domain one), the file has {len(general_train)} for training")
     model, tok, base = load_stage(a, "ppo", "sft")
     replay = corpus_ids(a, tok, model.config.block_size, a.finetune_replay)
-    correct = lambda r, t: world().is_correct(r["prompt"], t)
+    correct = lambda r, t: is_right(r["prompt"], t, [r["response"]])
     dom0, texts0 = accuracy(model, tok, test, correct)
     gen0, _ = accuracy(model, tok, general, correct)
     lora = None if a.full else dict(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
@@ -988,12 +1001,13 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
            f"(±x): half of how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the"
            f" default run ({os.path.relpath(SPREAD, HERE)})." if known else "")
-    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time ({seconds}).\nKernels: {kernels}.\n{how}\n",
+    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time{' a seed, on average' if spread else ''}"
+          f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
     for stage, m in report.items():
         if m.get("samples"):
-            md.append(f"\n## {stage}: answers before and after\n")
+            md.append(f"\n## {stage}: answers before and after{f' (seed {seeds[0]})' if seeds else ''}\n")
             for s in m["samples"]:
                 note = f" ({s['note']})" if s.get("note") else ""
                 md.append(f"- **{s['prompt']}**{note}\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
@@ -1429,7 +1443,8 @@ def run_seeds(a):
     spread = {k: (min(f[k] for f in flats), max(f[k] for f in flats)) for k in numbers}
     llm.atomic_write(os.path.join(a.out, "seed_spread.json"),
                      json.dumps({"seeds": a.seeds, "spread": spread}, indent=1).encode())
-    first = next(iter(reports.values()))
+    first = {stage: {k: v for k, v in m.items() if k in ("samples", "history")}      # the first seed's answers
+             for stage, m in next(iter(reports.values())).items()}                 # and curves, not its figures
     write_report_card(a, first, mean["wall_seconds"], mean, spread, a.seeds)
 
 

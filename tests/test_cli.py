@@ -354,6 +354,15 @@ def test_chat_says_its_seed_and_the_seed_repeats_the_conversation():
     assert talk(seed)[0] == history
 
 
+def test_an_answer_is_right_by_the_judge_or_else_by_its_reference():
+    """A user's own questions, which the judge knows nothing of, are
+    measured against their references (before, every answer was wrong)."""
+    assert train.is_right("What is 2+2?", " 4.", ["4."]) and not train.is_right("What is 2+2?", "5.", ["4."])
+    q = "What is the capital of France?"                      # the judge's: the reference does not matter
+    assert train.is_right(q, "The capital of France is Paris.", ["Bananas."])
+    assert not train.is_right(q, "Bananas.", ["Bananas."])
+
+
 def test_eta_counts_this_runs_own_steps():
     import io
     s = io.StringIO()

@@ -104,6 +104,9 @@ def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
         values = [r[k] for r in runs]
         assert math.isclose(report[k], sum(values) / 2) and report["spread"][k] == [min(values), max(values)]
     assert "[" in open(tmp_path / "report.md").read()
+    # the card's answers and curves are seed 0's, said so; its figures only the means (seed 0's read as them)
+    assert all(set(m) <= {"samples", "history"} for m in report["stages"].values())
+    assert "answers before and after (seed 0)" in open(tmp_path / "report.md").read()
 
 
 def test_seeds_with_resume_keep_the_seeds_already_done(tmp_path, monkeypatch):
