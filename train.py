@@ -132,8 +132,8 @@ OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's
 def read_jsonl(path: str, fields) -> list:
     """One JSON object per line, each with the given string fields (and the
     OPTIONAL ones strings where present) and a "split" of "train" (the
-    default) or "test". A malformed line is a ValueError naming the file and
-    the line."""
+    default) or "test", and no other key. A malformed line is a ValueError
+    naming the file and the line."""
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -156,6 +156,10 @@ def read_jsonl(path: str, fields) -> list:
                 except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
                     raise ValueError(f"{path}:{n}: field {k!r} cannot be encoded as UTF-8 ({e.reason} at"
                                      f" character {e.start})") from None
+            known = (*fields, "split", *OPTIONAL)
+            for k in r:
+                if k not in known:                 # a misspelt "Split" would train a held-out row
+                    raise ValueError(f"{path}:{n}: unexpected field {k!r} (expected some of: {', '.join(known)})")
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)

@@ -31,6 +31,7 @@ def folder(tmp_path_factory):
              "split.jsonl": b'{"prompt": "a", "response": "b", "split": "dev"}\n',
              "nonutf8.jsonl": b'{"prompt": "\xff", "response": "b"}\n',
              "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64,
+             "misspelt.jsonl": b'{"prompt": "x", "response": "y", "Split": "test"}\n',
              "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n',
              "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "split": "test"}\n',
              "few.jsonl": b"".join(b'{"prompt": "%d?", "chosen": "Sure! %d.", "rejected": "%d.", "flaw": "plain", '
@@ -60,6 +61,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sft --sft-data {d}/nonutf8.jsonl", "nonutf8.jsonl:1"), ("sft --sft-data {d}/nofield.jsonl", "'response'"),
     ("sft --sft-data {d}/missing.jsonl", "--sft-data"), ("reward --preferences-data {d}/bad.jsonl", "bad.jsonl:1: expected a string field 'chosen'"),
     ("sft --sft-data {d}/kindlist.jsonl", "kindlist.jsonl:1"),
+    ("sft --sft-data {d}/misspelt.jsonl", "misspelt.jsonl:1: unexpected field 'Split' (expected some of: prompt, response, "),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
     ("sft --out {d}/empty_run", "pretrain.safetensors"),
     ("pretrain --resume --out {d}/bad_resume", "--resume"),
