@@ -130,10 +130,10 @@ OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's
 
 
 def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields (and the
-    OPTIONAL ones strings where present) and a "split" of "train" (the
-    default) or "test", and no other key. A malformed line is a ValueError
-    naming the file and the line."""
+    """One JSON object per line, each with the given string fields, not blank
+    (and the OPTIONAL ones strings where present), and a "split" of "train"
+    (the default) or "test", and no other key. A malformed line is a
+    ValueError naming the file and the line."""
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -151,6 +151,8 @@ def read_jsonl(path: str, fields) -> list:
             for k in (*fields, *(k for k in OPTIONAL if k in r)):
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+                if k in fields and not r[k].strip():
+                    raise ValueError(f"{path}:{n}: expected a non-empty string field {k!r}, got {r[k]!r}")
                 try:
                     r[k].encode("utf-8")
                 except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
