@@ -162,6 +162,9 @@ def read_jsonl(path: str, fields) -> list:
             for k in r:
                 if k not in known:                 # a misspelt "Split" would train a held-out row
                     raise ValueError(f"{path}:{n}: unexpected field {k!r} (expected some of: {', '.join(known)})")
+            if "rejected" in fields and r["rejected"].strip() == r["chosen"].strip():
+                raise ValueError(f"{path}:{n}: expected 'rejected' to differ from 'chosen', got the same answer"
+                                 " (the pair teaches nothing)")
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)
