@@ -165,6 +165,8 @@ def read_jsonl(path: str, fields) -> list:
             if "rejected" in fields and r["rejected"].strip() == r["chosen"].strip():
                 raise ValueError(f"{path}:{n}: expected 'rejected' to differ from 'chosen', got the same answer"
                                  " (the pair teaches nothing)")
+            if "flaw" in r and r["flaw"] not in world().FLAWS:   # "Unended" would get an end-of-turn token
+                raise ValueError(f"{path}:{n}: expected a flaw among {', '.join(world().FLAWS)}, got {r['flaw']!r}")
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
             records.append(r)
