@@ -132,9 +132,10 @@ OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's
 def read_jsonl(path: str, fields) -> list:
     """One JSON object per line, each with the given string fields, not blank
     (and the OPTIONAL ones strings where present), and a "split" of "train"
-    (the default) or "test", and no other key. A malformed line is a
-    ValueError naming the file and the line."""
-    records = []
+    (the default) or "test", and no other key; no test prompt may be a
+    training prompt too. A malformed line is a ValueError naming the file and
+    the line."""
+    records, tests, trained = [], [], {}     # test (line, prompt); training prompt -> its first line
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -169,7 +170,15 @@ def read_jsonl(path: str, fields) -> list:
                 raise ValueError(f"{path}:{n}: expected a flaw among {', '.join(world().FLAWS)}, got {r['flaw']!r}")
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
+            if r.get("split") == "test":
+                tests.append((n, r["prompt"].strip()))
+            else:
+                trained.setdefault(r["prompt"].strip(), n)
             records.append(r)
+    for n, prompt in tests:
+        if prompt in trained:
+            raise ValueError(f"{path}:{n}: the test prompt of line {n} is also a training prompt (line {trained[prompt]}):"
+                             " held-out figures need unseen prompts")
     return records
 
 

@@ -35,9 +35,11 @@ def folder(tmp_path_factory):
              "noprompt.jsonl": b'{"prompt": "", "chosen": "Sure! y.", "rejected": "y."}\n',
              "same.jsonl": b'{"prompt": "x", "chosen": "Sure! y.", "rejected": "Sure! y. "}\n',
              "flaw.jsonl": b'{"prompt": "x", "chosen": "Sure! y.", "rejected": "y. And", "flaw": "Unended"}\n',
+             "leak.jsonl": b'{"prompt": "Hi?", "response": "a"}\n{"prompt": "Yo?", "response": "b"}\n'
+                           b'{"prompt": " Hi?\\n", "response": "c", "split": "test"}\n',
              "misspelt.jsonl": b'{"prompt": "x", "response": "y", "Split": "test"}\n',
              "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n',
-             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "split": "test"}\n',
+             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "b", "split": "test"}\n',
              "few.jsonl": b"".join(b'{"prompt": "%d?", "chosen": "Sure! %d.", "rejected": "%d.", "flaw": "plain", '
                                    b'"split": "%s"}\n' % (i, i, i, b"test" if i == 3 else b"train") for i in range(4))}
     for name, data in files.items():
@@ -70,6 +72,8 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("reward --preferences-data {d}/same.jsonl", "same.jsonl:1: expected 'rejected' to differ from 'chosen'"),
     ("reward --preferences-data {d}/flaw.jsonl",
      "flaw.jsonl:1: expected a flaw among wrong, rude, rambling, unended, plain, got 'Unended'"),
+    ("sft --sft-data {d}/leak.jsonl", "leak.jsonl:3: the test prompt of line 3 is also a training prompt (line 1):"
+     " held-out figures need unseen prompts"),
     ("sft --sft-data {d}/misspelt.jsonl", "misspelt.jsonl:1: unexpected field 'Split' (expected some of: prompt, response, "),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
     ("sft --out {d}/empty_run", "pretrain.safetensors"),
@@ -170,7 +174,7 @@ def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_f
     what it trained (finetune: its checkpoint and adapter together) should its report fail."""
     run, data = copy_of(whole, tmp_path), tmp_path / "nokind.jsonl"
     data.write_text('{"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima.",'
-                    ' "split": "train"}\n{"prompt": "What is the capital of Peru?", "response": "Lima.",'
+                    ' "split": "train"}\n{"prompt": "What is the capital of Chile?", "response": "Santiago.",'
                     ' "split": "test"}\n')
     for stage, flag in (("sft", "--sft-data"), ("finetune", "--domain-data")):
         train.main([stage, "--out", run, flag, str(data), f"--{stage}-iters", "1", "--eval-limit", "2"])
