@@ -130,11 +130,12 @@ OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's
 
 
 def read_jsonl(path: str, fields) -> list:
-    """One JSON object per line, each with the given string fields (and the
-    OPTIONAL ones strings where present) and a "split" of "train" (the
-    default) or "test". A malformed line is a ValueError naming the file and
+    """One JSON object per line, each with the given string fields, not blank
+    (and the OPTIONAL ones strings where present), and a "split" of "train"
+    (the default) or "test", and no other key; no test prompt may be a
+    training prompt too. A malformed line is a ValueError naming the file and
     the line."""
-    records = []
+    records, tests, trained = [], [], {}     # test (line, prompt); training prompt -> its first line
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -151,14 +152,33 @@ def read_jsonl(path: str, fields) -> list:
             for k in (*fields, *(k for k in OPTIONAL if k in r)):
                 if not isinstance(r.get(k), str):
                     raise ValueError(f"{path}:{n}: expected a string field {k!r}, got {r.get(k)!r}")
+                if k in fields and not r[k].strip():
+                    raise ValueError(f"{path}:{n}: expected a non-empty string field {k!r}, got {r[k]!r}")
                 try:
                     r[k].encode("utf-8")
                 except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
                     raise ValueError(f"{path}:{n}: field {k!r} cannot be encoded as UTF-8 ({e.reason} at"
                                      f" character {e.start})") from None
+            known = (*fields, "split", *OPTIONAL)
+            for k in r:
+                if k not in known:                 # a misspelt "Split" would train a held-out row
+                    raise ValueError(f"{path}:{n}: unexpected field {k!r} (expected some of: {', '.join(known)})")
+            if "rejected" in fields and r["rejected"].strip() == r["chosen"].strip():
+                raise ValueError(f"{path}:{n}: expected 'rejected' to differ from 'chosen', got the same answer"
+                                 " (the pair teaches nothing)")
+            if "flaw" in r and r["flaw"] not in world().FLAWS:   # "Unended" would get an end-of-turn token
+                raise ValueError(f"{path}:{n}: expected a flaw among {', '.join(world().FLAWS)}, got {r['flaw']!r}")
             if r.get("split", "train") not in ("train", "test"):
                 raise ValueError(f"{path}:{n}: expected split 'train' or 'test', got {r['split']!r}")
+            if r.get("split") == "test":
+                tests.append((n, r["prompt"].strip()))
+            else:
+                trained.setdefault(r["prompt"].strip(), n)
             records.append(r)
+    for n, prompt in tests:
+        if prompt in trained:
+            raise ValueError(f"{path}:{n}: the test prompt of line {n} is also a training prompt (line {trained[prompt]}):"
+                             " held-out figures need unseen prompts")
     return records
 
 

@@ -31,8 +31,15 @@ def folder(tmp_path_factory):
              "split.jsonl": b'{"prompt": "a", "response": "b", "split": "dev"}\n',
              "nonutf8.jsonl": b'{"prompt": "\xff", "response": "b"}\n',
              "nofield.jsonl": b'{"prompt": "a"}\n', "garbage.safetensors": b"\x10" * 64,
+             "blank.jsonl": b'{"prompt": "x", "response": " \\n\\t"}\n',
+             "noprompt.jsonl": b'{"prompt": "", "chosen": "Sure! y.", "rejected": "y."}\n',
+             "same.jsonl": b'{"prompt": "x", "chosen": "Sure! y.", "rejected": "Sure! y. "}\n',
+             "flaw.jsonl": b'{"prompt": "x", "chosen": "Sure! y.", "rejected": "y. And", "flaw": "Unended"}\n',
+             "leak.jsonl": b'{"prompt": "Hi?", "response": "a"}\n{"prompt": "Yo?", "response": "b"}\n'
+                           b'{"prompt": " Hi?\\n", "response": "c", "split": "test"}\n',
+             "misspelt.jsonl": b'{"prompt": "x", "response": "y", "Split": "test"}\n',
              "kindlist.jsonl": b'{"prompt": "a", "response": "b", "kind": ["x"]}\n',
-             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "split": "test"}\n',
+             "pair.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "b", "split": "test"}\n',
              "few.jsonl": b"".join(b'{"prompt": "%d?", "chosen": "Sure! %d.", "rejected": "%d.", "flaw": "plain", '
                                    b'"split": "%s"}\n' % (i, i, i, b"test" if i == 3 else b"train") for i in range(4))}
     for name, data in files.items():
@@ -60,6 +67,14 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("sft --sft-data {d}/nonutf8.jsonl", "nonutf8.jsonl:1"), ("sft --sft-data {d}/nofield.jsonl", "'response'"),
     ("sft --sft-data {d}/missing.jsonl", "--sft-data"), ("reward --preferences-data {d}/bad.jsonl", "bad.jsonl:1: expected a string field 'chosen'"),
     ("sft --sft-data {d}/kindlist.jsonl", "kindlist.jsonl:1"),
+    ("sft --sft-data {d}/blank.jsonl", "blank.jsonl:1: expected a non-empty string field 'response', got ' \\n\\t'"),
+    ("reward --preferences-data {d}/noprompt.jsonl", "noprompt.jsonl:1: expected a non-empty string field 'prompt'"),
+    ("reward --preferences-data {d}/same.jsonl", "same.jsonl:1: expected 'rejected' to differ from 'chosen'"),
+    ("reward --preferences-data {d}/flaw.jsonl",
+     "flaw.jsonl:1: expected a flaw among wrong, rude, rambling, unended, plain, got 'Unended'"),
+    ("sft --sft-data {d}/leak.jsonl", "leak.jsonl:3: the test prompt of line 3 is also a training prompt (line 1):"
+     " held-out figures need unseen prompts"),
+    ("sft --sft-data {d}/misspelt.jsonl", "misspelt.jsonl:1: unexpected field 'Split' (expected some of: prompt, response, "),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
     ("sft --out {d}/empty_run", "pretrain.safetensors"),
     ("pretrain --resume --out {d}/bad_resume", "--resume"),
@@ -159,7 +174,7 @@ def test_data_without_a_kind_trains_and_a_stage_is_saved_before_its_report_can_f
     what it trained (finetune: its checkpoint and adapter together) should its report fail."""
     run, data = copy_of(whole, tmp_path), tmp_path / "nokind.jsonl"
     data.write_text('{"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima.",'
-                    ' "split": "train"}\n{"prompt": "What is the capital of Peru?", "response": "Lima.",'
+                    ' "split": "train"}\n{"prompt": "What is the capital of Chile?", "response": "Santiago.",'
                     ' "split": "test"}\n')
     for stage, flag in (("sft", "--sft-data"), ("finetune", "--domain-data")):
         train.main([stage, "--out", run, flag, str(data), f"--{stage}-iters", "1", "--eval-limit", "2"])

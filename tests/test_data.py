@@ -96,6 +96,14 @@ def test_preference_records():
     assert 1000 <= len(rows) - n_test <= 2500 and 150 <= n_test <= 300
 
 
+@pytest.mark.parametrize("key,fields", [("sft", ("prompt", "response")), ("domain", ("prompt", "response")),
+                                        ("preferences", ("prompt", "chosen", "rejected"))])
+def test_train_py_accepts_the_embedded_files(key, fields):
+    """No other key, no blank field, no pair of equal answers, no unknown flaw, no test prompt trained on."""
+    import train
+    assert len(train.read_jsonl(os.path.join(ROOT, world.FILES[key]), fields)) == len(load(key))
+
+
 def subjects(rows, split):
     return {world.lookup(r["prompt"])["subject"] for r in rows
             if r["split"] == split and r.get("kind") != "small_talk"}
