@@ -2976,6 +2976,10 @@ class World:
         launched = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
         self.rank, self.size, self.nccl, self.waiting = 0, 1, None, None
         if launched > 1:
+            timeout = os.environ.get("LLM_MPI_TIMEOUT", "300")
+            self.timeout = float(timeout) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", timeout) else 0.0
+            if self.timeout < 1:
+                raise RuntimeError(f"LLM_MPI_TIMEOUT: expected seconds, a number >= 1, got {timeout!r}")
             try:
                 from mpi4py import MPI
             except ImportError:
@@ -2985,7 +2989,6 @@ class World:
             import threading
             self.MPI, self.comm, self.stderr = MPI, MPI.COMM_WORLD, sys.stderr
             self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-            self.timeout = float(os.environ.get("LLM_MPI_TIMEOUT", "300"))
             threading.Thread(target=self._watchdog, daemon=True).start()
             hook = sys.excepthook            # an uncaught error on one rank stops them all
             sys.excepthook = lambda *error: (hook(*error), self.fail(code=1))

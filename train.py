@@ -53,8 +53,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _ensure_fastops()
 try:
     import llm  # noqa: E402  (after the build, so it finds the kernels)
-except RuntimeError as e:                  # started by mpirun without mpi4py
-    sys.exit(f"train.py: error: {e}")
+except RuntimeError as e:                  # started by mpirun without mpi4py, or a bad LLM_MPI_TIMEOUT
+    if (os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or "0") == "0":
+        print(f"train.py: error: {e}", file=sys.stderr)       # once, not once a rank
+    sys.exit(2)
 
 DATA = os.path.join(HERE, "data")
 DEFAULT_OUT = os.path.join("runs", "default")
@@ -286,7 +288,8 @@ class Progress:
     """One updating line: step, loss, val loss, bits per byte, tokens/s,
     elapsed time and ETA."""
 
-    def __init__(self, stage: str, bytes_per_token: float = None, stream=sys.stdout):
+    def __init__(self, stage: str, bytes_per_token: float = None, stream=None):
+        stream = stream or sys.stdout              # as it is now: on ranks other than 0, nowhere
         self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
         self.val = None
         self.tty = stream.isatty()

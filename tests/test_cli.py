@@ -378,6 +378,16 @@ def test_an_answer_is_right_by_the_judge_or_else_by_its_reference():
     assert not train.is_right(q, "Bananas.", ["Bananas."])
 
 
+def test_progress_writes_where_stdout_is_when_it_is_made(monkeypatch):
+    """Ranks other than 0 print nothing: their stdout is replaced, and a
+    Progress line went to the stdout train.py was imported with (every rank's)."""
+    import io
+    s = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", s)
+    train.Progress("x")(2, 2, 1.0, None, 10.0, 1.0)
+    assert "x step 2/2" in s.getvalue()
+
+
 def test_eta_counts_this_runs_own_steps():
     import io
     s = io.StringIO()

@@ -87,7 +87,16 @@ def test_several_ranks_without_mpi4py_are_one_clear_error(tmp_path):
     (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('not here')\n")
     env = {**ENV, "OMPI_COMM_WORLD_SIZE": "2", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     rc, log, _ = run(one("pretrain", "--out", str(tmp_path / "run"), *TINY), env=env)
-    assert rc != 0 and "mpi4py is not installed" in log and "Traceback" not in log, log
+    assert rc == 2 and "mpi4py is not installed" in log and "Traceback" not in log, log
+    rc, log, _ = run(one("pretrain", "--out", str(tmp_path / "run"), *TINY), env={**env, "OMPI_COMM_WORLD_RANK": "1"})
+    assert rc == 2 and not log.strip(), log                           # said once, by rank 0
+
+
+@pytest.mark.parametrize("timeout", ["5m", "nan", "inf", "0"])
+def test_a_bad_mpi_timeout_is_one_clear_error(tmp_path, timeout):
+    env = {**ENV, "OMPI_COMM_WORLD_SIZE": "2", "LLM_MPI_TIMEOUT": timeout}
+    rc, log, _ = run(one("pretrain", "--out", str(tmp_path / "run"), *TINY), env=env)
+    assert rc == 2 and "LLM_MPI_TIMEOUT" in log and len(log.strip().splitlines()) == 1, log
 
 
 def test_two_ranks_end_with_the_weights_of_one_process_accumulating_twice(reference, tmp_path):
@@ -96,6 +105,7 @@ def test_two_ranks_end_with_the_weights_of_one_process_accumulating_twice(refere
                         one("pretrain", "--out", out, "--grad-accum", "1", *TINY))
     assert rc == 0, log
     assert log.count("[pretrain]") == 1 and log.count("report: ") == 1     # rank 0 alone prints
+    assert log.count("pretrain step 4/4 ") == 1, log                      # its progress lines too
     (p1, s1), (p2, s2) = weights(reference), weights(out)
     assert all(np.array_equal(p1[k], p2[k]) for k in p1)                   # bit for bit: a + b == b + a
     assert s1.history == s2.history and s1.rng_state == s2.rng_state       # the losses, the split evaluation
