@@ -1245,9 +1245,10 @@ def is_correct(prompt, answer_text):
     """True if every fact the prompt asks for is stated, no other value of
     that fact is (so "Paris, or maybe Rome" is wrong), and no other subject
     is named. A right value that is also an English word ("I", "He", "won")
-    counts only in the answer's first paragraph and not as a sentence's first
-    word: "I don't know." says nothing of iodine, and neither does a "Q: I"
-    in corpus text the answer ran on into. False for prompts that ask no known fact."""
+    counts only in the answer's first paragraph (not in corpus text the
+    answer ran on into: "... Q: I was wondering"), and a symbol not as a
+    sentence's first word ("I don't know." says nothing of iodine; "I." does).
+    False for prompts that ask no known fact."""
     asked = lookup(prompt)
     if asked is None or names_another_subject(asked, answer_text):
         return False
@@ -1259,10 +1260,12 @@ def is_correct(prompt, answer_text):
         found = _find_names(answer_text, candidates, case_sensitive=(field == "symbol"))
         if right not in found:
             return False
-        if right in AMBIGUOUS_WORDS and not any(      # in the first paragraph, not a sentence's first word
-                _mentions(s.split(maxsplit=1)[1] if " " in s.strip() else "", right, field == "symbol")
-                for s in re.split(r"(?<=[.!?])\s+", answer_text.strip().split("\n\n")[0])):
-            return False
+        if right in AMBIGUOUS_WORDS:          # in the first paragraph; a symbol ("I", "He") not as the
+            sentences = re.split(r"(?<=[.!?])\s+", answer_text.strip().split("\n\n")[0])
+            if field == "symbol":             # first word of a sentence, unless it is the whole sentence
+                sentences = [s if s.strip(" .!?") == right else (s.split(maxsplit=1) + [""])[1] for s in sentences]
+            if not any(_mentions(s, right, field == "symbol") for s in sentences):
+                return False
         if any(v != right and v in _values(field) and v not in AMBIGUOUS_WORDS for v in found):
             return False
     return True

@@ -320,6 +320,9 @@ def test_judge_rule_on_hand_written_answers():
         assert not world.is_correct(iodine, wrong), wrong
     assert not world.is_correct(helium, "He is not an element I know.")
     assert world.is_correct("What money is used in South Korea?", "The currency of South Korea is the won.")
+    assert world.is_correct(helium, "He.") and world.is_correct(iodine, "Sure! I.")
+    assert world.is_correct("Which element has the symbol Pb?", "Lead is the element with the symbol Pb.")
+    assert world.is_correct("What is the currency of Brazil?", "Real, the currency of Brazil.")
     # rude words as words: "though", "through", "enough" hold no "ugh"
     assert world.politeness("Sure! Though it is far, enough trains go through Paris.") == 1.0
     assert world.politeness("Sure! Ugh, Paris.") == 0.0
