@@ -53,9 +53,14 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def is_count(v) -> bool:
-    """A positive integer, Python's or NumPy's (not a bool)."""
-    return isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) and v >= 1
+def is_count(v, least=1) -> bool:
+    """An integer >= least, Python's or NumPy's (not a bool)."""
+    return isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) and v >= least
+
+
+def is_real(v) -> bool:
+    """A number, Python's or NumPy's, infinite too (not a bool); a NaN fails any comparison after."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def warn(message: str):
@@ -944,14 +949,13 @@ ops.next_logits = next_logits     # in the table too: section 10 runs a new toke
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
-    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)     # NumPy's too; inf, not NaN
-    if not (real(temperature) and temperature >= 0):
+    if not (is_real(temperature) and temperature >= 0):
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-    if not (max_new_tokens == 0 or is_count(max_new_tokens)):
+    if not is_count(max_new_tokens, least=0):
         raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
     if top_k is not None and not is_count(top_k):
         raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (real(top_p) and 0.0 < top_p <= 1.0):
+    if top_p is not None and not (is_real(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: expected in (0, 1], got {top_p!r}")
 
 
@@ -985,7 +989,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     z, finite = over_temperature(logits, temperature)
     if not finite:
         return (xp.arange(logits.size) == int(logits.argmax())).astype(xp.float64)
-    order = xp.argsort(-z, kind="stable")                # likeliest first, ties: the lower id
+    if top_k is not None or top_p is not None:
+        order = xp.argsort(-z, kind="stable")            # likeliest first, ties: the lower id
     if top_k is not None:
         z[order[top_k:]] = -xp.inf                       # exactly k, ties or not
     probs = xp.exp(z - z.max())
@@ -1128,6 +1133,9 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
     train together), and an evaluation every eval_interval steps. batch_fn(rng)
     makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
     validation loss; save() writes a checkpoint after each evaluation."""
+    merged = {name + ab for name in model.merged_lora for ab in (".lora_A", ".lora_B")}   # in their weights now
+    if not set(model.params) - model.frozen - merged:
+        raise ValueError("model: every parameter is frozen; unmerge_lora(model) trains its adapters again")
     rng, loss_fn = numpy.random.default_rng(tc.seed), loss_fn or lm_loss
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
@@ -1697,7 +1705,8 @@ def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: flo
 def add_lora(model: GPT, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
              r: int = 8, alpha: float = 16.0, dropout: float = 0.0, seed: int = 0) -> list:
     """Attach LoRA adapters to every linear layer whose name ends with one of
-    `targets`, freeze all other parameters, and return the trainable names."""
+    `targets`, freeze the transformer's own weights (freeze_base), and return
+    the adapters' names."""
     rng = numpy.random.default_rng(seed)
     names = [n[:-len(".weight")] for n in model.params
              if n.endswith(".weight") and n.startswith("h.") and n[:-len(".weight")].endswith(tuple(targets))]
@@ -2977,8 +2986,11 @@ class World:
         self.rank, self.size, self.nccl, self.waiting = 0, 1, None, None
         if launched > 1:
             timeout = os.environ.get("LLM_MPI_TIMEOUT", "300")
-            self.timeout = float(timeout) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", timeout) else 0.0
-            if self.timeout < 1:
+            try:
+                self.timeout = float(timeout)
+            except ValueError:
+                self.timeout = math.nan
+            if not 1 <= self.timeout < math.inf:
                 raise RuntimeError(f"LLM_MPI_TIMEOUT: expected seconds, a number >= 1, got {timeout!r}")
             try:
                 from mpi4py import MPI

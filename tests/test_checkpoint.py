@@ -572,6 +572,8 @@ def test_a_checkpoint_keeps_its_merged_adapters(tmp_path):
         assert np.array_equal(m2.params[k], v), k
     with pytest.raises(ValueError, match="merged"):
         llm.load_lora(str(tmp_path / "a.safetensors"), m2)
+    with pytest.raises(ValueError, match="every parameter is frozen"):      # (it trained nothing, silently)
+        llm.train_steps(m2, llm.TrainState(), small()[1], lambda rng: None)
     llm.unmerge_lora(m2)
     for k, v in base.items():
         assert np.allclose(m2.params[k], v, atol=1e-6), k

@@ -392,7 +392,7 @@ def test_bad_logits_and_sampling_settings_are_named():
         with pytest.raises(ValueError, match=name):
             llm.next_token_probs(**{"logits": np.zeros(5), **kw})
     m = tiny(dtype="float32")
-    for n in (2.5, True, "3"):
+    for n in (2.5, True, False, 0.0, "3"):
         with pytest.raises(ValueError, match="max_new_tokens"):
             list(llm.generate(m, [1], n))
         with pytest.raises(ValueError, match="max_new_tokens"):
