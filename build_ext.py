@@ -111,7 +111,10 @@ def compile_flags(openmp, platform=None):
         ldflags.append("-fopenmp")
     # As a shell splits it: a quoted value stays one flag. Not POSIX on Windows,
     # where a backslash separates folders (-IC:\libs), not escapes.
-    cflags += shlex.split(os.environ.get("FO_EXTRA_CFLAGS", ""), posix=platform != "win32")
+    try:
+        cflags += shlex.split(os.environ.get("FO_EXTRA_CFLAGS", ""), posix=platform != "win32")
+    except ValueError as e:                    # an unbalanced quote
+        raise ValueError(f"FO_EXTRA_CFLAGS: {e}: {os.environ['FO_EXTRA_CFLAGS']!r}") from None
     return cflags, ldflags
 
 
@@ -195,6 +198,12 @@ def build(verbose=False):
     # measures again. Removed now, not after the build: another rank building
     # beside this one may meanwhile have timed its own build of the same flags.
     _remove(*glob.glob(os.path.join(ROOT, MODULE + ".calibration-*.json")))
+    try:
+        compile_flags(True)
+    except ValueError as e:
+        print(f"fastops: build failed: {e}", file=sys.stderr)
+        return False
+    unloadable = None
     for openmp in (True, False):
         try:
             path = _compile(openmp, verbose)
@@ -206,9 +215,10 @@ def build(verbose=False):
             continue
         try:
             module = _load(path)
-        except (ImportError, OSError) as e:      # e.g. -fsanitize=address: undefined __asan symbols
-            _remove(path)
-            return _failed(f"the library does not load ({e})")
+        except (ImportError, OSError) as e:      # an OpenMP runtime the loader cannot find (then
+            _remove(path)                        # without OpenMP), -fsanitize=address's symbols...
+            unloadable = f"the library does not load ({e})"
+            continue
         # A compiler that does not know -fopenmp (MSVC's spelling is /openmp)
         # may only warn, and build it single-threaded.
         if not openmp or not module.lib.fo_has_openmp():
@@ -219,8 +229,8 @@ def build(verbose=False):
         _remove(FAILED)
         return True
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    why = HINT_CC if shutil.which(cc.split()[0]) is None else (
-        "the compiler reported errors (`python build_ext.py` shows them)")
+    why = unloadable or (HINT_CC if shutil.which(cc.split()[0]) is None else
+                         "the compiler reported errors (`python build_ext.py` shows them)")
     return _failed(why)
 
 

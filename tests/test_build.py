@@ -34,6 +34,8 @@ def lone_build(tmp_path, monkeypatch):
     """build() into tmp_path, its compiler a copy of this checkout's library
     (quick: each test here builds nothing itself)."""
     lib = build_ext.built() or (build_ext.build() and build_ext.built())
+    if not lib:
+        pytest.skip("no C compiler builds fastops here")
     shutil.copy(os.path.join(ROOT, "fastops.c"), tmp_path)             # its hash names the build
     monkeypatch.setattr(build_ext, "ROOT", str(tmp_path))
     monkeypatch.setattr(build_ext, "FAILED", str(tmp_path / "build" / (build_ext.MODULE + ".failed")))
@@ -156,6 +158,29 @@ def test_a_build_that_does_not_load_is_a_failed_build(lone_build, monkeypatch, c
     assert "fastops: build failed" in err and "does not load" in err, err
     assert sys.platform != "linux" or "invalid ELF header" in err, err           # the loader's own words
     assert build_ext.built() is None and os.path.exists(build_ext.FAILED)      # not retried by train.py
+
+
+def test_a_build_that_loads_only_without_openmp_is_built_without(lone_build, monkeypatch, capsys):
+    """An OpenMP runtime the loader cannot find: the build without OpenMP
+    (it was never tried: the OpenMP build's load failure ended the build)."""
+    good = build_ext._compile
+
+    def compile_(openmp, verbose):
+        if not openmp:
+            return good(openmp, verbose)
+        path = lone_build / (build_ext.MODULE + importlib.machinery.EXTENSION_SUFFIXES[0])
+        path.write_bytes(b"not a library" * 100)
+        return str(path)
+    monkeypatch.setattr(build_ext, "_compile", compile_)
+    with pytest.warns(UserWarning):                         # one line: no threads
+        assert build_ext.build() is True
+    assert build_ext.built() is not None and not os.path.exists(build_ext.FAILED)
+
+
+def test_an_unbalanced_quote_in_fo_extra_cflags_is_named(lone_build, monkeypatch, capsys):
+    monkeypatch.setenv("FO_EXTRA_CFLAGS", "-DX='a b")
+    assert build_ext.build() is False
+    assert "FO_EXTRA_CFLAGS" in capsys.readouterr().err
 
 
 def test_a_cuda_build_alone_is_not_an_older_cpu_build(tmp_path):
