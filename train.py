@@ -133,10 +133,10 @@ OPTIONAL = ("kind", "held_out", "flaw")     # strings where present: the judge's
 
 def read_jsonl(path: str, fields) -> list:
     """One JSON object per line, each with the given string fields, not blank
-    (and the OPTIONAL ones strings where present), and a "split" of "train"
-    (the default) or "test", and no other key; no test prompt may be a
-    training prompt too. A malformed line is a ValueError naming the file and
-    the line."""
+    (and the OPTIONAL ones strings where present, a flaw one of world's
+    FLAWS), and a "split" of "train" (the default) or "test", and no other
+    key; a pair's two answers differ, and no test prompt is a training prompt
+    too. A malformed line is a ValueError naming the file and the line."""
     records, tests, trained = [], [], {}     # test (line, prompt); training prompt -> its first line
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -179,7 +179,7 @@ def read_jsonl(path: str, fields) -> list:
             records.append(r)
     for n, prompt in tests:
         if prompt in trained:
-            raise ValueError(f"{path}:{n}: the test prompt of line {n} is also a training prompt (line {trained[prompt]}):"
+            raise ValueError(f"{path}:{n}: a test prompt that is also the training prompt of line {trained[prompt]}:"
                              " held-out figures need unseen prompts")
     return records
 
@@ -289,7 +289,7 @@ class Progress:
     elapsed time and ETA."""
 
     def __init__(self, stage: str, bytes_per_token: float = None, stream=None):
-        stream = stream or sys.stdout              # as it is now: on ranks other than 0, nowhere
+        stream = sys.stdout if stream is None else stream      # as it is now: on ranks other than 0, nowhere
         self.stage, self.bpt, self.stream = stage, bytes_per_token, stream
         self.val = None
         self.tty = stream.isatty()
@@ -988,7 +988,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         known = read_json(SPREAD, ("seeds", "spread"))
-    full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread} if spread else {})}
+    full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread, "stages_of_seed": seeds[0]} if spread else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
 
     def f(k, fmt="{:.1%}"):
@@ -1024,7 +1024,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
            f"(±x): half of how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the"
            f" default run ({os.path.relpath(SPREAD, HERE)})." if known else "")
-    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time{' a seed, on average' if spread else ''}"
+    md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time{' per seed, on average' if spread else ''}"
           f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
@@ -1036,7 +1036,7 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
                 md.append(f"- **{s['prompt']}**{note}\n  - before: `{s['before']}`\n  - after: `{s['after']}`")
     curves = write_curves(a, report)
     if curves:
-        md.append("\n## Loss curves\n")
+        md.append(f"\n## Loss curves{f' (seed {seeds[0]})' if seeds else ''}\n")
         md += [f"![{c}]({c})" for c in curves]
     llm.atomic_write(os.path.join(a.out, "report.md"), ("\n".join(md) + "\n").encode())
     print("\n" + "\n".join(md[:len(rows) + 3]))

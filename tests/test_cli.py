@@ -72,7 +72,7 @@ BAD = [  # (arguments, the flag or file the one line must name)
     ("reward --preferences-data {d}/same.jsonl", "same.jsonl:1: expected 'rejected' to differ from 'chosen'"),
     ("reward --preferences-data {d}/flaw.jsonl",
      "flaw.jsonl:1: expected a flaw among wrong, rude, rambling, unended, plain, got 'Unended'"),
-    ("sft --sft-data {d}/leak.jsonl", "leak.jsonl:3: the test prompt of line 3 is also a training prompt (line 1):"
+    ("sft --sft-data {d}/leak.jsonl", "leak.jsonl:3: a test prompt that is also the training prompt of line 1:"
      " held-out figures need unseen prompts"),
     ("sft --sft-data {d}/misspelt.jsonl", "misspelt.jsonl:1: unexpected field 'Split' (expected some of: prompt, response, "),
     ("finetune --domain-data {d}/empty.jsonl", "--domain-data"),
