@@ -961,7 +961,7 @@ FIGURES = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),        # eac
            "sft": ("accuracy_before", "accuracy_after"), "reward": ("accuracy",),
            "ppo": ("judge_before", "judge_after", "reward_before", "reward_after", "kl",
                    "polite_before", "polite_after", "correct_before", "correct_after"),
-           "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_after"),
+           "dpo": ("judge_after", "reward_after", "kl", "polite_after", "correct_before", "correct_after"),
            "finetune": ("domain_accuracy_before", "domain_accuracy_after", "trainable_fraction",
                         "general_accuracy_before", "general_accuracy_after")}
 
@@ -969,6 +969,8 @@ FIGURES = {"pretrain": ("val_loss", "bits_per_byte", "paris_prob"),        # eac
 def flat_report(report, wall):
     """The headline numbers, under the names README and the tests use."""
     flat = {f"{s}.{k}": report[s][k] for s, ks in FIGURES.items() if s in report for k in ks}
+    if report.get("reward", {}).get("by_flaw"):
+        flat["reward.worst_flaw"] = min(report["reward"]["by_flaw"].values())
     flat.update({f"{s}.seconds": m["seconds"] for s, m in report.items() if "seconds" in m})
     flat["wall_seconds"] = wall
     flat["kernels"] = llm.kernels_in_use()          # where fastops ran, where NumPy (measured per machine)
@@ -976,6 +978,30 @@ def flat_report(report, wall):
 
 
 SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures over seeds (--seeds writes it)
+
+TARGETS = [   # README's, for the default run on the embedded data: (stage, target, met(figures))
+    ("instruction tuning", "held-out exact match >= 85%", lambda f: f["sft.accuracy_after"] >= 0.85),
+    ("reward model", "held-out pairs >= 95%, every flaw's >= 90%",
+     lambda f: f["reward.accuracy"] >= 0.95 and f["reward.worst_flaw"] >= 0.90),
+    ("PPO", "polite >= 90%, correct no lower",
+     lambda f: f["ppo.polite_after"] >= 0.90 and f["ppo.correct_after"] >= f["ppo.correct_before"]),
+    ("DPO", "polite >= 90%, correct no lower",
+     lambda f: f["dpo.polite_after"] >= 0.90 and f["dpo.correct_after"] >= f["dpo.correct_before"]),
+    ("task fine-tuning", "domain >= 85%, general within 2 points, at most 3% of the weights trained",
+     lambda f: f["finetune.domain_accuracy_after"] >= 0.85 and f["finetune.trainable_fraction"] <= 0.03
+     and f["finetune.general_accuracy_after"] >= f["finetune.general_accuracy_before"] - 0.02),
+]
+
+
+def targets_met(flat) -> list:
+    """[(stage, target, met)] for the targets whose figures the run has."""
+    out = []
+    for stage, target, met in TARGETS:
+        try:
+            out.append((stage, target, bool(met(flat))))
+        except KeyError:                     # that stage did not run
+            pass
+    return out
 
 
 def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
@@ -988,7 +1014,8 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         known = read_json(SPREAD, ("seeds", "spread"))
-    full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread, "stages_of_seed": seeds[0]} if spread else {})}
+    full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread, "stages_of_seed": seeds[0]} if spread else {}),
+            **({"targets_met": {stage: met for stage, _, met in targets_met(flat)}} if default or spread else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
 
     def f(k, fmt="{:.1%}"):
@@ -1028,6 +1055,9 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
           f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
+    if default or spread:                    # (a smaller run is not held to them)
+        md.append(f"\n## Targets (README's, for the default run{': met by the mean' if spread else ''})\n")
+        md += [f"- {stage}: {target}: **{'met' if met else 'missed'}**" for stage, target, met in targets_met(flat)]
     for stage, m in report.items():
         if m.get("samples"):
             md.append(f"\n## {stage}: answers before and after{f' (seed {seeds[0]})' if seeds else ''}\n")

@@ -218,6 +218,27 @@ def test_the_card_quotes_the_default_run_s_spread_only_for_a_default_run(tmp_pat
         assert ("(±x)" in (tmp_path / "report.md").read_text(encoding="utf-8")) == quoted, argv
 
 
+def test_the_default_run_s_card_says_which_targets_it_met(tmp_path, capsys):
+    """README holds the default run to targets: its card says which it met
+    (a seed's misses were to be found only by reading README's table)."""
+    stages = {"sft": {"accuracy_before": 0.0, "accuracy_after": 0.84},
+              "reward": {"accuracy": 0.99, "by_flaw": {"wrong": 0.87, "rude": 1.0}},
+              "ppo": {"polite_before": 0.2, "polite_after": 0.97, "correct_before": 0.98, "correct_after": 0.97},
+              "dpo": {"polite_after": 0.99, "correct_before": 0.98, "correct_after": 0.98}}
+    stages = {s: {**dict.fromkeys(train.FIGURES[s], 0.5), **m} for s, m in stages.items()}   # (the other figures)
+    for argv, shown in ((["--quick", "--out", str(tmp_path)], False), (["--out", str(tmp_path)], True)):
+        train.write_report_card(train.parse(argv), stages, 1.0)
+        md = (tmp_path / "report.md").read_text(encoding="utf-8")
+        assert ("## Targets" in md) == shown, argv
+    for line in ("- instruction tuning: held-out exact match >= 85%: **missed**",
+                 "- reward model: held-out pairs >= 95%, every flaw's >= 90%: **missed**",
+                 "- PPO: polite >= 90%, correct no lower: **missed**", "- DPO: polite >= 90%, correct no lower: **met**"):
+        assert line in md, line
+    assert "task fine-tuning" not in md.split("## Targets")[1]               # (it did not run)
+    assert json.load(open(tmp_path / "report.json"))["targets_met"] == {
+        "instruction tuning": False, "reward model": False, "PPO": False, "DPO": True}
+
+
 def test_resume_says_what_it_does(folder, tmp_path, capsys):
     train.main(["pretrain", "--out", str(tmp_path / "new")] + TINY)
     capsys.readouterr()
