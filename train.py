@@ -138,6 +138,7 @@ def read_jsonl(path: str, fields) -> list:
     key; a pair's two answers differ, and no test prompt is a training prompt
     too. A malformed line is a ValueError naming the file and the line."""
     records, tests, trained = [], [], {}     # test (line, prompt); training prompt -> its first line
+    known = (*fields, "split", *OPTIONAL)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -161,7 +162,6 @@ def read_jsonl(path: str, fields) -> list:
                 except UnicodeEncodeError as e:       # a lone surrogate: "\ud800"
                     raise ValueError(f"{path}:{n}: field {k!r} cannot be encoded as UTF-8 ({e.reason} at"
                                      f" character {e.start})") from None
-            known = (*fields, "split", *OPTIONAL)
             for k in r:
                 if k not in known:                 # a misspelt "Split" would train a held-out row
                     raise ValueError(f"{path}:{n}: unexpected field {k!r} (expected some of: {', '.join(known)})")
@@ -1014,8 +1014,9 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
     if known:
         known = read_json(SPREAD, ("seeds", "spread"))
+    met = targets_met(flat) if default or spread else []     # (a smaller run is not held to them)
     full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread, "stages_of_seed": seeds[0]} if spread else {}),
-            **({"targets_met": {stage: met for stage, _, met in targets_met(flat)}} if default or spread else {})}
+            **({"targets_met": {stage: ok for stage, _, ok in met}} if met else {})}
     llm.atomic_write(os.path.join(a.out, "report.json"), json.dumps(full, indent=2).encode())
 
     def f(k, fmt="{:.1%}"):
@@ -1055,9 +1056,9 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
           f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
-    if default or spread:                    # (a smaller run is not held to them)
+    if met:
         md.append(f"\n## Targets (README's, for the default run{': met by the mean' if spread else ''})\n")
-        md += [f"- {stage}: {target}: **{'met' if met else 'missed'}**" for stage, target, met in targets_met(flat)]
+        md += [f"- {stage}: {target}: **{'met' if ok else 'missed'}**" for stage, target, ok in met]
     for stage, m in report.items():
         if m.get("samples"):
             md.append(f"\n## {stage}: answers before and after{f' (seed {seeds[0]})' if seeds else ''}\n")
