@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 import numpy
 
 # The array module. Every array is made through `xp`, so that another module
-# with NumPy's API (CuPy, on a GPU) can take its place (section 10). `world`,
-# used from section 5 on, is the processes that train together: this one
-# alone, unless mpirun started several (defined in section 10).
+# with NumPy's API (CuPy, on a GPU) can take its place (section 10). `world`
+# is the processes that train together: this one alone, unless mpirun started
+# several (section 10); only its rank 0 writes files (atomic_write).
 xp = numpy
 
 
@@ -708,7 +708,7 @@ class GPT:
     def block(self, i, x, kv_cache=None):
         """Transformer block i on the batch's tokens x (N, C): x + attn(ln_1(x)), then + mlp(ln_2(x))."""
         cfg, p, c, n = self.config, self.params, self._cache, f"h.{i}."
-        (B, T, _), (N, C) = c["rows"], x.shape
+        (B, T, _), C = c["rows"], x.shape[1]
         H, drop, rng = cfg.n_head, cfg.dropout, self.rng
         # attention: each position gathers from the ones before it in its row
         a, c[n + "ln_1"] = ops.layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"])
@@ -1343,9 +1343,7 @@ def sft(model: GPT, tok: Tokenizer, records, tc: TrainConfig, replay=None, repla
         for i in (rng.integers(0, len(replay) - T - 1, n_replay) if n_replay else ()):
             rows.append((list(replay[i:i + T + 1]), 1))
         return pad_batch(rows, tok.special[END], T)
-    state = TrainState()
-    train_steps(model, state, tc, batch_fn, log=log)
-    return state
+    return train_steps(model, TrainState(), tc, batch_fn, log=log)
 
 
 # =============================================================================
@@ -1454,8 +1452,7 @@ def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, lora:
     def batch_fn(rng):
         batch = [pairs[i] for i in rng.integers(0, len(pairs), tc.batch_size)]
         return reward_batch(tok, pair_examples(tok, batch), model.config.block_size)
-    state = TrainState()
-    train_steps(model, state, tc, batch_fn, reward_loss, log=log)
+    state = train_steps(model, TrainState(), tc, batch_fn, reward_loss, log=log)
     merge_lora(model)
     return state
 
@@ -1688,9 +1685,7 @@ def dpo(policy: GPT, ref: GPT, tok: Tokenizer, pairs, tc: TrainConfig, beta: flo
     def batch_fn(rng):
         batch = [pairs[i] for i in rng.integers(0, len(pairs), tc.batch_size)]
         return pad_batch(pair_examples(tok, batch), tok.special[END], policy.config.block_size)
-    state = TrainState()
-    train_steps(policy, state, tc, batch_fn, lambda m, b: dpo_loss(m, ref, b, beta), log=log)
-    return state
+    return train_steps(policy, TrainState(), tc, batch_fn, lambda m, b: dpo_loss(m, ref, b, beta), log=log)
 
 
 # =============================================================================
@@ -1781,7 +1776,7 @@ def finetune(model: GPT, tok: Tokenizer, records, tc: TrainConfig, lora: dict = 
 
 def trainable_fraction(model: GPT) -> float:
     """The share of the model's parameters that fine-tuning changes."""
-    base = sum(v.size for k, v in model.params.items() if k in param_shapes(model.config))
+    base = sum(model.params[k].size for k in param_shapes(model.config))
     train = sum(v.size for k, v in model.params.items() if k not in model.frozen and ".lora_" in k)
     return train / base if model.lora or model.merged_lora else 1.0
 
