@@ -595,57 +595,6 @@ def init_params(cfg: GPTConfig, rng) -> dict:
     return params
 
 
-@dataclass
-class KVCache:
-    """The keys and values of the positions seen so far, per layer, each
-    (B, H, T, D) with room for more: generation (section 4) feeds the model its new positions
-    only, whose attention reads the earlier ones from here. With maps=[],
-    every layer's attention probabilities are appended to it as well."""
-    k: list = field(default_factory=list)          # per layer: room for (B, H, capacity, D)
-    v: list = field(default_factory=list)
-    n: list = field(default_factory=list)          # per layer: the positions stored
-    maps: list = None
-
-    @property
-    def length(self) -> int:
-        return self.n[0] if self.n else 0
-
-    def extend(self, layer: int, k, v):
-        """Append the new positions' keys and values -> all of them so far."""
-        if not 0 <= layer <= len(self.k):
-            raise ValueError(f"layer: expected 0..{len(self.k)} (a layer stored, or the next), got {layer}")
-        if layer == len(self.k):
-            self.k.append(k)
-            self.v.append(v)
-            self.n.append(0)
-        else:
-            T, new = self.n[layer], k.shape[2]
-            self.reserve(layer, T + new)
-            self.k[layer][:, :, T:T + new], self.v[layer][:, :, T:T + new] = k, v
-        self.n[layer] += k.shape[2]
-        return self.k[layer][:, :, :self.n[layer]], self.v[layer][:, :, :self.n[layer]]
-
-    def check(self, cfg, B: int) -> int:
-        """-> the positions stored, once the cache is found to be this model's
-        (its layers and heads) for these B rows, every layer as far as the others."""
-        if self.k:
-            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(self.n, self.k)], cfg.n_head
-            if got != [(self.length, B, H, cfg.n_embd // H)] * cfg.n_layer:
-                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
-                                 f" {(self.length, B, H, cfg.n_embd // H)}, got {got}")
-        return self.length
-
-    def reserve(self, layer: int, size: int):
-        """Room for `size` positions in layer's keys and values, each one
-        C-ordered array (when full: twice the room, so a position costs O(1))."""
-        T = self.n[layer]
-        for store in (self.k, self.v):
-            old = store[layer]
-            if size > old.shape[2] or not old.flags.c_contiguous:
-                store[layer] = xp.empty(old.shape[:2] + (max(2 * T, size),) + old.shape[3:], old.dtype)
-                store[layer][:, :, :T] = old[:, :, :T]
-
-
 class GPT:
     """GPT-2. `params` maps names to arrays; forward() computes the logits
     (and the loss), then backward() the gradients under the same names."""
@@ -663,7 +612,8 @@ class GPT:
         """ids (B, T) -> logits (B, T, V), and the mean cross-entropy loss
         when targets (B, T) are given (over positions where mask is nonzero).
         With lengths (B,), row b is padding from position lengths[b] on
-        (hidden()); with a kv_cache, idx continues the positions it holds."""
+        (hidden()); with a kv_cache (generation's, section 4), idx continues
+        the positions it holds."""
         logits = self.lm_head(self.hidden(idx, kv_cache, lengths))
         if targets is None:
             return logits, None
@@ -790,7 +740,7 @@ class GPT:
         if dlogits is not None:
             dlogits = dlogits.astype(cfg.dtype, copy=False)       # a float64 scalar must not promote
             dhead, dwte_t, _ = ops.linear_backward(self._tokens(dlogits), c["lm_head"])
-            grads["wte.weight"] = xp.ascontiguousarray(dwte_t.T)   # the head's share of wte's gradient
+            grads["wte.weight"] = xp.ascontiguousarray(dwte_t.T)   # the head's share; the embedding's adds in place
             dh = dhead if dh is None else dhead + dh
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(
             dh.astype(cfg.dtype, copy=False), c["ln_f"])
@@ -937,6 +887,59 @@ def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, max_iters: int
 # positions never change (attention is causal), so a KV cache keeps them,
 # the prompt is processed once ("prefill"), and each new token costs one
 # position's work: model.hidden(new_ids, kv_cache=kv), then the output head.
+
+@dataclass
+class KVCache:
+    """The keys and values of the positions seen so far, per layer, each
+    (B, H, T, D) with room for more: the model is fed its new positions only
+    (GPT.block extends the cache), and their attention reads the earlier
+    ones from here. With maps=[], every layer's attention probabilities are
+    appended to it as well."""
+    k: list = field(default_factory=list)          # per layer: room for (B, H, capacity, D)
+    v: list = field(default_factory=list)
+    n: list = field(default_factory=list)          # per layer: the positions stored
+    maps: list = None
+
+    @property
+    def length(self) -> int:
+        return self.n[0] if self.n else 0
+
+    def extend(self, layer: int, k, v):
+        """Append the new positions' keys and values -> all of them so far."""
+        if not 0 <= layer <= len(self.k):
+            raise ValueError(f"layer: expected 0..{len(self.k)} (a layer stored, or the next), got {layer}")
+        if layer == len(self.k):
+            self.k.append(k)
+            self.v.append(v)
+            self.n.append(0)
+        else:
+            T, new = self.n[layer], k.shape[2]
+            self.reserve(layer, T + new)
+            self.k[layer][:, :, T:T + new], self.v[layer][:, :, T:T + new] = k, v
+        self.n[layer] += k.shape[2]
+        return self.k[layer][:, :, :self.n[layer]], self.v[layer][:, :, :self.n[layer]]
+
+    def check(self, cfg, B: int) -> int:
+        """-> the positions stored, once the cache is found to be this model's
+        (its layers and heads) for these B rows, every layer as far as the others."""
+        if self.k:
+            got, H = [(n, *k.shape[:2], k.shape[3]) for n, k in zip(self.n, self.k)], cfg.n_head
+            if got != [(self.length, B, H, cfg.n_embd // H)] * cfg.n_layer:
+                raise ValueError(f"kv_cache: expected n_layer={cfg.n_layer} layers of (positions, B, H, D) ="
+                                 f" {(self.length, B, H, cfg.n_embd // H)}, got {got}")
+        return self.length
+
+    def reserve(self, layer: int, size: int):
+        """Room for `size` positions in layer's keys and values, each one
+        C-ordered array (when full: twice the room, so a position costs O(1))."""
+        T = self.n[layer]
+        for store in (self.k, self.v):
+            old = store[layer]
+            if size > old.shape[2] or not old.flags.c_contiguous:
+                store[layer] = xp.empty(old.shape[:2] + (max(2 * T, size),) + old.shape[3:], old.dtype)
+                store[layer][:, :, :T] = old[:, :, :T]
+
+
 
 def next_logits(model: GPT, ids, kv: KVCache):
     """The logits of the token after each row of ids (B, T) -> (B, V): the
@@ -1419,16 +1422,20 @@ def reward_scores(model: GPT, x, last):
     return head_forward(model, "score", h, last[:, None])[:, 0], h
 
 
+def bradley_terry(margin):
+    """Bradley-Terry: P(chosen beats rejected) = sigmoid(margin), a pair's
+    margin the chosen answer's score less the rejected one's. -> the loss,
+    -log of it averaged over the pairs, and its gradient per margin."""
+    return float(xp.logaddexp(0.0, -margin).mean()), -1.0 / (1.0 + xp.exp(margin)) / len(margin)
+
+
 def reward_loss(model: GPT, batch):
-    """Bradley-Terry: P(chosen beats rejected) = sigmoid(r_c - r_r); the loss
-    is -log of it, averaged over the pairs. batch = (ids, last) from
-    reward_batch(), chosen rows first."""
+    """The reward model's loss: Bradley-Terry on the score margins.
+    batch = (ids, last) from reward_batch(), chosen rows first."""
     x, last = batch
     r, h = reward_scores(model, x, last)
     n = len(r) // 2
-    margin = r[:n] - r[n:]
-    loss = float(xp.logaddexp(0.0, -margin).mean())                # -log sigmoid(margin)
-    dmargin = -1.0 / (1.0 + xp.exp(margin)) / n                      # d loss / d margin
+    loss, dmargin = bradley_terry(r[:n] - r[n:])
     dr = xp.concatenate([dmargin, -dmargin])
     grads = {}
     dh = head_backward(model, "score", h, last[:, None], dr[:, None], grads)
@@ -1668,9 +1675,7 @@ def dpo_loss(policy: GPT, ref: GPT, batch, beta: float):
     (ref_logp, _, _), (logp, logp_all, _) = (sequence_logprobs(m, x, y, lengths) for m in (ref, policy))
     ref_lp, lp = (ref_logp * mask).sum(1), (logp * mask).sum(1)     # each row's answer's log-probability
     n = len(lp) // 2
-    z = beta * ((lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:]))
-    loss = float(xp.logaddexp(0.0, -z).mean())
-    dz = -1.0 / (1.0 + xp.exp(z)) / n
+    loss, dz = bradley_terry(beta * ((lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:])))
     drow = beta * xp.concatenate([dz, -dz])                          # d loss / d lp per row
     dlogits = logprob_backward(logp_all, y, drow[:, None] * mask)
     return loss, policy.backward(dlogits)
