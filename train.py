@@ -1558,10 +1558,11 @@ RUNNING = None                          # (args, stage) while a stage runs
 
 def resume_hint(a, stage) -> str:
     """What an interrupted stage left, and the command that carries on: the
-    same one, with --resume where it has that flag."""
+    same one (under mpirun, as many ranks), with --resume where it has that flag."""
     ckpt = os.path.join(a.out, "pretrain.safetensors")
     resume = a.cmd in ("all", "pretrain") and "--resume" not in a.argv
-    cmd = "python train.py " + shlex.join(a.argv + ["--resume"] * resume)
+    mpirun = f"mpirun -n {llm.world.size} " if llm.world.size > 1 else ""
+    cmd = mpirun + "python train.py " + shlex.join(a.argv + ["--resume"] * resume)
     if stage == "pretrain" and os.path.exists(ckpt):
         return f"The last checkpoint is {ckpt}: `{cmd}` continues from it."
     return (f"The {stage} stage had not finished, the earlier stages' files are kept:"

@@ -351,6 +351,11 @@ def test_the_ctrl_c_hint_repeats_the_command_and_its_flags_with_resume_once(tmp_
         assert f"`python train.py {hint}`" in train.resume_hint(train.parse(argv), "sft"), argv
 
 
+def test_the_ctrl_c_hint_under_mpirun_starts_as_many_ranks(monkeypatch):
+    monkeypatch.setattr(llm.world, "size", 3)
+    assert "`mpirun -n 3 python train.py --quick --resume`" in train.resume_hint(train.parse(["--quick"]), "sft")
+
+
 def test_chat_leaves_on_ctrl_c_at_the_prompt_and_stops_an_answer_on_ctrl_c():
     model = llm.GPT(llm.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16))
     tok = llm.byte_tokenizer()
