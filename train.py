@@ -979,6 +979,26 @@ def flat_report(report, wall):
 
 SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures over seeds (--seeds writes it)
 
+
+def data_paths(a) -> dict:
+    """The data files a run reads: its flags', else the embedded ones."""
+    return {k: getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
+        ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
+        ("domain_data", "domain.jsonl"))}
+
+
+def recipe(a) -> dict:
+    """What a run's figures depend on besides its seed and the code: its
+    settings, and its data files' bytes (sha256). The spread a --seeds run
+    measured is quoted only on the card of a run of the same recipe."""
+    paths = data_paths(a)
+    out = {k: v for k, v in sorted(vars(a).items()) if k not in (
+        "out", "seed", "seeds", "device", "resume", "given", "argv", "cmd", *paths)}
+    for k, path in paths.items():
+        with open(path, "rb") as f:
+            out[k] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return json.loads(json.dumps(out))          # (as read back from the file)
+
 TARGETS = [   # README's, for the default run on the embedded data: (stage, target, met(figures))
     ("instruction tuning", "held-out exact match >= 85%", lambda f: f["sft.accuracy_after"] >= 0.85),
     ("reward model", "held-out pairs >= 95%, every flaw's >= 90%",
@@ -1011,9 +1031,11 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     a run of every stage at the default sizes, all trained by this command."""
     flat = flat or flat_report(report, wall)
     default = a.cmd == "all" and not a.given - {"out", "seed", "device"}      # (not --quick, --resume, a size...)
-    known = spread is None and default and os.path.exists(SPREAD)       # the spread is the default run's
-    if known:
+    known = other = None
+    if spread is None and default and os.path.exists(SPREAD):        # the spread is the default run's
         known = read_json(SPREAD, ("seeds", "spread"))
+        if known.get("recipe") != recipe(a):                         # of edited data files, or other defaults
+            known, other = None, True
     met = targets_met(flat) if default or spread else []     # (a smaller run is not held to them)
     full = {**flat, "stages": report, **({"seeds": seeds, "spread": spread, "stages_of_seed": seeds[0]} if spread else {}),
             **({"targets_met": {stage: ok for stage, _, ok in met}} if met else {})}
@@ -1051,7 +1073,9 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     seconds = ", ".join(f"{s} {flat[s + '.seconds']:.0f} s" for s in STAGES if s + ".seconds" in flat) or "-"
     how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
            f"(±x): half of how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the"
-           f" default run ({os.path.relpath(SPREAD, HERE)})." if known else "")
+           f" default run ({os.path.relpath(SPREAD, HERE)})." if known else
+           f"The spread over seeds in {os.path.relpath(SPREAD, HERE)} is not quoted: it was measured on other"
+           " data or settings (`--seeds 0,1,2` measures this run's)." if other else "")
     md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time{' per seed, on average' if spread else ''}"
           f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
@@ -1496,7 +1520,7 @@ def run_seeds(a):
     mean = {**flats[0], **{k: sum(f[k] for f in flats) / len(flats) for k in numbers}}
     spread = {k: (min(f[k] for f in flats), max(f[k] for f in flats)) for k in numbers}
     llm.atomic_write(os.path.join(a.out, "seed_spread.json"),
-                     json.dumps({"seeds": a.seeds, "spread": spread}, indent=1).encode())
+                     json.dumps({"seeds": a.seeds, "spread": spread, "recipe": recipe(a)}, indent=1).encode())
     first = {stage: {k: v for k, v in m.items() if k in ("samples", "history")}      # the first seed's answers
              for stage, m in next(iter(reports.values())).items()}                 # and curves, not its figures
     write_report_card(a, first, mean["wall_seconds"], mean, spread, a.seeds)
@@ -1515,9 +1539,7 @@ def same_on_every_rank(a):
         raise UserError(f"{a.cmd} runs in one process: start it without mpirun")
     values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(a).items()) if k not in ("given", "argv")}
     paths = [os.path.join(HERE, f) for f in ("llm.py", "train.py", "fastops.c", os.path.join("data", "world.py"))]
-    paths += [getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
-        ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
-        ("domain_data", "domain.jsonl"))]
+    paths += data_paths(a).values()
     for path in paths:
         try:
             with open(path, "rb") as f:

@@ -218,6 +218,21 @@ def test_the_card_quotes_the_default_run_s_spread_only_for_a_default_run(tmp_pat
         assert ("(±x)" in (tmp_path / "report.md").read_text(encoding="utf-8")) == quoted, argv
 
 
+def test_the_spread_of_other_data_or_settings_is_not_quoted(tmp_path, monkeypatch):
+    """data/seed_spread.json is the default run's spread over seeds: the card
+    of a run on edited data files, or under other defaults, does not quote it."""
+    d, a = str(tmp_path), train.parse(["--out", str(tmp_path)])
+    assert json.load(open(train.SPREAD))["recipe"] == json.loads(json.dumps(train.recipe(a)))   # (the file's own)
+    spread = tmp_path / "spread.json"
+    monkeypatch.setattr(train, "SPREAD", str(spread))
+    for change in ({}, {"sft_iters": 999}, {"domain_data": "0" * 16}):
+        spread.write_text(json.dumps({"seeds": [0, 1], "spread": {"sft.accuracy_after": [0.8, 0.9]},
+                                      "recipe": {**train.recipe(a), **change}}))
+        train.write_report_card(a, {"sft": {"accuracy_before": 0.0, "accuracy_after": 0.85}}, 1.0)
+        md = (tmp_path / "report.md").read_text(encoding="utf-8")
+        assert ("(±5.0%)" in md) == (not change) and ("not quoted" in md) == bool(change), change
+
+
 def test_the_default_run_s_card_says_which_targets_it_met(tmp_path, capsys):
     """README holds the default run to targets: its card says which it met
     (a seed's misses were to be found only by reading README's table)."""

@@ -107,6 +107,9 @@ def test_seeds_run_every_seed_and_report_their_mean_and_spread(tmp_path):
     # the card's answers and curves are seed 0's, said so; its figures only the means (seed 0's read as them)
     assert all(set(m) <= {"samples", "history"} for m in report["stages"].values())
     assert "answers before and after (seed 0)" in open(tmp_path / "report.md").read()
+    # the spread file names what it was measured on: the settings and the data files' sha256
+    assert json.load(open(tmp_path / "seed_spread.json"))["recipe"] == json.loads(json.dumps(
+        train.recipe(train.parse(["--out", str(tmp_path)] + TINY))))
 
 
 def test_seeds_with_resume_keep_the_seeds_already_done(tmp_path, monkeypatch):
