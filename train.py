@@ -1074,8 +1074,8 @@ def write_report_card(a, report, wall, flat=None, spread=None, seeds=None):
     how = (f"The mean of seeds {', '.join(map(str, seeds))}, [min..max] over them." if spread else
            f"(±x): half of how far each figure moved over seeds {', '.join(map(str, known['seeds']))} of the"
            f" default run ({os.path.relpath(SPREAD, HERE)})." if known else
-           f"The spread over seeds in {os.path.relpath(SPREAD, HERE)} is not quoted: it was measured on other"
-           " data or settings (`--seeds 0,1,2` measures this run's)." if other else "")
+           f"The spread over seeds in {os.path.relpath(SPREAD, HERE)} is not quoted: it is not of this run's data"
+           " files and settings (`--seeds 0,1,2` measures theirs)." if other else "")
     md = [f"# Report card\n\nRun folder `{a.out}`, {wall:.0f} s wall time{' per seed, on average' if spread else ''}"
           f" ({seconds}).\nKernels: {kernels}.\n{how}\n",
           "| stage | purpose | data | measured proof |", "|---|---|---|---|"]
