@@ -2324,12 +2324,12 @@ def use_device(name: str):
 
 def set_backend(name: str) -> str:
     """The heavy math: 'auto' (each kernel where it beats NumPy on this
-    machine, the default), 'fastops' (every kernel) or 'numpy'. Returns the
-    previous choice."""
+    machine, the default; NumPy everywhere when none is built), 'fastops'
+    (every kernel) or 'numpy'. Returns the previous choice."""
     global _chosen
     if name not in ("auto", "fastops", "numpy"):
         raise ValueError(f"backend: expected 'auto', 'fastops' or 'numpy', got {name!r}")
-    if name != "numpy" and (_fastops if xp is numpy else _cuda) is None:
+    if name == "fastops" and (_fastops if xp is numpy else _cuda) is None:
         raise RuntimeError("backend: fastops is not built (run `python build_ext.py`"
                            + ("" if xp is numpy else " --cuda") + ")")
     previous, _chosen = _chosen, name

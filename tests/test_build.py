@@ -221,3 +221,13 @@ def test_git_ignores_every_library_and_leftover():
              "_fastops_0123456789ab.cp311-win_amd64.pyd", "_fastops_0123456789ab.cp311-win_amd64.pyd.tmp-7"]
     r = subprocess.run(["git", "check-ignore", *names], cwd=ROOT, capture_output=True, text=True)
     assert r.stdout.split() == names, r
+
+
+def test_without_fastops_the_backend_is_set_back_and_fastops_refused():
+    """Without the kernels 'auto' is NumPy everywhere: a backend saved and set
+    back works (the tests' [numpy] cases do it), 'fastops' is refused."""
+    r = python(ROOT, "import llm; p = llm.set_backend('numpy'); print(p, llm.set_backend(p), llm.kernels_in_use())\n"
+                     "llm.set_backend('fastops')", LLM_NUMPY="1")
+    words = r.stdout.split(maxsplit=2)
+    assert words[:2] == ["auto", "numpy"] and "'fastops'" not in words[2], r.stdout + r.stderr
+    assert "RuntimeError: backend: fastops is not built" in r.stderr
