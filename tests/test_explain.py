@@ -104,6 +104,7 @@ def test_tokens_with_gpt2s_vocabulary(capsys):
 
 def test_sample_prints_the_distribution_and_a_reproducible_continuation(run, capsys):
     args = ["sample", "--out", run, "--prompt", "The cat", "--top", "5", "--seed", "3", "--max-tokens", "8"]
+    llm.kernel_choice()                   # (a build's first use times its kernels, said in the first run only)
     train.main(args)
     out = capsys.readouterr().out
     model, *_ = llm.load_checkpoint(os.path.join(run, "pretrain.safetensors"))
