@@ -158,6 +158,17 @@ def test_a_damaged_json_file_of_the_run_folder_is_named(whole, tmp_path, monkeyp
         train.write_report_card(train.parse(["--out", str(tmp_path)]), {}, 1.0)
 
 
+def test_resume_trains_again_a_stage_whose_checkpoint_is_missing(whole, tmp_path, capsys):
+    """--resume keeps a stage only with both its results and its checkpoint."""
+    run = copy_of(whole, tmp_path)
+    os.remove(os.path.join(run, "sft.safetensors"))
+    train.main(["--quick"] + TINY + ["--sft-iters", "2", "--reward-iters", "2", "--ppo-iters", "1", "--dpo-iters", "2",
+                                     "--finetune-iters", "2", "--eval-limit", "3", "--out", run, "--resume"])
+    out = capsys.readouterr().out
+    assert "[reward] done already" in out and "[sft] done already" not in out
+    assert os.path.exists(os.path.join(run, "sft.safetensors"))
+
+
 def test_a_stage_checkpoint_that_is_another_stage_s_is_named(whole, tmp_path, capsys):
     run = copy_of(whole, tmp_path)
     for src, dst, stage in (("sft", "reward", "dpo"), ("reward", "sft", "ppo"), ("sft", "pretrain", "sft")):
@@ -231,6 +242,14 @@ def test_the_spread_of_other_data_or_settings_is_not_quoted(tmp_path, monkeypatc
         train.write_report_card(a, {"sft": {"accuracy_before": 0.0, "accuracy_after": 0.85}}, 1.0)
         md = (tmp_path / "report.md").read_text(encoding="utf-8")
         assert ("(±5.0%)" in md) == (not change) and ("not quoted" in md) == bool(change), change
+
+
+def test_fine_tuning_s_target_keeps_general_accuracy_within_2_points():
+    figures = {"finetune.domain_accuracy_after": 0.9, "finetune.trainable_fraction": 0.02,
+               "finetune.general_accuracy_before": 0.80}
+    for after, met, fraction in ((0.77, False, 0.02), (0.785, True, 0.02), (0.785, False, 0.031)):
+        flat = {**figures, "finetune.general_accuracy_after": after, "finetune.trainable_fraction": fraction}
+        assert train.targets_met(flat) == [("task fine-tuning", train.TARGETS[-1][1], met)], (after, fraction)
 
 
 def test_the_default_run_s_card_says_which_targets_it_met(tmp_path, capsys):
@@ -417,6 +436,22 @@ def test_an_answer_is_right_by_the_judge_or_else_by_its_reference():
     q = "What is the capital of France?"                      # the judge's: the reference does not matter
     assert train.is_right(q, "The capital of France is Paris.", ["Bananas."])
     assert not train.is_right(q, "Bananas.", ["Bananas."])
+    assert train.is_right("What is 2+2?", "Four.", ["4.", "Four."])           # any one of its references
+    assert not train.is_right("What is 2+2?", "5.", [])                       # none: never right
+
+
+def test_held_out_answers_are_judged_as_they_ended(monkeypatch):
+    """An answer that never closed its turn is judged so (the judge's
+    endedness), and counted among those that did not end."""
+    prompts = ["What is the capital of France?", "What is the capital of Spain?"]
+    texts = ["Sure! The capital of France is Paris.", "Sure! The capital of Spain is Madrid."]
+    monkeypatch.setattr(llm, "answers", lambda model, tok, ps: (texts, [False, True], None))
+    monkeypatch.setattr(llm, "score_conversations", lambda rm, tok, convs: np.zeros(len(convs)))
+    m, _ = train.judge_answers(None, llm.byte_tokenizer(), None, prompts)
+    w = train.world()
+    assert w.judge(prompts[0], texts[0], False) < w.judge(prompts[0], texts[0], True)
+    assert m["judge"] == (w.judge(prompts[0], texts[0], False) + w.judge(prompts[1], texts[1], True)) / 2
+    assert m["ended"] == 0.5 and m["correct"] == 1.0 and m["polite"] == 1.0
 
 
 def test_progress_writes_where_stdout_is_when_it_is_made(monkeypatch):
