@@ -39,12 +39,12 @@ def test_gpt2_initialisation():
     assert not p["h.0.attn.c_attn.bias"].any() and (p["h.0.ln_1.weight"] == 1).all()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_whole_model_gradient(dropout):
+@pytest.mark.parametrize("dropout,T", [(0.0, 6), (0.2, 6), (0.0, 4)])      # (T = 4: wpe's first rows only)
+def test_whole_model_gradient(dropout, T):
     m = tiny(dropout=dropout)
     r = np.random.default_rng(0)
-    idx, tgt = r.integers(0, 11, (2, 6)), r.integers(0, 11, (2, 6))
-    mask = r.integers(0, 2, (2, 6))
+    idx, tgt = r.integers(0, 11, (2, T)), r.integers(0, 11, (2, T))
+    mask = r.integers(0, 2, (2, T))
 
     def loss():
         m.rng = np.random.default_rng(5) if dropout else None     # same masks every call
@@ -299,6 +299,32 @@ def test_a_batch_is_windows_of_the_text_and_the_targets_are_the_next_tokens(n, b
         assert any((data[i + 1:i + 1 + block] == row_y).all() for i in starts)
 
 
+def test_train_steps_accumulates_the_mean_of_its_micro_batches(monkeypatch):
+    """grad_accum = 2: the step takes the gradient of both micro-batches
+    together (their mean), as one batch of both would give."""
+    m = tiny()
+    r = np.random.default_rng(0)
+    idx, tgt = r.integers(0, 11, (4, 6)), r.integers(0, 11, (4, 6))
+    m.forward(idx, tgt)
+    big = m.backward()
+    halves, stepped = iter([(idx[:2], tgt[:2]), (idx[2:], tgt[2:])]), []
+    monkeypatch.setattr(llm.AdamW, "step", lambda self, params, grads, lr=None, max_norm=None: stepped.append(grads))
+    tc = llm.TrainConfig(batch_size=2, max_iters=1, grad_accum=2, eval_interval=10)
+    llm.train_steps(m, llm.TrainState(), tc, lambda rng: next(halves))
+    assert set(stepped[0]) == set(big)
+    for k in big:
+        assert np.allclose(stepped[0][k], big[k]), k
+
+
+def test_evaluation_runs_without_dropout_and_gives_back_the_generator():
+    m, data = tiny(dropout=0.5), np.random.default_rng(0).integers(0, 11, 200)
+    m.rng = gen = np.random.default_rng(0)                          # training with dropout
+    with_rng = llm.estimate_loss(m, data, 2, 3)
+    assert m.rng is gen
+    m.rng = None
+    assert with_rng == llm.estimate_loss(m, data, 2, 3)
+
+
 def test_gradient_accumulation_equals_the_big_batch():
     m = tiny()
     r = np.random.default_rng(0)
@@ -325,6 +351,14 @@ def test_kv_cache_equals_full_forward_at_every_position():
     cached = np.concatenate([pre] + steps, 1)
     assert np.allclose(cached, full, atol=1e-5)
 
+
+
+def test_kv_cache_takes_new_positions_in_chunks_of_any_length():
+    m = tiny(dtype="float32")
+    ids = np.array([[3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]])
+    kv = llm.KVCache()
+    cached = [m.forward(ids[:, a:b], kv_cache=kv)[0] for a, b in ((0, 1), (1, 4), (4, 5), (5, 6))]
+    assert np.allclose(np.concatenate(cached, 1), m.forward(ids)[0], atol=1e-5)
 
 
 def test_a_kv_cache_of_another_model_or_batch_is_a_clear_error():
@@ -422,6 +456,17 @@ def test_prompt_longer_than_the_context_is_cropped():
     assert out == list(llm.generate(m, long[-6:], 8, temperature=0)) and len(out) == 8
 
 
+def test_a_full_window_keeps_the_last_block_size_tokens_in_view(monkeypatch):
+    """Once the context is full, each new token is predicted from exactly
+    the last block_size tokens (the model never saw more, nor fewer)."""
+    m, seen = tiny(dtype="float32"), []                        # block_size 6
+    real = llm.ops.next_logits
+    monkeypatch.setattr(llm.ops, "next_logits", lambda model, ids, kv: seen.append(kv.length + len(ids[0]))
+                        or real(model, ids, kv))
+    assert len(list(llm.generate(m, [1, 2], 10, temperature=0))) == 10
+    assert seen == [2, 3, 4, 5, 6, 6, 6, 6, 6, 6]
+
+
 def test_bad_sampling_arguments():
     m = tiny(dtype="float32")
     for kw, name in [({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"),
@@ -492,6 +537,16 @@ def test_batched_generation_equals_one_at_a_time():
     for p, o, e in zip(prompts, outs, ended):
         one = list(llm.generate(m, p, 4, temperature=0, stop={3}))
         assert o == one[:len(o)] and (e == (len(one) < 4 and len(p) + len(one) < 6))
+
+
+def test_batched_generation_runs_to_the_window_s_end():
+    """Without a stop token a row gets max_new_tokens, or as many as the
+    window has room for after its prompt (and one at its very end)."""
+    m = tiny(dtype="float32")                                  # block_size 6
+    outs, ended = llm.generate_batch(m, [[1, 2, 3, 4, 5, 6], [1, 2], [3]], 8, stop=())
+    assert [len(o) for o in outs] == [1, 5, 6] and ended == [False] * 3
+    outs, _ = llm.generate_batch(m, [[1, 2]], 3, stop=())
+    assert len(outs[0]) == 3
 
 
 def test_batched_sampling_follows_the_distribution():
