@@ -3,8 +3,9 @@
 atomically; a resumed run, from its end or from any evaluation's
 checkpoint, ends with the uninterrupted run's weights bit for bit;
 pretraining lowers the loss and writes its metrics; the safetensors layout
-is the standard one, and bad, truncated or foreign files, or impossible
-metadata, are clear errors naming the file; GPT-2's layout as Hugging Face stores it: export then load
+is the standard one, and bad, truncated or foreign files, impossible
+metadata or tensors of another dtype than the config's, are clear errors
+naming the file; GPT-2's layout as Hugging Face stores it: export then load
 gives the same model, the prefix, mask buffers, tied head and half
 precision (F16, BF16) are read, an untied head or a missing tensor is
 refused, and GPT-2's head width is inferred."""
@@ -434,6 +435,12 @@ def first_adapter(lora):
     (False, drop("optimizer.m.wte.weight", "optimizer.v.wte.weight"), "optimizer"),   # neither
     (False, lambda t, m: t.update({"optimizer.x.wte.weight": t.pop("optimizer.m.wte.weight")}), "optimizer.x"),
     (False, set_state(t=-1), "optimizer"),
+    (False, lambda t, m: t.update({"wte.weight": t["wte.weight"].astype(np.float64)}),   # loaded as it was
+     "tensor 'wte.weight' is float64"),
+    (False, lambda t, m: t.update({"h.1.mlp.c_fc.weight": t["h.1.mlp.c_fc.weight"].astype(np.float16)}),
+     "tensor 'h.1.mlp.c_fc.weight' is float16"),
+    (False, lambda t, m: t.update({"optimizer.v.wpe.weight": t["optimizer.v.wpe.weight"].astype(np.float64)}),
+     "tensor 'optimizer.v.wpe.weight' is float64"),
     (True, lambda t, m: t.update({"optimizer.m.wte.weight": t["wte.weight"],        # a frozen weight's
                                   "optimizer.v.wte.weight": t["wte.weight"]}), "optimizer"),
     (True, drop("h.0.attn.c_attn.lora_A", "h.0.attn.c_attn.lora_B",
@@ -449,7 +456,8 @@ def first_adapter(lora):
 def test_impossible_checkpoints_are_refused_at_load(tmp_path, lora, edit, match):
     """Each was loaded (or failed later, or with a traceback): moments missing
     or for a frozen weight, a negative AdamW step, a tokenizer that does not
-    fit the config, adapters without their tensors."""
+    fit the config, adapters without their tensors, a weight or a moment of
+    another dtype than the config's."""
     tensors, meta = llm.load_safetensors(stepped_checkpoint(tmp_path, lora))
     edit(tensors, meta)
     bad = str(tmp_path / "bad.safetensors")

@@ -4,8 +4,10 @@ only, long conversations keep their answer. RLHF: the reward, PPO and DPO
 losses' gradients against central finite differences in float64 (PPO's with
 its pretraining term, PPO-ptx), GAE, the
 reward model reading the last token, unended rejections, the KL controller. LoRA: it starts at
-the base model and trains only A and B, its gradients (with and without
-dropout) against finite differences, merging, unmerging and saving."""
+the base model and trains only A and B, it is the base model with W +
+(alpha/r) A B, its gradients (with and without dropout) against finite
+differences, merging, unmerging, saving, and loading onto a base model,
+which freezes it."""
 
 import copy
 import math
@@ -30,12 +32,28 @@ def check_grads(model, loss_and_grads, names=None, tol=GRAD_TOL):
 
 
 def test_reward_loss_gradient():
+    """A parameter that adds the same to every score cancels in the margins
+    of the pairs: the score head's bias, and the final LayerNorm's bias
+    (which adds its product with the head's weight). Their gradients are 0
+    up to the rounding of summing the margins' +- gradients (for most
+    weights 1 ulp or so, not 0.0) and are checked so, on their own: finite
+    differences of a loss that does not depend on them are rounding noise,
+    and against noise the relative error is ~1, whatever the backward does.
+    Every other parameter: finite differences."""
     m = tiny()
     llm.add_head(m, "score", np.random.default_rng(0))
     r = np.random.default_rng(1)
     x = r.integers(0, 11, (4, 6))
     last = np.array([5, 3, 4, 2])
-    check_grads(m, lambda: llm.reward_loss(m, (x, last)))
+    f = lambda: llm.reward_loss(m, (x, last))       # noqa: E731
+    _, grads = f()
+    assert set(grads) == set(m.params) - m.frozen
+    scores, _ = llm.reward_scores(m, x, last)
+    _, dmargin = llm.bradley_terry(scores[:2] - scores[2:])
+    rounding = 4 * np.finfo(np.float64).eps * 2 * np.abs(dmargin).sum()     # of summing +-dmargin
+    assert abs(float(grads["score.bias"])) <= rounding
+    assert np.abs(grads["ln_f.bias"]).max() <= rounding * np.abs(m.params["score.weight"]).max()
+    check_grads(m, f, names=sorted(set(grads) - {"score.bias", "ln_f.bias"}))
 
 
 def test_dpo_loss_gradient():
@@ -219,6 +237,40 @@ def randomise_b(model, r):
     for k in model.params:
         if k.endswith("lora_B"):
             model.params[k] = r.normal(0, 0.5, model.params[k].shape)
+
+
+def test_lora_adds_alpha_over_r_times_a_b_to_each_weight():
+    """Against a reference with no adapter code in it: the base model whose
+    adapted weights are W + (alpha / r) A B."""
+    m = tiny()
+    ref = copy.deepcopy(m)
+    llm.add_lora(m, r=4, alpha=16.0)
+    randomise_b(m, np.random.default_rng(3))
+    assert m.lora and all(s["scale"] == 16.0 / 4 for s in m.lora.values())
+    for name in m.lora:
+        ref.params[name + ".weight"] = ref.params[name + ".weight"] + \
+            (16.0 / 4) * (m.params[name + ".lora_A"] @ m.params[name + ".lora_B"])
+    ids = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 1]])
+    want = ref.forward(ids)[0]
+    assert not np.allclose(want, tiny().forward(ids)[0], rtol=1e-3)   # the adapters count
+    np.testing.assert_allclose(m.forward(ids)[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_load_lora_freezes_the_base_model(tmp_path):
+    """Adapters loaded onto a fresh base model: only they train."""
+    m = tiny()
+    llm.add_lora(m, r=2)
+    randomise_b(m, np.random.default_rng(3))
+    path = str(tmp_path / "a.safetensors")
+    llm.save_lora(path, m)
+    fresh = tiny()
+    assert not fresh.frozen
+    llm.load_lora(path, fresh)
+    assert fresh.frozen == set(llm.param_shapes(fresh.config))
+    x, y = np.random.default_rng(4).integers(0, 11, (2, 6, 2)).transpose(2, 0, 1)
+    fresh.forward(x, y)
+    grads = fresh.backward()
+    assert grads and set(grads) == {k for k in fresh.params if ".lora_" in k}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

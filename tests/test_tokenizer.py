@@ -1,10 +1,13 @@
 """The tokenizer (llm.py section 1): byte-pair training learns the vocabulary
 asked for, deterministically, without merging across chunks; encode and
-decode round-trip any string (hypothesis), the byte tokenizer is UTF-8's
-bytes, bad input (a lone surrogate, out-of-range ids, malformed files) is a
-clear error and invalid UTF-8 decodes to U+FFFD; special tokens only when
-allowed; save and load; and, when ../shared/data holds GPT-2's vocabulary,
-GPT-2's exact ids and tinyshakespeare's token count."""
+decode round-trip any string (hypothesis), encoding merges as the
+rescanning definition does (of equal pairs, the leftmost first), the byte
+tokenizer is UTF-8's bytes, bad input (a lone surrogate, out-of-range ids,
+malformed files, a special id that is a token's) is a clear error and
+invalid UTF-8 decodes to U+FFFD; special tokens only when allowed (even a
+text that is one's spelling alone); save and load; and, when ../shared/data
+holds GPT-2's vocabulary, GPT-2's exact ids and tinyshakespeare's token
+count."""
 import json
 
 import numpy as np
@@ -91,6 +94,27 @@ def test_encoding_merges_as_the_definition_says(tok, chunk):
     assert tok._bpe(chunk) == naive_encode(tok, chunk)
 
 
+# Equal ranks compete only within runs ("aaa" holds the pair "aa" twice,
+# overlapping): SAMPLE's tokenizer has no such token, this one has many.
+RUNS = llm.Tokenizer.train(" ".join("a" * n for n in range(1, 30)) + " "
+                           + " ".join("ab" * n + "a" for n in range(1, 15)) + " " + "x" * 40, 290)
+
+
+@settings(deadline=None, max_examples=300)
+@given(chunk=st.lists(st.tuples(st.sampled_from(["a", "ab", "x", " "]), st.integers(1, 20)), max_size=4)
+       .map(lambda runs: "".join(s * n for s, n in runs).encode()))
+def test_encoding_breaks_ties_leftmost_as_the_definition_says(chunk):
+    """Runs, where two overlapping pairs have the same rank: the leftmost
+    merges first, as in the rescanning definition."""
+    RUNS._cache.clear()
+    assert RUNS._bpe(chunk) == naive_encode(RUNS, chunk)
+
+
+def test_equal_ranks_merge_the_leftmost_pair_first():
+    t = llm.Tokenizer({**BYTES, b"aa": 256}, {})
+    assert t.encode("aaa") == [256, 97] and t.encode("aaaaa") == [256, 256, 97]
+
+
 def test_merges_never_cross_chunk_boundaries(tok):
     for b in tok.ranks:
         s = b.decode("utf-8", errors="ignore")
@@ -150,6 +174,23 @@ def test_special_tokens_only_when_allowed(tok):
     assert all(i not in tok.special.values() for i in tok.encode(SAMPLE))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_a_special_tokens_spelling_alone_is_ordinary_text_unless_allowed(tok, data):
+    """The spelling of a special token, alone or among other text, encodes
+    as ordinary text (and decodes back to it) unless allow_special; with it,
+    a special token alone is exactly its id."""
+    specials = sorted(tok.special)
+    pieces = data.draw(st.lists(st.sampled_from(specials) | st.text(max_size=4), min_size=1, max_size=4))
+    text = "".join(pieces)
+    plain = tok.encode(text)
+    assert not set(plain) & set(tok.special.values()) and tok.decode(plain) == text
+    for s in specials:
+        plain = tok.encode(s)
+        assert not set(plain) & set(tok.special.values()) and tok.decode(plain) == s
+        assert tok.encode(s, allow_special=True) == [tok.special[s]]
+
+
 def test_save_and_load(tok, tmp_path):
     p = tmp_path / "tok.json"
     tok.save(str(p))
@@ -181,6 +222,12 @@ def test_gpt2_exact_ids(gpt2):
     assert gpt2.encode(llm.ENDOFTEXT, allow_special=True) == [50256]
 
 
+def test_gpt2_merges_the_leftmost_of_equal_pairs(gpt2):
+    """Five "=" hold the pair "==" four times: tiktoken's ids are those of
+    "====" then "=", the leftmost pairs merged first."""
+    assert gpt2.encode("=====") == [1421, 28]
+
+
 def test_gpt2_tinyshakespeare_token_count(gpt2):
     with open(shared_file("tinyshakespeare.txt"), encoding="utf-8") as f:
         text = f.read()
@@ -204,6 +251,7 @@ BYTES = {bytes([i]): i for i in range(256)}
     (BYTES, {"<|x|>": 256.0}, llm.GPT2_SPLIT, "special"),
     (BYTES, {"<|x|>": True}, llm.GPT2_SPLIT, "special"),
     (BYTES, {"<|x|>": 65}, llm.GPT2_SPLIT, "special"),                         # an ordinary token's id
+    ({**BYTES, b"ab": 256}, {"<|x|>": 256}, llm.GPT2_SPLIT, "special"),         # a merged token's id
     (BYTES, {"<|x|>": 256, "<|y|>": 256}, llm.GPT2_SPLIT, "special"),
     (BYTES, {"": 256}, llm.GPT2_SPLIT, "special"),
     (BYTES, {}, "", "pattern"),
@@ -211,8 +259,8 @@ BYTES = {bytes([i]): i for i in range(256)}
     (BYTES, {}, "(", "pattern"),                                                # was re.error
     (BYTES, {}, b"\\w+", "pattern"),
 ], ids=["twice", "negative", "huge", "gap", "float", "text", "no-byte-0", "special-text", "special-float",
-        "special-bool", "special-taken", "special-twice", "special-unnamed", "pattern-empty", "pattern-group",
-        "pattern-broken", "pattern-bytes"])
+        "special-bool", "special-taken", "special-merged", "special-twice", "special-unnamed", "pattern-empty",
+        "pattern-group", "pattern-broken", "pattern-bytes"])
 def test_a_malformed_vocabulary_is_refused(ranks, special, pattern, match):
     with pytest.raises(ValueError, match=match):
         llm.Tokenizer(ranks, special, pattern)
