@@ -131,11 +131,12 @@ def gpu(request, monkeypatch):
     else:
         cp = emulated_gpu(monkeypatch)
         llm.use_device("cuda")
+    previous = llm.set_backend("fastops")
     try:
-        llm.set_backend("fastops")
         yield cp
     finally:
         llm.use_device("cpu")
+        llm.set_backend(previous)          # (the CPU's: without fastops built, 'fastops' is refused there)
 
 
 def at_scale(gpu, work):
