@@ -2756,6 +2756,10 @@ FO_INLINE double sumsq_block(const float *x, long n) {
         for (; i < e; i++) s[0] += x[c + i] * x[c + i];
         double t = 0.0;
         for (int l = 0; l < 16; l++) t += s[l];
+        if (!(t <= 1e300)) { /* a square past float's range (or a NaN): this chunk in double */
+            t = 0.0;
+            for (i = 0; i < e; i++) t += (double)x[c + i] * x[c + i];
+        }
         total += t;
     }
     return total;

@@ -442,6 +442,7 @@ static void check_all(void) {
     check_gemm(1, 700, 777, 1, 0, 1, 1);    /* one row, a 2 MB weight: k split into chunks */
     check_gemm(257, 129, 383, 0, 0, 0, 1);  /* blocked, several k blocks */
     check_gemm(130, 70, 400, 1, 0, 0, 0);   /* X^T . dY */
+    check_gemm(130, 70, 400, 1, 0, 0, 1);   /* ... with a bias: added once, over several k blocks */
     check_gemm(100, 90, 80, 0, 1, 1, 0);    /* dY . W^T */
     check_gemm(3, 77, 50, 0, 1, 0, 1);      /* the tied head, few rows: dot products */
     check_gemm(13, 1000, 300, 0, 1, 1, 1);  /* ... 5 to 16 rows: C^T = W . A^T, ragged N */

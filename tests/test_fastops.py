@@ -238,20 +238,26 @@ def at_page_end(a):                    # a copy whose last byte is followed by a
 r = np.random.default_rng(0)
 for path in %r:
     assert llm._fastops.lib.fo_set_isa(path.encode()) == 0
-    for M, N, K in ((1, 17, 64), (3, 13, 33), (7, 18, 16), (16, 5, 7), (40, 33, 70)):
-        x = r.standard_normal((M, K)).astype(np.float32)
+    for M, N, K in ((1, 17, 64), (3, 13, 33), (7, 18, 16), (16, 5, 7), (40, 33, 70), (17, 20, 9), (25, 40, 33),
+                    (130, 9, 7)):
+        x, keep0 = at_page_end(r.standard_normal((M, K)).astype(np.float32))
         wt, keep = at_page_end(r.standard_normal((N, K)).astype(np.float32))    # as the tied head's wte
         w, keep2 = at_page_end(r.standard_normal((K, N)).astype(np.float32))
+        dy, keep3 = at_page_end(r.standard_normal((M, N)).astype(np.float32))
         for weight in (wt.T, w):
             np.testing.assert_allclose(llm.fo_linear_forward(x, weight, None), x @ weight.astype(np.float64),
                                        rtol=1e-4, atol=1e-4)
+            dx, dw, db = llm.fo_linear_backward(dy, x, weight)
+            np.testing.assert_allclose(dx, dy @ weight.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dw, x.T @ dy.astype(np.float64), rtol=1e-4, atol=1e-4)
 print("ok")
 """
 
 
 def test_the_products_never_read_past_their_operands():
-    """Weights flush against an unreadable page: a kernel that reads rows
-    past the end (and throws them away: the results stay right) is killed."""
+    """Every operand flush against an unreadable page (weights, inputs, the
+    gradient dy): a kernel that reads rows past the end (and throws them
+    away: the results stay right) is killed."""
     import subprocess
     import sys
     if not sys.platform.startswith("linux"):
@@ -542,6 +548,7 @@ def test_gelu_of_a_huge_negative_input_is_minus_zero(path):
        shift=st.sampled_from([0.0, 3.0]), path=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
 @example(M=768, C=128, shift=0.0, path=ISAS[0], seed=0)      # the small model
 @example(M=2048, C=384, shift=0.0, path=ISAS[0], seed=1)     # the large model
+@example(M=1031, C=769, shift=0.0, path=ISAS[0], seed=2)     # threads' shares of odd M, odd C
 def test_layernorm_matches_float64_reference(M, C, shift, path, seed):
     rng = np.random.default_rng(seed)
     x = randn(rng, M, C) + np.float32(shift)
@@ -747,6 +754,19 @@ def test_grad_sumsq_matches_float64(shapes, path, seed):
     assert llm.fo_grad_sumsq(list(grads.values())) == llm.fo_grad_sumsq(grads)
 
 
+@pytest.mark.parametrize("path", ISAS)
+def test_grad_sumsq_of_squares_past_float32_s_range_or_of_millions(path):
+    """Squares beyond float32's largest (a gradient of 1e20) are summed in
+    float64, as sum_of_squares does: not inf, which would make clipping
+    zero the step. And 4 million values are summed to float64's accuracy."""
+    big = [np.full(5, 1e20, np.float32), np.ones(3, np.float32)]
+    rng = np.random.default_rng(0)
+    many = randn(rng, 1 << 22)
+    with isa(path):
+        assert math.isclose(llm.fo_grad_sumsq(big), 5e40, rel_tol=1e-6)
+        assert math.isclose(llm.fo_grad_sumsq([many]), float((many.astype(np.float64) ** 2).sum()), rel_tol=1e-7)
+
+
 def adamw_reference(p, g, m, v, decay, lr, b1, b2, eps, wd, t, gscale):
     p, g, m, v = (a.astype(np.float64) for a in (p, g, m, v))
     g = g * gscale
@@ -789,7 +809,11 @@ def test_adamw_equals_llm_adamw_step():
     for step in range(1, 4):
         grads = {k: randn(rng, *p.shape) for k, p in model.params.items()}
         g_np = {k: g.copy() for k, g in grads.items()}
-        norm = opt.step(ref_params, g_np, max_norm=1.0)
+        prev = llm.set_backend("numpy")               # (the tests run every kernel: the reference is NumPy's)
+        try:
+            norm = opt.step(ref_params, g_np, max_norm=1.0)
+        finally:
+            llm.set_backend(prev)
         fo_norm = math.sqrt(llm.fo_grad_sumsq(grads))
         assert math.isclose(fo_norm, norm, rel_tol=1e-6)
         for k, p in model.params.items():
@@ -832,12 +856,13 @@ def test_optimizer_bad_input():
 @FAST
 @given(M=st.sampled_from([1, 2, 7, 64, 257]), V=st.sampled_from([1, 2, 3, 17, 31, 260, 1000, 50257]),
        scale=st.sampled_from([0.1, 3.0, 40.0]), weighted=st.booleans(), path=st.sampled_from(ISAS),
-       seed=st.integers(0, 2**16))
-def test_cross_entropy_matches_float64_reference(M, V, scale, weighted, path, seed):
+       seed=st.integers(0, 2**16), shift=st.sampled_from([0.0, -100.0]))
+@example(M=64, V=17, scale=3.0, weighted=False, path=ISAS[0], seed=0, shift=-100.0)   # every logit far below 0
+def test_cross_entropy_matches_float64_reference(M, V, scale, weighted, path, seed, shift):
     if M * V > 3_000_000:
         M = 3
     rng = np.random.default_rng(seed)
-    logits = randn(rng, M, V) * np.float32(scale)
+    logits = randn(rng, M, V) * np.float32(scale) + np.float32(shift)
     targets = rng.integers(0, V, M)
     w = rng.random(M).astype(np.float32) if weighted else None
     with isa(path):

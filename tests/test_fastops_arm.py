@@ -1,7 +1,8 @@
 """fastops.c's kernels in C alone (tests/fastops_check.c, against double
 references): natively with every ISA this CPU has, with the portable kernels
 alone (FO_PORTABLE_ONLY), and cross-compiled for aarch64 and run under
-qemu-user, the path an ARM machine (an Apple M-series Mac) takes.
+qemu-user, the path an ARM machine (an Apple M-series Mac) takes; and on x86
+CPUs without AVX-512 or without AVX, under qemu-user too.
 
 The aarch64 run needs Debian's gcc-aarch64-linux-gnu and qemu-user (.ci/run
 installs them). Without them it skips with a message, except under CI (CI=true
@@ -19,7 +20,7 @@ import build_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "tests", "fastops_check.c")
-FLAGS = ["-O2", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+FLAGS = build_ext.compile_flags(openmp=True, platform="linux")[0]       # the library's own (-O3 ...)
 REQUIRE = os.environ.get("CI") == "true" or os.environ.get("LLM_REQUIRE_ARM") == "1"
 
 
@@ -56,6 +57,22 @@ def test_kernels_on_aarch64_under_qemu(tmp_path):
     out = run_check([gcc, *FLAGS, CHECK, "-lm", "-o", exe],
                     [qemu, "-L", "/usr/aarch64-linux-gnu", exe])
     assert "kernels generic" in out
+
+
+@pytest.mark.parametrize("cpu,isa", [("Haswell", "avx2 (2 ISAs)"), ("Nehalem", "generic (1 ISA)")])
+def test_kernels_on_older_x86_under_qemu(tmp_path, cpu, isa):
+    """On an x86 CPU without AVX-512 (Haswell: AVX2) or without AVX at all
+    (Nehalem), emulated: the dispatch picks the kernels it has, and none of
+    them runs an instruction it lacks (the emulator stops at one, SIGILL)."""
+    cc, qemu = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"), shutil.which("qemu-x86_64")
+    if cc is None or qemu is None or os.uname().machine != "x86_64":
+        msg = "an x86_64 machine with a C compiler and qemu-user (`apt-get install qemu-user`)"
+        if REQUIRE and cc is not None and os.uname().machine == "x86_64":
+            pytest.fail("missing: " + msg)
+        pytest.skip("needs " + msg)
+    exe = str(tmp_path / "check")
+    out = run_check([cc, *FLAGS, CHECK, "-lm", "-o", exe], [qemu, "-cpu", cpu, exe])
+    assert f"kernels {isa}" in out, out[-500:]
 
 
 def test_portable_kernel_contracts_fmas_on_aarch64(tmp_path):
