@@ -940,7 +940,6 @@ class KVCache:
                 store[layer][:, :, :T] = old[:, :, :T]
 
 
-
 def next_logits(model: GPT, ids, kv: KVCache):
     """The logits of the token after each row of ids (B, T) -> (B, V): the
     output head on each row's last position only, the one sampling reads."""
@@ -1136,7 +1135,7 @@ def train_steps(model: GPT, state: TrainState, tc: TrainConfig, batch_fn, loss_f
     train together), and an evaluation every eval_interval steps. batch_fn(rng)
     makes a batch, loss_fn(model, batch) -> (loss, grads), on_eval(step) ->
     validation loss; save() writes a checkpoint after each evaluation."""
-    merged = {name + ab for name in model.merged_lora for ab in (".lora_A", ".lora_B")}   # LoRA's (section 8), merged
+    merged = {name + ab for name in model.merged_lora for ab in (".lora_A", ".lora_B")}   # LoRA's (section 8), in W now
     if not set(model.params) - model.frozen - merged:
         raise ValueError("model: every parameter is frozen; unmerge_lora(model) trains its adapters again")
     rng, loss_fn = numpy.random.default_rng(tc.seed), loss_fn or lm_loss
@@ -1447,8 +1446,8 @@ def train_reward_model(model: GPT, tok: Tokenizer, pairs, tc: TrainConfig, lora:
     """The reward model: the instruction-tuned model with a score head (a
     random one is added if it has none), trained with the Bradley-Terry loss
     on preference pairs {"prompt", "chosen", "rejected"}. With lora (add_lora's
-    keyword arguments, section 8) only adapters and the head train, merged at the end:
-    the model keeps what it knows, which judging a fact needs."""
+    keyword arguments, section 8) only adapters and the head train, merged at
+    the end: the model keeps what it knows, which judging a fact needs."""
     if not pairs:
         raise ValueError("pairs: expected at least one preference pair")
     if lora is not None:

@@ -999,6 +999,7 @@ def recipe(a) -> dict:
             out[k] = hashlib.sha256(f.read()).hexdigest()[:16]
     return json.loads(json.dumps(out))          # (as read back from the file)
 
+
 TARGETS = [   # README's, for the default run on the embedded data: (stage, target, met(figures))
     ("instruction tuning", "held-out exact match >= 85%", lambda f: f["sft.accuracy_after"] >= 0.85),
     ("reward model", "held-out pairs >= 95%, every flaw's >= 90%",
