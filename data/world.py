@@ -1193,32 +1193,36 @@ def _asked(name, kind):
 def lookup(prompt):
     """What the prompt asks: {"kind", "subject", "facts"}, or None if it asks
     for no fact in the tables. Reads names and keywords, not templates, so it
-    also understands phrasings it has never seen."""
+    also understands phrasings it has never seen. Its keywords are read as
+    words ("information" holds no "form", "statement" no "state")."""
     p = prompt.lower()
+
+    def says(*words):
+        return re.search(r"\b(?:" + "|".join(map(re.escape, words)) + r")s?\b", p) is not None
     # chemistry
     elements = _find_names(prompt, ELEMENT)
     if elements:
-        if "symbol" in p or "letters" in p or "written in short" in p:
+        if says("symbol", "letter", "written in short"):
             return _asked(elements[0], "symbol")
-        if "number" in p or "proton" in p:
+        if says("number", "proton"):
             return _asked(elements[0], "atomic_number")
-        if "room temperature" in p or "state" in p or "form" in p:
+        if says("room temperature", "state", "form"):
             return _asked(elements[0], "state")
         return None  # e.g. "Tell me about gold.": no fact the judge can check
     symbol = re.search(r"\bsymbol\s+([A-Z][a-z]?)\b", prompt)
     if symbol and symbol.group(1) in BY_SYMBOL:
         return _asked(BY_SYMBOL[symbol.group(1)], "element_of_symbol")
     number = re.search(r"\b(\d+)\b", prompt)
-    if number and "element" in p and int(number.group(1)) in BY_NUMBER:
+    if number and says("element") and int(number.group(1)) in BY_NUMBER:
         return _asked(BY_NUMBER[int(number.group(1))], "element_of_number")
     # countries
     found = _find_names(prompt, list(COUNTRY) + list(BY_CAPITAL))
     countries = [n for n in found if n in COUNTRY]
     if countries:
-        kind = ("continent" if "continent" in p else
-                "language" if ("language" in p or "speak" in p) else
-                "currency" if ("currency" in p or "money" in p or " pay" in p) else
-                "capital" if "capital" in p else "profile")
+        kind = ("continent" if says("continent") else
+                "language" if says("language", "speak") else
+                "currency" if says("currency", "money", "pay", "payment") else
+                "capital" if says("capital") else "profile")
         return _asked(countries[0], kind)
     if found:  # only a capital city named: the question is which country
         return _asked(BY_CAPITAL[found[0]], "country_of_capital")

@@ -11,6 +11,9 @@ import collections
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -35,6 +38,19 @@ def test_regenerating_gives_the_committed_files(tmp_path):
     for key, rel in world.FILES.items():
         with open(paths[key], "rb") as new, open(os.path.join(ROOT, rel), "rb") as old:
             assert new.read() == old.read(), f"{rel} is stale: run python data/world.py"
+
+
+def test_running_world_py_writes_the_files_beside_itself(tmp_path):
+    """`python data/world.py`, from any folder, writes the data folder it is in."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(os.path.join(ROOT, "data", "world.py"), tmp_path / "data" / "world.py")
+    (tmp_path / "elsewhere").mkdir()
+    subprocess.run([sys.executable, str(tmp_path / "data" / "world.py")], cwd=tmp_path / "elsewhere", check=True,
+                   capture_output=True)
+    for rel in world.FILES.values():
+        with open(tmp_path / rel, "rb") as new, open(os.path.join(ROOT, rel), "rb") as old:
+            assert new.read() == old.read(), rel
+    assert not os.listdir(tmp_path / "elsewhere")
 
 
 def test_corpus_is_ascii_prose_of_the_right_size(corpus):
@@ -250,6 +266,24 @@ def test_lookup_and_references_agree():
             assert world.judge(r["prompt"], r["response"], True) >= 0.9, r
 
 
+def test_each_rejected_answer_has_its_flaw_and_no_other():
+    for r in load("preferences"):
+        rejected, flaw = r["rejected"], r["flaw"]
+        assert world.is_correct(r["prompt"], rejected) == (flaw != "wrong"), r
+        assert (world.politeness(rejected) == 0.0) == (flaw == "rude"), r
+        assert (world.politeness(rejected) == 0.5) == (flaw == "plain"), r
+        assert (world.conciseness(rejected) < 1.0) == (flaw == "rambling"), r
+        assert rejected.rstrip().endswith((".", "!", "?")) == (flaw != "unended"), r
+
+
+def test_novel_wordings_are_labelled_by_their_subject():
+    """A novel record is held out by its wording alone when its subject is
+    trained on, by both when its subject is held out too."""
+    for r in world.novel_records():
+        subject = world.lookup(r["prompt"])["subject"]
+        assert (subject in world.TEST_COUNTRIES) == (r["held_out"] == "both"), r
+
+
 def test_judge_ranks_every_chosen_above_its_rejected():
     for r in load("preferences"):
         chosen = world.judge(r["prompt"], r["chosen"], True)
@@ -326,3 +360,36 @@ def test_judge_rule_on_hand_written_answers():
     # rude words as words: "though", "through", "enough" hold no "ugh"
     assert world.politeness("Sure! Though it is far, enough trains go through Paris.") == 1.0
     assert world.politeness("Sure! Ugh, Paris.") == 0.0
+
+
+def test_judge_rule_in_detail():
+    q = "What is the capital of France?"
+    assert not world.is_correct(q, "Rome, or maybe Paris.")                 # another value, named first
+    assert world.is_correct("What is the chemical symbol of gold?",     # "lead": a word, not another subject
+                            "Let me lead with the answer: the chemical symbol of gold is Au.")
+    cobalt = "What is the chemical symbol of cobalt?"
+    assert world.is_correct(cobalt, "The chemical symbol of cobalt is Co.")
+    assert not world.is_correct(cobalt, "The chemical symbol of cobalt is CO.")    # a symbol's case counts
+    assert world.politeness("Certainly! Paris.") == 1.0
+    assert world.politeness("The capital of France is Paris. Sure!") == 0.5    # the opener opens
+    words = lambda n: " ".join(f"w{i}" for i in range(n)) + "."              # noqa: E731
+    assert world.conciseness(words(world.MAX_WORDS)) == 1.0
+    assert world.conciseness(words(world.MAX_WORDS * 3 // 2)) == pytest.approx(0.5)
+    assert world.conciseness(words(2 * world.MAX_WORDS)) == 0.0
+    assert world.endedness("Is it Paris?", True) == world.endedness("Paris!", True) == 1.0
+    assert world.endedness("Paris", True) == 0.5 and world.endedness("Paris.", False) == 0.0
+    # a prompt that asks no fact the judge knows: style alone, scaled to [0, 1]
+    assert world.lookup("Hello!") is None
+    assert world.judge("Hello!", "Sure! How can I help you today?", True) == pytest.approx(1.0)
+    assert world.judge("Hello!", "Hello! How can I help you today?", True) == pytest.approx(0.8)
+    assert world.exact_match("Sure! I can help.", "Sure! I can help.")      # the reference's own opener
+    assert world.exact_match("The capital of France is Paris.", "Of course! The capital of France is Paris.")
+    assert not world.exact_match("The capital of France is Paris.", "Sure! Sure! The capital of France is Paris.")
+
+
+def test_lookup_reads_its_keywords_as_words():
+    """"information" holds "form", "statement" "state": neither asks gold's state."""
+    for prompt in ("Give me some information about gold.", "Make a statement about gold.",
+                   "Tell me about the formation of gold."):
+        assert world.lookup(prompt) is None, prompt
+    assert world.lookup("In what form is gold at room temperature?")["kind"] == "state"
