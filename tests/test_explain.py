@@ -4,10 +4,14 @@ training forward's probabilities, refused past the context window); the
 tokens, sample, attention and chat commands (what they print, the
 checkpoint or GPT-2 weights and vocabulary they read, their argument
 checks, the chat template, resets and cropping to the context window); and
-the SVG pictures (line charts and heatmaps, well-formed, labels escaped)."""
+the SVG pictures (line charts and heatmaps, well-formed, labels escaped).
+What they show is checked against the model: the tokens' ids, the
+probabilities before and after the temperature, the heatmap's values for
+the layer and head asked for, the turns chat keeps."""
 import io
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -86,6 +90,8 @@ def test_tokens_shows_chunks_pieces_and_ids(run, capsys):
     assert "pretrain.safetensors" in out
     assert "'The' | ' cat' | ' sat'" in out
     assert f"ids: {TOK.encode('The cat sat')}" in out
+    for i in TOK.encode("The cat sat"):                                  # the table: each piece and its id
+        assert re.search(re.escape(train.piece(TOK, i)) + r"\s+" + str(i) + "$", out, re.M), (i, out)
 
 
 def test_tokens_without_a_checkpoint_uses_bytes(tmp_path, capsys):
@@ -116,6 +122,23 @@ def test_sample_prints_the_distribution_and_a_reproducible_continuation(run, cap
     train.main(args)                                     # the same seed: the same text
     again = capsys.readouterr().out
     assert again.split("\n\n[")[0] == out.split("\n\n[")[0]     # (the timing line differs)
+
+
+def test_sample_shows_p_after_the_temperature_and_passes_top_k_on(run, capsys):
+    train.main(["sample", "--out", run, "--prompt", "The cat", "--top", "3", "--temperature", "0.5",
+                "--max-tokens", "1", "--seed", "0"])
+    out = capsys.readouterr().out
+    model, *_ = llm.load_checkpoint(os.path.join(run, "pretrain.safetensors"))
+    logits = model.forward(np.array([TOK.encode("The cat")]))[0][0, -1]
+    p, q = llm.next_token_probs(logits), llm.next_token_probs(logits, 0.5)
+    best = int(np.argmax(p))
+    first = next(line for line in out.splitlines() if line.strip().startswith("1 "))
+    assert first.split()[-2:] == [f"{p[best]:.4f}", f"{q[best]:.4f}"], first
+    continuations = []
+    for seed in ("1", "2"):                            # top-k 1: greedy, whatever the seed
+        train.main(["sample", "--out", run, "--prompt", "The cat", "--top-k", "1", "--max-tokens", "12", "--seed", seed])
+        continuations.append(capsys.readouterr().out.split("repeats it):\n")[1].split("\n\n[")[0])
+    assert continuations[0] == continuations[1]
 
 
 def test_sample_choices_are_explicit(run, tmp_path, capsys):
@@ -153,6 +176,26 @@ def test_attention_prints_top_tokens_and_writes_an_svg(run, capsys):
     ET.parse(os.path.join(run, "attention-layeravg-headavg.svg"))
     with pytest.raises(SystemExit, match="--head"):
         train.main(["attention", "--out", run, "--head", "7"])
+
+
+def heatmap_values(svg):
+    """The heatmap's cells (their titles end with the value), as a square matrix."""
+    cells = [e for e in ET.parse(svg).getroot().iter() if e.tag.endswith("rect") and len(e)]
+    values = [float(e[0].text.rsplit(": ", 1)[1]) for e in cells]
+    n = math.isqrt(len(values))
+    return np.array(values).reshape(n, n)
+
+
+def test_attention_s_heatmap_is_the_layer_and_head_asked_for(run, capsys, tmp_path):
+    text = "The cat sat on the mat."
+    model, *_ = llm.load_checkpoint(os.path.join(run, "pretrain.safetensors"))
+    maps = llm.to_numpy(train.attention_maps(model, TOK.encode(text))).astype(np.float64)   # (layers, heads, T, T)
+    svg = str(tmp_path / "a.svg")
+    train.main(["attention", "--out", run, "--text", text, "--layer", "average", "--head", "1", "--svg", svg])
+    assert "the average of all 2 layers, head 1" in capsys.readouterr().out
+    assert np.allclose(heatmap_values(svg), maps.mean(0)[1], atol=1e-4)
+    train.main(["attention", "--out", run, "--text", text, "--layer", "0", "--head", "1", "--svg", svg])
+    assert np.allclose(heatmap_values(svg), maps[0, 1], atol=1e-4)
 
 
 # ---- chat ---------------------------------------------------------------------------
@@ -209,6 +252,27 @@ def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
     assert all(len(p) <= 24 - 4 for p in seen)
     assert "forgotten" in out.getvalue() and len(history) < 4
     assert seen[-1][-len(prompt_ids(TOK, "The cat sat on the mat.")):] == prompt_ids(TOK, "The cat sat on the mat.")
+
+
+def test_chat_keeps_each_turn_and_forgets_the_oldest_first(monkeypatch):
+    seen = []
+    real = llm.generate
+
+    def spy(model, prompt, *args, **kw):
+        seen.append(list(prompt))
+        return real(model, prompt, *args, **kw)
+    monkeypatch.setattr(llm, "generate", spy)
+    said = ["a b", "c d", "e f", "g h"]
+    history = train.chat_loop(untrained(TOK.vocab_size, block_size=256), TOK, scripted(said), io.StringIO(),
+                              max_tokens=3, seed=1)
+    assert [u for u, _ in history] == said
+    for k in range(4):                                   # each turn sees every earlier one
+        assert seen[k] == llm.chat_prompt(TOK, said[k], history[:k])
+    said, out = ["The cat sat.", "The mat.", "Paris is soft.", "Rome sat on it."], io.StringIO()
+    history = train.chat_loop(untrained(TOK.vocab_size, block_size=40), TOK, scripted(said), out,
+                              max_tokens=4, seed=1)
+    assert "forgotten" in out.getvalue() and len(history) < 4
+    assert [u for u, _ in history] == said[-len(history):]
 
 
 def test_chat_command_reads_the_sft_checkpoint(run, capsys, monkeypatch):
