@@ -286,6 +286,20 @@ def test_gelu_matches_float64(emu, n, scale, seed):
     close(dx, ref_dx, 1)
 
 
+def test_gelu_past_the_grid_s_cap(emu):
+    """More elements than the capped grid (8192 blocks of 256 threads) has
+    threads, as GPT-2's MLP has (B*T x 3072): each thread takes several."""
+    n = 8192 * 256 + 1000
+    rng = np.random.default_rng(0)
+    schedule(emu, 0)
+    x, dy, y, dx = guarded_randn(rng, n), guarded_randn(rng, n), nans(n), nans(n)
+    emu("fo_gelu_forward", x, y, n)
+    emu("fo_gelu_backward", dy, x, dx, n)
+    ref_y, ref_dx = gelu_reference(x, dy)
+    close(y, ref_y, 1)
+    close(dx, ref_dx, 1)
+
+
 @SETTINGS
 @given(M=st.sampled_from([0, 1, 7, 8, 9, 33]), C=st.sampled_from([1, 2, 31, 32, 33, 100, 768]),
        seed=SEEDS)
@@ -326,6 +340,17 @@ def test_error_messages(emu):
     lib.fo_sgemm(128 * 65535 + 1, 1, 1, null, 1, 1, null, 1, 1, null, 1, 0, null)
     assert "M too large" in emu.error()
     assert lib.fo_cuda_sync() == ffi.NULL              # nothing pending: the sync succeeds
+
+
+def test_attention_at_the_largest_b_times_h(emu):
+    """B*H = 65535, the most the grid takes, is computed, not refused."""
+    B, H, T, D = 65535, 1, 1, 1
+    rng = np.random.default_rng(1)
+    q, k, v = (guarded_randn(rng, B, H, T, D) for _ in range(3))
+    y, lse = nans(B, H, T, D), nans(B, H, T)
+    emu("fo_attention_forward", q, k, v, y, lse, B, H, T, D, *packed(H, T, D))
+    np.testing.assert_array_equal(y, v)                # one position: it reads itself
+    np.testing.assert_allclose(lse[..., 0], (q * k)[..., 0, 0], rtol=1e-6, atol=1e-6)
 
 
 # ---- out-of-bounds accesses: the same kernels under AddressSanitizer + UBSan -------------
