@@ -2,8 +2,11 @@
 measuring: PyTorch's training step is llm's (clip, AdamW's settings) on the
 CPU and the GPU alike; a bad --torch-python or contradictory flags end the
 run at once in one line; a PyTorch worker that dies mid-run costs the
-PyTorch figures, not the headline. The measurements are stubbed: speed is
-measured only in bench.py itself."""
+PyTorch figures, not the headline; the headline's figures are PyTorch's time
+over llm's, each side's step the median over all its alternated rounds,
+null without torch, no worker with --no-torch; the worker's stray prints
+stay off its answers. The measurements are stubbed: speed is measured only
+in bench.py itself."""
 import json
 import sys
 import types
@@ -129,3 +132,100 @@ def test_contradictory_flags_are_one_line(argv, flag, capsys):
         bench.main(argv.split())
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and ": error: " in last and flag in last
+
+
+# ---- the figures: PyTorch's time over llm's, medians over rounds (a stand-in worker) ----
+INFO = {"torch": "2.x", "threads": 2, "omp_wait_policy": None, "transformers": None}
+
+
+def test_the_pytorch_figures_are_pytorch_time_over_llm_time(measured, monkeypatch, capsys):
+    pt = {"info": INFO, ("matmul", "small"): 1.5, ("matmul", "large"): 2.5,
+          ("train", "small", "torch"): 4.0, ("train", "small", "llm"): 2.0,
+          ("train", "large", "torch"): 3.0, ("train", "large", "llm"): 6.0,
+          ("gen", 1, "llm"): 1.0, ("gen", 1, "torch"): 2.0, ("gen", 1, "hf"): 3.0,
+          ("gen", 16, "llm"): 4.0, ("gen", 16, "torch"): 2.0, "gen_limit": 1.25}
+    monkeypatch.setattr(bench, "find_torch_python", lambda arg: "python")
+    monkeypatch.setattr(bench, "TorchWorker", lambda python: types.SimpleNamespace(info=INFO))
+    monkeypatch.setattr(bench, "bench_vs_torch", lambda quick, worker: pt)
+    bench.main(["--quick"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: result[k] for k in result if "pytorch" in k and k != "pytorch"} == {
+        "matmul_vs_pytorch_small": 1.5, "matmul_vs_pytorch_large": 2.5, "train_step_vs_pytorch_small": 2.0,
+        "train_step_vs_pytorch_large": 0.5, "generate_vs_pytorch_b1": 2.0, "generate_vs_pytorch_b1_limit": 1.25,
+        "generate_vs_pytorch_b16": 0.5}
+    assert result["generate_tok_s_b1"] == {"llm": 48.0, "torch": 24.0, "hf": 16.0}
+    assert result["pytorch"].startswith("torch 2.x, 2 threads")
+
+
+def test_without_torch_every_pytorch_key_is_null(measured, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "find_torch_python", lambda arg: None)
+    bench.main(["--quick"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k for k in result if "pytorch" in k and k != "pytorch"} == {
+        "matmul_vs_pytorch_small", "matmul_vs_pytorch_large", "train_step_vs_pytorch_small",
+        "train_step_vs_pytorch_large", "generate_vs_pytorch_b1", "generate_vs_pytorch_b1_limit",
+        "generate_vs_pytorch_b16"}
+    assert all(result[k] is None for k in result if "pytorch" in k and k != "pytorch")
+
+
+def test_no_torch_starts_no_worker(measured, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(bench, "find_torch_python", lambda arg: "python")
+    monkeypatch.setattr(bench, "TorchWorker", lambda python: started.append(python))
+    bench.main(["--quick", "--no-torch"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert started == [] and result["pytorch"] == "skipped (--no-torch)"
+
+
+def test_the_matmul_table_s_gflops(measured, capsys):
+    bench.main(["--quick", "--no-torch"])
+    row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("x "))
+    assert row.split() == ["x", "0.5", "1.0", "2.00", "1%"]       # 1e9 flops: numpy 2 s, fastops 1 s, peak 100
+
+
+def test_pytorch_step_figures_are_medians_over_alternated_rounds(monkeypatch, capsys):
+    """Each side's step time is the median of all its rounds' steps, PyTorch's over llm's."""
+    calls = {}
+
+    class Worker:
+        info = INFO
+
+        def ask(self, cmd, **kw):
+            if cmd == "matmul":
+                return {"times": [2.0]}
+            if cmd == "train":
+                k = calls[kw["model"]] = calls.get(kw["model"], 0) + 1
+                return {"times": [float(k)] * kw["steps"]}            # rounds of 1 s, 2 s, 3 s
+            raise bench.WorkerFailed("stop before generation")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(bench, "settle", lambda: None)
+    monkeypatch.setattr(bench, "matmul_cases", lambda name: [("x", 1e9, None, lambda: None)])
+    monkeypatch.setattr(bench, "best_of", lambda f, reps, warm=1: 1.0)
+    monkeypatch.setattr(bench, "make_model", lambda name: (None,) * 4)
+    monkeypatch.setattr(bench, "train_step", lambda *a: None)
+    monkeypatch.setattr(bench, "step_times", lambda model, opt, idx, tgt, steps: [1.0] * steps)
+    monkeypatch.setattr(llm, "GPT", lambda *a, **kw: None)
+    monkeypatch.setattr(llm, "generate", lambda *a, **kw: iter(()))
+    with pytest.raises(bench.WorkerFailed):
+        bench.bench_vs_torch(False, Worker())
+    out = capsys.readouterr().out
+    assert "small products, total time: PyTorch / llm = 2.00" in out
+    assert "small  step: llm   1000.0 ms, PyTorch   2000.0 ms: PyTorch / llm = 2.00 (its rounds: 1.00, 2.00, 3.00)" in out, out
+
+
+def test_the_worker_s_stray_prints_do_not_break_its_answers(monkeypatch):
+    import io
+    fake = types.SimpleNamespace(__version__="9.9", manual_seed=lambda s: None,
+                                 get_num_threads=lambda: print("a stray line") or 3)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"cmd": "hello"}\n{"cmd": "quit"}\n'))
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    bench.torch_worker()
+    assert [json.loads(l) for l in out.getvalue().splitlines()] == [
+        {"torch": "9.9", "threads": 3, "omp_wait_policy": bench.os.environ.get("OMP_WAIT_POLICY"), "transformers": None}]
+    assert "a stray line" in err.getvalue()

@@ -2,7 +2,9 @@
 from, so one built before fastops.c changed is never loaded (llm.py warns
 and runs NumPy; train.py rebuilds); a build that failed says what to do
 once and is not retried on every command; a new build removes old ones; a
-build without OpenMP's threads says so, in one warning, without the compiler's output."""
+build without OpenMP's threads says so, in one warning, without the compiler's output;
+a CPU build keeps this fastops.c's CUDA library; the CUDA build's nvcc command; without
+fastops built, 'auto' is NumPy and 'fastops' refused."""
 import importlib.machinery
 import os
 import shutil
@@ -231,3 +233,39 @@ def test_without_fastops_the_backend_is_set_back_and_fastops_refused():
     words = r.stdout.split(maxsplit=2)
     assert words[:2] == ["auto", "numpy"] and "'fastops'" not in words[2], r.stdout + r.stderr
     assert "RuntimeError: backend: fastops is not built" in r.stderr
+
+
+
+def test_a_cpu_build_keeps_this_fastops_c_s_cuda_library(tmp_path, monkeypatch):
+    """build() removes other sources' libraries, not the CUDA build of this very fastops.c."""
+    lib = build_ext.built() or pytest.skip("fastops is not built")
+    shutil.copy(os.path.join(build_ext.ROOT, "fastops.c"), tmp_path)
+    monkeypatch.setattr(build_ext, "ROOT", str(tmp_path))
+    monkeypatch.setattr(build_ext, "FAILED", str(tmp_path / "build" / "x.failed"))
+    monkeypatch.setattr(build_ext, "_compile", lambda openmp, verbose: shutil.copy(lib, tmp_path))
+    cuda = tmp_path / build_ext.CUDA_LIB
+    old_cuda = tmp_path / "_fastops_cuda_000000000000.so"
+    cuda.write_bytes(b""); old_cuda.write_bytes(b"")
+    assert build_ext.build()
+    assert cuda.exists() and not old_cuda.exists()
+
+
+def test_the_cuda_build_s_command(tmp_path, monkeypatch):
+    """nvcc compiles fastops.c as CUDA into a plain .so with the CUDA runtime linked statically,
+    written to NAME.tmp and renamed."""
+    seen = []
+
+    def fake_run(cmd, *a, **kw):
+        seen.append(cmd)
+        open(cmd[cmd.index("-o") + 1], "w").close()
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("NVCC", "/opt/nvcc")
+    monkeypatch.delenv("FO_CUDA_GENCODE", raising=False)
+    dest = str(tmp_path / "lib.so")
+    assert build_ext.build_cuda(verbose=False, dest=dest) == 0 and os.path.exists(dest)
+    cmd = seen[0]
+    assert cmd[0] == "/opt/nvcc" and cmd[cmd.index("-x") + 1] == "cu" and "-shared" in cmd
+    assert cmd[cmd.index("-cudart") + 1] == "static" and cmd[cmd.index("-gencode") + 1] == build_ext.CUDA_GENCODE
+    assert cmd[cmd.index("-Xcompiler") + 1] == "-fPIC"
+    assert build_ext.CUDA_LIB == f"_fastops_cuda_{build_ext.source_hash()}.so"

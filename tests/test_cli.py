@@ -489,3 +489,55 @@ def test_a_build_s_first_use_says_it_times_the_kernels_before_training_starts(tm
     assert "[pretrain]" in capsys.readouterr().out
     train.main(["pretrain", "--out", str(tmp_path / "again")] + TINY)
     assert len(said) == 1                                       # kept beside the library: once a build
+
+
+# ---- data files, a stage's input, the held-out sets' size, saving before the report ----
+
+def test_a_test_prompt_trained_on_a_later_line_is_a_leak_too(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "q", "response": "a", "split": "test"}\n'
+                 '{"prompt": "other", "response": "b", "split": "test"}\n'
+                 '{"prompt": " q ", "response": "c", "split": "train"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: a test prompt that is also the training prompt of line 3"):
+        train.read_jsonl(str(p), ("prompt", "response"))
+
+
+def test_a_stage_does_not_fall_back_to_another_stage_s_checkpoint(whole, tmp_path):
+    """reward needs sft.safetensors: with only pretrain's in the folder it says so, it does not
+    train a reward model on the newest checkpoint there."""
+    run = copy_of(whole, tmp_path)
+    for name in os.listdir(run):
+        if name.endswith(".safetensors") and name != "pretrain.safetensors":
+            os.remove(os.path.join(run, name))
+    with pytest.raises(SystemExit, match=r"no sft.safetensors; run `python train.py sft --out "):
+        train.main(["reward", "--out", run, "--reward-iters", "1", "--eval-limit", "2"])
+    assert not os.path.exists(os.path.join(run, "reward.safetensors"))
+
+
+def test_eval_limit_caps_every_held_out_set_but_not_training():
+    import argparse
+    a = argparse.Namespace(eval_limit=3, sft_data=None)
+    train_rows, test_rows = train.read_data(a, "sft", ("prompt", "response"))
+    assert len(test_rows) == 3 and len(train_rows) == len(train.read_data(argparse.Namespace(
+        eval_limit=None, sft_data=None), "sft", ("prompt", "response"))[0]) > 3
+    assert len(train.novel_records(a)) == 3
+    assert len(train.novel_records(argparse.Namespace(eval_limit=None))) > 3
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_reward_and_rlhf_stages_save_before_their_report(whole, tmp_path, monkeypatch, stage):
+    run = copy_of(whole, tmp_path)
+    os.remove(os.path.join(run, stage + ".safetensors"))
+    name, before = ("reward_accuracy", 1) if stage == "reward" else ("judge_answers", 2)
+    owner = llm if stage == "reward" else train
+    real, calls = getattr(owner, name), []
+
+    def fail_after_training(*a, **kw):
+        calls.append(1)
+        if len(calls) > before:
+            raise RuntimeError("the report failed")
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, fail_after_training)
+    with pytest.raises(RuntimeError):
+        train.main([stage, "--out", run, f"--{stage}-iters", "1", "--eval-limit", "2"])
+    assert os.path.exists(os.path.join(run, stage + ".safetensors"))

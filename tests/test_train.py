@@ -60,7 +60,7 @@ def test_one_stage_alone_reads_the_previous_checkpoint(quick_run, capsys):
 
 
 def test_a_stage_without_its_input_says_what_to_run(tmp_path):
-    with pytest.raises(SystemExit, match="sft.safetensors"):
+    with pytest.raises(SystemExit, match=r"no sft.safetensors; run `python train.py sft"):
         train.main(["ppo", "--quick", "--out", str(tmp_path)])
 
 
