@@ -238,14 +238,19 @@ def test_chat_says_a_line_that_is_not_utf8_and_goes_on():
     assert "not valid UTF-8" in out.getvalue() and [u for u, _ in history] == ["hi"]
 
 
-def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
-    seen = []
-    real = llm.generate
+@pytest.fixture
+def seen(monkeypatch):
+    """The prompts chat hands to llm.generate, in turn."""
+    prompts, real = [], llm.generate
 
     def spy(model, prompt, *args, **kw):
-        seen.append(list(prompt))
+        prompts.append(list(prompt))
         return real(model, prompt, *args, **kw)
     monkeypatch.setattr(llm, "generate", spy)
+    return prompts
+
+
+def test_chat_crops_old_turns_to_the_context_window(seen):
     out = io.StringIO()
     model = untrained(TOK.vocab_size, block_size=24)
     history = train.chat_loop(model, TOK, scripted(["The cat sat on the mat."] * 4), out, max_tokens=4, seed=1)
@@ -254,14 +259,7 @@ def test_chat_crops_old_turns_to_the_context_window(monkeypatch):
     assert seen[-1][-len(prompt_ids(TOK, "The cat sat on the mat.")):] == prompt_ids(TOK, "The cat sat on the mat.")
 
 
-def test_chat_keeps_each_turn_and_forgets_the_oldest_first(monkeypatch):
-    seen = []
-    real = llm.generate
-
-    def spy(model, prompt, *args, **kw):
-        seen.append(list(prompt))
-        return real(model, prompt, *args, **kw)
-    monkeypatch.setattr(llm, "generate", spy)
+def test_chat_keeps_each_turn_and_forgets_the_oldest_first(seen):
     said = ["a b", "c d", "e f", "g h"]
     history = train.chat_loop(untrained(TOK.vocab_size, block_size=256), TOK, scripted(said), io.StringIO(),
                               max_tokens=3, seed=1)
