@@ -184,9 +184,16 @@ def read_jsonl(path: str, fields) -> list:
     return records
 
 
+def data_paths(a) -> dict:
+    """The data files a run reads: its flags', else the embedded ones."""
+    return {k: getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
+        ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
+        ("domain_data", "domain.jsonl"))}
+
+
 def read_data(a, name, fields):
     """A stage's records -> (train, test), both needed: one trains, the other measures."""
-    path = getattr(a, name + "_data", None) or os.path.join(DATA, name + ".jsonl")
+    path = data_paths(a)[name + "_data"]
     flag = f"--{name}-data"
     try:
         records = read_jsonl(path, fields)
@@ -220,7 +227,7 @@ def read_json(path, keys=()) -> dict:
 
 def read_text(a):
     """The pretraining text (--data, else the embedded corpus) -> (path, text)."""
-    path = a.data or os.path.join(DATA, "corpus.txt")
+    path = data_paths(a)["data"]
     try:
         with open(path, encoding="utf-8") as f:
             return path, f.read()
@@ -255,6 +262,11 @@ def is_right(prompt, text, references=()) -> bool:
     if w.lookup(prompt) is not None:
         return w.is_correct(prompt, text)
     return any(w.exact_match(ref, text) for ref in references)
+
+
+def is_polite(text) -> bool:
+    """Whether an answer opens politely and says nothing rude, as the judge scores it."""
+    return world().politeness(text) == 1.0
 
 
 def train_config(a, iters, lr, batch_size=None, warmup=None):
@@ -500,7 +512,7 @@ def judge_answers(model, tok, rm, prompts, refs=None):
     m = {"judge": sum(w.judge(p, t, e) for p, t, e in zip(prompts, texts, ended)) / n,
          "reward": sum(float(s) for s in llm.score_conversations(rm, tok, convs)) / n,
          "correct": sum(is_right(p, t, (refs or {}).get(p, ())) for p, t in zip(prompts, texts)) / n,
-         "polite": sum(w.politeness(t) == 1.0 for t in texts) / n,
+         "polite": sum(map(is_polite, texts)) / n,
          "ended": sum(ended) / n}
     return m, texts
 
@@ -547,9 +559,8 @@ def rlhf_picks(before, after, right0, right1):
     """Samples that show what RLHF did: answers now polite and still right,
     and the harm, right answers it made wrong (up to 3 of each; if neither,
     the first five). right0/right1: whether each answer before/after is correct."""
-    polite = lambda t: world().politeness(t) == 1.0
     good = [(i, "polite and still right") for i, (b, a) in enumerate(zip(before, after))
-            if polite(a) and not polite(b) and right0[i] and right1[i]]
+            if is_polite(a) and not is_polite(b) and right0[i] and right1[i]]
     broken = [(i, "right before, wrong after") for i in range(len(after)) if right0[i] and not right1[i]]
     return good[:3] + broken[:3] or None
 
@@ -978,13 +989,6 @@ def flat_report(report, wall):
 
 
 SPREAD = os.path.join(DATA, "seed_spread.json")      # the default run's figures over seeds (--seeds writes it)
-
-
-def data_paths(a) -> dict:
-    """The data files a run reads: its flags', else the embedded ones."""
-    return {k: getattr(a, k, None) or os.path.join(DATA, f) for k, f in (
-        ("data", "corpus.txt"), ("sft_data", "sft.jsonl"), ("preferences_data", "preferences.jsonl"),
-        ("domain_data", "domain.jsonl"))}
 
 
 def recipe(a) -> dict:
