@@ -1197,8 +1197,8 @@ def lookup(prompt):
     words ("information" holds no "form", "statement" no "state")."""
     p = prompt.lower()
 
-    def says(*words):
-        return re.search(r"\b(?:" + "|".join(map(re.escape, words)) + r")s?\b", p) is not None
+    def says(*words):                     # a keyword, or its plural, as a word
+        return _names_pattern(words + tuple(w + "s" for w in words), False).search(p) is not None
     # chemistry
     elements = _find_names(prompt, ELEMENT)
     if elements:
