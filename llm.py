@@ -2670,12 +2670,10 @@ def fo_adamw_step(params, grads, m, v, decay, lr, betas, eps, weight_decay, t, g
     _done()
 
 
-# Softmax with cross-entropy in one pass (CPU): per-row losses and the
-# gradient of sum(weights * loss) * dscale with respect to the logits.
-
 def fo_cross_entropy(logits, targets, weights=None, dscale=1.0):
-    """logits (M, V), targets (M,) integer ids, weights (M,) or None ->
-    (loss (M,), dlogits (M, V)), loss[r] = -log softmax(logits[r])[targets[r]],
+    """Softmax with cross-entropy in one pass (CPU): logits (M, V), targets
+    (M,) integer ids, weights (M,) or None -> (loss (M,), dlogits (M, V)),
+    loss[r] = -log softmax(logits[r])[targets[r]],
     dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * weights[r] * dscale."""
     logits = _f32("logits", logits, 2)
     M, V = logits.shape
